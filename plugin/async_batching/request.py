@@ -99,6 +99,8 @@ class Request:
     pending_row: int = -1  # row of the pending token in the last launched step's sampled tokens
     block_ids: list[int] = field(default_factory=list)
     deferred_free: list[int] = field(default_factory=list)  # blocks freed once no step in flight reads them
+    row: int = -1  # row of the device block table while admitted
+    deferred_rows: list[int] = field(default_factory=list)
     inflight: int = 0  # launched steps not yet processed that include this request
     finish_reason: Optional[str] = None
     logprobs: Optional[list[float]] = None
@@ -148,7 +150,7 @@ class Request:
             self.finish_reason = "length"
 
     def result(self) -> GenerationResult:
-        text = self.detokenizer.text if self.detokenizer is not None else self.text
+        text = self.detokenizer.finish() if self.detokenizer is not None else self.text
         end = self.finish_s if self.finish_s is not None else time.perf_counter()
         return GenerationResult(
             index=self.index,

@@ -1,0 +1,105 @@
+"""The attention function registered in transformers' ``AttentionInterface``.
+
+The model's own code calls it per layer with the packed ``[1, heads, T, dim]`` query/key/value of one step. It writes
+K/V into the paged cache at the step's slots, then attends each query over its sequence's cached blocks (causal,
+sliding window and logit soft-capping respected). The step's metadata is published in ``CURRENT`` by the model runner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+ATTN_NAME = "async_batching_paged"
+
+
+@dataclass
+class AttentionMetadata:
+    """Device tensors describing one packed step (see the Triton kernel for their meaning)."""
+
+    slot_mapping: torch.Tensor  # int64 [T]: flat cache slot of each token's K/V
+    query_start_loc: torch.Tensor  # int32 [B+1]
+    seq_lens: torch.Tensor  # int32 [B]: context length after this step
+    block_tables: torch.Tensor  # int32 [B, W]
+    max_query_len: int
+    max_seq_len: int  # upper bound on seq_lens (host-known), sizes the torch path's gather
+    # Only for the torch path: padded-query gather index and positions (built on the host).
+    pad_index: Optional[torch.Tensor] = None  # int64 [B, Qmax] into the packed rows, T for padding
+    pad_pos: Optional[torch.Tensor] = None  # int64 [B, Qmax]
+    unpad_index: Optional[torch.Tensor] = None  # int64 [T] into the flattened [B*Qmax] rows
+
+
+class StepContext:
+    """What the attention function needs during one forward: the cache, the metadata and the kernel."""
+
+    def __init__(self, k_cache: dict, v_cache: dict, kernel: Callable):
+        self.k_cache = k_cache
+        self.v_cache = v_cache
+        self.kernel = kernel
+        self.meta: Optional[AttentionMetadata] = None
+        self.probe: Optional[dict] = None  # when set, record layer shapes instead of attending
+
+
+CURRENT: Optional[StepContext] = None
+
+
+def paged_attention_forward(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention interface: returns ``(out [1, T, heads, dim], None)``."""
+    ctx = CURRENT
+    if ctx is None:
+        raise RuntimeError(f"attention '{ATTN_NAME}' called outside a ContinuousBatcher step")
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("attention sinks (s_aux) are not supported by the paged attention yet")
+    layer = getattr(module, "layer_idx", None)
+    if ctx.probe is not None:
+        ctx.probe[layer] = (key.shape[1], key.shape[3], value.shape[3], query.shape[1], key.dtype)
+        return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[3]), None
+    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    window = kwargs.get("sliding_window") or 0
+    softcap = kwargs.get("softcap") or 0.0
+    q = query[0].transpose(0, 1)  # [T, H, D]
+    k = key[0].transpose(0, 1)
+    v = value[0].transpose(0, 1)
+    kc, vc = ctx.k_cache[layer], ctx.v_cache[layer]
+    meta = ctx.meta
+    kc.view(-1, kc.shape[-2], kc.shape[-1]).index_copy_(0, meta.slot_mapping, k.to(kc.dtype))
+    vc.view(-1, vc.shape[-2], vc.shape[-1]).index_copy_(0, meta.slot_mapping, v.to(vc.dtype))
+    out = ctx.kernel(q, kc, vc, meta, scale, int(window), float(softcap))
+    return out.unsqueeze(0), None
+
+
+def torch_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int, softcap: float):
+    """Reference/CPU path: gathers each sequence's blocks (only as many as the longest sequence needs) and attends."""
+    T, H, D = q.shape
+    B = meta.block_tables.shape[0]
+    bs = k_cache.shape[1]
+    nb = -(-meta.max_seq_len // bs)
+    tables = meta.block_tables[:, :nb].long()
+    kvh = k_cache.shape[2]
+    k = k_cache[tables].reshape(B, nb * bs, kvh, -1)
+    v = v_cache[tables].reshape(B, nb * bs, kvh, -1)
+    if kvh != H:
+        k = k.repeat_interleave(H // kvh, dim=2)
+        v = v.repeat_interleave(H // kvh, dim=2)
+    qp = torch.cat([q, q.new_zeros(1, H, D)])[meta.pad_index]  # [B, Qmax, H, D]
+    kpos = torch.arange(nb * bs, device=q.device)
+    qpos = meta.pad_pos[:, :, None]
+    allowed = (kpos[None, None, :] <= qpos) & (kpos[None, None, :] < meta.seq_lens.long()[:, None, None])
+    if window > 0:
+        allowed &= kpos[None, None, :] > qpos - window
+    scores = torch.einsum("bqhd,bkhd->bhqk", qp.float(), k.float()) * scale
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, v.float())  # [B, Qmax, H, Dv]
+    return out.reshape(-1, H, out.shape[-1])[meta.unpad_index].to(q.dtype)
+
+
+def register() -> None:
+    """Register our attention under ATTN_NAME (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_NAME, paged_attention_forward)

@@ -1,0 +1,171 @@
+"""SyncExecutor and AsyncExecutor: launch steps on the device (streams, events, GPU carry-over) and collect tokens.
+
+The two loops differ in a few lines: the sync loop waits for step N's tokens before planning step N+1; the async loop
+plans and launches step N+1 first, and only then waits for step N. Step N+1's decode inputs that are step N's outputs
+are filled on the GPU from step N's token buffer (``carry_src`` rows), so no host round trip sits between the steps.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.profiler import record_function
+
+from .buffers import BufferSlot, PinnedBufferPool
+from .model_runner import ModelRunner, StepLayout
+from .sampling import sample, token_logprobs
+from .scheduler import Scheduler, StepPlan
+
+
+@dataclass
+class StepHandle:
+    """A launched step: its plan, its buffer slot and where its sampled tokens will appear."""
+
+    plan: StepPlan
+    layout: StepLayout
+    slot: BufferSlot
+    tokens: torch.Tensor  # device int32 [num_samples]: read by the next step's carry-over gather
+    launched_s: float
+
+
+@dataclass
+class StepOutput:
+    tokens: list[int]
+    logprobs: Optional[np.ndarray]  # [num_samples, 1 + 2k] or None
+
+
+class Executor:
+    """Shared launch/wait machinery; subclasses define the loop."""
+
+    DEPTH = 3  # buffer slots: steps in flight (1) + the one being prepared + one spare
+
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, use_graphs: bool, max_rows: int):
+        self.runner = runner
+        self.scheduler = scheduler
+        self.device = runner.device
+        self.use_graphs = use_graphs
+        cfg = runner.config
+        tcap = max(cfg.max_batch_tokens, max(runner.graphs, default=0))
+        scap = cfg.max_num_seqs + 1
+        capacity = 3 * tcap + 16 * scap + 3 * (tcap // runner.block_size + scap) + 64
+        if runner.backend == "torch":
+            capacity += 2 * scap * tcap + tcap
+        self.pool = PinnedBufferPool(self.DEPTH, capacity, max(scap, max(runner.graphs, default=0)), self.device)
+        self.cuda = self.device.type == "cuda"
+        if self.cuda:
+            self.h2d = torch.cuda.Stream(self.device)
+            self.compute = runner.compute_stream
+            self.d2h = torch.cuda.Stream(self.device)
+        self.inflight: Optional[StepHandle] = None
+        self.stats = {"steps": 0, "graph_steps": 0, "cpu_prepare_s": 0.0, "cpu_wait_s": 0.0, "scheduled_tokens": 0}
+
+    # --- one step on the device -----------------------------------------------------------------------------
+    def launch(self, plan: StepPlan, prev: Optional[StepHandle]) -> StepHandle:
+        t0 = time.perf_counter()
+        slot = self.pool.acquire()
+        with record_function("ab.prepare"):
+            lay = self.runner.prepare(plan, slot.host_in_np, self.use_graphs)
+        n = lay.size
+        if lay.size > self.pool.capacity:
+            raise RuntimeError(f"step needs {lay.size} ints of staging, pool has {self.pool.capacity}")
+        with record_function("ab.launch"):
+            if self.cuda:
+                with torch.cuda.stream(self.h2d):
+                    self.h2d.wait_event(slot.compute_done)  # the previous step using this slot has read dev_in
+                    slot.dev_in[:n].copy_(slot.host_in[:n], non_blocking=True)
+                    slot.h2d_done.record(self.h2d)
+                self.compute.wait_event(slot.h2d_done)
+                self.compute.wait_event(slot.d2h_done)  # dev_tokens of this slot's last step were copied out
+                with torch.cuda.stream(self.compute):
+                    tokens, lp = self._compute(slot, lay, prev)
+                    slot.compute_done.record(self.compute)
+                self.d2h.wait_event(slot.compute_done)
+                with torch.cuda.stream(self.d2h):
+                    k = lay.num_samples
+                    slot.host_tokens[:k].copy_(tokens, non_blocking=True)
+                    if lp is not None:
+                        lp.record_stream(self.d2h)
+                        slot.logprob_buffer(lay.logprobs_k, len(slot.host_tokens))[:k, : lp.shape[1]].copy_(lp, non_blocking=True)
+                    slot.d2h_done.record(self.d2h)
+            else:
+                tokens, lp = self._compute(slot, lay, prev)
+                if lp is not None:
+                    slot.logprob_buffer(lay.logprobs_k, len(slot.host_tokens))[: lay.num_samples, : lp.shape[1]].copy_(lp)
+        for row, req in enumerate(lay.sample_rows):
+            req.num_pending += 1
+            req.pending_row = row
+        for s in plan.seqs:
+            s.req.inflight += 1
+        self.stats["steps"] += 1
+        self.stats["graph_steps"] += bool(lay.graph_batch)
+        self.stats["scheduled_tokens"] += plan.num_tokens
+        self.stats["cpu_prepare_s"] += time.perf_counter() - t0
+        return StepHandle(plan, lay, slot, tokens, t0)
+
+    def _compute(self, slot: BufferSlot, lay: StepLayout, prev: Optional[StepHandle]):
+        runner = self.runner
+        runner.apply_updates(slot.dev_in, lay, prev.tokens if prev is not None else None)
+        logits = runner.forward(slot.dev_in, lay)
+        sampled = sample(logits, runner.sampling_inputs(slot.dev_in, lay))
+        k = lay.num_samples
+        tokens = slot.dev_tokens[:k]
+        tokens.copy_(sampled)
+        lp = None
+        if lay.logprobs_k >= 0:
+            chosen, ids, vals = token_logprobs(logits, tokens, lay.logprobs_k)
+            lp = torch.cat([chosen[:, None], ids.float(), vals], dim=1)
+        return tokens, lp
+
+    def wait(self, handle: StepHandle) -> StepOutput:
+        """Block (sleeping) until the step's tokens are on the host."""
+        t0 = time.perf_counter()
+        with record_function("ab.wait"):
+            slot, k = handle.slot, handle.layout.num_samples
+            if self.cuda:
+                slot.d2h_done.synchronize()
+            tokens = slot.host_tokens[:k].tolist()
+            lp = None
+            if handle.layout.logprobs_k >= 0:
+                lp = slot.host_logprobs[:k, : 1 + 2 * handle.layout.logprobs_k].numpy().copy()
+        self.stats["cpu_wait_s"] += time.perf_counter() - t0
+        return StepOutput(tokens, lp)
+
+    def drain(self, process) -> list:
+        """Collect the step in flight, if any (used before shutting down or on errors)."""
+        if self.inflight is None:
+            return []
+        handle, self.inflight = self.inflight, None
+        return process(handle, self.wait(handle))
+
+
+class SyncExecutor(Executor):
+    """Baseline: plan, launch, wait, process — the GPU idles while the CPU plans the next step."""
+
+    def step(self, process) -> list:
+        with record_function("ab.schedule"):
+            plan = self.scheduler.schedule()
+        if not plan:
+            return []
+        handle = self.launch(plan, None)
+        with record_function("ab.process"):
+            return process(handle, self.wait(handle))
+
+
+class AsyncExecutor(Executor):
+    """Overlap: step N+1 is planned and launched before step N's tokens are waited for and processed."""
+
+    def step(self, process) -> list:
+        with record_function("ab.schedule"):
+            plan = self.scheduler.schedule()
+        handle = self.launch(plan, self.inflight) if plan else None
+        done = []
+        if self.inflight is not None:
+            out = self.wait(self.inflight)
+            with record_function("ab.process"):
+                done = process(self.inflight, out)
+        self.inflight = handle
+        return done

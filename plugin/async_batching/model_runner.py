@@ -1,0 +1,390 @@
+"""Packs one step into a flat int32 buffer, runs the Hugging Face model on the packed ``[1, T]`` batch, keeps only the
+logits of each sampling request's last position, and replays CUDA graphs for decode steps."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import attention
+from .attention import AttentionMetadata, StepContext
+from .kv_cache import LayerSpec, PagedKVCache
+from .sampling import SamplingInputs
+from .scheduler import StepPlan
+
+SCRATCH_ROW = 0  # block-table row of CUDA-graph padding; all its entries point at the scratch block
+_HEAD = ("input_ids", "positions", "token_rows", "query_start_loc", "seq_lens", "seq_rows", "logits_idx")
+
+
+@dataclass
+class StepLayout:
+    """Where each segment of a step sits in the flat int32 buffer, plus the host-known sizes."""
+
+    offsets: dict[str, tuple[int, int]] = field(default_factory=dict)
+    size: int = 0
+    num_tokens: int = 0  # T (padded for graphs)
+    num_seqs: int = 0  # B (padded for graphs)
+    num_real_seqs: int = 0
+    num_samples: int = 0  # rows of logits
+    max_query_len: int = 1
+    max_seq_len: int = 1
+    graph_batch: int = 0  # >0: replay the decode graph of this batch size
+    greedy: bool = True
+    use_top_k_p: bool = False
+    logprobs_k: int = -1  # -1: no logprobs
+    sample_rows: list = field(default_factory=list)  # request of each sampled row, in order
+
+    def add(self, name: str, arr: np.ndarray) -> None:
+        self.offsets[name] = (self.size, len(arr))
+        self.size += len(arr)
+
+
+def graph_buckets(max_batch: int) -> list[int]:
+    """Batch sizes that get a captured decode graph: powers of two to 32, then steps of 32."""
+    out = [b for b in (1, 2, 4, 8, 16) if b < max_batch]
+    out += list(range(32, max_batch, 32))
+    return out + [max_batch]
+
+
+class ModelRunner:
+    """Owns the model, the KV cache tensors, the device block table and the decode CUDA graphs."""
+
+    def __init__(self, model, config, device: torch.device, dtype: torch.dtype):
+        self.model = model
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+        self.block_size = config.block_size
+        attention.register()
+        self.max_model_len = self._max_model_len()
+        self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
+        self.layers = self._probe_layers()
+        self.vocab_size = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else model.config.vocab_size
+        self.num_blocks = config.num_blocks or self._auto_num_blocks()
+        self.cache = PagedKVCache(self.layers, self.num_blocks, self.block_size, dtype, device)
+        # Persistent device block table: one row per admitted request, updated incrementally (new blocks only).
+        self.table_rows = 2 * config.max_num_seqs + 2
+        self.block_table = torch.zeros(self.table_rows, self.max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.kernel = self._choose_kernel()
+        self.ctx = StepContext(self.cache.k, self.cache.v, self.kernel)
+        self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.graphs: dict[int, tuple] = {}
+        self.graph_pool = None
+
+    # --- set-up ---------------------------------------------------------------------------------------------
+    def _max_model_len(self) -> int:
+        cfg = self.model.config
+        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 1 << 20
+        if self.config.max_model_len:
+            limit = min(limit, self.config.max_model_len)
+        return int(limit)
+
+    @contextlib.contextmanager
+    def installed(self):
+        """Route the model's attention through our function for the duration of a forward, then restore it."""
+        cfg = self.model.config
+        previous = cfg._attn_implementation
+        cfg._attn_implementation = attention.ATTN_NAME
+        attention.CURRENT = self.ctx
+        try:
+            yield
+        finally:
+            cfg._attn_implementation = previous
+            attention.CURRENT = None
+
+    @torch.no_grad()
+    def _probe_layers(self) -> dict[int, LayerSpec]:
+        ctx = StepContext({}, {}, None)
+        ctx.probe = {}
+        cfg = self.model.config
+        previous = cfg._attn_implementation
+        cfg._attn_implementation = attention.ATTN_NAME
+        attention.CURRENT = ctx
+        try:
+            ids = torch.zeros(1, 2, dtype=torch.long, device=self.device)
+            self.model(input_ids=ids, position_ids=torch.arange(2, device=self.device)[None], use_cache=False)
+        finally:
+            cfg._attn_implementation = previous
+            attention.CURRENT = None
+        if not ctx.probe:
+            raise ValueError(
+                f"{type(self.model).__name__} does not call transformers' attention interface; "
+                "the continuous batcher needs a model whose attention goes through AttentionInterface"
+            )
+        if None in ctx.probe:
+            raise ValueError(f"{type(self.model).__name__}'s attention modules have no layer_idx")
+        return {i: LayerSpec(kvh, d, dv) for i, (kvh, d, dv, _h, _dt) in ctx.probe.items()}
+
+    def _auto_num_blocks(self) -> int:
+        per_block = PagedKVCache.bytes_per_block(self.layers, self.block_size, self.dtype)
+        if self.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(self.device)
+            hidden = getattr(self.model.config, "hidden_size", 4096)
+            # Activations of the largest step and the logits of the largest batch stay outside the cache.
+            reserve = 24 * self.config.max_batch_tokens * hidden * 4 + 4 * self.config.max_num_seqs * self.vocab_size * 4
+            budget = free * self.config.memory_fraction - reserve - (1 << 30)
+        else:
+            budget = min(512 << 20, self.config.max_num_seqs * self.max_model_len * per_block // self.block_size)
+        n = int(budget // per_block)
+        if n < 2:
+            raise MemoryError(
+                f"no room for the KV cache: {budget / 2**20:.0f} MiB left after the model and activations, "
+                f"{per_block / 2**20:.2f} MiB per block; lower batcher.max_batch_tokens or max_num_seqs, raise "
+                "memory_fraction, or set num_blocks"
+            )
+        return n
+
+    def _choose_kernel(self):
+        backend = self.config.attention_backend
+        if backend == "auto":
+            backend = "triton" if self.device.type == "cuda" and _triton_ok() else "torch"
+        if backend == "triton":
+            if self.device.type != "cuda":
+                raise ValueError("BatcherConfig.attention_backend='triton' needs a CUDA device; use 'torch' or 'auto'")
+            from .triton_paged_attention import paged_attention
+
+            def triton_kernel(q, kc, vc, meta: AttentionMetadata, scale, window, softcap):
+                return paged_attention(q, kc, vc, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                                       meta.max_query_len, scale, window, softcap)
+
+            self.backend = "triton"
+            return triton_kernel
+        self.backend = "torch"
+        return attention.torch_paged_attention
+
+    # --- packing --------------------------------------------------------------------------------------------
+    def prepare(self, plan: StepPlan, host: np.ndarray, graphs: bool) -> StepLayout:
+        """Write the step's inputs into ``host`` (a flat int32 view of a pinned slot); vectorised except one pass over seqs."""
+        seqs = plan.seqs
+        B = len(seqs)
+        starts = np.empty(B, np.int32)
+        q_lens = np.empty(B, np.int32)
+        rows = np.empty(B, np.int32)
+        samples = np.zeros(B, bool)
+        ids: list[int] = []
+        carry_dst: list[int] = []
+        carry_src: list[int] = []
+        upd_r: list[int] = []
+        upd_c: list[int] = []
+        upd_v: list[int] = []
+        lay = StepLayout()
+        t = 0
+        for i, s in enumerate(seqs):
+            req = s.req
+            n = s.num_tokens
+            starts[i] = s.start
+            q_lens[i] = n
+            rows[i] = req.row
+            end = s.start + n
+            known = req.num_known
+            if s.start < known:
+                stop = min(end, known)
+                p = len(req.prompt_ids)
+                if stop <= p:
+                    ids.extend(req.prompt_ids[s.start:stop])
+                elif s.start >= p:
+                    ids.extend(req.output_ids[s.start - p:stop - p])
+                else:
+                    ids.extend(req.prompt_ids[s.start:])
+                    ids.extend(req.output_ids[:stop - p])
+            if end > known:  # the last input is the token the step in flight is sampling: carried over on the GPU
+                carry_dst.append(t + n - 1)
+                carry_src.append(req.pending_row)
+                ids.append(0)
+            if s.new_blocks:
+                base = len(req.block_ids) - len(s.new_blocks)
+                upd_r.extend([req.row] * len(s.new_blocks))
+                upd_c.extend(range(base, base + len(s.new_blocks)))
+                upd_v.extend(s.new_blocks)
+            if s.samples:
+                samples[i] = True
+                lay.sample_rows.append(req)
+            t += n
+        T = t
+        qsl = np.zeros(B + 1, np.int32)
+        np.cumsum(q_lens, out=qsl[1:])
+        seq_lens = starts + q_lens
+        positions = np.arange(T, dtype=np.int32) + np.repeat(starts - qsl[:-1], q_lens)
+        token_rows = np.repeat(rows, q_lens)
+        logits_idx = (qsl[1:] - 1)[samples]
+        input_ids = np.asarray(ids, dtype=np.int32)
+        lay.num_real_seqs = B
+        lay.num_samples = len(logits_idx)
+        lay.max_query_len = int(q_lens.max())
+        lay.max_seq_len = int(seq_lens.max())
+        gb = self._graph_batch(B) if graphs and plan.is_decode_only else 0
+        if gb:
+            pad = gb - B
+            input_ids = np.concatenate([input_ids, np.zeros(pad, np.int32)])
+            positions = np.concatenate([positions, np.zeros(pad, np.int32)])
+            token_rows = np.concatenate([token_rows, np.full(pad, SCRATCH_ROW, np.int32)])
+            qsl = np.arange(gb + 1, dtype=np.int32)
+            seq_lens = np.concatenate([seq_lens, np.ones(pad, np.int32)])
+            rows = np.concatenate([rows, np.full(pad, SCRATCH_ROW, np.int32)])
+            logits_idx = np.arange(gb, dtype=np.int32)
+            B = T = gb
+        lay.graph_batch = gb
+        lay.num_tokens, lay.num_seqs = T, B
+        parts = [input_ids, positions, token_rows, qsl, seq_lens, rows, logits_idx]
+        for name, arr in zip(_HEAD, parts):
+            lay.add(name, arr)
+        for name, arr in (("carry_dst", carry_dst), ("carry_src", carry_src), ("upd_rows", upd_r), ("upd_cols", upd_c), ("upd_vals", upd_v)):
+            arr = np.asarray(arr, dtype=np.int32)
+            parts.append(arr)
+            lay.add(name, arr)
+        self._prepare_sampling(lay, parts)
+        if self.backend == "torch":
+            self._prepare_torch_attention(lay, parts, q_lens, qsl, positions)
+        total = np.concatenate(parts) if parts else np.zeros(0, np.int32)
+        host[: len(total)] = total
+        return lay
+
+    def _graph_batch(self, B: int) -> int:
+        for b in self.graphs:
+            if b >= B:
+                return b
+        return 0
+
+    def _prepare_sampling(self, lay: StepLayout, parts: list) -> None:
+        reqs = lay.sample_rows
+        sp = [r.sampling for r in reqs]
+        lay.greedy = all(p.temperature == 0 for p in sp)
+        lay.logprobs_k = max((p.logprobs for p in sp if p.logprobs is not None), default=-1)
+        if lay.greedy:
+            return
+        lay.use_top_k_p = any(p.top_k > 0 or p.top_p < 1.0 for p in sp)
+        n = len(reqs)
+        seeds = np.fromiter((r.seed for r in reqs), np.int64, n).astype(np.int32)  # wraps: only the bits matter
+        gen = np.fromiter((r.num_generated for r in reqs), np.int32, n)
+        top_k = np.fromiter((p.top_k for p in sp), np.int32, n)
+        temp = np.fromiter((p.temperature for p in sp), np.float32, n).view(np.int32)
+        top_p = np.fromiter((p.top_p for p in sp), np.float32, n).view(np.int32)
+        for name, arr in (("seeds", seeds), ("gen_idx", gen), ("top_k", top_k), ("temperature", temp), ("top_p", top_p)):
+            parts.append(arr)
+            lay.add(name, arr)
+
+    def _prepare_torch_attention(self, lay: StepLayout, parts: list, q_lens, qsl, positions) -> None:
+        B, T = lay.num_seqs, lay.num_tokens
+        if lay.graph_batch:
+            q_lens = np.ones(B, np.int32)
+        qmax = int(q_lens.max())
+        j = np.arange(qmax, dtype=np.int32)[None, :]
+        valid = j < q_lens[:, None]
+        pad_index = np.where(valid, qsl[:-1, None] + j, T).astype(np.int32)
+        pad_pos = np.where(valid, np.concatenate([positions, np.zeros(1, np.int32)])[np.minimum(pad_index, T)], 0)
+        unpad = (np.repeat(np.arange(B, dtype=np.int32) * qmax, q_lens) + (np.arange(T) - np.repeat(qsl[:-1], q_lens))).astype(np.int32)
+        lay.offsets["_qmax"] = (qmax, 0)
+        for name, arr in (("pad_index", pad_index.ravel()), ("pad_pos", pad_pos.ravel().astype(np.int32)), ("unpad_index", unpad)):
+            parts.append(arr)
+            lay.add(name, arr)
+
+    # --- running --------------------------------------------------------------------------------------------
+    def _seg(self, buf: torch.Tensor, lay: StepLayout, name: str) -> torch.Tensor:
+        off, n = lay.offsets[name]
+        return buf[off:off + n]
+
+    def apply_updates(self, buf: torch.Tensor, lay: StepLayout, prev_tokens: Optional[torch.Tensor]) -> None:
+        """Carry-over gather and block-table updates, on the compute stream, before the forward."""
+        seg = lambda n: self._seg(buf, lay, n)  # noqa: E731
+        if lay.offsets["carry_dst"][1]:
+            ids = seg("input_ids")
+            ids.index_copy_(0, seg("carry_dst").long(), prev_tokens.index_select(0, seg("carry_src").long()))
+        if lay.offsets["upd_rows"][1]:
+            self.block_table[seg("upd_rows").long(), seg("upd_cols").long()] = seg("upd_vals")
+
+    def _metadata(self, buf: torch.Tensor, lay: StepLayout) -> AttentionMetadata:
+        seg = lambda n: self._seg(buf, lay, n)  # noqa: E731
+        pos = seg("positions").long()
+        blk = self.block_table[seg("token_rows").long(), pos // self.block_size].long()
+        meta = AttentionMetadata(
+            slot_mapping=blk * self.block_size + pos % self.block_size,
+            query_start_loc=seg("query_start_loc"),
+            seq_lens=seg("seq_lens"),
+            block_tables=self.block_table.index_select(0, seg("seq_rows").long()),
+            max_query_len=lay.max_query_len,
+            max_seq_len=lay.max_seq_len if not lay.graph_batch else self.max_model_len,
+        )
+        if self.backend == "torch":
+            qmax = lay.offsets["_qmax"][0]
+            meta.pad_index = seg("pad_index").long().view(lay.num_seqs, qmax)
+            meta.pad_pos = seg("pad_pos").long().view(lay.num_seqs, qmax)
+            meta.unpad_index = seg("unpad_index").long()
+        return meta
+
+    def _forward(self, buf: torch.Tensor, lay: StepLayout) -> torch.Tensor:
+        self.ctx.meta = self._metadata(buf, lay)
+        ids = self._seg(buf, lay, "input_ids").long()[None]
+        pos = self._seg(buf, lay, "positions").long()[None]
+        keep = self._seg(buf, lay, "logits_idx").long()
+        if self._keep_arg:
+            logits = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep).logits[0]
+        else:
+            logits = self.model(input_ids=ids, position_ids=pos, use_cache=False).logits[0].index_select(0, keep)
+        return logits
+
+    @torch.no_grad()
+    def forward(self, buf: torch.Tensor, lay: StepLayout) -> torch.Tensor:
+        """Logits ``[num_samples, V]`` of the step whose inputs sit in the device buffer ``buf``."""
+        if lay.graph_batch:
+            graph, static_in, static_logits, head = self.graphs[lay.graph_batch]
+            static_in[:head].copy_(buf[:head])
+            graph.replay()
+            return static_logits[: lay.num_samples]
+        with self.installed():
+            return self._forward(buf, lay)
+
+    def sampling_inputs(self, buf: torch.Tensor, lay: StepLayout) -> Optional[SamplingInputs]:
+        if lay.greedy:
+            return None
+        seg = lambda n: self._seg(buf, lay, n)  # noqa: E731
+        return SamplingInputs(
+            temperature=seg("temperature").view(torch.float32),
+            top_k=seg("top_k"),
+            top_p=seg("top_p").view(torch.float32),
+            seeds=seg("seeds"),
+            gen_idx=seg("gen_idx"),
+            use_top_k_p=lay.use_top_k_p,
+        )
+
+    # --- CUDA graphs ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def capture_graphs(self, max_batch: int, stream: torch.cuda.Stream) -> None:
+        """Capture one decode graph per batch bucket, largest first, sharing one memory pool."""
+        self.graph_pool = torch.cuda.graph_pool_handle()
+        for b in reversed(graph_buckets(max_batch)):
+            lay = StepLayout(graph_batch=b, num_tokens=b, num_seqs=b, num_samples=b, max_query_len=1)
+            zeros = np.zeros(b, np.int32)
+            parts = [zeros, zeros, np.full(b, SCRATCH_ROW, np.int32), np.arange(b + 1, dtype=np.int32),
+                     np.ones(b, np.int32), np.full(b, SCRATCH_ROW, np.int32), np.arange(b, dtype=np.int32)]
+            for name, arr in zip(_HEAD, parts):
+                lay.add(name, arr)
+            head = lay.size
+            static_in = torch.from_numpy(np.concatenate(parts)).to(self.device)
+            with torch.cuda.stream(stream), self.installed():
+                for _ in range(2):  # warm-up: lazy initialisation and Triton compilation stay out of the graph
+                    self._forward(static_in, lay)
+                stream.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.graph_pool, stream=stream):
+                    static_logits = self._forward(static_in, lay)
+            self.graphs[b] = (graph, static_in, static_logits, head)
+        self.graphs = dict(sorted(self.graphs.items()))
+
+
+def _triton_ok() -> bool:
+    try:
+        import triton  # noqa: F401
+
+        from . import triton_paged_attention  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+__all__ = ["ModelRunner", "StepLayout", "graph_buckets", "math"]

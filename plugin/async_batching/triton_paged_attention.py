@@ -1,0 +1,310 @@
+"""Unified paged attention in Triton: one kernel serves decode tokens and prefill chunks over a paged KV cache.
+
+Layout (fixed by the engine): ``k_cache``/``v_cache`` are ``[num_blocks, block_size, num_kv_heads, head_dim]``;
+logical block ``b`` of sequence ``i`` is physical block ``block_tables[i, b]``.  The K/V of this step's tokens must
+already be in the cache.  Everything is CUDA-graph capturable: the launch grid depends only on Python ints (shapes and
+``max_query_len``), and the KV loop bounds are read from ``seq_lens`` on the device.
+
+Design (like vLLM's unified Triton attention): one program per (sequence, block of ``BLOCK_Q`` queries, kv head,
+KV split).  The ``BLOCK_Q`` queries times the ``G`` query heads sharing that kv head form one ``BLOCK_M`` row tile, so
+each K/V tile is loaded once for the whole GQA group and ``tl.dot`` always gets >= 16 rows, even in decode.  Keys are
+visited in tiles of ``TILE_N`` positions, each key's address being looked up through the block table, so ``TILE_N``
+is independent of ``block_size``.  When the grid would be too small to fill the GPU (decode of few sequences with long
+contexts) the key range is cut into ``NUM_SPLITS`` parts whose partial softmax states a second kernel merges.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["paged_attention"]
+
+@triton.jit
+def _tanh(x):
+    """tanh from exp (tl has no stable portable tanh); saturates correctly to +-1 when exp overflows."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr,
+    part_acc_ptr, part_m_ptr, part_l_ptr,
+    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+    scale, softcap, sliding_window,
+    stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_ot, stride_oh, stride_od,
+    stride_bt,
+    num_heads,
+    G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    TILE_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Attention of BLOCK_Q queries x G heads (one kv head) of one sequence over one KV split."""
+    seq = tl.program_id(0)
+    q_block = tl.program_id(1)
+    kv_head = tl.program_id(2) // NUM_SPLITS
+    split = tl.program_id(2) % NUM_SPLITS
+
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    # The grid is sized for max_query_len; shorter sequences leave programs with nothing to do.
+    if q_block * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    ctx_start = seq_len - q_len  # absolute position of the sequence's first query
+
+    # Row r of the tile is query (r // G) of this block, query head kv_head * G + r % G.  BLOCK_M may exceed
+    # BLOCK_Q * G (padding to a power of two / to the 16-row minimum of tl.dot): those rows are masked.
+    rows = tl.arange(0, BLOCK_M)
+    q_idx = q_block * BLOCK_Q + rows // G
+    head = kv_head * G + rows % G
+    row_valid = (rows < BLOCK_Q * G) & (q_idx < q_len)
+    q_pos = ctx_start + q_idx
+    token = (q_start + q_idx).to(tl.int64)
+
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_valid = offs_d < HEAD_DIM
+
+    q = tl.load(
+        q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+        mask=row_valid[:, None] & d_valid[None, :],
+        other=0.0,
+    )
+
+    # Keys this block can see: up to its last query's position, from the first key its first query's window reaches.
+    kv_end = ctx_start + tl.minimum(q_block * BLOCK_Q + BLOCK_Q, q_len)
+    if USE_WINDOW:
+        kv_begin = tl.maximum(ctx_start + q_block * BLOCK_Q - sliding_window + 1, 0)
+    else:
+        kv_begin = seq_len * 0
+    if NUM_SPLITS > 1:
+        # Splits are TILE_N-aligned chunks of [kv_begin, kv_end); trailing splits may be empty.
+        chunk = tl.cdiv(tl.cdiv(kv_end - kv_begin, NUM_SPLITS), TILE_N) * TILE_N
+        lo = kv_begin + split * chunk
+        hi = tl.minimum(lo + chunk, kv_end)
+    else:
+        lo = kv_begin
+        hi = kv_end
+
+    # Running max starts finite (not -inf) so a fully masked tile gives exp(-1e30 - -1e30) = 1, not exp(nan);
+    # it is far below any real logit, so the first real key rescales the empty state by exp(-huge) = 0.
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    offs_n = tl.arange(0, TILE_N)
+    for start in range(lo, hi, TILE_N):
+        k_pos = start + offs_n
+        k_valid = k_pos < hi  # also guarantees we never read block-table entries past the sequence
+        phys = tl.load(bt_row + k_pos // BLOCK_SIZE, mask=k_valid, other=0).to(tl.int64)
+        slot = k_pos % BLOCK_SIZE
+        k_off = phys * stride_kb + slot * stride_ks + kv_head * stride_kh
+        v_off = phys * stride_vb + slot * stride_vs + kv_head * stride_vh
+
+        # K loaded already transposed ([HEAD_DIM_PAD, TILE_N]) so the dot needs no tl.trans.
+        k = tl.load(k_ptr + k_off[None, :] + offs_d[:, None] * stride_kd,
+                    mask=k_valid[None, :] & d_valid[:, None], other=0.0)
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale
+        if USE_SOFTCAP:
+            s = softcap * _tanh(s / softcap)
+        mask = row_valid[:, None] & k_valid[None, :] & (k_pos[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            mask = mask & (k_pos[None, :] > q_pos[:, None] - sliding_window)
+        s = tl.where(mask, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        # Masked V rows must be 0, not garbage: 0 * NaN would poison the accumulator.
+        v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :] * stride_vd,
+                    mask=k_valid[:, None] & d_valid[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    if NUM_SPLITS == 1:
+        # Every valid row saw at least its own key, so l_i > 0 there; the guard only keeps padded rows finite.
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        tl.store(
+            out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
+            out.to(out_ptr.dtype.element_ty),
+            mask=row_valid[:, None] & d_valid[None, :],
+        )
+    else:
+        # Unnormalised partial state; an empty split leaves (m=-1e30, l=0, acc=0), which the merge weights by 0.
+        part = (token * num_heads + head) * NUM_SPLITS + split
+        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc,
+                 mask=row_valid[:, None] & d_valid[None, :])
+        tl.store(part_m_ptr + part, m_i, mask=row_valid)
+        tl.store(part_l_ptr + part, l_i, mask=row_valid)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr, query_start_loc_ptr,
+    stride_ot, stride_oh, stride_od,
+    num_heads,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    """Merge the NUM_SPLITS partial softmax states of one (query token, head) into the output row."""
+    seq = tl.program_id(0)
+    j = tl.program_id(1)
+    head = tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    if j >= q_len:
+        return
+    token = (q_start + j).to(tl.int64)
+    base = (token * num_heads + head) * NUM_SPLITS
+    offs_s = tl.arange(0, NUM_SPLITS)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_valid = offs_d < HEAD_DIM
+
+    m = tl.load(part_m_ptr + base + offs_s)
+    l = tl.load(part_l_ptr + base + offs_s)
+    acc = tl.load(part_acc_ptr + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                  mask=d_valid[None, :], other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.exp(m - m_max)
+    l_tot = tl.sum(w * l, 0)
+    out = tl.sum(acc * w[:, None], 0) / l_tot
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d * stride_od,
+             out.to(out_ptr.dtype.element_ty), mask=d_valid)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _auto_num_splits(q: torch.Tensor, programs: int, max_ctx: int, tile_n: int, head_dim: int) -> int:
+    """Split the KV range only when the grid is too small to fill the GPU (few-sequence, long-context decode)."""
+    if q.device.type != "cuda":
+        return 1  # CPU runs are the Triton interpreter: extra programs only cost time
+    target = 4 * _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    splits = 1
+    # Each split should keep >= 4 key tiles of the longest possible context (the block table's width bounds it).
+    max_useful = max(1, max_ctx // (4 * tile_n))
+    scratch_per_split = q.shape[0] * q.shape[1] * (head_dim + 2) * 4
+    while (programs * splits < target and splits * 2 <= min(16, max_useful)
+           and scratch_per_split * splits * 2 <= (256 << 20)):
+        splits *= 2
+    return splits
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    sliding_window: int = 0,
+    softcap: float = 0.0,
+    out: Optional[torch.Tensor] = None,
+    num_kv_splits: int = 0,
+) -> torch.Tensor:
+    """Causal attention of the packed queries ``q`` [T, num_heads, head_dim] over the paged KV cache.
+
+    Returns ``out`` [T, num_heads, head_dim] in q's dtype; rows of ``out`` not covered by ``query_start_loc`` are left
+    untouched.  ``num_kv_splits``: 0 picks automatically, otherwise a power of two forcing that many KV splits.
+    """
+    T, num_heads, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads, head_dim_kv = k_cache.shape
+    B = seq_lens.shape[0]
+    assert v_cache.shape == k_cache.shape, "k_cache and v_cache must have the same shape"
+    assert head_dim_kv == head_dim, f"q head_dim {head_dim} != cache head_dim {head_dim_kv}"
+    assert num_heads % num_kv_heads == 0, f"num_heads {num_heads} not a multiple of num_kv_heads {num_kv_heads}"
+    assert block_size & (block_size - 1) == 0, f"block_size {block_size} must be a power of two"
+    assert query_start_loc.shape[0] == B + 1 and block_tables.shape[0] >= B
+    assert k_cache.dtype == v_cache.dtype == q.dtype, "q, k_cache and v_cache must share a dtype"
+    assert block_tables.stride(1) == 1, "block_tables rows must be contiguous"
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if B == 0 or T == 0 or max_query_len <= 0:
+        return out
+
+    G = num_heads // num_kv_heads
+    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    # Aim at a 64-row tile for 16-bit prefill (amortises each K/V tile over many query rows); decode uses BLOCK_Q = 1
+    # and only the GQA group fills the rows.  tl.dot needs >= 16 rows, hence the floor on BLOCK_M.  fp32 dots run on
+    # FMA units ("ieee") and spill registers with 64-row tiles on sm_90 (ptxas -v), so fp32 aims at 16 rows.
+    target_m = 16 if q.dtype == torch.float32 else 64
+    block_q = min(triton.next_power_of_2(max_query_len), max(1, target_m // triton.next_power_of_2(G)))
+    block_m = max(16, triton.next_power_of_2(block_q * G))
+    tile_n = 32 if head_dim_pad >= 256 else 64
+    # 8 warps once the fp32 accumulator reaches 64x128: with 4, ptxas needs ~245 registers per thread for bf16.
+    num_warps = 8 if block_m * head_dim_pad >= 64 * 128 else 4
+    num_q_blocks = triton.cdiv(max_query_len, block_q)
+
+    if num_kv_splits:
+        assert num_kv_splits & (num_kv_splits - 1) == 0, "num_kv_splits must be a power of two"
+        num_splits = num_kv_splits
+    else:
+        programs = B * num_q_blocks * num_kv_heads
+        num_splits = _auto_num_splits(q, programs, block_tables.shape[1] * block_size, tile_n, head_dim)
+
+    if num_splits > 1:
+        part_acc = torch.empty((T, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+        part_m = torch.empty((T, num_heads, num_splits), dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+    else:
+        part_acc = part_m = part_l = out  # never touched when NUM_SPLITS == 1
+
+    _paged_attention_kernel[(B, num_q_blocks, num_kv_heads * num_splits)](
+        q, k_cache, v_cache, out,
+        part_acc, part_m, part_l,
+        block_tables, seq_lens, query_start_loc,
+        float(scale), float(softcap) if softcap else 1.0, int(sliding_window),
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
+        out.stride(0), out.stride(1), out.stride(2),
+        block_tables.stride(0),
+        num_heads,
+        G=G,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=head_dim_pad,
+        BLOCK_SIZE=block_size,
+        BLOCK_Q=block_q,
+        BLOCK_M=block_m,
+        TILE_N=tile_n,
+        NUM_SPLITS=num_splits,
+        USE_WINDOW=sliding_window > 0,
+        USE_SOFTCAP=softcap > 0,
+        # fp32 models want fp32 accuracy (TF32 would miss the reference by ~1e-3); 16-bit inputs ignore this.
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps,
+        num_stages=2,
+    )
+    if num_splits > 1:
+        _merge_splits_kernel[(B, max_query_len, num_heads)](
+            part_acc, part_m, part_l, out, query_start_loc,
+            out.stride(0), out.stride(1), out.stride(2),
+            num_heads,
+            HEAD_DIM=head_dim,
+            HEAD_DIM_PAD=head_dim_pad,
+            NUM_SPLITS=num_splits,
+            num_warps=4 if head_dim_pad >= 128 else 2,
+        )
+    return out

@@ -1,0 +1,75 @@
+"""PNG figures from one real run: the CPU/GPU activity timeline (sync vs async) and tokens/s per variant."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+HOST_ROWS = ["ab.schedule", "ab.prepare", "ab.launch", "ab.wait", "ab.process"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def timeline(windows: list[dict[str, Any]], path: str) -> Optional[str]:
+    """One panel per variant: a row per host phase (``ab.*`` ranges) and a GPU row (union of kernel intervals)."""
+    windows = [w for w in windows if w]
+    if not windows:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(windows), 1, figsize=(12, 1.0 + 1.6 * len(windows)), squeeze=False)
+    for ax, w in zip(axes[:, 0], windows):
+        hosts = HOST_ROWS + sorted(set(w["host"]) - set(HOST_ROWS))
+        rows = [("GPU kernels", w["gpu_kernels"], "tab:green"), ("GPU copies", w["gpu_copies"], "tab:olive")]
+        rows += [(f"CPU {name[3:]}", w["host"].get(name, []), f"C{i}") for i, name in enumerate(hosts)]
+        for y, (label, spans, color) in enumerate(rows):
+            ax.broken_barh([(s, e - s) for s, e in spans], (y - 0.4, 0.8), facecolors=color)
+        ax.set_yticks(range(len(rows)), [label for label, _, _ in rows], fontsize=8)
+        ax.set_xlim(0, w["window_ms"])
+        ax.invert_yaxis()
+        ax.set_title(f"{w['variant']}: GPU busy {w['gpu_busy_pct']:.0f}% in this {w['window_ms']:.0f} ms window", fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+    axes[-1, 0].set_xlabel("ms (steady state, profiled run)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def throughput(results: list[dict[str, Any]], ceiling: Optional[float], title: str, path: str) -> Optional[str]:
+    """Output tokens/s per variant, with the roofline ceiling as a line."""
+    ok = [r for r in results if r.get("output_tok_s")]
+    if not ok:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(ok), 4))
+    names = [r["variant"] for r in ok]
+    values = [r["output_tok_s"] for r in ok]
+    bars = ax.bar(names, values, color=["tab:gray" if not n.startswith("ours") else "tab:blue" for n in names])
+    ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values], fontsize=8)
+    if ceiling and ceiling < 20 * max(values):  # otherwise the line would flatten every bar
+        ax.axhline(ceiling, color="tab:red", linestyle="--", linewidth=1, label=f"roofline {ceiling:,.0f}")
+        ax.legend(fontsize=8)
+    elif ceiling:
+        title += f" (roofline ceiling {ceiling:,.0f})"
+    ax.set_ylabel("output tokens/s")
+    ax.set_title(title, fontsize=10)
+    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def draw_all(out_dir: str, name: str, results: list[dict[str, Any]], windows: list[dict], ceiling: Optional[float]) -> list[str]:
+    made = [
+        timeline(windows, os.path.join(out_dir, f"timeline_{name}.png")),
+        throughput(results, ceiling, f"{name}: output tokens/s", os.path.join(out_dir, f"throughput_{name}.png")),
+    ]
+    return [p for p in made if p]

@@ -1,0 +1,124 @@
+"""One profiled run: GPU kernel intervals and the engine's ``ab.*`` host phases, both on the profiler's clock."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+RUN_RANGE = "bench.run"  # brackets the profiled call, so busy % has the same wall time as the run itself
+HOST_PREFIX = "ab."
+Interval = tuple[int, int]  # (start_ns, end_ns)
+
+
+@dataclass
+class Trace:
+    """What a profiled run leaves: the run's extent, GPU kernels, GPU copies and the host phases (ns)."""
+
+    run: Interval
+    kernels: list[Interval] = field(default_factory=list)
+    copies: list[Interval] = field(default_factory=list)
+    host: dict[str, list[Interval]] = field(default_factory=dict)
+
+    @property
+    def wall_ns(self) -> int:
+        return max(self.run[1] - self.run[0], 1)
+
+    def gpu_busy_ns(self, window: Optional[Interval] = None) -> int:
+        """Length of the union of kernel intervals inside ``window`` (default: the run)."""
+        return union_length(self.kernels, window or self.run)
+
+    def host_ns(self, phase: str) -> int:
+        return sum(e - s for s, e in self.host.get(phase, []))
+
+    def steady_window(self, window_ms: float, at: float) -> Interval:
+        """A window of ``window_ms`` centred at fraction ``at`` of the run (late enough to be in steady decode)."""
+        width = int(window_ms * 1e6)
+        centre = self.run[0] + int(at * self.wall_ns)
+        start = max(self.run[0], min(centre - width // 2, self.run[1] - width))
+        return start, start + width
+
+    def window(self, window: Interval) -> dict[str, Any]:
+        """The slice of the trace inside ``window``, in ms from its start (what the timeline figure draws)."""
+        w0, w1 = window
+
+        def cut(intervals: Iterable[Interval]) -> list[list[float]]:
+            return [[(max(s, w0) - w0) / 1e6, (min(e, w1) - w0) / 1e6] for s, e in intervals if e > w0 and s < w1]
+
+        return {
+            "window_ms": (w1 - w0) / 1e6,
+            "gpu_kernels": cut(merge(self.kernels)),
+            "gpu_copies": cut(merge(self.copies)),
+            "host": {name: cut(spans) for name, spans in sorted(self.host.items())},
+            "gpu_busy_pct": 100.0 * union_length(self.kernels, window) / max(w1 - w0, 1),
+        }
+
+
+def merge(intervals: Iterable[Interval]) -> list[Interval]:
+    """Sorted, non-overlapping union of intervals."""
+    out: list[list[int]] = []
+    for s, e in sorted(intervals):
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return [(s, e) for s, e in out]
+
+
+def union_length(intervals: Iterable[Interval], window: Interval) -> int:
+    w0, w1 = window
+    clipped = [(max(s, w0), min(e, w1)) for s, e in intervals if e > w0 and s < w1]
+    return sum(e - s for s, e in merge(clipped))
+
+
+def _profiler(device: str) -> profile:
+    activities = [ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        activities.append(ProfilerActivity.CUDA)
+    kw: dict[str, Any] = {}
+    try:  # engines and hf_cb may run their loop in a thread; older torch lacks the switch
+        from torch._C._profiler import _ExperimentalConfig
+
+        kw["experimental_config"] = _ExperimentalConfig(profile_all_threads=True)
+    except (ImportError, TypeError):
+        pass
+    return profile(activities=activities, record_shapes=False, with_stack=False, **kw)
+
+
+def _raw_events(prof: profile) -> list[tuple[str, bool, int, int]]:
+    """(name, on_gpu, start_ns, end_ns) for every event; the raw Kineto list is much faster than ``prof.events()``."""
+    out = []
+    kineto = getattr(getattr(prof, "profiler", None), "kineto_results", None)
+    if kineto is not None:
+        for e in kineto.events():
+            start = e.start_ns()
+            out.append((e.name(), e.device_type() != torch.autograd.DeviceType.CPU, start, start + e.duration_ns()))
+        return out
+    for e in prof.events():  # pragma: no cover - fallback for profilers without kineto results
+        on_gpu = e.device_type != torch.autograd.DeviceType.CPU
+        out.append((e.name, on_gpu, int(e.time_range.start * 1000), int(e.time_range.end * 1000)))
+    return out
+
+
+def profiled_run(fn: Callable[[], Any], device: str) -> tuple[Any, Trace]:
+    """Call ``fn`` under torch.profiler and return its result with the extracted trace."""
+    prof = _profiler(device)
+    with prof:
+        with record_function(RUN_RANGE):
+            result = fn()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+    run: Optional[Interval] = None
+    kernels, copies, host = [], [], {}
+    for name, on_gpu, s, e in _raw_events(prof):
+        if on_gpu:
+            (copies if name.startswith(("Memcpy", "Memset")) else kernels).append((s, e))
+        elif name == RUN_RANGE:
+            run = (s, e)
+        elif name.startswith(HOST_PREFIX):
+            host.setdefault(name, []).append((s, e))
+    if run is None:
+        raise RuntimeError(f"profiler trace has no {RUN_RANGE!r} range")
+    return result, Trace(run=run, kernels=kernels, copies=copies, host=host)

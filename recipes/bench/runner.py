@@ -1,0 +1,232 @@
+"""One variant in its own process: build the model, warm up, time a full run, profile a short one, write JSON.
+
+    python -m bench.runner JOB.json RESULT.json      (what recipes/benchmark.py spawns, with recipes/ and plugin/
+    python -m bench.runner --probe RESULT.json        on PYTHONPATH; --probe measures the roofline's device rates)
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import asdict
+from typing import Any, Optional
+
+import torch
+
+from bench.nvml_util import open_sampler
+from bench.profiling import profiled_run
+from bench.roofline import measure_rates
+from bench.variants import VARIANTS, RunOutput, Variant
+from bench.workloads import Workload
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _warm_process(model: torch.nn.Module, device: str) -> None:
+    """First-use costs of the process (cuBLAS handles, allocator, lazy modules) are no variant's cost."""
+    x = torch.randn(256, 256, device=device, dtype=model.dtype)
+    (x @ x).sum().item()
+    try:
+        with torch.inference_mode():
+            model(input_ids=torch.full((1, 16), 5, dtype=torch.long, device=device))
+    except Exception:  # e.g. a paged attention implementation that needs a cache; the matmul did the essential part
+        pass
+    _sync(device)
+
+
+def _percentile(values: list[float], q: float) -> Optional[float]:
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+def _stats_delta(before: Optional[dict], after: Optional[dict], prompt_tokens: int) -> Optional[dict]:
+    """The engine's stats for one call, whether its counters are cumulative or reset by every ``generate``."""
+    if not after:
+        return after
+    if not before or after.get("prompt_tokens", 0) < before.get("prompt_tokens", 0) + prompt_tokens:
+        return dict(after)
+    return {k: (v - before.get(k, 0) if isinstance(v, (int, float)) and not isinstance(v, bool) else v) for k, v in after.items()}
+
+
+def _compact(stats: Optional[dict]) -> Optional[dict]:
+    """Stats for JSON: long per-step lists become their length and mean."""
+    if not stats:
+        return stats
+    out = {}
+    for k, v in stats.items():
+        if isinstance(v, (list, tuple)) and len(v) > 16:
+            nums = [x for x in v if isinstance(x, (int, float))]
+            out[k] = {"len": len(v), "mean": statistics.fmean(nums) if nums else None}
+        elif isinstance(v, (int, float, str, bool)) or v is None:
+            out[k] = v
+        else:
+            out[k] = repr(v)
+    return out
+
+
+def _check(out: RunOutput, n: int, new_tokens: int) -> list[str]:
+    problems = list(out.errors[:3])
+    if len(out.new_tokens) != n:
+        problems.append(f"{len(out.new_tokens)} results for {n} requests")
+    short = sum(1 for t in out.new_tokens if t != new_tokens)
+    if short:
+        problems.append(f"{short} request(s) did not produce exactly {new_tokens} tokens")
+    return problems
+
+
+def _profile(variant: Variant, prompts: list[list[int]], new_tokens: int, device: str, job: dict) -> dict[str, Any]:
+    """A separate, shorter run under torch.profiler: GPU busy, GPU and host time per engine step, timeline window."""
+    before = variant.stats()
+    out, trace = profiled_run(lambda: variant.run(prompts, new_tokens), device)
+    stats = _stats_delta(before, variant.stats(), sum(len(p) for p in prompts))
+    steps = (stats or {}).get("steps") or len(trace.host.get("ab.schedule", [])) or None
+    wall_s = trace.wall_ns / 1e9
+    has_gpu = bool(trace.kernels)
+    result: dict[str, Any] = {
+        "requests": len(prompts),
+        "new_tokens": new_tokens,
+        "wall_s": wall_s,
+        "output_tokens": sum(out.new_tokens),
+        "gpu_busy_pct": 100.0 * trace.gpu_busy_ns() / trace.wall_ns if has_gpu else None,
+        "kernels": len(trace.kernels),
+        "steps": steps,
+    }
+    if steps:
+        result["gpu_ms_per_step"] = trace.gpu_busy_ns() / 1e6 / steps if has_gpu else None
+        result["host_ms_per_step"] = {name: trace.host_ns(name) / 1e6 / steps for name in sorted(trace.host)}
+    fig = job.get("figures") or {}
+    window = trace.steady_window(float(fig.get("window_ms", 30)), float(fig.get("window_at", 0.7)))
+    _write_json(job["timeline_path"], {"variant": job["variant"], **trace.window(window)})
+    return result
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1, default=repr)
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    name, device = job["variant"], job["device"]
+    workload = Workload.from_dict(job["workload"])
+    cls = VARIANTS[name]
+    prompts = workload.prompts()[: workload.cap_for(name)]
+    new_tokens = workload.new_tokens
+
+    t = time.perf_counter()
+    model = workload.build_model(device, cls.attn_implementation())
+    _warm_process(model, device)
+    variant = cls(model, job)
+    build_s = time.perf_counter() - t
+
+    warm = job.get("warmup") or {}
+    if warm.get("requests") and not cls.warms_up_itself:
+        variant.run(prompts[: int(warm["requests"])], int(warm.get("new_tokens", 8)))
+        _sync(device)
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    sampler = open_sampler(device)
+    before = variant.stats()
+    if sampler:
+        sampler.start()
+    t0 = time.perf_counter()
+    out = variant.run(prompts, new_tokens)
+    _sync(device)
+    elapsed = time.perf_counter() - t0
+    util = sampler.stop() if sampler else None
+    wall = elapsed - variant.setup_s
+    prompt_tokens = sum(len(p) for p in prompts)
+    stats = _stats_delta(before, variant.stats(), prompt_tokens)
+    output_tokens = sum(out.new_tokens)
+
+    result: dict[str, Any] = {
+        "requests": len(prompts),
+        "requests_total": workload.requests,
+        "new_tokens": new_tokens,
+        "prompt_tokens": prompt_tokens,
+        "output_tokens": output_tokens,
+        "wall_s": wall,
+        "setup_s": variant.setup_s,
+        "build_s": build_s,
+        "output_tok_s": output_tokens / wall,
+        "total_tok_s": (output_tokens + prompt_tokens) / wall,
+        "ttft_p50_s": _percentile(out.ttft_s, 50),
+        "ttft_p99_s": _percentile(out.ttft_s, 99),
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None,
+        "nvml_util_pct": util,
+        "problems": _check(out, len(prompts), new_tokens),
+        "stats": _compact(stats),
+        "config": variant.info(),
+    }
+    if stats and stats.get("steps"):
+        result["steps"] = stats["steps"]
+        if stats.get("cpu_prepare_s") is not None:
+            result["cpu_ms_per_step"] = 1e3 * stats["cpu_prepare_s"] / stats["steps"]
+
+    prof = job.get("profile") or {}
+    if prof.get("enabled", True):
+        n = min(int(workload.profile.get("requests", len(prompts))), len(prompts))
+        m = min(int(workload.profile.get("new_tokens", new_tokens)), new_tokens)
+        try:
+            result["profile"] = _profile(variant, prompts[:n], m, device, job)
+            result["gpu_busy_pct"] = result["profile"]["gpu_busy_pct"]
+            result["gpu_ms_per_step"] = result["profile"].get("gpu_ms_per_step")
+        except Exception as e:  # a failed profile must not lose the timed run
+            result["profile"] = {"error": f"{type(e).__name__}: {e}"}
+    variant.close()
+    return result
+
+
+def environment(device: str) -> dict[str, Any]:
+    import transformers
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        import lightning
+
+        env["lightning"] = lightning.__version__
+    except ImportError:
+        pass
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name()
+        env["gpu_mem_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
+    else:
+        env["device"] = platform.processor() or "cpu"
+    return env
+
+
+def main(argv: list[str]) -> int:
+    if argv[0] == "--probe":
+        device = argv[2] if len(argv) > 2 else "cuda"
+        try:
+            rates = asdict(measure_rates(device))
+        except Exception as e:
+            rates = {"error": f"{type(e).__name__}: {e}"}
+        _write_json(argv[1], {"rates": rates, "env": environment(device)})
+        return 0
+    with open(argv[0]) as f:
+        job = json.load(f)
+    result: dict[str, Any] = {"variant": job["variant"], "status": "ok"}
+    try:
+        result.update(run_job(job))
+        if result["problems"]:
+            result["status"] = "wrong output"
+    except Exception as e:
+        result.update(status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+        print(result["traceback"], file=sys.stderr)
+    result["env"] = environment(job["device"])
+    _write_json(argv[1], result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

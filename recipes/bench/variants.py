@@ -1,0 +1,333 @@
+"""The contenders: today's static ``generate``, transformers' ``generate_batch``, and this project (direct and Lightning).
+
+Each variant takes a model and runs ``run(prompts, new_tokens)`` as often as asked; the runner times and profiles it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+
+@dataclass
+class RunOutput:
+    """What one ``run`` produced: new tokens per request (input order), TTFT per request, request errors."""
+
+    new_tokens: list[int]
+    ttft_s: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+class Variant:
+    """Base: a named way to generate. ``warms_up_itself`` variants skip the runner's separate warm-up call."""
+
+    warms_up_itself = False
+
+    @staticmethod
+    def attn_implementation() -> Optional[str]:
+        """The attention implementation to build the model with (None: transformers' default)."""
+        return None
+
+    def __init__(self, model: torch.nn.Module, job: dict[str, Any]) -> None:
+        self.model = model
+        self.job = job
+        self.device = job["device"]
+        self.setup_s = 0.0  # time inside ``run`` that is one-off setup, excluded from wall time
+
+    def run(self, prompts: list[list[int]], new_tokens: int) -> RunOutput:
+        raise NotImplementedError
+
+    def info(self) -> dict[str, Any]:
+        """The configuration this variant ran with (recorded in the JSON)."""
+        return {}
+
+    def stats(self) -> Optional[dict[str, Any]]:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def _greedy_config(new_tokens: int):
+    from transformers import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+
+
+class StaticGenerate(Variant):
+    """``trainer.predict`` with a ``predict_step`` that calls ``model.generate`` on left-padded batches."""
+
+    def __init__(self, model, job) -> None:
+        super().__init__(model, job)
+        from bench.lightning_modules import PaddedGenerate, trainer
+
+        self.batch_size = int(job["static_batch_size"])
+        self.module = PaddedGenerate(model)
+        self.trainer = trainer(self.device)
+
+    def run(self, prompts, new_tokens):
+        from torch.utils.data import DataLoader
+
+        from bench.lightning_modules import left_pad
+
+        loader = DataLoader(prompts, batch_size=self.batch_size, shuffle=False, collate_fn=left_pad)
+        self.module.generation_config = _greedy_config(new_tokens)
+        self.module.run_start_s = time.perf_counter()
+        batches = self.trainer.predict(self.module, dataloaders=loader, return_predictions=True)
+        out = RunOutput(new_tokens=[])
+        for b in batches:
+            out.new_tokens += b["new_tokens"]
+            out.ttft_s += [t for t in b["ttft_s"] if t is not None]
+        return out
+
+    def info(self):
+        return {"batch_size": self.batch_size, "padding": "left", "attn_implementation": self.model.config._attn_implementation}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return repr(value)
+
+
+class HfContinuousBatching(Variant):
+    """transformers' ``model.generate_batch`` with its defaults, sync or async (``use_async_batching``)."""
+
+    warms_up_itself = True  # a separate small call would size the (persistent) manager for the wrong workload
+
+    @staticmethod
+    def attn_implementation() -> str:
+        """transformers < 5.23 wants the ``paged|`` prefix for continuous batching with SDPA; 5.23+ removed it."""
+        import transformers
+        from packaging.version import Version
+
+        return "paged|sdpa" if Version(transformers.__version__).release < (5, 23) else "sdpa"
+
+    def __init__(self, model, job, use_async: bool) -> None:
+        super().__init__(model, job)
+        try:
+            from transformers.generation import ContinuousBatchingConfig
+        except ImportError:
+            from transformers import ContinuousBatchingConfig
+        self.use_async = use_async
+        self.cb_config = ContinuousBatchingConfig(use_async_batching=use_async, **dict(job.get("hf_cb") or {}))
+        self.resolved: dict[str, Any] = {}
+        self._time_setup()
+
+    def _time_setup(self) -> None:
+        """Count the manager's creation and CUDA-graph warm-up as setup, not generation (ours warms up untimed too)."""
+        variant = self
+        init = self.model.init_continuous_batching
+
+        def timed_init(*args, **kwargs):
+            t = time.perf_counter()
+            manager = init(*args, **kwargs)
+            variant.setup_s += time.perf_counter() - t
+            if getattr(manager, "_bench_timed", False):  # the persistent manager, already instrumented
+                return manager
+            manager._bench_timed = True
+            variant.resolved["attn_implementation_in_use"] = variant.model.config._attn_implementation
+            cfg = getattr(manager, "continuous_batching_config", None) or getattr(manager, "cb_config", None)
+            if cfg is not None and dataclasses.is_dataclass(cfg):
+                variant.resolved["continuous_batching_config"] = {
+                    f.name: _jsonable(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+                }
+            warmup = getattr(manager, "warmup", None)
+            if callable(warmup):
+
+                def timed_warmup(*a, **k):
+                    t = time.perf_counter()
+                    try:
+                        return warmup(*a, **k)
+                    finally:
+                        variant.setup_s += time.perf_counter() - t
+
+                manager.warmup = timed_warmup
+            return manager
+
+        self.model.init_continuous_batching = timed_init
+
+    def run(self, prompts, new_tokens):
+        kwargs = dict(
+            inputs=prompts,
+            generation_config=_greedy_config(new_tokens),
+            continuous_batching_config=self.cb_config,
+            warmup=True,
+            persistent_manager=True,  # keeps the warmed-up manager for the profiled run
+            record_timestamps=True,
+            progress_bar=False,
+        )
+        accepted = inspect.signature(self.model.generate_batch).parameters
+        kwargs = {k: v for k, v in kwargs.items() if k in accepted or k in ("inputs", "generation_config")}
+        results = self.model.generate_batch(**kwargs)
+        out = RunOutput(new_tokens=[])
+        for r in results.values():
+            out.new_tokens.append(len(r.generated_tokens))
+            if getattr(r, "error", None):
+                out.errors.append(str(r.error))
+            stamps = getattr(r, "timestamps", None)
+            if stamps:
+                out.ttft_s.append(stamps[0] - r.created_time)
+        missing = len(prompts) - len(results)
+        if missing:
+            out.errors.append(f"{missing} request(s) missing from generate_batch's results")
+            out.new_tokens += [0] * missing
+        return out
+
+    def info(self):
+        import transformers
+
+        return {
+            "transformers": transformers.__version__,
+            "use_async_batching": self.use_async,
+            "attn_implementation_requested": self.model.config._attn_implementation,
+            "setup_s_excluded": round(self.setup_s, 3),
+            **self.resolved,
+        }
+
+    def close(self):
+        destroy = getattr(self.model, "destroy_cached_continuous_batching_manager", None)
+        if callable(destroy):
+            destroy()
+
+
+class HfContinuousBatchingSync(HfContinuousBatching):
+    def __init__(self, model, job):
+        super().__init__(model, job, use_async=False)
+
+
+class HfContinuousBatchingAsync(HfContinuousBatching):
+    def __init__(self, model, job):
+        super().__init__(model, job, use_async=True)
+
+
+def _batcher_overrides(job: dict[str, Any], mode: str, cuda_graphs: Optional[bool]) -> dict[str, Any]:
+    kw = dict(job.get("batcher") or {})
+    kw["mode"] = mode
+    if cuda_graphs is not None:
+        kw["cuda_graphs"] = cuda_graphs
+    return kw
+
+
+def _results_output(results: list[Any]) -> RunOutput:
+    out = RunOutput(new_tokens=[])
+    for r in results:
+        ids = r["token_ids"] if isinstance(r, dict) else r.token_ids
+        out.new_tokens.append(len(ids))
+        ttft = r.get("ttft_s") if isinstance(r, dict) else getattr(r, "ttft_s", None)
+        if ttft is not None:
+            out.ttft_s.append(ttft)
+        err = r.get("error") if isinstance(r, dict) else getattr(r, "error", None)
+        if err:
+            out.errors.append(str(err))
+    return out
+
+
+class Ours(Variant):
+    """``ContinuousBatcher.generate`` of this project; ``cuda_graphs=None`` leaves the engine's default (on for CUDA)."""
+
+    mode = "async"
+    cuda_graphs: Optional[bool] = None
+
+    def __init__(self, model, job) -> None:
+        super().__init__(model, job)
+        from async_batching import ContinuousBatcher
+
+        self.overrides = _batcher_overrides(job, self.mode, self.cuda_graphs)
+        self.batcher = ContinuousBatcher(model, tokenizer=None, **self.overrides)
+
+    def run(self, prompts, new_tokens):
+        from async_batching import SamplingParams
+
+        return _results_output(self.batcher.generate(prompts, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)))
+
+    def info(self):
+        cfg = getattr(self.batcher, "config", None)
+        resolved = dataclasses.asdict(cfg) if cfg is not None and dataclasses.is_dataclass(cfg) else None
+        return {"overrides": self.overrides, "config": _jsonable(resolved)}
+
+    def stats(self):
+        return dict(getattr(self.batcher, "stats", None) or {})
+
+    def close(self):
+        self.batcher.close()
+
+
+class OursSync(Ours):
+    mode = "sync"
+
+
+class OursSyncNoGraph(Ours):
+    mode, cuda_graphs = "sync", False
+
+
+class OursAsync(Ours):
+    mode = "async"
+
+
+class OursAsyncNoGraph(Ours):
+    mode, cuda_graphs = "async", False
+
+
+def _flatten(predictions: Any) -> list[Any]:
+    if predictions is None:
+        return []
+    if isinstance(predictions, (list, tuple)):
+        return [r for p in predictions for r in _flatten(p)]
+    return [predictions]
+
+
+class OursLightning(Variant):
+    """The same engine, async, behind ``trainer.predict`` with the ``ContinuousBatching`` callback."""
+
+    def __init__(self, model, job) -> None:
+        super().__init__(model, job)
+        from bench.lightning_modules import PromptsModule
+
+        self.module = PromptsModule(model)
+        self.overrides = _batcher_overrides(job, "async", None)
+        self.batch_size = int(job["static_batch_size"])
+        self._callbacks: dict[int, Any] = {}
+
+    def _trainer(self, new_tokens: int):
+        """One callback (and engine) per output length, reused across calls so the warm-up call warms it."""
+        from async_batching import SamplingParams
+        from async_batching.lightning import ContinuousBatching
+
+        from bench.lightning_modules import trainer
+
+        if new_tokens not in self._callbacks:
+            sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+            self._callbacks[new_tokens] = ContinuousBatching(sampling=sampling, **self.overrides)
+        return trainer(self.device, callbacks=[self._callbacks[new_tokens]])
+
+    def run(self, prompts, new_tokens):
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(prompts, batch_size=self.batch_size, shuffle=False, collate_fn=lambda b: {"input_ids": list(b)})
+        predictions = self._trainer(new_tokens).predict(self.module, dataloaders=loader, return_predictions=True)
+        return _results_output(_flatten(predictions))
+
+    def info(self):
+        return {"overrides": self.overrides, "loader_batch_size": self.batch_size}
+
+
+VARIANTS: dict[str, type[Variant]] = {
+    "static": StaticGenerate,
+    "hf_cb": HfContinuousBatchingSync,
+    "hf_cb_async": HfContinuousBatchingAsync,
+    "ours_sync": OursSync,
+    "ours_sync_nograph": OursSyncNoGraph,
+    "ours_async": OursAsync,
+    "ours_async_nograph": OursAsyncNoGraph,
+    "ours_async_lightning": OursLightning,
+}

@@ -1,0 +1,206 @@
+"""Benchmark recipe: every variant of BENCHMARKS.md on one workload, each in its own process; one table and one JSON.
+
+    python recipes/benchmark.py workload=w2 variants=[static,hf_cb,ours_sync,ours_async] out_dir=$OUT
+    python recipes/benchmark.py -m workload=w1,w2 out_dir=$OUT
+    python recipes/benchmark.py workload=tiny device=cpu variants=[static,ours_sync,ours_async]   # smoke test
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+RECIPES = Path(__file__).resolve().parent
+ROOT = RECIPES.parent
+sys.path[:0] = [str(RECIPES), str(ROOT / "plugin")]
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from bench import figures, report  # noqa: E402
+from bench.roofline import DeviceRates, roofline  # noqa: E402
+from bench.variants import VARIANTS  # noqa: E402
+from bench.workloads import ModelShape, Workload  # noqa: E402
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    paths = [str(RECIPES), str(ROOT / "plugin")] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def _spawn(args: list[str], log_path: Path, timeout_s: float) -> Optional[str]:
+    """Run ``python -m bench.runner ARGS`` in a fresh process; return None, or why it did not finish cleanly."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.runner", *args], cwd=ROOT, env=_child_env(),
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _stop(proc)
+            return f"timeout after {timeout_s:.0f} s"
+    return None if rc == 0 else f"process exited with status {rc}"
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End the runner we started (and what it started, e.g. compile workers): its own process group, by id."""
+    for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=grace)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _log_tail(path: Path, lines: int = 6) -> str:
+    try:
+        return " / ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def device_rates(cfg: dict[str, Any], out_dir: Path) -> tuple[DeviceRates, dict[str, Any]]:
+    """The roofline's rates: measured once per out_dir on the device (a separate process), else the H100 figures."""
+    fallback = cfg["roofline"]
+    assumed = lambda why: DeviceRates(float(fallback["matmul_tflops"]), float(fallback["copy_tbps"]), f"assumed: {why}")  # noqa: E731
+    if not fallback.get("measure", True):
+        return assumed("roofline.measure=false"), {}
+    if not str(cfg["device"]).startswith("cuda"):
+        return assumed(f"device={cfg['device']}"), {}
+    path = out_dir / "device_rates.json"
+    if not path.exists():
+        why = _spawn(["--probe", str(path), cfg["device"]], out_dir / "logs" / "device_rates.log", 300)
+        if why or not path.exists():
+            return assumed(f"probe failed ({why})"), {}
+    probe = json.loads(path.read_text())
+    rates = probe.get("rates") or {}
+    if "error" in rates:
+        return assumed(f"probe failed ({rates['error']})"), probe.get("env", {})
+    return DeviceRates(**rates), probe.get("env", {})
+
+
+def run_variant(name: str, cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Spawn one variant's runner and read back its result (or record why there is none)."""
+    wl = cfg["workload"]["name"]
+    if name not in VARIANTS:
+        return {"variant": name, "status": "error", "error": f"unknown variant; known: {sorted(VARIANTS)}"}
+    stem = f"{wl}_{name}"
+    job = {
+        "variant": name,
+        "device": cfg["device"],
+        "workload": cfg["workload"],
+        "static_batch_size": cfg["static_batch_size"],
+        "warmup": cfg["warmup"],
+        "profile": cfg["profile"],
+        "batcher": cfg["batcher"],
+        "hf_cb": cfg["hf_cb"],
+        "figures": cfg["figures"],
+        "timeline_path": str(out_dir / "timelines" / f"{stem}.json"),
+    }
+    job_path, result_path, log_path = out_dir / "jobs" / f"{stem}.json", out_dir / "jobs" / f"{stem}.result.json", out_dir / "logs" / f"{stem}.log"
+    job_path.write_text(json.dumps(job, indent=1))
+    result_path.unlink(missing_ok=True)
+    why = _spawn([str(job_path), str(result_path)], log_path, float(cfg["timeout_s"]))
+    if result_path.exists():
+        result = json.loads(result_path.read_text())
+    else:
+        result = {"variant": name, "status": "timeout" if why and why.startswith("timeout") else "error"}
+        result["error"] = f"{why or 'no result written'}; log: {_log_tail(log_path)}"
+    result["log"] = str(log_path)
+    return result
+
+
+def _roofline_seqs(cfg: dict[str, Any]) -> int:
+    if cfg["roofline"].get("max_num_seqs"):
+        return int(cfg["roofline"]["max_num_seqs"])
+    if cfg["batcher"].get("max_num_seqs"):
+        return int(cfg["batcher"]["max_num_seqs"])
+    try:
+        from async_batching.config import BatcherConfig
+
+        return BatcherConfig().max_num_seqs
+    except ImportError:
+        return 256
+
+
+def run(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Run every variant of ``cfg['variants']``; write ``bench_<workload>.{json,md}`` and figures into ``out_dir``."""
+    for sub in ("jobs", "logs", "timelines"):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    workload = Workload.from_dict(cfg["workload"])
+    shape = ModelShape.of(workload)
+    prompt_lens = [len(p) for p in workload.prompts()]
+    rates, env = device_rates(cfg, out_dir)
+    seqs = _roofline_seqs(cfg)
+    limit = roofline(prompt_lens, workload.new_tokens, shape, rates, seqs)
+    print(f"[{workload.name}] roofline {limit.total_s:.3f} s ({limit.output_tokens_per_s:,.0f} out tok/s), rates: {rates}", flush=True)
+
+    results = []
+    for name in cfg["variants"]:
+        t = time.perf_counter()
+        r = run_variant(name, cfg, out_dir)
+        if r.get("wall_s"):
+            own = roofline(prompt_lens[: r["requests"]], workload.new_tokens, shape, rates, seqs)
+            r["roofline_s"] = own.total_s
+            r["roofline_pct"] = 100.0 * own.total_s / r["wall_s"]
+            r["wall_over_limit"] = r["wall_s"] / own.total_s
+        results.append(r)
+        env = env or r.get("env") or {}
+        tok = f"{r['output_tok_s']:,.0f} out tok/s" if r.get("output_tok_s") else ""
+        print(f"[{workload.name}] {name}: {report.status_text(r)} {tok} ({time.perf_counter() - t:.0f} s)", flush=True)
+
+    summary = {
+        "workload": cfg["workload"],
+        "model": asdict(shape),
+        "rates": asdict(rates),
+        "roofline": limit.as_dict(),
+        "roofline_max_num_seqs": seqs,
+        "env": env,
+        "config": {k: v for k, v in cfg.items() if k != "workload"},
+    }
+    md = report.table(results)
+    notes = report.notes(summary, results)
+    summary.update(results=results, notes=notes, table=md)
+
+    if cfg["figures"].get("enabled", True):
+        windows = []
+        for name in cfg["figures"].get("timeline_variants") or []:
+            path = out_dir / "timelines" / f"{workload.name}_{name}.json"
+            if path.exists() and any(r["variant"] == name and r.get("status") == "ok" for r in results):
+                windows.append(json.loads(path.read_text()))
+        try:
+            summary["figures"] = figures.draw_all(str(out_dir), workload.name, results, windows, limit.output_tokens_per_s)
+        except Exception as e:  # figures are a by-product; never lose the table for them
+            summary["figures_error"] = f"{type(e).__name__}: {e}"
+
+    (out_dir / f"bench_{workload.name}.json").write_text(json.dumps(summary, indent=1, default=repr))
+    text = f"## {workload.name}: {workload.description}\n\n{md}\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    (out_dir / f"bench_{workload.name}.md").write_text(text)
+    print(text, flush=True)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="benchmark")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    out_dir = Path(cfg.out_dir or HydraConfig.get().runtime.output_dir).resolve()
+    run(OmegaConf.to_container(cfg, resolve=True), out_dir)
+
+
+if __name__ == "__main__":
+    main()

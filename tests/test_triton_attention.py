@@ -1,0 +1,291 @@
+"""Triton paged attention against a pure-torch oracle.
+
+Without CUDA the kernels run in Triton's CPU interpreter (fp32, tight tolerance).  The interpreter is chosen when
+``triton.jit`` decorates a kernel, so TRITON_INTERPRET=1 must be in the environment before triton (and the kernel
+module) is imported: that is why it is set at the very top of this module.  With CUDA the same cases run compiled, in
+fp32 and (marked ``gpu``) in bf16.
+"""
+
+import importlib
+import math
+import os
+
+import torch
+
+# Must happen before `import triton` / importing the kernel module (see module docstring).
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from async_batching import triton_paged_attention as tpa  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if INTERPRET and type(tpa._paged_attention_kernel).__name__ != "InterpretedFunction":
+    # Another module imported the kernels before the interpreter was switched on: re-decorate them.
+    tpa = importlib.reload(tpa)
+
+ON_GPU = torch.cuda.is_available() and not INTERPRET
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+# (dtype, tolerance) per backend; bf16 only makes sense compiled on a GPU.
+BACKENDS = [
+    pytest.param((torch.float32, 1e-4), id="fp32"),
+    pytest.param((torch.bfloat16, 2e-2), id="bf16",
+                 marks=[pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs CUDA")]),
+]
+
+
+def paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, max_query_len: int,
+                              scale: float, sliding_window: int = 0, softcap: float = 0.0, out=None):
+    """Oracle: gather each sequence's keys through its block table, mask, softmax in fp32."""
+    T, H, D = q.shape
+    _, block_size, KVH, _ = k_cache.shape
+    G = H // KVH
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    qsl, lens = query_start_loc.tolist(), seq_lens.tolist()
+    for i, L in enumerate(lens):
+        s0, s1 = qsl[i], qsl[i + 1]
+        if s1 == s0:
+            continue
+        blocks = block_tables[i, : (L + block_size - 1) // block_size].long()
+        k = k_cache[blocks].reshape(-1, KVH, D)[:L].float().repeat_interleave(G, dim=1)  # [L, H, D]
+        v = v_cache[blocks].reshape(-1, KVH, D)[:L].float().repeat_interleave(G, dim=1)
+        qi = q[s0:s1].float()
+        scores = torch.einsum("qhd,khd->hqk", qi, k) * scale
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
+        q_pos = torch.arange(L - (s1 - s0), L, device=q.device)[:, None]
+        k_pos = torch.arange(L, device=q.device)[None, :]
+        allowed = k_pos <= q_pos
+        if sliding_window:
+            allowed &= k_pos > q_pos - sliding_window
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        out[s0:s1] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(out.dtype)
+    return out
+
+
+def make_batch(specs, *, num_kv_heads=2, group=2, head_dim=32, block_size=16, dtype=torch.float32, seed=0,
+               extra_rows=0):
+    """Random paged cache + packed queries for `specs` = [(seq_len, q_len), ...]; physical blocks are shuffled.
+
+    q is a non-contiguous view into a fused qkv-like buffer, as the engine produces.  Block-table entries past each
+    sequence's blocks are -1, and every cache slot outside a sequence's context (block 0, unowned blocks, the tail of
+    each last block) is NaN, so any read the kernel should not make poisons the result.
+    """
+    g = torch.Generator().manual_seed(seed)
+    H = num_kv_heads * group
+    nblocks = [max(1, math.ceil(L / block_size)) for L, _ in specs]
+    total_blocks = sum(nblocks) + 3  # block 0 (what a masked block-table load falls back to) + 2 nobody owns
+    perm = 1 + torch.randperm(total_blocks - 1, generator=g)
+    width = max(nblocks) + 2
+    block_tables = torch.full((len(specs), width), -1, dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(nblocks):
+        block_tables[i, :n] = perm[used:used + n].int()
+        used += n
+    shape = (total_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=g).to(dtype)
+    v_cache = torch.randn(shape, generator=g).to(dtype)
+    owned = torch.zeros(total_blocks * block_size, dtype=torch.bool)
+    for i, (L, _) in enumerate(specs):
+        blocks = block_tables[i, : math.ceil(L / block_size)].long()
+        slots = (blocks[:, None] * block_size + torch.arange(block_size)).flatten()[:L]
+        owned[slots] = True
+    for cache in (k_cache, v_cache):
+        cache.view(-1, num_kv_heads, head_dim)[~owned] = float("nan")
+    q_lens = [ql for _, ql in specs]
+    T = sum(q_lens) + extra_rows
+    fused = torch.randn(T, (H + 2 * num_kv_heads) * head_dim, generator=g).to(dtype)
+    q = fused[:, : H * head_dim].view(T, H, head_dim)
+    query_start_loc = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0).tolist()), dtype=torch.int32)
+    seq_lens = torch.tensor([L for L, _ in specs], dtype=torch.int32)
+    args = dict(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, seq_lens=seq_lens,
+                query_start_loc=query_start_loc)
+    return {k: v.to(DEVICE) for k, v in args.items()}, max(q_lens)
+
+
+def check(specs, backend, *, scale=None, sliding_window=0, softcap=0.0, num_kv_splits=0, **batch_kw):
+    """Run kernel and oracle on one batch; every output row must be written and match."""
+    dtype, tol = backend
+    args, max_q = make_batch(specs, dtype=dtype, **batch_kw)
+    head_dim = args["q"].shape[-1]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    out = torch.full(args["q"].shape, float("nan"), dtype=dtype, device=DEVICE)
+    tpa.paged_attention(**args, max_query_len=max_q, scale=scale, sliding_window=sliding_window, softcap=softcap,
+                        out=out, num_kv_splits=num_kv_splits)
+    ref = paged_attention_reference(**args, max_query_len=max_q, scale=scale, sliding_window=sliding_window,
+                                    softcap=softcap)
+    assert not out.isnan().any(), "some output rows were not written"
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+def test_decode_over_contexts_of_various_lengths(backend, block_size):
+    check([(1, 1), (7, 1), (16, 1), (33, 1), (70, 1)], backend, block_size=block_size)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prefill_chunk_continues_existing_context(backend):
+    check([(40, 13), (25, 9)], backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_full_prompts_attend_causally_to_themselves(backend):
+    check([(19, 19), (1, 1), (37, 37)], backend, block_size=8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_decode_chunk_and_prompt_in_one_call(backend):
+    check([(50, 1), (30, 30), (45, 12), (3, 1), (17, 17)], backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("group", [1, 2, 4])
+def test_gqa_query_heads_share_their_kv_head(backend, group):
+    check([(21, 1), (26, 26), (40, 7)], backend, num_kv_heads=2, group=group)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("head_dim", [16, 64, 96])
+def test_head_dims_including_non_power_of_two(backend, head_dim):
+    check([(23, 1), (18, 18), (35, 6)], backend, head_dim=head_dim, num_kv_heads=1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("window", [1, 4, 17])
+def test_sliding_window_limits_keys_to_last_w_positions(backend, window):
+    check([(60, 1), (40, 40), (75, 20), (5, 1)], backend, sliding_window=window)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softcap_caps_logits_before_masking(backend):
+    # Large scale pushes logits well past the cap so tanh saturation matters.
+    check([(33, 1), (20, 20), (41, 9)], backend, scale=1.0, softcap=5.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_default_scale(backend):
+    check([(29, 1), (22, 22)], backend, scale=0.37)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("splits", [2, 4])
+def test_split_kv_merges_to_the_unsplit_result(backend, splits):
+    # Includes a sequence shorter than one split (empty splits) and a windowed variant.
+    specs = [(150, 1), (3, 1), (90, 5), (70, 1)]
+    check(specs, backend, num_kv_splits=splits, group=4)
+    check(specs, backend, num_kv_splits=splits, group=4, sliding_window=20, softcap=8.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_long_prefill_spans_several_query_blocks(backend):
+    # q_len > BLOCK_Q (64 for G=1) so several query-block programs and the causal diagonal inside tiles are exercised.
+    check([(140, 130), (9, 1)], backend, num_kv_heads=1, group=1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_outside_query_start_loc_and_empty_sequences_are_untouched(backend):
+    """Padded rows (CUDA-graph padding) and zero-length sequences must not be written or crash the kernel."""
+    dtype, tol = backend
+    specs = [(12, 1), (0, 0), (20, 4)]
+    for splits in (0, 2):
+        args, max_q = make_batch(specs, dtype=dtype, extra_rows=3)
+        out = torch.full(args["q"].shape, float("nan"), dtype=dtype, device=DEVICE)
+        tpa.paged_attention(**args, max_query_len=max_q, scale=0.2, out=out, num_kv_splits=splits)
+        ref = paged_attention_reference(**args, max_query_len=max_q, scale=0.2)
+        torch.testing.assert_close(out[:5].float(), ref[:5].float(), atol=tol, rtol=tol)
+        assert out[5:].isnan().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_writes_into_a_strided_output_view(backend):
+    dtype, tol = backend
+    args, max_q = make_batch([(27, 1), (14, 14)], dtype=dtype)
+    T, H, D = args["q"].shape
+    buf = torch.full((T, H, D + 8), float("nan"), dtype=dtype, device=DEVICE)
+    out = buf[:, :, :D]
+    result = tpa.paged_attention(**args, max_query_len=max_q, scale=0.15, out=out)
+    assert result.data_ptr() == out.data_ptr()
+    ref = paged_attention_reference(**args, max_query_len=max_q, scale=0.15)
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    assert buf[:, :, D:].isnan().all()
+
+
+def test_allocates_output_in_query_dtype_when_none_given():
+    args, max_q = make_batch([(10, 1), (6, 6)])
+    result = tpa.paged_attention(**args, max_query_len=max_q, scale=0.2)
+    assert result.shape == args["q"].shape and result.dtype == args["q"].dtype
+    ref = paged_attention_reference(**args, max_query_len=max_q, scale=0.2)
+    torch.testing.assert_close(result, ref, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU-only: realistic sizes and CUDA-graph capture (compiled kernels; too slow for the interpreter).
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim,num_kv_heads,group", [(128, 8, 4), (256, 4, 2), (80, 4, 8), (64, 1, 7)])
+@pytest.mark.parametrize("splits", [0, 1, 8])
+def test_gpu_realistic_shapes(dtype, head_dim, num_kv_heads, group, splits):
+    specs = [(2300, 1)] * 6 + [(700, 256), (513, 513), (1, 1), (1000, 37)]
+    check(specs, (dtype, 2e-2), head_dim=head_dim, num_kv_heads=num_kv_heads, group=group, num_kv_splits=splits,
+          sliding_window=0 if splits != 8 else 300)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+@pytest.mark.parametrize("splits", [0, 1, 4])
+def test_gpu_cuda_graph_replay_follows_new_metadata(splits):
+    """Capture once, then change seq_lens / block tables / queries in place: replay must track the new values."""
+    dtype = torch.bfloat16
+    specs_a = [(300, 1), (17, 1), (90, 1), (1, 1)]
+    specs_b = [(41, 1), (250, 1), (2, 1), (129, 1)]
+    args, max_q = make_batch(specs_a, dtype=dtype, num_kv_heads=4, group=4, head_dim=128, seed=1)
+    args_b, _ = make_batch(specs_b, dtype=dtype, num_kv_heads=4, group=4, head_dim=128, seed=2)
+    # Same cache size in both batches isn't guaranteed; pad the block table / cache of A to fit B's contents.
+    out = torch.empty(args["q"].shape, dtype=dtype, device=DEVICE)
+    static = {k: v.clone() for k, v in args.items()}
+    nb = max(static["k_cache"].shape[0], args_b["k_cache"].shape[0])
+    width = max(static["block_tables"].shape[1], args_b["block_tables"].shape[1])
+    for name in ("k_cache", "v_cache"):
+        buf = torch.zeros((nb,) + static[name].shape[1:], dtype=dtype, device=DEVICE)
+        buf[: static[name].shape[0]] = static[name]
+        static[name] = buf
+    bt = torch.full((len(specs_a), width), -1, dtype=torch.int32, device=DEVICE)
+    bt[:, : static["block_tables"].shape[1]] = static["block_tables"]
+    static["block_tables"] = bt
+
+    def step():
+        tpa.paged_attention(**static, max_query_len=max_q, scale=0.1, out=out, num_kv_splits=splits)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()  # warm-up compiles outside capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+
+    for src in (args, args_b):
+        for name, t in src.items():
+            if name in ("k_cache", "v_cache"):
+                static[name].zero_()
+                static[name][: t.shape[0]] = t
+            elif name == "block_tables":
+                static[name].fill_(-1)
+                static[name][:, : t.shape[1]] = t
+            else:
+                static[name].copy_(t)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = paged_attention_reference(**static, max_query_len=max_q, scale=0.1)
+        torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
