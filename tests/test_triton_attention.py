@@ -30,9 +30,11 @@ if INTERPRET and type(tpa._paged_attention_kernel).__name__ != "InterpretedFunct
 ON_GPU = torch.cuda.is_available() and not INTERPRET
 DEVICE = "cuda" if ON_GPU else "cpu"
 
-# (dtype, tolerance) per backend; bf16 only makes sense compiled on a GPU.
+# (dtype, tolerance) per backend.  fp16 also runs in the interpreter: 16-bit inputs select the 64-row prefill tiles
+# (fp32 uses 16-row ones), so this covers that configuration on CPU.  bf16 only makes sense compiled on a GPU.
 BACKENDS = [
     pytest.param((torch.float32, 1e-4), id="fp32"),
+    pytest.param((torch.float16, 1e-2), id="fp16"),
     pytest.param((torch.bfloat16, 2e-2), id="bf16",
                  marks=[pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs CUDA")]),
 ]
@@ -185,7 +187,7 @@ def test_split_kv_merges_to_the_unsplit_result(backend, splits):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_long_prefill_spans_several_query_blocks(backend):
-    # q_len > BLOCK_Q (64 for G=1) so several query-block programs and the causal diagonal inside tiles are exercised.
+    # q_len > BLOCK_Q (16 for fp32, 64 for 16-bit with G=1): several query-block programs, causal diagonal in tiles.
     check([(140, 130), (9, 1)], backend, num_kv_heads=1, group=1)
 
 

@@ -116,7 +116,7 @@ class ContinuousBatcher:
         sampling = SamplingParams() if sampling is None else sampling
         ids, problems = self._problems(prompt, sampling)
         if problems:
-            kind = TypeError if any(p.startswith(("prompt must", "sampling must", "prompt tensor")) for p in problems) else ValueError
+            kind = TypeError if any(p.startswith(("prompt must", "sampling must", "prompt tensor", "prompt is a string")) for p in problems) else ValueError
             raise kind(f"request {name}: " + "; ".join(problems))
         return ids
 

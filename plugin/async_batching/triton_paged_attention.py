@@ -253,8 +253,9 @@ def paged_attention(
     block_q = min(triton.next_power_of_2(max_query_len), max(1, target_m // triton.next_power_of_2(G)))
     block_m = max(16, triton.next_power_of_2(block_q * G))
     tile_n = 32 if head_dim_pad >= 256 else 64
-    # 8 warps once the fp32 accumulator reaches 64x128: with 4, ptxas needs ~245 registers per thread for bf16.
-    num_warps = 8 if block_m * head_dim_pad >= 64 * 128 else 4
+    # 8 warps once the accumulator reaches 64x128 (with 4, ptxas needs ~245 registers per thread for bf16), and for
+    # fp32 from head_dim 128 (4 warps spill there).
+    num_warps = 8 if block_m * head_dim_pad >= 64 * 128 or (target_m == 16 and head_dim_pad >= 128) else 4
     num_q_blocks = triton.cdiv(max_query_len, block_q)
 
     if num_kv_splits:

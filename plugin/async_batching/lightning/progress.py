@@ -30,7 +30,8 @@ class GenerationStats:
     total: Optional[int] = None  # requests expected on this rank (None: unknown yet)
     done: int = 0
     resumed: int = 0  # found in the output of an earlier run, not generated again
-    errors: int = 0
+    errors: int = 0  # invalid or failed requests, resumed ones included
+    resumed_errors: int = 0
     prompt_tokens: int = 0
     output_tokens: int = 0
     preemptions: int = 0
@@ -45,10 +46,11 @@ class GenerationStats:
     def add(self, result: GenerationResult, resumed: bool = False) -> None:
         self.done += 1
         self.finish_reasons[result.finish_reason] += 1
-        if result.error is not None or result.finish_reason == "error":
-            self.errors += 1
+        failed = result.error is not None or result.finish_reason == "error"
+        self.errors += failed
         if resumed:
             self.resumed += 1
+            self.resumed_errors += failed
             return
         self.prompt_tokens += result.prompt_len
         self.output_tokens += len(result.token_ids)
@@ -75,7 +77,7 @@ class GenerationStats:
         """One rank's view of the whole job: counts add up, wall time is the slowest rank's."""
         out = cls(total=None if any(p.total is None for p in parts) else sum(p.total for p in parts))
         for p in parts:
-            for name in ("done", "resumed", "errors", "prompt_tokens", "output_tokens", "preemptions"):
+            for name in ("done", "resumed", "errors", "resumed_errors", "prompt_tokens", "output_tokens", "preemptions"):
                 setattr(out, name, getattr(out, name) + getattr(p, name))
             out.finish_reasons.update(p.finish_reasons)
             out.ttft_s += p.ttft_s
@@ -91,7 +93,7 @@ class GenerationStats:
         """The job's numbers as a flat JSON-ready dict (also what ``summary.json`` holds)."""
         return {
             "requests": self.done,
-            "generated": self.done - self.resumed,
+            "generated": self.done - self.resumed - (self.errors - self.resumed_errors),
             "resumed": self.resumed,
             "errors": self.errors,
             "finish_reasons": {str(k): v for k, v in sorted(self.finish_reasons.items(), key=lambda kv: str(kv[0]))},

@@ -120,13 +120,16 @@ class OutputIndex:
     def _is_error_at(self, loc: Location) -> bool:
         return _is_error(self.read(loc))
 
-    def read(self, loc: Location) -> dict[str, Any]:
+    def line(self, loc: Location) -> bytes:
         n, offset = loc
         f = self._readers.get(n)
         if f is None:
             f = self._readers[n] = open(self.files[n], "rb")
         f.seek(offset)
-        return json.loads(f.readline())
+        return f.readline()
+
+    def read(self, loc: Location) -> dict[str, Any]:
+        return json.loads(self.line(loc))
 
     def get(self, key: Key) -> Optional[dict[str, Any]]:
         loc = self.locations.get(key)
@@ -178,10 +181,7 @@ def merge_jsonl(path: str, parts: Optional[list[str]] = None, keep_parts: bool =
     try:
         with open(tmp, "wb") as out:
             for key in sorted(index.locations):
-                n, offset = index.locations[key]
-                f = index._readers.get(n) or index._readers.setdefault(n, open(sources[n], "rb"))
-                f.seek(offset)
-                out.write(f.readline())
+                out.write(index.line(index.locations[key]))
             out.flush()
             os.fsync(out.fileno())
     finally:

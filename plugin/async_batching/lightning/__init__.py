@@ -1,0 +1,12 @@
+"""The Lightning plugin: ``Trainer(callbacks=[ContinuousBatching(...)])`` makes ``trainer.predict`` generate continuously."""
+
+from .callback import BatchItem, ContinuousBatching, items_from_batch
+from .loop import ContinuousPredictionLoop, RequestRecord
+from .progress import GenerationStats, RequestRichProgressBar, RequestTQDMProgressBar, format_summary
+from .writer import JsonlPredictionWriter, merge_jsonl
+
+__all__ = [
+    "ContinuousBatching", "ContinuousPredictionLoop", "JsonlPredictionWriter", "RequestRecord", "BatchItem",
+    "GenerationStats", "RequestTQDMProgressBar", "RequestRichProgressBar", "format_summary", "items_from_batch",
+    "merge_jsonl",
+]

@@ -1,0 +1,141 @@
+"""Stop conditions, seeded sampling, logprobs, streaming, incremental submission and cancellation."""
+
+import pytest
+import torch
+
+from async_batching import ContinuousBatcher, SamplingParams
+from async_batching.models import tiny_model
+from engine_helpers import mixed_prompts, reference, word_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return mixed_prompts(6, hi=80, seed=3)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_stop_token_ends_request_at_that_token(model, prompts, mode):
+    ref = reference(model, prompts[0], 20)
+    stop = ref[5]
+    cut = ref.index(stop) + 1
+    b = ContinuousBatcher(model, mode=mode)
+    r = b.generate([prompts[0]], SamplingParams(max_new_tokens=20, stop_token_ids=[stop]))[0]
+    assert r.token_ids == ref[:cut] and r.finish_reason == "stop"
+    # The same through the model's EOS, which generate() honours too.
+    eos_ref = reference(model, prompts[0], 20, eos=stop)
+    model.generation_config.eos_token_id = stop
+    try:
+        r2 = ContinuousBatcher(model, mode=mode).generate([prompts[0]], SamplingParams(max_new_tokens=20))[0]
+        ign = ContinuousBatcher(model, mode=mode).generate([prompts[0]], SamplingParams(max_new_tokens=20, ignore_eos=True))[0]
+    finally:
+        model.generation_config.eos_token_id = 2
+    assert r2.token_ids == eos_ref == ref[:cut] and r2.finish_reason == "stop"
+    assert ign.token_ids == ref and ign.finish_reason == "length"
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_stop_string_cuts_text_and_tokens(model, prompts, mode):
+    tok = word_tokenizer()
+    ref = reference(model, prompts[1], 16)
+    target = ref[6]
+    word = f"w{target}"
+    b = ContinuousBatcher(model, tokenizer=tok, mode=mode)
+    r = b.generate([prompts[1]], SamplingParams(max_new_tokens=16, stop=[word], ignore_eos=True))[0]
+    first = next(i for i, t in enumerate(ref) if word in tok.decode(ref[: i + 1]))
+    assert r.token_ids == ref[: first + 1]
+    assert r.finish_reason == "stop" and word not in r.text
+    assert r.text == tok.decode(ref[: first + 1]).split(word)[0]
+    full = b.generate([prompts[1]], SamplingParams(max_new_tokens=16, ignore_eos=True))[0]
+    assert full.text == tok.decode(ref) and full.token_ids == ref
+
+
+def test_max_new_tokens_is_respected_per_request(model, prompts):
+    lens = [1, 3, 7, 2, 9, 4]
+    b = ContinuousBatcher(model, max_num_seqs=3)
+    res = b.generate(prompts, [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in lens])
+    assert [len(r.token_ids) for r in res] == lens
+    assert all(r.finish_reason == "length" for r in res)
+
+
+def _sampled(model, prompts, mode, order, **kw):
+    b = ContinuousBatcher(model, mode=mode, **kw)
+    sp = [SamplingParams(max_new_tokens=10, temperature=0.9, top_k=40, top_p=0.9, seed=100 + i, ignore_eos=True)
+          for i in range(len(prompts))]
+    res = b.generate([prompts[i] for i in order], [sp[i] for i in order])
+    assert b.all_blocks_free()
+    return {i: r.token_ids for i, r in zip(order, res)}
+
+
+def test_seeded_sampling_is_reproducible_across_runs_modes_and_batches(model, prompts):
+    n = len(prompts)
+    base = _sampled(model, prompts, "sync", list(range(n)))
+    assert _sampled(model, prompts, "sync", list(range(n))) == base
+    assert _sampled(model, prompts, "async", list(reversed(range(n))), max_num_seqs=2) == base
+    assert _sampled(model, prompts, "async", [3], max_batch_tokens=16)[3] == base[3]
+    # Preemption and recompute do not change what a seeded request draws.
+    assert _sampled(model, prompts, "async", list(range(n)), num_blocks=14, block_size=8) == base
+    # Different seeds do draw differently, and sampling is not greedy.
+    other = ContinuousBatcher(model).generate(
+        [prompts[0]], SamplingParams(max_new_tokens=10, temperature=0.9, top_k=40, top_p=0.9, seed=7, ignore_eos=True))
+    assert other[0].token_ids != base[0] or base[0] != reference(model, prompts[0], 10)
+
+
+def test_top_k_one_is_greedy(model, prompts):
+    res = ContinuousBatcher(model).generate(prompts[:3], SamplingParams(max_new_tokens=8, temperature=1.5, top_k=1, ignore_eos=True))
+    assert [r.token_ids for r in res] == [reference(model, p, 8) for p in prompts[:3]]
+
+
+@torch.no_grad()
+def test_logprobs_match_the_models_distribution(model, prompts):
+    p = prompts[2]
+    r = ContinuousBatcher(model, mode="async").generate([p], SamplingParams(max_new_tokens=5, logprobs=3, ignore_eos=True))[0]
+    out = model.generate(torch.tensor([p]), max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0,
+                         output_logits=True, return_dict_in_generate=True)
+    for step, logits in enumerate(out.logits):
+        logp = torch.log_softmax(logits[0].float(), -1)
+        tok = r.token_ids[step]
+        assert abs(r.logprobs[step] - logp[tok].item()) < 1e-4
+        top = torch.topk(logp, 3)
+        assert list(r.top_logprobs[step]) == top.indices.tolist()
+        assert all(abs(r.top_logprobs[step][i] - v) < 1e-4 for i, v in zip(top.indices.tolist(), top.values.tolist()))
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_stream_and_incremental_submission(model, prompts, mode):
+    refs = [reference(model, p, 6) for p in prompts]
+    sp = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    b = ContinuousBatcher(model, mode=mode, max_num_seqs=2)
+    streamed = {r.index: r.token_ids for r in b.stream(prompts, sp)}
+    assert streamed == dict(enumerate(refs))
+    # add_request while the engine runs: requests join a running batch.
+    got = {}
+    ids = [b.add_request(prompts[0], sp), b.add_request(prompts[1], sp)]
+    for _ in range(3):
+        got.update({r.index: r.token_ids for r in b.step()})
+    ids += [b.add_request(p, sp) for p in prompts[2:]]
+    while b.has_unfinished():
+        got.update({r.index: r.token_ids for r in b.step()})
+    assert [got[i] for i in ids] == refs
+    assert b.all_blocks_free() and b.num_unfinished == 0
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_cancel_frees_blocks_and_leaves_others_untouched(model, prompts, mode):
+    sp = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    b = ContinuousBatcher(model, mode=mode)
+    ids = [b.add_request(p, sp) for p in prompts[:4]]
+    results = {}
+    for _ in range(4):
+        results.update({r.index: r for r in b.step()})
+    b.cancel(ids[1])
+    while b.has_unfinished():
+        results.update({r.index: r for r in b.step()})
+    assert results[ids[1]].finish_reason == "cancelled" and len(results[ids[1]].token_ids) < 12
+    for i in (0, 2, 3):
+        assert results[ids[i]].token_ids == reference(model, prompts[i], 12)
+    assert b.all_blocks_free()
