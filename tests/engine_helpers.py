@@ -17,7 +17,7 @@ def mixed_prompts(n: int, lo: int = 1, hi: int = 200, vocab: int = 384, seed: in
 def reference(model, prompt: list[int], max_new_tokens: int, eos=None) -> list[int]:
     """Greedy `model.generate` on one unpadded prompt: the oracle."""
     out = model.generate(
-        torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        torch.tensor([prompt], device=model.device), attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=model.device),
         max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=0,
     )
     return out[0, len(prompt):].tolist()

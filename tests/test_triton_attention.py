@@ -1,12 +1,12 @@
 """Triton paged attention against a pure-torch oracle.
 
-Without CUDA the kernels run in Triton's CPU interpreter (fp32, tight tolerance).  The interpreter is chosen when
-``triton.jit`` decorates a kernel, so TRITON_INTERPRET=1 must be in the environment before triton (and the kernel
-module) is imported: that is why it is set at the very top of this module.  With CUDA the same cases run compiled, in
-fp32 and (marked ``gpu``) in bf16.
+Without CUDA the kernels run in Triton's CPU interpreter (fp32 at 1e-4, fp16 at 1e-2).  The interpreter is chosen
+when ``triton.jit`` decorates a function -- triton's own helpers included -- so TRITON_INTERPRET=1 must be in the
+environment before triton is first imported: that is why it is set at the very top of this module (the module skips
+itself if triton was imported earlier without it).  With CUDA the same cases run compiled, in fp32, fp16 and (marked
+``gpu``) bf16, plus GPU-only realistic-size and CUDA-graph tests.
 """
 
-import importlib
 import math
 import os
 
@@ -19,13 +19,16 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
 
 from async_batching import triton_paged_attention as tpa  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if INTERPRET and type(tpa._paged_attention_kernel).__name__ != "InterpretedFunction":
-    # Another module imported the kernels before the interpreter was switched on: re-decorate them.
-    tpa = importlib.reload(tpa)
+if INTERPRET and type(tl.cdiv).__name__ != "InterpretedFunction":
+    # Triton's own @jit helpers (tl.cdiv, tl.max, ...) were decorated compiled, and interpreted kernels cannot call
+    # them.  Fix: TRITON_INTERPRET=1 in the environment (or a conftest) before anything imports triton.
+    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; export TRITON_INTERPRET=1 to run these "
+                "tests on CPU", allow_module_level=True)
 
 ON_GPU = torch.cuda.is_available() and not INTERPRET
 DEVICE = "cuda" if ON_GPU else "cpu"

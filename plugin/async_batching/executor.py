@@ -61,7 +61,8 @@ class Executor:
             self.compute = runner.compute_stream
             self.d2h = torch.cuda.Stream(self.device)
         self.inflight: Optional[StepHandle] = None
-        self.stats = {"steps": 0, "graph_steps": 0, "cpu_prepare_s": 0.0, "cpu_wait_s": 0.0, "scheduled_tokens": 0}
+        self.stats = {"steps": 0, "graph_steps": 0, "scheduled_tokens": 0, "cpu_schedule_s": 0.0, "cpu_prepare_s": 0.0,
+                      "cpu_launch_s": 0.0, "cpu_wait_s": 0.0, "cpu_process_s": 0.0}
 
     # --- one step on the device -----------------------------------------------------------------------------
     def launch(self, plan: StepPlan, prev: Optional[StepHandle]) -> StepHandle:
@@ -69,6 +70,7 @@ class Executor:
         slot = self.pool.acquire()
         with record_function("ab.prepare"):
             lay = self.runner.prepare(plan, slot.host_in_np, self.use_graphs)
+        t1 = time.perf_counter()
         n = lay.size
         if lay.size > self.pool.capacity:
             raise RuntimeError(f"step needs {lay.size} ints of staging, pool has {self.pool.capacity}")
@@ -103,7 +105,8 @@ class Executor:
         self.stats["steps"] += 1
         self.stats["graph_steps"] += bool(lay.graph_batch)
         self.stats["scheduled_tokens"] += plan.num_tokens
-        self.stats["cpu_prepare_s"] += time.perf_counter() - t0
+        self.stats["cpu_prepare_s"] += t1 - t0
+        self.stats["cpu_launch_s"] += time.perf_counter() - t1
         return StepHandle(plan, lay, slot, tokens, t0)
 
     def _compute(self, slot: BufferSlot, lay: StepLayout, prev: Optional[StepHandle]):
@@ -134,38 +137,47 @@ class Executor:
         self.stats["cpu_wait_s"] += time.perf_counter() - t0
         return StepOutput(tokens, lp)
 
+    def schedule(self) -> StepPlan:
+        t0 = time.perf_counter()
+        with record_function("ab.schedule"):
+            plan = self.scheduler.schedule()
+        self.stats["cpu_schedule_s"] += time.perf_counter() - t0
+        return plan
+
+    def process(self, process, handle: StepHandle, out: StepOutput) -> list:
+        t0 = time.perf_counter()
+        with record_function("ab.process"):
+            done = process(handle, out)
+        self.stats["cpu_process_s"] += time.perf_counter() - t0
+        return done
+
     def drain(self, process) -> list:
         """Collect the step in flight, if any (used before shutting down or on errors)."""
         if self.inflight is None:
             return []
         handle, self.inflight = self.inflight, None
-        return process(handle, self.wait(handle))
+        return self.process(process, handle, self.wait(handle))
 
 
 class SyncExecutor(Executor):
     """Baseline: plan, launch, wait, process — the GPU idles while the CPU plans the next step."""
 
     def step(self, process) -> list:
-        with record_function("ab.schedule"):
-            plan = self.scheduler.schedule()
+        plan = self.schedule()
         if not plan:
             return []
         handle = self.launch(plan, None)
-        with record_function("ab.process"):
-            return process(handle, self.wait(handle))
+        return self.process(process, handle, self.wait(handle))
 
 
 class AsyncExecutor(Executor):
     """Overlap: step N+1 is planned and launched before step N's tokens are waited for and processed."""
 
     def step(self, process) -> list:
-        with record_function("ab.schedule"):
-            plan = self.scheduler.schedule()
+        plan = self.schedule()  # planned before the tokens of the step in flight are known
         handle = self.launch(plan, self.inflight) if plan else None
         done = []
         if self.inflight is not None:
-            out = self.wait(self.inflight)
-            with record_function("ab.process"):
-                done = process(self.inflight, out)
+            done = self.process(process, self.inflight, self.wait(self.inflight))
         self.inflight = handle
         return done

@@ -192,6 +192,7 @@ def _merge_splits_kernel(
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
+    """Streaming multiprocessors of a CUDA device (cached: a host-side query, safe during graph capture)."""
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
@@ -226,6 +227,7 @@ def paged_attention(
 ) -> torch.Tensor:
     """Causal attention of the packed queries ``q`` [T, num_heads, head_dim] over the paged KV cache.
 
+    ``max_query_len`` must be >= every sequence's query count (an upper bound is fine: it only sizes the grid).
     Returns ``out`` [T, num_heads, head_dim] in q's dtype; rows of ``out`` not covered by ``query_start_loc`` are left
     untouched.  ``num_kv_splits``: 0 picks automatically, otherwise a power of two forcing that many KV splits.
     """

@@ -9,6 +9,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 RUN_RANGE = "bench.run"  # brackets the profiled call, so busy % has the same wall time as the run itself
+SETUP_RANGE = "bench.setup"  # engine construction inside a run (variants that build per call): left out of busy %
 HOST_PREFIX = "ab."
 Interval = tuple[int, int]  # (start_ns, end_ns)
 
@@ -21,14 +22,16 @@ class Trace:
     kernels: list[Interval] = field(default_factory=list)
     copies: list[Interval] = field(default_factory=list)
     host: dict[str, list[Interval]] = field(default_factory=dict)
+    setup: list[Interval] = field(default_factory=list)
 
     @property
     def wall_ns(self) -> int:
-        return max(self.run[1] - self.run[0], 1)
+        """The run's wall time less its setup spans."""
+        return max(self.run[1] - self.run[0] - union_length(self.setup, self.run), 1)
 
-    def gpu_busy_ns(self, window: Optional[Interval] = None) -> int:
-        """Length of the union of kernel intervals inside ``window`` (default: the run)."""
-        return union_length(self.kernels, window or self.run)
+    def gpu_busy_ns(self) -> int:
+        """Length of the union of kernel intervals in the run, outside setup spans."""
+        return union_length(self.kernels, self.run) - sum(union_length(self.kernels, s) for s in merge(self.setup))
 
     def host_ns(self, phase: str) -> int:
         return sum(e - s for s, e in self.host.get(phase, []))
@@ -36,8 +39,9 @@ class Trace:
     def steady_window(self, window_ms: float, at: float) -> Interval:
         """A window of ``window_ms`` centred at fraction ``at`` of the run (late enough to be in steady decode)."""
         width = int(window_ms * 1e6)
-        centre = self.run[0] + int(at * self.wall_ns)
-        start = max(self.run[0], min(centre - width // 2, self.run[1] - width))
+        begin = max([self.run[0]] + [e for _, e in self.setup])
+        centre = begin + int(at * (self.run[1] - begin))
+        start = max(begin, min(centre - width // 2, self.run[1] - width))
         return start, start + width
 
     def window(self, window: Interval) -> dict[str, Any]:
@@ -111,14 +115,16 @@ def profiled_run(fn: Callable[[], Any], device: str) -> tuple[Any, Trace]:
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
     run: Optional[Interval] = None
-    kernels, copies, host = [], [], {}
+    kernels, copies, host, setup = [], [], {}, []
     for name, on_gpu, s, e in _raw_events(prof):
         if on_gpu:
             (copies if name.startswith(("Memcpy", "Memset")) else kernels).append((s, e))
         elif name == RUN_RANGE:
             run = (s, e)
+        elif name == SETUP_RANGE:
+            setup.append((s, e))
         elif name.startswith(HOST_PREFIX):
             host.setdefault(name, []).append((s, e))
     if run is None:
         raise RuntimeError(f"profiler trace has no {RUN_RANGE!r} range")
-    return result, Trace(run=run, kernels=kernels, copies=copies, host=host)
+    return result, Trace(run=run, kernels=kernels, copies=copies, host=host, setup=setup)

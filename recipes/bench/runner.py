@@ -48,11 +48,12 @@ def _percentile(values: list[float], q: float) -> Optional[float]:
     return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
 
 
-def _stats_delta(before: Optional[dict], after: Optional[dict], prompt_tokens: int) -> Optional[dict]:
-    """The engine's stats for one call, whether its counters are cumulative or reset by every ``generate``."""
+def _stats_delta(before: Optional[dict], after: Optional[dict], out: RunOutput) -> Optional[dict]:
+    """The engine's stats for one call, whether its counters are cumulative or start afresh (a new engine per call)."""
     if not after:
         return after
-    if not before or after.get("prompt_tokens", 0) < before.get("prompt_tokens", 0) + prompt_tokens:
+    key, added = ("requests", len(out.new_tokens)) if "requests" in after else ("output_tokens", sum(out.new_tokens))
+    if not before or after.get(key, 0) < before.get(key, 0) + added:
         return dict(after)
     return {k: (v - before.get(k, 0) if isinstance(v, (int, float)) and not isinstance(v, bool) else v) for k, v in after.items()}
 
@@ -87,7 +88,7 @@ def _profile(variant: Variant, prompts: list[list[int]], new_tokens: int, device
     """A separate, shorter run under torch.profiler: GPU busy, GPU and host time per engine step, timeline window."""
     before = variant.stats()
     out, trace = profiled_run(lambda: variant.run(prompts, new_tokens), device)
-    stats = _stats_delta(before, variant.stats(), sum(len(p) for p in prompts))
+    stats = _stats_delta(before, variant.stats(), out)
     steps = (stats or {}).get("steps") or len(trace.host.get("ab.schedule", [])) or None
     wall_s = trace.wall_ns / 1e9
     has_gpu = bool(trace.kernels)
@@ -135,7 +136,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     sampler = open_sampler(device)
-    before = variant.stats()
+    before, setup0 = variant.stats(), variant.setup_s
     if sampler:
         sampler.start()
     t0 = time.perf_counter()
@@ -143,9 +144,10 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     _sync(device)
     elapsed = time.perf_counter() - t0
     util = sampler.stop() if sampler else None
-    wall = elapsed - variant.setup_s
+    setup_s = variant.setup_s - setup0
+    wall = elapsed - setup_s
     prompt_tokens = sum(len(p) for p in prompts)
-    stats = _stats_delta(before, variant.stats(), prompt_tokens)
+    stats = _stats_delta(before, variant.stats(), out)
     output_tokens = sum(out.new_tokens)
 
     result: dict[str, Any] = {
@@ -155,7 +157,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         "prompt_tokens": prompt_tokens,
         "output_tokens": output_tokens,
         "wall_s": wall,
-        "setup_s": variant.setup_s,
+        "setup_s": setup_s,
         "build_s": build_s,
         "output_tok_s": output_tokens / wall,
         "total_tok_s": (output_tokens + prompt_tokens) / wall,

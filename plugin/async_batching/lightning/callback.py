@@ -14,13 +14,13 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from ..config import BatcherConfig
+from ..job_config import ON_ERROR
 from ..request import SamplingParams
 from .loop import ContinuousPredictionLoop
 from .progress import GenerationStats, count_requests, format_summary
 
 log = logging.getLogger(__name__)
 
-ON_ERROR = ("skip", "raise")
 _TEXT_KEYS = ("prompt", "text")
 _BATCH_KEYS = frozenset(("input_ids", "attention_mask") + _TEXT_KEYS)
 _SCALARS = (str, int, float, bool, type(None))
@@ -223,4 +223,4 @@ def items_from_batch(batch: Any) -> list[BatchItem]:
     )
 
 
-__all__ = ["ContinuousBatching", "BatchItem", "items_from_batch", "ON_ERROR"]
+__all__ = ["ContinuousBatching", "BatchItem", "items_from_batch"]

@@ -85,6 +85,8 @@ class ContinuousPredictionLoop(_PredictionLoop):
         self._pending: dict[tuple[int, int], _PendingBatch] = {}  # (dataloader_idx, batch_idx) -> not yet emitted
         self._queue: deque[_PendingBatch] = deque()  # the same batches in DataLoader order (ordered mode)
         self._writers: list[JsonlPredictionWriter] = []
+        self._result_hooks: list = []  # callbacks with on_generation_result(trainer, module, record)
+        self._progress_hooks: list = []  # callbacks with on_generation_progress(trainer, module, stats)
         self._next_request_id = 0
         self._fallback_index: dict[int, int] = {}
         self._store_predictions = False
@@ -103,6 +105,8 @@ class ContinuousPredictionLoop(_PredictionLoop):
         self.on_run_start()
         trainer = self.trainer
         self._writers = [cb for cb in trainer.callbacks if isinstance(cb, JsonlPredictionWriter)]
+        self._result_hooks = [cb for cb in trainer.callbacks if hasattr(cb, "on_generation_result")]
+        self._progress_hooks = [cb for cb in trainer.callbacks if hasattr(cb, "on_generation_progress")]
         writers = [cb for cb in trainer.callbacks if isinstance(cb, BasePredictionWriter)]
         self._store_predictions = self.return_predictions or any(w.interval.on_epoch for w in writers)
         self.stats = GenerationStats(total=self._expected_requests())
@@ -212,9 +216,8 @@ class ContinuousPredictionLoop(_PredictionLoop):
         record.result = result
         self.stats.add(result, resumed=record.resumed)
         trainer = self.trainer
-        for cb in trainer.callbacks:
-            if hasattr(cb, "on_generation_result"):
-                cb.on_generation_result(trainer, trainer.lightning_module, record)
+        for cb in self._result_hooks:
+            cb.on_generation_result(trainer, trainer.lightning_module, record)
         if result.finish_reason == "error" and not record.resumed and self.callback.on_error == "raise":
             raise RuntimeError(f"dataset index {record.index} (batch {record.batch_idx}) failed: {result.error}")
         pending = self._pending[(record.dataloader_idx, record.batch_idx)]
@@ -288,9 +291,8 @@ class ContinuousPredictionLoop(_PredictionLoop):
         if stats.total is not None:
             stats.total = max(stats.total, stats.done + len(self._inflight))
         trainer = self.trainer
-        for cb in trainer.callbacks:
-            if hasattr(cb, "on_generation_progress"):
-                cb.on_generation_progress(trainer, trainer.lightning_module, stats)
+        for cb in self._progress_hooks:
+            cb.on_generation_progress(trainer, trainer.lightning_module, stats)
 
 
 __all__ = ["ContinuousPredictionLoop", "RequestRecord"]

@@ -1,0 +1,35 @@
+"""Registers the config dataclasses in Hydra's ConfigStore, so ``conf/`` YAML and command-line overrides are type-checked.
+
+``generate_schema`` is the root of ``conf/config.yaml``; ``<group>/schema`` is what each group's YAML options extend,
+so they stay typed when another Hydra app pulls our groups in (``hydra.searchpath=[pkg://async_batching.conf]``).
+"""
+
+from __future__ import annotations
+
+from hydra.core.config_store import ConfigStore
+
+from .config import BatcherConfig
+from .job_config import DataConfig, GenerateConfig, ModelConfig, SamplingConfig, TrainerConfig, WriterConfig
+
+GROUP_SCHEMAS = {
+    "model": ModelConfig,
+    "batcher": BatcherConfig,
+    "sampling": SamplingConfig,
+    "data": DataConfig,
+    "trainer": TrainerConfig,
+    "writer": WriterConfig,
+}
+
+
+def register_configs() -> ConfigStore:
+    """Store the schemas (idempotent); call before composing a config that uses our groups."""
+    cs = ConfigStore.instance()
+    cs.store(name="generate_schema", node=GenerateConfig)
+    for group, node in GROUP_SCHEMAS.items():
+        cs.store(group=group, name="schema", node=node)
+    return cs
+
+
+register_configs()
+
+__all__ = ["register_configs", "GROUP_SCHEMAS"]
