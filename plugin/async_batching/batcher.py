@@ -235,10 +235,32 @@ class ContinuousBatcher:
         base = self._next_id
         for i, (ids, sp) in enumerate(checked):
             self._enqueue(base + i, ids, sp)
-        for r in self.drain():
-            if base <= r.index < base + len(checked):
-                r.index -= base
-                yield r
+        mine = range(base, base + len(checked))
+        try:
+            for r in self.drain():
+                if r.index in mine:
+                    r.index -= base
+                    yield r
+        except BaseException:  # KeyboardInterrupt, an error in the consumer, or the consumer stopped early
+            self.abort([i for i in mine if i in self.requests])
+            raise
+
+    def abort(self, request_ids: Optional[Iterable[int]] = None) -> list[GenerationResult]:
+        """Stop requests now (all by default): the step in flight lands first, then their blocks are freed.
+
+        Returns the results of every request that ended here: those aborted (``finish_reason="cancelled"``, with the
+        tokens generated so far) and any that finished normally in the step that was in flight.
+        """
+        done = self.executor.drain(self._process)
+        ids = list(self.requests) if request_ids is None else list(request_ids)
+        for rid in ids:
+            req = self.requests.get(rid)
+            if req is None:
+                continue
+            if req.finish_reason is None:
+                req.finish_reason = "cancelled"
+            done.append(self._finish(req))
+        return done
 
     def generate(self, prompts, sampling=None, progress: bool = False) -> list[GenerationResult]:
         """One result per prompt, in input order."""
@@ -268,7 +290,7 @@ class ContinuousBatcher:
         if self._closed:
             return
         try:
-            self.executor.drain(self._process)
+            self.abort()
         finally:
             self._closed = True
             self.runner.graphs.clear()
