@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -352,20 +351,39 @@ class ModelRunner:
             use_top_k_p=lay.use_top_k_p,
         )
 
+    def _scratch_step(self, num_seqs: int, q_len: int) -> tuple[StepLayout, torch.Tensor]:
+        """A step of ``num_seqs`` sequences of ``q_len`` tokens on the scratch row (writes only the scratch block)."""
+        b, t = num_seqs, num_seqs * q_len
+        lay = StepLayout(num_tokens=t, num_seqs=b, num_real_seqs=b, num_samples=b, max_query_len=q_len, max_seq_len=q_len)
+        qsl = np.arange(b + 1, dtype=np.int32) * q_len
+        parts = [np.zeros(t, np.int32), np.tile(np.arange(q_len, dtype=np.int32), b), np.full(t, SCRATCH_ROW, np.int32),
+                 qsl, np.full(b, q_len, np.int32), np.full(b, SCRATCH_ROW, np.int32), qsl[1:] - 1]
+        for name, arr in zip(_HEAD, parts):
+            lay.add(name, arr)
+        if self.backend == "torch":
+            self._prepare_torch_attention(lay, parts, np.full(b, q_len, np.int32), qsl, parts[1])
+        return lay, torch.from_numpy(np.concatenate(parts)).to(self.device)
+
+    @torch.no_grad()
+    def warmup(self) -> None:
+        """Run prefill-shaped steps once so kernel compilation (Triton specialises on the query tile) happens now."""
+        q = 2
+        while q <= min(64, self.config.max_batch_tokens):
+            lay, buf = self._scratch_step(1, q)
+            with self.installed():
+                self._forward(buf, lay)
+            q *= 2
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     # --- CUDA graphs ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def capture_graphs(self, max_batch: int, stream: torch.cuda.Stream) -> None:
         """Capture one decode graph per batch bucket, largest first, sharing one memory pool."""
         self.graph_pool = torch.cuda.graph_pool_handle()
         for b in reversed(graph_buckets(max_batch)):
-            lay = StepLayout(graph_batch=b, num_tokens=b, num_seqs=b, num_samples=b, max_query_len=1)
-            zeros = np.zeros(b, np.int32)
-            parts = [zeros, zeros, np.full(b, SCRATCH_ROW, np.int32), np.arange(b + 1, dtype=np.int32),
-                     np.ones(b, np.int32), np.full(b, SCRATCH_ROW, np.int32), np.arange(b, dtype=np.int32)]
-            for name, arr in zip(_HEAD, parts):
-                lay.add(name, arr)
-            head = lay.size
-            static_in = torch.from_numpy(np.concatenate(parts)).to(self.device)
+            lay, static_in = self._scratch_step(b, 1)
+            lay.graph_batch = b
             with torch.cuda.stream(stream), self.installed():
                 for _ in range(2):  # warm-up: lazy initialisation and Triton compilation stay out of the graph
                     self._forward(static_in, lay)
@@ -373,7 +391,7 @@ class ModelRunner:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.graph_pool, stream=stream):
                     static_logits = self._forward(static_in, lay)
-            self.graphs[b] = (graph, static_in, static_logits, head)
+            self.graphs[b] = (graph, static_in, static_logits, lay.size)
         self.graphs = dict(sorted(self.graphs.items()))
 
 
@@ -387,4 +405,4 @@ def _triton_ok() -> bool:
     return True
 
 
-__all__ = ["ModelRunner", "StepLayout", "graph_buckets", "math"]
+__all__ = ["ModelRunner", "StepLayout", "graph_buckets"]
