@@ -38,18 +38,31 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGKILL if this recipe dies, so no orphan keeps holding the GPU (Linux; else a no-op)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
 def _spawn(args: list[str], log_path: Path, timeout_s: float) -> Optional[str]:
     """Run ``python -m bench.runner ARGS`` in a fresh process; return None, or why it did not finish cleanly."""
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "bench.runner", *args], cwd=ROOT, env=_child_env(),
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
         )
         try:
             rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             _stop(proc)
             return f"timeout after {timeout_s:.0f} s"
+        except BaseException:  # Ctrl-C or SIGTERM of the recipe: take the runner down with it
+            _stop(proc)
+            raise
     return None if rc == 0 else f"process exited with status {rc}"
 
 
@@ -93,7 +106,7 @@ def device_rates(cfg: dict[str, Any], out_dir: Path) -> tuple[DeviceRates, dict[
     return DeviceRates(**rates), probe.get("env", {})
 
 
-def run_variant(name: str, cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+def run_variant(name: str, cfg: dict[str, Any], out_dir: Path, timeout_s: float) -> dict[str, Any]:
     """Spawn one variant's runner and read back its result (or record why there is none)."""
     wl = cfg["workload"]["name"]
     if name not in VARIANTS:
@@ -114,7 +127,7 @@ def run_variant(name: str, cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]
     job_path, result_path, log_path = out_dir / "jobs" / f"{stem}.json", out_dir / "jobs" / f"{stem}.result.json", out_dir / "logs" / f"{stem}.log"
     job_path.write_text(json.dumps(job, indent=1))
     result_path.unlink(missing_ok=True)
-    why = _spawn([str(job_path), str(result_path)], log_path, float(cfg["timeout_s"]))
+    why = _spawn([str(job_path), str(result_path)], log_path, timeout_s)
     if result_path.exists():
         result = json.loads(result_path.read_text())
     else:
@@ -127,7 +140,7 @@ def run_variant(name: str, cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]
 def _roofline_seqs(cfg: dict[str, Any]) -> int:
     if cfg["roofline"].get("max_num_seqs"):
         return int(cfg["roofline"]["max_num_seqs"])
-    if cfg["batcher"].get("max_num_seqs"):
+    if (cfg["batcher"] or {}).get("max_num_seqs"):
         return int(cfg["batcher"]["max_num_seqs"])
     try:
         from async_batching.config import BatcherConfig
@@ -137,8 +150,44 @@ def _roofline_seqs(cfg: dict[str, Any]) -> int:
         return 256
 
 
+def _previous_results(cfg: dict[str, Any], out_dir: Path) -> list[dict[str, Any]]:
+    """With ``keep_previous``, rows of other variants from an earlier run of the same workload in ``out_dir``."""
+    path = out_dir / f"bench_{cfg['workload']['name']}.json"
+    if not cfg.get("keep_previous") or not path.exists():
+        return []
+    old = json.loads(path.read_text())
+    if old.get("workload") != cfg["workload"]:
+        print(f"keep_previous: {path} is for a different workload config; not kept", flush=True)
+        return []
+    return [dict(r, from_previous_run=True) for r in old.get("results", []) if r["variant"] not in cfg["variants"]]
+
+
+def _in_order(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    order = {name: i for i, name in enumerate(VARIANTS)}
+    return sorted(results, key=lambda r: order.get(r["variant"], len(order)))
+
+
+def _write(out_dir: Path, summary: dict[str, Any], results: list[dict[str, Any]], final: bool) -> str:
+    """Table + JSON after every variant (a run cut short still leaves its numbers); figures at the end."""
+    name = summary["workload"]["name"]
+    md = report.table(results)
+    notes = report.notes(summary, results)
+    summary.update(results=results, notes=notes, table=md, complete=final)
+    if final and summary["config"]["figures"].get("enabled", True):
+        try:
+            summary["figures"] = figures.draw_all(out_dir, summary)
+        except Exception as e:  # figures are a by-product (matplotlib may be missing); never lose the table
+            summary["figures_error"] = f"{type(e).__name__}: {e}; redraw with: python recipes/bench/figures.py {out_dir}"
+            print(summary["figures_error"], flush=True)
+    (out_dir / f"bench_{name}.json").write_text(json.dumps(summary, indent=1, default=repr))
+    text = f"## {name}: {summary['workload'].get('description', '')}\n\n{md}\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    (out_dir / f"bench_{name}.md").write_text(text)
+    return text
+
+
 def run(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Run every variant of ``cfg['variants']``; write ``bench_<workload>.{json,md}`` and figures into ``out_dir``."""
+    start = time.perf_counter()
     for sub in ("jobs", "logs", "timelines"):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
     workload = Workload.from_dict(cfg["workload"])
@@ -148,21 +197,6 @@ def run(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     seqs = _roofline_seqs(cfg)
     limit = roofline(prompt_lens, workload.new_tokens, shape, rates, seqs)
     print(f"[{workload.name}] roofline {limit.total_s:.3f} s ({limit.output_tokens_per_s:,.0f} out tok/s), rates: {rates}", flush=True)
-
-    results = []
-    for name in cfg["variants"]:
-        t = time.perf_counter()
-        r = run_variant(name, cfg, out_dir)
-        if r.get("wall_s"):
-            own = roofline(prompt_lens[: r["requests"]], workload.new_tokens, shape, rates, seqs)
-            r["roofline_s"] = own.total_s
-            r["roofline_pct"] = 100.0 * own.total_s / r["wall_s"]
-            r["wall_over_limit"] = r["wall_s"] / own.total_s
-        results.append(r)
-        env = env or r.get("env") or {}
-        tok = f"{r['output_tok_s']:,.0f} out tok/s" if r.get("output_tok_s") else ""
-        print(f"[{workload.name}] {name}: {report.status_text(r)} {tok} ({time.perf_counter() - t:.0f} s)", flush=True)
-
     summary = {
         "workload": cfg["workload"],
         "model": asdict(shape),
@@ -171,32 +205,39 @@ def run(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         "roofline_max_num_seqs": seqs,
         "env": env,
         "config": {k: v for k, v in cfg.items() if k != "workload"},
+        "argv": sys.argv,
     }
-    md = report.table(results)
-    notes = report.notes(summary, results)
-    summary.update(results=results, notes=notes, table=md)
 
-    if cfg["figures"].get("enabled", True):
-        windows = []
-        for name in cfg["figures"].get("timeline_variants") or []:
-            path = out_dir / "timelines" / f"{workload.name}_{name}.json"
-            if path.exists() and any(r["variant"] == name and r.get("status") == "ok" for r in results):
-                windows.append(json.loads(path.read_text()))
-        try:
-            summary["figures"] = figures.draw_all(str(out_dir), workload.name, results, windows, limit.output_tokens_per_s)
-        except Exception as e:  # figures are a by-product; never lose the table for them
-            summary["figures_error"] = f"{type(e).__name__}: {e}"
+    previous = _previous_results(cfg, out_dir)
+    results: list[dict[str, Any]] = []
+    budget = cfg.get("budget_s")
+    for name in cfg["variants"]:
+        t = time.perf_counter()
+        left = None if budget is None else float(budget) - (t - start)
+        if left is not None and left < 10:
+            r = {"variant": name, "status": "skipped", "error": f"under 10 s of budget_s={budget} left"}
+        else:
+            r = run_variant(name, cfg, out_dir, timeout_s=min(float(cfg["timeout_s"]), left or float("inf")))
+        if r.get("wall_s"):
+            own = roofline(prompt_lens[: r["requests"]], workload.new_tokens, shape, rates, seqs)
+            r["roofline_s"] = own.total_s
+            r["roofline_pct"] = 100.0 * own.total_s / r["wall_s"]
+            r["wall_over_limit"] = r["wall_s"] / own.total_s
+        results.append(r)
+        summary["env"] = summary["env"] or r.get("env") or {}
+        tok = f"{r['output_tok_s']:,.0f} out tok/s" if r.get("output_tok_s") else ""
+        print(f"[{workload.name}] {name}: {report.status_text(r)} {tok} ({time.perf_counter() - t:.0f} s)", flush=True)
+        _write(out_dir, summary, _in_order(previous + results), final=False)
 
-    (out_dir / f"bench_{workload.name}.json").write_text(json.dumps(summary, indent=1, default=repr))
-    text = f"## {workload.name}: {workload.description}\n\n{md}\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
-    (out_dir / f"bench_{workload.name}.md").write_text(text)
-    print(text, flush=True)
+    print(_write(out_dir, summary, _in_order(previous + results), final=True), flush=True)
     return summary
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="benchmark")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind through _spawn, which stops the runner
 
     out_dir = Path(cfg.out_dir or HydraConfig.get().runtime.output_dir).resolve()
     run(OmegaConf.to_container(cfg, resolve=True), out_dir)

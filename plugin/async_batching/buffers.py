@@ -40,6 +40,18 @@ class BufferSlot:
         self.d2h_done = _event(device)
         self.used = False
 
+    def ensure(self, capacity: int) -> None:
+        """Grow the input buffers (rare: the torch attention path's padded indexes can outgrow the first guess)."""
+        if capacity <= len(self.host_in):
+            return
+        pin = self.device.type == "cuda"
+        if pin:
+            torch.cuda.synchronize(self.device)  # no step in flight may still read the buffers being replaced
+        capacity = max(capacity, 2 * len(self.host_in))
+        self.host_in = torch.zeros(capacity, dtype=torch.int32, pin_memory=pin)
+        self.host_in_np = self.host_in.numpy()
+        self.dev_in = torch.zeros(capacity, dtype=torch.int32, device=self.device) if pin else self.host_in
+
     def logprob_buffer(self, k: int, rows: int) -> torch.Tensor:
         """Pinned float32 ``[rows, 1 + 2k]``: sampled logprob, top-k ids (as floats) and values."""
         if k > self.logprob_k:

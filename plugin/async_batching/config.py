@@ -19,8 +19,8 @@ class BatcherConfig:
     block_size: int = 16
     num_blocks: Optional[int] = None  # None: sized from memory_fraction of free device memory
     memory_fraction: float = 0.85
-    max_batch_tokens: int = 4096
-    max_num_seqs: int = 256
+    max_batch_tokens: int = 16384
+    max_num_seqs: int = 512
     scheduler: str = "decode_first"
     chunked_prefill: bool = True
     mode: str = "async"

@@ -52,8 +52,6 @@ class Executor:
         tcap = max(cfg.max_batch_tokens, max(runner.graphs, default=0))
         scap = cfg.max_num_seqs + 1
         capacity = 3 * tcap + 16 * scap + 3 * (tcap // runner.block_size + scap) + 64
-        if runner.backend == "torch":
-            capacity += 2 * scap * tcap + tcap
         self.pool = PinnedBufferPool(self.DEPTH, capacity, max(scap, max(runner.graphs, default=0)), self.device)
         self.cuda = self.device.type == "cuda"
         if self.cuda:
@@ -69,11 +67,9 @@ class Executor:
         t0 = time.perf_counter()
         slot = self.pool.acquire()
         with record_function("ab.prepare"):
-            lay = self.runner.prepare(plan, slot.host_in_np, self.use_graphs)
+            lay = self.runner.prepare(plan, slot, self.use_graphs)
         t1 = time.perf_counter()
         n = lay.size
-        if lay.size > self.pool.capacity:
-            raise RuntimeError(f"step needs {lay.size} ints of staging, pool has {self.pool.capacity}")
         with record_function("ab.launch"):
             if self.cuda:
                 with torch.cuda.stream(self.h2d):

@@ -1,4 +1,4 @@
-"""Registers the config dataclasses in Hydra's ConfigStore, so ``conf/`` YAML and command-line overrides are type-checked.
+"""Registers the config dataclasses in Hydra's ConfigStore, so ``conf/`` YAML and overrides are type-checked.
 
 ``generate_schema`` is the root of ``conf/config.yaml``; ``<group>/schema`` is what each group's YAML options extend,
 so they stay typed when another Hydra app pulls our groups in (``hydra.searchpath=[pkg://async_batching.conf]``).

@@ -123,6 +123,10 @@ class ModelRunner:
     def _auto_num_blocks(self) -> int:
         per_block = PagedKVCache.bytes_per_block(self.layers, self.block_size, self.dtype)
         if self.device.type == "cuda":
+            import gc
+
+            gc.collect()  # memory a previous engine cached but no longer uses counts as free
+            torch.cuda.empty_cache()
             free, _total = torch.cuda.mem_get_info(self.device)
             hidden = getattr(self.model.config, "hidden_size", 4096)
             # Activations of the largest step and the logits of the largest batch stay outside the cache.
@@ -158,8 +162,8 @@ class ModelRunner:
         return attention.torch_paged_attention
 
     # --- packing --------------------------------------------------------------------------------------------
-    def prepare(self, plan: StepPlan, host: np.ndarray, graphs: bool) -> StepLayout:
-        """Write the step's inputs into ``host`` (a flat int32 view of a pinned slot); vectorised except one pass over seqs."""
+    def prepare(self, plan: StepPlan, slot, graphs: bool) -> StepLayout:
+        """Write the step's inputs into the slot's pinned int32 buffer; vectorised except one pass over the seqs."""
         seqs = plan.seqs
         B = len(seqs)
         starts = np.empty(B, np.int32)
@@ -240,8 +244,9 @@ class ModelRunner:
         self._prepare_sampling(lay, parts)
         if self.backend == "torch":
             self._prepare_torch_attention(lay, parts, q_lens, qsl, positions)
-        total = np.concatenate(parts) if parts else np.zeros(0, np.int32)
-        host[: len(total)] = total
+        total = np.concatenate(parts)
+        slot.ensure(len(total))
+        slot.host_in_np[: len(total)] = total
         return lay
 
     def _graph_batch(self, B: int) -> int:

@@ -24,6 +24,7 @@ import triton.language as tl
 
 __all__ = ["paged_attention"]
 
+
 @triton.jit
 def _tanh(x):
     """tanh from exp (tl has no stable portable tanh); saturates correctly to +-1 when exp overflows."""

@@ -1,8 +1,14 @@
-"""PNG figures from one real run: the CPU/GPU activity timeline (sync vs async) and tokens/s per variant."""
+"""PNG figures from one real run: the CPU/GPU activity timeline (sync vs async) and tokens/s per variant.
+
+Redraw from a finished run's folder (e.g. fetched from the GPU machine):
+``python recipes/bench/figures.py RUN_DIR [FIGURE_DIR]`` (FIGURE_DIR defaults to RUN_DIR).
+"""
 
 from __future__ import annotations
 
-import os
+import json
+import sys
+from pathlib import Path
 from typing import Any, Optional
 
 HOST_ROWS = ["ab.schedule", "ab.prepare", "ab.launch", "ab.wait", "ab.process"]
@@ -67,9 +73,27 @@ def throughput(results: list[dict[str, Any]], ceiling: Optional[float], title: s
     return path
 
 
-def draw_all(out_dir: str, name: str, results: list[dict[str, Any]], windows: list[dict], ceiling: Optional[float]) -> list[str]:
+def draw_all(out_dir: Path, summary: dict[str, Any], run_dir: Optional[Path] = None) -> list[str]:
+    """The timeline of ``figures.timeline_variants`` (those that ran) and the throughput bars of one workload."""
+    name = summary["workload"]["name"]
+    results = summary["results"]
+    ok = {r["variant"] for r in results if r.get("status") == "ok"}
+    windows = []
+    for variant in summary["config"]["figures"].get("timeline_variants") or []:
+        path = (run_dir or out_dir) / "timelines" / f"{name}_{variant}.json"
+        if variant in ok and path.exists():
+            windows.append(json.loads(path.read_text()))
+    ceiling = summary["roofline"]["output_tokens_per_s"]
     made = [
-        timeline(windows, os.path.join(out_dir, f"timeline_{name}.png")),
-        throughput(results, ceiling, f"{name}: output tokens/s", os.path.join(out_dir, f"throughput_{name}.png")),
+        timeline(windows, str(out_dir / f"timeline_{name}.png")),
+        throughput(results, ceiling, f"{name}: output tokens/s", str(out_dir / f"throughput_{name}.png")),
     ]
     return [p for p in made if p]
+
+
+if __name__ == "__main__":
+    run_dir = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
+    fig_dir = Path(sys.argv[2]) if len(sys.argv) > 2 else run_dir
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    for bench_json in sorted(run_dir.glob("bench_*.json")):
+        print("\n".join(draw_all(fig_dir, json.loads(bench_json.read_text()), run_dir)))

@@ -41,8 +41,9 @@ class NvmlUtilization:
     def start(self) -> None:
         self._start_us = int(time.time() * 1e6)
 
-    def stop(self) -> Optional[float]:
-        """Mean utilisation (%) of the samples taken since ``start``, or None when the run was too short to sample."""
+    def stop(self, not_before_epoch_s: float = 0.0) -> Optional[float]:
+        """Mean utilisation (%) of the samples taken since ``start`` (and ``not_before_epoch_s``), None if there are none."""
+        first_us = max(self._start_us, int(not_before_epoch_s * 1e6))
         kind = ctypes.c_int()
         count = ctypes.c_uint(0)
         last = ctypes.c_ulonglong(self._start_us)
@@ -53,7 +54,7 @@ class NvmlUtilization:
         rc = self._lib.nvmlDeviceGetSamples(self._handle, _GPU_UTILIZATION_SAMPLES, last, ctypes.byref(kind), ctypes.byref(count), samples)
         if rc != 0:
             return None
-        values = [_decode(kind.value, s.value) for s in samples[: count.value] if s.timestamp_us > self._start_us]
+        values = [_decode(kind.value, s.value) for s in samples[: count.value] if s.timestamp_us > first_us]
         return sum(values) / len(values) if values else None
 
     def close(self) -> None:

@@ -44,6 +44,13 @@ class Trace:
         start = max(begin, min(centre - width // 2, self.run[1] - width))
         return start, start + width
 
+    def busy_between(self, f0: float, f1: float) -> float:
+        """GPU busy % over the part of the run between fractions ``f0`` and ``f1`` of it (after setup spans)."""
+        begin = max([self.run[0]] + [e for _, e in self.setup])
+        span = self.run[1] - begin
+        w = (begin + int(f0 * span), begin + int(f1 * span))
+        return 100.0 * union_length(self.kernels, w) / max(w[1] - w[0], 1)
+
     def window(self, window: Interval) -> dict[str, Any]:
         """The slice of the trace inside ``window``, in ms from its start (what the timeline figure draws)."""
         w0, w1 = window
@@ -91,18 +98,36 @@ def _profiler(device: str) -> profile:
     return profile(activities=activities, record_shapes=False, with_stack=False, **kw)
 
 
-def _raw_events(prof: profile) -> list[tuple[str, bool, int, int]]:
-    """(name, on_gpu, start_ns, end_ns) for every event; the raw Kineto list is much faster than ``prof.events()``."""
+_GPU_KINDS = {"kernel": "kernel", "gpu_memcpy": "copy", "gpu_memset": "copy"}
+
+
+def _kind(activity: str, name: str, on_gpu: bool) -> str:
+    """kernel, copy, host (CPU-side ranges and ops) or other (e.g. GPU-side mirrors of record_function ranges)."""
+    if activity:
+        if activity in _GPU_KINDS:
+            return _GPU_KINDS[activity]
+        return "host" if activity in ("user_annotation", "cpu_op") and not on_gpu else "other"
+    if not on_gpu:
+        return "host"
+    if name.startswith(("Memcpy", "Memset")):
+        return "copy"
+    return "other" if name.startswith((HOST_PREFIX, "bench.", "ProfilerStep")) else "kernel"
+
+
+def _raw_events(prof: profile) -> list[tuple[str, str, int, int]]:
+    """(name, kind, start_ns, end_ns) for every event; the raw Kineto list is much faster than ``prof.events()``."""
     out = []
     kineto = getattr(getattr(prof, "profiler", None), "kineto_results", None)
     if kineto is not None:
         for e in kineto.events():
-            start = e.start_ns()
-            out.append((e.name(), e.device_type() != torch.autograd.DeviceType.CPU, start, start + e.duration_ns()))
+            start, name = e.start_ns(), e.name()
+            activity = e.activity_type() if hasattr(e, "activity_type") else ""
+            kind = _kind(activity, name, e.device_type() != torch.autograd.DeviceType.CPU)
+            out.append((name, kind, start, start + e.duration_ns()))
         return out
     for e in prof.events():  # pragma: no cover - fallback for profilers without kineto results
-        on_gpu = e.device_type != torch.autograd.DeviceType.CPU
-        out.append((e.name, on_gpu, int(e.time_range.start * 1000), int(e.time_range.end * 1000)))
+        kind = _kind("", e.name, e.device_type != torch.autograd.DeviceType.CPU)
+        out.append((e.name, kind, int(e.time_range.start * 1000), int(e.time_range.end * 1000)))
     return out
 
 
@@ -116,9 +141,13 @@ def profiled_run(fn: Callable[[], Any], device: str) -> tuple[Any, Trace]:
                 torch.cuda.synchronize()
     run: Optional[Interval] = None
     kernels, copies, host, setup = [], [], {}, []
-    for name, on_gpu, s, e in _raw_events(prof):
-        if on_gpu:
-            (copies if name.startswith(("Memcpy", "Memset")) else kernels).append((s, e))
+    for name, kind, s, e in _raw_events(prof):
+        if kind == "kernel":
+            kernels.append((s, e))
+        elif kind == "copy":
+            copies.append((s, e))
+        elif kind != "host":
+            continue
         elif name == RUN_RANGE:
             run = (s, e)
         elif name == SETUP_RANGE:

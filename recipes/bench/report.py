@@ -12,6 +12,7 @@ COLUMNS = [
     ("total_tok_s", "total tok/s", "{:,.0f}"),
     ("wall_s", "wall s", "{:.2f}"),
     ("gpu_busy_pct", "GPU busy % (prof)", "{:.1f}"),
+    ("gpu_busy_steady_pct", "GPU busy % steady", "{:.1f}"),
     ("nvml_util_pct", "GPU util % (NVML)", "{:.0f}"),
     ("ttft_p50_s", "TTFT p50 s", "{:.3f}"),
     ("ttft_p99_s", "TTFT p99 s", "{:.3f}"),
@@ -57,7 +58,7 @@ def notes(summary: dict[str, Any], results: list[dict[str, Any]]) -> list[str]:
     out = [
         f"Workload {wl['name']}: {wl['requests']} requests, prompts uniform {wl['prompt_len'][0]}..{wl['prompt_len'][1]} "
         f"tokens (random ids, seed {wl.get('seed', 0)}), {wl['new_tokens']} new tokens each, EOS ignored, "
-        f"{wl['dtype']} random-init {wl['model'].get('model_type')} ({summary['model']['params'] / 1e6:,.0f}M params).",
+        f"{wl['dtype']} random-init {wl['model'].get('model_type')} ({summary['model']['params'] / 1e6:,.1f}M params).",
         f"Device: {env.get('device', '?')}; torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}, "
         f"lightning {env.get('lightning', '?')}.",
         f"Roofline ({rates['source']}: {rates['matmul_tflops']:.0f} TFLOP/s bf16 matmul, {rates['copy_tbps']:.2f} TB/s copy, "
@@ -73,21 +74,30 @@ def notes(summary: dict[str, Any], results: list[dict[str, Any]]) -> list[str]:
         "understates busy for host-bound variants). GPU util % (NVML): the driver's own utilisation samples "
         "(share of each ~1/6 s period with a kernel running) averaged over the full timed run, undisturbed.",
         "TTFT: from the start of the call to each request's first new token on the host (static: the batch's first "
-        "decode step, via a streamer). peak mem: torch.cuda.max_memory_allocated over the timed run (KV caches included).",
-        "CPU ms/step: the engine's host time scheduling + preparing a step (stats cpu_prepare_s / steps, timed run); "
-        "GPU ms/step: kernel time per engine step in the profiled run.",
+        "decode step, via a streamer; ours_async_lightning: from when the loop submits the request). peak mem: torch.cuda.max_memory_allocated over the timed run (KV caches included).",
+        "CPU ms/step (ours): host time working on a step, i.e. the engine's cpu_*_s counters except waiting "
+        "(schedule + prepare + launch + process) / steps, timed run; GPU ms/step: union of kernel time per engine step "
+        "in the profiled run. Async can only hide the CPU time if CPU ms/step <= GPU ms/step.",
     ]
     for r in results:
         prof = r.get("profile") or {}
         bits = []
+        if r.get("from_previous_run"):
+            bits.append("kept from an earlier invocation into the same out_dir (keep_previous=true)")
         if r.get("requests") is not None and r.get("requests") != wl["requests"]:
             bits.append(f"ran {r['requests']} of {wl['requests']} requests (capped: slow baseline)")
         if prof.get("requests") is not None:
             bits.append(f"profiled {prof['requests']} requests x {prof['new_tokens']} new tokens")
+        elif r.get("status") == "ok" and not prof:
+            bits.append("not profiled (profile.skip / profile.enabled)")
         if prof.get("error"):
             bits.append(f"profile failed: {prof['error']}")
+        if r.get("attn_fallback"):
+            bits.append(r["attn_fallback"])
         if r.get("setup_s"):
             bits.append(f"setup excluded {r['setup_s']:.2f} s")
+        if r.get("variant", "").startswith("ours") and r.get("variant_init_s"):
+            bits.append(f"engine built (KV cache, CUDA graphs) in {r['variant_init_s']:.1f} s, untimed")
         if r.get("variant", "").startswith("hf_cb") and r.get("config"):
             cfg = r["config"]
             cb = cfg.get("continuous_batching_config") or {}

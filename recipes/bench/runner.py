@@ -98,6 +98,9 @@ def _profile(variant: Variant, prompts: list[list[int]], new_tokens: int, device
         "wall_s": wall_s,
         "output_tokens": sum(out.new_tokens),
         "gpu_busy_pct": 100.0 * trace.gpu_busy_ns() / trace.wall_ns if has_gpu else None,
+        # Steady state: the second half of the run (ramp-up, eager prefill steps and launch of the first
+        # graphs excluded; the last 5% excluded too, where the batch drains).
+        "gpu_busy_steady_pct": trace.busy_between(0.5, 0.95) if has_gpu else None,
         "kernels": len(trace.kernels),
         "steps": steps,
     }
@@ -115,7 +118,8 @@ def _write_json(path: str, obj: Any) -> None:
         json.dump(obj, f, indent=1, default=repr)
 
 
-def run_job(job: dict[str, Any]) -> dict[str, Any]:
+def run_job(job: dict[str, Any], checkpoint=lambda partial: None) -> dict[str, Any]:
+    """Build, warm up, time, then profile one variant; ``checkpoint`` saves the timed result before profiling."""
     name, device = job["variant"], job["device"]
     workload = Workload.from_dict(job["workload"])
     cls = VARIANTS[name]
@@ -123,10 +127,19 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     new_tokens = workload.new_tokens
 
     t = time.perf_counter()
-    model = workload.build_model(device, cls.attn_implementation())
+    attn, attn_error = cls.attn_implementation(), None
+    try:
+        model = workload.build_model(device, attn)
+    except Exception as e:  # e.g. an attention name this transformers version does not know: use its default
+        if attn is None:
+            raise
+        attn_error = f"attn_implementation={attn!r} failed ({type(e).__name__}: {e}); built with the default"
+        model = workload.build_model(device, None)
     _warm_process(model, device)
-    variant = cls(model, job)
-    build_s = time.perf_counter() - t
+    model_build_s = time.perf_counter() - t
+    t = time.perf_counter()
+    variant = cls(model, job)  # ours: KV cache allocation and CUDA-graph capture happen here
+    variant_init_s = time.perf_counter() - t
 
     warm = job.get("warmup") or {}
     if warm.get("requests") and not cls.warms_up_itself:
@@ -143,7 +156,10 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     out = variant.run(prompts, new_tokens)
     _sync(device)
     elapsed = time.perf_counter() - t0
-    util = sampler.stop() if sampler else None
+    util = None
+    if sampler:  # the driver's samples after the variant's own setup (hf_cb's warm-up, a per-call engine build)
+        util = sampler.stop(not_before_epoch_s=variant.setup_end_epoch_s)
+        sampler.close()
     setup_s = variant.setup_s - setup0
     wall = elapsed - setup_s
     prompt_tokens = sum(len(p) for p in prompts)
@@ -158,7 +174,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         "output_tokens": output_tokens,
         "wall_s": wall,
         "setup_s": setup_s,
-        "build_s": build_s,
+        "model_build_s": model_build_s,
+        "variant_init_s": variant_init_s,
         "output_tok_s": output_tokens / wall,
         "total_tok_s": (output_tokens + prompt_tokens) / wall,
         "ttft_p50_s": _percentile(out.ttft_s, 50),
@@ -166,21 +183,26 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None,
         "nvml_util_pct": util,
         "problems": _check(out, len(prompts), new_tokens),
+        "attn_fallback": attn_error,
         "stats": _compact(stats),
         "config": variant.info(),
     }
     if stats and stats.get("steps"):
         result["steps"] = stats["steps"]
-        if stats.get("cpu_prepare_s") is not None:
-            result["cpu_ms_per_step"] = 1e3 * stats["cpu_prepare_s"] / stats["steps"]
+        busy = {k: v for k, v in stats.items() if k.startswith("cpu_") and k.endswith("_s") and k != "cpu_wait_s"}
+        if busy:  # host time working on steps (schedule, prepare, launch, process), not waiting for the GPU
+            result["cpu_ms_per_step"] = 1e3 * sum(busy.values()) / stats["steps"]
+            result["cpu_ms_per_step_parts"] = {k[4:-2]: 1e3 * v / stats["steps"] for k, v in busy.items()}
 
     prof = job.get("profile") or {}
-    if prof.get("enabled", True):
+    if prof.get("enabled", True) and name not in (prof.get("skip") or []):
+        checkpoint({**result, "profile": {"error": "the process died or timed out while profiling"}})
         n = min(int(workload.profile.get("requests", len(prompts))), len(prompts))
         m = min(int(workload.profile.get("new_tokens", new_tokens)), new_tokens)
         try:
             result["profile"] = _profile(variant, prompts[:n], m, device, job)
             result["gpu_busy_pct"] = result["profile"]["gpu_busy_pct"]
+            result["gpu_busy_steady_pct"] = result["profile"].get("gpu_busy_steady_pct")
             result["gpu_ms_per_step"] = result["profile"].get("gpu_ms_per_step")
         except Exception as e:  # a failed profile must not lose the timed run
             result["profile"] = {"error": f"{type(e).__name__}: {e}"}
@@ -217,16 +239,19 @@ def main(argv: list[str]) -> int:
         return 0
     with open(argv[0]) as f:
         job = json.load(f)
-    result: dict[str, Any] = {"variant": job["variant"], "status": "ok"}
-    try:
-        result.update(run_job(job))
-        if result["problems"]:
+    head: dict[str, Any] = {"variant": job["variant"], "status": "ok", "env": environment(job["device"])}
+
+    def finish(result: dict[str, Any]) -> None:
+        if result.get("problems") and result["status"] == "ok":
             result["status"] = "wrong output"
+        _write_json(argv[1], result)
+
+    try:
+        result = {**head, **run_job(job, checkpoint=lambda partial: finish({**head, **partial}))}
     except Exception as e:
-        result.update(status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+        result = {**head, "status": "error", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
         print(result["traceback"], file=sys.stderr)
-    result["env"] = environment(job["device"])
-    _write_json(argv[1], result)
+    finish(result)
     return 0
 
 

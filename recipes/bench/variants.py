@@ -42,6 +42,7 @@ class Variant:
         self.job = job
         self.device = job["device"]
         self.setup_s = 0.0  # time inside ``run`` that is one-off setup, excluded from wall time
+        self.setup_end_epoch_s = 0.0  # when the last setup ended (time.time()), so GPU sampling can start there
 
     def run(self, prompts: list[list[int]], new_tokens: int) -> RunOutput:
         raise NotImplementedError
@@ -54,6 +55,7 @@ class Variant:
                 return fn(*args, **kwargs)
         finally:
             self.setup_s += time.perf_counter() - t
+            self.setup_end_epoch_s = time.time()
 
     def info(self) -> dict[str, Any]:
         """The configuration this variant ran with (recorded in the JSON)."""
@@ -132,7 +134,8 @@ class HfContinuousBatching(Variant):
         except ImportError:
             from transformers import ContinuousBatchingConfig
         self.use_async = use_async
-        self.cb_config = ContinuousBatchingConfig(use_async_batching=use_async, **dict(job.get("hf_cb") or {}))
+        overrides = {k: v for k, v in (job.get("hf_cb") or {}).items() if v is not None}
+        self.cb_config = ContinuousBatchingConfig(use_async_batching=use_async, **overrides)
         self.resolved: dict[str, Any] = {}
         self.manager = None
         self._time_setup()
@@ -140,7 +143,9 @@ class HfContinuousBatching(Variant):
     def _time_setup(self) -> None:
         """Count the manager's creation and CUDA-graph warm-up as setup, not generation (ours warms up untimed too)."""
         variant = self
-        init = self.model.init_continuous_batching
+        init = getattr(self.model, "init_continuous_batching", None)
+        if init is None:  # another transformers layout: run untimed rather than fail
+            return
 
         def timed_init(*args, **kwargs):
             manager = variant.timed_setup(init, *args, **kwargs)
@@ -193,7 +198,6 @@ class HfContinuousBatching(Variant):
             "transformers": transformers.__version__,
             "use_async_batching": self.use_async,
             "attn_implementation_requested": self.model.config._attn_implementation,
-            "setup_s_excluded": round(self.setup_s, 3),
             **self.resolved,
         }
 
@@ -214,7 +218,7 @@ class HfContinuousBatchingAsync(HfContinuousBatching):
 
 
 def _batcher_overrides(job: dict[str, Any], mode: str, cuda_graphs: Optional[bool]) -> dict[str, Any]:
-    kw = dict(job.get("batcher") or {})
+    kw = {k: v for k, v in (job.get("batcher") or {}).items() if v is not None}
     kw["mode"] = mode
     if cuda_graphs is not None:
         kw["cuda_graphs"] = cuda_graphs
@@ -292,8 +296,8 @@ def _flatten(predictions: Any) -> list[Any]:
 class OursLightning(Variant):
     """The same engine, async, behind ``trainer.predict`` with the ``ContinuousBatching`` callback.
 
-    The callback builds a fresh engine per predict run; that construction (cache, CUDA graphs) counts as setup,
-    as it does for ``ours_async``, so the two walls differ by the Lightning loop only.
+    The callback builds a fresh engine per predict run; that construction (cache, CUDA graphs) and the Trainer's
+    count as setup, as the engine's does for ``ours_async``: the two walls differ by ``trainer.predict`` only.
     """
 
     def __init__(self, model, job) -> None:
@@ -316,8 +320,14 @@ class OursLightning(Variant):
         build = callback.build_batcher
         variant = self
 
+        def build_fresh(module):
+            gc.collect()  # the previous run's engine must be gone before this one sizes its cache from free memory
+            if self.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            return build(module)
+
         def timed_build(module):
-            variant.batcher = variant.timed_setup(build, module)
+            variant.batcher = variant.timed_setup(build_fresh, module)
             return variant.batcher
 
         callback.build_batcher = timed_build
@@ -330,18 +340,23 @@ class OursLightning(Variant):
 
         loader = DataLoader(prompts, batch_size=self.batch_size, shuffle=False, collate_fn=lambda b: {"input_ids": list(b)})
         self.batcher = None
-        predictions = trainer(self.device, callbacks=[self._callback(new_tokens)]).predict(
-            self.module, dataloaders=loader, return_predictions=True
-        )
+        callback = self._callback(new_tokens)
+        predictor = self.timed_setup(lambda: trainer(self.device, callbacks=[callback]))
+        t0 = time.perf_counter()
+        predictions = predictor.predict(self.module, dataloaders=loader, return_predictions=True)
+        # Lightning's own work around the loop is fixed per predict call, whatever the workload: its strategy moves
+        # the module to the device at setup and back to the CPU at teardown. Count it as setup and report it apart.
+        loop_s = callback.stats.wall_s if callback.stats is not None and callback.stats.wall_s else None
+        if loop_s is not None:
+            self.lightning_fixed_s = max(0.0, time.perf_counter() - t0 - loop_s)
+            self.setup_s += self.lightning_fixed_s
         self._stats = dict(self.batcher.stats) if self.batcher is not None else None
-        self.batcher = None  # closed by the loop; drop it so the next run's engine sizes its cache from free memory
-        gc.collect()
-        if self.device.startswith("cuda"):
-            torch.cuda.empty_cache()
+        self.batcher = None  # closed by the loop; dropped so that the next run's engine can reuse its memory
         return _results_output(_flatten(predictions))
 
     def info(self):
-        return {"overrides": self.overrides, "loader_batch_size": self.batch_size}
+        return {"overrides": self.overrides, "loader_batch_size": self.batch_size,
+                "lightning_setup_teardown_s": round(getattr(self, "lightning_fixed_s", 0.0), 3)}
 
     def stats(self):
         return self._stats

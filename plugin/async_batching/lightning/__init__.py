@@ -1,4 +1,5 @@
-"""The Lightning plugin: ``Trainer(callbacks=[ContinuousBatching(...)])`` makes ``trainer.predict`` generate continuously."""
+"""The Lightning plugin: with ``Trainer(callbacks=[ContinuousBatching(...)])``, ``trainer.predict`` generates
+through a continuous batcher."""
 
 from .callback import BatchItem, ContinuousBatching, items_from_batch
 from .loop import ContinuousPredictionLoop, RequestRecord

@@ -6,20 +6,18 @@ back at teardown. Lightning's ``plugins=`` takes only precision/IO/environment p
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import Any, NamedTuple, Optional, Union
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from ..config import BatcherConfig
 from ..job_config import ON_ERROR
 from ..request import SamplingParams
 from .loop import ContinuousPredictionLoop
 from .progress import GenerationStats, count_requests, format_summary
-
-log = logging.getLogger(__name__)
 
 _TEXT_KEYS = ("prompt", "text")
 _BATCH_KEYS = frozenset(("input_ids", "attention_mask") + _TEXT_KEYS)
@@ -53,6 +51,7 @@ class ContinuousBatching(Callback):
         lookahead: Optional[int] = None,
         ordered: bool = True,
         request_progress: bool = True,
+        log_summary: bool = True,
         **batcher_overrides: Any,
     ) -> None:
         self.sampling = SamplingParams() if sampling is None else sampling
@@ -70,7 +69,8 @@ class ContinuousBatching(Callback):
         self.on_error = on_error
         self.lookahead = lookahead  # keep feeding while fewer requests than this wait for admission
         self.ordered = ordered  # batch hooks in DataLoader order (True) or as batches finish (False)
-        self.request_progress = request_progress
+        self.request_progress = request_progress  # Lightning's TQDM/Rich bar counts requests and tokens/s
+        self.log_summary = log_summary
         self.stats: Optional[GenerationStats] = None  # this rank's, after predict
         self.summary: Optional[dict] = None  # all ranks', after predict
         self._lightning_loop = None
@@ -80,6 +80,7 @@ class ContinuousBatching(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "predict" or isinstance(trainer.predict_loop, ContinuousPredictionLoop):
             return
+        self.stats = self.summary = None
         lightning_loop = trainer.predict_loop
         loop = ContinuousPredictionLoop(trainer, self, inference_mode=lightning_loop.inference_mode)
         # trainer.predict() has already attached the dataloaders and return_predictions to Lightning's loop.
@@ -110,8 +111,8 @@ class ContinuousBatching(Callback):
             parts = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(parts, self.stats)
         self.summary = GenerationStats.combine(parts).summary()
-        if trainer.is_global_zero:
-            log.info("ContinuousBatching\n%s", format_summary(self.summary))
+        if self.log_summary:
+            rank_zero_info("ContinuousBatching\n" + format_summary(self.summary))
 
     # --- what the module provides ------------------------------------------------------------------------------
     def find_model(self, module: LightningModule) -> torch.nn.Module:

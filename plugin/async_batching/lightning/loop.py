@@ -13,7 +13,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional, Union
 
-import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loops.fetchers import _DataLoaderIterDataFetcher
 from lightning.pytorch.loops.prediction_loop import _PredictionLoop
@@ -170,7 +169,8 @@ class ContinuousPredictionLoop(_PredictionLoop):
         call._call_lightning_module_hook(trainer, "on_predict_batch_start", *hook_args)
         self.batch_progress.increment_started()
 
-        pending = _PendingBatch(batch, batch_idx, dataloader_idx, hook_args, self._sample_indices(batch_idx, dataloader_idx))
+        indices = self._sample_indices(batch_idx, dataloader_idx)
+        pending = _PendingBatch(batch, batch_idx, dataloader_idx, hook_args, indices)
         if self._store_predictions:
             pending.slot = len(self._predictions[dataloader_idx])
             self._predictions[dataloader_idx].append(None)
@@ -178,7 +178,6 @@ class ContinuousPredictionLoop(_PredictionLoop):
         if self.callback.ordered:
             self._queue.append(pending)
         items = self.callback.batch_items(module, batch)
-        indices = pending.sample_indices
         if len(indices) != len(items):
             indices = self._fallback_indices(dataloader_idx, len(items))
         pending.records = [
@@ -288,6 +287,8 @@ class ContinuousPredictionLoop(_PredictionLoop):
             return
         self._last_progress = now
         stats = self.stats
+        if self._batcher is not None:
+            stats.live_output_tokens = self._batcher.stats.get("output_tokens", 0)
         if stats.total is not None:
             stats.total = max(stats.total, stats.done + len(self._inflight))
         trainer = self.trainer

@@ -23,6 +23,9 @@ def percentile(values: list[float], q: float) -> Optional[float]:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+_COUNTS = ("done", "resumed", "errors", "resumed_errors", "prompt_tokens", "output_tokens", "preemptions")
+
+
 @dataclass
 class GenerationStats:
     """Counters over the finished requests of one predict run on one rank; ``combine`` merges ranks."""
@@ -40,6 +43,7 @@ class GenerationStats:
     latency_s: list[float] = field(default_factory=list)
     start_s: float = field(default_factory=time.perf_counter)
     wall_s: Optional[float] = None  # set by ``finish``; until then, time since start
+    live_output_tokens: int = 0  # the engine's count, unfinished requests included (for tokens/s while running)
     ranks: int = 1
     engine: dict[str, Any] = field(default_factory=dict)
 
@@ -70,14 +74,14 @@ class GenerationStats:
 
     @property
     def tokens_per_s(self) -> float:
-        return self.output_tokens / max(self.elapsed_s, 1e-9)
+        return max(self.output_tokens, self.live_output_tokens) / max(self.elapsed_s, 1e-9)
 
     @classmethod
     def combine(cls, parts: list["GenerationStats"]) -> "GenerationStats":
         """One rank's view of the whole job: counts add up, wall time is the slowest rank's."""
         out = cls(total=None if any(p.total is None for p in parts) else sum(p.total for p in parts))
         for p in parts:
-            for name in ("done", "resumed", "errors", "resumed_errors", "prompt_tokens", "output_tokens", "preemptions"):
+            for name in _COUNTS:
                 setattr(out, name, getattr(out, name) + getattr(p, name))
             out.finish_reasons.update(p.finish_reasons)
             out.ttft_s += p.ttft_s

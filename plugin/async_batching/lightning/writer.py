@@ -231,8 +231,9 @@ class JsonlPredictionWriter(Callback):
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         if not self.resume:
             if self.rank == 0:
-                # Only files no live rank writes: each rank empties its own part below.
-                stale = [self.path] + [p for p in part_paths(self.path) if _rank_of(p) >= self.world_size]
+                # Only files no live rank writes (each rank empties its own part below), so no rank loses lines.
+                live = self.world_size if self.world_size > 1 else 0
+                stale = [self.path] + [p for p in part_paths(self.path) if _rank_of(p) >= live]
                 for p in stale:
                     if p != self.file_path and os.path.exists(p):
                         os.remove(p)

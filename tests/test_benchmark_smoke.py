@@ -1,0 +1,103 @@
+"""The benchmark recipe runs end to end on CPU (tiny workload): one table row and JSON entry per variant, same tokens."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINE_VARIANTS = ["static", "ours_sync", "ours_async"]
+VARIANTS = ENGINE_VARIANTS + ["hf_cb"]
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """Run ``recipes/benchmark.py`` once (each variant in its own process) and return (summary JSON, table, out dir)."""
+    out = tmp_path_factory.mktemp("bench")
+    cmd = [
+        sys.executable, str(ROOT / "recipes" / "benchmark.py"),
+        "workload=tiny", "device=cpu", f"variants=[{','.join(VARIANTS)}]", f"out_dir={out}",
+        "static_batch_size=4",  # four padded batches, so batch order shows in TTFT
+        "warmup.requests=4", "timeout_s=120",
+        "hf_cb.max_batch_tokens=256", "hf_cb.num_blocks=64",  # its defaults size a cache for a GPU: slow on CPU
+    ]
+    proc = subprocess.run(cmd, cwd=out, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "bench_tiny.json").read_text())
+    return summary, (out / "bench_tiny.md").read_text(), out
+
+
+def _by_variant(summary):
+    return {r["variant"]: r for r in summary["results"]}
+
+
+def test_every_engine_variant_reports_positive_throughput_and_the_same_tokens(bench):
+    summary, table, _ = bench
+    results = _by_variant(summary)
+    expected = summary["workload"]["requests"] * summary["workload"]["new_tokens"]
+    for name in ENGINE_VARIANTS:
+        r = results[name]
+        assert r["status"] == "ok", (name, r.get("error"), r.get("problems"))
+        assert r["output_tok_s"] > 0 and r["total_tok_s"] > r["output_tok_s"] and r["wall_s"] > 0
+        assert r["output_tokens"] == expected, name
+        assert r["ttft_p50_s"] is not None and 0 < r["ttft_p50_s"] <= r["ttft_p99_s"]
+        assert f"| {name} |" in table
+    assert summary["roofline"]["total_s"] > 0 and results["ours_sync"]["roofline_pct"] > 0
+
+
+def test_engine_variants_report_cpu_time_per_step_and_host_phases(bench):
+    summary, _, out = bench
+    results = _by_variant(summary)
+    for name in ("ours_sync", "ours_async"):
+        r = results[name]
+        assert r["steps"] > 0 and r["cpu_ms_per_step"] > 0
+        assert {"ab.schedule", "ab.prepare"} <= set(r["profile"]["host_ms_per_step"])
+        window = json.loads((out / "timelines" / f"tiny_{name}.json").read_text())
+        assert window["host"]["ab.launch"], name  # the timeline window saw the engine's host phases
+    assert (out / "timeline_tiny.png").stat().st_size > 0
+    assert (out / "throughput_tiny.png").stat().st_size > 0
+
+
+def test_static_batches_later_in_the_queue_wait_longer(bench):
+    summary, _, _ = bench
+    r = _by_variant(summary)["static"]
+    assert r["ttft_p99_s"] > r["ttft_p50_s"]
+
+
+def test_hf_generate_batch_matches_the_token_count(bench):
+    summary, table, _ = bench
+    r = _by_variant(summary)["hf_cb"]
+    if r["status"] != "ok":
+        pytest.skip(f"transformers' generate_batch did not run here: {r.get('error')}")
+    assert r["output_tokens"] == _by_variant(summary)["ours_sync"]["output_tokens"]
+    assert r["output_tok_s"] > 0 and "| hf_cb |" in table
+    assert r["config"]["continuous_batching_config"]["use_async_batching"] is False
+
+
+def test_roofline_of_w2_matches_the_benchmarks_example():
+    """BENCHMARKS.md: W2 on an H100 is about 0.23 s prefill + 0.23 s decode, roughly 70,000 output tokens/s."""
+    import yaml
+
+    sys.path.insert(0, str(ROOT / "recipes"))
+    from bench.roofline import DeviceRates, roofline
+    from bench.workloads import ModelShape, Workload
+
+    workload = Workload.from_dict(yaml.safe_load((ROOT / "conf" / "workload" / "w2.yaml").read_text()))
+    shape = ModelShape.of(workload)
+    limit = roofline([len(p) for p in workload.prompts()], workload.new_tokens, shape, DeviceRates(790.0, 3.0, "H100"), 256)
+    assert 1.2e9 < shape.params < 1.3e9 and shape.matmul_params == shape.params  # tied embeddings: read as the LM head
+    assert limit.prefill_s == pytest.approx(0.23, abs=0.02) and limit.decode_s == pytest.approx(0.23, abs=0.02)
+    assert 65_000 < limit.output_tokens_per_s < 75_000
+
+
+def test_gpu_busy_is_the_union_of_kernel_intervals_outside_setup():
+    sys.path.insert(0, str(ROOT / "recipes"))
+    from bench.profiling import Trace
+
+    trace = Trace(run=(0, 100), kernels=[(10, 30), (20, 40), (90, 120), (0, 5)], setup=[(0, 10)])
+    assert trace.wall_ns == 90  # the setup span is not part of the run's wall time
+    assert trace.gpu_busy_ns() == 30 + 10  # [10, 40) and [90, 100); the kernel inside setup does not count
