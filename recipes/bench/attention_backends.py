@@ -1,0 +1,92 @@
+"""Time the paged-attention backends on the GPU: the Triton kernel against the torch path (gather + dense attention).
+
+    python recipes/bench/attention_backends.py      # prints one markdown table (W2's attention shape, bf16)
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "plugin"))
+from async_batching.attention import AttentionMetadata, torch_paged_attention  # noqa: E402
+from async_batching.triton_paged_attention import paged_attention  # noqa: E402
+
+
+def case(q_lens, ctx_lens, heads=32, kv_heads=8, dim=64, bs=16, dtype=torch.bfloat16, dev="cuda"):
+    """Packed queries and a shuffled paged cache for sequences with the given query and context lengths."""
+    B = len(q_lens)
+    blocks_per = [-(-c // bs) for c in ctx_lens]
+    nb = sum(blocks_per) + 1
+    perm = list(range(1, nb))
+    random.Random(0).shuffle(perm)
+    width = max(blocks_per)
+    table = torch.zeros(B, width, dtype=torch.int32)
+    i = 0
+    for b, n in enumerate(blocks_per):
+        table[b, :n] = torch.tensor(perm[i:i + n])
+        i += n
+    k = torch.randn(nb, bs, kv_heads, dim, dtype=dtype, device=dev)
+    v = torch.randn_like(k)
+    T = sum(q_lens)
+    q = torch.randn(T, heads, dim, dtype=dtype, device=dev)
+    qsl = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32)
+    seq = torch.tensor(ctx_lens, dtype=torch.int32)
+    qmax = max(q_lens)
+    pad_index = torch.full((B, qmax), T, dtype=torch.long)
+    pad_pos = torch.zeros(B, qmax, dtype=torch.long)
+    unpad = torch.empty(T, dtype=torch.long)
+    for b in range(B):
+        n = q_lens[b]
+        pad_index[b, :n] = torch.arange(qsl[b], qsl[b] + n)
+        pad_pos[b, :n] = torch.arange(ctx_lens[b] - n, ctx_lens[b])
+        unpad[qsl[b]:qsl[b] + n] = b * qmax + torch.arange(n)
+    meta = AttentionMetadata(None, qsl.to(dev), seq.to(dev), table.to(dev), qmax, max(ctx_lens),
+                             pad_index.to(dev), pad_pos.to(dev), unpad.to(dev))
+    return q, k, v, meta
+
+
+def time_ms(fn, reps=20):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def main() -> None:
+    rng = random.Random(1)
+    cases = {
+        "decode 256 seqs, ctx 64..640": ([1] * 256, [rng.randint(64, 640) for _ in range(256)]),
+        "decode 32 seqs, ctx 2304": ([1] * 32, [2304] * 32),
+        "prefill 16 x 512": ([512] * 16, [512] * 16),
+        "mixed: 2048-token chunk + 255 decodes": ([2048] + [1] * 255, [2048] + [rng.randint(64, 640) for _ in range(255)]),
+    }
+    print("| case (W2 attention shape: 32 heads, 8 kv heads, dim 64, bf16) | triton ms | torch path ms | speed-up | max abs diff |")
+    print("|---|---|---|---|---|")
+    for name, (ql, cl) in cases.items():
+        q, k, v, m = case(ql, cl)
+        scale = 0.125
+        tri = lambda: paged_attention(q, k, v, m.block_tables, m.seq_lens, m.query_start_loc, m.max_query_len, scale)  # noqa: E731
+        ref = lambda: torch_paged_attention(q, k, v, m, scale, 0, 0.0)  # noqa: E731
+        t_tri = time_ms(tri)
+        try:  # the torch path pads every sequence to the longest query and context: it can run out of memory
+            diff = f"{(tri().float() - ref().float()).abs().max().item():.3g}"
+            t_ref = f"{time_ms(ref):.3f}"
+            gain = f"{float(t_ref) / t_tri:.1f}x"
+        except torch.OutOfMemoryError as e:
+            diff, t_ref, gain = "-", f"out of memory ({str(e).split('.')[0]})", "-"
+            torch.cuda.empty_cache()
+        print(f"| {name} | {t_tri:.3f} | {t_ref} | {gain} | {diff} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
