@@ -1,6 +1,7 @@
 """Memory pressure, interruption, abort and a property test: every run returns one result per request or a clear error."""
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -92,3 +93,35 @@ def test_property_every_run_returns_all_results_or_a_clear_error(
     if temperature == 0:
         assert [r.token_ids for r in out] == [ref(p, new) for p in prompts]
     assert b.all_blocks_free()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_out_of_memory_in_a_step_lowers_the_budget_and_recomputes(mode, monkeypatch):
+    prompts = mixed_prompts(8, hi=100, seed=12)
+    sp = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    b = ContinuousBatcher(MODEL, mode=mode, max_batch_tokens=256)
+    real = b.runner.forward
+    failures = []
+
+    def flaky(buf, lay):
+        if lay.num_tokens > 128:  # a step this large "does not fit": fail it, as CUDA's allocator would
+            failures.append(lay.num_tokens)
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(buf, lay)
+
+    monkeypatch.setattr(b.runner, "forward", flaky)
+    out = b.generate(prompts, sp)
+    assert [r.token_ids for r in out] == [ref(p, 10) for p in prompts]
+    assert failures and b.stats["oom_recoveries"] == 1 and b.scheduler.max_batch_tokens == 128
+    assert b.all_blocks_free()
+
+
+def test_out_of_memory_below_the_smallest_budget_is_raised(monkeypatch):
+    b = ContinuousBatcher(MODEL, max_batch_tokens=16)
+
+    def broken(buf, lay):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(b.runner, "forward", broken)
+    with pytest.raises(torch.OutOfMemoryError):
+        b.generate([[5, 6, 7]], SamplingParams(max_new_tokens=2))

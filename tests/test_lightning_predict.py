@@ -276,3 +276,32 @@ def test_callback_rejects_bad_settings_at_construction():
         ContinuousBatching(on_error="ignore")
     with pytest.raises(ValueError, match="max_new_tokens"):
         ContinuousBatching(SamplingParams(max_new_tokens=0))
+
+
+def test_error_in_a_user_hook_keeps_what_was_written_and_resumes(tiny_llama, prompts, refs, tmp_path):
+    path = tmp_path / "out.jsonl"
+    loader = DataLoader(prompts, batch_size=3, collate_fn=lists)
+    built = []
+
+    class Fragile(UserModule):
+        def on_generation_batch_end(self, results, batch, batch_idx):
+            if batch_idx == 2:
+                raise RuntimeError("user post-processing failed")
+            return None
+
+    cb = batching()
+    real_build = cb.build_batcher
+    cb.build_batcher = lambda module: built.append(real_build(module)) or built[-1]
+    with pytest.raises(RuntimeError, match="user post-processing failed"):
+        trainer(cb, JsonlPredictionWriter(path)).predict(Fragile(tiny_llama), loader)
+    engine = built[0]
+    assert engine._closed and engine.executor.inflight is None and engine.all_blocks_free()
+    written = [json.loads(x) for x in path.read_text().splitlines()]
+    assert len(written) >= 6  # at least the first two batches (flushed as they finished)
+    assert all(x["token_ids"] == refs[x["index"]] for x in written)
+    cb2 = batching()
+    out = trainer(cb2, JsonlPredictionWriter(path)).predict(UserModule(tiny_llama), loader)
+    assert cb2.summary["resumed"] == len(written)
+    assert [r.token_ids for b in out for r in b] == refs
+    lines = [json.loads(x)["index"] for x in path.read_text().splitlines()]
+    assert lines == list(range(len(prompts)))

@@ -165,9 +165,10 @@ class ContinuousBatcher:
         done = [self._finish(r) for r in self._cancelled if not r.finished]
         self._cancelled = []
         idle = self.executor.inflight is None
-        launched = self.executor.stats["steps"]
+        launched, ooms = self.executor.stats["steps"], self.executor.stats["oom_recoveries"]
         done += self.executor.step(self._process)
-        if idle and launched == self.executor.stats["steps"] and not done and self.scheduler.has_unfinished():
+        stuck = launched == self.executor.stats["steps"] and ooms == self.executor.stats["oom_recoveries"]
+        if idle and stuck and not done and self.scheduler.has_unfinished():
             # Nothing was in flight, so every deferred block was back, and still nothing could be scheduled.
             head = (self.scheduler.waiting or self.scheduler.running)[0]
             raise RuntimeError(f"request {head.index} cannot be scheduled ({self.runner.cache.allocator.num_free} "

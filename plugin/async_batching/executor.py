@@ -7,6 +7,7 @@ are filled on the GPU from step N's token buffer (``carry_src`` rows), so no hos
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -19,6 +20,9 @@ from .buffers import BufferSlot, PinnedBufferPool
 from .model_runner import ModelRunner, StepLayout
 from .sampling import sample, token_logprobs
 from .scheduler import Scheduler, StepPlan
+
+log = logging.getLogger(__name__)
+MIN_BATCH_TOKENS = 16  # below this an out-of-memory step is not retried with a smaller budget
 
 
 @dataclass
@@ -60,10 +64,38 @@ class Executor:
             self.d2h = torch.cuda.Stream(self.device)
         self.inflight: Optional[StepHandle] = None
         self.stats = {"steps": 0, "graph_steps": 0, "scheduled_tokens": 0, "cpu_schedule_s": 0.0, "cpu_prepare_s": 0.0,
-                      "cpu_launch_s": 0.0, "cpu_wait_s": 0.0, "cpu_process_s": 0.0}
+                      "cpu_launch_s": 0.0, "cpu_wait_s": 0.0, "cpu_process_s": 0.0, "oom_recoveries": 0}
 
     # --- one step on the device -----------------------------------------------------------------------------
-    def launch(self, plan: StepPlan, prev: Optional[StepHandle]) -> StepHandle:
+    def launch(self, plan: StepPlan, prev: Optional[StepHandle]) -> Optional[StepHandle]:
+        """Stage, compute and copy out one step; None when it ran out of device memory and was rolled back."""
+        try:
+            return self._launch(plan, prev)
+        except torch.OutOfMemoryError:
+            if self.scheduler.max_batch_tokens // 2 < MIN_BATCH_TOKENS:
+                raise
+            self._roll_back(plan)
+            return None
+
+    def _roll_back(self, plan: StepPlan) -> None:
+        """Out of memory mid-step: its requests are recomputed later, and later steps get half the token budget.
+
+        Kernels of the failed step already queued on the compute stream run before any later step, so its blocks may
+        be handed out again at once (those of requests in the step in flight still wait for it, as always).
+        """
+        sched = self.scheduler
+        for s in plan.seqs:
+            if s.req in sched.running:
+                sched._preempt(s.req)
+        old = sched.max_batch_tokens
+        sched.max_batch_tokens = old // 2
+        self.stats["oom_recoveries"] += 1
+        if self.cuda:
+            torch.cuda.empty_cache()
+        log.warning("out of device memory in a step of %d tokens: max_batch_tokens lowered from %d to %d, "
+                    "%d requests will be recomputed", plan.num_tokens, old, sched.max_batch_tokens, len(plan.seqs))
+
+    def _launch(self, plan: StepPlan, prev: Optional[StepHandle]) -> StepHandle:
         t0 = time.perf_counter()
         slot = self.pool.acquire()
         with record_function("ab.prepare"):
@@ -163,6 +195,8 @@ class SyncExecutor(Executor):
         if not plan:
             return []
         handle = self.launch(plan, None)
+        if handle is None:
+            return []
         return self.process(process, handle, self.wait(handle))
 
 

@@ -66,7 +66,15 @@ class ModelRunner:
         self.layers = self._probe_layers()
         self.vocab_size = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else model.config.vocab_size
         self.num_blocks = config.num_blocks or self._auto_num_blocks()
-        self.cache = PagedKVCache(self.layers, self.num_blocks, self.block_size, dtype, device)
+        try:
+            self.cache = PagedKVCache(self.layers, self.num_blocks, self.block_size, dtype, device)
+        except torch.OutOfMemoryError as e:
+            per_block = PagedKVCache.bytes_per_block(self.layers, self.block_size, dtype)
+            raise MemoryError(
+                f"the KV cache of {self.num_blocks} blocks ({self.num_blocks * per_block / 2**30:.2f} GiB) does not fit "
+                f"on {device}: lower batcher.num_blocks (or set it to null to size it from memory_fraction), or "
+                "batcher.memory_fraction"
+            ) from e
         # Persistent device block table: one row per admitted request, updated incrementally (new blocks only).
         self.table_rows = 2 * config.max_num_seqs + 2
         self.block_table = torch.zeros(self.table_rows, self.max_blocks_per_seq, dtype=torch.int32, device=device)
