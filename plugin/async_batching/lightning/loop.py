@@ -160,7 +160,9 @@ class ContinuousPredictionLoop(_PredictionLoop):
         module = trainer.lightning_module
         batch = trainer.precision_plugin.convert_input(batch)
         batch = module._on_before_batch_transfer(batch, dataloader_idx=dataloader_idx)
-        batch = call._call_strategy_hook(trainer, "batch_to_device", batch, dataloader_idx=dataloader_idx)
+        # The batch stays on the host: the engine stages token ids itself, and Lightning's device transfer walks
+        # every Python int of a list-of-lists batch (~20 ms per 64 prompts of 300 tokens, CPU time the GPU waits on).
+        batch = module._call_batch_hook("on_after_batch_transfer", batch, dataloader_idx)
         self.batch_progress.increment_ready()
         self._store_data_for_prediction_writer(batch_idx, dataloader_idx)
         hook_args = tuple(self._build_kwargs(batch, batch_idx, dataloader_idx if self.num_dataloaders > 1 else None)
