@@ -137,7 +137,8 @@ class ContinuousBatcher:
     def _enqueue(self, rid: int, ids: list[int], sampling: SamplingParams) -> None:
         self._next_id = max(self._next_id, rid + 1) if isinstance(rid, int) else self._next_id
         detok = None
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and sampling.stop:
+            # Only stop strings need text while generating; other requests are decoded once when they finish.
             detok = IncrementalDetokenizer(self.tokenizer, sampling.stop)
         req = Request(
             index=rid, prompt_ids=ids, sampling=sampling,
@@ -209,6 +210,8 @@ class ContinuousBatcher:
 
     def _finish(self, req: Request, now: Optional[float] = None) -> GenerationResult:
         req.finish_s = now if now is not None else time.perf_counter()
+        if req.detokenizer is None and self.tokenizer is not None:
+            req.text = self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
         self.scheduler.finish(req)
         self.requests.pop(req.index, None)
         return req.result()
