@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
@@ -25,6 +26,9 @@ class ContinuousBatcher:
         self.tokenizer = tokenizer
         if cfg.device is not None or cfg.dtype is not None:
             model = model.to(device=cfg.device, dtype=getattr(torch, cfg.dtype) if cfg.dtype else None)
+        if model.training:
+            warnings.warn("ContinuousBatcher: the model was in training mode (dropout on); switching it to eval()")
+            model.eval()
         self.model = model
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
