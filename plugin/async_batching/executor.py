@@ -63,6 +63,9 @@ class Executor:
             self.compute = runner.compute_stream
             self.d2h = torch.cuda.Stream(self.device)
         self.inflight: Optional[StepHandle] = None
+        # Opt-in (``record_step_times``): timing events around each step's work on the compute stream, from which
+        # ``gpu_busy`` measures the stream's occupancy without a profiler slowing the host.
+        self.step_events: Optional[list] = None
         self.stats = {"steps": 0, "graph_steps": 0, "scheduled_tokens": 0, "cpu_schedule_s": 0.0, "cpu_prepare_s": 0.0,
                       "cpu_launch_s": 0.0, "cpu_wait_s": 0.0, "cpu_process_s": 0.0, "oom_recoveries": 0}
 
@@ -111,8 +114,11 @@ class Executor:
                 self.compute.wait_event(slot.h2d_done)
                 self.compute.wait_event(slot.d2h_done)  # dev_tokens of this slot's last step were copied out
                 with torch.cuda.stream(self.compute):
+                    began = self._mark()
                     tokens, lp = self._compute(slot, lay, prev)
                     slot.compute_done.record(self.compute)
+                    if began is not None:
+                        self.step_events.append((began, self._mark(), bool(lay.graph_batch)))
                 self.d2h.wait_event(slot.compute_done)
                 with torch.cuda.stream(self.d2h):
                     k = lay.num_samples
@@ -136,6 +142,39 @@ class Executor:
         self.stats["cpu_prepare_s"] += t1 - t0
         self.stats["cpu_launch_s"] += time.perf_counter() - t1
         return StepHandle(plan, lay, slot, tokens, t0)
+
+    def _mark(self) -> Optional[torch.cuda.Event]:
+        if self.step_events is None:
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(self.compute)
+        return event
+
+    def record_step_times(self, on: bool = True) -> None:
+        """Start (or stop) recording per-step timing events on the compute stream (CUDA only)."""
+        self.step_events = [] if on and self.cuda else None
+
+    def gpu_busy(self) -> dict:
+        """Busy share of the compute stream between the first and last recorded step, overall and over the longest
+        run of consecutive decode (graph) steps: sum of step durations / elapsed time. Synchronizes the device."""
+        events = self.step_events or []
+        if len(events) < 2:
+            return {}
+        torch.cuda.synchronize(self.device)
+
+        def busy(run: list) -> float:
+            work = sum(a.elapsed_time(b) for a, b, _ in run)
+            return 100.0 * work / max(run[0][0].elapsed_time(run[-1][1]), 1e-9)
+
+        longest, current = [], []
+        for e in events:
+            current = current + [e] if e[2] else []
+            if len(current) > len(longest):
+                longest = current
+        out = {"steps": len(events), "busy_pct": busy(events)}
+        if len(longest) >= 2:
+            out.update(decode_steps=len(longest), decode_busy_pct=busy(longest))
+        return out
 
     def _compute(self, slot: BufferSlot, lay: StepLayout, prev: Optional[StepHandle]):
         runner = self.runner

@@ -13,6 +13,8 @@ COLUMNS = [
     ("wall_s", "wall s", "{:.2f}"),
     ("gpu_busy_pct", "GPU busy % (prof)", "{:.1f}"),
     ("gpu_busy_steady_pct", "GPU busy % steady", "{:.1f}"),
+    ("gpu_busy_events_pct", "GPU busy % (events)", "{:.1f}"),
+    ("gpu_busy_decode_pct", "decode busy % (events)", "{:.1f}"),
     ("nvml_util_pct", "GPU util % (NVML)", "{:.0f}"),
     ("ttft_p50_s", "TTFT p50 s", "{:.3f}"),
     ("ttft_p99_s", "TTFT p99 s", "{:.3f}"),
@@ -72,7 +74,10 @@ def notes(summary: dict[str, Any], results: list[dict[str, Any]]) -> list[str]:
         "GPU busy % (prof): union of CUDA kernel intervals / wall time of a separate, shorter profiled run on the same "
         "warm engine (first R requests x T new tokens, per variant below; torch.profiler slows the host side, so this "
         "understates busy for host-bound variants). GPU util % (NVML): the driver's own utilisation samples "
-        "(share of each ~1/6 s period with a kernel running) averaged over the full timed run, undisturbed.",
+        "(share of each ~1/6 s period with a kernel running) averaged over the full timed run, undisturbed. "
+        "GPU busy % steady: the profiled run's second half (to 95%). GPU busy % (events), ours only: the timed run's "
+        "per-step CUDA timing events on the compute stream, sum of step durations / elapsed time (no profiler); "
+        "decode busy % (events): the same over the longest run of consecutive CUDA-graph decode steps (steady state).",
         "TTFT: from the start of the call to each request's first new token on the host (static: the batch's first "
         "decode step, via a streamer; ours_async_lightning: from when the loop submits the request). peak mem: torch.cuda.max_memory_allocated over the timed run (KV caches included).",
         "CPU ms/step (ours): host time working on a step, i.e. the engine's cpu_*_s counters except waiting "

@@ -187,6 +187,10 @@ def run_job(job: dict[str, Any], checkpoint=lambda partial: None) -> dict[str, A
         "stats": _compact(stats),
         "config": variant.info(),
     }
+    events = variant.gpu_busy()
+    if events:  # the compute stream's occupancy in the timed run, from the engine's CUDA timing events
+        result["gpu_busy_events_pct"] = events.get("busy_pct")
+        result["gpu_busy_decode_pct"] = events.get("decode_busy_pct")
     if stats and stats.get("steps"):
         result["steps"] = stats["steps"]
         busy = {k: v for k, v in stats.items() if k.startswith("cpu_") and k.endswith("_s") and k != "cpu_wait_s"}

@@ -64,6 +64,10 @@ class Variant:
     def stats(self) -> Optional[dict[str, Any]]:
         return None
 
+    def gpu_busy(self) -> dict[str, Any]:
+        """Busy share of the last run measured by the engine's own timing events (ours only; {} elsewhere)."""
+        return {}
+
     def close(self) -> None:
         pass
 
@@ -255,7 +259,17 @@ class Ours(Variant):
     def run(self, prompts, new_tokens):
         from async_batching import SamplingParams
 
-        return _results_output(self.batcher.generate(prompts, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)))
+        executor = self.batcher.executor
+        executor.record_step_times(True)  # a pair of CUDA events per step: no profiler, the host is undisturbed
+        try:
+            out = self.batcher.generate(prompts, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+            self._busy = executor.gpu_busy()
+        finally:
+            executor.record_step_times(False)
+        return _results_output(out)
+
+    def gpu_busy(self):
+        return dict(getattr(self, "_busy", {}) or {})
 
     def info(self):
         cfg = getattr(self.batcher, "config", None)
