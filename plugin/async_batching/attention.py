@@ -24,11 +24,7 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # int32 [B]: context length after this step
     block_tables: torch.Tensor  # int32 [B, W]
     max_query_len: int
-    max_seq_len: int  # upper bound on seq_lens (host-known), sizes the torch path's gather
-    # Only for the torch path: padded-query gather index and positions (built on the host).
-    pad_index: Optional[torch.Tensor] = None  # int64 [B, Qmax] into the packed rows, T for padding
-    pad_pos: Optional[torch.Tensor] = None  # int64 [B, Qmax]
-    unpad_index: Optional[torch.Tensor] = None  # int64 [T] into the flattened [B*Qmax] rows
+    max_seq_len: int  # upper bound on seq_lens (host-known)
 
 
 class StepContext:
@@ -70,32 +66,52 @@ def paged_attention_forward(module, query, key, value, attention_mask=None, scal
     return out.unsqueeze(0), None
 
 
-def torch_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int, softcap: float):
-    """Reference/CPU path: gathers each sequence's blocks (only as many as the longest sequence needs) and attends."""
-    T, H, D = q.shape
-    B = meta.block_tables.shape[0]
-    bs = k_cache.shape[1]
-    nb = -(-meta.max_seq_len // bs)
-    tables = meta.block_tables[:, :nb].long()
-    kvh = k_cache.shape[2]
-    k = k_cache[tables].reshape(B, nb * bs, kvh, -1)
-    v = v_cache[tables].reshape(B, nb * bs, kvh, -1)
-    if kvh != H:
-        k = k.repeat_interleave(H // kvh, dim=2)
-        v = v.repeat_interleave(H // kvh, dim=2)
-    qp = torch.cat([q, q.new_zeros(1, H, D)])[meta.pad_index]  # [B, Qmax, H, D]
-    kpos = torch.arange(nb * bs, device=q.device)
-    qpos = meta.pad_pos[:, :, None]
-    allowed = (kpos[None, None, :] <= qpos) & (kpos[None, None, :] < meta.seq_lens.long()[:, None, None])
+def _attend(q, k, v, qpos, kpos, klen, scale: float, window: int, softcap: float):
+    """Dense attention of ``q [n, Q, H, D]`` over ``k, v [n, L, H, D]``; positions decide the mask."""
+    allowed = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < klen[:, None, None])
     if window > 0:
-        allowed &= kpos[None, None, :] > qpos - window
-    scores = torch.einsum("bqhd,bkhd->bhqk", qp.float(), k.float()) * scale
+        allowed &= kpos[None, None, :] > qpos[:, :, None] - window
+    scores = torch.einsum("nqhd,nkhd->nhqk", q.float(), k.float()) * scale
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
-    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bhqk,bkhd->bqhd", probs, v.float())  # [B, Qmax, H, Dv]
-    return out.reshape(-1, H, out.shape[-1])[meta.unpad_index].to(q.dtype)
+    probs = torch.softmax(scores.masked_fill(~allowed[:, None], float("-inf")), dim=-1)
+    return torch.einsum("nhqk,nkhd->nqhd", probs, v.float())
+
+
+def torch_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int, softcap: float):
+    """CPU/reference path. Decode rows attend together; each prefill chunk attends on its own, so memory stays
+    bounded by one chunk times its context (padding every sequence to the longest does not fit mixed steps)."""
+    T, H, _ = q.shape
+    bs, kvh = k_cache.shape[1], k_cache.shape[2]
+    out = q.new_empty(T, H, v_cache.shape[-1])
+    starts = meta.query_start_loc.tolist()
+    lens = meta.seq_lens.tolist()
+
+    def kv(rows: torch.Tensor, length: int):
+        nb = -(-length // bs)
+        tables = meta.block_tables[rows, :nb].long()
+        k = k_cache[tables].reshape(len(rows), nb * bs, kvh, -1)
+        v = v_cache[tables].reshape(len(rows), nb * bs, kvh, -1)
+        if kvh != H:
+            k, v = k.repeat_interleave(H // kvh, dim=2), v.repeat_interleave(H // kvh, dim=2)
+        return k, v, torch.arange(nb * bs, device=q.device)
+
+    decode = [i for i in range(len(lens)) if starts[i + 1] - starts[i] == 1]
+    if decode:
+        seqs = torch.tensor(decode, device=q.device)
+        k, v, kpos = kv(seqs, max(lens[i] for i in decode))
+        klen = meta.seq_lens.long()[seqs]
+        rows = meta.query_start_loc.long()[seqs]
+        out[rows] = _attend(q[rows][:, None], k, v, (klen - 1)[:, None], kpos, klen, scale, window, softcap)[:, 0].to(q.dtype)
+    for i in range(len(lens)):
+        a, b = starts[i], starts[i + 1]
+        if b - a <= 1:
+            continue
+        k, v, kpos = kv(torch.tensor([i], device=q.device), lens[i])
+        klen = meta.seq_lens.long()[i:i + 1]
+        qpos = torch.arange(lens[i] - (b - a), lens[i], device=q.device)[None]
+        out[a:b] = _attend(q[None, a:b], k, v, qpos, kpos, klen, scale, window, softcap)[0].to(q.dtype)
+    return out
 
 
 def register() -> None:

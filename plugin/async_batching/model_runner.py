@@ -250,8 +250,6 @@ class ModelRunner:
             parts.append(arr)
             lay.add(name, arr)
         self._prepare_sampling(lay, parts)
-        if self.backend == "torch":
-            self._prepare_torch_attention(lay, parts, q_lens, qsl, positions)
         total = np.concatenate(parts)
         slot.ensure(len(total))
         slot.host_in_np[: len(total)] = total
@@ -281,21 +279,6 @@ class ModelRunner:
             parts.append(arr)
             lay.add(name, arr)
 
-    def _prepare_torch_attention(self, lay: StepLayout, parts: list, q_lens, qsl, positions) -> None:
-        B, T = lay.num_seqs, lay.num_tokens
-        if lay.graph_batch:
-            q_lens = np.ones(B, np.int32)
-        qmax = int(q_lens.max())
-        j = np.arange(qmax, dtype=np.int32)[None, :]
-        valid = j < q_lens[:, None]
-        pad_index = np.where(valid, qsl[:-1, None] + j, T).astype(np.int32)
-        pad_pos = np.where(valid, np.concatenate([positions, np.zeros(1, np.int32)])[np.minimum(pad_index, T)], 0)
-        unpad = (np.repeat(np.arange(B, dtype=np.int32) * qmax, q_lens) + (np.arange(T) - np.repeat(qsl[:-1], q_lens))).astype(np.int32)
-        lay.offsets["_qmax"] = (qmax, 0)
-        for name, arr in (("pad_index", pad_index.ravel()), ("pad_pos", pad_pos.ravel().astype(np.int32)), ("unpad_index", unpad)):
-            parts.append(arr)
-            lay.add(name, arr)
-
     # --- running --------------------------------------------------------------------------------------------
     def _seg(self, buf: torch.Tensor, lay: StepLayout, name: str) -> torch.Tensor:
         off, n = lay.offsets[name]
@@ -322,11 +305,6 @@ class ModelRunner:
             max_query_len=lay.max_query_len,
             max_seq_len=lay.max_seq_len if not lay.graph_batch else self.max_model_len,
         )
-        if self.backend == "torch":
-            qmax = lay.offsets["_qmax"][0]
-            meta.pad_index = seg("pad_index").long().view(lay.num_seqs, qmax)
-            meta.pad_pos = seg("pad_pos").long().view(lay.num_seqs, qmax)
-            meta.unpad_index = seg("unpad_index").long()
         return meta
 
     def _forward(self, buf: torch.Tensor, lay: StepLayout) -> torch.Tensor:
@@ -373,8 +351,6 @@ class ModelRunner:
                  qsl, np.full(b, q_len, np.int32), np.full(b, SCRATCH_ROW, np.int32), qsl[1:] - 1]
         for name, arr in zip(_HEAD, parts):
             lay.add(name, arr)
-        if self.backend == "torch":
-            self._prepare_torch_attention(lay, parts, np.full(b, q_len, np.int32), qsl, parts[1])
         return lay, torch.from_numpy(np.concatenate(parts)).to(self.device)
 
     @torch.no_grad()
