@@ -24,7 +24,6 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # int32 [B]: context length after this step
     block_tables: torch.Tensor  # int32 [B, W]
     max_query_len: int
-    max_seq_len: int  # upper bound on seq_lens (host-known)
 
 
 class StepContext:
@@ -50,7 +49,7 @@ def paged_attention_forward(module, query, key, value, attention_mask=None, scal
         raise NotImplementedError("attention sinks (s_aux) are not supported by the paged attention yet")
     layer = getattr(module, "layer_idx", None)
     if ctx.probe is not None:
-        ctx.probe[layer] = (key.shape[1], key.shape[3], value.shape[3], query.shape[1], key.dtype)
+        ctx.probe[layer] = (key.shape[1], key.shape[3], value.shape[3])
         return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[3]), None
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     window = kwargs.get("sliding_window") or 0
@@ -66,7 +65,7 @@ def paged_attention_forward(module, query, key, value, attention_mask=None, scal
     return out.unsqueeze(0), None
 
 
-def _attend(q, k, v, qpos, kpos, klen, scale: float, window: int, softcap: float):
+def dense_attention(q, k, v, qpos, kpos, klen, scale: float, window: int, softcap: float):
     """Dense attention of ``q [n, Q, H, D]`` over ``k, v [n, L, H, D]``; positions decide the mask."""
     allowed = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < klen[:, None, None])
     if window > 0:
@@ -102,7 +101,7 @@ def torch_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: f
         k, v, kpos = kv(seqs, max(lens[i] for i in decode))
         klen = meta.seq_lens.long()[seqs]
         rows = meta.query_start_loc.long()[seqs]
-        out[rows] = _attend(q[rows][:, None], k, v, (klen - 1)[:, None], kpos, klen, scale, window, softcap)[:, 0].to(q.dtype)
+        out[rows] = dense_attention(q[rows][:, None], k, v, (klen - 1)[:, None], kpos, klen, scale, window, softcap)[:, 0].to(q.dtype)
     for i in range(len(lens)):
         a, b = starts[i], starts[i + 1]
         if b - a <= 1:
@@ -110,7 +109,7 @@ def torch_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: f
         k, v, kpos = kv(torch.tensor([i], device=q.device), lens[i])
         klen = meta.seq_lens.long()[i:i + 1]
         qpos = torch.arange(lens[i] - (b - a), lens[i], device=q.device)[None]
-        out[a:b] = _attend(q[None, a:b], k, v, qpos, kpos, klen, scale, window, softcap)[0].to(q.dtype)
+        out[a:b] = dense_attention(q[None, a:b], k, v, qpos, kpos, klen, scale, window, softcap)[0].to(q.dtype)
     return out
 
 

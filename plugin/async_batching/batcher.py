@@ -48,7 +48,7 @@ class ContinuousBatcher:
         self.scheduler = Scheduler(self.runner.cache, cfg.max_batch_tokens, cfg.max_num_seqs, cfg.scheduler,
                                    cfg.chunked_prefill)
         executor_cls = AsyncExecutor if cfg.mode == "async" else SyncExecutor
-        self.executor = executor_cls(self.runner, self.scheduler, use_graphs, cfg.max_num_seqs + 1)
+        self.executor = executor_cls(self.runner, self.scheduler, use_graphs)
         gen = getattr(model, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None) if gen is not None else None
         if eos is None:

@@ -5,8 +5,8 @@ Invariants (which event guards which buffer):
   has completed: ``acquire`` sleeps on that event.
 - ``dev_in`` is overwritten by the next H2D copy only after ``compute_done`` of the step that last read it: the H2D
   stream waits on that event (a GPU-side wait, the CPU does not block).
-- ``dev_out`` is rewritten by compute only after ``d2h_done`` of its last copy-out: the compute stream waits on it.
-- ``host_out`` is read by the CPU only after ``d2h_done`` of its step: ``wait`` sleeps on that event.
+- ``dev_tokens`` is rewritten by compute only after ``d2h_done`` of its last copy-out: the compute stream waits on it.
+- ``host_tokens`` is read by the CPU only after ``d2h_done`` of its step: ``wait`` sleeps on that event.
 On CPU there are no events: every operation has completed when it returns.
 """
 
@@ -40,18 +40,6 @@ class BufferSlot:
         self.d2h_done = _event(device)
         self.used = False
 
-    def ensure(self, capacity: int) -> None:
-        """Grow the input buffers (rare: the torch attention path's padded indexes can outgrow the first guess)."""
-        if capacity <= len(self.host_in):
-            return
-        pin = self.device.type == "cuda"
-        if pin:
-            torch.cuda.synchronize(self.device)  # no step in flight may still read the buffers being replaced
-        capacity = max(capacity, 2 * len(self.host_in))
-        self.host_in = torch.zeros(capacity, dtype=torch.int32, pin_memory=pin)
-        self.host_in_np = self.host_in.numpy()
-        self.dev_in = torch.zeros(capacity, dtype=torch.int32, device=self.device) if pin else self.host_in
-
     def logprob_buffer(self, k: int, rows: int) -> torch.Tensor:
         """Pinned float32 ``[rows, 1 + 2k]``: sampled logprob, top-k ids (as floats) and values."""
         if k > self.logprob_k:
@@ -66,7 +54,6 @@ class PinnedBufferPool:
 
     def __init__(self, depth: int, capacity: int, max_rows: int, device: torch.device):
         self.slots = [BufferSlot(capacity, max_rows, device) for _ in range(depth)]
-        self.capacity = capacity
         self._next = 0
 
     def acquire(self) -> BufferSlot:

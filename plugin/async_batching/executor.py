@@ -33,7 +33,6 @@ class StepHandle:
     layout: StepLayout
     slot: BufferSlot
     tokens: torch.Tensor  # device int32 [num_samples]: read by the next step's carry-over gather
-    launched_s: float
 
 
 @dataclass
@@ -47,7 +46,7 @@ class Executor:
 
     DEPTH = 3  # buffer slots: steps in flight (1) + the one being prepared + one spare
 
-    def __init__(self, runner: ModelRunner, scheduler: Scheduler, use_graphs: bool, max_rows: int):
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, use_graphs: bool):
         self.runner = runner
         self.scheduler = scheduler
         self.device = runner.device
@@ -125,12 +124,12 @@ class Executor:
                     slot.host_tokens[:k].copy_(tokens, non_blocking=True)
                     if lp is not None:
                         lp.record_stream(self.d2h)
-                        slot.logprob_buffer(lay.logprobs_k, len(slot.host_tokens))[:k, : lp.shape[1]].copy_(lp, non_blocking=True)
+                        self._logprob_rows(slot, lay, lp).copy_(lp, non_blocking=True)
                     slot.d2h_done.record(self.d2h)
             else:
                 tokens, lp = self._compute(slot, lay, prev)
                 if lp is not None:
-                    slot.logprob_buffer(lay.logprobs_k, len(slot.host_tokens))[: lay.num_samples, : lp.shape[1]].copy_(lp)
+                    self._logprob_rows(slot, lay, lp).copy_(lp)
         for row, req in enumerate(lay.sample_rows):
             req.num_pending += 1
             req.pending_row = row
@@ -141,7 +140,12 @@ class Executor:
         self.stats["scheduled_tokens"] += plan.num_tokens
         self.stats["cpu_prepare_s"] += t1 - t0
         self.stats["cpu_launch_s"] += time.perf_counter() - t1
-        return StepHandle(plan, lay, slot, tokens, t0)
+        return StepHandle(plan, lay, slot, tokens)
+
+    @staticmethod
+    def _logprob_rows(slot: BufferSlot, lay: StepLayout, lp: torch.Tensor) -> torch.Tensor:
+        """Where a step's logprob rows land on the host."""
+        return slot.logprob_buffer(lay.logprobs_k, len(slot.host_tokens))[: lay.num_samples, : lp.shape[1]]
 
     def _mark(self) -> Optional[torch.cuda.Event]:
         if self.step_events is None:

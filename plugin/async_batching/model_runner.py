@@ -29,10 +29,8 @@ class StepLayout:
     size: int = 0
     num_tokens: int = 0  # T (padded for graphs)
     num_seqs: int = 0  # B (padded for graphs)
-    num_real_seqs: int = 0
     num_samples: int = 0  # rows of logits
     max_query_len: int = 1
-    max_seq_len: int = 1
     graph_batch: int = 0  # >0: replay the decode graph of this batch size
     greedy: bool = True
     use_top_k_p: bool = False
@@ -93,12 +91,13 @@ class ModelRunner:
         return int(limit)
 
     @contextlib.contextmanager
-    def installed(self):
-        """Route the model's attention through our function for the duration of a forward, then restore it."""
+    def installed(self, ctx: Optional[StepContext] = None):
+        """Route the model's attention through our function (with ``ctx``, default the runner's) for the duration of
+        a forward, then restore it."""
         cfg = self.model.config
         previous = cfg._attn_implementation
         cfg._attn_implementation = attention.ATTN_NAME
-        attention.CURRENT = self.ctx
+        attention.CURRENT = ctx or self.ctx
         try:
             yield
         finally:
@@ -109,16 +108,9 @@ class ModelRunner:
     def _probe_layers(self) -> dict[int, LayerSpec]:
         ctx = StepContext({}, {}, None)
         ctx.probe = {}
-        cfg = self.model.config
-        previous = cfg._attn_implementation
-        cfg._attn_implementation = attention.ATTN_NAME
-        attention.CURRENT = ctx
-        try:
+        with self.installed(ctx):
             ids = torch.zeros(1, 2, dtype=torch.long, device=self.device)
             self.model(input_ids=ids, position_ids=torch.arange(2, device=self.device)[None], use_cache=False)
-        finally:
-            cfg._attn_implementation = previous
-            attention.CURRENT = None
         if not ctx.probe:
             raise ValueError(
                 f"{type(self.model).__name__} does not call transformers' attention interface; "
@@ -126,7 +118,7 @@ class ModelRunner:
             )
         if None in ctx.probe:
             raise ValueError(f"{type(self.model).__name__}'s attention modules have no layer_idx")
-        return {i: LayerSpec(kvh, d, dv) for i, (kvh, d, dv, _h, _dt) in ctx.probe.items()}
+        return {i: LayerSpec(*shape) for i, shape in ctx.probe.items()}
 
     def _auto_num_blocks(self) -> int:
         per_block = PagedKVCache.bytes_per_block(self.layers, self.block_size, self.dtype)
@@ -225,10 +217,8 @@ class ModelRunner:
         token_rows = np.repeat(rows, q_lens)
         logits_idx = (qsl[1:] - 1)[samples]
         input_ids = np.asarray(ids, dtype=np.int32)
-        lay.num_real_seqs = B
         lay.num_samples = len(logits_idx)
         lay.max_query_len = int(q_lens.max())
-        lay.max_seq_len = int(seq_lens.max())
         gb = self._graph_batch(B) if graphs and plan.is_decode_only else 0
         if gb:
             pad = gb - B
@@ -251,7 +241,8 @@ class ModelRunner:
             lay.add(name, arr)
         self._prepare_sampling(lay, parts)
         total = np.concatenate(parts)
-        slot.ensure(len(total))
+        if len(total) > len(slot.host_in_np):  # the executor sizes slots for the largest possible step
+            raise RuntimeError(f"a step needs {len(total)} staging ints, the slots hold {len(slot.host_in_np)}")
         slot.host_in_np[: len(total)] = total
         return lay
 
@@ -297,15 +288,13 @@ class ModelRunner:
         seg = lambda n: self._seg(buf, lay, n)  # noqa: E731
         pos = seg("positions").long()
         blk = self.block_table[seg("token_rows").long(), pos // self.block_size].long()
-        meta = AttentionMetadata(
+        return AttentionMetadata(
             slot_mapping=blk * self.block_size + pos % self.block_size,
             query_start_loc=seg("query_start_loc"),
             seq_lens=seg("seq_lens"),
             block_tables=self.block_table.index_select(0, seg("seq_rows").long()),
             max_query_len=lay.max_query_len,
-            max_seq_len=lay.max_seq_len if not lay.graph_batch else self.max_model_len,
         )
-        return meta
 
     def _forward(self, buf: torch.Tensor, lay: StepLayout) -> torch.Tensor:
         self.ctx.meta = self._metadata(buf, lay)
@@ -345,7 +334,7 @@ class ModelRunner:
     def _scratch_step(self, num_seqs: int, q_len: int) -> tuple[StepLayout, torch.Tensor]:
         """A step of ``num_seqs`` sequences of ``q_len`` tokens on the scratch row (writes only the scratch block)."""
         b, t = num_seqs, num_seqs * q_len
-        lay = StepLayout(num_tokens=t, num_seqs=b, num_real_seqs=b, num_samples=b, max_query_len=q_len, max_seq_len=q_len)
+        lay = StepLayout(num_tokens=t, num_seqs=b, num_samples=b, max_query_len=q_len)
         qsl = np.arange(b + 1, dtype=np.int32) * q_len
         parts = [np.zeros(t, np.int32), np.tile(np.arange(q_len, dtype=np.int32), b), np.full(t, SCRATCH_ROW, np.int32),
                  qsl, np.full(b, q_len, np.int32), np.full(b, SCRATCH_ROW, np.int32), qsl[1:] - 1]

@@ -136,7 +136,8 @@ class Scheduler:
         plan.num_tokens += n
 
     def _schedule_running(self, plan: StepPlan, budget: int) -> int:
-        # The hot loop of every decode step: locals and inline arithmetic keep it ~1 us per request.
+        # The hot loop of every decode step: locals, and `_blocks_needed`/`_add` written out inline, keep it about a
+        # microsecond per request (calling them costs a quarter more host time at 512 sequences).
         scheduled = {id(s.req) for s in plan.seqs}
         bs = self.cache.block_size
         alloc = self.cache.allocator

@@ -13,7 +13,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "plugin"))
-from async_batching.attention import AttentionMetadata, torch_paged_attention  # noqa: E402
+from async_batching.attention import AttentionMetadata, dense_attention, torch_paged_attention  # noqa: E402
 
 _PADDED: dict = {}
 
@@ -24,16 +24,13 @@ def padded_dense_attention(q, k_cache, v_cache, meta, scale):
     T, H, D = q.shape
     B = meta.block_tables.shape[0]
     bs, kvh = k_cache.shape[1], k_cache.shape[2]
-    nb = -(-meta.max_seq_len // bs)
+    nb = -(-int(meta.seq_lens.max()) // bs)
     tables = meta.block_tables[:, :nb].long()
     k = k_cache[tables].reshape(B, nb * bs, kvh, -1).repeat_interleave(H // kvh, dim=2)
     v = v_cache[tables].reshape(B, nb * bs, kvh, -1).repeat_interleave(H // kvh, dim=2)
     qp = torch.cat([q, q.new_zeros(1, H, D)])[pad_index]
     kpos = torch.arange(nb * bs, device=q.device)
-    allowed = (kpos[None, None, :] <= pad_pos[:, :, None]) & (kpos[None, None, :] < meta.seq_lens.long()[:, None, None])
-    scores = torch.einsum("bqhd,bkhd->bhqk", qp.float(), k.float()) * scale
-    probs = torch.softmax(scores.masked_fill(~allowed[:, None], float("-inf")), dim=-1)
-    out = torch.einsum("bhqk,bkhd->bqhd", probs, v.float())
+    out = dense_attention(qp, k, v, pad_pos, kpos, meta.seq_lens.long(), scale, 0, 0.0)
     return out.reshape(-1, H, out.shape[-1])[unpad].to(q.dtype)
 from async_batching.triton_paged_attention import paged_attention  # noqa: E402
 
@@ -66,7 +63,7 @@ def case(q_lens, ctx_lens, heads=32, kv_heads=8, dim=64, bs=16, dtype=torch.bflo
         pad_index[b, :n] = torch.arange(qsl[b], qsl[b] + n)
         pad_pos[b, :n] = torch.arange(ctx_lens[b] - n, ctx_lens[b])
         unpad[qsl[b]:qsl[b] + n] = b * qmax + torch.arange(n)
-    meta = AttentionMetadata(None, qsl.to(dev), seq.to(dev), table.to(dev), qmax, max(ctx_lens))
+    meta = AttentionMetadata(None, qsl.to(dev), seq.to(dev), table.to(dev), qmax)
     _PADDED[id(meta)] = (pad_index.to(dev), pad_pos.to(dev), unpad.to(dev))
     return q, k, v, meta
 
