@@ -13,6 +13,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "plugin"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from async_batching.attention import AttentionMetadata, dense_attention, torch_paged_attention  # noqa: E402
 
 _PADDED: dict = {}
@@ -33,6 +34,7 @@ def padded_dense_attention(q, k_cache, v_cache, meta, scale):
     out = dense_attention(qp, k, v, pad_pos, kpos, meta.seq_lens.long(), scale, 0, 0.0)
     return out.reshape(-1, H, out.shape[-1])[unpad].to(q.dtype)
 from async_batching.triton_paged_attention import paged_attention  # noqa: E402
+from bench.roofline import time_ms  # noqa: E402
 
 
 def case(q_lens, ctx_lens, heads=32, kv_heads=8, dim=64, bs=16, dtype=torch.bfloat16, dev="cuda"):
@@ -68,19 +70,6 @@ def case(q_lens, ctx_lens, heads=32, kv_heads=8, dim=64, bs=16, dtype=torch.bflo
     return q, k, v, meta
 
 
-def time_ms(fn, reps=20):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
-
-
 def main() -> None:
     rng = random.Random(1)
     cases = {
@@ -98,11 +87,11 @@ def main() -> None:
         tri = lambda: paged_attention(q, k, v, m.block_tables, m.seq_lens, m.query_start_loc, m.max_query_len, scale)  # noqa: E731
         grouped = lambda: torch_paged_attention(q, k, v, m, scale, 0, 0.0)  # noqa: E731
         ref = lambda: padded_dense_attention(q, k, v, m, scale)  # noqa: E731
-        t_tri = time_ms(tri)
-        t_grouped = time_ms(grouped, reps=3)
+        t_tri = time_ms(tri, iters=20, warmup=3)
+        t_grouped = time_ms(grouped, iters=3, warmup=3)
         try:  # the torch path pads every sequence to the longest query and context: it can run out of memory
             diff = f"{(tri().float() - grouped().float()).abs().max().item():.3g}"
-            t_ref = f"{time_ms(ref):.3f}"
+            t_ref = f"{time_ms(ref, iters=20, warmup=3):.3f}"
             gain = f"{float(t_ref) / t_tri:.1f}x"
         except torch.OutOfMemoryError as e:
             diff, t_ref, gain = "-", f"out of memory ({str(e).split('.')[0]})", "-"

@@ -21,8 +21,10 @@ class DeviceRates:
     source: str  # "measured on <device>" or "assumed (H100): <why>"
 
 
-def _time_ms(fn, iters: int) -> float:
-    fn()
+def time_ms(fn, iters: int, warmup: int = 1) -> float:
+    """Mean milliseconds of ``fn`` over ``iters`` calls, by CUDA events, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -41,13 +43,13 @@ def measure_rates(device: str = "cuda") -> DeviceRates:
     for n in (4096, 8192, 16384):
         a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
         b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-        ms = _time_ms(lambda: torch.mm(a, b), iters=20 if n < 16384 else 8)
+        ms = time_ms(lambda: torch.mm(a, b), iters=20 if n < 16384 else 8)
         best = max(best, 2 * n**3 / (ms * 1e-3) / 1e12)
         del a, b
     numel = 1 << 30  # 2 GiB of bf16 per buffer: far beyond L2
     src = torch.empty(numel, device=device, dtype=torch.bfloat16)
     dst = torch.empty_like(src)
-    ms = _time_ms(lambda: dst.copy_(src), iters=20)
+    ms = time_ms(lambda: dst.copy_(src), iters=20)
     tbps = 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e12
     del src, dst
     torch.cuda.empty_cache()
