@@ -76,7 +76,12 @@ def load_model(name: str = "smollm2", dtype: Optional[str] = None, device: Optio
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch_dtype or torch.float32)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError):
+            if not os.path.isdir(name):
+                raise
+            tokenizer = None  # a local checkpoint saved without a tokenizer: token-id prompts only (data=random)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype or "auto")
     if device:
         model = model.to(device)

@@ -110,6 +110,7 @@ class ContinuousPredictionLoop(_PredictionLoop):
         self._store_predictions = self.return_predictions or any(w.interval.on_epoch for w in writers)
         self.stats = GenerationStats(total=self._expected_requests())
         self._batcher = self.callback.build_batcher(trainer.lightning_module)
+        self.stats.started()
         try:
             self._generate()
             self.stats.finish(self._batcher.stats)

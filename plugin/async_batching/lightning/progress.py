@@ -43,6 +43,7 @@ class GenerationStats:
     latency_s: list[float] = field(default_factory=list)
     start_s: float = field(default_factory=time.perf_counter)
     wall_s: Optional[float] = None  # set by ``finish``; until then, time since start
+    startup_s: float = 0.0  # building the engine (cache, warm-up, CUDA graphs), before the clock of ``wall_s``
     live_output_tokens: int = 0  # the engine's count, unfinished requests included (for tokens/s while running)
     ranks: int = 1
     engine: dict[str, Any] = field(default_factory=dict)
@@ -63,6 +64,11 @@ class GenerationStats:
             self.ttft_s.append(result.ttft_s)
         if result.latency_s is not None and result.error is None:
             self.latency_s.append(result.latency_s)
+
+    def started(self) -> None:
+        """The engine is built: what came before is start-up, and the generation clock starts now."""
+        now = time.perf_counter()
+        self.startup_s, self.start_s = now - self.start_s, now
 
     def finish(self, engine_stats: Optional[dict] = None) -> None:
         self.wall_s = time.perf_counter() - self.start_s
@@ -90,6 +96,7 @@ class GenerationStats:
                 if isinstance(v, (int, float)):
                     out.engine[k] = out.engine.get(k, 0) + v
         out.wall_s = max(p.elapsed_s for p in parts)
+        out.startup_s = max(p.startup_s for p in parts)
         out.ranks = len(parts)
         return out
 
@@ -104,6 +111,7 @@ class GenerationStats:
             "prompt_tokens": self.prompt_tokens,
             "output_tokens": self.output_tokens,
             "wall_s": self.elapsed_s,
+            "startup_s": self.startup_s,
             "output_tokens_per_s": self.tokens_per_s,
             "ttft_p50_s": percentile(self.ttft_s, 50),
             "ttft_p99_s": percentile(self.ttft_s, 99),
@@ -129,7 +137,8 @@ def format_summary(s: dict[str, Any]) -> str:
         f" -> {s['output_tokens_per_s']:.1f} output tok/s over {s['ranks']} rank(s)",
         f"TTFT       p50 {_ms(s['ttft_p50_s'])}, p99 {_ms(s['ttft_p99_s'])};"
         f" latency p50 {_ms(s['latency_p50_s'])}, p99 {_ms(s['latency_p99_s'])}",
-        f"wall       {s['wall_s']:.2f} s, {s['engine_steps'] or 0} engine steps, {s['preemptions']} preemptions",
+        f"wall       {s['wall_s']:.2f} s after {s.get('startup_s', 0.0):.2f} s of engine start-up,"
+        f" {s['engine_steps'] or 0} engine steps, {s['preemptions']} preemptions",
     ])
 
 
