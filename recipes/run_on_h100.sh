@@ -12,7 +12,8 @@ fi
 export PYTHONUNBUFFERED=1
 for what in "$@"; do
   case "$what" in
-    tests) python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_triton_attention.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+    tests) # the engine's GPU tests, and every kernel test (fp32/fp16 ones are unmarked: CI runs them interpreted)
+           python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py tests/test_triton_attention.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
     soak) SOAK_SECONDS=${SOAK_SECONDS:-300} python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_soak.py 2>&1 | tee "$OUT/gpu_soak.log" | tail -5 ;;
     w1|w2|w3) python3 recipes/benchmark.py workload="$what" out_dir="$OUT/$what" ${BENCH_ARGS:-} > "$OUT/$what.log" 2>&1
               grep "^\[$what\]\|^| \|overhead" "$OUT/$what.log"; rm -rf "$OUT/$what/jobs" "$OUT/$what/timelines"

@@ -49,12 +49,39 @@ def test_main_job_writes_exact_outputs_and_a_summary_then_resumes(recipe, repo_r
     for key in ("requests", "errors", "output_tokens", "output_tokens_per_s", "ttft_p50_s", "ttft_p99_s", "wall_s"):
         assert saved[key] is not None, key
     assert saved["overrides"] == TINY
+    assert 0 < saved["startup_s"] and 0 < saved["wall_s"]  # the engine's build is timed apart from generation
     printed = capsys.readouterr().out
     assert "output tok/s" in printed and "TTFT" in printed and "token ids" in printed
 
     again = run_job(recipe, repo_root, tmp_path, TINY)  # same run dir: everything is already written
     assert again["resumed"] == 10 and again["generated"] == 0
     assert rows(tmp_path / "predictions.jsonl") == out
+
+
+def test_a_saved_workload_checkpoint_without_tokenizer_runs_by_path(recipe, repo_root, tmp_path):
+    """The DDP scaling run's path: bench/save_model.py writes a workload's model, the main job loads it by path."""
+    import torch
+    from async_batching.models import load_model
+
+    ckpt = tmp_path / "tiny_ckpt"
+    script = os.path.join(repo_root, "recipes", "bench", "save_model.py")
+    done = subprocess.run([sys.executable, script, "tiny", str(ckpt)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    model, tokenizer = load_model(str(ckpt), dtype="float32")
+    assert tokenizer is None and model.config.num_hidden_layers == 2
+    with pytest.raises((OSError, ValueError)):
+        load_model(str(tmp_path / "missing"))  # not a directory: the hub's error, not a silent None
+    overrides = ["model=pretrained", f"model.name={ckpt}", "model.dtype=float32", "data=random",
+                 "data.random_prompts=5", "sampling.max_new_tokens=5", "sampling.ignore_eos=true", "progress_bar=none"]
+    summary = run_job(recipe, repo_root, tmp_path / "run", overrides)
+    out = rows(tmp_path / "run" / "predictions.jsonl")
+    assert summary["requests"] == 5 and summary["errors"] == 0 and [r["index"] for r in out] == list(range(5))
+    with torch.no_grad():
+        for r in out:
+            ids = torch.tensor([r["prompt"]])
+            want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5,
+                                  do_sample=False, pad_token_id=0)
+            assert r["token_ids"] == want[0, len(r["prompt"]):].tolist()
 
 
 def test_bad_rows_are_skipped_and_counted_or_stop_the_job_in_strict_mode(recipe, repo_root, tmp_path):
