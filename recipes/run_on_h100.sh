@@ -18,14 +18,14 @@ for what in "$@"; do
     w1|w2|w3) python3 recipes/benchmark.py workload="$what" out_dir="$OUT/$what" ${BENCH_ARGS:-} > "$OUT/$what.log" 2>&1
               grep "^\[$what\]\|^| \|overhead" "$OUT/$what.log"; rm -rf "$OUT/$what/jobs" "$OUT/$what/timelines"
               tar czf "$OUT/$what/logs.tgz" -C "$OUT/$what" logs && rm -rf "$OUT/$what/logs" ;;
-    ddp) # W1's shape through the main job, on 1 GPU then on 2 (DDP); DDP_REQUESTS: the request counts to run
+    ddp) # W1's shape through the main job, on 1 GPU then on 2 (DDP); DDP_REQUESTS: request counts; DDP_ARGS: overrides
          python3 recipes/bench/save_model.py w1 /tmp/w1_model > "$OUT/ddp.log" 2>&1
          for n in ${DDP_REQUESTS:-512 2048}; do for g in 1 2; do
            [ "$g" = 1 ] && tr="trainer=gpu" || tr="trainer=ddp trainer.devices=$g"
            t0=$EPOCHREALTIME
            python3 recipes/generate.py model=pretrained model.name=/tmp/w1_model data=random data.random_prompts="$n" \
              'data.prompt_len=[64,512]' data.batch_size=64 sampling.max_new_tokens=256 sampling.ignore_eos=true $tr \
-             writer=none progress_bar=none show=0 hydra.run.dir="/tmp/ddp_${n}_$g" >> "$OUT/ddp.log" 2>&1
+             writer=none progress_bar=none show=0 hydra.run.dir="/tmp/ddp_${n}_$g" ${DDP_ARGS:-} >> "$OUT/ddp.log" 2>&1
            python3 -c "import json,sys,time; s=json.load(open('/tmp/ddp_${n}_$g/summary.json')); print(f'| $n | $g | {s[\"output_tokens\"]} | {s[\"wall_s\"]:.2f} | {s[\"startup_s\"]:.2f} | {s[\"output_tokens_per_s\"]:,.0f} | {time.time() - float(sys.argv[1]):.1f} |')" \
              "$t0" | tee -a "$OUT/ddp.md"
          done; done ;;

@@ -113,8 +113,13 @@ def torch_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: f
     return out
 
 
+# What the model calls. torch.compile (``BatcherConfig.compile``) does not trace it: each layer's attention is a graph
+# break, so the compiled code fuses what lies between (norms, rotary, MLP) and our kernel runs as it is.
+_REGISTERED = torch.compiler.disable(paged_attention_forward)
+
+
 def register() -> None:
     """Register our attention under ATTN_NAME (idempotent)."""
     from transformers import AttentionInterface
 
-    AttentionInterface.register(ATTN_NAME, paged_attention_forward)
+    AttentionInterface.register(ATTN_NAME, _REGISTERED)

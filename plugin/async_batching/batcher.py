@@ -41,7 +41,7 @@ class ContinuousBatcher:
         if cfg.cuda_graphs and not use_graphs:
             raise ValueError("BatcherConfig.cuda_graphs=True needs attention_backend 'triton' (Triton not available?)")
         self.runner.compute_stream = torch.cuda.Stream(self.device) if is_cuda else None
-        if is_cuda:
+        if is_cuda or cfg.compile:
             self.runner.warmup()
         if use_graphs:
             self.runner.capture_graphs(min(cfg.max_num_seqs, cfg.cuda_graph_max_batch), self.runner.compute_stream)

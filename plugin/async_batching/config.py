@@ -26,6 +26,7 @@ class BatcherConfig:
     mode: str = "async"
     cuda_graphs: Optional[bool] = None  # None: on for CUDA, off elsewhere
     cuda_graph_max_batch: int = 512
+    compile: bool = False  # torch.compile the model's forward (dynamic shapes); decode graphs capture the compiled code
     attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere
     device: Optional[str] = None  # None: the model's device
     dtype: Optional[str] = None  # None: the model's dtype
@@ -58,6 +59,8 @@ class BatcherConfig:
             bad("dtype", f"one of {DTYPES} or None")
         if self.cuda_graphs not in (None, True, False):
             bad("cuda_graphs", "true, false or null (auto)")
+        if self.compile not in (True, False):
+            bad("compile", "true or false")
         if not isinstance(self.cuda_graph_max_batch, int) or self.cuda_graph_max_batch < 1:
             bad("cuda_graph_max_batch", "a positive int")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):

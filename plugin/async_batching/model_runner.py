@@ -79,6 +79,9 @@ class ModelRunner:
         self.kernel = self._choose_kernel()
         self.ctx = StepContext(self.cache.k, self.cache.v, self.kernel)
         self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+        # The forward every step calls: the model, or with ``compile`` the model compiled once for all token counts
+        # (dynamic shapes; compilation happens in ``warmup`` and graph capture, before any request runs).
+        self._call = torch.compile(model, dynamic=True) if config.compile else model
         self.graphs: dict[int, tuple] = {}
         self.graph_pool = None
 
@@ -302,9 +305,9 @@ class ModelRunner:
         pos = self._seg(buf, lay, "positions").long()[None]
         keep = self._seg(buf, lay, "logits_idx").long()
         if self._keep_arg:
-            logits = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep).logits[0]
+            logits = self._call(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep).logits[0]
         else:
-            logits = self.model(input_ids=ids, position_ids=pos, use_cache=False).logits[0].index_select(0, keep)
+            logits = self._call(input_ids=ids, position_ids=pos, use_cache=False).logits[0].index_select(0, keep)
         return logits
 
     @torch.no_grad()
@@ -342,20 +345,22 @@ class ModelRunner:
             lay.add(name, arr)
         return lay, torch.from_numpy(np.concatenate(parts)).to(self.device)
 
-    @torch.no_grad()
+    @torch.inference_mode()  # as the steps run: compiled code is specialised on it
     def warmup(self) -> None:
-        """Run prefill-shaped steps once so kernel compilation (Triton specialises on the query tile) happens now."""
-        q = 2
-        while q <= min(64, self.config.max_batch_tokens):
-            lay, buf = self._scratch_step(1, q)
+        """Run prefill-shaped steps once so kernel compilation (Triton specialises on the query tile) happens now;
+        with ``compile``, decode-shaped ones too (torch.compile specialises sizes of 1 and equal sizes)."""
+        shapes = [(1, q) for q in (2, 4, 8, 16, 32, 64) if q <= self.config.max_batch_tokens]
+        if self.config.compile:
+            shapes += [(1, 1), (2, 1), (2, 2)]
+        for num_seqs, q_len in shapes:
+            lay, buf = self._scratch_step(num_seqs, q_len)
             with self.installed():
                 self._forward(buf, lay)
-            q *= 2
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
     # --- CUDA graphs ----------------------------------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()
     def capture_graphs(self, max_batch: int, stream: torch.cuda.Stream) -> None:
         """Capture one decode graph per batch bucket, largest first, sharing one memory pool."""
         self.graph_pool = torch.cuda.graph_pool_handle()

@@ -221,11 +221,15 @@ class HfContinuousBatchingAsync(HfContinuousBatching):
         super().__init__(model, job, use_async=True)
 
 
-def _batcher_overrides(job: dict[str, Any], mode: str, cuda_graphs: Optional[bool]) -> dict[str, Any]:
+def _batcher_overrides(
+    job: dict[str, Any], mode: str, cuda_graphs: Optional[bool], compile: bool = False
+) -> dict[str, Any]:
     kw = {k: v for k, v in (job.get("batcher") or {}).items() if v is not None}
     kw["mode"] = mode
     if cuda_graphs is not None:
         kw["cuda_graphs"] = cuda_graphs
+    if compile:
+        kw["compile"] = True
     return kw
 
 
@@ -248,12 +252,13 @@ class Ours(Variant):
 
     mode = "async"
     cuda_graphs: Optional[bool] = None
+    compile = False
 
     def __init__(self, model, job) -> None:
         super().__init__(model, job)
         from async_batching import ContinuousBatcher
 
-        self.overrides = _batcher_overrides(job, self.mode, self.cuda_graphs)
+        self.overrides = _batcher_overrides(job, self.mode, self.cuda_graphs, self.compile)
         self.batcher = ContinuousBatcher(model, tokenizer=None, **self.overrides)
 
     def run(self, prompts, new_tokens):
@@ -297,6 +302,12 @@ class OursAsync(Ours):
 
 class OursAsyncNoGraph(Ours):
     mode, cuda_graphs = "async", False
+
+
+class OursAsyncCompile(Ours):
+    """Async with graphs, the model's forward torch.compile'd first (BatcherConfig.compile)."""
+
+    mode, compile = "async", True
 
 
 def _flatten(predictions: Any) -> list[Any]:
@@ -385,5 +396,6 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_sync_nograph": OursSyncNoGraph,
     "ours_async": OursAsync,
     "ours_async_nograph": OursAsyncNoGraph,
+    "ours_async_compile": OursAsyncCompile,
     "ours_async_lightning": OursLightning,
 }
