@@ -345,7 +345,11 @@ class ModelRunner:
             lay.add(name, arr)
         return lay, torch.from_numpy(np.concatenate(parts)).to(self.device)
 
-    @torch.inference_mode()  # as the steps run: compiled code is specialised on it
+    def _untimed_mode(self):
+        """Grad mode of warm-up and capture: with ``compile``, inference mode as the steps run (compiled code is
+        specialised on it, so anything else would compile a second time)."""
+        return torch.inference_mode() if self.config.compile else torch.no_grad()
+
     def warmup(self) -> None:
         """Run prefill-shaped steps once so kernel compilation (Triton specialises on the query tile) happens now;
         with ``compile``, decode-shaped ones too (torch.compile specialises sizes of 1 and equal sizes)."""
@@ -354,20 +358,19 @@ class ModelRunner:
             shapes += [(1, 1), (2, 1), (2, 2)]
         for num_seqs, q_len in shapes:
             lay, buf = self._scratch_step(num_seqs, q_len)
-            with self.installed():
+            with self._untimed_mode(), self.installed():
                 self._forward(buf, lay)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
     # --- CUDA graphs ----------------------------------------------------------------------------------------
-    @torch.inference_mode()
     def capture_graphs(self, max_batch: int, stream: torch.cuda.Stream) -> None:
         """Capture one decode graph per batch bucket, largest first, sharing one memory pool."""
         self.graph_pool = torch.cuda.graph_pool_handle()
         for b in reversed(graph_buckets(max_batch)):
             lay, static_in = self._scratch_step(b, 1)
             lay.graph_batch = b
-            with torch.cuda.stream(stream), self.installed():
+            with torch.cuda.stream(stream), self._untimed_mode(), self.installed():
                 for _ in range(2):  # warm-up: lazy initialisation and Triton compilation stay out of the graph
                     self._forward(static_in, lay)
                 stream.synchronize()
