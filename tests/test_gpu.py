@@ -24,36 +24,40 @@ def smol_shape(layers=4, dtype=torch.bfloat16):
         return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma2", "gpt2", "qwen3"])
-@pytest.mark.parametrize("graphs", [False, True])
-def test_fp32_cuda_triton_path_matches_generate(arch, graphs):
-    torch.backends.cuda.matmul.allow_tf32 = False
-    model = tiny_model(arch, device="cuda")
-    prompts = mixed_prompts(8, seed=11)
-    refs = [reference(model, torch.tensor(p).tolist(), 10) for p in prompts]
-    for mode in ("sync", "async"):
-        b = ContinuousBatcher(model, mode=mode, cuda_graphs=graphs, max_num_seqs=4, max_batch_tokens=64,
-                              block_size=16, num_blocks=40)
-        assert b.runner.backend == "triton"
-        res = b.generate(prompts, SamplingParams(max_new_tokens=10, ignore_eos=True))
-        assert [r.token_ids for r in res] == refs, (arch, mode, graphs)
-        assert b.all_blocks_free()
-        if graphs:
-            assert b.stats["graph_steps"] > 0
-
-
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_fp32_compiled_forward_with_graphs_matches_generate(arch):
-    """compile=True: inductor's kernels for eager prefill steps and inside the captured decode graphs."""
+def _fp32_matches_generate(arch, graphs, **overrides):
+    """Greedy tokens of the Triton path on CUDA in fp32, both modes, equal `generate`'s."""
     torch.backends.cuda.matmul.allow_tf32 = False
     model = tiny_model(arch, device="cuda")
     prompts = mixed_prompts(8, seed=11)
     refs = [reference(model, p, 10) for p in prompts]
     for mode in ("sync", "async"):
-        b = ContinuousBatcher(model, mode=mode, compile=True, max_num_seqs=4, max_batch_tokens=64, num_blocks=40)
+        b = ContinuousBatcher(model, mode=mode, cuda_graphs=graphs, max_num_seqs=4, max_batch_tokens=64,
+                              block_size=16, num_blocks=40, **overrides)
+        assert b.runner.backend == "triton"
         res = b.generate(prompts, SamplingParams(max_new_tokens=10, ignore_eos=True))
-        assert [r.token_ids for r in res] == refs, (arch, mode)
-        assert b.all_blocks_free() and b.stats["graph_steps"] > 0
+        assert [r.token_ids for r in res] == refs, (arch, mode, graphs, overrides)
+        assert b.all_blocks_free()
+        if graphs:
+            assert b.stats["graph_steps"] > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma2", "gpt2", "qwen3"])
+@pytest.mark.parametrize("graphs", [False, True])
+def test_fp32_cuda_triton_path_matches_generate(arch, graphs):
+    _fp32_matches_generate(arch, graphs)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_fp32_compiled_forward_with_graphs_matches_generate(arch):
+    """compile=True: inductor's kernels for eager prefill steps and inside the captured decode graphs."""
+    _fp32_matches_generate(arch, True, compile=True)
+
+
+def _match_rates(a: list, b: list) -> tuple[float, float]:
+    """Shares of requests whose whole output, and whose first token, agree between two runs."""
+    same = sum(x == y for x, y in zip(a, b)) / len(a)
+    first = sum(x[0] == y[0] for x, y in zip(a, b)) / len(a)
+    return same, first
 
 
 def test_compiled_vs_eager_graphs_match_rate_bf16(capsys):
@@ -61,8 +65,7 @@ def test_compiled_vs_eager_graphs_match_rate_bf16(capsys):
     prompts = _rand_prompts(40, 16, 120, seed=2)
     sp = SamplingParams(max_new_tokens=32, ignore_eos=True)
     outs = {c: [r.token_ids for r in ContinuousBatcher(model, compile=c).generate(prompts, sp)] for c in (False, True)}
-    same = sum(a == b for a, b in zip(outs[False], outs[True])) / len(prompts)
-    first = sum(a[0] == b[0] for a, b in zip(outs[False], outs[True])) / len(prompts)
+    same, first = _match_rates(outs[False], outs[True])
     with capsys.disabled():
         print(f"\n[gpu] compiled vs eager (both with graphs) bf16: full-sequence match {same:.0%}, first token {first:.0%}")
     assert first >= 0.95
@@ -94,8 +97,7 @@ def test_async_vs_sync_match_rate_with_chunking_and_preemption(capsys):
         b = ContinuousBatcher(model, mode=mode, max_num_seqs=32, max_batch_tokens=512, num_blocks=300)
         outs[mode] = [r.token_ids for r in b.generate(prompts, sp)]
         assert b.stats["preemptions"] > 0 and b.all_blocks_free()
-    same = sum(a == b for a, b in zip(outs["sync"], outs["async"])) / len(prompts)
-    first = sum(a[0] == b[0] for a, b in zip(outs["sync"], outs["async"])) / len(prompts)
+    same, first = _match_rates(outs["sync"], outs["async"])
     with capsys.disabled():
         print(f"\n[gpu] async vs sync bf16 with chunking+preemption: full-sequence match {same:.0%}, first token {first:.0%}")
     assert first >= 0.95
@@ -106,7 +108,7 @@ def test_graphs_vs_eager_match_rate(capsys):
     prompts = _rand_prompts(40, 16, 120, seed=2)
     sp = SamplingParams(max_new_tokens=32, ignore_eos=True)
     outs = {g: [r.token_ids for r in ContinuousBatcher(model, cuda_graphs=g).generate(prompts, sp)] for g in (False, True)}
-    same = sum(a == b for a, b in zip(outs[False], outs[True])) / len(prompts)
+    same, _ = _match_rates(outs[False], outs[True])
     with capsys.disabled():
         print(f"\n[gpu] graphs vs eager bf16: full-sequence match {same:.0%}")
     assert same >= 0.8
