@@ -42,7 +42,7 @@ def test_interrupted_stream_frees_everything_and_batcher_still_works(mode):
             got.append(r)
             if len(got) == 2:
                 raise KeyboardInterrupt
-    assert b.num_unfinished == 0 and b.executor.inflight is None and b.all_blocks_free()
+    assert b.num_unfinished == 0 and b.executor.step_in_flight is None and b.all_blocks_free()
     assert all(r.token_ids == ref(prompts[r.index], 15) for r in got)
     again = b.generate(prompts[:3], sp)
     assert [r.token_ids for r in again] == [ref(p, 15) for p in prompts[:3]]

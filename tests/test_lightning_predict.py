@@ -295,7 +295,7 @@ def test_error_in_a_user_hook_keeps_what_was_written_and_resumes(tiny_llama, pro
     with pytest.raises(RuntimeError, match="user post-processing failed"):
         trainer(cb, JsonlPredictionWriter(path)).predict(Fragile(tiny_llama), loader)
     engine = built[0]
-    assert engine._closed and engine.executor.inflight is None and engine.all_blocks_free()
+    assert engine._closed and engine.executor.step_in_flight is None and engine.all_blocks_free()
     written = [json.loads(x) for x in path.read_text().splitlines()]
     assert len(written) >= 6  # at least the first two batches (flushed as they finished)
     assert all(x["token_ids"] == refs[x["index"]] for x in written)

@@ -2,7 +2,8 @@
 
 The model's own code calls it per layer with the packed ``[1, heads, T, dim]`` query/key/value of one step. It writes
 K/V into the paged cache at the step's slots, then attends each query over its sequence's cached blocks (causal,
-sliding window and logit soft-capping respected). The step's metadata is published in ``CURRENT`` by the model runner.
+sliding window and logit soft-capping respected). The model runner passes the step's ``StepContext`` as the keyword
+argument ``paged_step`` of the model's forward; transformers hands such keyword arguments down to the attention call.
 """
 
 from __future__ import annotations
@@ -36,15 +37,15 @@ class StepContext:
         self.meta: Optional[AttentionMetadata] = None
         self.probe: Optional[dict] = None  # when set, record layer shapes instead of attending
 
-
-CURRENT: Optional[StepContext] = None
+STEP_KWARG = "paged_step"  # the forward keyword that carries the StepContext down to the attention function
 
 
 def paged_attention_forward(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
     """transformers attention interface: returns ``(out [1, T, heads, dim], None)``."""
-    ctx = CURRENT
+    ctx = kwargs.get(STEP_KWARG)
     if ctx is None:
-        raise RuntimeError(f"attention '{ATTN_NAME}' called outside a ContinuousBatcher step")
+        raise RuntimeError(f"attention '{ATTN_NAME}' called without a ContinuousBatcher step (the model did not pass "
+                           f"its keyword arguments down to the attention function)")
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("attention sinks (s_aux) are not supported by the paged attention yet")
     layer = getattr(module, "layer_idx", None)

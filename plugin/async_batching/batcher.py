@@ -12,7 +12,8 @@ from .config import BatcherConfig
 from .detokenize import IncrementalDetokenizer
 from .executor import AsyncExecutor, StepHandle, StepOutput, SyncExecutor
 from .model_runner import ModelRunner
-from .request import GenerationResult, Request, RequestStatus, SamplingParams
+from .request import GenerationResult, Request, RequestStatus, SamplingParams, generation_result
+from .sampling import request_seed
 from .scheduler import Scheduler
 
 Prompt = Union[Sequence[int], str]
@@ -56,6 +57,7 @@ class ContinuousBatcher:
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
         self.requests: dict[int, Request] = {}
         self._next_id = 0
+        self._next_uid = 0  # never reused: unseeded sampling streams derive from it
         self._closed = False
         self._counters = {"prompt_tokens": 0, "output_tokens": 0, "requests": 0}
         self._cancelled: list[Request] = []
@@ -70,7 +72,7 @@ class ContinuousBatcher:
         return len(self.scheduler.waiting)
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests) or self.executor.inflight is not None
+        return bool(self.requests) or self.executor.step_in_flight is not None
 
     def _problems(self, prompt, sampling) -> tuple[list[int], list[str]]:
         if not isinstance(sampling, SamplingParams):
@@ -144,10 +146,12 @@ class ContinuousBatcher:
         if self.tokenizer is not None and sampling.stop:
             # Only stop strings need text while generating; other requests are decoded once when they finish.
             detok = IncrementalDetokenizer(self.tokenizer, sampling.stop)
+        uid = self._next_uid
+        self._next_uid += 1
         req = Request(
-            index=rid, prompt_ids=ids, sampling=sampling,
+            uid=uid, index=rid, prompt_ids=ids, sampling=sampling,
             eos_ids=frozenset() if sampling.ignore_eos else self.eos_ids,
-            seed=self.config.seed if sampling.seed is None else sampling.seed,
+            seed=request_seed(self.config.seed, uid, sampling.seed, 0),
             detokenizer=detok,
         )
         if sampling.logprobs is not None:
@@ -169,7 +173,7 @@ class ContinuousBatcher:
         """One engine iteration; returns the results of requests that finished in it."""
         done = [self._finish(r) for r in self._cancelled if not r.finished]
         self._cancelled = []
-        idle = self.executor.inflight is None
+        idle = self.executor.step_in_flight is None
         launched, ooms = self.executor.stats["steps"], self.executor.stats["oom_recoveries"]
         done += self.executor.step(self._process)
         stuck = launched == self.executor.stats["steps"] and ooms == self.executor.stats["oom_recoveries"]
@@ -186,10 +190,8 @@ class ContinuousBatcher:
         row = 0
         for s in handle.plan.seqs:
             req = s.req
-            req.inflight -= 1
             if s.samples:
                 tok = out.tokens[row]
-                req.num_pending -= 1
                 if req.finish_reason is None:  # else: finished or cancelled already, the extra token is dropped
                     if req.logprobs is not None:
                         self._add_logprobs(req, out.logprobs[row])
@@ -198,7 +200,7 @@ class ContinuousBatcher:
                     if req.finish_reason is not None:
                         done.append(self._finish(req, now))
                 row += 1
-            self.scheduler.release_deferred(req)
+            self.scheduler.landed(s)
         self._counters["prompt_tokens"] += handle.plan.num_tokens - row
         return done
 
@@ -218,7 +220,7 @@ class ContinuousBatcher:
             req.text = self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
         self.scheduler.finish(req)
         self.requests.pop(req.index, None)
-        return req.result()
+        return generation_result([req])
 
     def drain(self) -> Iterator[GenerationResult]:
         """Run steps until every submitted request has finished, yielding results as they finish."""

@@ -61,7 +61,7 @@ class Executor:
             self.h2d = torch.cuda.Stream(self.device)
             self.compute = runner.compute_stream
             self.d2h = torch.cuda.Stream(self.device)
-        self.inflight: Optional[StepHandle] = None
+        self.step_in_flight: Optional[StepHandle] = None
         # Opt-in (``record_step_times``): timing events around each step's work on the compute stream, from which
         # ``gpu_busy`` measures the stream's occupancy without a profiler slowing the host.
         self.step_events: Optional[list] = None
@@ -130,11 +130,7 @@ class Executor:
                 tokens, lp = self._compute(slot, lay, prev)
                 if lp is not None:
                     self._logprob_rows(slot, lay, lp).copy_(lp)
-        for row, req in enumerate(lay.sample_rows):
-            req.num_pending += 1
-            req.pending_row = row
-        for s in plan.seqs:
-            s.req.inflight += 1
+        self.scheduler.launched(plan, lay.sample_rows)
         self.stats["steps"] += 1
         self.stats["graph_steps"] += bool(lay.graph_batch)
         self.stats["scheduled_tokens"] += plan.num_tokens
@@ -224,9 +220,9 @@ class Executor:
 
     def drain(self, process) -> list:
         """Collect the step in flight, if any (used before shutting down or on errors)."""
-        if self.inflight is None:
+        if self.step_in_flight is None:
             return []
-        handle, self.inflight = self.inflight, None
+        handle, self.step_in_flight = self.step_in_flight, None
         return self.process(process, handle, self.wait(handle))
 
 
@@ -248,9 +244,9 @@ class AsyncExecutor(Executor):
 
     def step(self, process) -> list:
         plan = self.schedule()  # planned before the tokens of the step in flight are known
-        handle = self.launch(plan, self.inflight) if plan else None
+        handle = self.launch(plan, self.step_in_flight) if plan else None
         done = []
-        if self.inflight is not None:
-            done = self.process(process, self.inflight, self.wait(self.inflight))
-        self.inflight = handle
+        if self.step_in_flight is not None:
+            done = self.process(process, self.step_in_flight, self.wait(self.step_in_flight))
+        self.step_in_flight = handle
         return done

@@ -14,7 +14,7 @@ import torch
 from . import attention
 from .attention import AttentionMetadata, StepContext
 from .kv_cache import LayerSpec, PagedKVCache
-from .sampling import SamplingInputs
+from .sampling import SamplingInputs, SamplingPlan, sampling_inputs, stage_sampling
 from .scheduler import StepPlan
 
 SCRATCH_ROW = 0  # block-table row of CUDA-graph padding; all its entries point at the scratch block
@@ -32,8 +32,7 @@ class StepLayout:
     num_samples: int = 0  # rows of logits
     max_query_len: int = 1
     graph_batch: int = 0  # >0: replay the decode graph of this batch size
-    greedy: bool = True
-    use_top_k_p: bool = False
+    sampling: SamplingPlan = field(default_factory=SamplingPlan)
     logprobs_k: int = -1  # -1: no logprobs
     sample_rows: list = field(default_factory=list)  # request of each sampled row, in order
 
@@ -94,26 +93,24 @@ class ModelRunner:
         return int(limit)
 
     @contextlib.contextmanager
-    def installed(self, ctx: Optional[StepContext] = None):
-        """Route the model's attention through our function (with ``ctx``, default the runner's) for the duration of
-        a forward, then restore it."""
+    def installed(self):
+        """Route the model's attention through our function for the duration of a forward, then restore it."""
         cfg = self.model.config
         previous = cfg._attn_implementation
         cfg._attn_implementation = attention.ATTN_NAME
-        attention.CURRENT = ctx or self.ctx
         try:
             yield
         finally:
             cfg._attn_implementation = previous
-            attention.CURRENT = None
 
     @torch.no_grad()
     def _probe_layers(self) -> dict[int, LayerSpec]:
         ctx = StepContext({}, {}, None)
         ctx.probe = {}
-        with self.installed(ctx):
+        with self.installed():
             ids = torch.zeros(1, 2, dtype=torch.long, device=self.device)
-            self.model(input_ids=ids, position_ids=torch.arange(2, device=self.device)[None], use_cache=False)
+            self.model(input_ids=ids, position_ids=torch.arange(2, device=self.device)[None], use_cache=False,
+                       **{attention.STEP_KWARG: ctx})
         if not ctx.probe:
             raise ValueError(
                 f"{type(self.model).__name__} does not call transformers' attention interface; "
@@ -201,7 +198,7 @@ class ModelRunner:
                     ids.extend(req.output_ids[:stop - p])
             if end > known:  # the last input is the token the step in flight is sampling: carried over on the GPU
                 carry_dst.append(t + n - 1)
-                carry_src.append(req.pending_row)
+                carry_src.append(req.carry_row)
                 ids.append(0)
             if s.new_blocks:
                 base = len(req.block_ids) - len(s.new_blocks)
@@ -257,19 +254,9 @@ class ModelRunner:
 
     def _prepare_sampling(self, lay: StepLayout, parts: list) -> None:
         reqs = lay.sample_rows
-        sp = [r.sampling for r in reqs]
-        lay.greedy = all(p.temperature == 0 for p in sp)
-        lay.logprobs_k = max((p.logprobs for p in sp if p.logprobs is not None), default=-1)
-        if lay.greedy:
-            return
-        lay.use_top_k_p = any(p.top_k > 0 or p.top_p < 1.0 for p in sp)
-        n = len(reqs)
-        seeds = np.fromiter((r.seed for r in reqs), np.int64, n).astype(np.int32)  # wraps: only the bits matter
-        gen = np.fromiter((r.num_generated for r in reqs), np.int32, n)
-        top_k = np.fromiter((p.top_k for p in sp), np.int32, n)
-        temp = np.fromiter((p.temperature for p in sp), np.float32, n).view(np.int32)
-        top_p = np.fromiter((p.top_p for p in sp), np.float32, n).view(np.int32)
-        for name, arr in (("seeds", seeds), ("gen_idx", gen), ("top_k", top_k), ("temperature", temp), ("top_p", top_p)):
+        lay.logprobs_k = max((r.sampling.logprobs for r in reqs if r.sampling.logprobs is not None), default=-1)
+        lay.sampling, arrays = stage_sampling(reqs)
+        for name, arr in arrays:
             parts.append(arr)
             lay.add(name, arr)
 
@@ -304,10 +291,11 @@ class ModelRunner:
         ids = self._seg(buf, lay, "input_ids").long()[None]
         pos = self._seg(buf, lay, "positions").long()[None]
         keep = self._seg(buf, lay, "logits_idx").long()
+        kw = {attention.STEP_KWARG: self.ctx}
         if self._keep_arg:
-            logits = self._call(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep).logits[0]
+            logits = self._call(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep, **kw).logits[0]
         else:
-            logits = self._call(input_ids=ids, position_ids=pos, use_cache=False).logits[0].index_select(0, keep)
+            logits = self._call(input_ids=ids, position_ids=pos, use_cache=False, **kw).logits[0].index_select(0, keep)
         return logits
 
     @torch.no_grad()
@@ -322,17 +310,7 @@ class ModelRunner:
             return self._forward(buf, lay)
 
     def sampling_inputs(self, buf: torch.Tensor, lay: StepLayout) -> Optional[SamplingInputs]:
-        if lay.greedy:
-            return None
-        seg = lambda n: self._seg(buf, lay, n)  # noqa: E731
-        return SamplingInputs(
-            temperature=seg("temperature").view(torch.float32),
-            top_k=seg("top_k"),
-            top_p=seg("top_p").view(torch.float32),
-            seeds=seg("seeds"),
-            gen_idx=seg("gen_idx"),
-            use_top_k_p=lay.use_top_k_p,
-        )
+        return sampling_inputs(lay.sampling, lambda name: self._seg(buf, lay, name))
 
     def _scratch_step(self, num_seqs: int, q_len: int) -> tuple[StepLayout, torch.Tensor]:
         """A step of ``num_seqs`` sequences of ``q_len`` tokens on the scratch row (writes only the scratch block)."""

@@ -17,7 +17,10 @@ class SamplingParams:
     temperature: float = 0.0
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1.0: off
-    seed: Optional[int] = None  # None: the batcher's seed; sampling is reproducible per (seed, token index)
+    min_p: float = 0.0  # 0.0: off; keep tokens whose probability is at least min_p times the top token's
+    repetition_penalty: float = 1.0  # 1.0: off; as transformers' (prompt and generated tokens are penalised)
+    n: int = 1  # samples of the prompt; the prompt is prefilled once and its KV blocks are shared
+    seed: Optional[int] = None  # None: a fresh stream per request, derived from the batcher's seed (reproducible job)
     stop_token_ids: Sequence[int] = ()
     stop: Sequence[str] = ()  # stop strings, need a tokenizer; the text is cut before the stop string
     ignore_eos: bool = False
@@ -34,6 +37,13 @@ class SamplingParams:
             out.append(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
         if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
             out.append(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.min_p, (int, float)) or not 0.0 <= self.min_p <= 1.0:
+            out.append(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if (not isinstance(self.repetition_penalty, (int, float)) or not math.isfinite(self.repetition_penalty)
+                or self.repetition_penalty <= 0):
+            out.append(f"repetition_penalty must be a finite number > 0 (1 = off), got {self.repetition_penalty!r}")
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1:
+            out.append(f"n must be an int >= 1, got {self.n!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             out.append(f"seed must be an int or None, got {self.seed!r}")
         if isinstance(self.stop, str):
@@ -58,8 +68,20 @@ class RequestStatus(enum.Enum):
 
 
 @dataclass
+class Sample:
+    """One generated continuation of a prompt (``SamplingParams.n`` of them per ``GenerationResult``)."""
+
+    token_ids: list[int]
+    finish_reason: Optional[str]  # "stop", "length", "error" or "cancelled"
+    text: Optional[str] = None
+    logprobs: Optional[list[float]] = None  # per generated token, when SamplingParams.logprobs is set
+    top_logprobs: Optional[list[dict[int, float]]] = None
+    cumulative_logprob: Optional[float] = None  # sum of ``logprobs`` (when they are requested)
+
+
+@dataclass
 class GenerationResult:
-    """The outcome of one request: generated ids (prompt excluded), text when a tokenizer is known, and timings."""
+    """The outcome of one prompt: its samples, and (for convenience) the first sample's fields at the top level."""
 
     index: int
     token_ids: list[int]
@@ -67,9 +89,29 @@ class GenerationResult:
     prompt_len: int
     text: Optional[str] = None
     ttft_s: Optional[float] = None  # submit -> first generated token on the host
-    latency_s: Optional[float] = None  # submit -> finished
+    latency_s: Optional[float] = None  # submit -> finished (the last sample)
     logprobs: Optional[list[float]] = None
     top_logprobs: Optional[list[dict[int, float]]] = None
+    num_preemptions: int = 0  # over all samples
+    error: Optional[str] = None
+    samples: list[Sample] = field(default_factory=list)  # n entries; samples[0] mirrors the top-level fields
+    cumulative_logprob: Optional[float] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class ScoreResult:
+    """Log-likelihood of a continuation given its context (``ContinuousBatcher.score``)."""
+
+    index: int
+    logprob: float  # sum of token_logprobs
+    is_greedy: bool  # every continuation token was the argmax of its position
+    token_logprobs: list[float]
+    prompt_len: int = 0  # context + continuation tokens
+    latency_s: Optional[float] = None
     num_preemptions: int = 0
     error: Optional[str] = None
 
@@ -80,36 +122,49 @@ class GenerationResult:
 
 @dataclass(eq=False)
 class Request:
-    """Engine-side state of one request. The scheduler moves it between queues; nobody else changes its status.
+    """Engine-side state of one sequence: a sample of a generation prompt, or a continuation to score.
 
-    ``num_computed`` counts positions whose K/V is written or scheduled by a launched step; ``num_pending``
-    counts sampled tokens still on the GPU (async mode: at most one, from the step in flight).
+    The scheduler moves it between queues and is the only writer of its scheduling state (``num_computed``, blocks,
+    row, and the in-flight counters below); the batcher appends what lands.
     """
 
-    index: int
+    uid: int  # unique over the batcher's life (internal id; unseeded sampling streams derive from it)
+    index: int  # the caller's id: GenerationResult.index / ScoreResult.index (shared by the n samples of a prompt)
     prompt_ids: list[int]
     sampling: SamplingParams
     eos_ids: frozenset[int]
-    seed: int
+    seed: int  # 64-bit sampling stream
+    sample_idx: int = 0  # which of the prompt's n samples
+    parent: Optional["Request"] = None  # sample 0 of the prompt, whose prompt blocks the other samples share
+    score_start: int = -1  # scoring: first position whose next-token log-probability is kept; -1: generation
     detokenizer: Any = None
     status: RequestStatus = RequestStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
-    num_computed: int = 0
-    num_pending: int = 0
-    pending_row: int = -1  # row of the pending token in the last launched step's sampled tokens
+    num_computed: int = 0  # positions whose K/V is written or scheduled by a launched step
+    # In-flight bookkeeping (Scheduler.launched / Scheduler.landed), see docs/ARCHITECTURE.md:
+    steps_in_flight: int = 0  # launched steps, not yet processed, that include this request
+    tokens_in_flight: int = 0  # sampled tokens still on the device (async: at most one)
+    carry_row: int = -1  # row of that token in the last launched step's sampled tokens (the carry-over source)
     block_ids: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of the full blocks known so far
+    num_cached_blocks: int = 0  # leading blocks that are in the prefix cache's index (hit or registered)
     deferred_free: list[int] = field(default_factory=list)  # blocks freed once no step in flight reads them
     row: int = -1  # row of the device block table while admitted
     deferred_rows: list[int] = field(default_factory=list)
-    inflight: int = 0  # launched steps not yet processed that include this request
     finish_reason: Optional[str] = None
     logprobs: Optional[list[float]] = None
     top_logprobs: Optional[list[dict[int, float]]] = None
+    score_logprobs: list[float] = field(default_factory=list)
+    score_greedy: bool = True
     num_preemptions: int = 0
     arrival_s: float = field(default_factory=time.perf_counter)
     first_token_s: Optional[float] = None
     finish_s: Optional[float] = None
     text: Optional[str] = None
+
+    @property
+    def is_score(self) -> bool:
+        return self.score_start >= 0
 
     @property
     def num_known(self) -> int:
@@ -118,23 +173,15 @@ class Request:
     @property
     def total_len(self) -> int:
         """Tokens the request will hold once the step in flight lands."""
-        return self.num_known + self.num_pending
+        return self.num_known + self.tokens_in_flight
 
     @property
     def num_generated(self) -> int:
-        return len(self.output_ids) + self.num_pending
+        return len(self.output_ids) + self.tokens_in_flight
 
     @property
     def finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
-
-    def token_at(self, pos: int) -> int:
-        n = len(self.prompt_ids)
-        return self.prompt_ids[pos] if pos < n else self.output_ids[pos - n]
-
-    def wants_more(self) -> bool:
-        """False once the generated tokens in flight already reach max_new_tokens (no need to schedule more)."""
-        return self.num_generated < self.sampling.max_new_tokens
 
     def append_token(self, token: int, now: float) -> None:
         """Append a sampled token and set ``finish_reason`` if a stop condition holds."""
@@ -149,18 +196,34 @@ class Request:
         elif len(self.output_ids) >= sp.max_new_tokens:
             self.finish_reason = "length"
 
-    def result(self) -> GenerationResult:
+    def sample(self) -> Sample:
         text = self.detokenizer.finish() if self.detokenizer is not None else self.text
+        cumulative = math.fsum(self.logprobs) if self.logprobs is not None else None
+        return Sample(list(self.output_ids), self.finish_reason, text, self.logprobs, self.top_logprobs, cumulative)
+
+    def score_result(self) -> ScoreResult:
         end = self.finish_s if self.finish_s is not None else time.perf_counter()
-        return GenerationResult(
-            index=self.index,
-            token_ids=list(self.output_ids),
-            finish_reason=self.finish_reason,
-            prompt_len=len(self.prompt_ids),
-            text=text,
-            ttft_s=None if self.first_token_s is None else self.first_token_s - self.arrival_s,
-            latency_s=end - self.arrival_s,
-            logprobs=self.logprobs,
-            top_logprobs=self.top_logprobs,
-            num_preemptions=self.num_preemptions,
-        )
+        return ScoreResult(self.index, math.fsum(self.score_logprobs), self.score_greedy, list(self.score_logprobs),
+                           len(self.prompt_ids), end - self.arrival_s, self.num_preemptions)
+
+
+def generation_result(seqs: Sequence[Request]) -> GenerationResult:
+    """The result of one prompt from its finished samples (in sample order)."""
+    samples = [r.sample() for r in seqs]
+    first, head = samples[0], seqs[0]
+    ends = [r.finish_s if r.finish_s is not None else time.perf_counter() for r in seqs]
+    firsts = [r.first_token_s for r in seqs if r.first_token_s is not None]
+    return GenerationResult(
+        index=head.index,
+        token_ids=first.token_ids,
+        finish_reason=first.finish_reason,
+        prompt_len=len(head.prompt_ids),
+        text=first.text,
+        ttft_s=min(firsts) - head.arrival_s if firsts else None,
+        latency_s=max(ends) - head.arrival_s,
+        logprobs=first.logprobs,
+        top_logprobs=first.top_logprobs,
+        num_preemptions=sum(r.num_preemptions for r in seqs),
+        samples=samples,
+        cumulative_logprob=first.cumulative_logprob,
+    )

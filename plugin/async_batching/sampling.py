@@ -7,11 +7,34 @@ same tokens whatever the batch composition, the mode (sync/async) or a preemptio
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
 _M32 = 0xFFFFFFFF
+_M64 = (1 << 64) - 1
+
+
+def stream_seed(*parts: int) -> int:
+    """A 64-bit seed derived from integers (a splitmix64 chain): distinct inputs give independent streams."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (int(p) & _M64)) & _M64
+        h = (h + 0x9E3779B97F4A7C15) & _M64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _M64
+        h ^= h >> 31
+    return h
+
+
+def request_seed(batcher_seed: int, uid: int, seed: Optional[int], sample_idx: int) -> int:
+    """The sampling stream of one sequence. Seeded: sample 0 uses the seed, sample i a stream derived from (seed, i),
+    so the same seed gives the same tokens in any call. Unseeded: derived from the batcher's seed and the sequence's
+    uid (unique over the batcher's life), so no two sequences share noise and a job is reproducible from its config."""
+    if seed is None:
+        return stream_seed(batcher_seed, uid)
+    return seed & _M64 if sample_idx == 0 else stream_seed(seed, sample_idx)
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -41,6 +64,44 @@ class SamplingInputs:
     seeds: torch.Tensor  # int32 [B]
     gen_idx: torch.Tensor  # int32 [B]: index of the token being sampled among the request's generated tokens
     use_top_k_p: bool
+
+
+@dataclass
+class SamplingPlan:
+    """Host-side facts of one step's sampling rows (decided while staging)."""
+
+    greedy: bool = True
+    use_top_k_p: bool = False
+
+
+def stage_sampling(rows: Sequence) -> tuple[SamplingPlan, list[tuple[str, np.ndarray]]]:
+    """The int32 arrays one step stages for its sampling rows (requests, in row order); none when all are greedy."""
+    sp = [r.sampling for r in rows]
+    plan = SamplingPlan(greedy=all(p.temperature == 0 for p in sp))
+    if plan.greedy:
+        return plan, []
+    plan.use_top_k_p = any(p.top_k > 0 or p.top_p < 1.0 for p in sp)
+    n = len(rows)
+    seeds = np.fromiter(((r.seed ^ (r.seed >> 32)) & _M32 for r in rows), np.int64, n).astype(np.int32)  # bits only
+    gen = np.fromiter((r.num_generated for r in rows), np.int32, n)
+    top_k = np.fromiter((p.top_k for p in sp), np.int32, n)
+    temp = np.fromiter((p.temperature for p in sp), np.float32, n).view(np.int32)
+    top_p = np.fromiter((p.top_p for p in sp), np.float32, n).view(np.int32)
+    return plan, [("seeds", seeds), ("gen_idx", gen), ("top_k", top_k), ("temperature", temp), ("top_p", top_p)]
+
+
+def sampling_inputs(plan: SamplingPlan, seg: Callable[[str], torch.Tensor]) -> Optional[SamplingInputs]:
+    """The device view of what ``stage_sampling`` staged; ``seg(name)`` is the step's int32 segment of that name."""
+    if plan.greedy:
+        return None
+    return SamplingInputs(
+        temperature=seg("temperature").view(torch.float32),
+        top_k=seg("top_k"),
+        top_p=seg("top_p").view(torch.float32),
+        seeds=seg("seeds"),
+        gen_idx=seg("gen_idx"),
+        use_top_k_p=plan.use_top_k_p,
+    )
 
 
 def sample(logits: torch.Tensor, params: Optional[SamplingInputs]) -> torch.Tensor:

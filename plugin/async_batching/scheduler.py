@@ -92,9 +92,26 @@ class Scheduler:
             req.row = -1
         self.release_deferred(req)
 
+    def launched(self, plan: StepPlan, sample_rows: list[Request]) -> None:
+        """A step was launched: its requests are in flight, and each sampling row's token stays on the device (its
+        ``carry_row``) until the step lands."""
+        for s in plan.seqs:
+            s.req.steps_in_flight += 1
+        for row, req in enumerate(sample_rows):
+            req.tokens_in_flight += 1
+            req.carry_row = row
+
+    def landed(self, seq: ScheduledSeq) -> None:
+        """The step holding ``seq`` was processed (its sampled token, if any, was appended by the caller)."""
+        req = seq.req
+        req.steps_in_flight -= 1
+        if seq.samples:
+            req.tokens_in_flight -= 1
+        self.release_deferred(req)
+
     def release_deferred(self, req: Request) -> None:
-        """Blocks and table rows go back only when no launched step can still read them (``inflight == 0``)."""
-        if req.inflight == 0:
+        """Blocks and table rows go back only when no launched step can still read them (``steps_in_flight == 0``)."""
+        if req.steps_in_flight == 0:
             if req.deferred_free:
                 self.cache.allocator.free(req.deferred_free)
                 req.deferred_free = []
@@ -149,7 +166,7 @@ class Scheduler:
             i += 1
             if req.finish_reason is not None or (scheduled and id(req) in scheduled):
                 continue
-            pending = req.num_pending
+            pending = req.tokens_in_flight
             known = len(req.prompt_ids) + len(req.output_ids)
             if len(req.output_ids) + pending >= req.sampling.max_new_tokens:
                 continue
@@ -191,7 +208,7 @@ class Scheduler:
             if req.finish_reason is not None:  # finished while waiting (its last in-flight token landed)
                 self.waiting.popleft()
                 continue
-            if req.num_pending or req.inflight or len(self.running) >= self.max_num_seqs or not self.rows.num_free:
+            if req.tokens_in_flight or req.steps_in_flight or len(self.running) >= self.max_num_seqs or not self.rows.num_free:
                 break
             n = req.total_len
             if n > budget:
