@@ -264,13 +264,16 @@ class Ours(Variant):
     def run(self, prompts, new_tokens):
         from async_batching import SamplingParams
 
+        from bench.step_timer import StepTimer
+
         executor = self.batcher.executor
-        executor.record_step_times(True)  # a pair of CUDA events per step: no profiler, the host is undisturbed
+        timer = StepTimer()  # a pair of CUDA events per step: no profiler, the host is undisturbed
+        executor.observe(timer)
         try:
             out = self.batcher.generate(prompts, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
-            self._busy = executor.gpu_busy()
+            self._busy = timer.busy()
         finally:
-            executor.record_step_times(False)
+            executor.observers.remove(timer)
         return _results_output(out)
 
     def gpu_busy(self):
