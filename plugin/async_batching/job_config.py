@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .config import DTYPES, BatcherConfig
+from .lightning.settings import ON_ERROR
 from .request import SamplingParams
 
-ON_ERROR = ("skip", "raise")
 PROGRESS_BARS = ("tqdm", "rich", "none")
 
 

@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import torch
 
+from async_batching.metrics import percentile
 from bench.nvml_util import open_sampler
 from bench.profiling import profiled_run
 from bench.roofline import measure_rates
@@ -39,13 +40,6 @@ def _warm_process(model: torch.nn.Module, device: str) -> None:
     except Exception:  # e.g. a paged attention implementation that needs a cache; the matmul did the essential part
         pass
     _sync(device)
-
-
-def _percentile(values: list[float], q: float) -> Optional[float]:
-    if not values:
-        return None
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
 
 
 def _stats_delta(before: Optional[dict], after: Optional[dict], out: RunOutput) -> Optional[dict]:
@@ -178,8 +172,8 @@ def run_job(job: dict[str, Any], checkpoint=lambda partial: None) -> dict[str, A
         "variant_init_s": variant_init_s,
         "output_tok_s": output_tokens / wall,
         "total_tok_s": (output_tokens + prompt_tokens) / wall,
-        "ttft_p50_s": _percentile(out.ttft_s, 50),
-        "ttft_p99_s": _percentile(out.ttft_s, 99),
+        "ttft_p50_s": percentile(out.ttft_s, 50),
+        "ttft_p99_s": percentile(out.ttft_s, 99),
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None,
         "nvml_util_pct": util,
         "problems": _check(out, len(prompts), new_tokens),
