@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import statistics
@@ -40,6 +41,11 @@ def _warm_process(model: torch.nn.Module, device: str) -> None:
     except Exception:  # e.g. a paged attention implementation that needs a cache; the matmul did the essential part
         pass
     _sync(device)
+
+
+def _digest(token_ids: list[list[int]]) -> Optional[str]:
+    """A fingerprint of every request's new token ids in input order, so variants' outputs can be compared."""
+    return hashlib.sha256(json.dumps(token_ids).encode()).hexdigest() if token_ids else None
 
 
 def _stats_delta(before: Optional[dict], after: Optional[dict], out: RunOutput) -> Optional[dict]:
@@ -174,6 +180,7 @@ def run_job(job: dict[str, Any], checkpoint=lambda partial: None) -> dict[str, A
         "total_tok_s": (output_tokens + prompt_tokens) / wall,
         "ttft_p50_s": percentile(out.ttft_s, 50),
         "ttft_p99_s": percentile(out.ttft_s, 99),
+        "output_sha256": _digest(out.token_ids),
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None,
         "nvml_util_pct": util,
         "problems": _check(out, len(prompts), new_tokens),
