@@ -29,13 +29,9 @@ def result_row(record: RequestRecord, rank: int = 0, token_ids: bool = True) -> 
     if record.kind == "generate":
         row.update(_generation_fields(r, record.sampling.n > 1, token_ids))
     elif record.kind == "score":
-        row.update(_score_fields(r), prompt_len=r.prompt_len, latency_s=r.latency_s,
-                   num_preemptions=r.num_preemptions, error=r.error)
+        row.update(_score_fields(r), error=r.error)
     else:
-        latencies = [s.latency_s for s in r]
-        row.update(scores=[_score_fields(s, with_error=True) for s in r], prompt_len=[s.prompt_len for s in r],
-                   latency_s=None if None in latencies else max(latencies),
-                   num_preemptions=sum(s.num_preemptions for s in r), error=row_error(r))
+        row.update(scores=[_score_fields(s, with_error=True) for s in r], error=row_error(r))
     row["rank"] = rank
     if record.meta:
         row["meta"] = record.meta
@@ -73,7 +69,8 @@ def _sample_fields(s: Sample, token_ids: bool) -> dict[str, Any]:
 
 def _score_fields(s: ScoreResult, with_error: bool = False) -> dict[str, Any]:
     out = {"logprob": None if s.error is not None else s.logprob, "is_greedy": s.is_greedy,
-           "token_logprobs": list(s.token_logprobs)}
+           "token_logprobs": list(s.token_logprobs), "prompt_len": s.prompt_len, "latency_s": s.latency_s,
+           "num_preemptions": s.num_preemptions}
     if with_error and s.error is not None:
         out["error"] = s.error
     return out
@@ -90,11 +87,9 @@ def _top_in(top: Optional[list[dict[str, float]]]) -> Optional[list[dict[int, fl
 def row_result(row: dict[str, Any]) -> RowResult:
     """The result read back from a line (resumed rows): a ``GenerationResult``, ``ScoreResult`` or list of them."""
     if "scores" in row:
-        lens = row.get("prompt_len") or [0] * len(row["scores"])
-        return [_score_result(row["index"], s, n, s.get("error")) for s, n in zip(row["scores"], lens)]
+        return [_score_result(row["index"], s) for s in row["scores"]]
     if "logprob" in row:
-        return _score_result(row["index"], row, row.get("prompt_len", 0), row.get("error"), row.get("latency_s"),
-                             row.get("num_preemptions", 0))
+        return _score_result(row["index"], row)
     if "samples" in row:
         samples = [Sample(list(s.get("token_ids") or []), s.get("finish_reason"), s.get("text"), s.get("logprobs"),
                           _top_in(s.get("top_logprobs")), s.get("cumulative_logprob")) for s in row["samples"]]
@@ -121,11 +116,11 @@ def row_result(row: dict[str, Any]) -> RowResult:
     )
 
 
-def _score_result(index: int, fields: dict[str, Any], prompt_len: int, error: Optional[str],
-                  latency_s: Optional[float] = None, num_preemptions: int = 0) -> ScoreResult:
+def _score_result(index: int, fields: dict[str, Any]) -> ScoreResult:
     logprob = fields.get("logprob")
     return ScoreResult(index, math.nan if logprob is None else logprob, bool(fields.get("is_greedy")),
-                       list(fields.get("token_logprobs") or []), prompt_len, latency_s, num_preemptions, error)
+                       list(fields.get("token_logprobs") or []), fields.get("prompt_len", 0), fields.get("latency_s"),
+                       fields.get("num_preemptions", 0), fields.get("error"))
 
 
 def _is_error(row: dict[str, Any]) -> bool:
