@@ -295,8 +295,12 @@ def test_error_in_a_user_hook_keeps_what_was_written_and_resumes(tiny_llama, pro
     cb = batching()
     real_build = cb.build_batcher
     cb.build_batcher = lambda module: built.append(real_build(module)) or built[-1]
+    bar = TQDMProgressBar()
+    failing = trainer(cb, JsonlPredictionWriter(path), bar, progress=True)
     with pytest.raises(RuntimeError, match="user post-processing failed"):
-        trainer(cb, JsonlPredictionWriter(path)).predict(Fragile(tiny_llama), loader)
+        failing.predict(Fragile(tiny_llama), loader)
+    assert not isinstance(failing.predict_loop, ContinuousPredictionLoop)  # put back after the exception too
+    assert failing.progress_bar_callback is bar
     engine = built[0]
     assert engine._closed and engine.executor.step_in_flight is None and engine.all_blocks_free()
     written = [json.loads(x) for x in path.read_text().splitlines()]
