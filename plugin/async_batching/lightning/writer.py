@@ -40,30 +40,22 @@ def result_row(record: RequestRecord, rank: int = 0, token_ids: bool = True) -> 
 
 def _generation_fields(r: GenerationResult, several: bool, token_ids: bool) -> dict[str, Any]:
     if several:  # n > 1: the prompt's fields once, then each sample
-        samples = [_sample_fields(s, token_ids) for s in r.samples]
+        samples = [{"text": s.text, "finish_reason": s.finish_reason, "output_len": len(s.token_ids),
+                    "cumulative_logprob": s.cumulative_logprob, **_token_fields(s, token_ids)} for s in r.samples]
         return {"samples": samples, "error": r.error, "prompt_len": r.prompt_len, "ttft_s": r.ttft_s,
                 "latency_s": r.latency_s, "num_preemptions": r.num_preemptions}
-    out = {"output": r.text, "finish_reason": r.finish_reason, "error": r.error, "prompt_len": r.prompt_len,
-           "output_len": len(r.token_ids), "ttft_s": r.ttft_s, "latency_s": r.latency_s,
-           "num_preemptions": r.num_preemptions}
-    if token_ids:
-        out["token_ids"] = list(r.token_ids)
+    return {"output": r.text, "finish_reason": r.finish_reason, "error": r.error, "prompt_len": r.prompt_len,
+            "output_len": len(r.token_ids), "ttft_s": r.ttft_s, "latency_s": r.latency_s,
+            "num_preemptions": r.num_preemptions, **_token_fields(r, token_ids)}
+
+
+def _token_fields(r: Any, token_ids: bool) -> dict[str, Any]:
+    """The token ids (optional) and, when requested, logprobs of a ``GenerationResult`` or ``Sample``."""
+    out: dict[str, Any] = {"token_ids": list(r.token_ids)} if token_ids else {}
     if r.logprobs is not None:
         out["logprobs"] = r.logprobs
     if r.top_logprobs is not None:
-        out["top_logprobs"] = _top_out(r.top_logprobs)
-    return out
-
-
-def _sample_fields(s: Sample, token_ids: bool) -> dict[str, Any]:
-    out: dict[str, Any] = {"text": s.text, "finish_reason": s.finish_reason, "output_len": len(s.token_ids),
-                           "cumulative_logprob": s.cumulative_logprob}
-    if token_ids:
-        out["token_ids"] = list(s.token_ids)
-    if s.logprobs is not None:
-        out["logprobs"] = s.logprobs
-    if s.top_logprobs is not None:
-        out["top_logprobs"] = _top_out(s.top_logprobs)
+        out["top_logprobs"] = [{str(k): v for k, v in d.items()} for d in r.top_logprobs]
     return out
 
 
@@ -74,10 +66,6 @@ def _score_fields(s: ScoreResult, with_error: bool = False) -> dict[str, Any]:
     if with_error and s.error is not None:
         out["error"] = s.error
     return out
-
-
-def _top_out(top: list[dict[int, float]]) -> list[dict[str, float]]:
-    return [{str(k): v for k, v in d.items()} for d in top]
 
 
 def _top_in(top: Optional[list[dict[str, float]]]) -> Optional[list[dict[int, float]]]:
