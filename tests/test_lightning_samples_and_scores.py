@@ -59,9 +59,10 @@ def prompts():
 
 @pytest.fixture(scope="module")
 def pairs():
-    """(context, continuation) pairs of token ids: an empty context, one-token continuations, longer ones."""
-    rng = mixed_prompts(16, lo=1, hi=40, seed=6)
-    return [([] if i == 0 else rng[i], rng[i + 8][:1 + i % 5]) for i in range(8)]
+    """(context, continuation) pairs of token ids: an empty context (scores every token after the first),
+    one-token continuations, longer ones."""
+    rng = mixed_prompts(16, lo=6, hi=40, seed=6)
+    return [([], rng[8][:5])] + [(rng[i], rng[i + 8][:1 + i % 5]) for i in range(1, 8)]
 
 
 def ids_loader(prompts, batch_size=3):

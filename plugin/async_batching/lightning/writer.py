@@ -60,8 +60,8 @@ def _token_fields(r: Any, token_ids: bool) -> dict[str, Any]:
 
 
 def _score_fields(s: ScoreResult, with_error: bool = False) -> dict[str, Any]:
-    out = {"logprob": None if s.error is not None else s.logprob, "is_greedy": s.is_greedy,
-           "token_logprobs": list(s.token_logprobs), "prompt_len": s.prompt_len, "latency_s": s.latency_s,
+    out = {"logprob": None if s.error is not None else float(s.logprob), "is_greedy": bool(s.is_greedy),
+           "token_logprobs": [float(x) for x in s.token_logprobs], "prompt_len": s.prompt_len, "latency_s": s.latency_s,
            "num_preemptions": s.num_preemptions}
     if with_error and s.error is not None:
         out["error"] = s.error
