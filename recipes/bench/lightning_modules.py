@@ -57,7 +57,7 @@ class PaddedGenerate(L.LightningModule):
         rows, prompt_width = batch["input_ids"].shape
         new = out.shape[1] - prompt_width
         ttft = None if clock.first_token_s is None else clock.first_token_s - self.run_start_s
-        return {"new_tokens": [new] * rows, "ttft_s": [ttft] * rows}
+        return {"new_tokens": [new] * rows, "token_ids": out[:, prompt_width:].tolist(), "ttft_s": [ttft] * rows}
 
 
 class PromptsModule(L.LightningModule):

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import statistics
@@ -17,6 +18,7 @@ from typing import Any, Optional
 
 import torch
 
+from async_batching.metrics import percentile
 from bench.nvml_util import open_sampler
 from bench.profiling import profiled_run
 from bench.roofline import measure_rates
@@ -41,11 +43,9 @@ def _warm_process(model: torch.nn.Module, device: str) -> None:
     _sync(device)
 
 
-def _percentile(values: list[float], q: float) -> Optional[float]:
-    if not values:
-        return None
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+def _digest(token_ids: list[list[int]]) -> Optional[str]:
+    """A fingerprint of every request's new token ids in input order, so variants' outputs can be compared."""
+    return hashlib.sha256(json.dumps(token_ids).encode()).hexdigest() if token_ids else None
 
 
 def _stats_delta(before: Optional[dict], after: Optional[dict], out: RunOutput) -> Optional[dict]:
@@ -178,8 +178,9 @@ def run_job(job: dict[str, Any], checkpoint=lambda partial: None) -> dict[str, A
         "variant_init_s": variant_init_s,
         "output_tok_s": output_tokens / wall,
         "total_tok_s": (output_tokens + prompt_tokens) / wall,
-        "ttft_p50_s": _percentile(out.ttft_s, 50),
-        "ttft_p99_s": _percentile(out.ttft_s, 99),
+        "ttft_p50_s": percentile(out.ttft_s, 50),
+        "ttft_p99_s": percentile(out.ttft_s, 99),
+        "output_sha256": _digest(out.token_ids),
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None,
         "nvml_util_pct": util,
         "problems": _check(out, len(prompts), new_tokens),

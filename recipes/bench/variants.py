@@ -20,11 +20,12 @@ from bench.profiling import SETUP_RANGE
 
 @dataclass
 class RunOutput:
-    """What one ``run`` produced: new tokens per request (input order), TTFT per request, request errors."""
+    """What one ``run`` produced: new token counts (and ids) per request in input order, TTFT, request errors."""
 
     new_tokens: list[int]
     ttft_s: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    token_ids: list[list[int]] = field(default_factory=list)  # new tokens per request, input order (if known)
 
 
 class Variant:
@@ -101,6 +102,7 @@ class StaticGenerate(Variant):
         out = RunOutput(new_tokens=[])
         for b in batches:
             out.new_tokens += b["new_tokens"]
+            out.token_ids += b["token_ids"]
             out.ttft_s += [t for t in b["ttft_s"] if t is not None]
         return out
 
@@ -238,6 +240,7 @@ def _results_output(results: list[Any]) -> RunOutput:
     for r in results:
         ids = r["token_ids"] if isinstance(r, dict) else r.token_ids
         out.new_tokens.append(len(ids))
+        out.token_ids.append(list(ids))
         ttft = r.get("ttft_s") if isinstance(r, dict) else getattr(r, "ttft_s", None)
         if ttft is not None:
             out.ttft_s.append(ttft)
