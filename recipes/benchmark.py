@@ -243,9 +243,9 @@ def run(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     }
 
     if shape.experts:  # the spec's MoE bound reads the active experts per token; a full batch touches nearly all
-        per_step = touched_experts_weight_bytes(shape, min(len(reqs), seqs))
-        extra_s = (limit.decode_steps * per_step - limit.decode_weight_bytes) / (rates.copy_tbps * 1e12)
-        summary["roofline_touched_experts_s"] = limit.total_s + extra_s
+        rows = min(len(reqs), seqs)
+        extra_s = (limit.decode_steps * touched_experts_weight_bytes(shape, rows) - limit.decode_weight_bytes) / (rates.copy_tbps * 1e12)
+        summary["roofline_touched_experts"] = {"rows": rows, "total_s": limit.total_s + extra_s}
 
     variants = list(cfg["variants"]) + [v for v in workload.extra_variants if v not in cfg["variants"]]
     previous = _previous_results(cfg, out_dir, variants)

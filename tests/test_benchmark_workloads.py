@@ -98,16 +98,33 @@ def test_w4_s1_and_w2s_draw_the_specified_lengths():
     assert w2s.sampling == {"temperature": 0.8, "top_p": 0.95, "top_k": 50} and "ours_async_greedy" in w2s.extra_variants
 
 
-def test_every_new_workload_composes_through_hydra():
-    from hydra import compose, initialize_config_dir
+def test_every_new_workload_composes_through_hydra_and_the_recipe_reports_what_it_drew(tmp_path):
+    """The recipe's parent process on each new workload (no variant): the drawn totals, the roofline, the table."""
+    import importlib.util
 
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    spec_ = importlib.util.spec_from_file_location("benchmark_recipe", ROOT / "recipes" / "benchmark.py")
+    recipe = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(recipe)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         for name in ("w2s", "w4", "w5", "w6", "w7", "s1"):
-            cfg = compose(config_name="benchmark", overrides=[f"workload={name}", "first_call.enabled=true"])
-            from omegaconf import OmegaConf
-
-            workload = Workload.from_dict(OmegaConf.to_container(cfg.workload, resolve=True))
-            assert workload.name == name and cfg.first_call.variants == ["ours_async"]
+            overrides = [f"workload={name}", "variants=[]", "++workload.extra_variants=[]", "device=cpu",
+                         "figures.enabled=false", "first_call.enabled=true"]
+            cfg = compose(config_name="benchmark", overrides=overrides)
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+            assert cfg["first_call"]["variants"] == ["ours_async"]
+            reqs = Workload.from_dict(cfg["workload"]).build()
+            summary = recipe.run(cfg, tmp_path / name)
+            drawn = summary["requests_drawn"]
+            assert drawn["prompt_tokens"] == sum(reqs.total_lens()) and drawn["output_tokens"] == sum(reqs.new_tokens)
+            assert summary["roofline"]["prefill_s"] > 0 and (summary["roofline"]["decode_s"] > 0) == (name != "s1")
+            assert (tmp_path / name / f"bench_{name}.md").read_text().startswith(f"## {name}:")
+            assert ("roofline_touched_experts" in summary) == (name == "w6")
+            if name == "w6":  # 256 rows a step read every expert: far more bytes than the active experts' bound
+                touched = summary["roofline_touched_experts"]
+                assert touched["rows"] == 256 and touched["total_s"] > 2 * summary["roofline"]["total_s"]
 
 
 def _shape(**kw) -> ModelShape:
@@ -272,13 +289,15 @@ def test_padded_scoring_baseline_equals_a_plain_forward(tiny_llama):
             assert n == len(cont) and lp == pytest.approx(want, abs=1e-4)
 
 
-def test_report_compares_sampled_with_greedy_and_cache_on_with_off():
+def test_report_compares_sampled_with_greedy_cache_on_with_off_and_states_the_moe_bound():
     row = lambda name, wall, tok: {"variant": name, "status": "ok", "requests": 4, "wall_s": wall, "output_tok_s": tok}  # noqa: E731
     summary = {"workload": {"name": "w", "sampling": {"temperature": 0.8}, "generator": "shared_prefix"},
-               "roofline": {"total_s": 1.0}, "roofline_max_num_seqs": 512, "requests_drawn": {}}
+               "roofline": {"total_s": 1.0}, "roofline_max_num_seqs": 512, "requests_drawn": {},
+               "roofline_touched_experts": {"rows": 256, "total_s": 3.5}}
     results = [row("ours_async", 2.0, 90.0), row("ours_async_greedy", 1.8, 100.0), row("ours_async_no_prefix_cache", 9.0, 20.0)]
     lines = report.comparisons(summary, {r["variant"]: r for r in results})
     assert any("Sampled over greedy" in x and "= 0.900" in x for x in lines)
     assert any("Prefix caching: wall 9.00 s off / 2.00 s on = 4.50x (issue 11: at least 4x on W5)" in x for x in lines)
+    assert any("A step of 256 rows" in x and "3.500 s instead of 1.000 s" in x for x in lines)
     table = report.table(results)
     assert "scored tok/s" not in table and "out tok/s" in table  # empty columns are left out

@@ -206,8 +206,9 @@ def comparisons(summary: dict[str, Any], by_name: dict[str, dict[str, Any]]) -> 
     if sampling and pair("ours_async", "ours_async_greedy"):
         a, g = by_name["ours_async"], by_name["ours_async_greedy"]
         key = "output_tok_s" if a.get("output_tok_s") else "total_tok_s"
-        out.append(f"Sampled over greedy ({', '.join(f'{k}={v}' for k, v in sampling.items())}): ours_async "
-                   f"{a[key]:,.0f} vs ours_async_greedy {g[key]:,.0f} tok/s = {a[key] / g[key]:.3f} (issue 9: at least 0.90).")
+        how = ", ".join(f"{k}={v}" for k, v in sampling.items())
+        out.append(f"Sampled over greedy ({how}): ours_async {a[key]:,.0f} vs ours_async_greedy {g[key]:,.0f} tok/s "
+                   f"= {a[key] / g[key]:.3f} (issue 9: at least 0.90).")
     if pair("ours_async", "ours_async_no_prefix_cache"):
         on, off = by_name["ours_async"], by_name["ours_async_no_prefix_cache"]
         line = f"Prefix caching: wall {off['wall_s']:.2f} s off / {on['wall_s']:.2f} s on = {off['wall_s'] / on['wall_s']:.2f}x"
@@ -220,11 +221,12 @@ def comparisons(summary: dict[str, Any], by_name: dict[str, dict[str, Any]]) -> 
             line += (f"; with caching {stats.get('prefill_tokens', 0):,} prompt tokens computed and "
                      f"{stats['cached_tokens']:,} served from the cache")
         out.append(line + ".")
-    if summary.get("roofline_touched_experts_s"):
-        out.append(f"MoE: the roofline reads the active experts' weights per decode step (BENCHMARKS.md). A batch of "
-                   f"{summary['roofline_max_num_seqs']} rows under uniform routing touches nearly every expert of a "
-                   f"layer; with every touched expert read once per step the limit is "
-                   f"{summary['roofline_touched_experts_s']:.3f} s instead of {summary['roofline']['total_s']:.3f} s.")
+    touched = summary.get("roofline_touched_experts")
+    if touched:
+        out.append(f"MoE: the roofline reads the active experts' weights per decode step (BENCHMARKS.md). A step of "
+                   f"{touched['rows']} rows under uniform routing touches nearly every expert of a layer; with every "
+                   f"touched expert read once per step the limit is {touched['total_s']:.3f} s instead of "
+                   f"{summary['roofline']['total_s']:.3f} s.")
     if summary["workload"].get("generator") == "score_pairs":
         out.append("Scoring: scored tok/s = continuation tokens / wall s; total tok/s = context + continuation tokens "
                    "(prompt tokens) / wall s; the roofline is prefill only, with logits for the continuation rows.")
