@@ -150,14 +150,8 @@ class ModelRunner:
         if backend == "triton":
             if self.device.type != "cuda":
                 raise ValueError("BatcherConfig.attention_backend='triton' needs a CUDA device; use 'torch' or 'auto'")
-            from .triton_paged_attention import paged_attention
-
-            def triton_kernel(q, kc, vc, meta: AttentionMetadata, scale, window, softcap):
-                return paged_attention(q, kc, vc, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                                       meta.max_query_len, scale, window, softcap)
-
             self.backend = "triton"
-            return triton_kernel
+            return attention.triton_paged_attention
         self.backend = "torch"
         return attention.torch_paged_attention
 
