@@ -2,8 +2,9 @@
 
 The model's own code calls it per layer with the packed ``[1, heads, T, dim]`` query/key/value of one step. It writes
 K/V into the paged cache at the step's slots, then attends each query over its sequence's cached blocks (causal,
-sliding window, logit soft-capping and attention sinks respected). The model runner passes the step's ``StepContext`` as the keyword
-argument ``paged_step`` of the model's forward; transformers hands such keyword arguments down to the attention call.
+sliding window, logit soft-capping and attention sinks respected). The model runner passes the step's ``StepContext``
+as the keyword argument ``paged_step`` of the model's forward; transformers hands such keyword arguments down to the
+attention call.
 """
 
 from __future__ import annotations

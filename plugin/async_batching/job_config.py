@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .config import DTYPES, BatcherConfig
+from .lightning.settings import ON_ERROR
 from .request import SamplingParams
 
-ON_ERROR = ("skip", "raise")
 PROGRESS_BARS = ("tqdm", "rich", "none")
 
 
@@ -29,6 +29,7 @@ class SamplingConfig:
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    n: int = 1  # samples per prompt (one output line each, with all samples)
     seed: Optional[int] = None
     stop_token_ids: list[int] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)

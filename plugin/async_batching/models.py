@@ -32,7 +32,8 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         sliding_window=24, layer_types=["sliding_attention", "full_attention"],
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
                          "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0}},
-        final_logit_softcapping=30.0, tie_word_embeddings=False, **_COMMON,  # untied: tied tiny outputs repeat one token
+        # Untied: with tied embeddings this tiny model's greedy outputs mostly repeat one token.
+        final_logit_softcapping=30.0, tie_word_embeddings=False, **_COMMON,
     ),
     # Mixture-of-experts. gpt-oss adds attention sinks and alternating sliding/full layers (its config's default).
     "gpt_oss": dict(

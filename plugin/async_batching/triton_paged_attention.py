@@ -10,9 +10,10 @@ KV split).  The ``BLOCK_Q`` queries times the ``G`` query heads sharing that kv 
 each K/V tile is loaded once for the whole GQA group and ``tl.dot`` always gets >= 16 rows, even in decode.  Keys are
 visited in tiles of ``TILE_N`` positions, each key's address being looked up through the block table, so ``TILE_N``
 is independent of ``block_size``.  Attention sinks (gpt-oss: one logit per query head in the softmax denominator,
-attached to no value) start each row's running softmax state as a key of that logit with a zero value.  When the grid would be too small to fill the GPU (decode of few sequences with long
-contexts) the key range is cut into ``NUM_SPLITS`` parts whose partial softmax states a second kernel merges; only
-split 0 starts from the sink, so the merge counts it once.
+attached to no value) start each row's running softmax state as a key of that logit with a zero value.  When the grid
+would be too small to fill the GPU (decode of few sequences with long contexts) the key range is cut into
+``NUM_SPLITS`` parts whose partial softmax states a second kernel merges; only split 0 starts from the sink, so the
+merge counts it once.
 """
 
 from __future__ import annotations
