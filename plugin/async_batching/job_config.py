@@ -29,6 +29,8 @@ class SamplingConfig:
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
     n: int = 1  # samples per prompt (one output line each, with all samples)
     seed: Optional[int] = None
     stop_token_ids: list[int] = field(default_factory=list)
