@@ -62,10 +62,10 @@ def test_moe_builds_with_defaults_and_decodes_in_graphs(arch, dtype, caplog, cap
         b = ContinuousBatcher(model)
     lines = [r.getMessage() for r in caplog.records if r.name == RUNNER_LOG]
     res = b.generate(mixed_prompts(8, seed=2), SamplingParams(max_new_tokens=8, ignore_eos=True))
+    shown = lines or ["the model's own experts implementation captured"]
     with capsys.disabled():
         print(f"\n[gpu] {arch} {str(dtype)[6:]}: graphs {'on' if b.runner.graphs else 'OFF'} "
-              f"({len(b.runner.graphs)} buckets), graph steps {b.stats['graph_steps']} of {b.stats['steps']}; "
-              f"{lines or 'the model's own experts implementation captured'}")
+              f"({len(b.runner.graphs)} buckets), graph steps {b.stats['graph_steps']} of {b.stats['steps']}; {shown}")
     assert all(len(r.token_ids) == 8 for r in res)
     assert model.config._experts_implementation == "grouped_mm"
     assert b.runner.graphs and b.stats["graph_steps"] > 0, lines
@@ -192,3 +192,55 @@ def test_async_stress_random_lengths_small_cache():
     assert sorted(seen) == list(range(n)), "a result was lost or duplicated"
     assert b.stats["preemptions"] > 0
     assert b.all_blocks_free() and b.num_unfinished == 0
+
+
+def test_nothing_compiles_during_a_run():
+    """Every kernel variant is compiled at start-up: a run of every step shape (long prompts in chunks, decode at many
+    batch sizes, n samples, scoring) adds no Triton variant of the attention kernels, and no torch.compile graph."""
+    from torch._dynamo.utils import counters
+
+    from async_batching.triton_paged_attention import compiled_variants
+
+    model = smol_shape(layers=2)
+    rng = random.Random(9)
+    prompts = _rand_prompts(60, 1, 3000, seed=9)
+    params = [SamplingParams(max_new_tokens=rng.randint(1, 40), ignore_eos=True, n=rng.choice([1, 1, 3]),
+                             temperature=rng.choice([0.0, 0.8])) for _ in prompts]
+    pairs = [(p[:rng.randint(1, len(p))], [5, 6, 7]) for p in prompts[:20]]
+    for compile_ in (False, True):
+        b = ContinuousBatcher(model, compile=compile_, max_batch_tokens=1024, max_num_seqs=64)
+        variants, graphs = compiled_variants(), counters["stats"]["unique_graphs"]
+        b.generate(prompts, params)
+        b.score(pairs)
+        assert compiled_variants() == variants, f"a Triton kernel compiled during the run (compile={compile_})"
+        assert counters["stats"]["unique_graphs"] == graphs, "torch.compile compiled during the run"
+        b.close()
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_prefix_caching_and_samples_are_exact_on_the_triton_path(graphs):
+    """fp32 on CUDA: shared prefixes (hits from the cache and from the same step), n samples, greedy == generate."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = tiny_model("llama", device="cuda")
+    base = mixed_prompts(1, lo=70, hi=70, seed=3)[0]
+    prompts = [base + p for p in mixed_prompts(6, lo=1, hi=30, seed=4)] + [base, base[:33]]
+    refs = [reference(model, p, 10) for p in prompts]
+    for mode in ("sync", "async"):
+        b = ContinuousBatcher(model, mode=mode, cuda_graphs=graphs, max_num_seqs=4, max_batch_tokens=64,
+                              block_size=16, num_blocks=40)
+        out = b.generate(prompts, SamplingParams(max_new_tokens=10, n=2, ignore_eos=True))
+        assert [[s.token_ids for s in r.samples] for r in out] == [[ref, ref] for ref in refs], (mode, graphs)
+        assert b.stats["cached_tokens"] > 0 and b.all_blocks_free()
+
+
+def test_scores_equal_a_plain_forward_on_the_triton_path():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = tiny_model("llama", device="cuda")
+    pairs = [(p[:-5], p[-5:]) for p in mixed_prompts(12, lo=8, hi=150, seed=6)]
+    got = ContinuousBatcher(model, max_batch_tokens=64, block_size=16).score(pairs)
+    for (ctx, cont), r in zip(pairs, got):
+        ids = torch.tensor([ctx + cont], device="cuda")
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, len(ctx) - 1:-1].float(), -1)
+        want = logp.gather(1, torch.tensor(cont, device="cuda")[:, None])[:, 0].tolist()
+        assert max(abs(a - b) for a, b in zip(r.token_logprobs, want)) < 1e-4

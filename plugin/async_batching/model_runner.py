@@ -381,11 +381,13 @@ class ModelRunner:
         return torch.inference_mode() if self.config.compile else torch.no_grad()
 
     def warmup(self) -> None:
-        """Run prefill-shaped steps once so kernel compilation (Triton specialises on the query tile) happens now;
-        with ``compile``, decode-shaped ones too (torch.compile specialises sizes of 1 and equal sizes)."""
-        shapes = [(1, q) for q in (2, 4, 8, 16, 32, 64) if q <= self.config.max_batch_tokens]
+        """Run steps of every query tile once so kernel compilation happens now, not during a run: Triton specialises
+        the attention kernel on the query tile (a power of two up to 64 rows; the KV split count is a run-time
+        argument, and a one-sequence step takes the split path); with ``compile``, two-sequence steps too
+        (torch.compile specialises sizes of 1 and equal sizes)."""
+        shapes = [(1, q) for q in (1, 2, 4, 8, 16, 32, 64) if q <= self.config.max_batch_tokens]
         if self.config.compile:
-            shapes += [(1, 1), (2, 1), (2, 2)]
+            shapes += [(2, 1), (2, 2)]
         for num_seqs, q_len in shapes:
             lay, buf = self._scratch_step(num_seqs, q_len)
             with self._untimed_mode(), self.installed():
