@@ -14,7 +14,7 @@ import torch
 from . import attention
 from .attention import AttentionMetadata, StepContext
 from .kv_cache import LayerSpec, PagedKVCache
-from .sampling import SamplingInputs, SamplingPlan, sampling_inputs, stage_sampling
+from .sampling import SamplingInputs, SamplingPlan, SamplingState, sampling_inputs, stage_sampling
 from .scheduler import StepPlan
 
 SCRATCH_ROW = 0  # block-table row of CUDA-graph padding; all its entries point at the scratch block
@@ -75,6 +75,7 @@ class ModelRunner:
         # Persistent device block table: one row per admitted request, updated incrementally (new blocks only).
         self.table_rows = 2 * config.max_num_seqs + 2
         self.block_table = torch.zeros(self.table_rows, self.max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.sampling_state = SamplingState(self.table_rows, self.vocab_size)  # repetition penalties' token sets
         self.kernel = self._choose_kernel()
         self.ctx = StepContext(self.cache.k, self.cache.v, self.kernel)
         self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -255,7 +256,7 @@ class ModelRunner:
     def _prepare_sampling(self, lay: StepLayout, parts: list) -> None:
         reqs = lay.sample_rows
         lay.logprobs_k = max((r.sampling.logprobs for r in reqs if r.sampling.logprobs is not None), default=-1)
-        lay.sampling, arrays = stage_sampling(reqs)
+        lay.sampling, arrays = stage_sampling(reqs, self.sampling_state)
         for name, arr in arrays:
             parts.append(arr)
             lay.add(name, arr)
