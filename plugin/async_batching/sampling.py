@@ -92,13 +92,12 @@ def _uniform52(lo: torch.Tensor, hi: torch.Tensor, lane_a: int, lane_b: int) -> 
 def _chunk_sums(w: torch.Tensor) -> torch.Tensor:
     """Sums of ``w [R, V]`` (float or bool) over consecutive chunks of ``_CHUNK`` vocab ids, float64 ``[R, chunks]``."""
     R, V = w.shape
-    full = V // _CHUNK * _CHUNK
-    parts = []
-    if full:
-        parts.append(w[:, :full].reshape(R, -1, _CHUNK).sum(-1, dtype=torch.float64))
+    size = min(_CHUNK, V)
+    full = V // size * size
+    sums = w[:, :full].reshape(R, -1, size).sum(-1, dtype=torch.float64)
     if full < V:
-        parts.append(w[:, full:].sum(-1, keepdim=True, dtype=torch.float64))
-    return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+        sums = torch.cat([sums, w[:, full:].sum(-1, keepdim=True, dtype=torch.float64)], 1)
+    return sums
 
 
 def _inverse_cdf(w: torch.Tensor, sums: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -108,16 +107,17 @@ def _inverse_cdf(w: torch.Tensor, sums: torch.Tensor, u: torch.Tensor) -> torch.
     the result always has positive weight (the clamps absorb rounding at the ends of the ranges).
     """
     R, V = w.shape
+    size = min(_CHUNK, V)
     cum = sums.cumsum(-1)
     total = cum[:, -1:].contiguous()
     target = u * total
     chunk = torch.minimum(torch.searchsorted(cum, target, right=True), torch.searchsorted(cum, total))
     inside = (target - (cum.gather(1, chunk) - sums.gather(1, chunk))).clamp(min=0)
-    cols = chunk * _CHUNK + torch.arange(_CHUNK, device=w.device)
+    cols = chunk * size + torch.arange(size, device=w.device)
     valid = cols < V
     local = w.gather(1, cols.clamp(max=V - 1)).double().masked_fill(~valid, 0).cumsum(-1)
     pos = torch.minimum(torch.searchsorted(local, inside, right=True), torch.searchsorted(local, local[:, -1:].contiguous()))
-    return (chunk * _CHUNK + pos)[:, 0]
+    return (chunk * size + pos)[:, 0]
 
 
 # --- host side: what one step stages ----------------------------------------------------------------------------

@@ -1,0 +1,221 @@
+"""Sampling: independent streams per request, draws that follow the model's own (processed) distribution, repetition
+penalty equal to transformers'."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from transformers import (LogitsProcessorList, MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
+                          TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+from async_batching import ContinuousBatcher, SamplingParams
+from async_batching.models import tiny_model
+from async_batching.sampling import SamplingState, sample, sampling_inputs, stage_sampling, stream_seed
+from engine_helpers import mixed_prompts
+
+P_MIN = 1e-6  # a correct sampler fails a goodness-of-fit check with this probability
+PROMPT = [5, 6, 7, 8]
+HISTORY = [5, 6, 7, 8, 11, 17, 42, 5]  # tokens a penalised row has seen (prompt and generated)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def sharp_model():
+    """The tiny llama with its final norm scaled by 8: logits spread like a trained model's (std ~1.3 instead of 0.16),
+    so a wrong temperature or cut-off changes the distribution enough to be detected."""
+    m = tiny_model("llama")
+    with torch.no_grad():
+        m.model.norm.weight.mul_(8)
+    return m
+
+
+@pytest.fixture(scope="module")
+def last_logits(sharp_model):
+    """The model's next-token logits after PROMPT (a plain forward): the oracle's input."""
+    with torch.no_grad():
+        return sharp_model(torch.tensor([PROMPT])).logits[0, -1].float()
+
+
+def processed_probs(logits: torch.Tensor, sp: SamplingParams, history=PROMPT) -> torch.Tensor:
+    """transformers' own processors and warpers, in generate's order, applied to one row: the distribution to match."""
+    procs = LogitsProcessorList()
+    if sp.repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(sp.repetition_penalty))
+    procs.append(TemperatureLogitsWarper(sp.temperature))
+    if sp.top_k:
+        procs.append(TopKLogitsWarper(sp.top_k))
+    if sp.top_p < 1.0:
+        procs.append(TopPLogitsWarper(sp.top_p))
+    if sp.min_p:
+        procs.append(MinPLogitsWarper(sp.min_p))
+    scores = procs(torch.tensor([history]), logits.float()[None].clone())
+    return torch.softmax(scores[0].double(), -1)
+
+
+def chi_square_p_value(tokens: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson's goodness of fit of drawn tokens against ``probs``; bins with expected counts below 5 are merged
+    (smallest first). Survival function of chi-square through the regularised upper incomplete gamma."""
+    n = len(tokens)
+    observed = torch.bincount(tokens.long(), minlength=len(probs)).double()
+    expected = probs.double() * n
+    keep = expected > 0
+    order = torch.argsort(expected[keep])
+    exp_sorted, obs_sorted = expected[keep][order], observed[keep][order]
+    bins_e, bins_o, acc_e, acc_o = [], [], 0.0, 0.0
+    for e, o in zip(exp_sorted.tolist(), obs_sorted.tolist()):
+        acc_e, acc_o = acc_e + e, acc_o + o
+        if acc_e >= 5:
+            bins_e.append(acc_e)
+            bins_o.append(acc_o)
+            acc_e = acc_o = 0.0
+    if acc_e and bins_e:  # the remainder joins the last bin
+        bins_e[-1] += acc_e
+        bins_o[-1] += acc_o
+    e, o = torch.tensor(bins_e), torch.tensor(bins_o)
+    dof = len(bins_e) - 1
+    if dof < 1:
+        return 1.0
+    stat = ((o - e) ** 2 / e).sum()
+    return float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64), stat / 2.0))
+
+
+def direct_draws(logits: torch.Tensor, params: list[SamplingParams], history=PROMPT) -> torch.Tensor:
+    """``sample`` on one step whose rows are requests with these params (distinct unseeded streams, first token)."""
+    n = len(params)
+    rows = [types.SimpleNamespace(sampling=sp, seed=stream_seed(0, i), num_generated=0, row=i + 1, uid=i,
+                                  num_preemptions=0, prompt_ids=list(history), output_ids=[], num_known=len(history))
+            for i, sp in enumerate(params)]
+    plan, arrays = stage_sampling(rows, SamplingState(n + 2, logits.shape[-1]))
+    segs = {name: torch.from_numpy(a) for name, a in arrays}
+    segs["input_ids"] = torch.full((n,), history[-1], dtype=torch.int32)
+    segs["logits_idx"] = torch.arange(n, dtype=torch.int32)
+    return sample(logits.expand(n, -1).contiguous(), sampling_inputs(plan, segs.__getitem__))
+
+
+SWEEP = [
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.7, top_k=40),
+    SamplingParams(temperature=1.3, top_p=0.6),
+    SamplingParams(temperature=0.8, top_k=100, top_p=0.8),
+    SamplingParams(temperature=1.0, min_p=0.2),
+    SamplingParams(temperature=0.6, top_k=80, top_p=0.9, min_p=0.1),
+    SamplingParams(temperature=0.9, repetition_penalty=1.8),
+    SamplingParams(temperature=1.2, top_k=50, repetition_penalty=0.6),
+]
+
+
+def test_draws_follow_the_models_processed_distribution_in_a_mixed_step(last_logits):
+    """One step whose rows interleave greedy rows and eight sampling configurations: each configuration's draws fit
+    transformers' processed distribution, never leave its support, and greedy rows are the argmax."""
+    per_config = 3000
+    configs = SWEEP + [SamplingParams(temperature=0.0)]
+    params = [configs[i % len(configs)] for i in range(per_config * len(configs))]
+    tokens = direct_draws(last_logits, params, HISTORY)
+    for c, sp in enumerate(configs):
+        got = tokens[c::len(configs)]
+        if sp.temperature == 0:
+            assert (got == int(last_logits.argmax())).all()
+            continue
+        probs = processed_probs(last_logits, sp, HISTORY)
+        assert (probs[got.long()] > 0).all(), f"{sp}: a token outside the top-k set / nucleus / min-p set was drawn"
+        assert chi_square_p_value(got, probs) > P_MIN, sp
+
+
+def test_top_k_keeps_every_token_tied_with_the_kth_value(last_logits):
+    """bfloat16 logits tie often; transformers keeps all tokens equal to the k-th value, and so do the draws."""
+    coarse = last_logits.to(torch.bfloat16)  # coarse enough that values repeat
+    values = coarse.float()
+    crossing = [k for k in range(8, 100) if int((values >= values.topk(k).values[-1]).sum()) > k]
+    assert len(crossing) >= 2  # the case is real: ties cross the k-th place
+    for sp in (SamplingParams(temperature=1.0, top_k=crossing[0]),
+               SamplingParams(temperature=0.7, top_k=crossing[1], top_p=0.8)):
+        probs = processed_probs(values, sp)
+        assert int((probs > 0).sum()) > sp.top_k or sp.top_p < 1
+        got = direct_draws(coarse, [sp] * 20000)
+        assert (probs[got.long()] > 0).all()
+        assert chi_square_p_value(got, probs) > P_MIN, sp
+
+
+def test_goodness_of_fit_check_rejects_a_wrong_temperature(last_logits):
+    """The check has power: draws at temperature 0.7 fail against the distribution at 1.0 (a sampler ignoring its
+    temperature), and draws with top-p 0.8 fail against top-p 0.8 applied without top-k's renormalisation."""
+    got = direct_draws(last_logits, [SamplingParams(temperature=0.7, top_k=100)] * 3000)
+    assert chi_square_p_value(got, processed_probs(last_logits, SamplingParams(temperature=1.0, top_k=100))) < P_MIN
+    got = direct_draws(last_logits, [SamplingParams(temperature=1.0, top_k=40, top_p=0.8)] * 3000)
+    unnormalised = processed_probs(last_logits, SamplingParams(temperature=1.0, top_p=0.8))
+    unnormalised = torch.where(processed_probs(last_logits, SamplingParams(temperature=1.0, top_k=40)) > 0, unnormalised, 0)
+    assert chi_square_p_value(got, unnormalised / unnormalised.sum()) < P_MIN
+
+
+def test_engine_first_tokens_follow_the_models_distribution(sharp_model):
+    """Thousands of unseeded requests of one prompt through the engine, two configurations mixed in each step: their
+    first tokens fit the model's distribution. (A one-token prompt keeps the CPU reference attention fast.)"""
+    prompt, n = [7], 2000
+    with torch.no_grad():
+        logits = sharp_model(torch.tensor([prompt])).logits[0, -1].float()
+    configs = [SamplingParams(temperature=0.8, top_k=60, top_p=0.9, max_new_tokens=1),
+               SamplingParams(temperature=1.0, min_p=0.1, max_new_tokens=1)]
+    out = ContinuousBatcher(sharp_model).generate([prompt] * (n * len(configs)), configs * n)
+    tokens = torch.tensor([r.token_ids[0] for r in out])
+    for c, sp in enumerate(configs):
+        got, probs = tokens[c::len(configs)], processed_probs(logits, sp, prompt)
+        assert (probs[got] > 0).all()
+        assert chi_square_p_value(got, probs) > P_MIN, sp
+
+
+def test_unseeded_requests_each_get_their_own_stream(model):
+    """Issue 9's defect: six unseeded samples of one prompt differ, and a second call draws fresh ones."""
+    sp = SamplingParams(temperature=1.0, max_new_tokens=8, ignore_eos=True)
+    b = ContinuousBatcher(model)
+    first = [r.token_ids for r in b.generate([PROMPT] * 6, sp)]
+    second = [r.token_ids for r in b.generate([PROMPT] * 6, sp)]
+    assert len({tuple(t) for t in first}) == 6
+    assert all(a != c for a in first for c in second)
+
+
+def test_unseeded_sampling_is_reproducible_from_the_batcher_seed(model):
+    sp = SamplingParams(temperature=1.0, max_new_tokens=8, ignore_eos=True)
+    prompts = [PROMPT] * 4 + mixed_prompts(3, lo=2, hi=20, seed=5)
+
+    def run(seed, mode="async", **kw):
+        return [r.token_ids for r in ContinuousBatcher(model, seed=seed, mode=mode, **kw).generate(prompts, sp)]
+
+    base = run(0)
+    assert run(0, mode="sync", max_num_seqs=3) == base
+    other = run(1)
+    assert all(a != b for a, b in zip(base, other))
+
+
+def test_seeds_differing_only_in_their_high_word_draw_differently(model):
+    """The 64-bit seed enters the noise whole: seeds equal in their low 32 bits are different streams."""
+    b = ContinuousBatcher(model)
+    seeds = [5, 5 + (1 << 32), 5 + (1 << 63)]
+    out = b.generate([PROMPT] * 3, [SamplingParams(temperature=1.0, max_new_tokens=8, ignore_eos=True, seed=s)
+                                    for s in seeds])
+    assert len({tuple(r.token_ids) for r in out}) == 3
+
+
+@pytest.mark.parametrize("penalty", [1.5, 0.7])
+def test_greedy_with_repetition_penalty_equals_generate(model, penalty):
+    """Penalised greedy decoding equals ``model.generate(repetition_penalty=...)`` token for token, in both modes,
+    with prompts split over steps and a cache small enough to preempt (a preempted request's table row is reused)."""
+    prompts = mixed_prompts(6, lo=3, hi=40, seed=1)
+
+    def generate(p):
+        out = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                             max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0,
+                             repetition_penalty=penalty)
+        return out[0, len(p):].tolist()
+
+    want = [generate(p) for p in prompts]
+    for mode in ("sync", "async"):
+        b = ContinuousBatcher(model, mode=mode, max_batch_tokens=16, num_blocks=12, block_size=8)
+        got = b.generate(prompts, SamplingParams(max_new_tokens=12, repetition_penalty=penalty, ignore_eos=True))
+        assert [r.token_ids for r in got] == want
+        assert b.stats["preemptions"] > 0 and b.all_blocks_free()
