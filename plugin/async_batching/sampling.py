@@ -22,8 +22,7 @@ _M32 = 0xFFFFFFFF
 _M64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 _CHUNK = 1024  # inverse-CDF draws find the chunk first, then the token inside it (no [rows, vocab] prefix sum)
-# Per-row noise lanes: ids no vocabulary reaches.
-_LANE_TIES, _LANE_MEMBER_A, _LANE_MEMBER_B, _LANE_DRAW_A, _LANE_DRAW_B = (_M32 - i for i in range(5))
+# Per-row noise comes from "lanes": ids 2**32 - 1, 2**32 - 2, ... that no vocabulary reaches.
 
 
 def stream_seed(*parts: int) -> int:
@@ -72,21 +71,24 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def _hash(lo: torch.Tensor, hi: torch.Tensor, ids) -> torch.Tensor:
+def _hash(lo: torch.Tensor, hi: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """32 random bits (int64) per (row key, id); ``lo``/``hi`` are ``[R, 1]``. A bijection of the id for a fixed key."""
     return _mix32(_mix32(ids ^ lo) ^ hi)
 
 
-def _gumbel(lo: torch.Tensor, hi: torch.Tensor, ids) -> torch.Tensor:
-    """Standard Gumbel noise (float64) from 32-bit uniforms."""
-    u = (_hash(lo, hi, ids).double() + 0.5) * 2.0**-32
-    return -torch.log(-torch.log(u))
+def _lanes(rows: int, count: int, device) -> torch.Tensor:
+    """Ids ``[rows, count]`` of the per-row noise lanes (made on the device: no host copy)."""
+    return (_M32 - torch.arange(count, device=device))[None].expand(rows, count)
 
 
-def _uniform52(lo: torch.Tensor, hi: torch.Tensor, lane_a: int, lane_b: int) -> torch.Tensor:
-    """One uniform in (0, 1) per row (float64 ``[R, 1]``) with 52 random bits: fine enough for any vocabulary."""
-    bits = (_hash(lo, hi, lane_a) << 20) | (_hash(lo, hi, lane_b) >> 12)
-    return (bits.double() + 0.5) * 2.0**-52
+def _gumbel(bits: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise (float64) from 32 random bits."""
+    return -torch.log(-torch.log((bits.double() + 0.5) * 2.0**-32))
+
+
+def _uniform52(bits_a: torch.Tensor, bits_b: torch.Tensor) -> torch.Tensor:
+    """Uniforms in (0, 1) (float64) with 52 random bits from two 32-bit draws: fine enough for any vocabulary."""
+    return (((bits_a << 20) | (bits_b >> 12)).double() + 0.5) * 2.0**-52
 
 
 def _chunk_sums(w: torch.Tensor) -> torch.Tensor:
@@ -144,6 +146,7 @@ class PenaltyPlan:
     count: int
     num_clear: int
     num_marks: int
+    all_rows: bool  # every sampling row is penalised
 
 
 @dataclass
@@ -197,7 +200,7 @@ class SamplingState:
             idx.astype(np.int32), np.asarray(table, np.int32), penalties.astype(np.float32).view(np.int32),
             np.asarray(clear, np.int32), np.asarray(mark_rows, np.int32), np.asarray(mark_toks, np.int32),
         ])
-        return PenaltyPlan(self, upload, len(idx), len(clear), len(mark_toks))
+        return PenaltyPlan(self, upload, len(idx), len(clear), len(mark_toks), len(idx) == len(rows))
 
     def apply(self, plan: PenaltyPlan, seg: Callable[[str], torch.Tensor]) -> "PenaltyInputs":
         """Upload the step's penalty data and bring the presence table up to date (on the current stream)."""
@@ -220,7 +223,7 @@ class SamplingState:
         # The last input token of each row: the latest history token, possibly still unknown to the host.
         last = seg("input_ids").index_select(0, seg("logits_idx").index_select(0, rows)).long()
         self.presence[table, last] = True
-        return PenaltyInputs(rows, penalty, self.presence.index_select(0, table))
+        return PenaltyInputs(None if plan.all_rows else rows, penalty, self.presence.index_select(0, table))
 
 
 def _f32(values) -> np.ndarray:
@@ -306,7 +309,7 @@ class GroupInputs:
 
 @dataclass
 class PenaltyInputs:
-    rows: torch.Tensor  # int64 sampling-row indices
+    rows: Optional[torch.Tensor]  # int64 sampling-row indices; None: rows 0..P-1
     penalty: torch.Tensor  # float32 [P]
     seen: torch.Tensor  # bool [P, V]: token ids in the row's prompt and generated tokens
 
@@ -380,13 +383,15 @@ def sample(logits: torch.Tensor, params: Optional[SamplingInputs]) -> torch.Tens
 
 def _penalised(logits: torch.Tensor, p: PenaltyInputs) -> torch.Tensor:
     """float32 logits with transformers' repetition penalty on the penalised rows: seen tokens' logits are divided by
-    the penalty when positive, multiplied when negative."""
-    x = logits.float()
-    if x is logits:
-        x = x.clone()
-    rows = x.index_select(0, p.rows)
+    the penalty when positive, multiplied when negative. ``logits`` itself is left as it is (logprobs read it)."""
+    x = logits.clone() if logits.dtype == torch.float32 else logits.float()
+    count = len(p.penalty)
+    rows = x[:count] if p.rows is None else x.index_select(0, p.rows)
     pen = p.penalty[:, None]
     rows = torch.where(p.seen, torch.where(rows < 0, rows * pen, rows / pen), rows)
+    if p.rows is None:
+        x[:count] = rows
+        return x
     return x.index_copy_(0, p.rows, rows)
 
 
@@ -422,11 +427,13 @@ def _draw_top_k(x: torch.Tensor, g: GroupInputs) -> torch.Tensor:
         keep = keep & (w >= g.min_p[:, None])
         keep_ties = keep_ties & (w_kth >= g.min_p[:, None])
     # Gumbel-max race: argmax of log-weight + Gumbel noise draws each item with probability proportional to its weight.
-    race = torch.where(keep, (z - m).double() + _gumbel(g.lo, g.hi, ids), -torch.inf)
+    # Candidates' noise is keyed by vocab id; lane 0 is the bucket's, lanes 1-2 pick the bucket's member.
+    bits = _hash(g.lo, g.hi, torch.cat([ids, _lanes(R, 3, x.device)], 1))
+    race = torch.where(keep, (z - m).double() + _gumbel(bits[:, :K]), -torch.inf)
     best, pos = race.max(-1)
-    bucket = torch.log(n_ties * w_kth.double()) + _gumbel(g.lo, g.hi, _LANE_TIES)
+    bucket = torch.log(n_ties * w_kth.double()) + _gumbel(bits[:, K:K + 1])
     bucket = torch.where(keep_ties, bucket, -torch.inf)[:, 0]
-    member = _inverse_cdf(ties, tie_sums, _uniform52(g.lo, g.hi, _LANE_MEMBER_A, _LANE_MEMBER_B))
+    member = _inverse_cdf(ties, tie_sums, _uniform52(bits[:, K + 1:K + 2], bits[:, K + 2:]))
     return torch.where(bucket > best, member, ids.gather(1, pos[:, None])[:, 0])
 
 
@@ -436,7 +443,9 @@ def _draw_full(x: torch.Tensor, g: GroupInputs) -> torch.Tensor:
     probs = torch.softmax(x / g.temperature[:, None], dim=-1)  # float32 (the division promotes)
     threshold = None
     if g.sort is not None:
-        sorted_p = probs.index_select(0, g.sort).sort(dim=-1, descending=True).values
+        # Sorting the logits orders the probabilities the same way, on 16-bit keys when the model returns bf16/fp16.
+        order = x.index_select(0, g.sort).sort(dim=-1, descending=True).indices
+        sorted_p = probs.index_select(0, g.sort).gather(1, order)
         cum = sorted_p.cumsum(-1)
         before = cum - sorted_p
         # transformers keeps a token when the mass before it (in descending order) is below top_p of the total
@@ -446,7 +455,8 @@ def _draw_full(x: torch.Tensor, g: GroupInputs) -> torch.Tensor:
         floor = g.min_p * probs.amax(-1)
         threshold = floor if threshold is None else torch.maximum(threshold, floor)
     w = probs if threshold is None else torch.where(probs >= threshold[:, None], probs, 0.0)
-    return _inverse_cdf(w, _chunk_sums(w), _uniform52(g.lo, g.hi, _LANE_DRAW_A, _LANE_DRAW_B))
+    bits = _hash(g.lo, g.hi, _lanes(len(w), 2, w.device))
+    return _inverse_cdf(w, _chunk_sums(w), _uniform52(bits[:, :1], bits[:, 1:]))
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
