@@ -2,12 +2,14 @@
 order and semantics), with per-request reproducible noise and no host synchronization.
 
 Noise is a pure function of (64-bit stream seed, generated-token index, vocab id or a per-row lane), so a seeded request
-draws the same tokens whatever the batch composition, the mode (sync/async) or a preemption and recompute. Noise is only
+draws the same tokens whatever the batch composition, the mode (sync/async) or a preemption and recompute. It is only
 computed where it can matter:
-- top-k rows: ``torch.topk`` candidates race with Gumbel noise keyed by vocab id; the tokens tied with the k-th value
-  (transformers keeps them all) race as one bucket whose member is then drawn uniformly;
-- rows without top-k: one inverse-CDF draw per row (one 52-bit uniform) over the kept tokens in vocab order; top-p finds
-  its nucleus threshold by sorting only those rows' probabilities.
+- top-k rows: the ``torch.topk`` candidates race with Gumbel noise keyed by vocab id; the tokens tied with the k-th
+  value (transformers keeps them all, inside or outside the candidates) race as one bucket, whose member is then drawn
+  uniformly;
+- rows without top-k: one inverse-CDF draw per row (one 52-bit uniform) over the kept tokens in vocab order; top-p
+  finds its nucleus threshold by sorting the logits of only the rows that ask for it.
+A cut (top-k, top-p, min-p) keeps or drops tokens of equal logits together.
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ def _inverse_cdf(w: torch.Tensor, sums: torch.Tensor, u: torch.Tensor) -> torch.
     valid = cols < V
     local = w.gather(1, cols.clamp(max=V - 1)).double().masked_fill(~valid, 0).cumsum(-1)
     pos = torch.minimum(torch.searchsorted(local, inside, right=True), torch.searchsorted(local, local[:, -1:].contiguous()))
-    return (chunk * size + pos)[:, 0]
+    return (chunk * size + pos)[:, 0].clamp_(max=V - 1)  # in range even for NaN logits (no device assert later)
 
 
 # --- host side: what one step stages ----------------------------------------------------------------------------
@@ -134,7 +136,7 @@ class GroupPlan:
     top_k_max: int = 0  # top-k group: the widest top_k (the candidates torch.topk returns)
     top_p: bool = False
     min_p: bool = False
-    num_sort: int = 0  # rows-without-top-k group: rows with top_p < 1 (their probabilities are sorted)
+    num_sort: int = 0  # rows-without-top-k group: rows with top_p < 1 (their logits are sorted)
 
 
 @dataclass
