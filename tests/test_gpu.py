@@ -68,7 +68,7 @@ def test_compiled_vs_eager_graphs_match_rate_bf16(capsys):
     same, first = _match_rates(outs[False], outs[True])
     with capsys.disabled():
         print(f"\n[gpu] compiled vs eager (both with graphs) bf16: full-sequence match {same:.0%}, first token {first:.0%}")
-    assert first >= 0.95
+    assert first >= 0.95 and same >= 0.8  # measured on an H100: 100% and 92%
 
 
 def _rand_prompts(n, lo, hi, seed=0, vocab=49152):
@@ -100,18 +100,31 @@ def test_async_vs_sync_match_rate_with_chunking_and_preemption(capsys):
     same, first = _match_rates(outs["sync"], outs["async"])
     with capsys.disabled():
         print(f"\n[gpu] async vs sync bf16 with chunking+preemption: full-sequence match {same:.0%}, first token {first:.0%}")
-    assert first >= 0.95
+    assert first >= 0.95 and same >= 0.7  # measured on an H100: 99% and 84%
 
 
-def test_graphs_vs_eager_match_rate(capsys):
-    model = smol_shape()
+def _graphs_and_eager(dtype):
+    model = smol_shape(dtype=dtype)
     prompts = _rand_prompts(40, 16, 120, seed=2)
     sp = SamplingParams(max_new_tokens=32, ignore_eos=True)
-    outs = {g: [r.token_ids for r in ContinuousBatcher(model, cuda_graphs=g).generate(prompts, sp)] for g in (False, True)}
-    same, _ = _match_rates(outs[False], outs[True])
+    return {g: [r.token_ids for r in ContinuousBatcher(model, cuda_graphs=g).generate(prompts, sp)] for g in (False, True)}
+
+
+def test_graphs_equal_eager_fp32():
+    """Replaying captured decode graphs computes what eager decode steps compute: in fp32, token for token."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    outs = _graphs_and_eager(torch.float32)
+    assert outs[True] == outs[False]
+
+
+def test_graphs_vs_eager_match_rate_bf16(capsys):
+    """bf16: prefill is eager in both runs, so first tokens agree; an H100 run measured 100% of full sequences
+    equal, and the bound leaves room for two of the 40 to part on a rounding difference of the padded replays."""
+    outs = _graphs_and_eager(torch.bfloat16)
+    same, first = _match_rates(outs[False], outs[True])
     with capsys.disabled():
-        print(f"\n[gpu] graphs vs eager bf16: full-sequence match {same:.0%}")
-    assert same >= 0.8
+        print(f"\n[gpu] graphs vs eager bf16: full-sequence match {same:.0%}, first token {first:.0%}")
+    assert first == 1.0 and same >= 0.95
 
 
 def test_async_stress_random_lengths_small_cache():

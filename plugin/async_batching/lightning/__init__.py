@@ -1,13 +1,16 @@
 """The Lightning plugin: with ``Trainer(callbacks=[ContinuousBatching(...)])``, ``trainer.predict`` generates
 through a continuous batcher."""
 
-from .callback import BatchItem, ContinuousBatching, items_from_batch
-from .loop import ContinuousPredictionLoop, RequestRecord
+from .batch import BatchItem, items_from_batch
+from .callback import ContinuousBatching
+from .loop import ContinuousPredictionLoop
 from .progress import GenerationStats, RequestRichProgressBar, RequestTQDMProgressBar, format_summary
+from .record import RequestRecord
+from .settings import ON_ERROR, PredictSettings
 from .writer import JsonlPredictionWriter, merge_jsonl
 
 __all__ = [
     "ContinuousBatching", "ContinuousPredictionLoop", "JsonlPredictionWriter", "RequestRecord", "BatchItem",
     "GenerationStats", "RequestTQDMProgressBar", "RequestRichProgressBar", "format_summary", "items_from_batch",
-    "merge_jsonl",
+    "merge_jsonl", "PredictSettings", "ON_ERROR",
 ]
