@@ -219,8 +219,10 @@ def test_seeds_differing_only_in_their_high_word_draw_differently(model):
 @pytest.mark.parametrize("mode, penalty", [("sync", 1.5), ("async", 0.7)])
 def test_greedy_with_repetition_penalty_equals_generate(model, mode, penalty):
     """Penalised greedy decoding equals ``model.generate(repetition_penalty=...)`` token for token, with prompts split
-    over steps and a cache small enough to preempt (a preempted request's table row is cleared and restaged)."""
-    prompts = mixed_prompts(6, lo=3, hi=40, seed=1)
+    over steps, a cache small enough to preempt (a preempted request's table row is cleared and restaged) and prompts
+    whose shared prefix comes from the prefix cache (tokens never fed through the request's own row)."""
+    prompts = mixed_prompts(5, lo=3, hi=40, seed=1)
+    prompts += [prompts[1][:16] + [9, 10, 11], prompts[1][:24] + [12]]
 
     def generate(p):
         out = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
@@ -231,4 +233,37 @@ def test_greedy_with_repetition_penalty_equals_generate(model, mode, penalty):
     b = ContinuousBatcher(model, mode=mode, max_batch_tokens=16, num_blocks=12, block_size=8)
     got = b.generate(prompts, SamplingParams(max_new_tokens=12, repetition_penalty=penalty, ignore_eos=True))
     assert [r.token_ids for r in got] == [generate(p) for p in prompts]
-    assert b.stats["preemptions"] > 0 and b.all_blocks_free()
+    assert b.stats["preemptions"] > 0 and b.stats["cached_tokens"] > 0 and b.all_blocks_free()
+
+
+def test_presence_rows_hold_exactly_the_current_requests_history():
+    """The repetition penalty's device table, step by step, against the set of tokens each request has seen: a request
+    that comes back to a row after running elsewhere, a row taken over by another request, tokens still in flight."""
+    V = 64
+    state = SamplingState(6, V)
+    sp = SamplingParams(temperature=0.0, repetition_penalty=1.3)
+
+    def req(uid, prompt, outputs, row, preemptions=0):
+        return types.SimpleNamespace(sampling=sp, seed=0, num_generated=len(outputs), row=row, uid=uid,
+                                     num_preemptions=preemptions, prompt_ids=prompt, output_ids=outputs,
+                                     num_known=len(prompt) + len(outputs))
+
+    def step(reqs, in_flight):
+        """One step; ``in_flight[i]``: the row's last input token, on the device only (None: its last known token)."""
+        plan, arrays = stage_sampling(reqs, state)
+        last = [t if t is not None else (r.prompt_ids + r.output_ids)[-1] for r, t in zip(reqs, in_flight)]
+        segs = {name: torch.from_numpy(a) for name, a in arrays}
+        segs["input_ids"] = torch.tensor(last, dtype=torch.int32)
+        segs["logits_idx"] = torch.arange(len(reqs), dtype=torch.int32)
+        sampling_inputs(plan, segs.__getitem__)
+        for r, t in zip(reqs, last):
+            seen = set(r.prompt_ids + r.output_ids + [t])
+            assert set(state.presence[r.row].nonzero().flatten().tolist()) == seen
+
+    a_prompt = [1, 2, 3]
+    step([req(0, a_prompt, [], row=1), req(1, [4, 5], [6], row=2)], [None, 7])  # row 2: token 7 in flight
+    step([req(0, a_prompt, [10], row=1), req(1, [4, 5], [6, 7], row=2)], [11, 12])
+    # Request 0 is preempted, runs on row 3 and is preempted again; request 1 finishes and request 2 takes row 2.
+    step([req(0, a_prompt, [10, 11, 20], row=3, preemptions=1), req(2, [30], [], row=2)], [21, None])
+    step([req(0, a_prompt, [10, 11, 20, 21, 22], row=1, preemptions=2)], [None])
+    assert not state.presence[4:].any()

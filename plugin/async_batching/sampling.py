@@ -166,10 +166,12 @@ class SamplingState:
     """What sampling keeps between steps: for repetition penalties, which token ids the request on each block-table
     row has seen (prompt and generated), as a device bool table updated with new tokens only.
 
-    A row's content belongs to one admission of one request, ``(uid, num_preemptions)``: a request seen on a row that
-    another admission wrote is staged in full once (its row is cleared first); afterwards only the tokens that landed
-    since are staged, plus, on the device, the step's last input token of the row (in async mode the token still in
-    flight). Rows are taken over only after the previous owner's steps ran (stream order), so reuse is safe.
+    A row holds the first ``marked`` tokens of its owner's history (which only grows), plus the last input tokens of the
+    steps that sampled it. A request found on a row another request wrote is staged in full once (the row is cleared
+    first); afterwards only the tokens that landed since are staged, and on the device the step's last input token of
+    the row (in async mode the token still in flight). The owner is ``(uid, num_preemptions)``: a step rolled back
+    after staging (out of memory) may not have marked its tokens, and its requests are preempted, so they restage.
+    Rows are taken over only after the previous owner's steps ran (stream order), so reuse is safe.
     """
 
     def __init__(self, num_rows: int, vocab_size: int):
