@@ -23,6 +23,9 @@ import torch
 _M32 = 0xFFFFFFFF
 _M64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
+# Upper bound of the int32 words ``stage_sampling`` stages per row (staging is sized by it). Used: 7 (row index,
+# temperature, two noise-key words, min_p, top_k or the sort position, top_p). Penalties travel in their own upload.
+SAMPLING_INTS_PER_ROW = 8
 _CHUNK = 1024  # inverse-CDF draws find the chunk first, then the token inside it (no [rows, vocab] prefix sum)
 # Per-row noise comes from "lanes": ids 2**32 - 1, 2**32 - 2, ... that no vocabulary reaches.
 
@@ -474,5 +477,3 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[
         ids = torch.zeros(logp.shape[0], 0, dtype=torch.long, device=logp.device)
     return chosen, ids.to(torch.int32), vals
 
-
-SAMPLING_INTS_PER_ROW = 8  # upper bound of the int32 words ``stage_sampling`` stages per row (staging is sized by it)
