@@ -89,17 +89,20 @@ def chi_square_p_value(tokens: torch.Tensor, probs: torch.Tensor) -> float:
     return float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64), stat / 2.0))
 
 
-def direct_draws(logits: torch.Tensor, params: list[SamplingParams], history=PROMPT) -> torch.Tensor:
-    """``sample`` on one step whose rows are requests with these params (distinct unseeded streams, first token)."""
+def direct_draws(logits: torch.Tensor, params: list[SamplingParams], history=PROMPT, seeds=None) -> torch.Tensor:
+    """``sample`` on one step whose rows are requests with these params (distinct unseeded streams, first token), on
+    the logits' device. ``logits`` is one row (repeated) or one per request."""
     n = len(params)
-    rows = [types.SimpleNamespace(sampling=sp, seed=stream_seed(0, i), num_generated=0, row=i + 1, uid=i,
+    seeds = [stream_seed(0, i) for i in range(n)] if seeds is None else seeds
+    rows = [types.SimpleNamespace(sampling=sp, seed=seeds[i], num_generated=0, row=i + 1, uid=i,
                                   num_preemptions=0, prompt_ids=list(history), output_ids=[], num_known=len(history))
             for i, sp in enumerate(params)]
     plan, arrays = stage_sampling(rows, SamplingState(n + 2, logits.shape[-1]))
-    segs = {name: torch.from_numpy(a) for name, a in arrays}
-    segs["input_ids"] = torch.full((n,), history[-1], dtype=torch.int32)
-    segs["logits_idx"] = torch.arange(n, dtype=torch.int32)
-    return sample(logits.expand(n, -1).contiguous(), sampling_inputs(plan, segs.__getitem__))
+    segs = {name: torch.from_numpy(a).to(logits.device) for name, a in arrays}
+    segs["input_ids"] = torch.full((n,), history[-1], dtype=torch.int32, device=logits.device)
+    segs["logits_idx"] = torch.arange(n, dtype=torch.int32, device=logits.device)
+    batch = logits.expand(n, -1).contiguous() if logits.dim() == 1 else logits
+    return sample(batch, sampling_inputs(plan, segs.__getitem__))
 
 
 SWEEP = [
@@ -267,3 +270,44 @@ def test_presence_rows_hold_exactly_the_current_requests_history():
     step([req(0, a_prompt, [10, 11, 20], row=3, preemptions=1), req(2, [30], [], row=2)], [21, None])
     step([req(0, a_prompt, [10, 11, 20, 21, 22], row=1, preemptions=2)], [None])
     assert not state.presence[4:].any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_sampling_fits_is_batch_invariant_and_never_synchronizes():
+    """On the GPU, with bf16 logits: no host synchronization inside ``sampling_inputs``/``sample`` (CUDA's sync debug
+    mode raises on one), draws fit the processed distribution, and a row draws the same token alone or in a step."""
+    V, n = 32000, 8000
+    logits = (torch.randn(V, generator=torch.Generator().manual_seed(5)) * 2.5).to(torch.bfloat16)
+    configs = [SamplingParams(temperature=0.8, top_k=50, top_p=0.95), SamplingParams(temperature=0.8),
+               SamplingParams(temperature=0.8, top_p=0.95), SamplingParams(temperature=0.8, min_p=0.05),
+               SamplingParams(temperature=0.8, top_k=50, repetition_penalty=1.3)]
+    for sp in configs:
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = direct_draws(logits.cuda(), [sp] * n)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        got = got.cpu()
+        probs = processed_probs(logits.float(), sp)
+        assert (probs[got.long()] > 0).all(), sp
+        assert chi_square_p_value(got, probs) > P_MIN, sp
+    assert_batch_invariant("cuda", V, 256)
+
+
+def assert_batch_invariant(device: str, V: int, n: int) -> None:
+    """Each row of a step mixing logits and parameters draws the token it draws alone (same stream, same index)."""
+    configs = [SamplingParams(temperature=0.8, top_k=50, top_p=0.95), SamplingParams(temperature=0.8),
+               SamplingParams(temperature=0.8, top_p=0.95), SamplingParams(temperature=0.8, min_p=0.05),
+               SamplingParams(temperature=0.8, top_k=50, repetition_penalty=1.3), SamplingParams(temperature=0.0)]
+    mixed = [configs[i % len(configs)] for i in range(n)]
+    batch = (torch.randn(n, V, generator=torch.Generator().manual_seed(6)) * 2.5).to(torch.bfloat16).to(device)
+    seeds = [stream_seed(9, i) for i in range(n)]
+    together = direct_draws(batch, mixed, seeds=seeds).cpu()
+    for i in range(0, n, 7):
+        alone = direct_draws(batch[i:i + 1], [mixed[i]], seeds=[seeds[i]]).cpu()
+        assert int(alone[0]) == int(together[i]), (i, mixed[i])
+
+
+def test_a_row_draws_the_same_token_alone_or_in_a_mixed_step():
+    assert_batch_invariant("cpu", 3000, 64)
