@@ -89,9 +89,9 @@ def chi_square_p_value(tokens: torch.Tensor, probs: torch.Tensor) -> float:
     return float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64), stat / 2.0))
 
 
-def direct_draws(logits: torch.Tensor, params: list[SamplingParams], history=PROMPT, seeds=None) -> torch.Tensor:
-    """``sample`` on one step whose rows are requests with these params (distinct unseeded streams, first token), on
-    the logits' device. ``logits`` is one row (repeated) or one per request."""
+def staged_step(logits: torch.Tensor, params: list[SamplingParams], history=PROMPT, seeds=None):
+    """One step whose rows are requests with these params (distinct unseeded streams, first token), staged on the
+    logits' device: ``(logits [n, V], plan, seg)``. ``logits`` is one row (repeated) or one per request."""
     n = len(params)
     seeds = [stream_seed(0, i) for i in range(n)] if seeds is None else seeds
     rows = [types.SimpleNamespace(sampling=sp, seed=seeds[i], num_generated=0, row=i + 1, uid=i,
@@ -102,7 +102,13 @@ def direct_draws(logits: torch.Tensor, params: list[SamplingParams], history=PRO
     segs["input_ids"] = torch.full((n,), history[-1], dtype=torch.int32, device=logits.device)
     segs["logits_idx"] = torch.arange(n, dtype=torch.int32, device=logits.device)
     batch = logits.expand(n, -1).contiguous() if logits.dim() == 1 else logits
-    return sample(batch, sampling_inputs(plan, segs.__getitem__))
+    return batch, plan, segs.__getitem__
+
+
+def direct_draws(logits: torch.Tensor, params: list[SamplingParams], history=PROMPT, seeds=None) -> torch.Tensor:
+    """``sample`` on one staged step (see ``staged_step``)."""
+    batch, plan, seg = staged_step(logits, params, history, seeds)
+    return sample(batch, sampling_inputs(plan, seg))
 
 
 SWEEP = [
@@ -283,9 +289,11 @@ def test_cuda_sampling_fits_is_batch_invariant_and_never_synchronizes():
                SamplingParams(temperature=0.8, top_p=0.95), SamplingParams(temperature=0.8, min_p=0.05),
                SamplingParams(temperature=0.8, top_k=50, repetition_penalty=1.3)]
     for sp in configs:
+        batch, plan, seg = staged_step(logits.cuda(), [sp] * n)
+        torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            got = direct_draws(logits.cuda(), [sp] * n)
+            got = sample(batch, sampling_inputs(plan, seg))
         finally:
             torch.cuda.set_sync_debug_mode("default")
         got = got.cpu()
