@@ -411,15 +411,15 @@ def _draw_top_k(x: torch.Tensor, g: GroupInputs) -> torch.Tensor:
     kth = vals.gather(1, (g.top_k.clamp(max=K) - 1)[:, None])  # [R, 1] the row's k-th largest logit
     temp = g.temperature[:, None]
     z = vals.float() / temp
-    m = z[:, :1]
-    w = torch.exp(z - m)  # unnormalised probabilities of the candidates
-    w_kth = torch.exp(kth.float() / temp - m)
+    logw = z - z[:, :1]  # log of the unnormalised probabilities (the top candidate's is 0)
+    logw_kth = kth.float() / temp - z[:, :1]
+    w, w_kth = torch.exp(logw), torch.exp(logw_kth)
     above = vals > kth  # these race one by one; the tokens equal to the k-th value race as one bucket
     ties = x == kth  # [R, V]: transformers keeps every token tied with the k-th value, inside or outside the candidates
     tie_sums = _chunk_sums(ties)
     n_ties = tie_sums.sum(-1, keepdim=True)  # >= 1
     mass_above = torch.where(above, w, 0.0)
-    keep, keep_ties = above, torch.ones_like(kth, dtype=torch.bool)
+    keep, keep_ties = above, torch.ones_like(above[:, :1])
     if g.top_p is not None:
         above_total = mass_above.sum(-1, keepdim=True)
         limit = g.top_p[:, None] * (above_total + n_ties * w_kth)
@@ -433,15 +433,15 @@ def _draw_top_k(x: torch.Tensor, g: GroupInputs) -> torch.Tensor:
     if g.min_p is not None:
         keep = keep & (w >= g.min_p[:, None])
         keep_ties = keep_ties & (w_kth >= g.min_p[:, None])
-    # Gumbel-max race: argmax of log-weight + Gumbel noise draws each item with probability proportional to its weight.
-    # Candidates' noise is keyed by vocab id; lane 0 is the bucket's, lanes 1-2 pick the bucket's member.
+    # Gumbel-max race over the candidates above the k-th value (noise keyed by vocab id) and the bucket of ties (its
+    # log-weight log(n_ties) + logw_kth, noise from lane 0): each wins with probability proportional to its weight.
+    # Lanes 1-2 then pick the bucket's member.
     bits = _hash(g.lo, g.hi, torch.cat([ids, _lanes(R, 3, x.device)], 1))
-    race = torch.where(keep, (z - m).double() + _gumbel(bits[:, :K]), -torch.inf)
-    best, pos = race.max(-1)
-    bucket = torch.log(n_ties * w_kth.double()) + _gumbel(bits[:, K:K + 1])
-    bucket = torch.where(keep_ties, bucket, -torch.inf)[:, 0]
+    logw_all = torch.cat([logw, logw_kth + torch.log(n_ties)], 1)
+    race = torch.where(torch.cat([keep, keep_ties], 1), logw_all + _gumbel(bits[:, :K + 1]), -torch.inf)
+    winner = race.argmax(-1, keepdim=True)
     member = _inverse_cdf(ties, tie_sums, _uniform52(bits[:, K + 1:K + 2], bits[:, K + 2:]))
-    return torch.where(bucket > best, member, ids.gather(1, pos[:, None])[:, 0])
+    return torch.where(winner[:, 0] == K, member, ids.gather(1, winner.clamp(max=K - 1))[:, 0])
 
 
 def _draw_full(x: torch.Tensor, g: GroupInputs) -> torch.Tensor:
