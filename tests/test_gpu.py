@@ -1,12 +1,13 @@
 """GPU tests (run on an H100; skipped without CUDA): Triton path exactness, async vs sync, graphs, stress."""
 
+import logging
 import random
 
 import pytest
 import torch
 
 from async_batching import ContinuousBatcher, SamplingParams
-from async_batching.models import tiny_model
+from async_batching.models import TINY_CONFIGS, tiny_model
 from engine_helpers import mixed_prompts, reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -41,10 +42,60 @@ def _fp32_matches_generate(arch, graphs, **overrides):
             assert b.stats["graph_steps"] > 0
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma2", "gpt2", "qwen3"])
+@pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
 @pytest.mark.parametrize("graphs", [False, True])
 def test_fp32_cuda_triton_path_matches_generate(arch, graphs):
     _fp32_matches_generate(arch, graphs)
+
+
+MOE = ["gpt_oss", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]
+RUNNER_LOG = "async_batching.model_runner"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("arch", MOE)
+def test_moe_builds_with_defaults_and_decodes_in_graphs(arch, dtype, caplog, capsys):
+    """Default settings (graphs on): decode steps are captured, with transformers' experts implementation named in
+    the log when the model's own one syncs with the host; the model keeps its own implementation afterwards."""
+    model = tiny_model(arch, dtype=dtype, device="cuda")
+    with caplog.at_level(logging.INFO, logger=RUNNER_LOG):
+        b = ContinuousBatcher(model)
+    lines = [r.getMessage() for r in caplog.records if r.name == RUNNER_LOG]
+    res = b.generate(mixed_prompts(8, seed=2), SamplingParams(max_new_tokens=8, ignore_eos=True))
+    with capsys.disabled():
+        print(f"\n[gpu] {arch} {str(dtype)[6:]}: graphs {'on' if b.runner.graphs else 'OFF'} "
+              f"({len(b.runner.graphs)} buckets), graph steps {b.stats['graph_steps']} of {b.stats['steps']}; "
+              f"{lines or 'the model's own experts implementation captured'}")
+    assert all(len(r.token_ids) == 8 for r in res)
+    assert model.config._experts_implementation == "grouped_mm"
+    assert b.runner.graphs and b.stats["graph_steps"] > 0, lines
+
+
+def test_a_decode_step_that_syncs_runs_eagerly_with_defaults_and_leaves_nothing_broken(caplog):
+    """A model whose forward calls .item() builds with defaults (one warning, no graphs) and is exact; a later
+    batcher, the sync removed, captures and replays graphs normally."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = tiny_model("llama", device="cuda")
+    prompts = mixed_prompts(8, seed=11)
+    refs = [reference(model, p, 10) for p in prompts]
+    sp = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    kw = dict(max_num_seqs=4, max_batch_tokens=64, block_size=16, num_blocks=40)
+
+    def host_sync(module, args):
+        args[0].sum().item()
+
+    hook = model.model.layers[1].mlp.register_forward_pre_hook(host_sync)
+    with caplog.at_level(logging.INFO, logger=RUNNER_LOG):
+        b = ContinuousBatcher(model, **kw)
+    lines = [r.getMessage() for r in caplog.records if r.name == RUNNER_LOG]
+    assert len(lines) == 1 and lines[0].startswith("LlamaForCausalLM: CUDA graphs off, decode steps run eagerly: ")
+    assert "in host_sync)" in lines[0], lines[0]
+    assert b.runner.graphs == {} and b.runner.graph_pool is None
+    assert [r.token_ids for r in b.generate(prompts, sp)] == refs and b.stats["graph_steps"] == 0
+    b.close()
+    hook.remove()
+    b2 = ContinuousBatcher(model, **kw)
+    assert [r.token_ids for r in b2.generate(prompts, sp)] == refs and b2.stats["graph_steps"] > 0
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])

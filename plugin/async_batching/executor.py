@@ -75,9 +75,9 @@ class Executor:
                       "cpu_launch_s": 0.0, "cpu_wait_s": 0.0, "cpu_process_s": 0.0, "oom_recoveries": 0}
 
     def observe(self, observer: StepObserver) -> None:
-        """Attach an observer of each step's compute (CUDA only; used by the benchmark's timing)."""
-        if self.cuda:
-            self.observers.append(observer)
+        """Attach an observer of each step's compute on the compute stream (called on CUDA only; the benchmark's
+        timing uses it)."""
+        self.observers.append(observer)
 
     # --- one step on the device -----------------------------------------------------------------------------
     def launch(self, plan: StepPlan, prev: Optional[StepHandle]) -> Optional[StepHandle]:

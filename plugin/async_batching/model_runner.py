@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
+import os
+import traceback
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -17,6 +20,8 @@ from .attention import AttentionMetadata, StepContext
 from .kv_cache import SCRATCH_ROW, LayerSpec, PagedKVCache, block_table_rows
 from .sampling import SAMPLING_INTS_PER_ROW, SamplingInputs, SamplingPlan, SamplingState, sampling_inputs, stage_sampling
 from .scheduler import StepPlan
+
+log = logging.getLogger(__name__)
 
 # The head of every step's buffer, in this order. A decode step padded to a graph bucket of B rows has a head of
 # fixed size (7 segments of B or B+1 ints), so graph replay copies ``buf[:head]`` into the graph's static input.
@@ -188,14 +193,8 @@ class ModelRunner:
         if backend == "triton":
             if self.device.type != "cuda":
                 raise ValueError("BatcherConfig.attention_backend='triton' needs a CUDA device; use 'torch' or 'auto'")
-            from .triton_paged_attention import paged_attention
-
-            def triton_kernel(q, kc, vc, meta: AttentionMetadata, scale, window, softcap):
-                return paged_attention(q, kc, vc, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                                       meta.max_query_len, scale, window, softcap)
-
             self.backend = "triton"
-            return triton_kernel
+            return attention.triton_paged_attention
         self.backend = "torch"
         return attention.torch_paged_attention
 
@@ -398,20 +397,111 @@ class ModelRunner:
 
     # --- CUDA graphs ----------------------------------------------------------------------------------------
     def capture_graphs(self, max_batch: int, stream: torch.cuda.Stream) -> None:
-        """Capture one decode graph per batch bucket, largest first, sharing one memory pool."""
-        self.graph_pool = torch.cuda.graph_pool_handle()
-        for b in reversed(graph_buckets(max_batch)):
-            lay, static_in = self._scratch_step(b, 1)
-            lay.graph_batch = b
-            with torch.cuda.stream(stream), self._untimed_mode(), self.installed():
-                for _ in range(2):  # warm-up: lazy initialisation and Triton compilation stay out of the graph
-                    self._forward(static_in, lay)
-                stream.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.graph_pool, stream=stream):
-                    static_logits = self._forward(static_in, lay)
-            self.graphs[b] = (graph, static_in, static_logits, lay.size)
+        """Capture one decode graph per batch bucket, largest first, sharing one memory pool.
+
+        A model whose decode step cannot be captured keeps eager decode steps, with one line logged: construction
+        never fails here. Host syncs, the usual reason, are found by an eager step first (see _host_syncs_raise)."""
+        buckets = graph_buckets(max_batch)
+        try:
+            experts = self._capturable_experts(stream, buckets[0])
+            with _experts_implementation(self.model, experts):
+                self.graph_pool = torch.cuda.graph_pool_handle()
+                for b in reversed(buckets):
+                    lay, static_in = self._scratch_step(b, 1)
+                    lay.graph_batch = b
+                    with torch.cuda.stream(stream), self._untimed_mode(), self.installed():
+                        for _ in range(2):  # warm-up: lazy initialisation and Triton compilation stay out of the graph
+                            self._forward(static_in, lay)
+                        stream.synchronize()
+                        graph = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(graph, pool=self.graph_pool, stream=stream):
+                            static_logits = self._forward(static_in, lay)
+                    self.graphs[b] = (graph, static_in, static_logits, lay.size)
+        except Exception as e:  # noqa: BLE001 -- whatever stops the capture, eager decode steps still run the model
+            # Dropping the graphs releases their pool. The stream contexts above have restored the current stream.
+            self.graphs, self.graph_pool = {}, None
+            log.warning("%s: CUDA graphs off, decode steps run eagerly: %s", type(self.model).__name__, _why(e))
+            return
         self.graphs = dict(sorted(self.graphs.items()))
+
+    def _capturable_experts(self, stream: torch.cuda.Stream, batch: int) -> Optional[str]:
+        """The experts implementation (None: the model's own) whose decode step makes no host sync; raises the model's
+        own sync when every candidate syncs (a dense model has only its own).
+
+        transformers' default ``grouped_mm`` calls torch's grouped GEMM, whose CUDA kernel runs only for bf16 on
+        sm90/sm100; for other dtypes torch loops over the groups after copying their offsets to the host. Its
+        ``batched_mm`` gathers each token's experts and runs one batched matmul, all on the device."""
+        lay, buf = self._scratch_step(batch, 1)
+
+        def decode_step():
+            with torch.cuda.stream(stream), self._untimed_mode(), self.installed():
+                self._forward(buf, lay)
+
+        own_error = None
+        for impl in _experts_candidates(self.model):
+            with _experts_implementation(self.model, impl):
+                decode_step()  # lazy initialisation and compilation (Triton's decode tiles, dynamo) before syncs raise
+                stream.synchronize()
+                try:
+                    with _host_syncs_raise():
+                        decode_step()
+                except RuntimeError as e:
+                    own_error = own_error or e
+                    continue
+                finally:
+                    stream.synchronize()
+            if impl is not None:
+                log.info("%s: decode graphs run the experts with transformers' %r (%s)", type(self.model).__name__,
+                         impl, _why(own_error))
+            return impl
+        raise own_error
+
+
+def _experts_candidates(model) -> list[Optional[str]]:
+    """Experts implementations to try for capture: the model's own, then transformers' device-only ones (MoE only)."""
+    can_set = getattr(model, "_can_set_experts_implementation", None)
+    if not hasattr(model, "set_experts_implementation") or can_set is None or not can_set():
+        return [None]
+    own = model.config._experts_implementation
+    return [None] + [impl for impl in ("grouped_mm", "batched_mm") if impl != own]
+
+
+@contextlib.contextmanager
+def _experts_implementation(model, impl: Optional[str]):
+    """Run the model's experts with transformers' ``impl`` inside the block (None: leave them), then restore."""
+    if impl is None:
+        yield
+        return
+    previous = model.get_experts_implementation()
+    model.set_experts_implementation(impl)
+    try:
+        yield
+    finally:
+        model.set_experts_implementation(previous)
+
+
+@contextlib.contextmanager
+def _host_syncs_raise():
+    """torch's sync-debug mode set to raise: a host sync in an eager step is found before any capture starts. A
+    capture that a sync invalidates can leave torch < 2.12's allocator believing a capture is still underway, which
+    later fails its asserts (pytorch/pytorch#180395)."""
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+def _why(e: BaseException) -> str:
+    """The error's type and first line, and the innermost line outside torch that led to it (the model's code)."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    outside_torch = [f for f in traceback.extract_tb(e.__traceback__) if f"{os.sep}torch{os.sep}" not in f.filename]
+    if not outside_torch:
+        return f"{type(e).__name__}: {first}"
+    f = outside_torch[-1]
+    where = os.path.join(os.path.basename(os.path.dirname(f.filename)), os.path.basename(f.filename))
+    return f"{type(e).__name__}: {first} (at {where}:{f.lineno} in {f.name})"
 
 
 def _triton_ok() -> bool:

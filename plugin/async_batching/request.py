@@ -120,7 +120,7 @@ class ScoreResult:
         return self.error is None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Request:
     """Engine-side state of one sequence: a sample of a generation prompt, or a continuation to score.
 

@@ -170,9 +170,10 @@ class Scheduler:
         """Tokens the request could compute now (0: nothing to do until the step in flight lands, or done)."""
         if req.score_start >= 0:  # the last token's logits score nothing: positions up to the one before it
             return len(req.prompt_ids) - 1 - req.num_computed
-        if len(req.output_ids) + req.tokens_in_flight >= req.sampling.max_new_tokens:
+        out = len(req.output_ids) + req.tokens_in_flight
+        if out >= req.sampling.max_new_tokens:
             return 0
-        return req.num_known + req.tokens_in_flight - req.num_computed
+        return len(req.prompt_ids) + out - req.num_computed
 
     def _fit(self, req: Request, n: int, budget: list[int], plan: StepPlan) -> int:
         """The chunk of the ``n`` wanted tokens that fits the budget now (0: none)."""
@@ -187,22 +188,25 @@ class Scheduler:
                 if not self.chunked_prefill:
                     return 0 if plan.seqs else n
                 n = start + rows - req.num_computed
-        elif req.num_computed + n == req.total_len and budget[1] < 1:
+            return max(n, 0)
+        if budget[1] < 1 and req.num_computed + n == req.total_len:  # a sampling row needs a logits row
             return 0
-        return max(n, 0)
+        return n
 
     def _add(self, plan: StepPlan, req: Request, n: int, budget: list[int], hits: list[int] = ()) -> None:
         """Put ``n`` tokens of ``req`` into the plan (its blocks are known to fit; ``hits``: its prefix-cache hits,
-        when it is admitted now)."""
+        when it is admitted now). The hot path of every decode step: plain attribute arithmetic, no properties."""
         bs = self.block_size
         start = req.num_computed
-        need = -(-(start + n) // bs) - len(req.block_ids)
-        new = self.allocator.allocate(need) if need > 0 else []
-        if new:
+        end = start + n
+        need = (end + bs - 1) // bs - len(req.block_ids)
+        if need > 0:
+            new = self.allocator.allocate(need)
             req.block_ids.extend(new)
+        else:
+            new = []
         if hits:
             new = hits + new
-        end = start + n
         req.num_computed = end
         req.planned = self._plan_id
         p = len(req.prompt_ids)
@@ -215,7 +219,7 @@ class Scheduler:
             plan.num_score_rows += rows
             budget[1] -= rows
         else:
-            samples = end == req.num_known + req.tokens_in_flight
+            samples = end == p + len(req.output_ids) + req.tokens_in_flight
             seq = ScheduledSeq(req, start, n, samples, new)
             if samples:
                 plan.num_samples += 1
@@ -228,18 +232,18 @@ class Scheduler:
 
     def _schedule_running(self, plan: StepPlan, budget: list[int]) -> None:
         running, alloc, bs = self.running, self.allocator, self.block_size
-        plan_id = self._plan_id
+        plan_id, seqs, max_seqs, wanted, fit = self._plan_id, plan.seqs, self.max_num_seqs, self._wanted, self._fit
         i = 0
-        while i < len(running) and budget[0] > 0 and len(plan.seqs) < self.max_num_seqs:
+        while i < len(running) and budget[0] > 0 and len(seqs) < max_seqs:
             req = running[i]
             i += 1
             if req.finish_reason is not None or req.planned == plan_id:
                 continue
-            n = self._fit(req, self._wanted(req), budget, plan)
+            n = fit(req, wanted(req), budget, plan)
             if n <= 0:
                 continue
-            need = -(-(req.num_computed + n) // bs) - len(req.block_ids)
-            while need > alloc.num_free:
+            need = (req.num_computed + n + bs - 1) // bs - len(req.block_ids)
+            while need > 0 and need > alloc.num_free:
                 # Not enough blocks: recompute-preempt the newest running request (never one already in this plan).
                 victim = running[-1]
                 if victim.planned == plan_id:

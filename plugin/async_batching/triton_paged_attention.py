@@ -9,8 +9,11 @@ Design (like vLLM's unified Triton attention): one program per (sequence, block 
 KV split).  The ``BLOCK_Q`` queries times the ``G`` query heads sharing that kv head form one ``BLOCK_M`` row tile, so
 each K/V tile is loaded once for the whole GQA group and ``tl.dot`` always gets >= 16 rows, even in decode.  Keys are
 visited in tiles of ``TILE_N`` positions, each key's address being looked up through the block table, so ``TILE_N``
-is independent of ``block_size``.  When the grid would be too small to fill the GPU (decode of few sequences with long
-contexts) the key range is cut into ``NUM_SPLITS`` parts whose partial softmax states a second kernel merges.
+is independent of ``block_size``.  Attention sinks (gpt-oss: one logit per query head in the softmax denominator,
+attached to no value) start each row's running softmax state as a key of that logit with a zero value.  When the grid
+would be too small to fill the GPU (decode of few sequences with long contexts) the key range is cut into
+``NUM_SPLITS`` parts whose partial softmax states a second kernel merges; only split 0 starts from the sink, so the
+merge counts it once.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ def _tanh(x):
 def _paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr,
     part_acc_ptr, part_m_ptr, part_l_ptr,
-    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, sinks_ptr,
     scale, softcap, sliding_window,
     stride_qt, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
@@ -53,6 +56,7 @@ def _paged_attention_kernel(
     NUM_SPLITS: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
+    USE_SINKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Attention of BLOCK_Q queries x G heads (one kv head) of one sequence over one KV split."""
@@ -107,6 +111,12 @@ def _paged_attention_kernel(
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    if USE_SINKS:
+        if split == 0:
+            # The sink as a key already seen: logit sinks[head] (not scaled or capped), weight exp(0) = 1, value 0.
+            # It is finite, so masked tiles after it still give exp(-inf - m) = 0 as above.
+            m_i = tl.load(sinks_ptr + head, mask=row_valid, other=-1.0e30).to(tl.float32)
+            l_i = tl.where(row_valid, 1.0, 0.0)
 
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     offs_n = tl.arange(0, TILE_N)
@@ -225,12 +235,14 @@ def paged_attention(
     softcap: float = 0.0,
     out: Optional[torch.Tensor] = None,
     num_kv_splits: int = 0,
+    sinks: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Causal attention of the packed queries ``q`` [T, num_heads, head_dim] over the paged KV cache.
 
     ``max_query_len`` must be >= every sequence's query count (an upper bound is fine: it only sizes the grid).
     Returns ``out`` [T, num_heads, head_dim] in q's dtype; rows of ``out`` not covered by ``query_start_loc`` are left
     untouched.  ``num_kv_splits``: 0 picks automatically, otherwise a power of two forcing that many KV splits.
+    ``sinks``: optional ``[num_heads]`` attention-sink logits (any float dtype), one extra softmax term per head.
     """
     T, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, head_dim_kv = k_cache.shape
@@ -242,6 +254,8 @@ def paged_attention(
     assert query_start_loc.shape[0] == B + 1 and block_tables.shape[0] >= B
     assert k_cache.dtype == v_cache.dtype == q.dtype, "q, k_cache and v_cache must share a dtype"
     assert block_tables.stride(1) == 1, "block_tables rows must be contiguous"
+    if sinks is not None:
+        assert sinks.shape == (num_heads,) and sinks.stride(0) == 1, f"sinks must be [{num_heads}] and contiguous"
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if B == 0 or T == 0 or max_query_len <= 0:
@@ -278,7 +292,7 @@ def paged_attention(
     _paged_attention_kernel[(B, num_q_blocks, num_kv_heads * num_splits)](
         q, k_cache, v_cache, out,
         part_acc, part_m, part_l,
-        block_tables, seq_lens, query_start_loc,
+        block_tables, seq_lens, query_start_loc, sinks if sinks is not None else seq_lens,
         float(scale), float(softcap) if softcap else 1.0, int(sliding_window),
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
@@ -296,6 +310,7 @@ def paged_attention(
         NUM_SPLITS=num_splits,
         USE_WINDOW=sliding_window > 0,
         USE_SOFTCAP=softcap > 0,
+        USE_SINKS=sinks is not None,
         # fp32 models want fp32 accuracy (TF32 would miss the reference by ~1e-3); 16-bit inputs ignore this.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
