@@ -128,3 +128,19 @@ def test_rolled_back_blocks_leave_the_index():
     a.unregister(b)
     a.free([b])
     assert a.lookup([b"h"]) == [] and a.num_cached == 0 and a.num_free_uncached == 3
+
+
+def test_prefix_hits_past_the_steps_table_budget_are_recomputed(monkeypatch):
+    """A step writes at most HIT_TABLE_ENTRIES block-table entries for prefix hits (its staging is sized for that):
+    hits past it are recomputed, and outputs stay exact."""
+    from async_batching import scheduler
+
+    monkeypatch.setattr(scheduler, "HIT_TABLE_ENTRIES", 3)
+    model, prompts, _ = _model_and_refs("llama")
+    prefix = prompts[0][:32]  # 4 full blocks of 8
+    group = [prefix + [5 + i, 6 + i] for i in range(4)]
+    b = ContinuousBatcher(model, block_size=8)
+    out = b.generate(group, SamplingParams(max_new_tokens=4, ignore_eos=True))
+    assert [r.token_ids for r in out] == [reference(model, p, 4) for p in group]
+    # All four are admitted in one step: the second takes 3 of its 4 cached blocks, the others none.
+    assert b.stats["cached_tokens"] == 3 * 8

@@ -24,6 +24,11 @@ RESERVED_BLOCKS = 1
 SCRATCH_ROW = 0
 
 
+# Block-table entries a step may write for prefix-cache hits (the scheduler stops taking hits past it); entries for
+# newly allocated blocks are bounded by the step itself (at most max_batch_tokens / block_size + max_num_seqs).
+HIT_TABLE_ENTRIES = 16384
+
+
 def block_table_rows(max_num_seqs: int) -> int:
     """Rows of the device block table. A finished or preempted request keeps its row until the step in flight that
     reads it lands, so up to twice ``max_num_seqs`` rows can be held at once; plus the scratch row and one spare."""

@@ -17,7 +17,7 @@ import torch
 
 from . import attention
 from .attention import AttentionMetadata, StepContext
-from .kv_cache import SCRATCH_ROW, LayerSpec, PagedKVCache, block_table_rows
+from .kv_cache import HIT_TABLE_ENTRIES, SCRATCH_ROW, LayerSpec, PagedKVCache, block_table_rows
 from .sampling import SAMPLING_INTS_PER_ROW, SamplingInputs, SamplingPlan, SamplingState, sampling_inputs, stage_sampling
 from .scheduler import StepPlan
 
@@ -114,12 +114,13 @@ class ModelRunner:
     def staging_ints(self) -> int:
         """Int32 words the largest step stages, so every slot can hold it. With T tokens (at most the token budget or
         the largest graph bucket), B sequences and R logits rows (sampling rows plus scored rows, at most T):
-        head 3T + (B+1) + 2B + R; scored targets R; carry-over 2B; table updates 3 x (new blocks <= T/bs + B);
-        sampling: what ``stage_sampling`` stages per row."""
+        head 3T + (B+1) + 2B + R; scored targets R; carry-over 2B; table updates 3 x (new blocks <= T/bs + B, plus
+        prefix hits <= HIT_TABLE_ENTRIES); sampling: what ``stage_sampling`` stages per row."""
         T = max(self.config.max_batch_tokens, max(self.graphs, default=0))
         B = self.config.max_num_seqs + 1
         R = T + B
-        return 3 * T + 5 * B + 2 * R + 2 * B + 3 * (T // self.block_size + B) + SAMPLING_INTS_PER_ROW * B + 64
+        table = T // self.block_size + B + HIT_TABLE_ENTRIES
+        return 3 * T + 5 * B + 2 * R + 2 * B + 3 * table + SAMPLING_INTS_PER_ROW * B + 64
 
     def release(self) -> None:
         """Drop the graphs and the KV cache (the batcher is closed)."""

@@ -225,11 +225,13 @@ class SamplingState:
             self.presence = torch.zeros(self.num_rows, self.vocab_size, dtype=torch.bool, device=device)
         if c:
             self.presence.index_fill_(0, clear, False)
+        # Flat index_fill_ with a scalar: advanced-index assignment of a Python value would copy it from the host.
+        flat, vocab = self.presence.view(-1), self.vocab_size
         if m:
-            self.presence[mark_rows, mark_toks] = True
+            flat.index_fill_(0, mark_rows * vocab + mark_toks, True)
         # The last input token of each row: the latest history token, possibly still unknown to the host.
         last = seg("input_ids").index_select(0, seg("logits_idx").index_select(0, rows)).long()
-        self.presence[table, last] = True
+        flat.index_fill_(0, table * vocab + last, True)
         return PenaltyInputs(None if plan.all_rows else rows, penalty, self.presence.index_select(0, table))
 
 

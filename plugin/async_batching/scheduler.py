@@ -17,7 +17,7 @@ import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
-from .kv_cache import PagedKVCache, TableRows, block_table_rows
+from .kv_cache import HIT_TABLE_ENTRIES, PagedKVCache, TableRows, block_table_rows
 from .prefix_cache import PrefixCache
 from .request import Request, RequestStatus
 
@@ -157,7 +157,7 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         self._plan_id += 1
         plan = StepPlan()
-        budget = [self.max_batch_tokens, self.max_logit_rows]  # tokens, logits rows
+        budget = [self.max_batch_tokens, self.max_logit_rows, HIT_TABLE_ENTRIES]  # tokens, logits rows, hit entries
         if self.policy == "prefill_first":
             self._admit(plan, budget)
             self._schedule_running(plan, budget)
@@ -275,6 +275,9 @@ class Scheduler:
             # Reuse cached full blocks, but compute at least the first position whose logits are needed.
             first_logit = req.score_start if req.score_start >= 0 else req.total_len - 1
             hits = self.prefix.match(req, first_logit)
+            if len(hits) > budget[2]:  # the step's staging has room for this many hit entries: recompute the rest
+                alloc.free(list(reversed(hits[budget[2]:])))
+                hits = hits[:budget[2]]
             req.block_ids = list(hits)
             req.num_computed = len(hits) * bs
             req.num_indexed_blocks = len(hits)
@@ -289,4 +292,5 @@ class Scheduler:
             req.row = self.rows.take()
             self.running.append(req)
             self.cached_tokens += min(req.num_computed, len(req.prompt_ids))
+            budget[2] -= len(hits)
             self._add(plan, req, n, budget, hits)

@@ -38,7 +38,10 @@ def _tanh(x):
 MAX_SPLITS = 16
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+# The step's query starts and sequence lengths are slices of its staging buffer, at offsets of any alignment: left
+# unspecialised, so an offset does not compile a second variant in the middle of a run.
+@triton.jit(do_not_specialize=["num_splits"],
+            do_not_specialize_on_alignment=["seq_lens_ptr", "query_start_loc_ptr"])
 def _paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr,
     part_acc_ptr, part_m_ptr, part_l_ptr,
@@ -166,7 +169,7 @@ def _paged_attention_kernel(
         tl.store(part_l_ptr + part, l_i, mask=row_valid)
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit(do_not_specialize=["num_splits"], do_not_specialize_on_alignment=["query_start_loc_ptr"])
 def _merge_splits_kernel(
     part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr, query_start_loc_ptr,
     stride_ot, stride_oh, stride_od,
