@@ -61,6 +61,75 @@ def tiny_checkpoint(arch: str = "llama") -> str:
     return path
 
 
+def word_tokenizer(vocab: int = 384):
+    """Id i <-> the word "w{i}", except EOS (id 2, the tiny models' EOS) which is "<eos>": lm-eval cuts generations at
+    the EOS text, and "w2" would be a prefix of "w20"."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {f"w{i}": i for i in range(vocab) if i != 2}
+    words["<eos>"] = 2
+    tok = Tokenizer(models.WordLevel(words, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", pad_token="w0", eos_token="<eos>")
+
+
+@functools.cache
+def word_checkpoint(arch: str = "llama") -> str:
+    """A tiny random model (vocab 384) saved with the word tokenizer: loads in a second, no download."""
+    from async_batching.models import tiny_model
+
+    path = _session_dir(f"words_{arch}")
+    tiny_model(arch, seed=0).save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return path
+
+
+def word_tasks(folder: str, docs: int = 6, gen_targets: list[str] | None = None, **overrides: dict) -> str:
+    """Tasks over word-token JSONL for the tiny models: ``words_gen`` (generate_until, exact_match), ``words_mc``
+    (multiple_choice, acc/acc_norm), ``words_ppl`` (loglikelihood_rolling, word_perplexity)."""
+    import random
+
+    import yaml
+
+    rng = random.Random(0)
+
+    def text(n: int) -> str:
+        return " ".join(f"w{rng.randrange(3, 384)}" for _ in range(n))
+
+    os.makedirs(folder, exist_ok=True)
+    gen = [{"question": text(5), "answer": text(1)} for _ in range(docs)]
+    for row, target in zip(gen, gen_targets or []):
+        row["answer"] = target
+    mc = [{"question": text(6), "choices": [text(1) for _ in range(4)], "label": i % 4} for i in range(docs)]
+    ppl = [{"text": text(20 + 7 * i)} for i in range(docs)]
+    data = {"words_gen": gen, "words_mc": mc, "words_ppl": ppl}
+    for name, rows in data.items():
+        write_jsonl(os.path.join(folder, f"{name}.jsonl"), rows)
+    common = lambda name: {"dataset_path": "json", "test_split": "test",  # noqa: E731
+                           "dataset_kwargs": {"data_files": {"test": os.path.join(folder, f"{name}.jsonl")}}}
+    tasks = {
+        "words_gen": {"output_type": "generate_until", "doc_to_text": "{{question}}", "doc_to_target": "{{answer}}",
+                      "generation_kwargs": {"until": ["<eos>"], "max_gen_toks": 4, "do_sample": False},
+                      "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+                      "filter_list": [{"name": "strip", "filter": [{"function": "remove_whitespace"},
+                                                                   {"function": "take_first"}]}]},
+        "words_mc": {"output_type": "multiple_choice", "doc_to_text": "{{question}}", "doc_to_choice": "{{choices}}",
+                     "doc_to_target": "label",
+                     "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                                     {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]},
+        "words_ppl": {"output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
+                      "metric_list": [{"metric": "word_perplexity", "aggregation": "weighted_perplexity",
+                                       "higher_is_better": False}]},
+    }
+    for name, cfg in tasks.items():
+        cfg = {"task": name, **common(name), **cfg, **overrides.get(name, {}), "metadata": {"version": 1.0}}
+        with open(os.path.join(folder, f"{name}.yaml"), "w") as f:
+            yaml.safe_dump(cfg, f, sort_keys=False)
+    return folder
+
+
 def write_jsonl(path: str, rows: list[dict]) -> str:
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:

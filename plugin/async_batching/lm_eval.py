@@ -153,10 +153,14 @@ class AsyncBatchingLM(TemplateLM):
     # --- requests --------------------------------------------------------------------------------------------
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """Score every (context, continuation) of the call in one ``score()`` call; the prefix cache shares contexts."""
-        pairs = [self._fit_pair(ctx, cont) for _key, ctx, cont in requests]
         t0 = time.perf_counter()
+        out = self._score(requests, disable_tqdm)
+        self._timed("loglikelihood", len(requests), t0)
+        return out
+
+    def _score(self, requests, disable_tqdm: bool) -> list[tuple[float, bool]]:
+        pairs = [self._fit_pair(ctx, cont) for _key, ctx, cont in requests]
         results = self.batcher.score(pairs, progress=self._progress(disable_tqdm))
-        self._timed("loglikelihood", len(pairs), t0)
         out = []
         for (key, _ctx, _cont), r in zip(requests, results):
             if not r.ok:
@@ -184,6 +188,7 @@ class AsyncBatchingLM(TemplateLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Perplexity windows from lm-eval's own utilities; all windows of all documents are scored at once."""
+        t0 = time.perf_counter()
         windows, owners = [], []
         for i, (string,) in enumerate(req.args for req in requests):
             for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
@@ -192,10 +197,11 @@ class AsyncBatchingLM(TemplateLM):
                 windows.append((None, ctx, cont))
                 owners.append(i)
         totals = [0.0] * len(requests)
-        for i, (logprob, _greedy) in zip(owners, self._loglikelihood_tokens(windows, disable_tqdm)):
+        for i, (logprob, _greedy) in zip(owners, self._score(windows, disable_tqdm)):
             totals[i] += logprob
         for req, total in zip(requests, totals):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        self._timed("loglikelihood_rolling", len(requests), t0)
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
