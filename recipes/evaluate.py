@@ -89,7 +89,7 @@ def per_sample_scores(task: Any, doc: dict, outputs: list[str]) -> dict[str, lis
         for text in outputs:
             resps = [[text]]
             for make in ensemble.filters:
-                resps = make().apply(resps, [doc])
+                resps = list(make().apply(resps, [doc]))
             for metric, value in task.process_results(doc, [resps[0]]).items():
                 if isinstance(value, (int, float)):
                     scores.setdefault(metric_key(task.config.task, metric, ensemble.name), []).append(float(value))

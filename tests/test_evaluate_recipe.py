@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 pytest.importorskip("lm_eval")
 
+import async_batching.hydra_conf  # noqa: E402,F401  (registers the config schemas)
 from async_batching.job_config import SamplingConfig  # noqa: E402
 from lm_eval_helpers import evaluate, metrics, word_checkpoint, word_tasks  # noqa: E402
 
@@ -133,8 +134,8 @@ def test_n_samples_per_document_give_pass_at_k_from_each_sample_scored_alone(rec
 
 
 def python(*args, cwd):
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the recipes find plugin/ themselves
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    # The parent's PYTHONPATH goes along (the package this test imports); without one the recipes find plugin/.
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 def test_a_sweep_over_sampling_collects_a_column_per_metric_and_metric_plots(repo_root, tmp_path, tasks_dir):

@@ -81,6 +81,32 @@ def test_fit_with_evaluations_ends_with_the_same_weights_as_fit_without():
     assert plain.model.model.embed_tokens.weight.requires_grad is False
 
 
+def test_lm_eval_tasks_are_logged_equal_to_lm_eval_on_the_final_weights_and_training_is_unchanged(tmp_path):
+    """lm-eval reseeds python/numpy/torch: without the state put back, the next epoch's shuffle would differ."""
+    import lm_eval
+
+    from async_batching.lm_eval import AsyncBatchingLM, task_manager
+    from lm_eval_helpers import word_tasks
+
+    tasks = word_tasks(str(tmp_path / "tasks"), docs=4)
+    plain, _ = fit([], epochs=2)
+    cb = GenerationEvaluation(["words_mc", "words_ppl"], include_path=tasks, every_n_epochs=1, num_blocks=64)
+    evaluated, trainer = fit([cb], epochs=2)
+    for (name, a), (_, b) in zip(plain.state_dict().items(), evaluated.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert len(cb.history) == 2 and cb.history[0]["words_ppl/word_perplexity"] != cb.history[1][
+        "words_ppl/word_perplexity"]  # the weights moved between the two evaluations
+    lm = AsyncBatchingLM(pretrained=evaluated.model, tokenizer=evaluated.tokenizer, num_blocks=64)
+    direct = lm_eval.simple_evaluate(model=lm, tasks=["words_mc", "words_ppl"], bootstrap_iters=0,
+                                     task_manager=task_manager(["words_mc", "words_ppl"], tasks))
+    lm.close()
+    last = cb.history[-1]
+    assert last["words_ppl/word_perplexity"] == pytest.approx(direct["results"]["words_ppl"]["word_perplexity,none"])
+    assert last["words_mc/acc"] == direct["results"]["words_mc"]["acc,none"]
+    assert trainer.callback_metrics["eval/words_ppl/word_perplexity"].item() == pytest.approx(
+        last["words_ppl/word_perplexity"], rel=1e-6)
+
+
 def test_evaluation_restores_modes_requires_grad_and_parameters_and_creates_no_grads():
     L.seed_everything(0, verbose=False)
     module = TinyCausalLM()
@@ -151,3 +177,20 @@ def test_ddp_ranks_evaluate_their_shards_and_log_the_mean_over_all_prompts(tmp_p
     for got in ranks:  # ids 0..5 split 3/3 over the ranks; each rank logs the mean over all six
         assert [(h["id"], h["n"]) for h in got["history"]] == [(2.5, 1.0)]
         assert got["logged"]["eval/id"] == 2.5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_memory_after_an_evaluation_is_back_within_a_few_mib_of_before():
+    L.seed_everything(0, verbose=False)
+    module = TinyCausalLM().cuda()
+    trainer = L.Trainer(accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False)
+    cb = GenerationEvaluation(prompts=PROMPTS, score_fn=matches_generate(module), sampling=SAMPLING)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    metrics = cb.evaluate(trainer, module)  # the cache takes 30% of the free memory, and graphs are captured
+    torch.cuda.synchronize()
+    after = torch.cuda.memory_allocated()
+    assert metrics["match"] == 1.0
+    assert abs(after - before) < 4 * 2**20, (before, after)

@@ -29,7 +29,10 @@ from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, os.path.join(ROOT, "plugin"))
+try:
+    import async_batching  # noqa: F401
+except ImportError:  # a checkout without `pip install -e .`
+    sys.path.insert(0, os.path.join(ROOT, "plugin"))
 
 SHAPES = {  # "llama1b" is W2's model (conf/workload/w2.yaml) with the tokenizer's vocabulary
     "llama1b": dict(model_type="llama", hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
