@@ -3,6 +3,10 @@
     python recipes/benchmark.py workload=w2 variants=[static,hf_cb,ours_sync,ours_async] out_dir=$OUT
     python recipes/benchmark.py -m workload=w1,w2 out_dir=$OUT
     python recipes/benchmark.py workload=tiny device=cpu variants=[static,ours_sync,ours_async]   # smoke test
+    python recipes/benchmark.py workload=w4 first_call.enabled=true out_dir=$OUT   # + first call vs repeated call
+
+Workloads (conf/workload/): w1, w2, w3, w2s (sampled), w4 (prefill-heavy), w5 (shared prefixes), w6 (MoE),
+w7 (nano-vllm's bench.py), s1 (scoring); recipes/run_on_h200.sh runs each with its variants in one device call.
 """
 
 from __future__ import annotations
@@ -25,9 +29,9 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from bench import figures, report  # noqa: E402
-from bench.roofline import DeviceRates, roofline  # noqa: E402
+from bench.roofline import DeviceRates, Roofline, model_flops, roofline, touched_experts_weight_bytes  # noqa: E402
 from bench.variants import VARIANTS  # noqa: E402
-from bench.workloads import ModelShape, Workload  # noqa: E402
+from bench.workloads import ModelShape, Requests, Workload  # noqa: E402
 
 
 def _child_env() -> dict[str, str]:
@@ -122,6 +126,7 @@ def run_variant(name: str, cfg: dict[str, Any], out_dir: Path, timeout_s: float)
         "batcher": cfg["batcher"],
         "hf_cb": cfg["hf_cb"],
         "figures": cfg["figures"],
+        "first_call": cfg.get("first_call") or {},
         "timeline_path": str(out_dir / "timelines" / f"{stem}.json"),
     }
     job_path, result_path, log_path = out_dir / "jobs" / f"{stem}.json", out_dir / "jobs" / f"{stem}.result.json", out_dir / "logs" / f"{stem}.log"
@@ -150,7 +155,27 @@ def _roofline_seqs(cfg: dict[str, Any]) -> int:
         return 256
 
 
-def _previous_results(cfg: dict[str, Any], out_dir: Path) -> list[dict[str, Any]]:
+def workload_limit(workload: Workload, reqs: Requests, shape: ModelShape, rates: DeviceRates, seqs: int) -> Roofline:
+    """The roofline of ``reqs``: a shared prefix computed once, the LM head per the workload's convention."""
+    rows = reqs.logits_kept() if workload.roofline_lm_head == "kept_logits" else None
+    return roofline(reqs.total_lens(), reqs.new_tokens, shape, rates, seqs, cached_lens=reqs.cached, logits_rows=rows)
+
+
+def add_limits(r: dict[str, Any], workload: Workload, reqs: Requests, shape: ModelShape, rates: DeviceRates, seqs: int) -> None:
+    """A variant's % of roofline and % of the matrix rate, over the requests it ran."""
+    if not r.get("wall_s"):
+        return
+    own = reqs.head(r["requests"])
+    limit = workload_limit(workload, own, shape, rates, seqs)
+    r["roofline_s"] = limit.total_s
+    r["roofline_pct"] = 100.0 * limit.total_s / r["wall_s"]
+    r["wall_over_limit"] = r["wall_s"] / limit.total_s
+    flops = model_flops(shape, own.total_lens(), own.new_tokens, own.cached, own.logits_kept())
+    r["model_tflops"] = flops / 1e12
+    r["matmul_pct"] = 100.0 * flops / r["wall_s"] / (rates.matmul_tflops * 1e12)
+
+
+def _previous_results(cfg: dict[str, Any], out_dir: Path, variants: list[str]) -> list[dict[str, Any]]:
     """With ``keep_previous``, rows of other variants from an earlier run of the same workload in ``out_dir``."""
     path = out_dir / f"bench_{cfg['workload']['name']}.json"
     if not cfg.get("keep_previous") or not path.exists():
@@ -159,7 +184,7 @@ def _previous_results(cfg: dict[str, Any], out_dir: Path) -> list[dict[str, Any]
     if old.get("workload") != cfg["workload"]:
         print(f"keep_previous: {path} is for a different workload config; not kept", flush=True)
         return []
-    return [dict(r, from_previous_run=True) for r in old.get("results", []) if r["variant"] not in cfg["variants"]]
+    return [dict(r, from_previous_run=True) for r in old.get("results", []) if r["variant"] not in variants]
 
 
 def _in_order(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -192,40 +217,52 @@ def run(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
     workload = Workload.from_dict(cfg["workload"])
     shape = ModelShape.of(workload)
-    prompt_lens = [len(p) for p in workload.prompts()]
+    reqs = workload.build()  # W7: asserts nano-vllm's 133,966 output tokens before any GPU time is spent
     rates, env = device_rates(cfg, out_dir)
     seqs = _roofline_seqs(cfg)
-    limit = roofline(prompt_lens, workload.new_tokens, shape, rates, seqs)
-    print(f"[{workload.name}] roofline {limit.total_s:.3f} s ({limit.output_tokens_per_s:,.0f} out tok/s), rates: {rates}", flush=True)
+    limit = workload_limit(workload, reqs, shape, rates, seqs)
+    print(f"[{workload.name}] roofline {limit.total_s:.3f} s = {limit.prefill_s:.3f} prefill + {limit.decode_s:.3f} decode "
+          f"({limit.output_tokens_per_s:,.0f} out tok/s), rates: {rates}", flush=True)
     summary = {
         "workload": cfg["workload"],
         "model": asdict(shape),
         "rates": asdict(rates),
         "roofline": limit.as_dict(),
         "roofline_max_num_seqs": seqs,
+        "requests_drawn": {
+            "prompt_tokens": sum(reqs.total_lens()),
+            "output_tokens": sum(reqs.new_tokens),
+            "cached_prefix_tokens": sum(reqs.cached),
+            "continuation_tokens": reqs.logits_kept() if reqs.scoring else None,
+            "first_prompt_lens": reqs.total_lens()[:8],
+            "first_new_tokens": reqs.new_tokens[:8],
+        },
         "env": env,
         "config": {k: v for k, v in cfg.items() if k != "workload"},
         "argv": sys.argv,
     }
 
-    previous = _previous_results(cfg, out_dir)
+    if shape.experts:  # the spec's MoE bound reads the active experts per token; a full batch touches nearly all
+        rows = min(len(reqs), seqs)
+        extra_s = (limit.decode_steps * touched_experts_weight_bytes(shape, rows) - limit.decode_weight_bytes) / (rates.copy_tbps * 1e12)
+        summary["roofline_touched_experts"] = {"rows": rows, "total_s": limit.total_s + extra_s}
+
+    variants = list(cfg["variants"]) + [v for v in workload.extra_variants if v not in cfg["variants"]]
+    previous = _previous_results(cfg, out_dir, variants)
     results: list[dict[str, Any]] = []
     budget = cfg.get("budget_s")
-    for name in cfg["variants"]:
+    for name in variants:
         t = time.perf_counter()
         left = None if budget is None else float(budget) - (t - start)
         if left is not None and left < 10:
             r = {"variant": name, "status": "skipped", "error": f"under 10 s of budget_s={budget} left"}
         else:
             r = run_variant(name, cfg, out_dir, timeout_s=min(float(cfg["timeout_s"]), left or float("inf")))
-        if r.get("wall_s"):
-            own = roofline(prompt_lens[: r["requests"]], workload.new_tokens, shape, rates, seqs)
-            r["roofline_s"] = own.total_s
-            r["roofline_pct"] = 100.0 * own.total_s / r["wall_s"]
-            r["wall_over_limit"] = r["wall_s"] / own.total_s
+        add_limits(r, workload, reqs, shape, rates, seqs)
         results.append(r)
         summary["env"] = summary["env"] or r.get("env") or {}
         tok = f"{r['output_tok_s']:,.0f} out tok/s" if r.get("output_tok_s") else ""
+        tok += f"{r['scored_tok_s']:,.0f} scored tok/s" if r.get("scored_tok_s") else ""
         print(f"[{workload.name}] {name}: {report.status_text(r)} {tok} ({time.perf_counter() - t:.0f} s)", flush=True)
         _write(out_dir, summary, _in_order(previous + results), final=False)
 

@@ -137,8 +137,12 @@ def show_samples(path: str, n: int) -> None:
             if row.get("error") is not None:
                 continue
             prompt = row["prompt"] if isinstance(row["prompt"], str) else f"<{len(row['prompt'])} token ids>"
-            output = row["output"] if row.get("output") is not None else f"token ids {row.get('token_ids', [])[:16]}"
-            print(f"--- [{row['index']}] {prompt.strip()[:200]}\n{output.strip()[:400]}\n")
+            samples = row.get("samples") or [row]  # n > 1: one line per prompt holds all its samples
+            first = samples[0]
+            output = first.get("output", first.get("text"))
+            output = output if output is not None else f"token ids {first.get('token_ids', [])[:16]}"
+            more = f"\n(+ {len(samples) - 1} more samples)" if len(samples) > 1 else ""
+            print(f"--- [{row['index']}] {prompt.strip()[:200]}\n{output.strip()[:400]}{more}\n")
             n -= 1
             if n == 0:
                 return

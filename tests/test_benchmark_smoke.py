@@ -46,6 +46,8 @@ def test_every_engine_variant_reports_positive_throughput_and_the_same_tokens(be
         assert r["output_tokens"] == expected, name
         assert r["ttft_p50_s"] is not None and 0 < r["ttft_p50_s"] <= r["ttft_p99_s"]
         assert f"| {name} |" in table
+    digests = {name: results[name]["output_sha256"] for name in ENGINE_VARIANTS}
+    assert None not in digests.values() and len(set(digests.values())) == 1, digests  # padded generate's tokens too
     assert summary["roofline"]["total_s"] > 0 and results["ours_sync"]["roofline_pct"] > 0
 
 

@@ -1,12 +1,13 @@
 """GPU tests (run on an H100; skipped without CUDA): Triton path exactness, async vs sync, graphs, stress."""
 
+import logging
 import random
 
 import pytest
 import torch
 
 from async_batching import ContinuousBatcher, SamplingParams
-from async_batching.models import tiny_model
+from async_batching.models import TINY_CONFIGS, tiny_model
 from engine_helpers import mixed_prompts, reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -41,10 +42,60 @@ def _fp32_matches_generate(arch, graphs, **overrides):
             assert b.stats["graph_steps"] > 0
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma2", "gpt2", "qwen3"])
+@pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
 @pytest.mark.parametrize("graphs", [False, True])
 def test_fp32_cuda_triton_path_matches_generate(arch, graphs):
     _fp32_matches_generate(arch, graphs)
+
+
+MOE = ["gpt_oss", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]
+RUNNER_LOG = "async_batching.model_runner"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("arch", MOE)
+def test_moe_builds_with_defaults_and_decodes_in_graphs(arch, dtype, caplog, capsys):
+    """Default settings (graphs on): decode steps are captured, with transformers' experts implementation named in
+    the log when the model's own one syncs with the host; the model keeps its own implementation afterwards."""
+    model = tiny_model(arch, dtype=dtype, device="cuda")
+    with caplog.at_level(logging.INFO, logger=RUNNER_LOG):
+        b = ContinuousBatcher(model)
+    lines = [r.getMessage() for r in caplog.records if r.name == RUNNER_LOG]
+    res = b.generate(mixed_prompts(8, seed=2), SamplingParams(max_new_tokens=8, ignore_eos=True))
+    shown = lines or ["the model's own experts implementation captured"]
+    with capsys.disabled():
+        print(f"\n[gpu] {arch} {str(dtype)[6:]}: graphs {'on' if b.runner.graphs else 'OFF'} "
+              f"({len(b.runner.graphs)} buckets), graph steps {b.stats['graph_steps']} of {b.stats['steps']}; {shown}")
+    assert all(len(r.token_ids) == 8 for r in res)
+    assert model.config._experts_implementation == "grouped_mm"
+    assert b.runner.graphs and b.stats["graph_steps"] > 0, lines
+
+
+def test_a_decode_step_that_syncs_runs_eagerly_with_defaults_and_leaves_nothing_broken(caplog):
+    """A model whose forward calls .item() builds with defaults (one warning, no graphs) and is exact; a later
+    batcher, the sync removed, captures and replays graphs normally."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = tiny_model("llama", device="cuda")
+    prompts = mixed_prompts(8, seed=11)
+    refs = [reference(model, p, 10) for p in prompts]
+    sp = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    kw = dict(max_num_seqs=4, max_batch_tokens=64, block_size=16, num_blocks=40)
+
+    def host_sync(module, args):
+        args[0].sum().item()
+
+    hook = model.model.layers[1].mlp.register_forward_pre_hook(host_sync)
+    with caplog.at_level(logging.INFO, logger=RUNNER_LOG):
+        b = ContinuousBatcher(model, **kw)
+    lines = [r.getMessage() for r in caplog.records if r.name == RUNNER_LOG]
+    assert len(lines) == 1 and lines[0].startswith("LlamaForCausalLM: CUDA graphs off, decode steps run eagerly: ")
+    assert "in host_sync)" in lines[0], lines[0]
+    assert b.runner.graphs == {} and b.runner.graph_pool is None
+    assert [r.token_ids for r in b.generate(prompts, sp)] == refs and b.stats["graph_steps"] == 0
+    b.close()
+    hook.remove()
+    b2 = ContinuousBatcher(model, **kw)
+    assert [r.token_ids for r in b2.generate(prompts, sp)] == refs and b2.stats["graph_steps"] > 0
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
@@ -68,7 +119,7 @@ def test_compiled_vs_eager_graphs_match_rate_bf16(capsys):
     same, first = _match_rates(outs[False], outs[True])
     with capsys.disabled():
         print(f"\n[gpu] compiled vs eager (both with graphs) bf16: full-sequence match {same:.0%}, first token {first:.0%}")
-    assert first >= 0.95
+    assert first >= 0.95 and same >= 0.8  # measured on an H100: 100% and 92%
 
 
 def _rand_prompts(n, lo, hi, seed=0, vocab=49152):
@@ -100,18 +151,31 @@ def test_async_vs_sync_match_rate_with_chunking_and_preemption(capsys):
     same, first = _match_rates(outs["sync"], outs["async"])
     with capsys.disabled():
         print(f"\n[gpu] async vs sync bf16 with chunking+preemption: full-sequence match {same:.0%}, first token {first:.0%}")
-    assert first >= 0.95
+    assert first >= 0.95 and same >= 0.7  # measured on an H100: 99% and 84%
 
 
-def test_graphs_vs_eager_match_rate(capsys):
-    model = smol_shape()
+def _graphs_and_eager(dtype):
+    model = smol_shape(dtype=dtype)
     prompts = _rand_prompts(40, 16, 120, seed=2)
     sp = SamplingParams(max_new_tokens=32, ignore_eos=True)
-    outs = {g: [r.token_ids for r in ContinuousBatcher(model, cuda_graphs=g).generate(prompts, sp)] for g in (False, True)}
-    same, _ = _match_rates(outs[False], outs[True])
+    return {g: [r.token_ids for r in ContinuousBatcher(model, cuda_graphs=g).generate(prompts, sp)] for g in (False, True)}
+
+
+def test_graphs_equal_eager_fp32():
+    """Replaying captured decode graphs computes what eager decode steps compute: in fp32, token for token."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    outs = _graphs_and_eager(torch.float32)
+    assert outs[True] == outs[False]
+
+
+def test_graphs_vs_eager_match_rate_bf16(capsys):
+    """bf16: prefill is eager in both runs, so first tokens agree; an H100 run measured 100% of full sequences
+    equal, and the bound leaves room for two of the 40 to part on a rounding difference of the padded replays."""
+    outs = _graphs_and_eager(torch.bfloat16)
+    same, first = _match_rates(outs[False], outs[True])
     with capsys.disabled():
-        print(f"\n[gpu] graphs vs eager bf16: full-sequence match {same:.0%}")
-    assert same >= 0.8
+        print(f"\n[gpu] graphs vs eager bf16: full-sequence match {same:.0%}, first token {first:.0%}")
+    assert first == 1.0 and same >= 0.95
 
 
 def test_async_stress_random_lengths_small_cache():
@@ -128,3 +192,55 @@ def test_async_stress_random_lengths_small_cache():
     assert sorted(seen) == list(range(n)), "a result was lost or duplicated"
     assert b.stats["preemptions"] > 0
     assert b.all_blocks_free() and b.num_unfinished == 0
+
+
+def test_nothing_compiles_during_a_run():
+    """Every kernel variant is compiled at start-up: a run of every step shape (long prompts in chunks, decode at many
+    batch sizes, n samples, scoring) adds no Triton variant of the attention kernels, and no torch.compile graph."""
+    from torch._dynamo.utils import counters
+
+    from async_batching.triton_paged_attention import compiled_variants
+
+    model = smol_shape(layers=2)
+    rng = random.Random(9)
+    prompts = _rand_prompts(60, 1, 3000, seed=9)
+    params = [SamplingParams(max_new_tokens=rng.randint(1, 40), ignore_eos=True, n=rng.choice([1, 1, 3]),
+                             temperature=rng.choice([0.0, 0.8])) for _ in prompts]
+    pairs = [(p[:rng.randint(1, len(p))], [5, 6, 7]) for p in prompts[:20]]
+    for compile_ in (False, True):
+        b = ContinuousBatcher(model, compile=compile_, max_batch_tokens=1024, max_num_seqs=64)
+        variants, graphs = compiled_variants(), counters["stats"]["unique_graphs"]
+        b.generate(prompts, params)
+        b.score(pairs)
+        assert compiled_variants() == variants, f"a Triton kernel compiled during the run (compile={compile_})"
+        assert counters["stats"]["unique_graphs"] == graphs, "torch.compile compiled during the run"
+        b.close()
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_prefix_caching_and_samples_are_exact_on_the_triton_path(graphs):
+    """fp32 on CUDA: shared prefixes (hits from the cache and from the same step), n samples, greedy == generate."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = tiny_model("llama", device="cuda")
+    base = mixed_prompts(1, lo=70, hi=70, seed=3)[0]
+    prompts = [base + p for p in mixed_prompts(6, lo=1, hi=30, seed=4)] + [base, base[:33]]
+    refs = [reference(model, p, 10) for p in prompts]
+    for mode in ("sync", "async"):
+        b = ContinuousBatcher(model, mode=mode, cuda_graphs=graphs, max_num_seqs=4, max_batch_tokens=64,
+                              block_size=16, num_blocks=40)
+        out = b.generate(prompts, SamplingParams(max_new_tokens=10, n=2, ignore_eos=True))
+        assert [[s.token_ids for s in r.samples] for r in out] == [[ref, ref] for ref in refs], (mode, graphs)
+        assert b.stats["cached_tokens"] > 0 and b.all_blocks_free()
+
+
+def test_scores_equal_a_plain_forward_on_the_triton_path():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = tiny_model("llama", device="cuda")
+    pairs = [(p[:-5], p[-5:]) for p in mixed_prompts(12, lo=8, hi=150, seed=6)]
+    got = ContinuousBatcher(model, max_batch_tokens=64, block_size=16).score(pairs)
+    for (ctx, cont), r in zip(pairs, got):
+        ids = torch.tensor([ctx + cont], device="cuda")
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, len(ctx) - 1:-1].float(), -1)
+        want = logp.gather(1, torch.tensor(cont, device="cuda")[:, None])[:, 0].tolist()
+        assert max(abs(a - b) for a, b in zip(r.token_logprobs, want)) < 1e-4

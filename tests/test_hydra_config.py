@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
+import shutil
+import subprocess
+import sys
+import zipfile
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -114,6 +119,27 @@ def test_other_hydra_apps_can_pull_our_groups_into_their_search_path(repo_root, 
 
 
 def test_installed_package_ships_the_config_groups(tmp_path):
-    pytest.importorskip("async_batching.conf", reason="needs `pip install .` (conf/ ships as async_batching.conf)")
+    """The installed package (CI: ``pip install -e .``) serves ``pkg://async_batching.conf``; missing, it fails."""
+    assert importlib.util.find_spec("async_batching.conf") is not None, (
+        "async_batching.conf is not importable: install the package (pip install -e .), which maps conf/ onto it")
     cfg = _foreign_app_compose(tmp_path, "pkg://async_batching.conf", [])
     assert OmegaConf.get_type(cfg.batcher) is BatcherConfig
+
+
+def test_wheel_holds_every_config_file_and_module(repo_root, tmp_path):
+    """A built wheel (what ``pip install .`` installs) ships all of conf/ and every module under plugin/."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "plugin", "conf"):
+        copy = shutil.copytree if os.path.isdir(os.path.join(repo_root, name)) else shutil.copy
+        copy(os.path.join(repo_root, name), src / name)
+    isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation, "-w", str(tmp_path),
+                           str(src)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = tmp_path.glob("*.whl")
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    conf = {f"async_batching/conf/{p.relative_to(src / 'conf').as_posix()}" for p in (src / "conf").rglob("*.yaml")}
+    modules = {p.relative_to(src / "plugin").as_posix() for p in (src / "plugin").rglob("*.py")}
+    assert len(conf) >= 20 and not conf - shipped, sorted(conf - shipped)
+    assert "async_batching/lightning/loop.py" in modules and not modules - shipped, sorted(modules - shipped)

@@ -232,21 +232,24 @@ def test_resume_after_kill_generates_only_the_missing_requests(tiny_llama, promp
 @pytest.mark.parametrize("bar_class, request_class", [
     (TQDMProgressBar, RequestTQDMProgressBar), (RichProgressBar, RequestRichProgressBar)])
 def test_progress_bar_counts_requests_and_is_restored(tiny_llama, prompts, bar_class, request_class):
-    bar = bar_class()
+    bar = bar_class(refresh_rate=3)
     seen = []
 
     class Spy(L.Callback):
         def on_generation_progress(self, trainer, pl_module, stats):
-            seen.append((type(trainer.progress_bar_callback), stats.done, stats.total))
+            seen.append((trainer.progress_bar_callback, stats.done, stats.total))
 
     t = trainer(batching(request_progress=True), bar, Spy(), progress=True)
     t.predict(UserModule(tiny_llama), DataLoader(prompts, batch_size=3, collate_fn=lists))
-    assert seen[-1] == (request_class, len(prompts), len(prompts))
-    assert type(bar) is bar_class
+    counting, done, total = seen[-1]
+    assert (type(counting), done, total) == (request_class, len(prompts), len(prompts))
+    assert counting.refresh_rate == 3  # Lightning's bar's settings carried over
+    assert t.progress_bar_callback is bar and type(bar) is bar_class  # the stock bar is back after predict
     if bar_class is TQDMProgressBar:
-        assert bar.predict_progress_bar.n == len(prompts) and bar.predict_progress_bar.total == len(prompts)
+        shown = counting.predict_progress_bar
+        assert shown.n == len(prompts) and shown.total == len(prompts) and "tok/s" in shown.postfix
     else:
-        task = bar.progress.tasks[bar.predict_progress_bar_id]
+        task = counting.progress.tasks[counting.predict_progress_bar_id]
         assert task.completed == task.total == len(prompts) and "tok/s" in task.description
 
 
@@ -292,8 +295,12 @@ def test_error_in_a_user_hook_keeps_what_was_written_and_resumes(tiny_llama, pro
     cb = batching()
     real_build = cb.build_batcher
     cb.build_batcher = lambda module: built.append(real_build(module)) or built[-1]
+    bar = TQDMProgressBar()
+    failing = trainer(cb, JsonlPredictionWriter(path), bar, progress=True)
     with pytest.raises(RuntimeError, match="user post-processing failed"):
-        trainer(cb, JsonlPredictionWriter(path)).predict(Fragile(tiny_llama), loader)
+        failing.predict(Fragile(tiny_llama), loader)
+    assert not isinstance(failing.predict_loop, ContinuousPredictionLoop)  # put back after the exception too
+    assert failing.progress_bar_callback is bar
     engine = built[0]
     assert engine._closed and engine.executor.step_in_flight is None and engine.all_blocks_free()
     written = [json.loads(x) for x in path.read_text().splitlines()]

@@ -13,6 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from async_batching import ContinuousBatcher, SamplingParams
 from async_batching.job_config import DataConfig
 from engine_helpers import reference, word_tokenizer
 
@@ -56,6 +57,19 @@ def test_main_job_writes_exact_outputs_and_a_summary_then_resumes(recipe, repo_r
     again = run_job(recipe, repo_root, tmp_path, TINY)  # same run dir: everything is already written
     assert again["resumed"] == 10 and again["generated"] == 0
     assert rows(tmp_path / "predictions.jsonl") == out
+
+
+def test_sampling_n_from_hydra_writes_one_line_per_prompt_with_all_samples(recipe, repo_root, tmp_path, tiny_llama,
+                                                                          capsys):
+    overrides = TINY + ["data.random_prompts=4", "sampling.n=3", "sampling.temperature=1.0", "sampling.seed=3"]
+    summary = run_job(recipe, repo_root, tmp_path, overrides)
+    out = rows(tmp_path / "predictions.jsonl")
+    assert [r["index"] for r in out] == list(range(4)) and summary["requests"] == 4
+    sp = SamplingParams(max_new_tokens=6, temperature=1.0, seed=3, n=3)
+    want = ContinuousBatcher(tiny_llama).generate([r["prompt"] for r in out], sp)  # seeded: any batching agrees
+    assert [[s["token_ids"] for s in r["samples"]] for r in out] == [[s.token_ids for s in w.samples] for w in want]
+    assert summary["output_tokens"] == sum(len(s["token_ids"]) for r in out for s in r["samples"])
+    assert "(+ 2 more samples)" in capsys.readouterr().out
 
 
 def test_a_saved_workload_checkpoint_without_tokenizer_runs_by_path(recipe, repo_root, tmp_path):

@@ -1,4 +1,4 @@
-"""Triton paged attention against a pure-torch oracle.
+"""Triton paged attention (and the torch path of attention.py) against a pure-torch float64 oracle.
 
 Without CUDA the kernels run in Triton's CPU interpreter (fp32 at 1e-4, fp16 at 1e-2).  The interpreter is chosen
 when ``triton.jit`` decorates a function -- triton's own helpers included -- so TRITON_INTERPRET=1 must be in the
@@ -45,8 +45,10 @@ BACKENDS = [
 
 
 def paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, max_query_len: int,
-                              scale: float, sliding_window: int = 0, softcap: float = 0.0, out=None):
-    """Oracle: gather each sequence's keys through its block table, mask, softmax in fp32."""
+                              scale: float, sliding_window: int = 0, softcap: float = 0.0, out=None, sinks=None):
+    """Oracle: gather each sequence's keys through its block table, mask, softmax in float64.
+
+    ``sinks [H]``: as gpt-oss's eager attention, one more logit per head in the softmax, dropped before the values."""
     T, H, D = q.shape
     _, block_size, KVH, _ = k_cache.shape
     G = H // KVH
@@ -58,9 +60,9 @@ def paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, query
         if s1 == s0:
             continue
         blocks = block_tables[i, : (L + block_size - 1) // block_size].long()
-        k = k_cache[blocks].reshape(-1, KVH, D)[:L].float().repeat_interleave(G, dim=1)  # [L, H, D]
-        v = v_cache[blocks].reshape(-1, KVH, D)[:L].float().repeat_interleave(G, dim=1)
-        qi = q[s0:s1].float()
+        k = k_cache[blocks].reshape(-1, KVH, D)[:L].double().repeat_interleave(G, dim=1)  # [L, H, D]
+        v = v_cache[blocks].reshape(-1, KVH, D)[:L].double().repeat_interleave(G, dim=1)
+        qi = q[s0:s1].double()
         scores = torch.einsum("qhd,khd->hqk", qi, k) * scale
         if softcap:
             scores = softcap * torch.tanh(scores / softcap)
@@ -70,7 +72,12 @@ def paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, query
         if sliding_window:
             allowed &= k_pos > q_pos - sliding_window
         scores = scores.masked_fill(~allowed, float("-inf"))
-        out[s0:s1] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(out.dtype)
+        if sinks is not None:
+            sink_col = sinks.double()[:, None, None].expand(H, s1 - s0, 1)
+            probs = torch.cat([scores, sink_col], dim=-1).softmax(-1)[..., :-1]
+        else:
+            probs = scores.softmax(-1)
+        out[s0:s1] = torch.einsum("hqk,khd->qhd", probs, v).to(out.dtype)
     return out
 
 
@@ -114,17 +121,19 @@ def make_batch(specs, *, num_kv_heads=2, group=2, head_dim=32, block_size=16, dt
     return {k: v.to(DEVICE) for k, v in args.items()}, max(q_lens)
 
 
-def check(specs, backend, *, scale=None, sliding_window=0, softcap=0.0, num_kv_splits=0, **batch_kw):
+def check(specs, backend, *, scale=None, sliding_window=0, softcap=0.0, num_kv_splits=0, sinks=None, **batch_kw):
     """Run kernel and oracle on one batch; every output row must be written and match."""
     dtype, tol = backend
     args, max_q = make_batch(specs, dtype=dtype, **batch_kw)
     head_dim = args["q"].shape[-1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    if sinks is not None:
+        sinks = sinks.to(DEVICE)
     out = torch.full(args["q"].shape, float("nan"), dtype=dtype, device=DEVICE)
     tpa.paged_attention(**args, max_query_len=max_q, scale=scale, sliding_window=sliding_window, softcap=softcap,
-                        out=out, num_kv_splits=num_kv_splits)
+                        out=out, num_kv_splits=num_kv_splits, sinks=sinks)
     ref = paged_attention_reference(**args, max_query_len=max_q, scale=scale, sliding_window=sliding_window,
-                                    softcap=softcap)
+                                    softcap=softcap, sinks=sinks)
     assert not out.isnan().any(), "some output rows were not written"
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
     return out
@@ -187,6 +196,56 @@ def test_split_kv_merges_to_the_unsplit_result(backend, splits):
     specs = [(150, 1), (3, 1), (90, 5), (70, 1)]
     check(specs, backend, num_kv_splits=splits, group=4)
     check(specs, backend, num_kv_splits=splits, group=4, sliding_window=20, softcap=8.0)
+
+
+def sink_logits(num_heads: int, seed: int = 0) -> torch.Tensor:
+    """Sinks spanning the range where they matter: from negligible (-6) to dominating real keys' logits (+6)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.linspace(-6.0, 6.0, num_heads)[torch.randperm(num_heads, generator=g)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("window", [0, 17])
+@pytest.mark.parametrize("group", [1, 4])
+def test_sinks_join_the_softmax_denominator(backend, window, group):
+    specs = [(50, 1), (30, 30), (45, 12), (3, 1), (17, 17)]
+    out = check(specs, backend, sliding_window=window, group=group, sinks=sink_logits(2 * group))
+    # The sinks must matter here, or the comparison above would not test them.
+    args, max_q = make_batch(specs, dtype=backend[0], group=group)
+    plain = paged_attention_reference(**args, max_query_len=max_q, scale=1 / math.sqrt(32), sliding_window=window)
+    assert (out.float() - plain.float()).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("splits", [2, 4])
+def test_sinks_are_counted_once_when_kv_splits_merge(backend, splits):
+    specs = [(100, 1), (3, 1), (40, 5)]  # with 4 splits of 64 keys the last two are empty
+    check(specs, backend, num_kv_splits=splits, group=4, sinks=sink_logits(8, seed=1))
+    check(specs, backend, num_kv_splits=splits, group=4, sinks=sink_logits(8, seed=2), sliding_window=20)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sinks_stored_in_16_bit_and_far_above_the_logits(backend):
+    """gpt-oss keeps sinks in the model dtype; a sink of +40 leaves the keys weights near exp(-40), not NaN."""
+    sinks = torch.tensor([40.0, -3.0, 0.5, 12.0]).to(torch.bfloat16)
+    check([(33, 1), (20, 20), (41, 9)], backend, sinks=sinks)
+
+
+@pytest.mark.parametrize("window", [0, 17])
+def test_torch_path_with_sinks_matches_the_reference(window):
+    """attention.py's CPU path (decode rows batched, prefill chunks one by one) against the same oracle."""
+    from async_batching.attention import AttentionMetadata, torch_paged_attention
+
+    specs = [(50, 1), (30, 30), (45, 12), (3, 1), (17, 17)]
+    args, max_q = make_batch(specs, group=2)
+    for name in ("k_cache", "v_cache"):  # it reads whole blocks (masked): the engine's cache is zero-initialised
+        args[name] = args[name].nan_to_num(0.0)
+    sinks = sink_logits(4, seed=3).to(DEVICE)
+    meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long), query_start_loc=args["query_start_loc"],
+                             seq_lens=args["seq_lens"], block_tables=args["block_tables"], max_query_len=max_q)
+    out = torch_paged_attention(args["q"], args["k_cache"], args["v_cache"], meta, 0.2, window, 0.0, sinks)
+    ref = paged_attention_reference(**args, max_query_len=max_q, scale=0.2, sliding_window=window, sinks=sinks)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

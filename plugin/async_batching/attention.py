@@ -2,8 +2,9 @@
 
 The model's own code calls it per layer with the packed ``[1, heads, T, dim]`` query/key/value of one step. It writes
 K/V into the paged cache at the step's slots, then attends each query over its sequence's cached blocks (causal,
-sliding window and logit soft-capping respected). The model runner passes the step's ``StepContext`` as the keyword
-argument ``paged_step`` of the model's forward; transformers hands such keyword arguments down to the attention call.
+sliding window, logit soft-capping and attention sinks respected). The model runner passes the step's ``StepContext``
+as the keyword argument ``paged_step`` of the model's forward; transformers hands such keyword arguments down to the
+attention call.
 """
 
 from __future__ import annotations
@@ -46,8 +47,6 @@ def paged_attention_forward(module, query, key, value, attention_mask=None, scal
     if ctx is None:
         raise RuntimeError(f"attention '{ATTN_NAME}' called without a ContinuousBatcher step (the model did not pass "
                            f"its keyword arguments down to the attention function)")
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError("attention sinks (s_aux) are not supported by the paged attention yet")
     layer = getattr(module, "layer_idx", None)
     if ctx.probe is not None:
         ctx.probe[layer] = (key.shape[1], key.shape[3], value.shape[3])
@@ -62,23 +61,44 @@ def paged_attention_forward(module, query, key, value, attention_mask=None, scal
     meta = ctx.meta
     kc.view(-1, kc.shape[-2], kc.shape[-1]).index_copy_(0, meta.slot_mapping, k.to(kc.dtype))
     vc.view(-1, vc.shape[-2], vc.shape[-1]).index_copy_(0, meta.slot_mapping, v.to(vc.dtype))
-    out = ctx.kernel(q, kc, vc, meta, scale, int(window), float(softcap))
+    # gpt-oss's attention sinks: one learnt logit per query head (``s_aux``), see ``dense_attention``.
+    sinks = kwargs.get("s_aux")
+    out = ctx.kernel(q, kc, vc, meta, scale, int(window), float(softcap), sinks)
     return out.unsqueeze(0), None
 
 
-def dense_attention(q, k, v, qpos, kpos, klen, scale: float, window: int, softcap: float):
-    """Dense attention of ``q [n, Q, H, D]`` over ``k, v [n, L, H, D]``; positions decide the mask."""
+def dense_attention(q, k, v, qpos, kpos, klen, scale: float, window: int, softcap: float,
+                    sinks: Optional[torch.Tensor] = None):
+    """Dense attention of ``q [n, Q, H, D]`` over ``k, v [n, L, H, D]``; positions decide the mask.
+
+    ``sinks [H]``: a logit per head that joins the softmax denominator without a value (gpt-oss), so the weights of
+    the real keys sum to less than one."""
     allowed = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < klen[:, None, None])
     if window > 0:
         allowed &= kpos[None, None, :] > qpos[:, :, None] - window
     scores = torch.einsum("nqhd,nkhd->nhqk", q.float(), k.float()) * scale
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
-    probs = torch.softmax(scores.masked_fill(~allowed[:, None], float("-inf")), dim=-1)
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    if sinks is None:
+        probs = torch.softmax(scores, dim=-1)
+    else:
+        sink = sinks.float()[None, :, None, None].expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
     return torch.einsum("nhqk,nkhd->nqhd", probs, v.float())
 
 
-def torch_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int, softcap: float):
+def triton_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int, softcap: float,
+                           sinks: Optional[torch.Tensor] = None):
+    """GPU path: the Triton kernel (imported on first use: Triton is optional)."""
+    from .triton_paged_attention import paged_attention
+
+    return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                           meta.max_query_len, scale, window, softcap, sinks=sinks)
+
+
+def torch_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int, softcap: float,
+                          sinks: Optional[torch.Tensor] = None):
     """CPU/reference path. Decode rows attend together; each prefill chunk attends on its own, so memory stays
     bounded by one chunk times its context (padding every sequence to the longest does not fit mixed steps)."""
     T, H, _ = q.shape
@@ -102,7 +122,8 @@ def torch_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: f
         k, v, kpos = kv(seqs, max(lens[i] for i in decode))
         klen = meta.seq_lens.long()[seqs]
         rows = meta.query_start_loc.long()[seqs]
-        out[rows] = dense_attention(q[rows][:, None], k, v, (klen - 1)[:, None], kpos, klen, scale, window, softcap)[:, 0].to(q.dtype)
+        out[rows] = dense_attention(q[rows][:, None], k, v, (klen - 1)[:, None], kpos, klen, scale, window, softcap,
+                                   sinks)[:, 0].to(q.dtype)
     for i in range(len(lens)):
         a, b = starts[i], starts[i + 1]
         if b - a <= 1:
@@ -110,7 +131,7 @@ def torch_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: f
         k, v, kpos = kv(torch.tensor([i], device=q.device), lens[i])
         klen = meta.seq_lens.long()[i:i + 1]
         qpos = torch.arange(lens[i] - (b - a), lens[i], device=q.device)[None]
-        out[a:b] = dense_attention(q[None, a:b], k, v, qpos, kpos, klen, scale, window, softcap)[0].to(q.dtype)
+        out[a:b] = dense_attention(q[None, a:b], k, v, qpos, kpos, klen, scale, window, softcap, sinks)[0].to(q.dtype)
     return out
 
 

@@ -1,4 +1,5 @@
-"""ContinuousBatcher: the engine loop tying scheduler, model runner and executor; ``generate``, streaming, incremental."""
+"""ContinuousBatcher: the engine loop tying scheduler, model runner and executor; ``generate``, ``score``, streaming,
+incremental submission."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ from .config import BatcherConfig
 from .detokenize import IncrementalDetokenizer
 from .executor import AsyncExecutor, StepHandle, StepOutput, SyncExecutor
 from .model_runner import ModelRunner
-from .request import GenerationResult, Request, RequestStatus, SamplingParams, generation_result
+from .request import GenerationResult, Request, RequestStatus, SamplingParams, ScoreResult, generation_result
 from .sampling import request_seed
 from .scheduler import Scheduler
+from .validation import RequestValidator, raise_problems
 
 Prompt = Union[Sequence[int], str]
+Result = Union[GenerationResult, ScoreResult]
+_SCORING = SamplingParams(max_new_tokens=1)  # scoring requests sample nothing; this only satisfies the type
 
 
 class ContinuousBatcher:
@@ -33,33 +37,25 @@ class ContinuousBatcher:
         self.model = model
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        is_cuda = self.device.type == "cuda"
-        if cfg.cuda_graphs and not is_cuda:
-            raise ValueError(f"BatcherConfig.cuda_graphs=True needs a CUDA device, the model is on {self.device}; "
-                             "use cuda_graphs=null (auto) or false")
         self.runner = ModelRunner(model, cfg, self.device, self.dtype)
-        use_graphs = bool(is_cuda and cfg.cuda_graphs is not False and self.runner.backend == "triton")
-        if cfg.cuda_graphs and not use_graphs:
-            raise ValueError("BatcherConfig.cuda_graphs=True needs attention_backend 'triton' (Triton not available?)")
-        self.runner.compute_stream = torch.cuda.Stream(self.device) if is_cuda else None
-        if is_cuda or cfg.compile:
-            self.runner.warmup()
-        if use_graphs:
-            self.runner.capture_graphs(min(cfg.max_num_seqs, cfg.cuda_graph_max_batch), self.runner.compute_stream)
+        self.runner.start()
         self.scheduler = Scheduler(self.runner.cache, cfg.max_batch_tokens, cfg.max_num_seqs, cfg.scheduler,
-                                   cfg.chunked_prefill)
+                                   cfg.chunked_prefill, self.runner.max_logit_rows, cfg.prefix_caching)
         executor_cls = AsyncExecutor if cfg.mode == "async" else SyncExecutor
-        self.executor = executor_cls(self.runner, self.scheduler, use_graphs)
+        self.executor = executor_cls(self.runner, self.scheduler)
+        self.validator = RequestValidator(tokenizer, self.runner.vocab_size, self.runner.max_model_len, cfg.block_size,
+                                          self.runner.cache.allocator.num_usable, cfg.max_batch_tokens,
+                                          cfg.chunked_prefill)
         gen = getattr(model, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None) if gen is not None else None
         if eos is None:
             eos = getattr(model.config, "eos_token_id", None)
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
-        self.requests: dict[int, Request] = {}
+        self.requests: dict[int, list[Request]] = {}  # caller's id -> its sequences (n samples, or one scoring)
         self._next_id = 0
         self._next_uid = 0  # never reused: unseeded sampling streams derive from it
         self._closed = False
-        self._counters = {"prompt_tokens": 0, "output_tokens": 0, "requests": 0}
+        self._counters = {"requests": 0, "prompt_tokens": 0, "output_tokens": 0}
         self._cancelled: list[Request] = []
 
     # --- submission -----------------------------------------------------------------------------------------
@@ -74,134 +70,112 @@ class ContinuousBatcher:
     def has_unfinished(self) -> bool:
         return bool(self.requests) or self.executor.step_in_flight is not None
 
-    def _problems(self, prompt, sampling) -> tuple[list[int], list[str]]:
-        if not isinstance(sampling, SamplingParams):
-            return [], [f"sampling must be a SamplingParams, got {type(sampling).__name__}"]
-        problems = sampling.problems()
-        if sampling.stop and self.tokenizer is None:
-            problems.append("stop strings need a tokenizer")
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                return [], problems + ["prompt is a string but the batcher has no tokenizer"]
-            ids = list(self.tokenizer.encode(prompt))
-        elif isinstance(prompt, torch.Tensor):
-            ids = prompt.reshape(-1).tolist() if prompt.dim() <= 1 else None
-            if ids is None:
-                return [], problems + [f"prompt tensor must be 1-D, got shape {tuple(prompt.shape)}"]
-        elif isinstance(prompt, (list, tuple)):
-            ids = list(prompt)
-        else:
-            return [], problems + [f"prompt must be a list of token ids or a string, got {type(prompt).__name__}"]
-        if not ids:
-            return ids, problems + ["prompt is empty"]
-        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool)]
-        if bad:
-            return ids, problems + [f"prompt holds non-integer token ids, e.g. {bad[0]!r}"]
-        vocab = self.runner.vocab_size
-        out = [t for t in ids if t < 0 or t >= vocab]
-        if out:
-            problems.append(f"token id {out[0]} is outside the vocabulary [0, {vocab})")
-        if isinstance(sampling.max_new_tokens, int):
-            total = len(ids) + sampling.max_new_tokens
-            limit = self.runner.max_model_len
-            if len(ids) >= limit:
-                problems.append(f"prompt has {len(ids)} tokens, the model allows {limit} positions")
-            elif total > limit:
-                problems.append(f"prompt ({len(ids)}) + max_new_tokens ({sampling.max_new_tokens}) = {total} "
-                                f"exceeds the model's {limit} positions")
-            need = self.runner.cache.blocks_for(total)
-            usable = self.runner.cache.allocator.num_usable
-            if need > usable:
-                problems.append(f"needs {need} KV blocks for {total} tokens, the whole cache has {usable} "
-                                "(raise num_blocks or memory_fraction, or lower max_new_tokens)")
-            if not self.config.chunked_prefill and total > self.config.max_batch_tokens:
-                problems.append(f"prompt + max_new_tokens = {total} exceeds max_batch_tokens "
-                                f"({self.config.max_batch_tokens}) and chunked_prefill is off")
-        return ids, problems
-
     def check_request(self, prompt: Prompt, sampling: Optional[SamplingParams] = None, name: object = 0) -> list[int]:
         """Validate one request; return its token ids or raise ValueError/TypeError naming it and the problem."""
-        sampling = SamplingParams() if sampling is None else sampling
-        ids, problems = self._problems(prompt, sampling)
-        if problems:
-            kind = TypeError if any(p.startswith(("prompt must", "sampling must", "prompt tensor", "prompt is a string")) for p in problems) else ValueError
-            raise kind(f"request {name}: " + "; ".join(problems))
+        ids, problems = self.validator.generation(prompt, SamplingParams() if sampling is None else sampling)
+        raise_problems(name, problems)
         return ids
 
-    def add_request(self, prompt: Prompt, sampling: Optional[SamplingParams] = None, request_id: Optional[int] = None) -> int:
-        """Validate and enqueue one request; returns its id (``GenerationResult.index``)."""
+    def check_score(self, context: Prompt, continuation: Prompt, name: object = 0) -> tuple[list[int], int]:
+        """Validate one (context, continuation) pair; return its token ids and first scored position, or raise."""
+        ids, score_start, problems = self.validator.scoring(context, continuation)
+        raise_problems(name, problems)
+        return ids, score_start
+
+    def _new_id(self, request_id: Optional[int]) -> int:
         if self._closed:
             raise RuntimeError("the batcher is closed")
         rid = self._next_id if request_id is None else request_id
         if rid in self.requests:
             raise ValueError(f"request {rid}: id already in use by an unfinished request")
-        sampling = SamplingParams() if sampling is None else sampling
-        ids = self.check_request(prompt, sampling, rid)
-        self._enqueue(rid, ids, sampling)
         return rid
 
-    def _enqueue(self, rid: int, ids: list[int], sampling: SamplingParams) -> None:
-        self._next_id = max(self._next_id, rid + 1) if isinstance(rid, int) else self._next_id
+    def add_request(self, prompt: Prompt, sampling: Optional[SamplingParams] = None, request_id: Optional[int] = None) -> int:
+        """Validate and enqueue one generation request; returns its id (``GenerationResult.index``)."""
+        rid = self._new_id(request_id)
+        sampling = SamplingParams() if sampling is None else sampling
+        self._enqueue(rid, self.check_request(prompt, sampling, rid), sampling)
+        return rid
+
+    def add_score(self, context: Prompt, continuation: Prompt, request_id: Optional[int] = None) -> int:
+        """Validate and enqueue one scoring request; returns its id (``ScoreResult.index``)."""
+        rid = self._new_id(request_id)
+        self._enqueue(rid, *self.check_score(context, continuation, rid))
+        return rid
+
+    def _sequence(self, rid: int, ids: list[int], sampling: SamplingParams, sample_idx: int = 0,
+                  parent: Optional[Request] = None, score_start: int = -1) -> Request:
+        uid = self._next_uid
+        self._next_uid += 1
         detok = None
         if self.tokenizer is not None and sampling.stop:
             # Only stop strings need text while generating; other requests are decoded once when they finish.
             detok = IncrementalDetokenizer(self.tokenizer, sampling.stop)
-        uid = self._next_uid
-        self._next_uid += 1
-        req = Request(
-            uid=uid, index=rid, prompt_ids=ids, sampling=sampling,
-            eos_ids=frozenset() if sampling.ignore_eos else self.eos_ids,
-            seed=request_seed(self.config.seed, uid, sampling.seed, 0),
-            detokenizer=detok,
-        )
+        req = Request(uid=uid, index=rid, prompt_ids=ids, sampling=sampling,
+                      eos_ids=frozenset() if sampling.ignore_eos else self.eos_ids,
+                      seed=request_seed(self.config.seed, uid, sampling.seed, sample_idx), sample_idx=sample_idx,
+                      parent=parent, score_start=score_start, detokenizer=detok)
         if sampling.logprobs is not None:
             req.logprobs, req.top_logprobs = [], ([] if sampling.logprobs > 0 else None)
-        self.requests[rid] = req
         self.scheduler.add(req)
+        return req
+
+    def _enqueue(self, rid: int, ids: list[int], sampling_or_score_start: Union[SamplingParams, int]) -> None:
+        self._next_id = max(self._next_id, rid + 1) if isinstance(rid, int) else self._next_id
+        if isinstance(sampling_or_score_start, int):
+            seqs = [self._sequence(rid, ids, _SCORING, score_start=sampling_or_score_start)]
+        else:
+            sp = sampling_or_score_start
+            first = self._sequence(rid, ids, sp)
+            seqs = [first] + [self._sequence(rid, ids, sp, i, first) for i in range(1, sp.n)]
+        self.requests[rid] = seqs
         self._counters["requests"] += 1
+        self._counters["prompt_tokens"] += len(ids)
 
     def cancel(self, request_id: int) -> None:
-        """Finish a request now with reason "cancelled"; its blocks return once no step in flight reads them."""
-        req = self.requests.get(request_id)
-        if req is not None and req.finish_reason is None:
-            req.finish_reason = "cancelled"
-            self._cancelled.append(req)
+        """Finish a request (all its samples) now with reason "cancelled"; its blocks return once no step in flight
+        reads them."""
+        for req in self.requests.get(request_id, ()):
+            if req.finish_reason is None:
+                req.finish_reason = "cancelled"
+                self._cancelled.append(req)
 
     # --- the loop -------------------------------------------------------------------------------------------
     @torch.inference_mode()  # cheaper than no_grad on the host; Lightning predict runs us in it too
-    def step(self) -> list[GenerationResult]:
+    def step(self) -> list[Result]:
         """One engine iteration; returns the results of requests that finished in it."""
-        done = [self._finish(r) for r in self._cancelled if not r.finished]
+        done = [r for r in map(self._finish, self._cancelled) if r is not None]
         self._cancelled = []
         idle = self.executor.step_in_flight is None
-        launched, ooms = self.executor.stats["steps"], self.executor.stats["oom_recoveries"]
-        done += self.executor.step(self._process)
-        stuck = launched == self.executor.stats["steps"] and ooms == self.executor.stats["oom_recoveries"]
-        if idle and stuck and not done and self.scheduler.has_unfinished():
+        finished, planned = self.executor.step(self._process)
+        done += finished
+        if idle and not planned and not done and self.scheduler.has_unfinished():
             # Nothing was in flight, so every deferred block was back, and still nothing could be scheduled.
             head = (self.scheduler.waiting or self.scheduler.running)[0]
-            raise RuntimeError(f"request {head.index} cannot be scheduled ({self.runner.cache.allocator.num_free} "
+            raise RuntimeError(f"request {head.index} cannot be scheduled ({self.scheduler.allocator.num_free} "
                                "KV blocks free); this is a bug, please report it")
         return done
 
-    def _process(self, handle: StepHandle, out: StepOutput) -> list[GenerationResult]:
+    def _process(self, handle: StepHandle, out: StepOutput) -> list[Result]:
         now = time.perf_counter()
         done = []
-        row = 0
+        row = score_row = 0
         for s in handle.plan.seqs:
             req = s.req
             if s.samples:
-                tok = out.tokens[row]
                 if req.finish_reason is None:  # else: finished or cancelled already, the extra token is dropped
                     if req.logprobs is not None:
                         self._add_logprobs(req, out.logprobs[row])
-                    req.append_token(tok, now)
+                    req.append_token(out.tokens[row], now)
                     self._counters["output_tokens"] += 1
-                    if req.finish_reason is not None:
-                        done.append(self._finish(req, now))
                 row += 1
+            elif s.score_rows:
+                self._add_scores(req, s.score_from, out.scores[score_row:score_row + s.score_rows])
+                score_row += s.score_rows
             self.scheduler.landed(s)
-        self._counters["prompt_tokens"] += handle.plan.num_tokens - row
+            if req.finish_reason is not None and not req.finished:
+                if (r := self._finish(req, now)) is not None:
+                    done.append(r)
         return done
 
     @staticmethod
@@ -214,15 +188,36 @@ class ContinuousBatcher:
             ids, vals = lp[1:1 + k].astype(int), lp[1 + width:1 + width + k]
             req.top_logprobs.append({int(i): float(v) for i, v in zip(ids, vals)})
 
-    def _finish(self, req: Request, now: Optional[float] = None) -> GenerationResult:
+    @staticmethod
+    def _add_scores(req: Request, first_pos: int, rows) -> None:
+        """Record scored positions not recorded yet (a preempted request recomputes positions it already scored)."""
+        skip = len(req.score_logprobs) - (first_pos - req.score_start)
+        for lp, greedy in rows[max(skip, 0):]:
+            req.score_logprobs.append(float(lp))
+            req.score_greedy = req.score_greedy and bool(greedy > 0.5)
+        if len(req.score_logprobs) == len(req.prompt_ids) - 1 - req.score_start and req.finish_reason is None:
+            req.finish_reason = "scored"
+
+    def _finish(self, req: Request, now: Optional[float] = None) -> Optional[Result]:
+        """Finish one sequence; the request's result once all its sequences are finished."""
+        if req.finished:
+            return None
         req.finish_s = now if now is not None else time.perf_counter()
-        if req.detokenizer is None and self.tokenizer is not None:
+        if req.detokenizer is None and self.tokenizer is not None and not req.is_score:
             req.text = self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
         self.scheduler.finish(req)
-        self.requests.pop(req.index, None)
-        return generation_result([req])
+        seqs = self.requests.get(req.index)
+        if seqs is None or not all(r.finished for r in seqs):
+            return None
+        del self.requests[req.index]
+        if req.is_score:
+            result = req.score_result()
+            if req.finish_reason != "scored":
+                result.error = req.finish_reason
+            return result
+        return generation_result(seqs)
 
-    def drain(self) -> Iterator[GenerationResult]:
+    def drain(self) -> Iterator[Result]:
         """Run steps until every submitted request has finished, yielding results as they finish."""
         while self.has_unfinished():
             yield from self.step()
@@ -241,23 +236,64 @@ class ContinuousBatcher:
         # Everything is checked before any work starts.
         return [(self.check_request(p, s, i), s) for i, (p, s) in enumerate(zip(prompts, params))]
 
-    def stream(self, prompts, sampling=None) -> Iterator[GenerationResult]:
-        """Yield results as requests finish (completion order); ``result.index`` is the prompt's position."""
-        checked = self._normalise(prompts, sampling)
+    def _run(self, checked: list[tuple], desc: Optional[str] = None) -> Iterator[Result]:
+        """Enqueue checked requests under fresh ids and yield their results as they finish (``index`` = position in
+        ``checked``); on any exception or early stop their remaining work is aborted. ``desc``: show a progress bar."""
         base = self._next_id
-        for i, (ids, sp) in enumerate(checked):
-            self._enqueue(base + i, ids, sp)
+        for i, item in enumerate(checked):
+            self._enqueue(base + i, *item)
         mine = range(base, base + len(checked))
+        bar = None
+        if desc is not None:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(checked), desc=desc, unit="req")
+        t0, tokens = time.perf_counter(), 0
         try:
             for r in self.drain():
                 if r.index in mine:
                     r.index -= base
+                    if bar is not None:
+                        tokens += sum(len(s.token_ids) for s in r.samples) if isinstance(r, GenerationResult) else 0
+                        bar.update(1)
+                        if tokens:
+                            bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
                     yield r
         except BaseException:  # KeyboardInterrupt, an error in the consumer, or the consumer stopped early
             self.abort([i for i in mine if i in self.requests])
             raise
+        finally:
+            if bar is not None:
+                bar.close()
 
-    def abort(self, request_ids: Optional[Iterable[int]] = None) -> list[GenerationResult]:
+    def stream(self, prompts, sampling=None) -> Iterator[GenerationResult]:
+        """Yield results as requests finish (completion order); ``result.index`` is the prompt's position."""
+        return self._run(self._normalise(prompts, sampling))
+
+    def generate(self, prompts, sampling=None, progress: bool = False) -> list[GenerationResult]:
+        """One result per prompt, in input order."""
+        checked = self._normalise(prompts, sampling)
+        results: list = [None] * len(checked)
+        for r in self._run(checked, "generate" if progress else None):
+            results[r.index] = r
+        return results
+
+    def score(self, pairs, progress: bool = False) -> list[ScoreResult]:
+        """Log-likelihood of each ``(context, continuation)`` pair's continuation given its context, in input order.
+        Token ids or strings (strings need a tokenizer); every pair is checked before any work starts."""
+        if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Iterable):
+            raise TypeError("pairs must be a list of (context, continuation) pairs")
+        checked = []
+        for i, pair in enumerate(pairs):
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise TypeError(f"request {i}: a pair must be (context, continuation), got {type(pair).__name__}")
+            checked.append(self.check_score(pair[0], pair[1], i))
+        results: list = [None] * len(checked)
+        for r in self._run(checked, "score" if progress else None):
+            results[r.index] = r
+        return results
+
+    def abort(self, request_ids: Optional[Iterable[int]] = None) -> list[Result]:
         """Stop requests now (all by default): the step in flight lands first, then their blocks are freed.
 
         Returns the results of every request that ended here: those aborted (``finish_reason="cancelled"``, with the
@@ -266,36 +302,12 @@ class ContinuousBatcher:
         done = self.executor.drain(self._process)
         ids = list(self.requests) if request_ids is None else list(request_ids)
         for rid in ids:
-            req = self.requests.get(rid)
-            if req is None:
-                continue
-            if req.finish_reason is None:
-                req.finish_reason = "cancelled"
-            done.append(self._finish(req))
+            for req in list(self.requests.get(rid, ())):
+                if req.finish_reason is None:
+                    req.finish_reason = "cancelled"
+                if (r := self._finish(req)) is not None:
+                    done.append(r)
         return done
-
-    def generate(self, prompts, sampling=None, progress: bool = False) -> list[GenerationResult]:
-        """One result per prompt, in input order."""
-        checked_len = len(prompts) if hasattr(prompts, "__len__") else None
-        results: list[Optional[GenerationResult]] = [None] * (checked_len or 0)
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=checked_len, desc="generate", unit="req")
-        t0 = time.perf_counter()
-        tokens = 0
-        for r in self.stream(prompts, sampling):
-            if r.index >= len(results):
-                results.extend([None] * (r.index + 1 - len(results)))
-            results[r.index] = r
-            tokens += len(r.token_ids)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
-        if bar is not None:
-            bar.close()
-        return results  # type: ignore[return-value]
 
     def close(self) -> None:
         """Finish the step in flight and release the cache and graphs."""
@@ -305,17 +317,19 @@ class ContinuousBatcher:
             self.abort()
         finally:
             self._closed = True
-            self.runner.graphs.clear()
-            self.runner.cache.k.clear()
-            self.runner.cache.v.clear()
+            self.runner.release()
 
     def all_blocks_free(self) -> bool:
-        return self.runner.cache.allocator.all_free()
+        """No KV block is held by a request (blocks kept by the prefix cache count as free)."""
+        return self.scheduler.allocator.all_free()
 
     @property
     def stats(self) -> dict:
-        """Counters: requests, prompt/output tokens, steps, graph steps, preemptions, host seconds per phase."""
-        return {**self._counters, **self.executor.stats, "preemptions": self.scheduler.num_preemptions}
+        """Counters: requests, prompt tokens (submitted), prefill tokens (computed), cached tokens (prefix-cache hits),
+        output tokens, steps, graph steps, preemptions, host seconds per phase."""
+        s = self.scheduler
+        return {**self._counters, "prefill_tokens": s.prefill_tokens, "cached_tokens": s.cached_tokens,
+                **self.executor.stats, "preemptions": s.num_preemptions}
 
     def __repr__(self) -> str:
         return f"ContinuousBatcher({type(self.model).__name__}, {self.config})"

@@ -5,8 +5,10 @@ Invariants (which event guards which buffer):
   has completed: ``acquire`` sleeps on that event.
 - ``dev_in`` is overwritten by the next H2D copy only after ``compute_done`` of the step that last read it: the H2D
   stream waits on that event (a GPU-side wait, the CPU does not block).
-- ``dev_tokens`` is rewritten by compute only after ``d2h_done`` of its last copy-out: the compute stream waits on it.
-- ``host_tokens`` is read by the CPU only after ``d2h_done`` of its step: ``wait`` sleeps on that event.
+- ``dev_tokens`` and ``dev_scores`` are rewritten by compute only after ``d2h_done`` of their last copy-out: the compute
+  stream waits on it. ``dev_tokens`` is also read by the next step's carry-over gather, on the same compute stream.
+- ``host_tokens``, ``host_logprobs`` and ``host_scores`` are read by the CPU only after ``d2h_done`` of their step:
+  ``wait`` sleeps on that event.
 On CPU there are no events: every operation has completed when it returns.
 """
 
@@ -25,7 +27,7 @@ def _event(device: torch.device) -> Optional[torch.cuda.Event]:
 class BufferSlot:
     """Host and device buffers of one step in flight, and the events that order their reuse."""
 
-    def __init__(self, capacity: int, max_rows: int, device: torch.device):
+    def __init__(self, capacity: int, max_rows: int, max_score_rows: int, device: torch.device):
         pin = device.type == "cuda"
         self.device = device
         self.host_in = torch.zeros(capacity, dtype=torch.int32, pin_memory=pin)
@@ -33,6 +35,9 @@ class BufferSlot:
         self.dev_in = torch.zeros(capacity, dtype=torch.int32, device=device) if pin else self.host_in
         self.dev_tokens = torch.zeros(max_rows, dtype=torch.int32, device=device)
         self.host_tokens = torch.zeros(max_rows, dtype=torch.int32, pin_memory=pin) if pin else self.dev_tokens
+        # Scored rows: (log-probability of the target token, 1.0 if it was the argmax else 0.0).
+        self.dev_scores = torch.zeros(max_score_rows, 2, dtype=torch.float32, device=device)
+        self.host_scores = torch.zeros(max_score_rows, 2, dtype=torch.float32, pin_memory=pin) if pin else self.dev_scores
         self.logprob_k = -1  # width of the logprob buffers (grown on demand, rarely)
         self.host_logprobs: Optional[torch.Tensor] = None
         self.h2d_done = _event(device)
@@ -52,8 +57,8 @@ class BufferSlot:
 class PinnedBufferPool:
     """A ring of ``depth`` slots; depth must exceed the steps in flight (async: 1) by at least one."""
 
-    def __init__(self, depth: int, capacity: int, max_rows: int, device: torch.device):
-        self.slots = [BufferSlot(capacity, max_rows, device) for _ in range(depth)]
+    def __init__(self, depth: int, capacity: int, max_rows: int, max_score_rows: int, device: torch.device):
+        self.slots = [BufferSlot(capacity, max_rows, max_score_rows, device) for _ in range(depth)]
         self._next = 0
 
     def acquire(self) -> BufferSlot:

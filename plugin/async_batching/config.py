@@ -23,6 +23,7 @@ class BatcherConfig:
     max_num_seqs: int = 512
     scheduler: str = "decode_first"
     chunked_prefill: bool = True
+    prefix_caching: bool = True  # reuse the KV blocks of shared prompt prefixes (cached blocks are evicted LRU)
     mode: str = "async"
     cuda_graphs: Optional[bool] = None  # None: on for CUDA, off elsewhere
     cuda_graph_max_batch: int = 512
@@ -59,6 +60,8 @@ class BatcherConfig:
             bad("dtype", f"one of {DTYPES} or None")
         if self.cuda_graphs not in (None, True, False):
             bad("cuda_graphs", "true, false or null (auto)")
+        if self.prefix_caching not in (True, False):
+            bad("prefix_caching", "true or false")
         if self.compile not in (True, False):
             bad("compile", "true or false")
         if not isinstance(self.cuda_graph_max_batch, int) or self.cuda_graph_max_batch < 1:
@@ -86,9 +89,4 @@ class BatcherConfig:
         return cls(**base).validate()
 
 
-def asdict(config: Any) -> dict[str, Any]:
-    """Plain dict of a config dataclass (for logs and JSON)."""
-    return dataclasses.asdict(config)
-
-
-__all__ = ["BatcherConfig", "SCHEDULER_POLICIES", "MODES", "ATTENTION_BACKENDS", "asdict"]
+__all__ = ["BatcherConfig", "SCHEDULER_POLICIES", "MODES", "ATTENTION_BACKENDS"]

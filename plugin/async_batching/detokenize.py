@@ -31,18 +31,20 @@ class IncrementalDetokenizer:
         self.ids.append(token)
         prefix_text = self._decode(self.ids[self._prefix:self._read])
         full = self._decode(self.ids[self._prefix:])
-        if len(full) <= len(prefix_text) or full.endswith("\ufffd"):
-            return False
-        new = full[len(prefix_text):]
-        start = max(0, len(self.text) - self._max_stop + 1)
-        self.text += new
-        self._prefix, self._read = self._read, len(self.ids)
+        grew, complete = len(full) > len(prefix_text), not full.endswith("\ufffd")
+        new = full[len(prefix_text):] if grew else ""
         if self.stop:
-            hits = [i for s in self.stop if (i := self.text.find(s, start)) >= 0]
+            # Text before a character still incomplete is final already: a stop string it completes counts now.
+            start = max(0, len(self.text) - self._max_stop + 1)
+            text = self.text + (new if complete else new.rstrip("\ufffd"))
+            hits = [i for s in self.stop if (i := text.find(s, start)) >= 0]
             if hits:
-                self.text = self.text[: min(hits)]
+                self.text = text[: min(hits)]
                 self.stopped = True
                 return True
+        if grew and complete:
+            self.text += new
+            self._prefix, self._read = self._read, len(self.ids)
         return False
 
     def finish(self) -> str:

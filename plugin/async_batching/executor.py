@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Protocol
 
 import numpy as np
 import torch
@@ -39,6 +39,18 @@ class StepHandle:
 class StepOutput:
     tokens: list[int]
     logprobs: Optional[np.ndarray]  # [num_samples, 1 + 2k] or None
+    scores: Optional[np.ndarray]  # [num_score_rows, 2]: log-probability of the target, target was the argmax (1/0)
+
+
+class StepObserver(Protocol):
+    """Sees each step's compute on the compute stream (e.g. timing events); attached with ``Executor.observe``."""
+
+    def compute_began(self, stream: torch.cuda.Stream, layout: StepLayout) -> None: ...
+
+    def compute_ended(self, stream: torch.cuda.Stream, layout: StepLayout) -> None: ...
+
+
+Process = Callable[[StepHandle, StepOutput], list]
 
 
 class Executor:
@@ -46,27 +58,26 @@ class Executor:
 
     DEPTH = 3  # buffer slots: steps in flight (1) + the one being prepared + one spare
 
-    def __init__(self, runner: ModelRunner, scheduler: Scheduler, use_graphs: bool):
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler):
         self.runner = runner
         self.scheduler = scheduler
         self.device = runner.device
-        self.use_graphs = use_graphs
-        cfg = runner.config
-        tcap = max(cfg.max_batch_tokens, max(runner.graphs, default=0))
-        scap = cfg.max_num_seqs + 1
-        capacity = 3 * tcap + 16 * scap + 3 * (tcap // runner.block_size + scap) + 64
-        self.pool = PinnedBufferPool(self.DEPTH, capacity, max(scap, max(runner.graphs, default=0)), self.device)
+        rows = max(runner.config.max_num_seqs + 1, max(runner.graphs, default=0))
+        self.pool = PinnedBufferPool(self.DEPTH, runner.staging_ints(), rows, scheduler.max_logit_rows, self.device)
         self.cuda = self.device.type == "cuda"
         if self.cuda:
             self.h2d = torch.cuda.Stream(self.device)
             self.compute = runner.compute_stream
             self.d2h = torch.cuda.Stream(self.device)
         self.step_in_flight: Optional[StepHandle] = None
-        # Opt-in (``record_step_times``): timing events around each step's work on the compute stream, from which
-        # ``gpu_busy`` measures the stream's occupancy without a profiler slowing the host.
-        self.step_events: Optional[list] = None
+        self.observers: list[StepObserver] = []
         self.stats = {"steps": 0, "graph_steps": 0, "scheduled_tokens": 0, "cpu_schedule_s": 0.0, "cpu_prepare_s": 0.0,
                       "cpu_launch_s": 0.0, "cpu_wait_s": 0.0, "cpu_process_s": 0.0, "oom_recoveries": 0}
+
+    def observe(self, observer: StepObserver) -> None:
+        """Attach an observer of each step's compute on the compute stream (called on CUDA only; the benchmark's
+        timing uses it)."""
+        self.observers.append(observer)
 
     # --- one step on the device -----------------------------------------------------------------------------
     def launch(self, plan: StepPlan, prev: Optional[StepHandle]) -> Optional[StepHandle]:
@@ -76,32 +87,19 @@ class Executor:
         except torch.OutOfMemoryError:
             if self.scheduler.max_batch_tokens // 2 < MIN_BATCH_TOKENS:
                 raise
-            self._roll_back(plan)
+            old, new = self.scheduler.roll_back(plan)
+            self.stats["oom_recoveries"] += 1
+            if self.cuda:
+                torch.cuda.empty_cache()
+            log.warning("out of device memory in a step of %d tokens: max_batch_tokens lowered from %d to %d, "
+                        "%d requests will be recomputed", plan.num_tokens, old, new, len(plan.seqs))
             return None
-
-    def _roll_back(self, plan: StepPlan) -> None:
-        """Out of memory mid-step: its requests are recomputed later, and later steps get half the token budget.
-
-        Kernels of the failed step already queued on the compute stream run before any later step, so its blocks may
-        be handed out again at once (those of requests in the step in flight still wait for it, as always).
-        """
-        sched = self.scheduler
-        for s in plan.seqs:
-            if s.req in sched.running:
-                sched._preempt(s.req)
-        old = sched.max_batch_tokens
-        sched.max_batch_tokens = old // 2
-        self.stats["oom_recoveries"] += 1
-        if self.cuda:
-            torch.cuda.empty_cache()
-        log.warning("out of device memory in a step of %d tokens: max_batch_tokens lowered from %d to %d, "
-                    "%d requests will be recomputed", plan.num_tokens, old, sched.max_batch_tokens, len(plan.seqs))
 
     def _launch(self, plan: StepPlan, prev: Optional[StepHandle]) -> StepHandle:
         t0 = time.perf_counter()
         slot = self.pool.acquire()
         with record_function("ab.prepare"):
-            lay = self.runner.prepare(plan, slot, self.use_graphs)
+            lay = self.runner.prepare(plan, slot)
         t1 = time.perf_counter()
         n = lay.size
         with record_function("ab.launch"):
@@ -111,23 +109,25 @@ class Executor:
                     slot.dev_in[:n].copy_(slot.host_in[:n], non_blocking=True)
                     slot.h2d_done.record(self.h2d)
                 self.compute.wait_event(slot.h2d_done)
-                self.compute.wait_event(slot.d2h_done)  # dev_tokens of this slot's last step were copied out
+                self.compute.wait_event(slot.d2h_done)  # this slot's device outputs of its last step were copied out
                 with torch.cuda.stream(self.compute):
-                    began = self._mark()
-                    tokens, lp = self._compute(slot, lay, prev)
+                    for o in self.observers:
+                        o.compute_began(self.compute, lay)
+                    tokens, lp, scores = self._compute(slot, lay, prev)
                     slot.compute_done.record(self.compute)
-                    if began is not None:
-                        self.step_events.append((began, self._mark(), bool(lay.graph_batch)))
+                    for o in self.observers:
+                        o.compute_ended(self.compute, lay)
                 self.d2h.wait_event(slot.compute_done)
                 with torch.cuda.stream(self.d2h):
-                    k = lay.num_samples
-                    slot.host_tokens[:k].copy_(tokens, non_blocking=True)
+                    slot.host_tokens[:lay.num_samples].copy_(tokens, non_blocking=True)
                     if lp is not None:
                         lp.record_stream(self.d2h)
                         self._logprob_rows(slot, lay, lp).copy_(lp, non_blocking=True)
+                    if scores is not None:
+                        slot.host_scores[:lay.num_score_rows].copy_(scores, non_blocking=True)
                     slot.d2h_done.record(self.d2h)
             else:
-                tokens, lp = self._compute(slot, lay, prev)
+                tokens, lp, scores = self._compute(slot, lay, prev)
                 if lp is not None:
                     self._logprob_rows(slot, lay, lp).copy_(lp)
         self.scheduler.launched(plan, lay.sample_rows)
@@ -143,66 +143,38 @@ class Executor:
         """Where a step's logprob rows land on the host."""
         return slot.logprob_buffer(lay.logprobs_k, len(slot.host_tokens))[: lay.num_samples, : lp.shape[1]]
 
-    def _mark(self) -> Optional[torch.cuda.Event]:
-        if self.step_events is None:
-            return None
-        event = torch.cuda.Event(enable_timing=True)
-        event.record(self.compute)
-        return event
-
-    def record_step_times(self, on: bool = True) -> None:
-        """Start (or stop) recording per-step timing events on the compute stream (CUDA only)."""
-        self.step_events = [] if on and self.cuda else None
-
-    def gpu_busy(self) -> dict:
-        """Busy share of the compute stream between the first and last recorded step, overall and over the longest
-        run of consecutive decode (graph) steps: sum of step durations / elapsed time. Synchronizes the device."""
-        events = self.step_events or []
-        if len(events) < 2:
-            return {}
-        torch.cuda.synchronize(self.device)
-
-        def busy(run: list) -> float:
-            work = sum(a.elapsed_time(b) for a, b, _ in run)
-            return 100.0 * work / max(run[0][0].elapsed_time(run[-1][1]), 1e-9)
-
-        longest, current = [], []
-        for e in events:
-            current = current + [e] if e[2] else []
-            if len(current) > len(longest):
-                longest = current
-        out = {"steps": len(events), "busy_pct": busy(events)}
-        if len(longest) >= 2:
-            out.update(decode_steps=len(longest), decode_busy_pct=busy(longest))
-        return out
-
     def _compute(self, slot: BufferSlot, lay: StepLayout, prev: Optional[StepHandle]):
         runner = self.runner
         runner.apply_updates(slot.dev_in, lay, prev.tokens if prev is not None else None)
         logits = runner.forward(slot.dev_in, lay)
-        sampled = sample(logits, runner.sampling_inputs(slot.dev_in, lay))
         k = lay.num_samples
         tokens = slot.dev_tokens[:k]
-        tokens.copy_(sampled)
-        lp = None
-        if lay.logprobs_k >= 0:
-            chosen, ids, vals = token_logprobs(logits, tokens, lay.logprobs_k)
-            lp = torch.cat([chosen[:, None], ids.float(), vals], dim=1)
-        return tokens, lp
+        lp = scores = None
+        if k:
+            tokens.copy_(sample(logits[:k], runner.sampling_inputs(slot.dev_in, lay)))
+            if lay.logprobs_k >= 0:
+                chosen, ids, vals = token_logprobs(logits[:k], tokens, lay.logprobs_k)
+                lp = torch.cat([chosen[:, None], ids.float(), vals], dim=1)
+        if lay.num_score_rows:
+            scores = slot.dev_scores[:lay.num_score_rows]
+            runner.score_rows(logits[k:], slot.dev_in, lay, out=scores)
+        return tokens, lp, scores
 
     def wait(self, handle: StepHandle) -> StepOutput:
-        """Block (sleeping) until the step's tokens are on the host."""
+        """Block (sleeping) until the step's outputs are on the host."""
         t0 = time.perf_counter()
         with record_function("ab.wait"):
-            slot, k = handle.slot, handle.layout.num_samples
+            slot, lay = handle.slot, handle.layout
             if self.cuda:
                 slot.d2h_done.synchronize()
-            tokens = slot.host_tokens[:k].tolist()
-            lp = None
-            if handle.layout.logprobs_k >= 0:
-                lp = slot.host_logprobs[:k, : 1 + 2 * handle.layout.logprobs_k].numpy().copy()
+            tokens = slot.host_tokens[:lay.num_samples].tolist()
+            lp = scores = None
+            if lay.logprobs_k >= 0:
+                lp = slot.host_logprobs[:lay.num_samples, : 1 + 2 * lay.logprobs_k].numpy().copy()
+            if lay.num_score_rows:
+                scores = slot.host_scores[:lay.num_score_rows].numpy().copy()
         self.stats["cpu_wait_s"] += time.perf_counter() - t0
-        return StepOutput(tokens, lp)
+        return StepOutput(tokens, lp, scores)
 
     def schedule(self) -> StepPlan:
         t0 = time.perf_counter()
@@ -211,14 +183,14 @@ class Executor:
         self.stats["cpu_schedule_s"] += time.perf_counter() - t0
         return plan
 
-    def process(self, process, handle: StepHandle, out: StepOutput) -> list:
+    def process(self, process: Process, handle: StepHandle, out: StepOutput) -> list:
         t0 = time.perf_counter()
         with record_function("ab.process"):
             done = process(handle, out)
         self.stats["cpu_process_s"] += time.perf_counter() - t0
         return done
 
-    def drain(self, process) -> list:
+    def drain(self, process: Process) -> list:
         """Collect the step in flight, if any (used before shutting down or on errors)."""
         if self.step_in_flight is None:
             return []
@@ -229,24 +201,23 @@ class Executor:
 class SyncExecutor(Executor):
     """Baseline: plan, launch, wait, process — the GPU idles while the CPU plans the next step."""
 
-    def step(self, process) -> list:
+    def step(self, process: Process) -> tuple[list, bool]:
+        """Results finished in this call, and whether a step was planned."""
         plan = self.schedule()
-        if not plan:
-            return []
-        handle = self.launch(plan, None)
-        if handle is None:
-            return []
-        return self.process(process, handle, self.wait(handle))
+        handle = self.launch(plan, None) if plan else None
+        done = self.process(process, handle, self.wait(handle)) if handle is not None else []
+        return done, bool(plan)
 
 
 class AsyncExecutor(Executor):
     """Overlap: step N+1 is planned and launched before step N's tokens are waited for and processed."""
 
-    def step(self, process) -> list:
+    def step(self, process: Process) -> tuple[list, bool]:
+        """Results finished in this call, and whether a step was planned."""
         plan = self.schedule()  # planned before the tokens of the step in flight are known
         handle = self.launch(plan, self.step_in_flight) if plan else None
         done = []
         if self.step_in_flight is not None:
             done = self.process(process, self.step_in_flight, self.wait(self.step_in_flight))
         self.step_in_flight = handle
-        return done
+        return done, bool(plan)

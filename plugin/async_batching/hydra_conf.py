@@ -1,7 +1,8 @@
 """Registers the config dataclasses in Hydra's ConfigStore, so ``conf/`` YAML and overrides are type-checked.
 
-``generate_schema`` is the root of ``conf/config.yaml``, ``evaluate_schema`` of ``conf/evaluate.yaml``; ``<group>/schema`` is what each group's YAML options extend,
-so they stay typed when another Hydra app pulls our groups in (``hydra.searchpath=[pkg://async_batching.conf]``).
+``generate_schema`` is the root of ``conf/config.yaml``, ``evaluate_schema`` of ``conf/evaluate.yaml``;
+``<group>/schema`` is what each group's YAML options extend, so they stay typed when another Hydra app pulls our
+groups in (``hydra.searchpath=[pkg://async_batching.conf]``).
 """
 
 from __future__ import annotations

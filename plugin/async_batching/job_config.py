@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .config import DTYPES, BatcherConfig
+from .lightning.settings import ON_ERROR
 from .request import SamplingParams
 
-ON_ERROR = ("skip", "raise")
 PROGRESS_BARS = ("tqdm", "rich", "none")
 
 
@@ -31,7 +31,7 @@ class SamplingConfig:
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
-    n: int = 1  # samples per prompt (evaluation: samples per document, for pass@k)
+    n: int = 1  # samples per prompt (one output line each, with all samples; evaluate.py: per document, for pass@k)
     seed: Optional[int] = None
     stop_token_ids: list[int] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)

@@ -1,57 +1,160 @@
-"""Paged KV cache: a block allocator (free list + reference counts) and the per-layer K/V tensors."""
+"""Paged KV cache: the block allocator (free list, reference counts, cached blocks) and the per-layer K/V tensors.
+
+Every usable block is in exactly one of three states, and ``num_free_uncached + num_cached + num_used`` always equals
+``num_usable``:
+- free: no content anyone may reuse; handed out first;
+- cached: reference count 0 but holding the K/V of a full block whose hash is in the prefix index; a new request may
+  take it back (a prefix-cache hit), or ``allocate`` evicts it, least recently used first, when no free block is left;
+- used: reference count > 0 (held by requests; several when shared by prefix hits or by the samples of one prompt).
+A block reaches reference count 0 only through ``free``, which the scheduler calls once no step in flight can still
+read the block (deferred frees), so neither eviction nor rewriting ever touches a block a launched step reads.
+"""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-SCRATCH_BLOCK = 0  # never handed out: padded rows of a CUDA-graph batch write their K/V here
+# Block 0 is never handed out: the padded rows of a CUDA-graph decode batch write their K/V there. Those rows use
+# block-table row SCRATCH_ROW, which is never given to a request and whose entries all stay 0.
+RESERVED_BLOCKS = 1
+SCRATCH_ROW = 0
 
 
-class BlockAllocator:
-    """Hands out fixed-size KV blocks. Reference counts allow sharing (prefix caching) later."""
+def block_table_rows(max_num_seqs: int) -> int:
+    """Rows of the device block table. A finished or preempted request keeps its row until the step in flight that
+    reads it lands, so up to twice ``max_num_seqs`` rows can be held at once; plus the scratch row and one spare."""
+    return 2 * max_num_seqs + 2
 
-    def __init__(self, num_blocks: int, reserved: int = 1):
-        if num_blocks <= reserved:
-            raise ValueError(f"num_blocks={num_blocks} leaves no usable block (need > {reserved})")
-        self.num_blocks = num_blocks
-        self.reserved = reserved
-        self._free = list(range(num_blocks - 1, reserved - 1, -1))  # a stack: low ids come out first
-        self._refs = [0] * num_blocks
+
+class TableRows:
+    """Rows of the device block table; a row is held by one request from admission until its blocks are freed."""
+
+    def __init__(self, n: int):
+        self._free = [r for r in range(n - 1, -1, -1) if r != SCRATCH_ROW]
+
+    def take(self) -> int:
+        return self._free.pop()
+
+    def give(self, row: int) -> None:
+        self._free.append(row)
 
     @property
     def num_free(self) -> int:
         return len(self._free)
 
+
+class BlockAllocator:
+    """Hands out fixed-size KV blocks; with ``retain_cached``, freed full blocks stay reusable until evicted (LRU)."""
+
+    def __init__(self, num_blocks: int, retain_cached: bool = True):
+        if num_blocks <= RESERVED_BLOCKS:
+            raise ValueError(f"num_blocks={num_blocks} leaves no usable block (need > {RESERVED_BLOCKS})")
+        self.num_blocks = num_blocks
+        self.retain_cached = retain_cached
+        self._free = list(range(num_blocks - 1, RESERVED_BLOCKS - 1, -1))  # a stack: low ids come out first
+        self._refs = [0] * num_blocks
+        self._hash_of: list[Optional[bytes]] = [None] * num_blocks
+        self._index: dict[bytes, int] = {}  # block hash -> block holding that content
+        self._lru: OrderedDict[int, None] = OrderedDict()  # cached blocks (refcount 0), least recently used first
+
+    # --- counts -------------------------------------------------------------------------------------------
     @property
     def num_usable(self) -> int:
-        return self.num_blocks - self.reserved
+        return self.num_blocks - RESERVED_BLOCKS
 
+    @property
+    def num_free(self) -> int:
+        """Blocks ``allocate`` can hand out now: free ones plus cached ones it may evict."""
+        return len(self._free) + len(self._lru)
+
+    @property
+    def num_free_uncached(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._lru)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_usable - len(self._free) - len(self._lru)
+
+    def all_free(self) -> bool:
+        """No block is held by a request (cached blocks count as free)."""
+        return self.num_used == 0
+
+    # --- allocation ---------------------------------------------------------------------------------------
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise RuntimeError(f"asked for {n} KV blocks, {len(self._free)} free")
-        out = [self._free.pop() for _ in range(n)]
-        for b in out:
+        if n > self.num_free:
+            raise RuntimeError(f"asked for {n} KV blocks, {self.num_free} free")
+        out = []
+        for _ in range(n):
+            if self._free:
+                b = self._free.pop()
+            else:
+                b, _ = self._lru.popitem(last=False)  # evict the least recently used cached block
+                del self._index[self._hash_of[b]]
+                self._hash_of[b] = None
             self._refs[b] = 1
+            out.append(b)
         return out
 
-    def incref(self, blocks: list[int]) -> None:
-        for b in blocks:
-            assert self._refs[b] > 0, f"block {b} is not allocated"
-            self._refs[b] += 1
-
     def free(self, blocks: list[int]) -> None:
+        """Drop one reference to each block. Callers free a request's blocks last-first, so the tail of a prompt is
+        evicted before its head (heads are the more widely shared prefixes)."""
         for b in blocks:
             refs = self._refs[b]
             if refs <= 0:
                 raise RuntimeError(f"double free of KV block {b}")
             self._refs[b] = refs - 1
             if refs == 1:
-                self._free.append(b)
+                if self._hash_of[b] is not None and self.retain_cached:
+                    self._lru[b] = None
+                else:
+                    self._unindex(b)
+                    self._free.append(b)
 
-    def all_free(self) -> bool:
-        return len(self._free) == self.num_usable
+    # --- the prefix index ---------------------------------------------------------------------------------
+    def lookup(self, hashes: list[bytes]) -> list[int]:
+        """Take a reference to the blocks holding the longest indexed prefix of ``hashes`` (a chain)."""
+        out = []
+        for h in hashes:
+            b = self._index.get(h)
+            if b is None:
+                break
+            if self._refs[b] == 0:
+                del self._lru[b]
+            self._refs[b] += 1
+            out.append(b)
+        return out
+
+    def register(self, block: int, block_hash: bytes) -> bool:
+        """Index a full block under its hash (its K/V is written by a launched step, or by the step being planned:
+        each layer writes all of a step's K/V before any of its attention reads). False when the content is already
+        indexed under another block; this one then stays private and is freed normally."""
+        if block_hash in self._index or self._hash_of[block] is not None:
+            return False
+        self._index[block_hash] = block
+        self._hash_of[block] = block_hash
+        return True
+
+    def unregister(self, block: int) -> None:
+        """Drop a block from the index (its content did not get written: the step was rolled back)."""
+        if self._refs[block] == 0 and block in self._lru:
+            del self._lru[block]
+            self._free.append(block)
+        self._unindex(block)
+
+    def _unindex(self, b: int) -> None:
+        h = self._hash_of[b]
+        if h is not None:
+            if self._index.get(h) == b:
+                del self._index[h]
+            self._hash_of[b] = None
 
 
 @dataclass(frozen=True)
@@ -66,10 +169,11 @@ class LayerSpec:
 class PagedKVCache:
     """Per-layer K/V storage ``[num_blocks, block_size, kv_heads, head_dim]`` plus the allocator over its blocks."""
 
-    def __init__(self, layers: dict[int, LayerSpec], num_blocks: int, block_size: int, dtype, device):
+    def __init__(self, layers: dict[int, LayerSpec], num_blocks: int, block_size: int, dtype, device,
+                 prefix_caching: bool = True):
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.allocator = BlockAllocator(num_blocks)
+        self.allocator = BlockAllocator(num_blocks, retain_cached=prefix_caching)
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
         for idx, spec in layers.items():
@@ -83,3 +187,8 @@ class PagedKVCache:
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    def release(self) -> None:
+        """Drop the K/V tensors (the batcher is closed)."""
+        self.k.clear()
+        self.v.clear()

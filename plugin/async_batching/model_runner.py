@@ -1,10 +1,14 @@
 """Packs one step into a flat int32 buffer, runs the Hugging Face model on the packed ``[1, T]`` batch, keeps only the
-logits of each sampling request's last position, and replays CUDA graphs for decode steps."""
+logits it needs (each sampling request's last position, and the scored positions of scoring requests), and replays
+CUDA graphs for decode steps."""
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
+import os
+import traceback
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -13,12 +17,16 @@ import torch
 
 from . import attention
 from .attention import AttentionMetadata, StepContext
-from .kv_cache import LayerSpec, PagedKVCache
-from .sampling import SamplingInputs, SamplingPlan, sampling_inputs, stage_sampling
+from .kv_cache import SCRATCH_ROW, LayerSpec, PagedKVCache, block_table_rows
+from .sampling import SAMPLING_INTS_PER_ROW, SamplingInputs, SamplingPlan, sampling_inputs, stage_sampling
 from .scheduler import StepPlan
 
-SCRATCH_ROW = 0  # block-table row of CUDA-graph padding; all its entries point at the scratch block
-_HEAD = ("input_ids", "positions", "token_rows", "query_start_loc", "seq_lens", "seq_rows", "logits_idx")
+log = logging.getLogger(__name__)
+
+# The head of every step's buffer, in this order. A decode step padded to a graph bucket of B rows has a head of
+# fixed size (7 segments of B or B+1 ints), so graph replay copies ``buf[:head]`` into the graph's static input.
+HEAD = ("input_ids", "positions", "token_rows", "query_start_loc", "seq_lens", "seq_rows", "logits_idx")
+LOGITS_BYTES = 256 << 20  # float32 logits of one step's scored rows stay under this (scoring in bounded chunks)
 
 
 @dataclass
@@ -29,7 +37,8 @@ class StepLayout:
     size: int = 0
     num_tokens: int = 0  # T (padded for graphs)
     num_seqs: int = 0  # B (padded for graphs)
-    num_samples: int = 0  # rows of logits
+    num_samples: int = 0  # sampling rows of logits (the first rows)
+    num_score_rows: int = 0  # scoring rows of logits (after the sampling rows)
     max_query_len: int = 1
     graph_batch: int = 0  # >0: replay the decode graph of this batch size
     sampling: SamplingPlan = field(default_factory=SamplingPlan)
@@ -62,9 +71,11 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self.layers = self._probe_layers()
         self.vocab_size = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else model.config.vocab_size
+        # Scored positions of one step, bounded so their float32 logits (and log-softmax) stay small.
+        self.max_logit_rows = max(config.max_num_seqs, min(config.max_batch_tokens, LOGITS_BYTES // (4 * self.vocab_size)))
         self.num_blocks = config.num_blocks or self._auto_num_blocks()
         try:
-            self.cache = PagedKVCache(self.layers, self.num_blocks, self.block_size, dtype, device)
+            self.cache = PagedKVCache(self.layers, self.num_blocks, self.block_size, dtype, device, config.prefix_caching)
         except torch.OutOfMemoryError as e:
             per_block = PagedKVCache.bytes_per_block(self.layers, self.block_size, dtype)
             raise MemoryError(
@@ -73,16 +84,46 @@ class ModelRunner:
                 "batcher.memory_fraction"
             ) from e
         # Persistent device block table: one row per admitted request, updated incrementally (new blocks only).
-        self.table_rows = 2 * config.max_num_seqs + 2
-        self.block_table = torch.zeros(self.table_rows, self.max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.block_table = torch.zeros(block_table_rows(config.max_num_seqs), self.max_blocks_per_seq,
+                                       dtype=torch.int32, device=device)
         self.kernel = self._choose_kernel()
         self.ctx = StepContext(self.cache.k, self.cache.v, self.kernel)
         self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
         # The forward every step calls: the model, or with ``compile`` the model compiled once for all token counts
         # (dynamic shapes; compilation happens in ``warmup`` and graph capture, before any request runs).
         self._call = torch.compile(model, dynamic=True) if config.compile else model
-        self.graphs: dict[int, tuple] = {}
+        self.graphs: dict[int, tuple] = {}  # decode batch size -> (graph, static input, static logits, head size)
         self.graph_pool = None
+        self.compute_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.want_graphs = device.type == "cuda" and config.cuda_graphs is not False and self.backend == "triton"
+        if config.cuda_graphs and not self.want_graphs:
+            why = (f"the model is on {device}" if device.type != "cuda"
+                   else "attention_backend 'triton' (Triton not available?)")
+            raise ValueError(f"BatcherConfig.cuda_graphs=True needs a CUDA device and the Triton kernel: {why}; "
+                             "use cuda_graphs=null (auto) or false")
+
+    def start(self) -> None:
+        """Compile and tune at start-up (kernel variants, ``compile``), then capture the decode graphs."""
+        if self.device.type == "cuda" or self.config.compile:
+            self.warmup()
+        if self.want_graphs:
+            self.capture_graphs(min(self.config.max_num_seqs, self.config.cuda_graph_max_batch), self.compute_stream)
+
+    def staging_ints(self) -> int:
+        """Int32 words the largest step stages, so every slot can hold it. With T tokens (at most the token budget or
+        the largest graph bucket), B sequences and R logits rows (sampling rows plus scored rows, at most T):
+        head 3T + (B+1) + 2B + R; scored targets R; carry-over 2B; table updates 3 x (new blocks <= T/bs + B);
+        sampling: what ``stage_sampling`` stages per row."""
+        T = max(self.config.max_batch_tokens, max(self.graphs, default=0))
+        B = self.config.max_num_seqs + 1
+        R = T + B
+        return 3 * T + 5 * B + 2 * R + 2 * B + 3 * (T // self.block_size + B) + SAMPLING_INTS_PER_ROW * B + 64
+
+    def release(self) -> None:
+        """Drop the graphs and the KV cache (the batcher is closed)."""
+        self.graphs.clear()
+        self.graph_pool = None
+        self.cache.release()
 
     # --- set-up ---------------------------------------------------------------------------------------------
     def _max_model_len(self) -> int:
@@ -130,7 +171,7 @@ class ModelRunner:
             free, _total = torch.cuda.mem_get_info(self.device)
             hidden = getattr(self.model.config, "hidden_size", 4096)
             # Activations of the largest step and the logits of the largest batch stay outside the cache.
-            reserve = 24 * self.config.max_batch_tokens * hidden * 4 + 4 * self.config.max_num_seqs * self.vocab_size * 4
+            reserve = 24 * self.config.max_batch_tokens * hidden * 4 + 4 * self.max_logit_rows * self.vocab_size * 4
             budget = free * self.config.memory_fraction - reserve - (1 << 30)
         else:
             budget = min(512 << 20, self.config.max_num_seqs * self.max_model_len * per_block // self.block_size)
@@ -150,19 +191,13 @@ class ModelRunner:
         if backend == "triton":
             if self.device.type != "cuda":
                 raise ValueError("BatcherConfig.attention_backend='triton' needs a CUDA device; use 'torch' or 'auto'")
-            from .triton_paged_attention import paged_attention
-
-            def triton_kernel(q, kc, vc, meta: AttentionMetadata, scale, window, softcap):
-                return paged_attention(q, kc, vc, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                                       meta.max_query_len, scale, window, softcap)
-
             self.backend = "triton"
-            return triton_kernel
+            return attention.triton_paged_attention
         self.backend = "torch"
         return attention.torch_paged_attention
 
     # --- packing --------------------------------------------------------------------------------------------
-    def prepare(self, plan: StepPlan, slot, graphs: bool) -> StepLayout:
+    def prepare(self, plan: StepPlan, slot) -> StepLayout:
         """Write the step's inputs into the slot's pinned int32 buffer; vectorised except one pass over the seqs."""
         seqs = plan.seqs
         B = len(seqs)
@@ -176,6 +211,8 @@ class ModelRunner:
         upd_r: list[int] = []
         upd_c: list[int] = []
         upd_v: list[int] = []
+        score_idx: list[int] = []
+        score_targets: list[int] = []
         lay = StepLayout()
         t = 0
         for i, s in enumerate(seqs):
@@ -208,6 +245,10 @@ class ModelRunner:
             if s.samples:
                 samples[i] = True
                 lay.sample_rows.append(req)
+            elif s.score_rows:
+                first = t + s.score_from - s.start
+                score_idx.extend(range(first, first + s.score_rows))
+                score_targets.extend(req.prompt_ids[s.score_from + 1:s.score_from + 1 + s.score_rows])
             t += n
         T = t
         qsl = np.zeros(B + 1, np.int32)
@@ -218,8 +259,11 @@ class ModelRunner:
         logits_idx = (qsl[1:] - 1)[samples]
         input_ids = np.asarray(ids, dtype=np.int32)
         lay.num_samples = len(logits_idx)
+        lay.num_score_rows = len(score_idx)
+        if score_idx:
+            logits_idx = np.concatenate([logits_idx, np.asarray(score_idx, np.int32)])
         lay.max_query_len = int(q_lens.max())
-        gb = self._graph_batch(B) if graphs and plan.is_decode_only else 0
+        gb = self._graph_batch(B) if self.graphs and plan.is_decode_only else 0
         if gb:
             pad = gb - B
             input_ids = np.concatenate([input_ids, np.zeros(pad, np.int32)])
@@ -233,15 +277,16 @@ class ModelRunner:
         lay.graph_batch = gb
         lay.num_tokens, lay.num_seqs = T, B
         parts = [input_ids, positions, token_rows, qsl, seq_lens, rows, logits_idx]
-        for name, arr in zip(_HEAD, parts):
+        for name, arr in zip(HEAD, parts):
             lay.add(name, arr)
-        for name, arr in (("carry_dst", carry_dst), ("carry_src", carry_src), ("upd_rows", upd_r), ("upd_cols", upd_c), ("upd_vals", upd_v)):
+        for name, arr in (("carry_dst", carry_dst), ("carry_src", carry_src), ("upd_rows", upd_r), ("upd_cols", upd_c),
+                          ("upd_vals", upd_v), ("score_targets", score_targets)):
             arr = np.asarray(arr, dtype=np.int32)
             parts.append(arr)
             lay.add(name, arr)
         self._prepare_sampling(lay, parts)
         total = np.concatenate(parts)
-        if len(total) > len(slot.host_in_np):  # the executor sizes slots for the largest possible step
+        if len(total) > len(slot.host_in_np):  # slots hold ``staging_ints()``, the largest possible step
             raise RuntimeError(f"a step needs {len(total)} staging ints, the slots hold {len(slot.host_in_np)}")
         slot.host_in_np[: len(total)] = total
         return lay
@@ -309,6 +354,13 @@ class ModelRunner:
         with self.installed():
             return self._forward(buf, lay)
 
+    def score_rows(self, logits: torch.Tensor, buf: torch.Tensor, lay: StepLayout, out: torch.Tensor) -> None:
+        """For each scored row: the log-probability of its target token and whether the target was the argmax."""
+        x = logits.float()
+        target = self._seg(buf, lay, "score_targets").long()
+        out[:, 0] = torch.log_softmax(x, dim=-1).gather(1, target[:, None])[:, 0]
+        out[:, 1] = (x.argmax(dim=-1) == target).float()
+
     def sampling_inputs(self, buf: torch.Tensor, lay: StepLayout) -> Optional[SamplingInputs]:
         return sampling_inputs(lay.sampling, lambda name: self._seg(buf, lay, name))
 
@@ -319,7 +371,7 @@ class ModelRunner:
         qsl = np.arange(b + 1, dtype=np.int32) * q_len
         parts = [np.zeros(t, np.int32), np.tile(np.arange(q_len, dtype=np.int32), b), np.full(t, SCRATCH_ROW, np.int32),
                  qsl, np.full(b, q_len, np.int32), np.full(b, SCRATCH_ROW, np.int32), qsl[1:] - 1]
-        for name, arr in zip(_HEAD, parts):
+        for name, arr in zip(HEAD, parts):
             lay.add(name, arr)
         return lay, torch.from_numpy(np.concatenate(parts)).to(self.device)
 
@@ -329,11 +381,13 @@ class ModelRunner:
         return torch.inference_mode() if self.config.compile else torch.no_grad()
 
     def warmup(self) -> None:
-        """Run prefill-shaped steps once so kernel compilation (Triton specialises on the query tile) happens now;
-        with ``compile``, decode-shaped ones too (torch.compile specialises sizes of 1 and equal sizes)."""
-        shapes = [(1, q) for q in (2, 4, 8, 16, 32, 64) if q <= self.config.max_batch_tokens]
+        """Run steps of every query tile once so kernel compilation happens now, not during a run: Triton specialises
+        the attention kernel on the query tile (a power of two up to 64 rows; the KV split count is a run-time
+        argument, and a one-sequence step takes the split path); with ``compile``, two-sequence steps too
+        (torch.compile specialises sizes of 1 and equal sizes)."""
+        shapes = [(1, q) for q in (1, 2, 4, 8, 16, 32, 64) if q <= self.config.max_batch_tokens]
         if self.config.compile:
-            shapes += [(1, 1), (2, 1), (2, 2)]
+            shapes += [(2, 1), (2, 2)]
         for num_seqs, q_len in shapes:
             lay, buf = self._scratch_step(num_seqs, q_len)
             with self._untimed_mode(), self.installed():
@@ -343,20 +397,111 @@ class ModelRunner:
 
     # --- CUDA graphs ----------------------------------------------------------------------------------------
     def capture_graphs(self, max_batch: int, stream: torch.cuda.Stream) -> None:
-        """Capture one decode graph per batch bucket, largest first, sharing one memory pool."""
-        self.graph_pool = torch.cuda.graph_pool_handle()
-        for b in reversed(graph_buckets(max_batch)):
-            lay, static_in = self._scratch_step(b, 1)
-            lay.graph_batch = b
-            with torch.cuda.stream(stream), self._untimed_mode(), self.installed():
-                for _ in range(2):  # warm-up: lazy initialisation and Triton compilation stay out of the graph
-                    self._forward(static_in, lay)
-                stream.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.graph_pool, stream=stream):
-                    static_logits = self._forward(static_in, lay)
-            self.graphs[b] = (graph, static_in, static_logits, lay.size)
+        """Capture one decode graph per batch bucket, largest first, sharing one memory pool.
+
+        A model whose decode step cannot be captured keeps eager decode steps, with one line logged: construction
+        never fails here. Host syncs, the usual reason, are found by an eager step first (see _host_syncs_raise)."""
+        buckets = graph_buckets(max_batch)
+        try:
+            experts = self._capturable_experts(stream, buckets[0])
+            with _experts_implementation(self.model, experts):
+                self.graph_pool = torch.cuda.graph_pool_handle()
+                for b in reversed(buckets):
+                    lay, static_in = self._scratch_step(b, 1)
+                    lay.graph_batch = b
+                    with torch.cuda.stream(stream), self._untimed_mode(), self.installed():
+                        for _ in range(2):  # warm-up: lazy initialisation and Triton compilation stay out of the graph
+                            self._forward(static_in, lay)
+                        stream.synchronize()
+                        graph = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(graph, pool=self.graph_pool, stream=stream):
+                            static_logits = self._forward(static_in, lay)
+                    self.graphs[b] = (graph, static_in, static_logits, lay.size)
+        except Exception as e:  # noqa: BLE001 -- whatever stops the capture, eager decode steps still run the model
+            # Dropping the graphs releases their pool. The stream contexts above have restored the current stream.
+            self.graphs, self.graph_pool = {}, None
+            log.warning("%s: CUDA graphs off, decode steps run eagerly: %s", type(self.model).__name__, _why(e))
+            return
         self.graphs = dict(sorted(self.graphs.items()))
+
+    def _capturable_experts(self, stream: torch.cuda.Stream, batch: int) -> Optional[str]:
+        """The experts implementation (None: the model's own) whose decode step makes no host sync; raises the model's
+        own sync when every candidate syncs (a dense model has only its own).
+
+        transformers' default ``grouped_mm`` calls torch's grouped GEMM, whose CUDA kernel runs only for bf16 on
+        sm90/sm100; for other dtypes torch loops over the groups after copying their offsets to the host. Its
+        ``batched_mm`` gathers each token's experts and runs one batched matmul, all on the device."""
+        lay, buf = self._scratch_step(batch, 1)
+
+        def decode_step():
+            with torch.cuda.stream(stream), self._untimed_mode(), self.installed():
+                self._forward(buf, lay)
+
+        own_error = None
+        for impl in _experts_candidates(self.model):
+            with _experts_implementation(self.model, impl):
+                decode_step()  # lazy initialisation and compilation (Triton's decode tiles, dynamo) before syncs raise
+                stream.synchronize()
+                try:
+                    with _host_syncs_raise():
+                        decode_step()
+                except RuntimeError as e:
+                    own_error = own_error or e
+                    continue
+                finally:
+                    stream.synchronize()
+            if impl is not None:
+                log.info("%s: decode graphs run the experts with transformers' %r (%s)", type(self.model).__name__,
+                         impl, _why(own_error))
+            return impl
+        raise own_error
+
+
+def _experts_candidates(model) -> list[Optional[str]]:
+    """Experts implementations to try for capture: the model's own, then transformers' device-only ones (MoE only)."""
+    can_set = getattr(model, "_can_set_experts_implementation", None)
+    if not hasattr(model, "set_experts_implementation") or can_set is None or not can_set():
+        return [None]
+    own = model.config._experts_implementation
+    return [None] + [impl for impl in ("grouped_mm", "batched_mm") if impl != own]
+
+
+@contextlib.contextmanager
+def _experts_implementation(model, impl: Optional[str]):
+    """Run the model's experts with transformers' ``impl`` inside the block (None: leave them), then restore."""
+    if impl is None:
+        yield
+        return
+    previous = model.get_experts_implementation()
+    model.set_experts_implementation(impl)
+    try:
+        yield
+    finally:
+        model.set_experts_implementation(previous)
+
+
+@contextlib.contextmanager
+def _host_syncs_raise():
+    """torch's sync-debug mode set to raise: a host sync in an eager step is found before any capture starts. A
+    capture that a sync invalidates can leave torch < 2.12's allocator believing a capture is still underway, which
+    later fails its asserts (pytorch/pytorch#180395)."""
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+def _why(e: BaseException) -> str:
+    """The error's type and first line, and the innermost line outside torch that led to it (the model's code)."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    outside_torch = [f for f in traceback.extract_tb(e.__traceback__) if f"{os.sep}torch{os.sep}" not in f.filename]
+    if not outside_torch:
+        return f"{type(e).__name__}: {first}"
+    f = outside_torch[-1]
+    where = os.path.join(os.path.basename(os.path.dirname(f.filename)), os.path.basename(f.filename))
+    return f"{type(e).__name__}: {first} (at {where}:{f.lineno} in {f.name})"
 
 
 def _triton_ok() -> bool:

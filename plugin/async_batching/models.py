@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any, Optional
 
@@ -24,6 +25,35 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "starcoder2": dict(model_type="starcoder2", intermediate_size=128, num_key_value_heads=2, **_COMMON),
     "granite": dict(model_type="granite", intermediate_size=128, num_key_value_heads=2, **_COMMON),
     "gpt_neox": dict(model_type="gpt_neox", intermediate_size=128, **_COMMON),
+    # Per-layer attention types: a sliding layer and a full layer, each with its own rope (local theta; global theta
+    # with linear scaling, as Gemma 3 ships).
+    "gemma3": dict(
+        model_type="gemma3_text", intermediate_size=128, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+        sliding_window=24, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0}},
+        # Untied: with tied embeddings this tiny model's greedy outputs mostly repeat one token.
+        final_logit_softcapping=30.0, tie_word_embeddings=False, **_COMMON,
+    ),
+    # Mixture-of-experts. gpt-oss adds attention sinks and alternating sliding/full layers (its config's default).
+    "gpt_oss": dict(
+        model_type="gpt_oss", intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, num_key_value_heads=2,
+        head_dim=16, sliding_window=24, **_COMMON,
+        rope_parameters={"rope_type": "yarn", "factor": 8.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                         "original_max_position_embeddings": 64, "rope_theta": 150_000.0},
+    ),
+    "mixtral": dict(model_type="mixtral", intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
+                    num_key_value_heads=2, **_COMMON),
+    "qwen2_moe": dict(
+        model_type="qwen2_moe", intermediate_size=128, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+        num_experts=4, num_experts_per_tok=2, num_key_value_heads=2, **_COMMON,
+    ),
+    "qwen3_moe": dict(
+        model_type="qwen3_moe", intermediate_size=128, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+        norm_topk_prob=True, num_key_value_heads=2, head_dim=16, **_COMMON,
+    ),
+    "olmoe": dict(model_type="olmoe", intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                  num_key_value_heads=2, **_COMMON),
 }
 
 
@@ -33,7 +63,7 @@ def tiny_config(arch: str, **overrides: Any):
 
     if arch not in TINY_CONFIGS:
         raise ValueError(f"unknown tiny architecture {arch!r}; known: {sorted(TINY_CONFIGS)}")
-    kw = dict(TINY_CONFIGS[arch])
+    kw = copy.deepcopy(TINY_CONFIGS[arch])  # configs mutate nested dicts (rope_parameters) in place
     kw.update(overrides)
     model_type = kw.pop("model_type")
     return AutoConfig.for_model(model_type, **kw)

@@ -120,7 +120,7 @@ class ScoreResult:
         return self.error is None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Request:
     """Engine-side state of one sequence: a sample of a generation prompt, or a continuation to score.
 
@@ -141,13 +141,14 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # positions whose K/V is written or scheduled by a launched step
+    planned: int = 0  # the last plan (Scheduler's count) that scheduled this request
     # In-flight bookkeeping (Scheduler.launched / Scheduler.landed), see docs/ARCHITECTURE.md:
     steps_in_flight: int = 0  # launched steps, not yet processed, that include this request
     tokens_in_flight: int = 0  # sampled tokens still on the device (async: at most one)
     carry_row: int = -1  # row of that token in the last launched step's sampled tokens (the carry-over source)
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of the full blocks known so far
-    num_cached_blocks: int = 0  # leading blocks that are in the prefix cache's index (hit or registered)
+    num_indexed_blocks: int = 0  # leading blocks already looked up in or offered to the prefix index
     deferred_free: list[int] = field(default_factory=list)  # blocks freed once no step in flight reads them
     row: int = -1  # row of the device block table while admitted
     deferred_rows: list[int] = field(default_factory=list)

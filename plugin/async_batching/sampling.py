@@ -144,3 +144,6 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[
         vals = logp.new_zeros(logp.shape[0], 0)
         ids = torch.zeros(logp.shape[0], 0, dtype=torch.long, device=logp.device)
     return chosen, ids.to(torch.int32), vals
+
+
+SAMPLING_INTS_PER_ROW = 8  # upper bound of the int32 words ``stage_sampling`` stages per row (staging is sized by it)

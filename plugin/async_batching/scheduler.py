@@ -1,4 +1,15 @@
-"""Which requests get how many tokens in the next step, within the token budget, the sequence cap and the KV blocks."""
+"""Which requests get how many tokens in the next step, within the token budget, the logits budget, the sequence cap
+and the KV blocks; and the in-flight bookkeeping that decides when a request's blocks may be freed.
+
+In-flight invariants (the scheduler is the only writer of these ``Request`` fields):
+- ``steps_in_flight``: raised for every request of a step when it is launched (``launched``), lowered when that step
+  is processed (``landed``). Blocks and the table row of a finished or preempted request wait in ``deferred_free`` /
+  ``deferred_rows`` until it is 0: no launched step can then read or write them.
+- ``tokens_in_flight`` / ``carry_row``: a sampling row's token stays on the device until its step lands; the next
+  step's input for that position is gathered on the device from row ``carry_row`` of the launched step's tokens.
+- A waiting request is admitted only with nothing in flight, and a request whose in-flight tokens already reach
+  ``max_new_tokens`` is not scheduled again.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +17,8 @@ import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
-from .kv_cache import PagedKVCache
+from .kv_cache import PagedKVCache, TableRows, block_table_rows
+from .prefix_cache import PrefixCache
 from .request import Request, RequestStatus
 
 
@@ -16,53 +28,50 @@ class ScheduledSeq:
     start: int  # first position computed in this step
     num_tokens: int
     samples: bool  # the chunk reaches the end of the request's tokens: a new token is sampled
-    new_blocks: list[int]  # blocks allocated for this step, at logical indices len(block_ids)-len(new_blocks)..
+    new_blocks: list[int]  # blocks new to the request's table row (prefix hits at admission, then blocks allocated
+    # for this step), at logical indices len(block_ids)-len(new_blocks)..
+    score_from: int = 0  # scoring: first position of this chunk whose next-token log-probability is kept
+    score_rows: int = 0  # ... and how many
 
 
 @dataclass
 class StepPlan:
     seqs: list[ScheduledSeq] = field(default_factory=list)
     num_tokens: int = 0
+    num_samples: int = 0
+    num_score_rows: int = 0
+    registered: list[int] = field(default_factory=list)  # blocks this plan added to the prefix index
 
     def __bool__(self) -> bool:
         return bool(self.seqs)
 
     @property
     def is_decode_only(self) -> bool:
-        return self.num_tokens == len(self.seqs)
-
-
-class TableRows:
-    """Rows of the device block table; a row is held by one request from admission until its blocks are freed."""
-
-    def __init__(self, n: int, reserved: int = 1):
-        self._free = list(range(n - 1, reserved - 1, -1))
-
-    def take(self) -> int:
-        return self._free.pop()
-
-    def give(self, row: int) -> None:
-        self._free.append(row)
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
+        """One token per sequence, each sampling (the shape CUDA graphs replay)."""
+        return self.num_tokens == len(self.seqs) == self.num_samples and not self.num_score_rows
 
 
 class Scheduler:
-    """Owns the waiting and running queues and the KV blocks of requests; policies are selected by name."""
+    """Owns the waiting and running queues, the KV blocks and table rows of requests, and their in-flight counts."""
 
-    def __init__(self, cache: PagedKVCache, max_batch_tokens: int, max_num_seqs: int, policy: str, chunked_prefill: bool):
+    def __init__(self, cache: PagedKVCache, max_batch_tokens: int, max_num_seqs: int, policy: str,
+                 chunked_prefill: bool, max_logit_rows: int, prefix_caching: bool):
         self.cache = cache
+        self.allocator = cache.allocator
+        self.block_size = cache.block_size
         self.max_batch_tokens = max_batch_tokens
         self.max_num_seqs = max_num_seqs
+        self.max_logit_rows = max(max_logit_rows, max_num_seqs)  # every sampling row of a step always fits
         self.policy = policy
         self.chunked_prefill = chunked_prefill
+        self.prefix = PrefixCache(self.allocator, self.block_size, prefix_caching)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order: the last one is preempted first
-        # Finished or preempted requests may still be read by a step in flight, so they keep their row a while.
-        self.rows = TableRows(2 * max_num_seqs + 2)
+        self.rows = TableRows(block_table_rows(max_num_seqs))
         self.num_preemptions = 0
+        self.prefill_tokens = 0  # prompt positions computed
+        self.cached_tokens = 0  # prompt positions served by prefix-cache hits
+        self._plan_id = 0
 
     # --- queues -------------------------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -85,13 +94,33 @@ class Scheduler:
         self._release(req)
 
     def _release(self, req: Request) -> None:
-        req.deferred_free.extend(req.block_ids)
+        req.deferred_free.extend(reversed(req.block_ids))  # tail first: the allocator evicts prompt tails first
         req.block_ids = []
+        req.num_indexed_blocks = 0
         if req.row >= 0:
             req.deferred_rows.append(req.row)
             req.row = -1
-        self.release_deferred(req)
+        self._release_deferred(req)
 
+    def _release_deferred(self, req: Request) -> None:
+        if req.steps_in_flight == 0:
+            if req.deferred_free:
+                self.allocator.free(req.deferred_free)
+                req.deferred_free = []
+            for row in req.deferred_rows:
+                self.rows.give(row)
+            req.deferred_rows = []
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        req.status = RequestStatus.WAITING
+        req.num_computed = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self._release(req)
+        self.waiting.appendleft(req)
+
+    # --- in flight ----------------------------------------------------------------------------------------
     def launched(self, plan: StepPlan, sample_rows: list[Request]) -> None:
         """A step was launched: its requests are in flight, and each sampling row's token stays on the device (its
         ``carry_row``) until the step lands."""
@@ -107,122 +136,157 @@ class Scheduler:
         req.steps_in_flight -= 1
         if seq.samples:
             req.tokens_in_flight -= 1
-        self.release_deferred(req)
+        self._release_deferred(req)
 
-    def release_deferred(self, req: Request) -> None:
-        """Blocks and table rows go back only when no launched step can still read them (``steps_in_flight == 0``)."""
-        if req.steps_in_flight == 0:
-            if req.deferred_free:
-                self.cache.allocator.free(req.deferred_free)
-                req.deferred_free = []
-            for row in req.deferred_rows:
-                self.rows.give(row)
-            req.deferred_rows = []
+    def roll_back(self, plan: StepPlan) -> tuple[int, int]:
+        """A step ran out of device memory before it was launched: forget the blocks it indexed (their K/V was not
+        written), recompute its requests later, and halve the token budget. Returns (old, new) budget.
 
-    def _preempt(self, req: Request) -> None:
-        self.running.remove(req)
-        req.status = RequestStatus.WAITING
-        req.num_computed = 0
-        req.num_preemptions += 1
-        self.num_preemptions += 1
-        self._release(req)
-        self.waiting.appendleft(req)
+        Kernels of the failed step already queued on the compute stream run before any later step, so its blocks may
+        be handed out again at once (those of requests in the step in flight still wait for it, as always)."""
+        for b in plan.registered:
+            self.allocator.unregister(b)
+        for s in plan.seqs:
+            if s.req.status is RequestStatus.RUNNING:
+                self._preempt(s.req)
+        old = self.max_batch_tokens
+        self.max_batch_tokens = old // 2
+        return old, self.max_batch_tokens
 
     # --- the step -----------------------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
+        self._plan_id += 1
         plan = StepPlan()
-        budget = self.max_batch_tokens
+        budget = [self.max_batch_tokens, self.max_logit_rows]  # tokens, logits rows
         if self.policy == "prefill_first":
-            budget = self._admit(plan, budget)
+            self._admit(plan, budget)
             self._schedule_running(plan, budget)
         else:
-            budget = self._schedule_running(plan, budget)
+            self._schedule_running(plan, budget)
             self._admit(plan, budget)
         return plan
 
-    def _blocks_needed(self, req: Request, num_tokens: int) -> int:
-        return max(0, self.cache.blocks_for(req.num_computed + num_tokens) - len(req.block_ids))
+    def _wanted(self, req: Request) -> int:
+        """Tokens the request could compute now (0: nothing to do until the step in flight lands, or done)."""
+        if req.score_start >= 0:  # the last token's logits score nothing: positions up to the one before it
+            return len(req.prompt_ids) - 1 - req.num_computed
+        out = len(req.output_ids) + req.tokens_in_flight
+        if out >= req.sampling.max_new_tokens:
+            return 0
+        return len(req.prompt_ids) + out - req.num_computed
 
-    def _add(self, plan: StepPlan, req: Request, n: int) -> None:
-        new = self.cache.allocator.allocate(self._blocks_needed(req, n))
-        req.block_ids.extend(new)
+    def _fit(self, req: Request, n: int, budget: list[int], plan: StepPlan) -> int:
+        """The chunk of the ``n`` wanted tokens that fits the budget now (0: none)."""
+        if n > budget[0]:
+            if not self.chunked_prefill:
+                return 0 if plan.seqs else n
+            n = budget[0]
+        if req.score_start >= 0:  # scored positions need a logits row each, within the step's logits budget
+            rows = budget[1]
+            start = max(req.num_computed, req.score_start)
+            if min(req.num_computed + n, len(req.prompt_ids) - 1) - start > rows:
+                if not self.chunked_prefill:
+                    return 0 if plan.seqs else n
+                n = start + rows - req.num_computed
+            return max(n, 0)
+        if budget[1] < 1 and req.num_computed + n == req.total_len:  # a sampling row needs a logits row
+            return 0
+        return n
+
+    def _add(self, plan: StepPlan, req: Request, n: int, budget: list[int], hits: list[int] = ()) -> None:
+        """Put ``n`` tokens of ``req`` into the plan (its blocks are known to fit; ``hits``: its prefix-cache hits,
+        when it is admitted now). The hot path of every decode step: plain attribute arithmetic, no properties."""
+        bs = self.block_size
         start = req.num_computed
-        req.num_computed += n
-        samples = req.num_computed == req.total_len
-        plan.seqs.append(ScheduledSeq(req, start, n, samples, new))
+        end = start + n
+        need = (end + bs - 1) // bs - len(req.block_ids)
+        if need > 0:
+            new = self.allocator.allocate(need)
+            req.block_ids.extend(new)
+        else:
+            new = []
+        if hits:
+            new = hits + new
+        req.num_computed = end
+        req.planned = self._plan_id
+        p = len(req.prompt_ids)
+        if start < p:
+            self.prefill_tokens += min(end, p) - start
+        if req.score_start >= 0:
+            first = max(start, req.score_start)
+            rows = max(0, min(end, p - 1) - first)
+            seq = ScheduledSeq(req, start, n, False, new, first, rows)
+            plan.num_score_rows += rows
+            budget[1] -= rows
+        else:
+            samples = end == p + len(req.output_ids) + req.tokens_in_flight
+            seq = ScheduledSeq(req, start, n, samples, new)
+            if samples:
+                plan.num_samples += 1
+                budget[1] -= 1
+        plan.seqs.append(seq)
         plan.num_tokens += n
+        budget[0] -= n
+        if end >= (req.num_indexed_blocks + 1) * bs:
+            self.prefix.register(req, plan.registered)
 
-    def _schedule_running(self, plan: StepPlan, budget: int) -> int:
-        # The hot loop of every decode step: locals, and `_blocks_needed`/`_add` written out inline, keep it about a
-        # microsecond per request (calling them costs a quarter more host time at 512 sequences).
-        scheduled = {id(s.req) for s in plan.seqs}
-        bs = self.cache.block_size
-        alloc = self.cache.allocator
-        seqs = plan.seqs
-        running = self.running
+    def _schedule_running(self, plan: StepPlan, budget: list[int]) -> None:
+        running, alloc, bs = self.running, self.allocator, self.block_size
+        plan_id, seqs, max_seqs, wanted, fit = self._plan_id, plan.seqs, self.max_num_seqs, self._wanted, self._fit
         i = 0
-        while i < len(running) and budget > 0 and len(seqs) < self.max_num_seqs:
+        while i < len(running) and budget[0] > 0 and len(seqs) < max_seqs:
             req = running[i]
             i += 1
-            if req.finish_reason is not None or (scheduled and id(req) in scheduled):
+            if req.finish_reason is not None or req.planned == plan_id:
                 continue
-            pending = req.tokens_in_flight
-            known = len(req.prompt_ids) + len(req.output_ids)
-            if len(req.output_ids) + pending >= req.sampling.max_new_tokens:
-                continue
-            n = known + pending - req.num_computed
+            n = fit(req, wanted(req), budget, plan)
             if n <= 0:
                 continue
-            if n > budget:
-                if not self.chunked_prefill and seqs:
-                    continue
-                n = budget if self.chunked_prefill else n
-            need = -(-(req.num_computed + n) // bs) - len(req.block_ids)
-            if need > alloc.num_free:
+            need = (req.num_computed + n + bs - 1) // bs - len(req.block_ids)
+            while need > 0 and need > alloc.num_free:
                 # Not enough blocks: recompute-preempt the newest running request (never one already in this plan).
-                while need > alloc.num_free:
-                    victim = running[-1]
-                    if id(victim) in scheduled:
-                        victim = req
-                    self._preempt(victim)
-                    if victim is req:
-                        break
-                if req.status is not RequestStatus.RUNNING:
-                    i -= 1
-                    continue
-            new = alloc.allocate(need) if need > 0 else []
-            if new:
-                req.block_ids.extend(new)
-            start = req.num_computed
-            req.num_computed = start + n
-            seqs.append(ScheduledSeq(req, start, n, start + n == known + pending, new))
-            plan.num_tokens += n
-            if scheduled:
-                scheduled.add(id(req))
-            budget -= n
-        return budget
+                victim = running[-1]
+                if victim.planned == plan_id:
+                    victim = req
+                self._preempt(victim)
+                if victim is req:
+                    break
+            if req.status is not RequestStatus.RUNNING:
+                i -= 1  # req itself was preempted: the next request moved into its place
+                continue
+            self._add(plan, req, n, budget)
 
-    def _admit(self, plan: StepPlan, budget: int) -> int:
-        while self.waiting and budget > 0 and len(plan.seqs) < self.max_num_seqs:
+    def _ready(self, req: Request) -> bool:
+        """Samples of a prompt wait while sample 0 is computing the prompt, then share its blocks."""
+        parent = req.parent
+        return (parent is None or parent.status is not RequestStatus.RUNNING
+                or parent.num_computed >= len(parent.prompt_ids))
+
+    def _admit(self, plan: StepPlan, budget: list[int]) -> None:
+        alloc, bs = self.allocator, self.block_size
+        while self.waiting and budget[0] > 0 and len(plan.seqs) < self.max_num_seqs:
             req = self.waiting[0]
             if req.finish_reason is not None:  # finished while waiting (its last in-flight token landed)
                 self.waiting.popleft()
                 continue
-            if req.tokens_in_flight or req.steps_in_flight or len(self.running) >= self.max_num_seqs or not self.rows.num_free:
+            if (req.tokens_in_flight or req.steps_in_flight or len(self.running) >= self.max_num_seqs
+                    or not self.rows.num_free or not self._ready(req)):
                 break
-            n = req.total_len
-            if n > budget:
-                if not self.chunked_prefill:
-                    if plan.seqs:
-                        break
-                else:
-                    n = budget
-            if self._blocks_needed(req, n) > self.cache.allocator.num_free:
+            # Reuse cached full blocks, but compute at least the first position whose logits are needed.
+            first_logit = req.score_start if req.score_start >= 0 else req.total_len - 1
+            hits = self.prefix.match(req, first_logit)
+            req.block_ids = list(hits)
+            req.num_computed = len(hits) * bs
+            req.num_indexed_blocks = len(hits)
+            n = self._fit(req, self._wanted(req), budget, plan)
+            if n <= 0 or -(-(req.num_computed + n) // bs) - len(hits) > alloc.num_free:
+                alloc.free(list(reversed(hits)))
+                req.block_ids = []
+                req.num_computed = req.num_indexed_blocks = 0
                 break
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             req.row = self.rows.take()
             self.running.append(req)
-            self._add(plan, req, n)
-            budget -= n
-        return budget
+            self.cached_tokens += min(req.num_computed, len(req.prompt_ids))
+            self._add(plan, req, n, budget, hits)

@@ -9,8 +9,12 @@ Design (like vLLM's unified Triton attention): one program per (sequence, block 
 KV split).  The ``BLOCK_Q`` queries times the ``G`` query heads sharing that kv head form one ``BLOCK_M`` row tile, so
 each K/V tile is loaded once for the whole GQA group and ``tl.dot`` always gets >= 16 rows, even in decode.  Keys are
 visited in tiles of ``TILE_N`` positions, each key's address being looked up through the block table, so ``TILE_N``
-is independent of ``block_size``.  When the grid would be too small to fill the GPU (decode of few sequences with long
-contexts) the key range is cut into ``NUM_SPLITS`` parts whose partial softmax states a second kernel merges.
+is independent of ``block_size``.  Attention sinks (gpt-oss: one logit per query head in the softmax denominator,
+attached to no value) start each row's running softmax state as a key of that logit with a zero value.  When the grid
+would be too small to fill the GPU (decode of few sequences with long contexts) the key range is cut into
+``num_splits`` parts whose partial softmax states a second kernel merges; only split 0 starts from the sink, so the
+merge counts it once. ``num_splits`` is a run-time argument (not specialised), so one compiled kernel serves every
+split count: the variants compiled at start-up are then the query tiles alone, and no step compiles during a run.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["paged_attention"]
+__all__ = ["paged_attention", "compiled_variants"]
 
 
 @triton.jit
@@ -31,11 +35,14 @@ def _tanh(x):
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
-@triton.jit
+MAX_SPLITS = 16
+
+
+@triton.jit(do_not_specialize=["num_splits"])
 def _paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr,
     part_acc_ptr, part_m_ptr, part_l_ptr,
-    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, sinks_ptr,
     scale, softcap, sliding_window,
     stride_qt, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
@@ -43,6 +50,7 @@ def _paged_attention_kernel(
     stride_ot, stride_oh, stride_od,
     stride_bt,
     num_heads,
+    num_splits,
     G: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
@@ -50,16 +58,16 @@ def _paged_attention_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_M: tl.constexpr,
     TILE_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
+    USE_SINKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Attention of BLOCK_Q queries x G heads (one kv head) of one sequence over one KV split."""
     seq = tl.program_id(0)
     q_block = tl.program_id(1)
-    kv_head = tl.program_id(2) // NUM_SPLITS
-    split = tl.program_id(2) % NUM_SPLITS
+    kv_head = tl.program_id(2) // num_splits
+    split = tl.program_id(2) % num_splits
 
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
@@ -93,20 +101,22 @@ def _paged_attention_kernel(
         kv_begin = tl.maximum(ctx_start + q_block * BLOCK_Q - sliding_window + 1, 0)
     else:
         kv_begin = seq_len * 0
-    if NUM_SPLITS > 1:
-        # Splits are TILE_N-aligned chunks of [kv_begin, kv_end); trailing splits may be empty.
-        chunk = tl.cdiv(tl.cdiv(kv_end - kv_begin, NUM_SPLITS), TILE_N) * TILE_N
-        lo = kv_begin + split * chunk
-        hi = tl.minimum(lo + chunk, kv_end)
-    else:
-        lo = kv_begin
-        hi = kv_end
+    # Splits are TILE_N-aligned chunks of [kv_begin, kv_end); trailing splits may be empty. One split: the whole range.
+    chunk = tl.cdiv(tl.cdiv(kv_end - kv_begin, num_splits), TILE_N) * TILE_N
+    lo = kv_begin + split * chunk
+    hi = tl.minimum(lo + chunk, kv_end)
 
     # Running max starts finite (not -inf) so a fully masked tile gives exp(-1e30 - -1e30) = 1, not exp(nan);
     # it is far below any real logit, so the first real key rescales the empty state by exp(-huge) = 0.
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    if USE_SINKS:
+        if split == 0:
+            # The sink as a key already seen: logit sinks[head] (not scaled or capped), weight exp(0) = 1, value 0.
+            # It is finite, so masked tiles after it still give exp(-inf - m) = 0 as above.
+            m_i = tl.load(sinks_ptr + head, mask=row_valid, other=-1.0e30).to(tl.float32)
+            l_i = tl.where(row_valid, 1.0, 0.0)
 
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     offs_n = tl.arange(0, TILE_N)
@@ -139,7 +149,7 @@ def _paged_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    if NUM_SPLITS == 1:
+    if num_splits == 1:
         # Every valid row saw at least its own key, so l_i > 0 there; the guard only keeps padded rows finite.
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         tl.store(
@@ -149,23 +159,24 @@ def _paged_attention_kernel(
         )
     else:
         # Unnormalised partial state; an empty split leaves (m=-1e30, l=0, acc=0), which the merge weights by 0.
-        part = (token * num_heads + head) * NUM_SPLITS + split
+        part = (token * num_heads + head) * num_splits + split
         tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc,
                  mask=row_valid[:, None] & d_valid[None, :])
         tl.store(part_m_ptr + part, m_i, mask=row_valid)
         tl.store(part_l_ptr + part, l_i, mask=row_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(
     part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr, query_start_loc_ptr,
     stride_ot, stride_oh, stride_od,
     num_heads,
+    num_splits,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    MAX_SPLITS: tl.constexpr,
 ):
-    """Merge the NUM_SPLITS partial softmax states of one (query token, head) into the output row."""
+    """Merge the num_splits partial softmax states of one (query token, head) into the output row."""
     seq = tl.program_id(0)
     j = tl.program_id(1)
     head = tl.program_id(2)
@@ -174,15 +185,17 @@ def _merge_splits_kernel(
     if j >= q_len:
         return
     token = (q_start + j).to(tl.int64)
-    base = (token * num_heads + head) * NUM_SPLITS
-    offs_s = tl.arange(0, NUM_SPLITS)
+    base = (token * num_heads + head) * num_splits
+    offs_s = tl.arange(0, MAX_SPLITS)
+    s_valid = offs_s < num_splits
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_valid = offs_d < HEAD_DIM
 
-    m = tl.load(part_m_ptr + base + offs_s)
-    l = tl.load(part_l_ptr + base + offs_s)
+    # Splits past num_splits read as empty states (m=-1e30, l=0, acc=0): weight 0 below.
+    m = tl.load(part_m_ptr + base + offs_s, mask=s_valid, other=-1.0e30)
+    l = tl.load(part_l_ptr + base + offs_s, mask=s_valid, other=0.0)
     acc = tl.load(part_acc_ptr + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
-                  mask=d_valid[None, :], other=0.0)
+                  mask=s_valid[:, None] & d_valid[None, :], other=0.0)
     m_max = tl.max(m, 0)
     w = tl.exp(m - m_max)
     l_tot = tl.sum(w * l, 0)
@@ -206,7 +219,7 @@ def _auto_num_splits(q: torch.Tensor, programs: int, max_ctx: int, tile_n: int, 
     # Each split should keep >= 4 key tiles of the longest possible context (the block table's width bounds it).
     max_useful = max(1, max_ctx // (4 * tile_n))
     scratch_per_split = q.shape[0] * q.shape[1] * (head_dim + 2) * 4
-    while (programs * splits < target and splits * 2 <= min(16, max_useful)
+    while (programs * splits < target and splits * 2 <= min(MAX_SPLITS, max_useful)
            and scratch_per_split * splits * 2 <= (256 << 20)):
         splits *= 2
     return splits
@@ -225,12 +238,14 @@ def paged_attention(
     softcap: float = 0.0,
     out: Optional[torch.Tensor] = None,
     num_kv_splits: int = 0,
+    sinks: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Causal attention of the packed queries ``q`` [T, num_heads, head_dim] over the paged KV cache.
 
     ``max_query_len`` must be >= every sequence's query count (an upper bound is fine: it only sizes the grid).
     Returns ``out`` [T, num_heads, head_dim] in q's dtype; rows of ``out`` not covered by ``query_start_loc`` are left
     untouched.  ``num_kv_splits``: 0 picks automatically, otherwise a power of two forcing that many KV splits.
+    ``sinks``: optional ``[num_heads]`` attention-sink logits (any float dtype), one extra softmax term per head.
     """
     T, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, head_dim_kv = k_cache.shape
@@ -242,6 +257,8 @@ def paged_attention(
     assert query_start_loc.shape[0] == B + 1 and block_tables.shape[0] >= B
     assert k_cache.dtype == v_cache.dtype == q.dtype, "q, k_cache and v_cache must share a dtype"
     assert block_tables.stride(1) == 1, "block_tables rows must be contiguous"
+    if sinks is not None:
+        assert sinks.shape == (num_heads,) and sinks.stride(0) == 1, f"sinks must be [{num_heads}] and contiguous"
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if B == 0 or T == 0 or max_query_len <= 0:
@@ -262,7 +279,8 @@ def paged_attention(
     num_q_blocks = triton.cdiv(max_query_len, block_q)
 
     if num_kv_splits:
-        assert num_kv_splits & (num_kv_splits - 1) == 0, "num_kv_splits must be a power of two"
+        assert num_kv_splits & (num_kv_splits - 1) == 0 and num_kv_splits <= MAX_SPLITS, \
+            f"num_kv_splits must be a power of two <= {MAX_SPLITS}"
         num_splits = num_kv_splits
     else:
         programs = B * num_q_blocks * num_kv_heads
@@ -273,12 +291,12 @@ def paged_attention(
         part_m = torch.empty((T, num_heads, num_splits), dtype=torch.float32, device=q.device)
         part_l = torch.empty_like(part_m)
     else:
-        part_acc = part_m = part_l = out  # never touched when NUM_SPLITS == 1
+        part_acc = part_m = part_l = out  # never touched when num_splits == 1
 
     _paged_attention_kernel[(B, num_q_blocks, num_kv_heads * num_splits)](
         q, k_cache, v_cache, out,
         part_acc, part_m, part_l,
-        block_tables, seq_lens, query_start_loc,
+        block_tables, seq_lens, query_start_loc, sinks if sinks is not None else seq_lens,
         float(scale), float(softcap) if softcap else 1.0, int(sliding_window),
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
@@ -286,6 +304,7 @@ def paged_attention(
         out.stride(0), out.stride(1), out.stride(2),
         block_tables.stride(0),
         num_heads,
+        num_splits,
         G=G,
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad,
@@ -293,9 +312,9 @@ def paged_attention(
         BLOCK_Q=block_q,
         BLOCK_M=block_m,
         TILE_N=tile_n,
-        NUM_SPLITS=num_splits,
         USE_WINDOW=sliding_window > 0,
         USE_SOFTCAP=softcap > 0,
+        USE_SINKS=sinks is not None,
         # fp32 models want fp32 accuracy (TF32 would miss the reference by ~1e-3); 16-bit inputs ignore this.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
@@ -306,9 +325,22 @@ def paged_attention(
             part_acc, part_m, part_l, out, query_start_loc,
             out.stride(0), out.stride(1), out.stride(2),
             num_heads,
+            num_splits,
             HEAD_DIM=head_dim,
             HEAD_DIM_PAD=head_dim_pad,
-            NUM_SPLITS=num_splits,
+            MAX_SPLITS=MAX_SPLITS,
             num_warps=4 if head_dim_pad >= 128 else 2,
         )
     return out
+
+
+def compiled_variants() -> int:
+    """Compiled variants of this module's kernels held in memory (a test checks that none is added during a run)."""
+    total = 0
+    for fn in (_paged_attention_kernel, _merge_splits_kernel):
+        caches = getattr(fn, "device_caches", None)
+        if caches is not None:
+            total += sum(len(entry[0]) for entry in caches.values())
+        else:
+            total += sum(len(c) for c in getattr(fn, "cache", {}).values())
+    return total

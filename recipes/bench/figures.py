@@ -48,15 +48,16 @@ def timeline(windows: list[dict[str, Any]], path: str) -> Optional[str]:
     return path
 
 
-def throughput(results: list[dict[str, Any]], ceiling: Optional[float], title: str, path: str) -> Optional[str]:
-    """Output tokens/s per variant, with the roofline ceiling as a line."""
-    ok = [r for r in results if r.get("output_tok_s")]
+def throughput(results: list[dict[str, Any]], ceiling: Optional[float], title: str, path: str,
+               key: str = "output_tok_s") -> Optional[str]:
+    """Tokens/s per variant (``key``: output, or scored for a scoring workload), with the roofline ceiling as a line."""
+    ok = [r for r in results if r.get(key)]
     if not ok:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(ok), 4))
     names = [r["variant"] for r in ok]
-    values = [r["output_tok_s"] for r in ok]
+    values = [r[key] for r in ok]
     bars = ax.bar(names, values, color=["tab:gray" if not n.startswith("ours") else "tab:blue" for n in names])
     ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values], fontsize=8)
     if ceiling and ceiling < 20 * max(values):  # otherwise the line would flatten every bar
@@ -64,7 +65,7 @@ def throughput(results: list[dict[str, Any]], ceiling: Optional[float], title: s
         ax.legend(fontsize=8)
     elif ceiling:
         title += f" (roofline ceiling {ceiling:,.0f})"
-    ax.set_ylabel("output tokens/s")
+    ax.set_ylabel(key.replace("_tok_s", "").replace("_", " ") + " tokens/s")
     ax.set_title(title, fontsize=10)
     ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     fig.tight_layout()
@@ -83,10 +84,17 @@ def draw_all(out_dir: Path, summary: dict[str, Any], run_dir: Optional[Path] = N
         path = (run_dir or out_dir) / "timelines" / f"{name}_{variant}.json"
         if variant in ok and path.exists():
             windows.append(json.loads(path.read_text()))
-    ceiling = summary["roofline"]["output_tokens_per_s"]
+    scoring = summary["workload"].get("generator") == "score_pairs"
+    limit = summary["roofline"]
+    if scoring:  # scored tokens over the prefill-only limit
+        scored = (summary.get("requests_drawn") or {}).get("continuation_tokens") or 0
+        ceiling = scored / limit["total_s"] if limit["total_s"] else None
+    else:
+        ceiling = limit["output_tokens_per_s"]
+    key = "scored_tok_s" if scoring else "output_tok_s"
     made = [
         timeline(windows, str(out_dir / f"timeline_{name}.png")),
-        throughput(results, ceiling, f"{name}: output tokens/s", str(out_dir / f"throughput_{name}.png")),
+        throughput(results, ceiling, f"{name}: {key[:-6]} tokens/s", str(out_dir / f"throughput_{name}.png"), key),
     ]
     return [p for p in made if p]
 

@@ -1,27 +1,33 @@
 """One variant in its own process: build the model, warm up, time a full run, profile a short one, write JSON.
 
+With ``first_call.enabled`` (and the variant in ``first_call.variants``), the first call after start-up is timed
+before the warm-up, then the same call again: what start-up leaves to compile or tune during a run.
+
     python -m bench.runner JOB.json RESULT.json      (what recipes/benchmark.py spawns, with recipes/ and plugin/
     python -m bench.runner --probe RESULT.json        on PYTHONPATH; --probe measures the roofline's device rates)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import statistics
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import asdict
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
+from async_batching.metrics import percentile
 from bench.nvml_util import open_sampler
 from bench.profiling import profiled_run
 from bench.roofline import measure_rates
 from bench.variants import VARIANTS, RunOutput, Variant
-from bench.workloads import Workload
+from bench.workloads import Requests, Workload
 
 
 def _sync(device: str) -> None:
@@ -41,11 +47,9 @@ def _warm_process(model: torch.nn.Module, device: str) -> None:
     _sync(device)
 
 
-def _percentile(values: list[float], q: float) -> Optional[float]:
-    if not values:
-        return None
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+def _digest(token_ids: list[list[int]]) -> Optional[str]:
+    """A fingerprint of every request's new token ids in input order, so variants' outputs can be compared."""
+    return hashlib.sha256(json.dumps(token_ids).encode()).hexdigest() if token_ids else None
 
 
 def _stats_delta(before: Optional[dict], after: Optional[dict], out: RunOutput) -> Optional[dict]:
@@ -74,27 +78,56 @@ def _compact(stats: Optional[dict]) -> Optional[dict]:
     return out
 
 
-def _check(out: RunOutput, n: int, new_tokens: int) -> list[str]:
+def _call(variant: Variant, reqs: Requests) -> RunOutput:
+    """Submit ``reqs`` to the variant: score them, or generate with one shared budget or one budget per request."""
+    if reqs.scoring:
+        return variant.score(reqs.prompts, reqs.continuations)
+    budgets = reqs.new_tokens
+    return variant.run(reqs.prompts, budgets[0] if len(set(budgets)) == 1 else list(budgets))
+
+
+def _check(out: RunOutput, reqs: Requests) -> list[str]:
+    """Problems with a call's output: errors, a missing result, a request that did not make exactly its tokens."""
     problems = list(out.errors[:3])
-    if len(out.new_tokens) != n:
-        problems.append(f"{len(out.new_tokens)} results for {n} requests")
-    short = sum(1 for t in out.new_tokens if t != new_tokens)
-    if short:
-        problems.append(f"{short} request(s) did not produce exactly {new_tokens} tokens")
+    if len(out.new_tokens) != len(reqs):
+        problems.append(f"{len(out.new_tokens)} results for {len(reqs)} requests")
+    expected = [len(c) for c in reqs.continuations] if reqs.scoring else reqs.new_tokens
+    wrong = [i for i, (got, want) in enumerate(zip(out.new_tokens, expected)) if got != want]
+    if wrong:
+        what = "scored tokens" if reqs.scoring else "new tokens"
+        problems.append(f"{len(wrong)} request(s) without exactly their {what} (first: request {wrong[0]}, "
+                        f"{out.new_tokens[wrong[0]]} for {expected[wrong[0]]})")
     return problems
 
 
-def _profile(variant: Variant, prompts: list[list[int]], new_tokens: int, device: str, job: dict) -> dict[str, Any]:
+@contextmanager
+def _forward_calls(model: torch.nn.Module, enabled: bool) -> Iterator[list[int]]:
+    """Count the model's forward calls (one per step for ``generate`` and eager loops; graph replays are missed).
+
+    Only for variants whose engine does not count its steps: a hook added to a compiled model would recompile it.
+    """
+    count = [0]
+    handle = model.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1)) if enabled else None
+    try:
+        yield count
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def _profile(variant: Variant, reqs: Requests, device: str, job: dict) -> dict[str, Any]:
     """A separate, shorter run under torch.profiler: GPU busy, GPU and host time per engine step, timeline window."""
     before = variant.stats()
-    out, trace = profiled_run(lambda: variant.run(prompts, new_tokens), device)
+    with _forward_calls(variant.model, enabled=not variant.counts_steps) as calls:
+        out, trace = profiled_run(lambda: _call(variant, reqs), device)
     stats = _stats_delta(before, variant.stats(), out)
-    steps = (stats or {}).get("steps") or len(trace.host.get("ab.schedule", [])) or None
+    engine_steps = (stats or {}).get("steps") or len(trace.host.get("ab.schedule", [])) or None
+    steps = engine_steps or calls[0] or None
     wall_s = trace.wall_ns / 1e9
     has_gpu = bool(trace.kernels)
     result: dict[str, Any] = {
-        "requests": len(prompts),
-        "new_tokens": new_tokens,
+        "requests": len(reqs),
+        "new_tokens": max(reqs.new_tokens, default=0),
         "wall_s": wall_s,
         "output_tokens": sum(out.new_tokens),
         "gpu_busy_pct": 100.0 * trace.gpu_busy_ns() / trace.wall_ns if has_gpu else None,
@@ -103,6 +136,7 @@ def _profile(variant: Variant, prompts: list[list[int]], new_tokens: int, device
         "gpu_busy_steady_pct": trace.busy_between(0.5, 0.95) if has_gpu else None,
         "kernels": len(trace.kernels),
         "steps": steps,
+        "steps_from": "engine steps" if engine_steps else "model forward calls",
     }
     if steps:
         result["gpu_ms_per_step"] = trace.gpu_busy_ns() / 1e6 / steps if has_gpu else None
@@ -118,13 +152,37 @@ def _write_json(path: str, obj: Any) -> None:
         json.dump(obj, f, indent=1, default=repr)
 
 
+def _timed_call(variant: Variant, reqs: Requests, device: str) -> tuple[float, RunOutput]:
+    """Wall seconds of one call, its setup spans (a per-call engine build, hf_cb's warm-up) excluded."""
+    setup0 = variant.setup_s
+    _sync(device)
+    t0 = time.perf_counter()
+    out = _call(variant, reqs)
+    _sync(device)
+    return time.perf_counter() - t0 - (variant.setup_s - setup0), out
+
+
+def _first_call(variant: Variant, reqs: Requests, device: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Time the first call after start-up, then the very same call again (issue 14: within 5%)."""
+    n = min(int(cfg.get("requests") or len(reqs)), len(reqs))
+    sub = reqs.head(n)
+    first_s, out = _timed_call(variant, sub, device)
+    repeat_s, again = _timed_call(variant, sub, device)
+    return {
+        "requests": n,
+        "first_s": first_s,
+        "repeat_s": repeat_s,
+        "first_over_repeat": first_s / repeat_s if repeat_s > 0 else None,
+        "problems": _check(out, sub) + _check(again, sub),
+    }
+
+
 def run_job(job: dict[str, Any], checkpoint=lambda partial: None) -> dict[str, Any]:
     """Build, warm up, time, then profile one variant; ``checkpoint`` saves the timed result before profiling."""
     name, device = job["variant"], job["device"]
     workload = Workload.from_dict(job["workload"])
     cls = VARIANTS[name]
-    prompts = workload.prompts()[: workload.cap_for(name)]
-    new_tokens = workload.new_tokens
+    reqs = workload.build().head(workload.cap_for(name))
 
     t = time.perf_counter()
     attn, attn_error = cls.attn_implementation(), None
@@ -138,12 +196,17 @@ def run_job(job: dict[str, Any], checkpoint=lambda partial: None) -> dict[str, A
     _warm_process(model, device)
     model_build_s = time.perf_counter() - t
     t = time.perf_counter()
-    variant = cls(model, job)  # ours: KV cache allocation and CUDA-graph capture happen here
+    variant = cls(model, job)  # ours: KV cache allocation, warm-up (compile) and CUDA-graph capture happen here
     variant_init_s = time.perf_counter() - t
+
+    first = job.get("first_call") or {}
+    first_call = None
+    if first.get("enabled") and name in (first.get("variants") or []):
+        first_call = _first_call(variant, reqs, device, first)
 
     warm = job.get("warmup") or {}
     if warm.get("requests") and not cls.warms_up_itself:
-        variant.run(prompts[: int(warm["requests"])], int(warm.get("new_tokens", 8)))
+        _call(variant, reqs.head(int(warm["requests"])).with_new_tokens(int(warm.get("new_tokens", 8))))
         _sync(device)
 
     if device.startswith("cuda"):
@@ -153,7 +216,7 @@ def run_job(job: dict[str, Any], checkpoint=lambda partial: None) -> dict[str, A
     if sampler:
         sampler.start()
     t0 = time.perf_counter()
-    out = variant.run(prompts, new_tokens)
+    out = _call(variant, reqs)
     _sync(device)
     elapsed = time.perf_counter() - t0
     util = None
@@ -162,31 +225,42 @@ def run_job(job: dict[str, Any], checkpoint=lambda partial: None) -> dict[str, A
         sampler.close()
     setup_s = variant.setup_s - setup0
     wall = elapsed - setup_s
-    prompt_tokens = sum(len(p) for p in prompts)
+    prompt_tokens = sum(reqs.total_lens())
     stats = _stats_delta(before, variant.stats(), out)
-    output_tokens = sum(out.new_tokens)
+    done_tokens = sum(out.new_tokens)
+    output_tokens = 0 if reqs.scoring else done_tokens
 
     result: dict[str, Any] = {
-        "requests": len(prompts),
+        "requests": len(reqs),
         "requests_total": workload.requests,
-        "new_tokens": new_tokens,
+        "new_tokens": workload.new_tokens,
         "prompt_tokens": prompt_tokens,
         "output_tokens": output_tokens,
         "wall_s": wall,
         "setup_s": setup_s,
         "model_build_s": model_build_s,
         "variant_init_s": variant_init_s,
-        "output_tok_s": output_tokens / wall,
+        # engine build, compile, capture: the variant's construction plus setup inside the timed call (hf_cb's
+        # manager and warm-up, the Lightning callback's per-call engine); the model's random init is not part of it
+        "startup_s": variant_init_s + setup_s,
+        "startup_parts": getattr(variant, "startup_parts", None),
+        "output_tok_s": None if reqs.scoring else output_tokens / wall,
         "total_tok_s": (output_tokens + prompt_tokens) / wall,
-        "ttft_p50_s": _percentile(out.ttft_s, 50),
-        "ttft_p99_s": _percentile(out.ttft_s, 99),
+        "ttft_p50_s": percentile(out.ttft_s, 50),
+        "ttft_p99_s": percentile(out.ttft_s, 99),
+        "output_sha256": _digest(out.token_ids),
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None,
         "nvml_util_pct": util,
-        "problems": _check(out, len(prompts), new_tokens),
+        "problems": _check(out, reqs),
         "attn_fallback": attn_error,
+        "experts_implementation": getattr(model.config, "_experts_implementation", None),
         "stats": _compact(stats),
         "config": variant.info(),
     }
+    if reqs.scoring:  # S1: continuation tokens scored, and the prompt tokens (context + continuation) read
+        result.update(scored_tokens=done_tokens, scored_tok_s=done_tokens / wall, prompt_tok_s=prompt_tokens / wall)
+    if first_call is not None:
+        result["first_call"] = first_call
     events = variant.gpu_busy()
     if events:  # the compute stream's occupancy in the timed run, from the engine's CUDA timing events
         result["gpu_busy_events_pct"] = events.get("busy_pct")
@@ -201,10 +275,10 @@ def run_job(job: dict[str, Any], checkpoint=lambda partial: None) -> dict[str, A
     prof = job.get("profile") or {}
     if prof.get("enabled", True) and name not in (prof.get("skip") or []):
         checkpoint({**result, "profile": {"error": "the process died or timed out while profiling"}})
-        n = min(int(workload.profile.get("requests", len(prompts))), len(prompts))
-        m = min(int(workload.profile.get("new_tokens", new_tokens)), new_tokens)
+        n = min(int(workload.profile.get("requests", len(reqs))), len(reqs))
+        m = int(workload.profile.get("new_tokens", workload.max_new_tokens))
         try:
-            result["profile"] = _profile(variant, prompts[:n], m, device, job)
+            result["profile"] = _profile(variant, reqs.head(n).with_new_tokens(m), device, job)
             result["gpu_busy_pct"] = result["profile"]["gpu_busy_pct"]
             result["gpu_busy_steady_pct"] = result["profile"].get("gpu_busy_steady_pct")
             result["gpu_ms_per_step"] = result["profile"].get("gpu_ms_per_step")

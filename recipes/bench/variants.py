@@ -1,6 +1,8 @@
 """The contenders: today's static ``generate``, transformers' ``generate_batch``, and this project (direct and Lightning).
 
-Each variant takes a model and runs ``run(prompts, new_tokens)`` as often as asked; the runner times and profiles it.
+Each variant takes a model and runs ``run(prompts, new_tokens)`` (or, for a scoring workload, ``score(contexts,
+continuations)``) as often as asked; the runner times and profiles it. ``new_tokens`` is one budget for all requests or
+one per request; the workload's ``sampling`` (temperature, top_p, top_k) applies unless the variant is greedy.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import gc
 import inspect
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch.profiler import record_function
@@ -18,19 +20,26 @@ from torch.profiler import record_function
 from bench.profiling import SETUP_RANGE
 
 
+Budgets = Union[int, list[int]]  # new tokens: one for all requests, or one per request
+
+
 @dataclass
 class RunOutput:
-    """What one ``run`` produced: new tokens per request (input order), TTFT per request, request errors."""
+    """What one call produced: new (or scored) token counts (and ids) per request in input order, TTFT per request,
+    request errors."""
 
     new_tokens: list[int]
     ttft_s: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    token_ids: list[list[int]] = field(default_factory=list)  # new tokens per request, input order (if known)
 
 
 class Variant:
     """Base: a named way to generate. ``warms_up_itself`` variants skip the runner's separate warm-up call."""
 
     warms_up_itself = False
+    greedy = False  # ignore the workload's sampling (the greedy reference of a sampled workload)
+    counts_steps = False  # its stats() count engine steps (else the profiled run counts the model's forward calls)
 
     @staticmethod
     def attn_implementation() -> Optional[str]:
@@ -43,9 +52,14 @@ class Variant:
         self.device = job["device"]
         self.setup_s = 0.0  # time inside ``run`` that is one-off setup, excluded from wall time
         self.setup_end_epoch_s = 0.0  # when the last setup ended (time.time()), so GPU sampling can start there
+        self.sampling: dict[str, Any] = {} if self.greedy else dict((job["workload"].get("sampling") or {}))
 
-    def run(self, prompts: list[list[int]], new_tokens: int) -> RunOutput:
+    def run(self, prompts: list[list[int]], new_tokens: Budgets) -> RunOutput:
         raise NotImplementedError
+
+    def score(self, contexts: list[list[int]], continuations: list[list[int]]) -> RunOutput:
+        """Log-likelihood of each continuation given its context; ``new_tokens`` of the output = tokens scored."""
+        raise NotImplementedError(f"{type(self).__name__} does not score continuations")
 
     def timed_setup(self, fn, *args, **kwargs):
         """Call ``fn`` (engine construction, CUDA-graph warm-up) as setup: timed apart, marked for the profiler."""
@@ -72,10 +86,27 @@ class Variant:
         pass
 
 
-def _greedy_config(new_tokens: int):
+def _generation_config(new_tokens: int, sampling: dict[str, Any]):
+    """``generate``'s config for a fixed number of new tokens: greedy, or sampled with the workload's settings."""
     from transformers import GenerationConfig
 
-    return GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    draw = {k: sampling[k] for k in ("temperature", "top_p", "top_k") if k in sampling}
+    do_sample = float(sampling.get("temperature", 0.0)) > 0
+    if not do_sample:
+        draw = {}
+    elif "top_k" not in draw:
+        draw["top_k"] = 0  # transformers' default top_k=50 would filter when the workload asks for none
+    return GenerationConfig(max_new_tokens=new_tokens, do_sample=do_sample, eos_token_id=None, pad_token_id=0, **draw)
+
+
+def _one_budget(new_tokens: Budgets, who: str) -> int:
+    """The single budget a batch-level API needs; a clear error when the workload gives each request its own."""
+    if isinstance(new_tokens, int):
+        return new_tokens
+    if len(set(new_tokens)) > 1:
+        raise ValueError(f"{who} takes one max_new_tokens for all requests; this workload gives each request its own "
+                         f"({min(new_tokens)}..{max(new_tokens)})")
+    return new_tokens[0]
 
 
 class StaticGenerate(Variant):
@@ -92,20 +123,39 @@ class StaticGenerate(Variant):
     def run(self, prompts, new_tokens):
         from torch.utils.data import DataLoader
 
-        from bench.lightning_modules import left_pad
+        from bench.lightning_modules import left_pad_with_budgets
 
-        loader = DataLoader(prompts, batch_size=self.batch_size, shuffle=False, collate_fn=left_pad)
-        self.module.generation_config = _greedy_config(new_tokens)
+        budgets = [new_tokens] * len(prompts) if isinstance(new_tokens, int) else list(new_tokens)
+        # A padded batch generates as many tokens as its largest budget; each request counts only its own.
+        loader = DataLoader(list(zip(prompts, budgets)), batch_size=self.batch_size, shuffle=False,
+                            collate_fn=left_pad_with_budgets)
+        self.module.generation_config = _generation_config(max(budgets), self.sampling)
         self.module.run_start_s = time.perf_counter()
         batches = self.trainer.predict(self.module, dataloaders=loader, return_predictions=True)
         out = RunOutput(new_tokens=[])
         for b in batches:
             out.new_tokens += b["new_tokens"]
+            out.token_ids += b["token_ids"]
             out.ttft_s += [t for t in b["ttft_s"] if t is not None]
         return out
 
+    def score(self, contexts, continuations):
+        from torch.utils.data import DataLoader
+
+        from bench.lightning_modules import PaddedScore, left_pad_pairs
+
+        module = PaddedScore(self.model)
+        loader = DataLoader(list(zip(contexts, continuations)), batch_size=self.batch_size, shuffle=False,
+                            collate_fn=left_pad_pairs)
+        batches = self.trainer.predict(module, dataloaders=loader, return_predictions=True)
+        return RunOutput(new_tokens=[n for b in batches for n in b["scored_tokens"]])
+
     def info(self):
-        return {"batch_size": self.batch_size, "padding": "left", "attn_implementation": self.model.config._attn_implementation}
+        info = {"batch_size": self.batch_size, "padding": "left", "attn_implementation": self.model.config._attn_implementation,
+                "sampling": self.sampling or "greedy"}
+        if self.job["workload"].get("generator") == "score_pairs":
+            info["scoring"] = "one forward per padded batch, logits only for the continuation positions (logits_to_keep)"
+        return info
 
 
 def _jsonable(value: Any) -> Any:
@@ -168,7 +218,7 @@ class HfContinuousBatching(Variant):
     def run(self, prompts, new_tokens):
         kwargs = dict(
             inputs=prompts,
-            generation_config=_greedy_config(new_tokens),
+            generation_config=_generation_config(_one_budget(new_tokens, "generate_batch"), self.sampling),
             continuous_batching_config=self.cb_config,
             warmup=True,
             persistent_manager=True,  # keeps the warmed-up manager for the profiled run
@@ -200,6 +250,7 @@ class HfContinuousBatching(Variant):
             self.resolved["continuous_batching_config"] = {f.name: _jsonable(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
         return {
             "transformers": transformers.__version__,
+            "sampling": self.sampling or "greedy",
             "use_async_batching": self.use_async,
             "attn_implementation_requested": self.model.config._attn_implementation,
             **self.resolved,
@@ -222,7 +273,8 @@ class HfContinuousBatchingAsync(HfContinuousBatching):
 
 
 def _batcher_overrides(
-    job: dict[str, Any], mode: str, cuda_graphs: Optional[bool], compile: bool = False
+    job: dict[str, Any], mode: str, cuda_graphs: Optional[bool], compile: bool = False,
+    prefix_caching: Optional[bool] = None,
 ) -> dict[str, Any]:
     kw = {k: v for k, v in (job.get("batcher") or {}).items() if v is not None}
     kw["mode"] = mode
@@ -230,7 +282,61 @@ def _batcher_overrides(
         kw["cuda_graphs"] = cuda_graphs
     if compile:
         kw["compile"] = True
+    if prefix_caching is not None:  # None: the engine's default (on, once BatcherConfig has the key)
+        kw["prefix_caching"] = prefix_caching
     return kw
+
+
+def _sampling_params(new_tokens: Budgets, sampling: dict[str, Any]):
+    """One SamplingParams for a shared budget, else one per request (EOS ignored: fixed output lengths)."""
+    from async_batching import SamplingParams
+
+    if isinstance(new_tokens, int):
+        return SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, **sampling)
+    return [SamplingParams(max_new_tokens=m, ignore_eos=True, **sampling) for m in new_tokens]
+
+
+class StartupClock:
+    """Times the engine's start-up phases (warm-up/compile, CUDA-graph capture) while a ContinuousBatcher is built.
+
+    Wraps the model runner's public ``warmup`` and ``capture_graphs`` for the duration of the build only (this
+    benchmark process alone); phases the engine does not have are simply absent.
+    """
+
+    PHASES = {"warmup": "warmup_compile_s", "capture_graphs": "graph_capture_s"}
+
+    def __init__(self) -> None:
+        self.parts: dict[str, float] = {}
+
+    def __enter__(self) -> "StartupClock":
+        from async_batching.model_runner import ModelRunner
+
+        self._saved = {}
+        for method, key in self.PHASES.items():
+            original = getattr(ModelRunner, method, None)
+            if original is None:
+                continue
+            self._saved[method] = original
+            setattr(ModelRunner, method, self._timed(original, key))
+        return self
+
+    def _timed(self, fn, key: str):
+        parts = self.parts
+
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                parts[key] = parts.get(key, 0.0) + time.perf_counter() - t
+
+        return timed
+
+    def __exit__(self, *exc) -> None:
+        from async_batching.model_runner import ModelRunner
+
+        for method, original in self._saved.items():
+            setattr(ModelRunner, method, original)
 
 
 def _results_output(results: list[Any]) -> RunOutput:
@@ -238,6 +344,7 @@ def _results_output(results: list[Any]) -> RunOutput:
     for r in results:
         ids = r["token_ids"] if isinstance(r, dict) else r.token_ids
         out.new_tokens.append(len(ids))
+        out.token_ids.append(list(ids))
         ttft = r.get("ttft_s") if isinstance(r, dict) else getattr(r, "ttft_s", None)
         if ttft is not None:
             out.ttft_s.append(ttft)
@@ -253,25 +360,40 @@ class Ours(Variant):
     mode = "async"
     cuda_graphs: Optional[bool] = None
     compile = False
+    prefix_caching: Optional[bool] = None
+    counts_steps = True
 
     def __init__(self, model, job) -> None:
         super().__init__(model, job)
         from async_batching import ContinuousBatcher
 
-        self.overrides = _batcher_overrides(job, self.mode, self.cuda_graphs, self.compile)
-        self.batcher = ContinuousBatcher(model, tokenizer=None, **self.overrides)
+        self.overrides = _batcher_overrides(job, self.mode, self.cuda_graphs, self.compile, self.prefix_caching)
+        with StartupClock() as clock:
+            self.batcher = ContinuousBatcher(model, tokenizer=None, **self.overrides)
+        self.startup_parts = clock.parts
 
-    def run(self, prompts, new_tokens):
-        from async_batching import SamplingParams
+    def _timed_steps(self, call):
+        from bench.step_timer import StepTimer
 
         executor = self.batcher.executor
-        executor.record_step_times(True)  # a pair of CUDA events per step: no profiler, the host is undisturbed
+        timer = StepTimer()  # a pair of CUDA events per step: no profiler, the host is undisturbed
+        executor.observe(timer)
         try:
-            out = self.batcher.generate(prompts, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
-            self._busy = executor.gpu_busy()
+            out = call()
+            self._busy = timer.busy()
         finally:
-            executor.record_step_times(False)
-        return _results_output(out)
+            executor.observers.remove(timer)
+        return out
+
+    def run(self, prompts, new_tokens):
+        sampling = _sampling_params(new_tokens, self.sampling)
+        return _results_output(self._timed_steps(lambda: self.batcher.generate(prompts, sampling)))
+
+    def score(self, contexts, continuations):
+        results = self._timed_steps(lambda: self.batcher.score(list(zip(contexts, continuations))))
+        out = RunOutput(new_tokens=[len(r.token_logprobs or []) for r in results])
+        out.errors = [f"pair {r.index}: {r.error}" for r in results if r.error]
+        return out
 
     def gpu_busy(self):
         return dict(getattr(self, "_busy", {}) or {})
@@ -279,7 +401,7 @@ class Ours(Variant):
     def info(self):
         cfg = getattr(self.batcher, "config", None)
         resolved = dataclasses.asdict(cfg) if cfg is not None and dataclasses.is_dataclass(cfg) else None
-        return {"overrides": self.overrides, "config": _jsonable(resolved)}
+        return {"overrides": self.overrides, "config": _jsonable(resolved), "sampling": self.sampling or "greedy"}
 
     def stats(self):
         return dict(getattr(self.batcher, "stats", None) or {})
@@ -310,6 +432,18 @@ class OursAsyncCompile(Ours):
     mode, compile = "async", True
 
 
+class OursAsyncGreedy(Ours):
+    """``ours_async`` with greedy decoding whatever the workload samples: the reference of a sampled workload (W2s)."""
+
+    mode, greedy = "async", True
+
+
+class OursAsyncNoPrefixCache(Ours):
+    """``ours_async`` with ``prefix_caching=False``: every prompt prefilled in full (the W5 baseline of issue 11)."""
+
+    mode, prefix_caching = "async", False
+
+
 def _flatten(predictions: Any) -> list[Any]:
     if predictions is None:
         return []
@@ -324,6 +458,8 @@ class OursLightning(Variant):
     The callback builds a fresh engine per predict run; that construction (cache, CUDA graphs) and the Trainer's
     count as setup, as the engine's does for ``ours_async``: the two walls differ by ``trainer.predict`` only.
     """
+
+    counts_steps = True
 
     def __init__(self, model, job) -> None:
         super().__init__(model, job)
@@ -340,7 +476,8 @@ class OursLightning(Variant):
         from async_batching.lightning import ContinuousBatching
 
         callback = ContinuousBatching(
-            sampling=SamplingParams(max_new_tokens=new_tokens, ignore_eos=True), request_progress=False, **self.overrides
+            sampling=SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, **self.sampling), request_progress=False,
+            **self.overrides,
         )
         build = callback.build_batcher
         variant = self
@@ -365,7 +502,7 @@ class OursLightning(Variant):
 
         loader = DataLoader(prompts, batch_size=self.batch_size, shuffle=False, collate_fn=lambda b: {"input_ids": list(b)})
         self.batcher = None
-        callback = self._callback(new_tokens)
+        callback = self._callback(_one_budget(new_tokens, "the ContinuousBatching callback's one SamplingParams"))
         predictor = self.timed_setup(lambda: trainer(self.device, callbacks=[callback]))
         t0 = time.perf_counter()
         predictions = predictor.predict(self.module, dataloaders=loader, return_predictions=True)
@@ -397,5 +534,7 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async": OursAsync,
     "ours_async_nograph": OursAsyncNoGraph,
     "ours_async_compile": OursAsyncCompile,
+    "ours_async_greedy": OursAsyncGreedy,
+    "ours_async_no_prefix_cache": OursAsyncNoPrefixCache,
     "ours_async_lightning": OursLightning,
 }

@@ -6,31 +6,17 @@ back at teardown. Lightning's ``plugins=`` takes only precision/IO/environment p
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from ..config import BatcherConfig
-from ..job_config import ON_ERROR
 from ..request import SamplingParams
 from .loop import ContinuousPredictionLoop
-from .progress import GenerationStats, count_requests, format_summary
-
-_TEXT_KEYS = ("prompt", "text")
-_BATCH_KEYS = frozenset(("input_ids", "attention_mask") + _TEXT_KEYS)
-_SCALARS = (str, int, float, bool, type(None))
-
-
-class BatchItem(NamedTuple):
-    """One request taken from a batch: the prompt for the engine, its sampling, and what the output file shows."""
-
-    prompt: Union[str, list[int]]
-    sampling: Optional[SamplingParams] = None
-    text: Optional[str] = None  # readable prompt for the output; the prompt itself when it is a string
-    meta: Optional[dict] = None  # per-row columns of a dict batch (ids, labels), copied to the output
+from .progress import GenerationStats, format_summary, request_bar_for
+from .settings import PredictSettings
 
 
 class ContinuousBatching(Callback):
@@ -54,58 +40,55 @@ class ContinuousBatching(Callback):
         log_summary: bool = True,
         **batcher_overrides: Any,
     ) -> None:
-        self.sampling = SamplingParams() if sampling is None else sampling
-        if not isinstance(self.sampling, SamplingParams):
-            raise TypeError(f"sampling must be a SamplingParams, got {type(self.sampling).__name__}")
-        if problems := self.sampling.problems():
-            raise ValueError("ContinuousBatching sampling: " + "; ".join(problems))
-        if on_error not in ON_ERROR:
-            raise ValueError(f"on_error={on_error!r} is invalid: expected one of {ON_ERROR}")
-        if lookahead is not None and (not isinstance(lookahead, int) or lookahead < 1):
-            raise ValueError(f"lookahead={lookahead!r} is invalid: expected a positive int or None (max_num_seqs)")
+        self.settings = PredictSettings(SamplingParams() if sampling is None else sampling, on_error, lookahead, ordered)
         self.config = BatcherConfig.from_overrides(config, **batcher_overrides)
         self.tokenizer = tokenizer
         self.model_attr = model_attr
-        self.on_error = on_error
-        self.lookahead = lookahead  # keep feeding while fewer requests than this wait for admission
-        self.ordered = ordered  # batch hooks in DataLoader order (True) or as batches finish (False)
         self.request_progress = request_progress  # Lightning's TQDM/Rich bar counts requests and tokens/s
         self.log_summary = log_summary
         self.stats: Optional[GenerationStats] = None  # this rank's, after predict
         self.summary: Optional[dict] = None  # all ranks', after predict
+        self._loop: Optional[ContinuousPredictionLoop] = None
         self._lightning_loop = None
-        self._bar_class: Optional[type] = None
+        self._stock_bar: Optional[tuple[Callback, Callback]] = None  # (Lightning's bar, the request bar in its place)
 
     # --- installation ------------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "predict" or isinstance(trainer.predict_loop, ContinuousPredictionLoop):
             return
         self.stats = self.summary = None
-        lightning_loop = trainer.predict_loop
-        loop = ContinuousPredictionLoop(trainer, self, inference_mode=lightning_loop.inference_mode)
-        # trainer.predict() has already attached the dataloaders and return_predictions to Lightning's loop.
-        loop._data_source = lightning_loop._data_source
-        loop._return_predictions = lightning_loop._return_predictions
-        self._lightning_loop = lightning_loop
-        trainer.predict_loop = loop
-        if self.request_progress and trainer.progress_bar_callback is not None:
-            self._bar_class = count_requests(trainer.progress_bar_callback)
+        # Looked up now, so that a build_batcher set on this instance (e.g. by a benchmark) is the one used.
+        self._loop = ContinuousPredictionLoop.replacing(trainer.predict_loop, self.settings, self.build_batcher)
+        self._lightning_loop = trainer.predict_loop
+        trainer.predict_loop = self._loop
+        bar = trainer.progress_bar_callback
+        if self.request_progress and bar is not None and (counting := request_bar_for(bar)) is not None:
+            trainer.callbacks[trainer.callbacks.index(bar)] = counting
+            counting.setup(trainer, pl_module, stage)
+            self._stock_bar = (bar, counting)
 
     def uninstall(self, trainer: Trainer) -> None:
         """Give Lightning its own predict loop and progress bar back (idempotent)."""
-        if self._lightning_loop is not None:
+        if self._loop is not None:
+            self._loop.teardown()  # on an exception Lightning tears down the loop it finds, which is then its own
             trainer.predict_loop = self._lightning_loop
-            self._lightning_loop = None
-        if self._bar_class is not None and trainer.progress_bar_callback is not None:
-            trainer.progress_bar_callback.__class__ = self._bar_class
-            self._bar_class = None
+            self._loop = self._lightning_loop = None
+        if self._stock_bar is not None:
+            stock, counting = self._stock_bar
+            if counting in trainer.callbacks:
+                trainer.callbacks[trainer.callbacks.index(counting)] = stock
+            self._stock_bar = None
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.uninstall(trainer)
 
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self.uninstall(trainer)  # Lightning calls no teardown hooks after an exception
+
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.stats is None:
+        if self._loop is None:
             return
+        self.stats = self._loop.stats
         parts = [self.stats]
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             parts = [None] * torch.distributed.get_world_size()
@@ -128,13 +111,6 @@ class ContinuousBatching(Callback):
         from ..batcher import ContinuousBatcher
 
         return ContinuousBatcher(self.find_model(module), self.find_tokenizer(module), config=self.config)
-
-    def batch_items(self, module: LightningModule, batch: Any) -> list[BatchItem]:
-        """The requests of one batch: ``module.batch_to_requests(batch)`` if defined, else read from the batch."""
-        convert = getattr(module, "batch_to_requests", None)
-        if callable(convert):
-            return [_as_item(x) for x in convert(batch)]
-        return items_from_batch(batch)
 
 
 def find_generation_model(module: LightningModule, model_attr: Optional[str] = None) -> torch.nn.Module:
@@ -164,74 +140,4 @@ def find_generation_tokenizer(module: LightningModule, tokenizer: Any = None) ->
     return getattr(module, "tokenizer", None)
 
 
-def _as_item(x: Any) -> BatchItem:
-    if isinstance(x, BatchItem):
-        return x
-    sampling = None
-    if isinstance(x, tuple) and len(x) == 2 and (x[1] is None or isinstance(x[1], SamplingParams)):
-        x, sampling = x
-    if isinstance(x, torch.Tensor) and x.dim() == 1:
-        x = x.tolist()
-    return BatchItem(x, sampling, x if isinstance(x, str) else None)
-
-
-def _token_rows(ids: Any, mask: Any) -> list[list[int]]:
-    """Rows of token ids without padding: the positions where ``attention_mask`` is 1 (left or right padding)."""
-    if isinstance(ids, torch.Tensor):
-        ids = ids.detach().cpu()
-        ids = ids[None] if ids.dim() == 1 else ids
-        if mask is None:
-            return ids.tolist()
-        mask = torch.as_tensor(mask).detach().cpu().reshape(ids.shape).bool()
-        return [row[keep].tolist() for row, keep in zip(ids, mask)]
-    ids = list(ids)
-    if ids and all(isinstance(t, int) for t in ids):
-        ids = [ids]
-    if mask is None:
-        return [list(row) for row in ids]
-    mask = mask.tolist() if isinstance(mask, torch.Tensor) else mask
-    return [[t for t, m in zip(row, keep) if m] for row, keep in zip(ids, mask)]
-
-
-def _row_columns(batch: Mapping, n: int) -> list[Optional[dict]]:
-    """Per-row scalar columns of a dict batch (e.g. ``id``), so the output file can carry them."""
-    columns = {}
-    for key, value in batch.items():
-        if key in _BATCH_KEYS:
-            continue
-        if isinstance(value, torch.Tensor) and value.dim() == 1 and len(value) == n:
-            columns[key] = value.tolist()
-        elif isinstance(value, (list, tuple)) and len(value) == n and all(isinstance(v, _SCALARS) for v in value):
-            columns[key] = list(value)
-    if not columns:
-        return [None] * n
-    return [{k: v[i] for k, v in columns.items()} for i in range(n)]
-
-
-def items_from_batch(batch: Any) -> list[BatchItem]:
-    """Requests from a dict batch (``input_ids`` [+ ``attention_mask``] or ``prompt``/``text``) or a list of strings."""
-    if isinstance(batch, Mapping):
-        texts = next((batch[k] for k in _TEXT_KEYS if k in batch), None)
-        texts = [texts] if isinstance(texts, str) else texts
-        if "input_ids" in batch:
-            prompts: list = _token_rows(batch["input_ids"], batch.get("attention_mask"))
-        elif texts is not None:
-            prompts = list(texts)
-        else:
-            raise TypeError(
-                f"a batch dict needs 'input_ids', 'prompt' or 'text' (got keys {sorted(map(str, batch))}); "
-                "or define batch_to_requests(batch) on the LightningModule"
-            )
-        n = len(prompts)
-        if texts is None or len(texts) != n:
-            texts = [p if isinstance(p, str) else None for p in prompts]
-        return [BatchItem(p, None, t, m) for p, t, m in zip(prompts, texts, _row_columns(batch, n))]
-    if isinstance(batch, (list, tuple)) and all(isinstance(x, str) for x in batch):
-        return [BatchItem(x, None, x) for x in batch]
-    raise TypeError(
-        f"cannot read requests from a batch of type {type(batch).__name__}: yield dicts with 'input_ids' or "
-        "'prompt', or define batch_to_requests(batch) on the LightningModule"
-    )
-
-
-__all__ = ["ContinuousBatching", "BatchItem", "items_from_batch", "find_generation_model", "find_generation_tokenizer"]
+__all__ = ["ContinuousBatching", "find_generation_model", "find_generation_tokenizer"]

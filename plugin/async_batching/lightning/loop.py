@@ -3,6 +3,14 @@
 DataLoader batches are turned into requests and fed to the engine as they arrive, so the running batch stays full
 across batch boundaries; a batch goes to ``on_predict_batch_end`` (and prediction writers) once all its requests
 are done. Everything else (data setup, samplers, DDP sharding, the other hooks) is Lightning's own loop.
+
+Besides Lightning's hooks, the loop calls these on every callback that defines them (``JsonlPredictionWriter``
+is one such callback, the request-counting progress bars another):
+
+- ``on_generation_result(trainer, pl_module, record)``: a request finished; ``record.result`` holds its result.
+- ``on_generation_progress(trainer, pl_module, stats)``: the run's ``GenerationStats``, a few times a second.
+- ``previous_result(trainer, pl_module, record)``: the result an earlier run recorded for this request, or None.
+  A request for which every callback defining it returns a result is not computed again (resume).
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loops.fetchers import _DataLoaderIterDataFetcher
@@ -22,38 +30,14 @@ from lightning.pytorch.trainer import call
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from ..request import GenerationResult, SamplingParams
+from ..request import GenerationResult, ScoreResult
+from .batch import batch_items
 from .progress import GenerationStats
-from .writer import JsonlPredictionWriter
-
-if TYPE_CHECKING:
-    from .callback import ContinuousBatching
+from .record import RequestRecord, RowResult, row_error
+from .settings import PredictSettings
 
 PROGRESS_INTERVAL_S = 0.2
-
-
-@dataclass(eq=False)
-class RequestRecord:
-    """One request of a DataLoader batch: where it came from and, once finished, its result."""
-
-    index: int  # the sample's dataset index (Lightning's predict sampler), the resume key with dataloader_idx
-    dataloader_idx: int
-    batch_idx: int
-    prompt: Union[str, list[int]]
-    sampling: SamplingParams
-    text: Optional[str] = None
-    meta: Optional[dict] = None
-    result: Optional[GenerationResult] = None
-    resumed: bool = False  # read back from the output of an earlier run instead of generated
-
-    @property
-    def key(self) -> tuple[int, int]:
-        return (self.dataloader_idx, self.index)
-
-    @property
-    def shown_prompt(self) -> Union[str, list[int]]:
-        """What the output file records as the prompt (and compares on resume)."""
-        return self.text if self.text is not None else self.prompt
+RESULT_HOOK, PROGRESS_HOOK, RESUME_HOOK = "on_generation_result", "on_generation_progress", "previous_result"
 
 
 @dataclass(eq=False)
@@ -73,23 +57,40 @@ class _PendingBatch:
 
 
 class ContinuousPredictionLoop(_PredictionLoop):
-    """Runs ``trainer.predict`` through one ``ContinuousBatcher`` per run (installed by ``ContinuousBatching``)."""
+    """Runs ``trainer.predict`` through one engine per run, built by ``build_engine(pl_module)``."""
 
-    def __init__(self, trainer: Any, callback: "ContinuousBatching", inference_mode: bool = True) -> None:
+    def __init__(
+        self,
+        trainer: Any,
+        settings: PredictSettings,
+        build_engine: Callable[[Any], Any],
+        inference_mode: bool = True,
+    ) -> None:
         super().__init__(trainer, inference_mode=inference_mode)
-        self.callback = callback
-        self.stats = GenerationStats()
+        self.settings = settings
+        self.build_engine = build_engine
+        self.stats = GenerationStats()  # this run's, live while it runs
         self._batcher = None
-        self._inflight: dict[int, RequestRecord] = {}
+        self._inflight: dict[int, tuple[RequestRecord, Optional[int]]] = {}  # engine id -> (record, choice or None)
+        self._open_records = 0  # submitted, not yet complete (a row with choices is one record, several requests)
         self._pending: dict[tuple[int, int], _PendingBatch] = {}  # (dataloader_idx, batch_idx) -> not yet emitted
         self._queue: deque[_PendingBatch] = deque()  # the same batches in DataLoader order (ordered mode)
-        self._writers: list[JsonlPredictionWriter] = []
-        self._result_hooks: list = []  # callbacks with on_generation_result(trainer, module, record)
-        self._progress_hooks: list = []  # callbacks with on_generation_progress(trainer, module, stats)
+        self._hooks: dict[str, list[Callable]] = {}
         self._next_request_id = 0
         self._fallback_index: dict[int, int] = {}
         self._store_predictions = False
         self._last_progress = 0.0
+
+    @classmethod
+    def replacing(
+        cls, loop: _PredictionLoop, settings: PredictSettings, build_engine: Callable[[Any], Any]
+    ) -> "ContinuousPredictionLoop":
+        """A loop to install in place of Lightning's ``loop``, taking over what ``trainer.predict`` gave it."""
+        new = cls(loop.trainer, settings, build_engine, inference_mode=loop.inference_mode)
+        # trainer.predict() has already attached the dataloaders and return_predictions to Lightning's loop.
+        new._data_source = loop._data_source
+        new._return_predictions = loop._return_predictions
+        return new
 
     @_no_grad_context
     def run(self) -> Any:
@@ -103,13 +104,14 @@ class ContinuousPredictionLoop(_PredictionLoop):
             )
         self.on_run_start()
         trainer = self.trainer
-        self._writers = [cb for cb in trainer.callbacks if isinstance(cb, JsonlPredictionWriter)]
-        self._result_hooks = [cb for cb in trainer.callbacks if hasattr(cb, "on_generation_result")]
-        self._progress_hooks = [cb for cb in trainer.callbacks if hasattr(cb, "on_generation_progress")]
+        self._hooks = {
+            name: [getattr(cb, name) for cb in trainer.callbacks if callable(getattr(cb, name, None))]
+            for name in (RESULT_HOOK, PROGRESS_HOOK, RESUME_HOOK)
+        }
         writers = [cb for cb in trainer.callbacks if isinstance(cb, BasePredictionWriter)]
         self._store_predictions = self.return_predictions or any(w.interval.on_epoch for w in writers)
         self.stats = GenerationStats(total=self._expected_requests())
-        self._batcher = self.callback.build_batcher(trainer.lightning_module)
+        self._batcher = self.build_engine(trainer.lightning_module)
         self.stats.started()
         try:
             self._generate()
@@ -118,19 +120,15 @@ class ContinuousPredictionLoop(_PredictionLoop):
             self._batcher.close()
             self._batcher = None
             self._inflight.clear()
+            self._open_records = 0
             self._pending.clear()
             self._queue.clear()
-        self.callback.stats = self.stats
         return self.on_run_end()
-
-    def teardown(self) -> None:
-        super().teardown()
-        self.callback.uninstall(self.trainer)
 
     # --- the feed / step cycle ---------------------------------------------------------------------------------
     def _generate(self) -> None:
         batcher = self._batcher
-        lookahead = self.callback.lookahead or batcher.config.max_num_seqs
+        lookahead = self.settings.lookahead or batcher.config.max_num_seqs
         fetcher = self._data_fetcher
         exhausted = False
         while True:
@@ -139,7 +137,7 @@ class ContinuousPredictionLoop(_PredictionLoop):
                     batch, batch_idx, dataloader_idx = next(fetcher)
                 except StopIteration:
                     exhausted = True
-                    self.stats.total = self.stats.done + len(self._inflight)
+                    self.stats.total = self.stats.done + self._open_records
                     break
                 self.batch_progress.is_last_batch = fetcher.done
                 self._submit(batch, batch_idx, dataloader_idx)
@@ -150,9 +148,9 @@ class ContinuousPredictionLoop(_PredictionLoop):
             with self.trainer.profiler.profile(f"[{type(self).__name__}].engine_step"):
                 finished = batcher.step()
             for result in finished:
-                record = self._inflight.pop(result.index)
+                record, choice = self._inflight.pop(result.index)
                 result.index = record.index
-                self._complete(record, result)
+                self._part_done(record, choice, result)
             self._report_progress()
         self._report_progress(force=True)
 
@@ -178,57 +176,97 @@ class ContinuousPredictionLoop(_PredictionLoop):
             pending.slot = len(self._predictions[dataloader_idx])
             self._predictions[dataloader_idx].append(None)
         self._pending[(dataloader_idx, batch_idx)] = pending
-        if self.callback.ordered:
+        if self.settings.ordered:
             self._queue.append(pending)
-        items = self.callback.batch_items(module, batch)
+        items = batch_items(module, batch)
         if len(indices) != len(items):
             indices = self._fallback_indices(dataloader_idx, len(items))
         pending.records = [
-            RequestRecord(i, dataloader_idx, batch_idx, item.prompt, item.sampling or self.callback.sampling,
-                          item.text, item.meta)
+            RequestRecord(i, dataloader_idx, batch_idx, item.prompt, item.sampling or self.settings.sampling,
+                          item.text, item.meta, item.continuation, item.choices)
             for i, item in zip(indices, items)
         ]
         pending.remaining = len(pending.records)
+        self._open_records += len(pending.records)
         if not pending.records:
             self._batch_done(pending)
         for record in pending.records:
             self._add(record)
 
     def _add(self, record: RequestRecord) -> None:
-        """Submit one request, unless an earlier run already wrote it or it is invalid (then it finishes now)."""
-        previous = [w.lookup(record) for w in self._writers]
+        """Submit one row, unless an earlier run already recorded it; invalid requests finish now as errors."""
+        trainer = self.trainer
+        previous = [hook(trainer, trainer.lightning_module, record) for hook in self._hooks[RESUME_HOOK]]
         if previous and all(r is not None for r in previous):
             record.resumed = True
             self._complete(record, previous[0])
             return
+        if record.kind != "choices":
+            self._send(record, None, record.continuation)
+        elif not record.choices:
+            self._reject(record, None, ValueError("choices is empty"))
+        else:
+            record.result = [None] * len(record.choices)
+            for choice, continuation in enumerate(record.choices):
+                self._send(record, choice, continuation)
+
+    def _send(self, record: RequestRecord, choice: Optional[int], continuation: Any) -> None:
         rid = self._next_request_id
         self._next_request_id += 1
         try:
-            self._batcher.add_request(record.prompt, record.sampling, request_id=rid)
+            if record.kind == "generate":
+                self._batcher.add_request(record.prompt, record.sampling, request_id=rid)
+            else:
+                self._batcher.add_score(record.prompt, continuation, request_id=rid)
         except (ValueError, TypeError) as err:
-            if self.callback.on_error == "raise":
-                raise type(err)(f"dataset index {record.index} (batch {record.batch_idx}): {err}") from err
-            prompt_len = len(record.prompt) if isinstance(record.prompt, (list, tuple)) else 0
-            error = f"{type(err).__name__}: {err}"
-            self._complete(record, GenerationResult(record.index, [], "error", prompt_len, error=error))
+            self._reject(record, choice, err)
             return
-        self._inflight[rid] = record
+        self._inflight[rid] = (record, choice)
 
-    def _complete(self, record: RequestRecord, result: GenerationResult) -> None:
+    def _reject(self, record: RequestRecord, choice: Optional[int], err: Exception) -> None:
+        """A request the engine refused: stop (``on_error="raise"``) or finish it as an error result."""
+        where = f"dataset index {record.index} (batch {record.batch_idx}" + (
+            f", choice {choice})" if choice is not None else ")")
+        if self.settings.on_error == "raise":
+            raise type(err)(f"{where}: {err}") from err
+        error = f"{type(err).__name__}: {err}"
+        prompt_len = len(record.prompt) if isinstance(record.prompt, (list, tuple)) else 0
+        if record.kind == "generate":
+            result: Union[GenerationResult, ScoreResult] = GenerationResult(
+                record.index, [], "error", prompt_len, error=error)
+        else:
+            result = ScoreResult(record.index, math.nan, False, [], prompt_len, error=error)
+        if record.kind == "choices" and choice is None:  # the row itself is bad (no choices): one error entry
+            self._complete(record, [result])
+            return
+        self._part_done(record, choice, result)
+
+    def _part_done(self, record: RequestRecord, choice: Optional[int], result: Any) -> None:
+        """One engine request of ``record`` finished; the record completes once all of them have."""
+        if choice is None:
+            self._complete(record, result)
+            return
+        record.result[choice] = result
+        if all(r is not None for r in record.result):
+            self._complete(record, record.result)
+
+    def _complete(self, record: RequestRecord, result: RowResult) -> None:
         record.result = result
+        self._open_records -= 1
         self.stats.add(result, resumed=record.resumed)
         trainer = self.trainer
-        for cb in self._result_hooks:
-            cb.on_generation_result(trainer, trainer.lightning_module, record)
-        if result.finish_reason == "error" and not record.resumed and self.callback.on_error == "raise":
-            raise RuntimeError(f"dataset index {record.index} (batch {record.batch_idx}) failed: {result.error}")
+        for hook in self._hooks[RESULT_HOOK]:
+            hook(trainer, trainer.lightning_module, record)
+        error = row_error(result)
+        if error is not None and not record.resumed and self.settings.on_error == "raise":
+            raise RuntimeError(f"dataset index {record.index} (batch {record.batch_idx}) failed: {error}")
         pending = self._pending[(record.dataloader_idx, record.batch_idx)]
         pending.remaining -= 1
         if pending.done:
             self._batch_done(pending)
 
     def _batch_done(self, pending: _PendingBatch) -> None:
-        if not self.callback.ordered:
+        if not self.settings.ordered:
             self._emit(self._pending.pop((pending.dataloader_idx, pending.batch_idx)))
             return
         while self._queue and self._queue[0].done:
@@ -293,10 +331,10 @@ class ContinuousPredictionLoop(_PredictionLoop):
         if self._batcher is not None:
             stats.live_output_tokens = self._batcher.stats.get("output_tokens", 0)
         if stats.total is not None:
-            stats.total = max(stats.total, stats.done + len(self._inflight))
+            stats.total = max(stats.total, stats.done + self._open_records)
         trainer = self.trainer
-        for cb in self._progress_hooks:
-            cb.on_generation_progress(trainer, trainer.lightning_module, stats)
+        for hook in self._hooks[PROGRESS_HOOK]:
+            hook(trainer, trainer.lightning_module, stats)
 
 
-__all__ = ["ContinuousPredictionLoop", "RequestRecord"]
+__all__ = ["ContinuousPredictionLoop", "RequestRecord", "PROGRESS_INTERVAL_S"]

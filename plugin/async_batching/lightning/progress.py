@@ -7,21 +7,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
 
+from ..metrics import percentile
 from ..request import GenerationResult
-
-
-def percentile(values: list[float], q: float) -> Optional[float]:
-    """Linear-interpolated ``q``-th percentile (0..100) of ``values``; None when empty."""
-    if not values:
-        return None
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
+from .record import RowResult, row_error
 
 _COUNTS = ("done", "resumed", "errors", "resumed_errors", "prompt_tokens", "output_tokens", "preemptions")
 
@@ -48,22 +38,28 @@ class GenerationStats:
     ranks: int = 1
     engine: dict[str, Any] = field(default_factory=dict)
 
-    def add(self, result: GenerationResult, resumed: bool = False) -> None:
+    def add(self, result: RowResult, resumed: bool = False) -> None:
+        """Count one finished row: a ``GenerationResult``, a ``ScoreResult`` or a row's list of them (choices)."""
+        parts = result if isinstance(result, list) else [result]
+        failed = row_error(result) is not None
+        generated = isinstance(result, GenerationResult)
         self.done += 1
-        self.finish_reasons[result.finish_reason] += 1
-        failed = result.error is not None or result.finish_reason == "error"
+        self.finish_reasons[result.finish_reason if generated else "error" if failed else "scored"] += 1
         self.errors += failed
         if resumed:
             self.resumed += 1
             self.resumed_errors += failed
             return
-        self.prompt_tokens += result.prompt_len
-        self.output_tokens += len(result.token_ids)
-        self.preemptions += result.num_preemptions
-        if result.ttft_s is not None:
-            self.ttft_s.append(result.ttft_s)
-        if result.latency_s is not None and result.error is None:
-            self.latency_s.append(result.latency_s)
+        self.prompt_tokens += sum(p.prompt_len for p in parts)
+        self.preemptions += sum(p.num_preemptions for p in parts)
+        if generated:
+            self.output_tokens += sum(len(s.token_ids) for s in result.samples) if result.samples else len(
+                result.token_ids)
+            if result.ttft_s is not None:
+                self.ttft_s.append(result.ttft_s)
+        latencies = [p.latency_s for p in parts]
+        if parts and not failed and None not in latencies:
+            self.latency_s.append(max(latencies))
 
     def started(self) -> None:
         """The engine is built: what came before is start-up, and the generation clock starts now."""
@@ -188,23 +184,18 @@ class RequestRichProgressBar(RichProgressBar):
         self.refresh()
 
 
-_REQUEST_BARS = {TQDMProgressBar: RequestTQDMProgressBar, RichProgressBar: RequestRichProgressBar}
+def request_bar_for(bar: Any) -> Optional[ProgressBar]:
+    """A request-counting bar to use instead of Lightning's stock TQDM or Rich ``bar``, with its settings.
 
-
-def count_requests(bar: Any) -> Optional[type]:
-    """Make Lightning's stock TQDM or Rich bar count requests; returns the class to restore, None if left alone.
-
-    The instance keeps its settings (refresh rate, theme, position): only its class changes, for this predict run.
+    None for any other bar (a subclass or a custom bar keeps its own behaviour).
     """
-    new = _REQUEST_BARS.get(type(bar))
-    if new is None:
-        return None
-    old = type(bar)
-    bar.__class__ = new
-    return old
+    if type(bar) is TQDMProgressBar:
+        return RequestTQDMProgressBar(refresh_rate=bar.refresh_rate, process_position=bar.process_position,
+                                      leave=getattr(bar, "_leave", False))
+    if type(bar) is RichProgressBar:
+        return RequestRichProgressBar(refresh_rate=bar.refresh_rate, leave=getattr(bar, "_leave", False),
+                                      theme=bar.theme, console_kwargs=getattr(bar, "_console_kwargs", None))
+    return None
 
 
-__all__ = [
-    "GenerationStats", "RequestTQDMProgressBar", "RequestRichProgressBar", "count_requests", "format_summary",
-    "percentile",
-]
+__all__ = ["GenerationStats", "RequestTQDMProgressBar", "RequestRichProgressBar", "format_summary", "request_bar_for"]

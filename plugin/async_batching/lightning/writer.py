@@ -9,51 +9,86 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 from lightning.pytorch import Callback
 
-from ..request import GenerationResult
-
-if TYPE_CHECKING:
-    from .loop import RequestRecord
+from ..request import GenerationResult, Sample, ScoreResult
+from .record import RequestRecord, RowResult, row_error
 
 Key = tuple[int, int]  # (dataloader_idx, dataset index)
 Location = tuple[int, int]  # (file number, byte offset of the line)
 
 
-def result_row(record: "RequestRecord", rank: int = 0, token_ids: bool = True) -> dict[str, Any]:
-    """The JSON line of one finished request."""
+def result_row(record: RequestRecord, rank: int = 0, token_ids: bool = True) -> dict[str, Any]:
+    """The JSON line of one finished row: a generation (``samples`` when n > 1), a score, or scored choices."""
     r = record.result
-    row: dict[str, Any] = {
-        "index": record.index,
-        "dataloader_idx": record.dataloader_idx,
-        "prompt": record.shown_prompt,
-        "output": r.text,
-        "finish_reason": r.finish_reason,
-        "error": r.error,
-        "prompt_len": r.prompt_len,
-        "output_len": len(r.token_ids),
-        "ttft_s": r.ttft_s,
-        "latency_s": r.latency_s,
-        "num_preemptions": r.num_preemptions,
-        "rank": rank,
-    }
-    if token_ids:
-        row["token_ids"] = list(r.token_ids)
-    if r.logprobs is not None:
-        row["logprobs"] = r.logprobs
-    if r.top_logprobs is not None:
-        row["top_logprobs"] = [{str(k): v for k, v in d.items()} for d in r.top_logprobs]
+    row: dict[str, Any] = {"index": record.index, "dataloader_idx": record.dataloader_idx, **record.identity()}
+    if record.kind == "generate":
+        row.update(_generation_fields(r, record.sampling.n > 1, token_ids))
+    elif record.kind == "score":
+        row.update(_score_fields(r), error=r.error)
+    else:
+        row.update(scores=[_score_fields(s, with_error=True) for s in r], error=row_error(r))
+    row["rank"] = rank
     if record.meta:
         row["meta"] = record.meta
     return row
 
 
-def row_result(row: dict[str, Any]) -> GenerationResult:
-    """A ``GenerationResult`` read back from a line (resumed requests)."""
-    top = row.get("top_logprobs")
+def _generation_fields(r: GenerationResult, several: bool, token_ids: bool) -> dict[str, Any]:
+    if several:  # n > 1: the prompt's fields once, then each sample
+        samples = [{"text": s.text, "finish_reason": s.finish_reason, "output_len": len(s.token_ids),
+                    "cumulative_logprob": s.cumulative_logprob, **_token_fields(s, token_ids)} for s in r.samples]
+        return {"samples": samples, "error": r.error, "prompt_len": r.prompt_len, "ttft_s": r.ttft_s,
+                "latency_s": r.latency_s, "num_preemptions": r.num_preemptions}
+    return {"output": r.text, "finish_reason": r.finish_reason, "error": r.error, "prompt_len": r.prompt_len,
+            "output_len": len(r.token_ids), "ttft_s": r.ttft_s, "latency_s": r.latency_s,
+            "num_preemptions": r.num_preemptions, **_token_fields(r, token_ids)}
+
+
+def _token_fields(r: Any, token_ids: bool) -> dict[str, Any]:
+    """The token ids (optional) and, when requested, logprobs of a ``GenerationResult`` or ``Sample``."""
+    out: dict[str, Any] = {"token_ids": list(r.token_ids)} if token_ids else {}
+    if r.logprobs is not None:
+        out["logprobs"] = r.logprobs
+    if r.top_logprobs is not None:
+        out["top_logprobs"] = [{str(k): v for k, v in d.items()} for d in r.top_logprobs]
+    return out
+
+
+def _score_fields(s: ScoreResult, with_error: bool = False) -> dict[str, Any]:
+    out = {"logprob": None if s.error is not None else float(s.logprob), "is_greedy": bool(s.is_greedy),
+           "token_logprobs": [float(x) for x in s.token_logprobs], "prompt_len": s.prompt_len, "latency_s": s.latency_s,
+           "num_preemptions": s.num_preemptions}
+    if with_error and s.error is not None:
+        out["error"] = s.error
+    return out
+
+
+def _top_in(top: Optional[list[dict[str, float]]]) -> Optional[list[dict[int, float]]]:
+    return None if top is None else [{int(k): v for k, v in d.items()} for d in top]
+
+
+def row_result(row: dict[str, Any]) -> RowResult:
+    """The result read back from a line (resumed rows): a ``GenerationResult``, ``ScoreResult`` or list of them."""
+    if "scores" in row:
+        return [_score_result(row["index"], s) for s in row["scores"]]
+    if "logprob" in row:
+        return _score_result(row["index"], row)
+    if "samples" in row:
+        samples = [Sample(list(s.get("token_ids") or []), s.get("finish_reason"), s.get("text"), s.get("logprobs"),
+                          _top_in(s.get("top_logprobs")), s.get("cumulative_logprob")) for s in row["samples"]]
+        first = samples[0] if samples else Sample([], "error")
+        return GenerationResult(
+            index=row["index"], token_ids=first.token_ids, finish_reason=first.finish_reason,
+            prompt_len=row.get("prompt_len", 0), text=first.text, ttft_s=row.get("ttft_s"),
+            latency_s=row.get("latency_s"), logprobs=first.logprobs, top_logprobs=first.top_logprobs,
+            num_preemptions=row.get("num_preemptions", 0), error=row.get("error"), samples=samples,
+            cumulative_logprob=first.cumulative_logprob,
+        )
     return GenerationResult(
         index=row["index"],
         token_ids=list(row.get("token_ids") or []),
@@ -63,10 +98,17 @@ def row_result(row: dict[str, Any]) -> GenerationResult:
         ttft_s=row.get("ttft_s"),
         latency_s=row.get("latency_s"),
         logprobs=row.get("logprobs"),
-        top_logprobs=None if top is None else [{int(k): v for k, v in d.items()} for d in top],
+        top_logprobs=_top_in(row.get("top_logprobs")),
         num_preemptions=row.get("num_preemptions", 0),
         error=row.get("error"),
     )
+
+
+def _score_result(index: int, fields: dict[str, Any]) -> ScoreResult:
+    logprob = fields.get("logprob")
+    return ScoreResult(index, math.nan if logprob is None else logprob, bool(fields.get("is_greedy")),
+                       list(fields.get("token_logprobs") or []), fields.get("prompt_len", 0), fields.get("latency_s"),
+                       fields.get("num_preemptions", 0), fields.get("error"))
 
 
 def _is_error(row: dict[str, Any]) -> bool:
@@ -195,7 +237,9 @@ def merge_jsonl(path: str, parts: Optional[list[str]] = None, keep_parts: bool =
 
 
 class JsonlPredictionWriter(Callback):
-    """Writes each request ``ContinuousBatching`` finishes as one JSON line; a rerun skips requests already written.
+    """Writes each row ``ContinuousBatching`` finishes as one JSON line; a rerun skips rows already written.
+
+    It is an ordinary callback of the loop's result and resume hooks (``on_generation_result``, ``previous_result``).
 
     ``resume=False`` starts the output afresh; ``retry_errors=True`` regenerates requests whose line is an error.
     """
@@ -249,19 +293,25 @@ class JsonlPredictionWriter(Callback):
         """Requests found in the output of earlier runs at setup."""
         return 0 if self._index is None else len(self._index)
 
-    def lookup(self, record: "RequestRecord") -> Optional[GenerationResult]:
-        """The result an earlier run wrote for this request, or None; a different prompt under its key is an error."""
+    def previous_result(self, trainer: Any, pl_module: Any, record: RequestRecord) -> Optional[RowResult]:
+        """Resume hook of ``ContinuousBatching``'s loop: what an earlier run wrote for this row, or None.
+
+        A different prompt (or context, continuation, choices) under the row's key is an error.
+        """
         if self._index is None or record.key not in self._index:
             return None
         row = self._index.get(record.key)
-        if row.get("prompt") != record.shown_prompt:
+        differs = [k for k, v in record.identity().items() if row.get(k) != v]
+        if differs:
+            what = "prompt" if differs == ["prompt"] else " and ".join(differs)
             raise ValueError(
-                f"{self.path} already holds dataset index {record.index} with a different prompt: it is the "
+                f"{self.path} already holds dataset index {record.index} with a different {what}: it is the "
                 "output of another job; write elsewhere or pass resume=False to start it afresh"
             )
         return row_result(row)
 
-    def on_generation_result(self, trainer: Any, pl_module: Any, record: "RequestRecord") -> None:
+    def on_generation_result(self, trainer: Any, pl_module: Any, record: RequestRecord) -> None:
+        """Result hook of ``ContinuousBatching``'s loop: append the row's line, unless an earlier run wrote it."""
         if self._file is None or (self._index is not None and record.key in self._index):
             return
         self._file.write(json.dumps(result_row(record, self.rank, self.token_ids), ensure_ascii=False) + "\n")

@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# One device call's worth of GPU work on an H200, logs and tables under $OUT; the tables are printed last.
+#   bash recipes/run_on_h200.sh STEP [STEP ...]      one step per device call: each is sized for a 10-minute command
+# Steps (expected minutes on one H200, machine start and transfers excluded):
+#   tests (~5)  the GPU tests (-m "gpu and not slow") and the Triton kernel tests, natively on CUDA
+#   soak (~6)   the 5-minute GPU soak (SOAK_SECONDS)
+#   w1 (~7) w2 (~7) w3 (~4)   the published workloads, plus ours_async_no_prefix_cache (issue 11: within 2%)
+#   w2s (~4)    W2 sampled; ours_async sampled beside ours_async_greedy (issue 9: ratio >= 0.90)
+#   w4 (~7)     prefill-heavy, % of the matrix rate, first call vs repeated call (issue 14)
+#   w5 (~6)     shared prefixes, prefix caching on vs off (issue 11: >= 4x)
+#   w6 (~8)     Qwen3-30B-A3B-shaped MoE, ours against static and hf_cb (issue 13)
+#   w7 (~5)     nano-vllm's bench.py setting (issue 14: >= 25,000 out tok/s), first call vs repeated call
+#   s1 (~4)     scoring 4,000 pairs through ContinuousBatcher.score (issue 9)
+#   eval        recipes/bench/eval_bench.py (lm-eval; skipped when the file is not in this checkout)
+#   attention, ddp   as in recipes/run_on_h100.sh (ddp needs the nvidia-h200-x2 kind)
+# Device call: run(command="bash recipes/run_on_h200.sh w4", carry=[".whl"], timeout_s=600)
+# Wheels: the machine has torch, transformers, lightning but not hydra-core, omegaconf, antlr4-python3-runtime, nor
+# lm_eval and some of its dependencies (datasets, evaluate, dill, multiprocess, more-itertools, pytablewriter and its
+# five helpers, chardet, pytz, rouge-score, nltk, defusedxml, sqlitedict, word2number). `bash recipes/fetch_wheels.sh`
+# (add `eval` for lm_eval's) downloads them into .whl/ once, on a machine with a registry; this script installs them
+# once per machine into /tmp/site.
+# Knobs: BENCH_ARGS (extra Hydra overrides for every benchmark step), FIRST_CALL=1 (first vs repeated call in every
+# step, not just w4 and w7), STEP_S (hard limit of one benchmark step, 560 s), EVAL_ARGS (eval_bench.py's arguments).
+set -uo pipefail
+OUT=${OUT:-out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then  # once per machine (the same wheel set): parallel steps share it
+  stamp=$(ls .whl/*.whl | sort | md5sum | cut -c1-12)
+  if [ ! -f "/tmp/site/.wheels-$stamp" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      && touch "/tmp/site/.wheels-$stamp"
+  fi
+fi
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+python3 -c "import hydra, omegaconf" 2>/dev/null || echo "hydra-core/omegaconf missing: run recipes/fetch_wheels.sh here and carry .whl" >&2
+
+SUMMARIES=()
+first_call() { [ "${FIRST_CALL:-0}" = 1 ] || [ "$1" = on ] && echo first_call.enabled=true; }
+
+bench() {  # bench WORKLOAD VARIANTS [first_call_default] [hydra overrides...]: one benchmark run, its logs tarred
+  local what=$1 variants=$2 fc=${3:-off}; shift 3 || shift $#
+  timeout -k 15 "${STEP_S:-560}" python3 recipes/benchmark.py workload="$what" "variants=[$variants]" out_dir="$OUT/$what" \
+    budget_s=$(( ${STEP_S:-560} - 40 )) $(first_call "$fc") "$@" ${BENCH_ARGS:-} > "$OUT/$what.log" 2>&1 \
+    || echo "[$what] benchmark.py exited with status $? (see $what.log)"
+  grep "^\[$what\]" "$OUT/$what.log"
+  rm -rf "$OUT/$what/jobs" "$OUT/$what/timelines"
+  [ -d "$OUT/$what/logs" ] && tar czf "$OUT/$what/logs.tgz" -C "$OUT/$what" logs && rm -rf "$OUT/$what/logs"
+  SUMMARIES+=("$OUT/$what/bench_$what.md")
+}
+
+pack() {  # the device returns at most 8 files: past that, one archive per step folder (with its log) instead
+  [ "$(find "$OUT" -type f | wc -l)" -le 8 ] && return
+  for d in "$OUT"/*/; do
+    local s; s=$(basename "$d")
+    tar czf "$OUT/$s.tgz" -C "$OUT" "$s" $([ -f "$OUT/$s.log" ] && echo "$s.log") && rm -rf "$d" "$OUT/$s.log"
+  done
+}
+
+for what in "$@"; do
+  case "$what" in
+    tests) # -m "gpu and not slow": the soak is its own step; the unmarked kernel tests run natively when CUDA is there
+      timeout -k 15 560 python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m "gpu and not slow" tests/ \
+        > "$OUT/gpu_tests.log" 2>&1; tail -15 "$OUT/gpu_tests.log"
+      timeout -k 15 300 python3 -m pytest -q -p no:cacheprovider -m "not gpu" tests/test_triton_attention.py \
+        > "$OUT/triton_tests.log" 2>&1; tail -5 "$OUT/triton_tests.log"
+      SUMMARIES+=("$OUT/gpu_tests.log" "$OUT/triton_tests.log") ;;
+    soak) SOAK_SECONDS=${SOAK_SECONDS:-300} timeout -k 15 560 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_soak.py \
+            > "$OUT/gpu_soak.log" 2>&1; tail -5 "$OUT/gpu_soak.log" ;;
+    w1|w2) bench "$what" static,hf_cb,ours_sync,ours_async,ours_async_no_prefix_cache,ours_async_compile,ours_async_lightning ;;
+    w3)  bench w3 ours_sync,ours_async ;;
+    w2s) bench w2s ours_async,ours_async_greedy,ours_sync,static ;;
+    w4)  bench w4 ours_async,ours_sync,static,hf_cb on ;;
+    w5)  bench w5 ours_async,ours_async_no_prefix_cache,static,hf_cb ;;
+    w6)  bench w6 ours_async,static,hf_cb,ours_sync off timeout_s=240 ;;  # each variant builds the 61 GB model anew
+    w7)  bench w7 ours_async,ours_sync,ours_async_greedy,static on ;;
+    s1)  bench s1 ours_async,ours_sync,static ;;
+    eval)
+      if [ ! -f recipes/bench/eval_bench.py ]; then
+        echo "eval: recipes/bench/eval_bench.py is not in this checkout; skipped"
+      elif ! python3 -c "import lm_eval" 2>/dev/null; then
+        echo "eval: lm_eval does not import; run 'bash recipes/fetch_wheels.sh eval' and carry .whl; skipped"
+      else
+        python3 -m pip show pyarrow fsspec huggingface-hub 2>/dev/null | grep -E "^(Name|Version)" > "$OUT/eval.log"
+        timeout -k 15 560 python3 recipes/bench/eval_bench.py ${EVAL_ARGS:-device=cuda out_dir=$OUT/eval} >> "$OUT/eval.log" 2>&1 \
+          || echo "eval: exited with status $?"
+        SUMMARIES+=("$OUT/eval.log")
+      fi ;;
+    attention|ddp) bash recipes/run_on_h100.sh "$what" ;;
+    *) echo "unknown step $what (steps: tests soak w1 w2 w2s w3 w4 w5 w6 w7 s1 eval attention ddp)" >&2 ;;
+  esac
+done
+
+summary=$(for f in "${SUMMARIES[@]}"; do  # read before pack() folds the step folders
+  [ -f "$f" ] || continue
+  echo; echo "==== $(basename "$f")"
+  case "$f" in
+    *.md) grep -v -E '^- (% matrix rate =|start-up s:|wall s:|GPU busy %|TTFT:|CPU ms/step)' "$f" ;;
+    *) tail -25 "$f" ;;
+  esac
+done)
+pack
+echo "$summary"  # the tables last, so that the call's output tail holds them
