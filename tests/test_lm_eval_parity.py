@@ -13,7 +13,7 @@ from lm_eval_helpers import evaluate, local_task_yamls, metrics, responses, smol
 pytest.importorskip("lm_eval")
 
 TASKS = ["local_gen", "local_mc", "local_ppl"]
-LIMITS = {"smollm2": 4, "tiny": 4}  # SmolLM2 decodes at about 1 step/s on a busy 2-core CPU
+LIMITS = {"smollm2": 3, "tiny": 4}  # the hf backend decodes SmolLM2 one document at a time, ~1 step/s on a CPU
 CHECKPOINTS = {"smollm2": smollm2_checkpoint, "tiny": tiny_checkpoint}
 
 
@@ -70,10 +70,10 @@ def test_rolling_loglikelihood_and_word_perplexity_match_the_hf_backend(runs, na
 
 
 def test_chat_template_and_multiturn_fewshot_prompts_and_outputs_match_the_hf_backend(task_dir):
-    path = smollm2_checkpoint()
-    kw = dict(apply_chat_template=True, fewshot_as_multiturn=True, gen_kwargs="max_gen_toks=4")
-    ours = evaluate("async_batching", f"pretrained={path},dtype=float32", ["local_gen"], task_dir, 2, **kw)
-    hf = evaluate("hf", f"pretrained={path},dtype=float32", ["local_gen"], task_dir, 2, **kw)
+    path = tiny_checkpoint()  # SmolLM2's tokenizer and chat template on a tiny random model
+    kw = dict(apply_chat_template=True, fewshot_as_multiturn=True)
+    ours = evaluate("async_batching", f"pretrained={path},dtype=float32", ["local_gen"], task_dir, 3, **kw)
+    hf = evaluate("hf", f"pretrained={path},dtype=float32", ["local_gen"], task_dir, 3, **kw)
     prompts = [s["arguments"][0][0] for s in sorted(ours["samples"]["local_gen"], key=lambda s: s["doc_id"])]
     assert all(p.startswith("<|im_start|>") and p.count("<|im_start|>user") == 3 for p in prompts)  # 2 shots + doc
     assert prompts == [s["arguments"][0][0] for s in sorted(hf["samples"]["local_gen"], key=lambda s: s["doc_id"])]
