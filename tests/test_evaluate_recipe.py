@@ -67,6 +67,18 @@ def test_default_config_is_the_builtin_model_on_the_bundled_examples_on_cpu(repo
         compose_job(repo_root, ["eval.limit=0"])
 
 
+def test_every_eval_option_composes_into_the_typed_evaluate_job(repo_root):
+    from async_batching.job_config import EvalConfig, EvaluateConfig
+
+    names = sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(repo_root, "conf", "eval")))
+    assert {"examples", "gsm8k", "mmlu"} <= set(names)
+    for name in names:
+        job, cfg = compose_job(repo_root, [f"eval={name}"])
+        assert isinstance(job, EvaluateConfig) and OmegaConf.get_type(cfg.eval) is EvalConfig and job.eval.tasks
+    with pytest.raises(Exception, match="taskz"):
+        compose_job(repo_root, ["eval.taskz=[x]"])  # a misspelt key fails at start-up, naming it
+
+
 def test_sampling_values_set_by_the_user_become_gen_kwargs(recipe):
     assert recipe.gen_kwargs(SamplingConfig(), []) == {}  # the tasks' own generation settings rule
     assert recipe.gen_kwargs(SamplingConfig(temperature=0.7, top_p=0.9), ["sampling.temperature=0.7"]) == {

@@ -20,8 +20,8 @@ GROUP_SCHEMAS = {
     "data": DataConfig,
     "trainer": TrainerConfig,
     "writer": WriterConfig,
-    "eval": EvalConfig,
 }
+EVAL_GROUP_SCHEMAS = {"eval": EvalConfig}  # the evaluate job's own group (it shares model, batcher, sampling, trainer)
 
 
 def register_configs() -> ConfigStore:
@@ -29,11 +29,11 @@ def register_configs() -> ConfigStore:
     cs = ConfigStore.instance()
     cs.store(name="generate_schema", node=GenerateConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
-    for group, node in GROUP_SCHEMAS.items():
+    for group, node in {**GROUP_SCHEMAS, **EVAL_GROUP_SCHEMAS}.items():
         cs.store(group=group, name="schema", node=node)
     return cs
 
 
 register_configs()
 
-__all__ = ["register_configs", "GROUP_SCHEMAS"]
+__all__ = ["register_configs", "GROUP_SCHEMAS", "EVAL_GROUP_SCHEMAS"]
