@@ -151,7 +151,8 @@ def oracle_loglikelihood(model, context, continuation):
 
 
 def test_loglikelihoods_equal_a_plain_forward_within_1e5(lm, tiny_llama, tok):
-    pairs = [(CONTEXT, " w9"), (CONTEXT, " w9 w44 w12"), ("w3", " w250"), ("", "w5 w6 w7"), (CONTEXT, " w9 w44")]
+    pairs = [(CONTEXT, " w9"), (CONTEXT, " w9 w44 w12"), ("w3", " w250"), ("", "w5 w6 w7"), (CONTEXT, " w9 w44"),
+             (CONTEXT + " ", "w9")]  # a trailing space moves into the continuation
     reqs = [Instance(request_type="loglikelihood", doc={}, arguments=p, idx=i) for i, p in enumerate(pairs)]
     got = lm.loglikelihood(reqs)
     for (ctx, cont), (ll, greedy) in zip(pairs, got):

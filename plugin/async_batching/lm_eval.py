@@ -131,6 +131,19 @@ class AsyncBatchingLM(TemplateLM):
         extra = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
         return self.tokenizer.encode(string, **extra)
 
+    def _encode_many(self, texts: list[str], bos_text: Optional[str]) -> dict[str, list[int]]:
+        """``tok_encode`` of each distinct text, in one batch call per special-token setting (``bos_text``: the
+        prefix meaning "BOS is already there")."""
+        groups: dict[Optional[bool], list[str]] = {}
+        for text in dict.fromkeys(texts):
+            flag = False if has_bos_prefix(text, bos_text) else self.add_bos_token
+            groups.setdefault(flag, []).append(text)
+        out = {}
+        for flag, group in groups.items():
+            extra = {} if flag is None else {"add_special_tokens": flag}
+            out.update(zip(group, self.tokenizer(group, return_attention_mask=False, **extra)["input_ids"]))
+        return out
+
     def tok_decode(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
@@ -151,6 +164,26 @@ class AsyncBatchingLM(TemplateLM):
                 "batcher_config": {f.name: getattr(self.batcher.config, f.name) for f in fields(BatcherConfig)}}
 
     # --- requests --------------------------------------------------------------------------------------------
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """TemplateLM's tokenization (a context's trailing spaces join the continuation, whose tokens are the whole
+        string's after the context's), with each distinct string encoded once: the choices of a question share it."""
+        pairs = []
+        for context, continuation in (req.args for req in requests):
+            spaces = len(context) - len(context.rstrip())
+            pairs.append((context[:len(context) - spaces], context[len(context) - spaces:] + continuation))
+        enc = self._encode_many([t for c, x in pairs if c for t in (c, c + x)],
+                                self.tokenizer.decode(self.prefix_token_id))
+        new = []
+        for req, (context, continuation) in zip(requests, pairs):
+            if req.args[0] == "":  # as TemplateLM: the prefix token (BOS or EOS) is the context
+                cont = self.tok_encode(continuation, add_special_tokens=False)
+                ctx, cont = ([self.prefix_token_id], cont) if self.prefix_token_id != cont[0] else (cont[:1], cont[1:])
+            else:
+                ctx = enc[context]
+                cont = enc[context + continuation][len(ctx):]
+            new.append((req.args, ctx, cont))
+        return self._loglikelihood_tokens(new, disable_tqdm=disable_tqdm)
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """Score every (context, continuation) of the call in one ``score()`` call; the prefix cache shares contexts."""
         t0 = time.perf_counter()
@@ -208,11 +241,13 @@ class AsyncBatchingLM(TemplateLM):
         """Generate for every request of the call at once; ``repeats: k`` copies become one request with ``n=k``."""
         args = [req.args for req in requests]
         runs = _identical_runs(args)
+        # As the hf backend's batch encoding of generation contexts: no special tokens when BOS is already there.
+        enc = self._encode_many([args[start][0] for start, _ in runs], getattr(self.tokenizer, "bos_token", None))
         prompts, params, stops = [], [], []
         for start, count in runs:
             context, gen_kwargs = args[start]
             sampling, until = self._sampling(gen_kwargs, count, start)
-            prompts.append(self._prompt_ids(context, sampling.max_new_tokens, start))
+            prompts.append(self._truncated(enc[context], sampling.max_new_tokens, start))
             params.append(sampling)
             stops.append(until)
         t0 = time.perf_counter()
@@ -260,25 +295,16 @@ class AsyncBatchingLM(TemplateLM):
             raise ValueError(f"async_batching: request {index}: " + "; ".join(problems))
         return sampling, until
 
-    def _prompt_ids(self, context: str, max_new_tokens: int, index: int) -> list[int]:
-        """Tokenized context, left-truncated so that it plus ``max_new_tokens`` fits ``max_length`` (as hf)."""
+    def _truncated(self, ids: list[int], max_new_tokens: int, index: int) -> list[int]:
+        """A context left-truncated so that it plus ``max_new_tokens`` fits ``max_length`` (as hf)."""
         room = self.max_length - max_new_tokens
         if room <= 0:
             raise ValueError(f"async_batching: request {index}: max_gen_toks ({max_new_tokens}) must be below "
                              f"max_length ({self.max_length})")
-        ids = self._encode_prompt(context)
         if len(ids) > room:
             log.warning("request %d: context of %d tokens truncated from the left to %d", index, len(ids), room)
             ids = ids[-room:]
-        return ids
-
-    def _encode_prompt(self, context: str) -> list[int]:
-        """As the hf backend's batch encoding of generation contexts: no special tokens when BOS is already there."""
-        if has_bos_prefix(context, getattr(self.tokenizer, "bos_token", None)):
-            return self.tokenizer.encode(context, add_special_tokens=False)
-        if self.add_bos_token is not None:
-            return self.tokenizer.encode(context, add_special_tokens=self.add_bos_token)
-        return self.tokenizer.encode(context)
+        return list(ids)
 
     def _progress(self, disable_tqdm: bool) -> bool:
         return not disable_tqdm and self.rank == 0
