@@ -171,7 +171,8 @@ def collect(root: str, out: str | None = None) -> dict[str, str]:
     """Write sweep.csv, sweep.md, sweep.png (and sweep_metrics.png for evaluation sweeps); returns their paths."""
     runs = load_runs(root)
     if not runs:
-        raise SystemExit(f"no summary.json under {root}: is it a `generate.py -m` or `evaluate.py -m` output directory?")
+        raise SystemExit(f"no summary.json under {root}: is it the output directory of `generate.py -m` or "
+                         "`evaluate.py -m`?")
     out = out or root
     os.makedirs(out, exist_ok=True)
     paths = {ext: os.path.join(out, f"sweep.{ext}") for ext in ("csv", "md", "png")}

@@ -196,7 +196,8 @@ def evaluate(model, model_args, tasks, include_path, limit, **kwargs) -> dict:
     import async_batching.lm_eval  # noqa: F401  (registers "async_batching")
 
     return lm_eval.simple_evaluate(
-        model=model, model_args=model_args, tasks=tasks, task_manager=TaskManager(include_path=include_path, include_defaults=False),
+        model=model, model_args=model_args, tasks=tasks,
+        task_manager=TaskManager(include_path=include_path, include_defaults=False),
         limit=limit, log_samples=True, bootstrap_iters=0, device="cpu", **kwargs)
 
 

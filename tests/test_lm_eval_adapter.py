@@ -96,18 +96,20 @@ def test_generation_stops_at_the_models_eos_as_generate_does(tiny_llama, tok):
         lm.close()
     finally:
         tiny_llama.generation_config.eos_token_id = old
-    assert got == [words(tok, reference(tiny_llama, ids, 8, eos=eos))] and got[0] == words(tok, free[: free.index(eos) + 1])
+    assert got == [words(tok, reference(tiny_llama, ids, 8, eos=eos))]
+    assert got[0] == words(tok, free[: free.index(eos) + 1])
 
 
 def test_gen_kwargs_become_sampling_params(lm, monkeypatch):
     calls = spy_generate(lm, monkeypatch)
-    lm.generate_until([gen(CONTEXT, until=[" w9"], max_gen_toks=5, do_sample=False, temperature=0.7),
+    lm.generate_until([gen(CONTEXT, until=[" w9"], max_gen_toks=5, do_sample=False, temperature=0.7,
+                           stop_token_ids=[7]),
                        gen(CONTEXT, until="<eos>", max_gen_toks=4, do_sample=True, top_p=0.9, top_k=20, seed=3),
                        gen(CONTEXT, max_new_tokens=6, temperature=0.5)])
     [(prompts, params)] = calls
     greedy, sampled, tempered = params
     assert greedy.temperature == 0.0 and greedy.max_new_tokens == 5 and greedy.stop == (" w9",)
-    assert greedy.stop_token_ids == (2,)  # the tokenizer's EOS text is a special token: it stops as an id
+    assert greedy.stop_token_ids == (7, 2)  # the tokenizer's EOS text is a special token: it stops as an id
     assert (sampled.temperature, sampled.top_p, sampled.top_k, sampled.seed) == (1.0, 0.9, 20, 3)
     assert sampled.stop == () and sampled.max_new_tokens == 4
     assert (tempered.temperature, tempered.max_new_tokens) == (0.5, 6)

@@ -67,14 +67,15 @@ class AsyncBatchingLM(TemplateLM):
         self._rank, self._world_size = _init_distributed()
         model, tok = self._load(pretrained, dtype, device, tokenizer)
         if tok is None:
-            raise ValueError("async_batching: lm-eval needs a tokenizer; the model has none, pass tokenizer=<name or path>")
+            raise ValueError("async_batching: lm-eval needs a tokenizer; the model has none, pass "
+                             "tokenizer=<name or path>")
         from .batcher import ContinuousBatcher
 
         self.tokenizer = tok
         self.batcher = ContinuousBatcher(model, tok, config=BatcherConfig.from_overrides(None, **batcher_args))
         self._device = self.batcher.device
         self._max_length = int(max_length) if max_length else _model_max_length(model.config, batcher_args)
-        # A scored window holds its fed tokens plus the last predicted one; the engine wants all of them in positions.
+        # The engine's positions: a scored pair must fit them whole (its last token included, though never fed).
         self._engine_len = self.batcher.runner.max_model_len
         self._max_gen_toks = int(max_gen_toks)
         self.add_bos_token = add_bos_token
@@ -257,10 +258,9 @@ class AsyncBatchingLM(TemplateLM):
         for (start, count), until, r in zip(runs, stops, results):
             if not r.ok:
                 raise RuntimeError(f"async_batching: generating for request {start} failed: {r.error}")
-            samples = r.samples or [r]
-            if len(samples) != count:
-                raise RuntimeError(f"async_batching: request {start} asked for {count} samples, got {len(samples)}")
-            for s in samples:
+            if len(r.samples) != count:
+                raise RuntimeError(f"async_batching: request {start} asked for {count} samples, got {len(r.samples)}")
+            for s in r.samples:
                 # Decoded whole and cut at the first stop string, exactly as lm-eval's hf backend does.
                 text = postprocess_generated_text(self.tok_decode(s.token_ids), until, None)
                 self.cache_hook.add_partial("generate_until", args[start], text)
@@ -281,13 +281,14 @@ class AsyncBatchingLM(TemplateLM):
         extra = {k: kw.pop(k) for k in SAMPLING_KEYS if k in kw}
         if extra.get("top_k") is None:
             extra.pop("top_k", None)
+        stop_ids = list(kw.pop("stop_token_ids", None) or [])
         if kw:
             raise ValueError(f"async_batching: request {index}: unsupported gen_kwargs {sorted(kw)}; accepted: until, "
-                             f"max_gen_toks, do_sample, temperature, {', '.join(SAMPLING_KEYS)}")
+                             f"max_gen_toks, do_sample, temperature, stop_token_ids, {', '.join(SAMPLING_KEYS)}")
         special = set(self.tokenizer.all_special_tokens)
         # Special tokens never appear in text decoded without them, so they stop as token ids (the hf backend's stop
         # criterion decodes with them).
-        stop_ids = [self.tokenizer.convert_tokens_to_ids(s) for s in until if s in special]
+        stop_ids += [self.tokenizer.convert_tokens_to_ids(s) for s in until if s in special]
         sampling = SamplingParams(max_new_tokens=max_new, temperature=temperature if do_sample else 0.0, n=n,
                                   stop=tuple(s for s in until if s and s not in special),
                                   stop_token_ids=tuple(stop_ids), **extra)
@@ -343,7 +344,7 @@ class AsyncBatchingLM(TemplateLM):
 
 
 def _identical_runs(args: list) -> list[tuple[int, int]]:
-    """(start, count) of consecutive identical requests: lm-eval hands a ``repeats: k`` document over k times in a row."""
+    """(start, count) of runs of identical requests: lm-eval hands a ``repeats: k`` document over k times in a row."""
     runs: list[tuple[int, int]] = []
     for i, a in enumerate(args):
         if runs and a == args[runs[-1][0]]:

@@ -197,8 +197,8 @@ def run_child(args: argparse.Namespace, workload: str, backend: str) -> dict:
 def report(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [f"Model: {args.shape} shape, random weights, {args.dtype}, on {args.device}; hf batch_size "
              f"{args.hf_batch_size}; engine args: {args.engine_args or 'defaults'}", "",
-             "| workload | backend | docs | lm-eval requests | mean prompt tokens | output tokens | wall s | requests/s "
-             "| speed-up vs hf | metrics |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| workload | backend | docs | lm-eval requests | mean prompt tokens | output tokens | wall s "
+             "| requests/s | speed-up vs hf | metrics |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['workload']} | {r['backend']} | - | - | - | - | - | - | - | {r['error']} |")
