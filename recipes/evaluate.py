@@ -123,7 +123,7 @@ def sample_rows(results: dict, tasks: dict, n: int) -> tuple[list[dict], dict[st
             row = {"task": name, "output_type": kind, "doc_id": s["doc_id"], "prompt": s["arguments"][0][0],
                    "target": s["target"],
                    "output": outputs[0] if len(outputs) == 1 else outputs,
-                   "score": {m: s[m] for m in s["metrics"] if isinstance(s.get(m), (int, float))},
+                   "score": {m: float(s[m]) for m in s["metrics"] if isinstance(s.get(m), (int, float))},
                    "filter": s["filter"]}
             if n > 1 and kind == "generate_until":
                 scores = per_sample_scores(task, s["doc"], outputs)
@@ -250,7 +250,7 @@ def format_throughput(summary: dict) -> str:
              f"{summary['load_s']:.1f} s, engine built in {summary['startup_s']:.1f} s"]
     for kind, t in summary["timings"].items():
         extra = f", {t['output_tokens'] / t['seconds']:.0f} output tok/s" if t["output_tokens"] else ""
-        lines.append(f"  {kind:15s} {t['requests']:6d} requests in {t['seconds']:.1f} s{extra}")
+        lines.append(f"  {kind:22s} {t['requests']:6d} requests in {t['seconds']:.1f} s{extra}")
     e = summary["engine"]
     if e.get("prompt_tokens"):
         lines.append(f"  prompt tokens {e['prompt_tokens']}, computed {e.get('prefill_tokens', '?')}, "
