@@ -118,13 +118,16 @@ def sample_rows(results: dict, tasks: dict, n: int) -> tuple[list[dict], dict[st
     for name, samples in results.get("samples", {}).items():
         task = tasks.get(name)
         kind = task.OUTPUT_TYPE if task is not None else None
-        for s in sorted(samples, key=lambda s: s["doc_id"]):
+        by_doc: dict[int, list[dict]] = {}
+        for s in samples:  # lm-eval logs a document once per filter pipeline
+            by_doc.setdefault(s["doc_id"], []).append(s)
+        for doc_id in sorted(by_doc):
+            s = by_doc[doc_id][0]
             outputs = [r for resps in s["resps"] for r in resps]
-            row = {"task": name, "output_type": kind, "doc_id": s["doc_id"], "prompt": s["arguments"][0][0],
-                   "target": s["target"],
-                   "output": outputs[0] if len(outputs) == 1 else outputs,
-                   "score": {m: float(s[m]) for m in s["metrics"] if isinstance(s.get(m), (int, float))},
-                   "filter": s["filter"]}
+            row = {"task": name, "output_type": kind, "doc_id": doc_id, "prompt": s["arguments"][0][0],
+                   "target": s["target"], "output": outputs[0] if len(outputs) == 1 else outputs,
+                   "score": {(m if f["filter"] == "none" else f"{m}:{f['filter']}"): float(f[m])
+                             for f in by_doc[doc_id] for m in f["metrics"] if isinstance(f.get(m), (int, float))}}
             if n > 1 and kind == "generate_until":
                 scores = per_sample_scores(task, s["doc"], outputs)
                 row["sample_scores"] = scores

@@ -113,7 +113,7 @@ def test_a_job_writes_lm_evals_results_samples_and_a_summary_equal_to_lm_eval_ru
     gen = [r for r in out if r["task"] == "words_gen"]
     assert [r["output"] for r in gen] == [s["resps"][0][0] for s in sorted(
         direct["samples"]["words_gen"], key=lambda s: s["doc_id"])]
-    assert all(set(r) >= {"prompt", "output", "target", "score"} and "exact_match" in r["score"] for r in gen)
+    assert all(set(r) >= {"prompt", "output", "target", "score"} and "exact_match:strip" in r["score"] for r in gen)
     assert "words_gen" in capsys.readouterr().out  # lm-eval's table is printed
 
 
@@ -127,13 +127,18 @@ def test_n_samples_per_document_give_pass_at_k_from_each_sample_scored_alone(rec
     folder = word_tasks(str(tmp_path / "tasks"), docs=8)
     questions = [json.loads(line)["question"] for line in open(os.path.join(folder, "words_gen.jsonl"))]
     targets = [tok.decode(reference(tiny_llama, tok.encode(q), 1, eos=2)) for q in questions]
+    two_filters = [{"name": "strip", "filter": [{"function": "remove_whitespace"}, {"function": "take_first"}]},
+                   {"name": "digits", "filter": [{"function": "regex", "regex_pattern": "w(\\d+)"},
+                                                 {"function": "take_first"}]}]  # "5" never equals "w5"
     folder = word_tasks(str(tmp_path / "tasks"), docs=8, gen_targets=targets,
-                        words_gen={"generation_kwargs": {"until": ["<eos>"], "max_gen_toks": 1, "do_sample": False}})
+                        words_gen={"generation_kwargs": {"until": ["<eos>"], "max_gen_toks": 1, "do_sample": False},
+                                   "filter_list": two_filters})
     overrides = tiny_overrides(folder)[:-2] + ["eval.tasks=[words_gen]", "sampling.n=4", "sampling.temperature=1.0",
                                                "sampling.top_k=2"]
     summary = run_job(recipe, repo_root, tmp_path / "run", overrides)
     out = rows(tmp_path / "run" / "samples.jsonl")
-    assert len(out) == 8 and all(len(r["output"]) == 4 for r in out)
+    assert len(out) == 8 and all(len(r["output"]) == 4 for r in out)  # one row per document, both filters in it
+    assert all(set(r["score"]) == {"exact_match:strip", "exact_match:digits"} for r in out)
     correct = []
     for r, target in zip(out, targets):
         mine = [float(o.strip() == target) for o in r["output"]]  # each sample scored on its own, by hand
@@ -143,6 +148,7 @@ def test_n_samples_per_document_give_pass_at_k_from_each_sample_scored_alone(rec
     for k in (1, 2, 4):
         want = sum(1 - math.comb(4 - c, k) / math.comb(4, k) for c in correct) / 8
         assert summary["metrics"][f"words_gen/exact_match:strip/pass@{k}"] == pytest.approx(want)
+        assert summary["metrics"][f"words_gen/exact_match:digits/pass@{k}"] == 0.0
 
 
 def python(*args, cwd):
