@@ -11,6 +11,7 @@
 #   w6 (~8)     Qwen3-30B-A3B-shaped MoE, ours against static and hf_cb (issue 13)
 #   w7 (~5)     nano-vllm's bench.py setting (issue 14: >= 25,000 out tok/s), first call vs repeated call
 #   s1 (~4)     scoring 4,000 pairs through ContinuousBatcher.score (issue 9)
+#   sampling (~1)  recipes/bench/sampling_speed.py: sample() alone, new against the previous implementation
 #   eval        recipes/bench/eval_bench.py (lm-eval; skipped when the file is not in this checkout)
 #   attention, ddp   as in recipes/run_on_h100.sh (ddp needs the nvidia-h200-x2 kind)
 # Device call: run(command="bash recipes/run_on_h200.sh w4", carry=[".whl"], timeout_s=600)
@@ -74,6 +75,10 @@ for what in "$@"; do
     w6)  bench w6 ours_async,static,hf_cb,ours_sync off timeout_s=240 ;;  # each variant builds the 61 GB model anew
     w7)  bench w7 ours_async,ours_sync,ours_async_greedy,static on ;;
     s1)  bench s1 ours_async,ours_sync,static ;;
+    sampling)
+      PYTHONPATH=plugin${PYTHONPATH:+:$PYTHONPATH} timeout -k 15 240 python3 recipes/bench/sampling_speed.py \
+        --out "$OUT/sampling_speed.json" > "$OUT/sampling_speed.log" 2>&1 || echo "sampling: exited with status $?"
+      SUMMARIES+=("$OUT/sampling_speed.log") ;;
     eval)
       if [ ! -f recipes/bench/eval_bench.py ]; then
         echo "eval: recipes/bench/eval_bench.py is not in this checkout; skipped"
@@ -86,7 +91,7 @@ for what in "$@"; do
         SUMMARIES+=("$OUT/eval.log")
       fi ;;
     attention|ddp) bash recipes/run_on_h100.sh "$what" ;;
-    *) echo "unknown step $what (steps: tests soak w1 w2 w2s w3 w4 w5 w6 w7 s1 eval attention ddp)" >&2 ;;
+    *) echo "unknown step $what (steps: tests soak w1 w2 w2s w3 w4 w5 w6 w7 s1 sampling eval attention ddp)" >&2 ;;
   esac
 done
 

@@ -62,9 +62,9 @@ def test_max_new_tokens_is_respected_per_request(model, prompts):
     assert all(r.finish_reason == "length" for r in res)
 
 
-def _sampled(model, prompts, mode, order, **kw):
+def _sampled(model, prompts, mode, order, seed=100, **kw):
     b = ContinuousBatcher(model, mode=mode, **kw)
-    sp = [SamplingParams(max_new_tokens=10, temperature=0.9, top_k=40, top_p=0.9, seed=100 + i, ignore_eos=True)
+    sp = [SamplingParams(max_new_tokens=10, temperature=0.9, top_k=40, top_p=0.9, seed=seed + i, ignore_eos=True)
           for i in range(len(prompts))]
     res = b.generate([prompts[i] for i in order], [sp[i] for i in order])
     assert b.all_blocks_free()
@@ -79,10 +79,10 @@ def test_seeded_sampling_is_reproducible_across_runs_modes_and_batches(model, pr
     assert _sampled(model, prompts, "async", [3], max_batch_tokens=16)[3] == base[3]
     # Preemption and recompute do not change what a seeded request draws.
     assert _sampled(model, prompts, "async", list(range(n)), num_blocks=14, block_size=8) == base
-    # Different seeds do draw differently, and sampling is not greedy.
-    other = ContinuousBatcher(model).generate(
-        [prompts[0]], SamplingParams(max_new_tokens=10, temperature=0.9, top_k=40, top_p=0.9, seed=7, ignore_eos=True))
-    assert other[0].token_ids != base[0] or base[0] != reference(model, prompts[0], 10)
+    # The seed is not ignored: other seeds draw other tokens for every prompt; and sampling is not greedy.
+    other = _sampled(model, prompts, "async", list(range(n)), seed=200)
+    assert all(other[i] != base[i] for i in range(n))
+    assert all(base[i] != reference(model, prompts[i], 10) for i in range(n))
 
 
 def test_top_k_one_is_greedy(model, prompts):

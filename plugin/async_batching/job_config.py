@@ -27,11 +27,11 @@ class SamplingConfig:
 
     max_new_tokens: int = 64
     temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    n: int = 1  # samples per prompt (one output line each, with all samples; evaluate.py: per document, for pass@k)
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    min_p: float = 0.0  # 0.0: off
+    repetition_penalty: float = 1.0  # 1.0: off
+    n: int = 1  # samples per prompt (one output line each, with all samples)
     seed: Optional[int] = None
     stop_token_ids: list[int] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)

@@ -18,7 +18,7 @@ import torch
 from . import attention
 from .attention import AttentionMetadata, StepContext
 from .kv_cache import SCRATCH_ROW, LayerSpec, PagedKVCache, block_table_rows
-from .sampling import SAMPLING_INTS_PER_ROW, SamplingInputs, SamplingPlan, sampling_inputs, stage_sampling
+from .sampling import SAMPLING_INTS_PER_ROW, SamplingInputs, SamplingPlan, SamplingState, sampling_inputs, stage_sampling
 from .scheduler import StepPlan
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,8 @@ class ModelRunner:
         # Persistent device block table: one row per admitted request, updated incrementally (new blocks only).
         self.block_table = torch.zeros(block_table_rows(config.max_num_seqs), self.max_blocks_per_seq,
                                        dtype=torch.int32, device=device)
+        # Repetition penalties: the token ids each table row's request has seen.
+        self.sampling_state = SamplingState(len(self.block_table), self.vocab_size)
         self.kernel = self._choose_kernel()
         self.ctx = StepContext(self.cache.k, self.cache.v, self.kernel)
         self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -300,7 +302,7 @@ class ModelRunner:
     def _prepare_sampling(self, lay: StepLayout, parts: list) -> None:
         reqs = lay.sample_rows
         lay.logprobs_k = max((r.sampling.logprobs for r in reqs if r.sampling.logprobs is not None), default=-1)
-        lay.sampling, arrays = stage_sampling(reqs)
+        lay.sampling, arrays = stage_sampling(reqs, self.sampling_state)
         for name, arr in arrays:
             parts.append(arr)
             lay.add(name, arr)

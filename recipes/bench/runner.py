@@ -52,6 +52,19 @@ def _digest(token_ids: list[list[int]]) -> Optional[str]:
     return hashlib.sha256(json.dumps(token_ids).encode()).hexdigest() if token_ids else None
 
 
+def _compile_counts() -> dict[str, int]:
+    """Triton variants of our attention kernels and torch.compile graphs compiled so far in this process."""
+    from torch._dynamo.utils import counters
+
+    try:
+        from async_batching.triton_paged_attention import compiled_variants
+
+        triton_variants = compiled_variants()
+    except ImportError:  # no Triton (CPU)
+        triton_variants = 0
+    return {"triton_attention": triton_variants, "dynamo_graphs": int(counters["stats"]["unique_graphs"])}
+
+
 def _stats_delta(before: Optional[dict], after: Optional[dict], out: RunOutput) -> Optional[dict]:
     """The engine's stats for one call, whether its counters are cumulative or start afresh (a new engine per call)."""
     if not after:
@@ -215,10 +228,12 @@ def run_job(job: dict[str, Any], checkpoint=lambda partial: None) -> dict[str, A
     before, setup0 = variant.stats(), variant.setup_s
     if sampler:
         sampler.start()
+    compiles0 = _compile_counts()
     t0 = time.perf_counter()
     out = _call(variant, reqs)
     _sync(device)
     elapsed = time.perf_counter() - t0
+    compiles = {k: v - compiles0[k] for k, v in _compile_counts().items()}
     util = None
     if sampler:  # the driver's samples after the variant's own setup (hf_cb's warm-up, a per-call engine build)
         util = sampler.stop(not_before_epoch_s=variant.setup_end_epoch_s)
@@ -252,6 +267,8 @@ def run_job(job: dict[str, Any], checkpoint=lambda partial: None) -> dict[str, A
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None,
         "nvml_util_pct": util,
         "problems": _check(out, reqs),
+        # kernels compiled inside the timed call (should be 0: everything is compiled at start-up)
+        "compiled_during_run": compiles,
         "attn_fallback": attn_error,
         "experts_implementation": getattr(model.config, "_experts_implementation", None),
         "stats": _compact(stats),
