@@ -130,4 +130,48 @@ class GenerateConfig:
         return self
 
 
-__all__ = ["ModelConfig", "SamplingConfig", "DataConfig", "TrainerConfig", "WriterConfig", "GenerateConfig"]
+@dataclass
+class EvalConfig:
+    """lm-evaluation-harness tasks and options of the evaluate recipe (``recipes/evaluate.py``)."""
+
+    tasks: list[str] = field(default_factory=lambda: ["toy_examples"])  # task, group or tag names
+    include_path: Optional[str] = None  # a folder of task YAMLs; null: the bundled example tasks (conf/tasks)
+    num_fewshot: Optional[int] = None  # null: each task's own
+    limit: Optional[float] = None  # documents per task (a fraction of them when < 1); null: all
+    apply_chat_template: bool = False
+    fewshot_as_multiturn: bool = False
+    log_samples: bool = True  # per-sample JSONL (prompt, output, target, score); forced on when sampling.n > 1
+    seed: int = 0  # lm-eval's seeds (few-shot sampling, python, numpy, torch); the engine's is batcher.seed
+    bootstrap_iters: int = 1000  # lm-eval's bootstrap for the stderr of non-mean metrics (0: none)
+
+
+@dataclass
+class EvaluateConfig:
+    """The whole evaluate job (``recipes/evaluate.py``); the root of ``conf/evaluate.yaml``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    batcher: BatcherConfig = field(default_factory=BatcherConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    show: int = 3  # generated answers printed at the end
+    summary_file: str = "summary.json"
+
+    def validate(self) -> "EvaluateConfig":
+        """Raise a ValueError naming the key for values the types alone do not rule out."""
+        self.batcher.validate()
+        self.sampling.params()
+        if self.model.dtype is not None and self.model.dtype not in DTYPES:
+            raise ValueError(f"model.dtype={self.model.dtype!r} is invalid: expected one of {DTYPES} or null")
+        if not self.eval.tasks:
+            raise ValueError("eval.tasks is empty: name at least one lm-eval task, group or tag")
+        if self.eval.limit is not None and self.eval.limit <= 0:
+            raise ValueError(f"eval.limit={self.eval.limit} is invalid: expected a count >= 1, a fraction in (0, 1), "
+                             "or null")
+        if self.eval.num_fewshot is not None and self.eval.num_fewshot < 0:
+            raise ValueError(f"eval.num_fewshot={self.eval.num_fewshot} is invalid: expected >= 0 or null")
+        return self
+
+
+__all__ = ["ModelConfig", "SamplingConfig", "DataConfig", "TrainerConfig", "WriterConfig", "GenerateConfig",
+           "EvalConfig", "EvaluateConfig"]

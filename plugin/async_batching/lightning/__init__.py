@@ -1,8 +1,9 @@
 """The Lightning plugin: with ``Trainer(callbacks=[ContinuousBatching(...)])``, ``trainer.predict`` generates
-through a continuous batcher."""
+through a continuous batcher; ``GenerationEvaluation(...)`` evaluates the model being trained in ``trainer.fit``."""
 
 from .batch import BatchItem, items_from_batch
-from .callback import ContinuousBatching
+from .callback import ContinuousBatching, find_generation_model, find_generation_tokenizer
+from .evaluation import GenerationEvaluation
 from .loop import ContinuousPredictionLoop
 from .progress import GenerationStats, RequestRichProgressBar, RequestTQDMProgressBar, format_summary
 from .record import RequestRecord
@@ -12,5 +13,6 @@ from .writer import JsonlPredictionWriter, merge_jsonl
 __all__ = [
     "ContinuousBatching", "ContinuousPredictionLoop", "JsonlPredictionWriter", "RequestRecord", "BatchItem",
     "GenerationStats", "RequestTQDMProgressBar", "RequestRichProgressBar", "format_summary", "items_from_batch",
-    "merge_jsonl", "PredictSettings", "ON_ERROR",
+    "merge_jsonl", "PredictSettings", "ON_ERROR", "GenerationEvaluation", "find_generation_model",
+    "find_generation_tokenizer",
 ]

@@ -100,28 +100,11 @@ class ContinuousBatching(Callback):
     # --- what the module provides ------------------------------------------------------------------------------
     def find_model(self, module: LightningModule) -> torch.nn.Module:
         """``module.get_generation_model()``, else ``model_attr``, else the module's single PreTrainedModel child."""
-        if callable(getattr(module, "get_generation_model", None)):
-            return module.get_generation_model()
-        if self.model_attr is not None:
-            return getattr(module, self.model_attr)
-        from transformers import PreTrainedModel
-
-        found = [name for name, child in module.named_children() if isinstance(child, PreTrainedModel)]
-        if len(found) == 1:
-            return getattr(module, found[0])
-        what = f"several ({found})" if found else "no"
-        raise ValueError(
-            f"{type(module).__name__} has {what} transformers PreTrainedModel attributes: define "
-            "get_generation_model() on it or pass ContinuousBatching(model_attr='...')"
-        )
+        return find_generation_model(module, self.model_attr)
 
     def find_tokenizer(self, module: LightningModule) -> Any:
         """The callback's tokenizer, else ``module.get_generation_tokenizer()``, else its ``tokenizer`` attribute."""
-        if self.tokenizer is not None:
-            return self.tokenizer
-        if callable(getattr(module, "get_generation_tokenizer", None)):
-            return module.get_generation_tokenizer()
-        return getattr(module, "tokenizer", None)
+        return find_generation_tokenizer(module, self.tokenizer)
 
     def build_batcher(self, module: LightningModule):
         """A fresh engine for one predict run, on the device Lightning put the model on."""
@@ -130,4 +113,31 @@ class ContinuousBatching(Callback):
         return ContinuousBatcher(self.find_model(module), self.find_tokenizer(module), config=self.config)
 
 
-__all__ = ["ContinuousBatching"]
+def find_generation_model(module: LightningModule, model_attr: Optional[str] = None) -> torch.nn.Module:
+    """``module.get_generation_model()``, else ``model_attr``, else the module's single PreTrainedModel child."""
+    if callable(getattr(module, "get_generation_model", None)):
+        return module.get_generation_model()
+    if model_attr is not None:
+        return getattr(module, model_attr)
+    from transformers import PreTrainedModel
+
+    found = [name for name, child in module.named_children() if isinstance(child, PreTrainedModel)]
+    if len(found) == 1:
+        return getattr(module, found[0])
+    what = f"several ({found})" if found else "no"
+    raise ValueError(
+        f"{type(module).__name__} has {what} transformers PreTrainedModel attributes: define "
+        "get_generation_model() on it or pass model_attr='...' to the callback"
+    )
+
+
+def find_generation_tokenizer(module: LightningModule, tokenizer: Any = None) -> Any:
+    """``tokenizer`` if given, else ``module.get_generation_tokenizer()``, else the module's ``tokenizer`` attribute."""
+    if tokenizer is not None:
+        return tokenizer
+    if callable(getattr(module, "get_generation_tokenizer", None)):
+        return module.get_generation_tokenizer()
+    return getattr(module, "tokenizer", None)
+
+
+__all__ = ["ContinuousBatching", "find_generation_model", "find_generation_tokenizer"]

@@ -1,0 +1,47 @@
+"""``python -m async_batching.lm_eval``: lm-eval's own command line with our model registered, run data-parallel over
+two CPU processes by torchrun; rank 0's results equal one process's."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("lm_eval")
+
+from lm_eval_helpers import evaluate, metrics, responses, word_checkpoint, word_tasks  # noqa: E402
+
+TASKS = ["words_gen", "words_mc", "words_ppl"]
+
+
+def test_the_command_line_on_two_ranks_gives_the_single_process_results(repo_root, tmp_path):
+    tasks = word_tasks(str(tmp_path / "tasks"), docs=5)  # odd: lm-eval pads rank 1's share
+    model_args = f"pretrained={word_checkpoint()},dtype=float32,max_batch_tokens=128,num_blocks=128"
+    path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), os.path.join(repo_root, "plugin")) if p)
+    env = dict(os.environ, PYTHONPATH=path, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "async_batching.lm_eval",
+           "--model", "async_batching", "--model_args", model_args, "--tasks", *TASKS, "--include_path", tasks,
+           "--device", "cpu", "--log_samples", "--output_path", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    [path] = glob.glob(str(tmp_path / "out" / "**" / "results_*.json"), recursive=True)
+    two = json.loads(open(path).read())
+    one = evaluate("async_batching", model_args, TASKS, tasks, None)
+    for task in TASKS:
+        assert two["n-samples"][task]["effective"] == 5
+        assert metrics(two, task) == pytest.approx(metrics(one, task), rel=1e-6)
+    samples = {}
+    for task in TASKS:
+        [file] = glob.glob(str(tmp_path / "out" / "**" / f"samples_{task}_*.jsonl"), recursive=True)
+        rows = sorted((json.loads(line) for line in open(file)), key=lambda s: s["doc_id"])
+        # The first response of each request: lm-eval pads the shorter rank with a copy of its last request, whose
+        # response lands on that same document a second time.
+        samples[task] = [[resps[0] for resps in s["resps"]] for s in rows]
+    first = {task: [[resps[0] for resps in doc] for doc in responses(one, task)] for task in TASKS}
+    assert samples["words_gen"] == first["words_gen"]
+    saved = [float(ll) for ll in sum(samples["words_ppl"], [])]  # the samples file holds them as text
+    assert saved == pytest.approx(sum(first["words_ppl"], []), abs=1e-5)
