@@ -378,16 +378,33 @@ def sample(logits: torch.Tensor, params: Optional[SamplingInputs]) -> torch.Tens
         out = torch.empty(n, dtype=torch.long, device=x.device)  # every row is drawn: no argmax needed
     else:
         out = x.argmax(dim=-1)
+    fused = _fused_draws() if x.is_cuda else None
     for g, draw in ((params.top_k, _draw_top_k), (params.full, _draw_full)):
         if g is None:
             continue
-        rows = x[: g.plan.count] if g.rows is None else x.index_select(0, g.rows)
-        tokens = draw(rows, g)
+        if fused is not None and g.sort is None:  # the same draws in one Triton kernel per group (3 launches)
+            if g.top_k is not None:
+                tokens = fused.draw_top_k(x, g.rows, g.temperature, g.top_k, g.top_p, g.min_p, g.lo, g.hi,
+                                          g.plan.top_k_max)
+            else:
+                tokens = fused.draw_full(x, g.rows, g.temperature, g.min_p, g.lo, g.hi)
+        else:
+            rows = x[: g.plan.count] if g.rows is None else x.index_select(0, g.rows)
+            tokens = draw(rows, g)
         if g.rows is None:
             out[: g.plan.count] = tokens
         else:
             out.index_copy_(0, g.rows, tokens)
     return out.to(torch.int32)
+
+
+def _fused_draws():
+    """The Triton draws (``triton_sampling``), or None without Triton."""
+    try:
+        from . import triton_sampling
+    except ImportError:
+        return None
+    return triton_sampling
 
 
 def _penalised(logits: torch.Tensor, p: PenaltyInputs) -> torch.Tensor:

@@ -1,0 +1,218 @@
+"""Sampling draws as two Triton kernels (one program per row): the same draws as ``sampling._draw_top_k`` and
+``sampling._draw_full``, with the same noise bits, in 3 kernel launches instead of about a hundred small ones (the
+host cost of a sampled step was its launches).
+
+- ``_topk_draw_kernel``: after ``torch.topk``: the row's tokens tied with its k-th value (counted over the whole
+  vocabulary), the top-p nucleus (exclusive mass of strictly larger values), min-p, then a Gumbel-max race of the kept
+  candidates (noise keyed by vocab id) and the bucket of ties; a winning bucket picks its member (the m-th tie in vocab
+  order, m from a 52-bit uniform) in a second pass.
+- ``_full_draw_kernel``: rows without top-k and without top-p: softmax(x / T) with min-p, one inverse-CDF draw in vocab
+  order (float64 running mass over tiles), three passes over the row.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_TILE = 2048
+
+
+@triton.jit
+def _mix32(x):
+    """lowbias32 on uint32 (wrapping arithmetic), as ``sampling._mix32``."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _bits(lo, hi, ids):
+    """32 random bits per (row key, id) as ``sampling._hash``: ids are uint32 (vocab ids or lanes 2**32 - 1 - j)."""
+    return _mix32(_mix32(ids ^ lo) ^ hi)
+
+
+@triton.jit
+def _gumbel(bits):
+    u = (bits.to(tl.float64) + 0.5) * 2.3283064365386963e-10  # 2**-32
+    return -tl.log(-tl.log(u))
+
+
+@triton.jit
+def _uniform52(a, b):
+    """A uniform in (0, 1) with 52 random bits from two 32-bit draws (as ``sampling._uniform52``)."""
+    hi = a.to(tl.uint64) << 20
+    lo = b.to(tl.uint64) >> 12
+    return ((hi | lo).to(tl.float64) + 0.5) * 2.220446049250313e-16  # 2**-52
+
+
+@triton.jit
+def _max(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _topk_draw_kernel(
+    x_ptr, stride_x, rows_ptr, vals_ptr, ids_ptr, stride_c,
+    temp_ptr, k_ptr, top_p_ptr, min_p_ptr, lo_ptr, hi_ptr, out_ptr,
+    V, K,
+    HAS_ROWS: tl.constexpr, HAS_TOP_P: tl.constexpr, HAS_MIN_P: tl.constexpr,
+    KP: tl.constexpr, TILE: tl.constexpr,
+):
+    r = tl.program_id(0)
+    row = tl.load(rows_ptr + r).to(tl.int64) if HAS_ROWS else r.to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    temp = tl.load(temp_ptr + r)
+    k = tl.minimum(tl.load(k_ptr + r), K)
+    lo = tl.load(lo_ptr + r).to(tl.uint32)
+    hi = tl.load(hi_ptr + r).to(tl.uint32)
+
+    j = tl.arange(0, KP)
+    in_k = j < K
+    vals = tl.load(vals_ptr + r * stride_c + j, mask=in_k, other=float("-inf")).to(tl.float32)
+    ids = tl.load(ids_ptr + r * stride_c + j, mask=in_k, other=0)
+    kth = tl.sum(tl.where(j == k - 1, vals, 0.0), 0)
+    top = tl.max(vals, 0)
+
+    # Tokens equal to the k-th value, over the whole vocabulary (transformers keeps them all).
+    n_ties = tl.zeros([TILE], dtype=tl.int32)
+    for start in range(0, V, TILE):
+        v = start + tl.arange(0, TILE)
+        xv = tl.load(x_row + v, mask=v < V, other=float("-inf")).to(tl.float32)
+        n_ties += (xv == kth).to(tl.int32)
+    ties = tl.sum(n_ties, 0)
+
+    z0 = top / temp
+    logw = vals / temp - z0
+    logw_kth = kth / temp - z0
+    w = tl.exp(logw)
+    w_kth = tl.exp(logw_kth)
+    above = (vals > kth) & in_k
+    keep = above
+    keep_ties = ties > 0
+    if HAS_TOP_P:
+        mass = tl.where(above, w, 0.0)
+        above_total = tl.sum(mass, 0)
+        limit = tl.load(top_p_ptr + r) * (above_total + ties.to(tl.float32) * w_kth)
+        # Mass of strictly larger values: the exclusive prefix sum at the first candidate of each run of equal values
+        # (candidates are sorted descending; the prefix sum never decreases, so a running max carries it).
+        excl = tl.cumsum(mass, 0) - mass
+        prev = tl.load(vals_ptr + r * stride_c + j - 1, mask=(j > 0) & in_k, other=float("inf")).to(tl.float32)
+        run_start = tl.where(vals != prev, excl, 0.0)
+        strictly_above = tl.associative_scan(run_start, 0, _max)
+        keep = keep & (strictly_above < limit)
+        keep_ties = keep_ties & (above_total < limit)
+    if HAS_MIN_P:
+        min_p = tl.load(min_p_ptr + r)
+        keep = keep & (w >= min_p)
+        keep_ties = keep_ties & (w_kth >= min_p)
+
+    # Gumbel-max race: each kept candidate, and the bucket of ties as one entry of weight ties * w_kth (lane 0).
+    race = tl.where(keep, logw.to(tl.float64) + _gumbel(_bits(lo, hi, ids.to(tl.uint32))), float("-inf"))
+    best = tl.max(race, 0)
+    winner = tl.min(tl.where(race == best, j, KP), 0)
+    candidate = tl.sum(tl.where(j == winner, ids, 0), 0).to(tl.int64)
+    lanes = tl.full([1], 0xFFFFFFFF, tl.uint32)
+    bucket = logw_kth.to(tl.float64) + tl.log(ties.to(tl.float64)) + _gumbel(_bits(lo, hi, lanes))
+    bucket = tl.where(keep_ties, bucket, float("-inf"))
+    # The bucket's member: the m-th tie in vocab order, m = floor(u * ties) from lanes 1-2 (a second pass, kept
+    # branch-free: it costs what the tie count cost).
+    u = _uniform52(_bits(lo, hi, lanes - 1), _bits(lo, hi, lanes - 2))
+    m = tl.minimum((u * ties.to(tl.float64)).to(tl.int32), ties - 1)
+    seen = tl.zeros([1], dtype=tl.int32)
+    member = tl.zeros([1], dtype=tl.int32)
+    for start in range(0, V, TILE):
+        v = start + tl.arange(0, TILE)
+        xv = tl.load(x_row + v, mask=v < V, other=float("-inf")).to(tl.float32)
+        tie = (xv == kth).to(tl.int32)
+        rank = seen + tl.cumsum(tie, 0) - tie  # ties before each position
+        member += tl.sum(tl.where((tie > 0) & (rank == m), v, 0), 0)
+        seen += tl.sum(tie, 0)
+    token = tl.where(bucket > best, member.to(tl.int64), candidate)
+    tl.store(out_ptr + r + tl.arange(0, 1), token)
+
+
+@triton.jit
+def _full_draw_kernel(
+    x_ptr, stride_x, rows_ptr, temp_ptr, min_p_ptr, lo_ptr, hi_ptr, out_ptr, V,
+    HAS_ROWS: tl.constexpr, HAS_MIN_P: tl.constexpr, TILE: tl.constexpr,
+):
+    r = tl.program_id(0)
+    row = tl.load(rows_ptr + r).to(tl.int64) if HAS_ROWS else r.to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    temp = tl.load(temp_ptr + r)
+    lo = tl.load(lo_ptr + r).to(tl.uint32)
+    hi = tl.load(hi_ptr + r).to(tl.uint32)
+    min_p = tl.load(min_p_ptr + r) if HAS_MIN_P else 0.0
+
+    top = tl.full([TILE], float("-inf"), tl.float32)
+    for start in range(0, V, TILE):
+        v = start + tl.arange(0, TILE)
+        top = tl.maximum(top, tl.load(x_row + v, mask=v < V, other=float("-inf")).to(tl.float32))
+    z0 = tl.max(top, 0) / temp
+    # Weights exp(x / T - max / T) (the top token's is 1); min-p keeps w >= min_p * 1.
+    total = tl.zeros([1], dtype=tl.float64)
+    for start in range(0, V, TILE):
+        v = start + tl.arange(0, TILE)
+        xv = tl.load(x_row + v, mask=v < V, other=float("-inf")).to(tl.float32)
+        w = tl.exp(xv / temp - z0)
+        if HAS_MIN_P:
+            w = tl.where(w >= min_p, w, 0.0)
+        total += tl.sum(w.to(tl.float64), 0)
+    lanes = tl.full([1], 0xFFFFFFFF, tl.uint32)
+    target = _uniform52(_bits(lo, hi, lanes), _bits(lo, hi, lanes - 1)) * total
+    # The first token whose running mass (in vocab order) passes the target; the last token of positive weight if
+    # rounding leaves the target past the end.
+    mass = tl.zeros([1], dtype=tl.float64)
+    token = tl.zeros([1], dtype=tl.int64) - 1
+    last = tl.zeros([1], dtype=tl.int64)
+    for start in range(0, V, TILE):
+        v = start + tl.arange(0, TILE)
+        xv = tl.load(x_row + v, mask=v < V, other=float("-inf")).to(tl.float32)
+        w = tl.exp(xv / temp - z0)
+        if HAS_MIN_P:
+            w = tl.where(w >= min_p, w, 0.0)
+        w64 = w.to(tl.float64)
+        run = mass + tl.cumsum(w64, 0)
+        passed = (run > target) & (w64 > 0)
+        first = tl.min(tl.where(passed, v, V), 0).to(tl.int64)
+        token = tl.where((token < 0) & (first < V), first, token)
+        last = tl.maximum(last, tl.max(tl.where(w64 > 0, v, -1), 0).to(tl.int64))
+        mass += tl.sum(w64, 0)
+    token = tl.where(token < 0, last, token)
+    tl.store(out_ptr + r + tl.arange(0, 1), token)
+
+
+def draw_top_k(x: torch.Tensor, rows, temperature, top_k, top_p, min_p, lo, hi, top_k_max: int) -> torch.Tensor:
+    """Tokens ``[R]`` (int64) of the top-k group: ``x`` the step's logits ``[N, V]``, ``rows`` the group's rows of it
+    (None: rows 0..R-1), per-row parameters ``[R]``, noise-key words ``lo``/``hi`` as int64 ``[R]``."""
+    R = temperature.shape[0]
+    V = x.shape[1]
+    sub = x[:R] if rows is None else x.index_select(0, rows)
+    K = min(top_k_max, V)
+    vals, ids = torch.topk(sub, K, dim=-1)
+    out = torch.empty(R, dtype=torch.int64, device=x.device)
+    dummy = temperature
+    _topk_draw_kernel[(R,)](
+        x, x.stride(0), rows if rows is not None else lo, vals, ids, vals.stride(0),
+        temperature, top_k, top_p if top_p is not None else dummy, min_p if min_p is not None else dummy, lo, hi, out,
+        V, K,
+        HAS_ROWS=rows is not None, HAS_TOP_P=top_p is not None, HAS_MIN_P=min_p is not None,
+        KP=max(16, triton.next_power_of_2(K)), TILE=_TILE, num_warps=8,
+    )
+    return out
+
+
+def draw_full(x: torch.Tensor, rows, temperature, min_p, lo, hi) -> torch.Tensor:
+    """Tokens ``[R]`` (int64) of rows without top-k and top-p: softmax(x / T) with min-p, one inverse-CDF draw."""
+    R = temperature.shape[0]
+    out = torch.empty(R, dtype=torch.int64, device=x.device)
+    _full_draw_kernel[(R,)](
+        x, x.stride(0), rows if rows is not None else lo, temperature, min_p if min_p is not None else temperature,
+        lo, hi, out, x.shape[1],
+        HAS_ROWS=rows is not None, HAS_MIN_P=min_p is not None, TILE=_TILE, num_warps=8,
+    )
+    return out
