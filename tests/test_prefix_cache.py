@@ -144,3 +144,16 @@ def test_prefix_hits_past_the_steps_table_budget_are_recomputed(monkeypatch):
     assert [r.token_ids for r in out] == [reference(model, p, 4) for p in group]
     # All four are admitted in one step: the second takes 3 of its 4 cached blocks, the others none.
     assert b.stats["cached_tokens"] == 3 * 8
+
+
+def test_reset_prefix_cache_forgets_every_cached_block():
+    model, prompts, refs = _model_and_refs("llama")
+    b = ContinuousBatcher(model, block_size=8)
+    sp = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    b.generate(prompts[:1], sp)
+    cached = b.scheduler.allocator.num_cached
+    assert cached > 0 and b.reset_prefix_cache() == cached
+    assert b.scheduler.allocator.num_cached == 0 and counts_add_up(b)
+    before = b.stats["cached_tokens"]
+    assert b.generate(prompts[:1], sp)[0].token_ids == refs[0]
+    assert b.stats["cached_tokens"] == before, "nothing may be served from a reset cache"

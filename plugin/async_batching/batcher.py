@@ -319,6 +319,11 @@ class ContinuousBatcher:
             self._closed = True
             self.runner.release()
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix (e.g. between benchmark runs, or after changing the model's weights in place);
+        returns the number of cached blocks freed. Requests already running keep their blocks."""
+        return self.scheduler.allocator.reset_cache()
+
     def all_blocks_free(self) -> bool:
         """No KV block is held by a request (blocks kept by the prefix cache count as free)."""
         return self.scheduler.allocator.all_free()

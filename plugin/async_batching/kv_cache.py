@@ -147,6 +147,16 @@ class BlockAllocator:
         self._hash_of[block] = block_hash
         return True
 
+    def reset_cache(self) -> int:
+        """Forget every cached block (blocks held by requests keep their content but leave the index); returns how
+        many cached blocks became free."""
+        n = len(self._lru)
+        self._free.extend(self._lru)
+        self._lru.clear()
+        self._index.clear()
+        self._hash_of = [None] * self.num_blocks
+        return n
+
     def unregister(self, block: int) -> None:
         """Drop a block from the index (its content did not get written: the step was rolled back)."""
         if self._refs[block] == 0 and block in self._lru:

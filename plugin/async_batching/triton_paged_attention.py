@@ -213,6 +213,11 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _unused_partials(device: torch.device) -> torch.Tensor:
+    return torch.empty(1, dtype=torch.float32, device=device)
+
+
 def _auto_num_splits(q: torch.Tensor, programs: int, max_ctx: int, tile_n: int, head_dim: int) -> int:
     """Split the KV range only when the grid is too small to fill the GPU (few-sequence, long-context decode)."""
     if q.device.type != "cuda":
@@ -294,7 +299,9 @@ def paged_attention(
         part_m = torch.empty((T, num_heads, num_splits), dtype=torch.float32, device=q.device)
         part_l = torch.empty_like(part_m)
     else:
-        part_acc = part_m = part_l = out  # never touched when num_splits == 1
+        # Never touched with one split, but float32 like real partials: the kernel's signature (so its compiled
+        # variant) is the same with and without splits.
+        part_acc = part_m = part_l = _unused_partials(q.device)
 
     _paged_attention_kernel[(B, num_q_blocks, num_kv_heads * num_splits)](
         q, k_cache, v_cache, out,

@@ -92,7 +92,10 @@ def _compact(stats: Optional[dict]) -> Optional[dict]:
 
 
 def _call(variant: Variant, reqs: Requests) -> RunOutput:
-    """Submit ``reqs`` to the variant: score them, or generate with one shared budget or one budget per request."""
+    """Submit ``reqs`` to the variant: score them, or generate with one shared budget or one budget per request.
+    Every call starts with an empty prefix cache: a warm-up or an earlier call over the same prompts would otherwise
+    serve the measured call's prompts (the measured sharing is the one inside the call)."""
+    variant.forget_cached_prefixes()
     if reqs.scoring:
         return variant.score(reqs.prompts, reqs.continuations)
     budgets = reqs.new_tokens

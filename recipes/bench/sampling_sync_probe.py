@@ -1,40 +1,49 @@
-"""Which host call of a sampled step waits for the device: the step's sampling is enqueued behind a 10 ms sleep
-kernel under torch.profiler, and the CPU ops and CUDA runtime calls that took longest on the host are printed.
+"""Where the host time of sampled engine steps goes: a 4-layer, 128k-vocabulary model generates with W2s' sampling
+(and greedily, for comparison) under torch.profiler; prints the host calls that took longest, CUDA runtime calls
+included (a synchronisation shows up as cudaStreamSynchronize, cudaEventSynchronize, cudaMemcpy or cudaMalloc).
 
     PYTHONPATH=plugin python recipes/bench/sampling_sync_probe.py
 """
 
 from __future__ import annotations
 
-import numpy as np
+import random
+import time
+
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from async_batching.request import SamplingParams
-from async_batching.sampling import SamplingState, sample, sampling_inputs, stage_sampling, stream_seed
-from bench.sampling_speed import fake_rows, staged_step
+from async_batching import ContinuousBatcher, SamplingParams
 
 
 def main() -> None:
-    device = torch.device("cuda")
-    B, V = 256, 128256
-    logits = (torch.randn(B, V, device=device) * 2.5).to(torch.bfloat16)
-    rng = np.random.default_rng(0)
-    for name, sp in (("temperature", SamplingParams(temperature=0.8)),
-                     ("W2s", SamplingParams(temperature=0.8, top_k=50, top_p=0.95))):
-        rows = fake_rows(sp, B, V, rng)
-        state = SamplingState(B + 2, V)
-        steps = [staged_step(rows, state, device) for _ in range(6)]
-        for plan, seg, _ in steps[:3]:
-            sample(logits, sampling_inputs(plan, seg))
-        torch.cuda.synchronize()
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=4, num_attention_heads=32,
+                      num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
+                      max_position_embeddings=4096)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 128000) for _ in range(rng.randint(64, 512))] for _ in range(256)]
+    b = ContinuousBatcher(model)
+    for name, sp in (("greedy", SamplingParams(max_new_tokens=64, ignore_eos=True)),
+                     ("W2s", SamplingParams(max_new_tokens=64, ignore_eos=True, temperature=0.8, top_p=0.95, top_k=50))):
+        b.generate(prompts[:32], sp)  # warm-up: kernels of this sampling kind compile here
+        b.reset_prefix_cache()
+        before = dict(b.stats)
+        t0 = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for plan, seg, _ in steps[3:]:
-                torch.cuda._sleep(20_000_000)
-                sample(logits, sampling_inputs(plan, seg))
+            b.generate(prompts, sp)
             torch.cuda.synchronize()
-        print(f"==== {name}: host calls by self CPU time")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=50))
+        wall = time.perf_counter() - t0
+        st = b.stats
+        steps = st["steps"] - before["steps"]
+        phases = {k: round(1e3 * (st[k] - before[k]) / steps, 2) for k in st if k.startswith("cpu_")}
+        print(f"==== {name}: {steps} steps, {wall:.2f} s under the profiler; host ms per step {phases}")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=45))
+        b.reset_prefix_cache()
 
 
 if __name__ == "__main__":

@@ -61,6 +61,9 @@ class Variant:
         """Log-likelihood of each continuation given its context; ``new_tokens`` of the output = tokens scored."""
         raise NotImplementedError(f"{type(self).__name__} does not score continuations")
 
+    def forget_cached_prefixes(self) -> None:
+        """Drop what a prefix cache kept from earlier calls (engines without one: nothing)."""
+
     def timed_setup(self, fn, *args, **kwargs):
         """Call ``fn`` (engine construction, CUDA-graph warm-up) as setup: timed apart, marked for the profiler."""
         t = time.perf_counter()
@@ -371,6 +374,9 @@ class Ours(Variant):
         with StartupClock() as clock:
             self.batcher = ContinuousBatcher(model, tokenizer=None, **self.overrides)
         self.startup_parts = clock.parts
+
+    def forget_cached_prefixes(self) -> None:
+        self.batcher.reset_prefix_cache()
 
     def _timed_steps(self, call):
         from bench.step_timer import StepTimer
