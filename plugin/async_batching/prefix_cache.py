@@ -57,9 +57,13 @@ class PrefixCache:
             return []
         return self.allocator.lookup(self._hashes(req, n))
 
-    def register(self, req: Request, registered: list[int]) -> None:
-        """Index the request's full blocks whose tokens are known and scheduled (appending them to ``registered``)."""
-        full = min(req.num_computed, req.num_known) // self.block_size
+    def register(self, req: Request, registered: list[int], prompt_only: bool = True) -> None:
+        """Index the request's full blocks whose tokens are known and scheduled (appending them to ``registered``).
+
+        While a request runs only its prompt blocks are indexed (what other prompts share); the blocks of its generated
+        tokens are indexed when it is preempted, so that its recompute finds them, at no cost to decode steps."""
+        limit = len(req.prompt_ids) if prompt_only else req.num_known
+        full = min(req.num_computed, req.num_known, limit) // self.block_size
         start = req.num_indexed_blocks
         if full <= start:
             return

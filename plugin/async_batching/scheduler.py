@@ -111,7 +111,11 @@ class Scheduler:
                 self.rows.give(row)
             req.deferred_rows = []
 
-    def _preempt(self, req: Request) -> None:
+    def _preempt(self, req: Request, keep_computed: bool = True) -> None:
+        """Recompute ``req`` later. ``keep_computed``: its full blocks written by launched steps stay in the prefix
+        cache (generated tokens included), so the recompute mostly hits them."""
+        if keep_computed:
+            self.prefix.register(req, [], prompt_only=False)
         self.running.remove(req)
         req.status = RequestStatus.WAITING
         req.num_computed = 0
@@ -148,7 +152,7 @@ class Scheduler:
             self.allocator.unregister(b)
         for s in plan.seqs:
             if s.req.status is RequestStatus.RUNNING:
-                self._preempt(s.req)
+                self._preempt(s.req, keep_computed=False)  # its num_computed counts positions never written
         old = self.max_batch_tokens
         self.max_batch_tokens = old // 2
         return old, self.max_batch_tokens
@@ -227,7 +231,8 @@ class Scheduler:
         plan.seqs.append(seq)
         plan.num_tokens += n
         budget[0] -= n
-        if end >= (req.num_indexed_blocks + 1) * bs:
+        full_to = (req.num_indexed_blocks + 1) * bs
+        if full_to <= end and full_to <= p:  # a prompt block became full
             self.prefix.register(req, plan.registered)
 
     def _schedule_running(self, plan: StepPlan, budget: list[int]) -> None:
