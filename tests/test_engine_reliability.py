@@ -65,6 +65,8 @@ def test_abort_returns_partial_results_and_close_is_clean():
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     lengths=st.lists(st.integers(min_value=0, max_value=90), min_size=1, max_size=7),
+    shared=st.integers(min_value=0, max_value=40),
+    samples=st.integers(min_value=1, max_value=3),
     new=st.integers(min_value=0, max_value=12),
     block_size=st.sampled_from([2, 8, 16]),
     num_blocks=st.integers(min_value=2, max_value=80),
@@ -73,26 +75,33 @@ def test_abort_returns_partial_results_and_close_is_clean():
     mode=st.sampled_from(["sync", "async"]),
     policy=st.sampled_from(["decode_first", "prefill_first", "shortest_first"]),
     temperature=st.sampled_from([0.0, 0.7]),
+    prefix_caching=st.booleans(),
 )
 def test_property_every_run_returns_all_results_or_a_clear_error(
-    lengths, new, block_size, num_blocks, max_batch_tokens, max_num_seqs, mode, policy, temperature
+    lengths, shared, samples, new, block_size, num_blocks, max_batch_tokens, max_num_seqs, mode, policy, temperature,
+    prefix_caching,
 ):
-    prompts = [[(7 * i + 3 * j) % 380 + 3 for j in range(n)] for i, n in enumerate(lengths)]
-    sp = SamplingParams(max_new_tokens=new, temperature=temperature, seed=1, ignore_eos=True)
+    """Random prompts sharing a prefix of random length (prefix-cache hits ending mid-block and on boundaries), n
+    samples each, random cache, budgets, policies and modes: all results in order, greedy ones exact, or a clear error."""
+    prefix = [(11 * j) % 380 + 3 for j in range(shared)]
+    prompts = [prefix + [(7 * i + 3 * j) % 380 + 3 for j in range(n)] for i, n in enumerate(lengths)]
+    sp = SamplingParams(max_new_tokens=new, temperature=temperature, seed=1, ignore_eos=True, n=samples)
     b = ContinuousBatcher(MODEL, mode=mode, scheduler=policy, block_size=block_size, num_blocks=num_blocks,
-                          max_batch_tokens=max_batch_tokens, max_num_seqs=max_num_seqs)
+                          max_batch_tokens=max_batch_tokens, max_num_seqs=max_num_seqs, prefix_caching=prefix_caching)
     usable = num_blocks - 1
-    bad = [i for i, n in enumerate(lengths) if n == 0 or new == 0 or -(-(n + new) // block_size) > usable]
+    bad = [i for i, p in enumerate(prompts) if not p or new == 0 or -(-(len(p) + new) // block_size) > usable]
     if bad:
         with pytest.raises(ValueError, match=rf"request {bad[0]}: "):
             b.generate(prompts, sp)
         return
     out = b.generate(prompts, sp)
     assert [r.index for r in out] == list(range(len(prompts)))
-    assert all(len(r.token_ids) == new for r in out)
+    assert all(len(r.samples) == samples and all(len(s.token_ids) == new for s in r.samples) for r in out)
     if temperature == 0:
-        assert [r.token_ids for r in out] == [ref(p, new) for p in prompts]
+        assert [[s.token_ids for s in r.samples] for r in out] == [[ref(p, new)] * samples for p in prompts]
     assert b.all_blocks_free()
+    a = b.scheduler.allocator
+    assert a.num_free_uncached + a.num_cached + a.num_used == a.num_usable
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
