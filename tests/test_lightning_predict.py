@@ -16,6 +16,7 @@ from async_batching.lightning import ContinuousBatching, JsonlPredictionWriter
 from async_batching.lightning.loop import ContinuousPredictionLoop
 from async_batching.lightning.progress import RequestRichProgressBar, RequestTQDMProgressBar
 from engine_helpers import mixed_prompts, reference, word_tokenizer
+from lightning_helpers import KillAfter
 
 NEW = 10
 SMALL = dict(max_num_seqs=4, max_batch_tokens=64, block_size=8, num_blocks=96)  # forces mixing across batches
@@ -187,18 +188,6 @@ def test_bad_rows_are_reported_and_skipped_or_raised(tiny_llama, prompts, refs, 
 
     with pytest.raises(ValueError, match="dataset index 1"):
         trainer(batching(on_error="raise")).predict(UserModule(tiny_llama), loader)
-
-
-class KillAfter(L.Callback):
-    """Dies like a killed job after ``n`` requests are written."""
-
-    def __init__(self, n):
-        self.n = n
-
-    def on_generation_result(self, trainer, pl_module, record):
-        self.n -= 1
-        if self.n == 0:
-            raise KeyboardInterrupt  # what Lightning sees on Ctrl-C / SIGINT
 
 
 def test_resume_after_kill_generates_only_the_missing_requests(tiny_llama, prompts, refs, tmp_path):

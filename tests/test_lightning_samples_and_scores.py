@@ -14,6 +14,7 @@ from async_batching import ContinuousBatcher, GenerationResult, SamplingParams
 from async_batching.lightning import ContinuousBatching, JsonlPredictionWriter
 from async_batching.request import Sample, ScoreResult
 from engine_helpers import mixed_prompts, word_tokenizer
+from lightning_helpers import KillAfter
 
 SMALL = dict(max_num_seqs=4, max_batch_tokens=64, block_size=8, num_blocks=96)  # mixing across batches
 SAMPLED = SamplingParams(n=3, temperature=1.0, top_k=50, seed=11, max_new_tokens=6, ignore_eos=True)
@@ -27,18 +28,6 @@ class UserModule(L.LightningModule):
 
     def predict_step(self, batch, batch_idx):
         raise AssertionError("replaced by ContinuousBatching")
-
-
-class KillAfter(L.Callback):
-    """Dies like a killed job after ``n`` rows are written."""
-
-    def __init__(self, n):
-        self.n = n
-
-    def on_generation_result(self, trainer, pl_module, record):
-        self.n -= 1
-        if self.n == 0:
-            raise KeyboardInterrupt
 
 
 def predict(model, loader, *callbacks, sampling=SAMPLED, tokenizer=None, **kw):

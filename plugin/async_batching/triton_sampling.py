@@ -136,6 +136,17 @@ def _topk_draw_kernel(
 
 
 @triton.jit
+def _tile_weights(x_row, v, V, temp, z0, min_p, HAS_MIN_P: tl.constexpr):
+    """Unnormalised probabilities exp(x / T - max / T) of one tile (the top token's is 1), min-p applied: a token is
+    kept when its weight is at least min_p times the top token's."""
+    xv = tl.load(x_row + v, mask=v < V, other=float("-inf")).to(tl.float32)
+    w = tl.exp(xv / temp - z0)
+    if HAS_MIN_P:
+        w = tl.where(w >= min_p, w, 0.0)
+    return w
+
+
+@triton.jit
 def _full_draw_kernel(
     x_ptr, stride_x, rows_ptr, temp_ptr, min_p_ptr, lo_ptr, hi_ptr, out_ptr, V,
     HAS_ROWS: tl.constexpr, HAS_MIN_P: tl.constexpr, TILE: tl.constexpr,
@@ -153,14 +164,9 @@ def _full_draw_kernel(
         v = start + tl.arange(0, TILE)
         top = tl.maximum(top, tl.load(x_row + v, mask=v < V, other=float("-inf")).to(tl.float32))
     z0 = tl.max(top, 0) / temp
-    # Weights exp(x / T - max / T) (the top token's is 1); min-p keeps w >= min_p * 1.
     total = tl.zeros([1], dtype=tl.float64)
     for start in range(0, V, TILE):
-        v = start + tl.arange(0, TILE)
-        xv = tl.load(x_row + v, mask=v < V, other=float("-inf")).to(tl.float32)
-        w = tl.exp(xv / temp - z0)
-        if HAS_MIN_P:
-            w = tl.where(w >= min_p, w, 0.0)
+        w = _tile_weights(x_row, start + tl.arange(0, TILE), V, temp, z0, min_p, HAS_MIN_P)
         total += tl.sum(w.to(tl.float64), 0)
     lanes = tl.full([1], 0xFFFFFFFF, tl.uint32)
     target = _uniform52(_bits(lo, hi, lanes), _bits(lo, hi, lanes - 1)) * total
@@ -171,11 +177,7 @@ def _full_draw_kernel(
     last = tl.zeros([1], dtype=tl.int64)
     for start in range(0, V, TILE):
         v = start + tl.arange(0, TILE)
-        xv = tl.load(x_row + v, mask=v < V, other=float("-inf")).to(tl.float32)
-        w = tl.exp(xv / temp - z0)
-        if HAS_MIN_P:
-            w = tl.where(w >= min_p, w, 0.0)
-        w64 = w.to(tl.float64)
+        w64 = _tile_weights(x_row, v, V, temp, z0, min_p, HAS_MIN_P).to(tl.float64)
         run = mass + tl.cumsum(w64, 0)
         passed = (run > target) & (w64 > 0)
         first = tl.min(tl.where(passed, v, V), 0).to(tl.int64)
