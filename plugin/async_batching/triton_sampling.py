@@ -54,7 +54,13 @@ def _max(a, b):
     return tl.maximum(a, b)
 
 
-@triton.jit
+# Per-row parameters are slices of the step's staging buffer, at offsets of any alignment, and the candidate count
+# changes with the step's requests: none of these is specialised, so a run compiles one variant per kind of step
+# (flags, candidate tile), not one per staging offset.
+_STEP_ARGS = ["rows_ptr", "temp_ptr", "k_ptr", "top_p_ptr", "min_p_ptr", "lo_ptr", "hi_ptr"]
+
+
+@triton.jit(do_not_specialize=["stride_c", "V", "K"], do_not_specialize_on_alignment=_STEP_ARGS)
 def _topk_draw_kernel(
     x_ptr, stride_x, rows_ptr, vals_ptr, ids_ptr, stride_c,
     temp_ptr, k_ptr, top_p_ptr, min_p_ptr, lo_ptr, hi_ptr, out_ptr,
@@ -146,7 +152,8 @@ def _tile_weights(x_row, v, V, temp, z0, min_p, HAS_MIN_P: tl.constexpr):
     return w
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["V"], do_not_specialize_on_alignment=["rows_ptr", "temp_ptr", "min_p_ptr", "lo_ptr",
+                                                                     "hi_ptr"])
 def _full_draw_kernel(
     x_ptr, stride_x, rows_ptr, temp_ptr, min_p_ptr, lo_ptr, hi_ptr, out_ptr, V,
     HAS_ROWS: tl.constexpr, HAS_MIN_P: tl.constexpr, TILE: tl.constexpr,
