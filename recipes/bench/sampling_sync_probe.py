@@ -7,6 +7,7 @@ included (a synchronisation shows up as cudaStreamSynchronize, cudaEventSynchron
 
 from __future__ import annotations
 
+import os
 import random
 import time
 
@@ -19,7 +20,7 @@ from async_batching import ContinuousBatcher, SamplingParams
 def main() -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=4, num_attention_heads=32,
+    cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=int(os.environ.get("PROBE_LAYERS", "4")), num_attention_heads=32,
                       num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
                       max_position_embeddings=4096)
     torch.manual_seed(0)
@@ -28,9 +29,16 @@ def main() -> None:
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 128000) for _ in range(rng.randint(64, 512))] for _ in range(256)]
     b = ContinuousBatcher(model)
-    for name, sp in (("greedy", SamplingParams(max_new_tokens=64, ignore_eos=True)),
-                     ("W2s", SamplingParams(max_new_tokens=64, ignore_eos=True, temperature=0.8, top_p=0.95, top_k=50))):
-        b.generate(prompts[:32], sp)  # warm-up: kernels of this sampling kind compile here
+    new = int(os.environ.get("PROBE_NEW_TOKENS", "64"))
+    for name, sp in (("greedy", SamplingParams(max_new_tokens=new, ignore_eos=True)),
+                     ("W2s", SamplingParams(max_new_tokens=new, ignore_eos=True, temperature=0.8, top_p=0.95, top_k=50))):
+        b.generate(prompts[:64], SamplingParams(**{**sp.__dict__, "max_new_tokens": 8}))  # warm-up, as the benchmark's
+        b.reset_prefix_cache()
+        t0, before = time.perf_counter(), dict(b.stats)
+        b.generate(prompts, sp)
+        st, steps = b.stats, b.stats["steps"] - before["steps"]
+        print(f"---- {name} unprofiled: {time.perf_counter() - t0:.2f} s, host ms per step",
+              {k: round(1e3 * (st[k] - before[k]) / steps, 2) for k in st if k.startswith("cpu_")})
         b.reset_prefix_cache()
         before = dict(b.stats)
         t0 = time.perf_counter()
