@@ -270,13 +270,16 @@ class ContinuousBatcher:
         """Yield results as requests finish (completion order); ``result.index`` is the prompt's position."""
         return self._run(self._normalise(prompts, sampling))
 
-    def generate(self, prompts, sampling=None, progress: bool = False) -> list[GenerationResult]:
-        """One result per prompt, in input order."""
-        checked = self._normalise(prompts, sampling)
+    def _run_in_order(self, checked: list[tuple], desc: Optional[str]) -> list[Result]:
+        """``_run`` to the end, results in the order of ``checked``."""
         results: list = [None] * len(checked)
-        for r in self._run(checked, "generate" if progress else None):
+        for r in self._run(checked, desc):
             results[r.index] = r
         return results
+
+    def generate(self, prompts, sampling=None, progress: bool = False) -> list[GenerationResult]:
+        """One result per prompt, in input order."""
+        return self._run_in_order(self._normalise(prompts, sampling), "generate" if progress else None)
 
     def score(self, pairs, progress: bool = False) -> list[ScoreResult]:
         """Log-likelihood of each ``(context, continuation)`` pair's continuation given its context, in input order.
@@ -288,10 +291,7 @@ class ContinuousBatcher:
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
                 raise TypeError(f"request {i}: a pair must be (context, continuation), got {type(pair).__name__}")
             checked.append(self.check_score(pair[0], pair[1], i))
-        results: list = [None] * len(checked)
-        for r in self._run(checked, "score" if progress else None):
-            results[r.index] = r
-        return results
+        return self._run_in_order(checked, "score" if progress else None)
 
     def abort(self, request_ids: Optional[Iterable[int]] = None) -> list[Result]:
         """Stop requests now (all by default): the step in flight lands first, then their blocks are freed.

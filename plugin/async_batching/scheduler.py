@@ -56,7 +56,6 @@ class Scheduler:
 
     def __init__(self, cache: PagedKVCache, max_batch_tokens: int, max_num_seqs: int, policy: str,
                  chunked_prefill: bool, max_logit_rows: int, prefix_caching: bool):
-        self.cache = cache
         self.allocator = cache.allocator
         self.block_size = cache.block_size
         self.max_batch_tokens = max_batch_tokens
