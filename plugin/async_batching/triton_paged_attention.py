@@ -39,9 +39,11 @@ MAX_SPLITS = 16
 
 
 # The step's query starts and sequence lengths are slices of its staging buffer, at offsets of any alignment: left
-# unspecialised, so an offset does not compile a second variant in the middle of a run.
+# unspecialised, so an offset does not compile a second variant in the middle of a run. Without sinks, ``sinks_ptr``
+# gets a fixed dummy (it once got ``seq_lens``, whose offset changes with the step: a run compiled a second variant
+# at its first step whose offset had the other alignment, about half a second inside a timed call).
 @triton.jit(do_not_specialize=["num_splits"],
-            do_not_specialize_on_alignment=["seq_lens_ptr", "query_start_loc_ptr"])
+            do_not_specialize_on_alignment=["seq_lens_ptr", "query_start_loc_ptr", "sinks_ptr"])
 def _paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr,
     part_acc_ptr, part_m_ptr, part_l_ptr,
@@ -306,7 +308,7 @@ def paged_attention(
     _paged_attention_kernel[(B, num_q_blocks, num_kv_heads * num_splits)](
         q, k_cache, v_cache, out,
         part_acc, part_m, part_l,
-        block_tables, seq_lens, query_start_loc, sinks if sinks is not None else seq_lens,
+        block_tables, seq_lens, query_start_loc, sinks if sinks is not None else _unused_partials(q.device),
         float(scale), float(softcap) if softcap else 1.0, int(sliding_window),
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
