@@ -69,10 +69,10 @@ for what in "$@"; do
             > "$OUT/gpu_soak.log" 2>&1; tail -5 "$OUT/gpu_soak.log" ;;
     w1|w2) bench "$what" static,hf_cb,ours_sync,ours_async,ours_async_no_prefix_cache,ours_async_compile,ours_async_lightning ;;
     w3)  bench w3 ours_sync,ours_async ;;
-    w2s) bench w2s ours_async,ours_async_greedy,ours_sync,static ;;
+    w2s) bench w2s ${W2S_VARIANTS:-ours_async,ours_async_greedy,ours_sync,static} ;;
     w4)  bench w4 ours_async,ours_sync,static,hf_cb on ;;
     w5)  bench w5 ours_async,ours_async_no_prefix_cache,static,hf_cb ;;
-    w6)  bench w6 ours_async,static,hf_cb,ours_sync off timeout_s=240 ;;  # each variant builds the 61 GB model anew
+    w6)  bench w6 ${W6_VARIANTS:-ours_async,static,hf_cb,ours_sync} off timeout_s=240 ;;  # each variant builds the 61 GB model anew
     w7)  bench w7 ours_async,ours_sync,ours_async_greedy,static on ;;
     s1)  bench s1 ours_async,ours_sync,static ;;
     sampling)
