@@ -209,6 +209,10 @@ def _merge_splits_kernel(
              out.to(out_ptr.dtype.element_ty), mask=d_valid)
 
 
+# Launch-configuration overrides (``tile_n``, ``num_warps``, ``num_stages``) for the tuning sweep only; empty in use.
+TUNING: dict = {}
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     """Streaming multiprocessors of a CUDA device (cached: a host-side query, safe during graph capture)."""
@@ -283,9 +287,21 @@ def paged_attention(
     block_q = min(triton.next_power_of_2(max_query_len), max(1, target_m // triton.next_power_of_2(G)))
     block_m = max(16, triton.next_power_of_2(block_q * G))
     tile_n = 32 if head_dim_pad >= 256 else 64
-    # 8 warps once the accumulator reaches 64x128 (with 4, ptxas needs ~245 registers per thread for bf16), and for
-    # fp32 from head_dim 128 (4 warps spill there).
-    num_warps = 8 if block_m * head_dim_pad >= 64 * 128 or (target_m == 16 and head_dim_pad >= 128) else 4
+    # fp32: 8 warps from head_dim 128 (4 warps spill there). 16-bit: decode tiles (one query) keep 64 keys and 4 warps;
+    # query tiles of prefill and mixed steps take 32 keys and 4 warps, which ran 1.85x faster than 64 keys and 8 warps
+    # at head_dim 128 (8 x 1024-token prompts) and 1.03-1.10x at head_dim 64 on an H200 (attention_tuning.py, in
+    # docs/results/attention_tuning_h200.md): 8 warps for a 64x128 accumulator eased register pressure but cost time.
+    if target_m == 16:
+        num_warps = 8 if head_dim_pad >= 128 or block_m * head_dim_pad >= 64 * 128 else 4
+    else:
+        num_warps = 8 if block_m * head_dim_pad >= 64 * 256 else 4  # untested there (head_dim 256): as before
+        if block_q > 1:
+            tile_n = 32
+    num_stages = 2
+    if TUNING:  # recipes/bench/attention_tuning.py's sweep
+        tile_n = TUNING.get("tile_n", tile_n)
+        num_warps = TUNING.get("num_warps", num_warps)
+        num_stages = TUNING.get("num_stages", num_stages)
     num_q_blocks = triton.cdiv(max_query_len, block_q)
 
     if num_kv_splits:
@@ -330,7 +346,7 @@ def paged_attention(
         # fp32 models want fp32 accuracy (TF32 would miss the reference by ~1e-3); 16-bit inputs ignore this.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
-        num_stages=2,
+        num_stages=num_stages,
     )
     if num_splits > 1:
         _merge_splits_kernel[(B, max_query_len, num_heads)](

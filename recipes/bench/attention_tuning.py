@@ -1,0 +1,106 @@
+"""Sweep the Triton paged-attention kernel's launch configuration (key tile, warps, pipeline stages) on the attention
+shapes of the benchmark workloads, and print, per shape, the default's time beside the best configurations.
+
+    python recipes/bench/attention_tuning.py          # on a GPU machine; one markdown table per shape
+
+Decode shapes report the bandwidth of the K/V they read; prefill shapes the attention FLOP rate (4 x heads x head_dim
+per causal (query, key) pair). Compilation runs first in one process per shape (filling Triton's disk cache), then one
+process times every configuration on an otherwise idle GPU.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import subprocess
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "..", "plugin"))
+sys.path.insert(0, os.path.join(HERE, ".."))
+from async_batching import triton_paged_attention as tpa  # noqa: E402
+from bench.attention_backends import case  # noqa: E402
+from bench.roofline import time_ms  # noqa: E402
+
+_R = random.Random(7)
+SHAPES = {  # name: (query lengths, context lengths, heads, kv heads, head_dim)
+    "W7 decode: 256 seqs, ctx 200..2000, 16/8 heads, dim 128": ([1] * 256, [_R.randint(200, 2000) for _ in range(256)], 16, 8, 128),
+    "W2 decode: 256 seqs, ctx 64..640, 32/8 heads, dim 64": ([1] * 256, [_R.randint(64, 640) for _ in range(256)], 32, 8, 64),
+    "W1 decode: 512 seqs, ctx 64..768, 9/3 heads, dim 64": ([1] * 512, [_R.randint(64, 768) for _ in range(512)], 9, 3, 64),
+    "W2 prefill: 16 x 512": ([512] * 16, [512] * 16, 32, 8, 64),
+    "W4 prefill: 2 chunks of 4096, ctx 4096 and 6144": ([4096, 4096], [4096, 6144], 32, 8, 64),
+    "W7 prefill: 8 x 1024, dim 128": ([1024] * 8, [1024] * 8, 16, 8, 128),
+}
+CONFIGS = [dict(tile_n=t, num_warps=w, num_stages=s) for t, w, s in itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4))]
+
+
+def build(name):
+    ql, cl, h, kvh, d = SHAPES[name]
+    torch.manual_seed(0)
+    q, k, v, m = case(ql, cl, heads=h, kv_heads=kvh, dim=d)
+    scale = d ** -0.5
+    fn = lambda: tpa.paged_attention(q, k, v, m.block_tables, m.seq_lens, m.query_start_loc, m.max_query_len, scale)  # noqa: E731
+    decode = max(ql) == 1
+    if decode:
+        work = sum(cl) * kvh * d * 2 * q.element_size()  # bytes of K and V read
+    else:
+        work = sum(4 * h * d * (c * (c + 1) // 2 - (c - n) * (c - n + 1) // 2) for n, c in zip(ql, cl))
+    return fn, decode, work
+
+
+def run(fn, cfg):
+    tpa.TUNING.clear()
+    tpa.TUNING.update(cfg or {})
+    try:
+        return fn()
+    except Exception as e:  # e.g. out of shared memory for a large tile
+        return e
+
+
+def compile_only(name):
+    fn, _, _ = build(name)
+    for cfg in CONFIGS:
+        run(fn, cfg)
+    torch.cuda.synchronize()
+
+
+def main():
+    if len(sys.argv) > 2 and sys.argv[1] == "--compile":
+        compile_only(sys.argv[2])
+        return
+    procs = [subprocess.Popen([sys.executable, __file__, "--compile", n]) for n in SHAPES]
+    for p in procs:
+        p.wait()
+    results = {}
+    for name in SHAPES:
+        fn, decode, work = build(name)
+        ref = run(fn, None).float().clone()
+        rows = []
+        for cfg in [None] + CONFIGS:
+            out = run(fn, cfg)
+            if isinstance(out, Exception):
+                continue
+            diff = (out.float() - ref).abs().max().item()
+            ms = time_ms(lambda: run(fn, cfg), iters=10, warmup=2)
+            rate = work / ms / 1e6 if decode else work / ms / 1e9  # GB/s (decode) or TFLOP/s (prefill)
+            rows.append((ms, cfg, rate, diff))
+        tpa.TUNING.clear()
+        default = rows[0]
+        unit = "GB/s K/V read" if decode else "TFLOP/s"
+        print(f"\n## {name}\n\n| config | ms | {unit} | vs default | max abs diff |\n|---|---|---|---|---|")
+        for ms, cfg, rate, diff in [default] + sorted(rows[1:], key=lambda r: r[0])[:6]:
+            label = "default" if cfg is None else f"tile {cfg['tile_n']}, {cfg['num_warps']} warps, {cfg['num_stages']} stages"
+            print(f"| {label} | {ms:.4f} | {rate:,.0f} | {default[0] / ms:.2f}x | {diff:.3g} |", flush=True)
+        results[name] = [dict(ms=ms, cfg=cfg, rate=rate, diff=diff) for ms, cfg, rate, diff in rows]
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "attention_tuning.json"), "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
