@@ -142,7 +142,7 @@ def test_cancel_frees_blocks_and_leaves_others_untouched(model, prompts, mode):
 
 
 def test_compiled_forward_matches_generate_with_chunking_and_preemption(model):
-    """``compile=True`` (torch.compile of the model's forward, attention left eager): greedy tokens equal generate's,
+    """``compile=True`` (decode steps through torch.compile, attention left eager): greedy tokens equal generate's,
     in both modes, with prompts split over steps and a cache small enough to preempt; nothing compiles mid-run."""
     from torch._dynamo.utils import counters
 

@@ -27,7 +27,7 @@ class BatcherConfig:
     mode: str = "async"
     cuda_graphs: Optional[bool] = None  # None: on for CUDA, off elsewhere
     cuda_graph_max_batch: int = 512
-    compile: bool = False  # torch.compile the model's forward (dynamic shapes); decode graphs capture the compiled code
+    compile: bool = False  # torch.compile the model for decode steps (dynamic shapes); decode graphs capture it; prefill eager
     attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere
     device: Optional[str] = None  # None: the model's device
     dtype: Optional[str] = None  # None: the model's dtype

@@ -91,9 +91,12 @@ class ModelRunner:
         self.kernel = self._choose_kernel()
         self.ctx = StepContext(self.cache.k, self.cache.v, self.kernel)
         self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
-        # The forward every step calls: the model, or with ``compile`` the model compiled once for all token counts
-        # (dynamic shapes; compilation happens in ``warmup`` and graph capture, before any request runs).
-        self._call = torch.compile(model, dynamic=True) if config.compile else model
+        # With ``compile``, decode steps (one query per sequence) call the model compiled once for all batch sizes
+        # (dynamic shapes; compiled in ``warmup`` and graph capture, before any request runs), and the decode graphs
+        # capture that code: fused kernels, no host cost at replay. Prefill and mixed steps call the model itself:
+        # compiled, their host cost per step (guards around each layer's attention) outweighed fusing kernels that
+        # matrix products dominate.
+        self._compiled = torch.compile(model, dynamic=True) if config.compile else None
         self.graphs: dict[int, tuple] = {}  # decode batch size -> (graph, static input, static logits, head size)
         self.graph_pool = None
         self.compute_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -340,10 +343,11 @@ class ModelRunner:
         pos = self._seg(buf, lay, "positions").long()[None]
         keep = self._seg(buf, lay, "logits_idx").long()
         kw = {attention.STEP_KWARG: self.ctx}
+        call = self._compiled if self._compiled is not None and lay.max_query_len == 1 else self.model
         if self._keep_arg:
-            logits = self._call(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep, **kw).logits[0]
+            logits = call(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep, **kw).logits[0]
         else:
-            logits = self._call(input_ids=ids, position_ids=pos, use_cache=False, **kw).logits[0].index_select(0, keep)
+            logits = call(input_ids=ids, position_ids=pos, use_cache=False, **kw).logits[0].index_select(0, keep)
         return logits
 
     @torch.no_grad()
@@ -386,11 +390,11 @@ class ModelRunner:
     def warmup(self) -> None:
         """Run steps of every query tile once so kernel compilation happens now, not during a run: Triton specialises
         the attention kernel on the query tile (a power of two up to 64 rows; the KV split count is a run-time
-        argument, and a one-sequence step takes the split path); with ``compile``, two-sequence steps too
-        (torch.compile specialises sizes of 1 and equal sizes)."""
+        argument, and a one-sequence step takes the split path); with ``compile``, two-sequence decode steps too
+        (torch.compile specialises sizes of 1; decode steps are the compiled ones)."""
         shapes = [(1, q) for q in (1, 2, 4, 8, 16, 32, 64) if q <= self.config.max_batch_tokens]
         if self.config.compile:
-            shapes += [(2, 1), (2, 2)]
+            shapes += [(2, 1), (3, 1)]
         for num_seqs, q_len in shapes:
             lay, buf = self._scratch_step(num_seqs, q_len)
             with self._untimed_mode(), self.installed():
