@@ -145,10 +145,15 @@ def data_parallel_view(global_rank: int, world_size: int, tensor_parallel_size: 
     return global_rank // tensor_parallel_size, world_size // tensor_parallel_size, global_rank % tensor_parallel_size == 0
 
 
-def current_tensor_parallel_size(trainer) -> int:
+def trainer_tensor_parallel_size(trainer) -> int:
     """The TP group size of a Lightning trainer's strategy (1 unless it is a ``TensorParallelStrategy``)."""
-    return int(getattr(trainer.strategy, "tensor_parallel_size", None) or 1)
+    return int(getattr(getattr(trainer, "strategy", None), "tensor_parallel_size", None) or 1)
+
+
+def trainer_data_parallel_view(trainer) -> tuple[int, int, bool]:
+    """``data_parallel_view`` of a Lightning trainer's rank."""
+    return data_parallel_view(trainer.global_rank, trainer.world_size, trainer_tensor_parallel_size(trainer))
 
 
 __all__ = ["TensorParallelGroup", "PlanDisagreement", "apply_tp_plan", "check_shardable", "is_sharded", "data_parallel_view",
-           "current_tensor_parallel_size"]
+           "trainer_tensor_parallel_size", "trainer_data_parallel_view"]
