@@ -17,10 +17,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, fn, args, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank: int, world: int, port: int, backend: str, fn, args, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NCCL_NVLS_ENABLE="0")
     torch.set_num_threads(1)  # two ranks on a 2-core CI machine
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world)
     try:
         queue.put((rank, "ok", fn(rank, *args)))
     except BaseException as e:  # noqa: BLE001 -- the parent re-raises it with the rank's traceback
@@ -29,12 +31,13 @@ def _worker(rank: int, world: int, port: int, fn, args, queue) -> None:
         dist.destroy_process_group()
 
 
-def run_ranks(world: int, fn, *args, timeout: float = 240.0) -> list:
-    """Run ``fn(rank, *args)`` on ``world`` gloo ranks; each rank's return value or ``("error", name, message)``."""
+def run_ranks(world: int, fn, *args, timeout: float = 240.0, backend: str = "gloo") -> list:
+    """Run ``fn(rank, *args)`` on ``world`` ranks (gloo on CPU; nccl: rank r on GPU r); each rank's return value or
+    ``("error", name, message)``."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue)) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, port, backend, fn, args, queue)) for r in range(world)]
     for p in procs:
         p.start()
     out: list = [None] * world

@@ -155,11 +155,11 @@ class Executor:
         lp = scores = None
         if k:
             tokens.copy_(sample(logits[:k], runner.sampling_inputs(slot.dev_in, lay)))
-        if lay.checked:
+        if lay.checked:  # tensor parallel: rank 0's tokens on every rank, before anything reads them
             runner.agree(slot.dev_in, lay, slot.dev_tokens)
-            if lay.logprobs_k >= 0:
-                chosen, ids, vals = token_logprobs(logits[:k], tokens, lay.logprobs_k)
-                lp = torch.cat([chosen[:, None], ids.float(), vals], dim=1)
+        if k and lay.logprobs_k >= 0:
+            chosen, ids, vals = token_logprobs(logits[:k], tokens, lay.logprobs_k)
+            lp = torch.cat([chosen[:, None], ids.float(), vals], dim=1)
         if lay.num_score_rows:
             scores = slot.dev_scores[:lay.num_score_rows]
             runner.score_rows(logits[k:], slot.dev_in, lay, out=scores)
