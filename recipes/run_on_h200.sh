@@ -14,6 +14,8 @@
 #   sampling (~1)  recipes/bench/sampling_speed.py: sample() alone, new against the previous implementation
 #   eval        recipes/bench/eval_bench.py (lm-eval; skipped when the file is not in this checkout)
 #   attention, ddp   as in recipes/run_on_h100.sh (ddp needs the nvidia-h200-x2 kind)
+#   tp (~9)     nvidia-h200-x2 kind: the tensor-parallel GPU tests; W3 on one GPU vs TP=2 (issue 15: decode >= 1.6x);
+#               W3's requests on a Llama-3.1-70B-shaped random bf16 model, TP=2 (recipes/bench/tp_bench.py)
 # Device call: run(command="bash recipes/run_on_h200.sh w4", carry=[".whl"], timeout_s=600)
 # Wheels: the machine has torch, transformers, lightning but not hydra-core, omegaconf, antlr4-python3-runtime, nor
 # lm_eval and some of its dependencies (datasets, evaluate, dill, multiprocess, more-itertools, pytablewriter and its
@@ -91,7 +93,20 @@ for what in "$@"; do
         SUMMARIES+=("$OUT/eval.log")
       fi ;;
     attention|ddp) bash recipes/run_on_h100.sh "$what" ;;
-    *) echo "unknown step $what (steps: tests soak w1 w2 w2s w3 w4 w5 w6 w7 s1 sampling eval attention ddp)" >&2 ;;
+    tp)
+      timeout -k 15 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_tensor_parallel.py \
+        > "$OUT/tp_tests.log" 2>&1; tail -5 "$OUT/tp_tests.log"
+      export NCCL_NVLS_ENABLE=0 PYTHONPATH=plugin${PYTHONPATH:+:$PYTHONPATH}
+      tp_batcher=${TP_BATCHER:-'{"max_num_seqs": 32}'}  # BatcherConfig overrides (JSON) of every TP run
+      TPB=(recipes/bench/tp_bench.py --workload conf/workload/w3.yaml --batcher "$tp_batcher")
+      timeout -k 15 120 python3 "${TPB[@]}" --out "$OUT/tp/w3_tp1.json" > "$OUT/tp.log" 2>&1 || echo "tp: W3 TP=1 exited $?"
+      timeout -k 15 120 torchrun --nproc-per-node=2 "${TPB[@]}" --out "$OUT/tp/w3_tp2.json" >> "$OUT/tp.log" 2>&1 \
+        || echo "tp: W3 TP=2 exited $?"
+      timeout -k 15 240 torchrun --nproc-per-node=2 "${TPB[@]}" --shape llama70b --out "$OUT/tp/w3_llama70b_tp2.json" \
+        >> "$OUT/tp.log" 2>&1 || echo "tp: 70B TP=2 exited $?"
+      grep "^\[tp\]" "$OUT/tp.log"
+      SUMMARIES+=("$OUT/tp_tests.log" "$OUT/tp.log") ;;
+    *) echo "unknown step $what (steps: tests soak w1 w2 w2s w3 w4 w5 w6 w7 s1 sampling eval attention ddp tp)" >&2 ;;
   esac
 done
 

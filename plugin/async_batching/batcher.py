@@ -16,6 +16,7 @@ from .model_runner import ModelRunner
 from .request import GenerationResult, Request, RequestStatus, SamplingParams, ScoreResult, generation_result
 from .sampling import request_seed
 from .scheduler import Scheduler
+from .tensor_parallel import TensorParallelGroup, is_sharded
 from .validation import RequestValidator, raise_problems
 
 Prompt = Union[Sequence[int], str]
@@ -37,7 +38,10 @@ class ContinuousBatcher:
         self.model = model
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.runner = ModelRunner(model, cfg, self.device, self.dtype)
+        # Tensor parallelism: the model is sharded in place (or already was); every rank of the group runs this engine.
+        self.tp = (TensorParallelGroup.shard(model, cfg.tensor_parallel_size, self.device)
+                   if cfg.tensor_parallel_size > 1 or is_sharded(model) else None)
+        self.runner = ModelRunner(model, cfg, self.device, self.dtype, self.tp)
         self.runner.start()
         self.scheduler = Scheduler(self.runner.cache, cfg.max_batch_tokens, cfg.max_num_seqs, cfg.scheduler,
                                    cfg.chunked_prefill, self.runner.max_logit_rows, cfg.prefix_caching)

@@ -33,6 +33,7 @@ class BatcherConfig:
     dtype: Optional[str] = None  # None: the model's dtype
     max_model_len: Optional[int] = None  # None: the model's max_position_embeddings
     seed: int = 0  # default sampling seed for requests that give none
+    tensor_parallel_size: int = 1  # ranks that hold one model (transformers' TP plan); each group serves one data shard
 
     def validate(self) -> "BatcherConfig":
         """Raise a ValueError naming the key and the accepted values for any bad setting."""
@@ -68,6 +69,8 @@ class BatcherConfig:
             bad("cuda_graph_max_batch", "a positive int")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             bad("max_model_len", "an int >= 2, or None")
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            bad("tensor_parallel_size", "a positive int (1: the whole model on each rank)")
         if not self.chunked_prefill and self.max_batch_tokens < 2:
             bad("max_batch_tokens", "at least the longest prompt when chunked_prefill is false")
         return self

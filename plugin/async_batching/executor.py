@@ -20,6 +20,7 @@ from .buffers import BufferSlot, PinnedBufferPool
 from .model_runner import ModelRunner, StepLayout
 from .sampling import sample, token_logprobs
 from .scheduler import Scheduler, StepPlan
+from .tensor_parallel import PlanDisagreement
 
 log = logging.getLogger(__name__)
 MIN_BATCH_TOKENS = 16  # below this an out-of-memory step is not retried with a smaller budget
@@ -85,7 +86,8 @@ class Executor:
         try:
             return self._launch(plan, prev)
         except torch.OutOfMemoryError:
-            if self.scheduler.max_batch_tokens // 2 < MIN_BATCH_TOKENS:
+            # Under tensor parallelism the other ranks of the group are inside this step's collectives: no roll-back.
+            if self.scheduler.max_batch_tokens // 2 < MIN_BATCH_TOKENS or self.runner.tp is not None:
                 raise
             old, new = self.scheduler.roll_back(plan)
             self.stats["oom_recoveries"] += 1
@@ -119,7 +121,8 @@ class Executor:
                         o.compute_ended(self.compute, lay)
                 self.d2h.wait_event(slot.compute_done)
                 with torch.cuda.stream(self.d2h):
-                    slot.host_tokens[:lay.num_samples].copy_(tokens, non_blocking=True)
+                    n_out = lay.num_samples + lay.checked  # the tokens, then the group's agreement flag
+                    slot.host_tokens[:n_out].copy_(slot.dev_tokens[:n_out], non_blocking=True)
                     if lp is not None:
                         lp.record_stream(self.d2h)
                         self._logprob_rows(slot, lay, lp).copy_(lp, non_blocking=True)
@@ -152,9 +155,11 @@ class Executor:
         lp = scores = None
         if k:
             tokens.copy_(sample(logits[:k], runner.sampling_inputs(slot.dev_in, lay)))
-            if lay.logprobs_k >= 0:
-                chosen, ids, vals = token_logprobs(logits[:k], tokens, lay.logprobs_k)
-                lp = torch.cat([chosen[:, None], ids.float(), vals], dim=1)
+        if lay.checked:  # tensor parallel: rank 0's tokens on every rank, before anything reads them
+            runner.agree(slot.dev_in, lay, slot.dev_tokens)
+        if k and lay.logprobs_k >= 0:
+            chosen, ids, vals = token_logprobs(logits[:k], tokens, lay.logprobs_k)
+            lp = torch.cat([chosen[:, None], ids.float(), vals], dim=1)
         if lay.num_score_rows:
             scores = slot.dev_scores[:lay.num_score_rows]
             runner.score_rows(logits[k:], slot.dev_in, lay, out=scores)
@@ -167,7 +172,12 @@ class Executor:
             slot, lay = handle.slot, handle.layout
             if self.cuda:
                 slot.d2h_done.synchronize()
-            tokens = slot.host_tokens[:lay.num_samples].tolist()
+            tokens = slot.host_tokens[:lay.num_samples + lay.checked].tolist()
+            if lay.checked and tokens.pop():
+                raise PlanDisagreement(
+                    f"tensor-parallel rank {self.runner.tp.rank} staged a step other than its group's rank 0: the "
+                    "ranks' engines were given different requests or settings (each rank of a group must get the "
+                    "same requests in the same order)")
             lp = scores = None
             if lay.logprobs_k >= 0:
                 lp = slot.host_logprobs[:lay.num_samples, : 1 + 2 * lay.logprobs_k].numpy().copy()

@@ -9,6 +9,7 @@ import inspect
 import logging
 import os
 import traceback
+import zlib
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -43,6 +44,7 @@ class StepLayout:
     graph_batch: int = 0  # >0: replay the decode graph of this batch size
     sampling: SamplingPlan = field(default_factory=SamplingPlan)
     logprobs_k: int = -1  # -1: no logprobs
+    checked: bool = False  # tensor parallel: the step's CRC travels (``plan_crc``); a flag follows the tokens out
     sample_rows: list = field(default_factory=list)  # request of each sampled row, in order
 
     def add(self, name: str, arr: np.ndarray) -> None:
@@ -60,8 +62,9 @@ def graph_buckets(max_batch: int) -> list[int]:
 class ModelRunner:
     """Owns the model, the KV cache tensors, the device block table and the decode CUDA graphs."""
 
-    def __init__(self, model, config, device: torch.device, dtype: torch.dtype):
+    def __init__(self, model, config, device: torch.device, dtype: torch.dtype, tp=None):
         self.model = model
+        self.tp = tp  # TensorParallelGroup, or None
         self.config = config
         self.device = device
         self.dtype = dtype
@@ -74,6 +77,8 @@ class ModelRunner:
         # Scored positions of one step, bounded so their float32 logits (and log-softmax) stay small.
         self.max_logit_rows = max(config.max_num_seqs, min(config.max_batch_tokens, LOGITS_BYTES // (4 * self.vocab_size)))
         self.num_blocks = config.num_blocks or self._auto_num_blocks()
+        if tp is not None:  # the ranks of a group plan alike only with allocators of one size: the smallest
+            self.num_blocks = tp.min_int(self.num_blocks)
         try:
             self.cache = PagedKVCache(self.layers, self.num_blocks, self.block_size, dtype, device, config.prefix_caching)
         except torch.OutOfMemoryError as e:
@@ -118,7 +123,8 @@ class ModelRunner:
         """Int32 words the largest step stages, so every slot can hold it. With T tokens (at most the token budget or
         the largest graph bucket), B sequences and R logits rows (sampling rows plus scored rows, at most T):
         head 3T + (B+1) + 2B + R; scored targets R; carry-over 2B; table updates 3 x (new blocks <= T/bs + B, plus
-        prefix hits <= HIT_TABLE_ENTRIES); sampling: what ``stage_sampling`` stages per row."""
+        prefix hits <= HIT_TABLE_ENTRIES); sampling: what ``stage_sampling`` stages per row; tensor parallel: one CRC
+        word (within the spare 64)."""
         T = max(self.config.max_batch_tokens, max(self.graphs, default=0))
         B = self.config.max_num_seqs + 1
         R = T + B
@@ -292,6 +298,11 @@ class ModelRunner:
             lay.add(name, arr)
         self._prepare_sampling(lay, parts)
         total = np.concatenate(parts)
+        if self.tp is not None:  # what this rank staged, so the group can check that every rank staged the same
+            crc = np.array([zlib.crc32(total)], np.uint32).view(np.int32)
+            lay.add("plan_crc", crc)
+            lay.checked = True
+            total = np.concatenate([total, crc])
         if len(total) > len(slot.host_in_np):  # slots hold ``staging_ints()``, the largest possible step
             raise RuntimeError(f"a step needs {len(total)} staging ints, the slots hold {len(slot.host_in_np)}")
         slot.host_in_np[: len(total)] = total
@@ -367,6 +378,12 @@ class ModelRunner:
         target = self._seg(buf, lay, "score_targets").long()
         out[:, 0] = torch.log_softmax(x, dim=-1).gather(1, target[:, None])[:, 0]
         out[:, 1] = (x.argmax(dim=-1) == target).float()
+
+    def agree(self, buf: torch.Tensor, lay: StepLayout, dev_tokens: torch.Tensor) -> None:
+        """Tensor parallel: the group's rank 0 tokens in ``dev_tokens[:k]`` on every rank, and at ``dev_tokens[k]``
+        a flag set where a rank staged another step (see ``TensorParallelGroup.agree``)."""
+        k = lay.num_samples
+        self.tp.agree(dev_tokens[:k], self._seg(buf, lay, "plan_crc"), dev_tokens[k:k + 1])
 
     def sampling_inputs(self, buf: torch.Tensor, lay: StepLayout) -> Optional[SamplingInputs]:
         return sampling_inputs(lay.sampling, lambda name: self._seg(buf, lay, name))

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from ..config import BatcherConfig
 from ..request import SamplingParams
+from ..tensor_parallel import trainer_tensor_parallel_size
 from .loop import ContinuousPredictionLoop
 from .progress import GenerationStats, format_summary, request_bar_for
 from .settings import PredictSettings
@@ -93,6 +94,7 @@ class ContinuousBatching(Callback):
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             parts = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(parts, self.stats)
+            parts = parts[::trainer_tensor_parallel_size(trainer)]  # a tensor-parallel group counts once
         self.summary = GenerationStats.combine(parts).summary()
         if self.log_summary:
             rank_zero_info("ContinuousBatching\n" + format_summary(self.summary))
@@ -110,7 +112,20 @@ class ContinuousBatching(Callback):
         """A fresh engine for one predict run, on the device Lightning put the model on."""
         from ..batcher import ContinuousBatcher
 
-        return ContinuousBatcher(self.find_model(module), self.find_tokenizer(module), config=self.config)
+        return ContinuousBatcher(self.find_model(module), self.find_tokenizer(module),
+                                 config=self.config_for(module.trainer))
+
+    def config_for(self, trainer: Trainer) -> BatcherConfig:
+        """The batcher's config on this trainer: the tensor-parallel size is the strategy's (``TensorParallelStrategy``
+        groups the ranks and shards the data); setting another one is an error."""
+        size, asked = trainer_tensor_parallel_size(trainer), self.config.tensor_parallel_size
+        if asked not in (1, size):
+            why = ("it is not a TensorParallelStrategy (trainer=tp), so every rank reads its own data"
+                   if size == 1 else f"it groups {size} ranks")
+            raise ValueError(f"BatcherConfig.tensor_parallel_size={asked} does not fit the trainer's strategy "
+                             f"{type(trainer.strategy).__name__}: {why}; use TensorParallelStrategy(tensor_parallel_"
+                             f"size={asked}) (trainer=tp trainer.strategy.tensor_parallel_size={asked})")
+        return BatcherConfig.from_overrides(self.config, tensor_parallel_size=size)
 
 
 def find_generation_model(module: LightningModule, model_attr: Optional[str] = None) -> torch.nn.Module:

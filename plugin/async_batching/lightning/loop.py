@@ -30,6 +30,8 @@ from lightning.pytorch.trainer import call
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from ..tensor_parallel import trainer_data_parallel_view
+
 from ..request import GenerationResult, ScoreResult
 from .batch import batch_items
 from .progress import GenerationStats
@@ -307,7 +309,7 @@ class ContinuousPredictionLoop(_PredictionLoop):
         )
         start = self._fallback_index.get(dataloader_idx, 0)
         self._fallback_index[dataloader_idx] = start + n
-        world, rank = self.trainer.world_size, self.trainer.global_rank
+        rank, world, _ = trainer_data_parallel_view(self.trainer)  # a tensor-parallel group reads one shard
         return [(start + i) * world + rank for i in range(n)]
 
     def _expected_requests(self) -> Optional[int]:

@@ -16,6 +16,7 @@ from typing import Any, Optional
 from lightning.pytorch import Callback
 
 from ..request import GenerationResult, Sample, ScoreResult
+from ..tensor_parallel import trainer_data_parallel_view
 from .record import RequestRecord, RowResult, row_error
 
 Key = tuple[int, int]  # (dataloader_idx, dataset index)
@@ -260,8 +261,10 @@ class JsonlPredictionWriter(Callback):
         self.merge = merge  # at the end: one file in dataset order (sorted in place for a single process)
         self.keep_parts = keep_parts
         self.retry_errors = retry_errors
-        self.rank = 0
+        self.rank = 0  # data-parallel rank and size: a tensor-parallel group counts as one
         self.world_size = 1
+        self.writes = True
+        self._barriers = False
         self.file_path = self.path
         self.written = 0
         self._index: Optional[OutputIndex] = None
@@ -270,9 +273,16 @@ class JsonlPredictionWriter(Callback):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "predict":
             return
-        self.rank, self.world_size = trainer.global_rank, trainer.world_size
+        # Under tensor parallelism a group of ranks serves one data shard: its first rank writes, the others read
+        # what earlier runs wrote (so that they skip the same requests) and write nothing.
+        self.rank, self.world_size, self.writes = trainer_data_parallel_view(trainer)
+        self._barriers = trainer.world_size > 1
         self.file_path = self.path if self.world_size == 1 else part_path(self.path, self.rank)
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        if not self.writes:
+            self._index = OutputIndex(self._files(), skip_errors=self.retry_errors) if self.resume else OutputIndex([])
+            self.written = 0
+            return
         if not self.resume:
             if self.rank == 0:
                 # Only files no live rank writes (each rank empties its own part below), so no rank loses lines.
@@ -283,10 +293,12 @@ class JsonlPredictionWriter(Callback):
                         os.remove(p)
             open(self.file_path, "w").close()
         repair_tail(self.file_path)
-        files = [self.path] + [p for p in part_paths(self.path) if p != self.path]
-        self._index = OutputIndex(files, skip_errors=self.retry_errors) if self.resume else OutputIndex([])
+        self._index = OutputIndex(self._files(), skip_errors=self.retry_errors) if self.resume else OutputIndex([])
         self._file = open(self.file_path, "a", encoding="utf-8")
         self.written = 0
+
+    def _files(self) -> list[str]:
+        return [self.path] + [p for p in part_paths(self.path) if p != self.path]
 
     @property
     def num_previous(self) -> int:
@@ -322,11 +334,11 @@ class JsonlPredictionWriter(Callback):
         self._close()
         if not self.merge:
             return
-        if self.world_size > 1:
+        if self._barriers:
             trainer.strategy.barrier("JsonlPredictionWriter.merge")
-        if self.rank == 0:
+        if self.rank == 0 and self.writes:
             merge_jsonl(self.path, part_paths(self.path), keep_parts=self.keep_parts)
-        if self.world_size > 1:
+        if self._barriers:
             trainer.strategy.barrier("JsonlPredictionWriter.merged")
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:

@@ -1,0 +1,93 @@
+"""Tensor parallelism with transformers' TP plans: two CPU ranks over gloo equal single-process `generate`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from async_batching import ContinuousBatcher, SamplingParams
+from async_batching.models import tiny_model
+from async_batching.tensor_parallel import data_parallel_view
+from engine_helpers import mixed_prompts, reference
+from tp_helpers import run_ranks
+
+NEW_TOKENS = 10
+ARCHS = ["llama", "qwen3", "qwen3_moe"]
+
+
+def _generate_on_rank(rank: int, arch: str, prompts: list, modes: tuple) -> dict:
+    """Every rank builds the same random model and the same engine; the engine shards the model over the group."""
+    model = tiny_model(arch)
+    out = {}
+    for mode in modes:
+        # A 32-token budget chunks the longer prompts; 24 blocks of 8 cannot hold four long requests: preemption.
+        b = ContinuousBatcher(model, mode=mode, tensor_parallel_size=2, max_num_seqs=4, max_batch_tokens=32,
+                              block_size=8, num_blocks=24)
+        results = b.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
+        out[mode] = {"tokens": [r.token_ids for r in results], "kv_heads": b.runner.layers[0].num_kv_heads,
+                     "preemptions": b.stats["preemptions"], "free": b.all_blocks_free()}
+        b.close()
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_tp2_matches_single_process_generate(arch):
+    prompts = mixed_prompts(7, lo=2, hi=70, seed=3)
+    model = tiny_model(arch)
+    refs = [reference(model, p, NEW_TOKENS) for p in prompts]
+    heads = model.config.num_key_value_heads
+    ranks = run_ranks(2, _generate_on_rank, arch, prompts, ("sync", "async"))
+    for rank, got in enumerate(ranks):
+        assert not isinstance(got, tuple), got
+        for mode, r in got.items():
+            assert r["tokens"] == refs, f"{arch} rank {rank} {mode}"
+            assert r["kv_heads"] == heads // 2, "each rank caches its local kv heads"
+            assert r["free"]
+    assert ranks[0]["async"]["preemptions"] > 0, "the cache was meant to force preemption"
+
+
+def _disagreeing_rank(rank: int) -> str:
+    model = tiny_model("llama")
+    b = ContinuousBatcher(model, tensor_parallel_size=2, max_num_seqs=4, max_batch_tokens=32, num_blocks=32)
+    prompt = [5, 6, 7] if rank == 0 else [5, 6, 8]  # a different request on rank 1: the group must notice
+    b.generate([prompt], SamplingParams(max_new_tokens=3))
+    return "no error"
+
+
+def test_ranks_that_plan_different_steps_fail_loudly():
+    for got in run_ranks(2, _disagreeing_rank):
+        assert isinstance(got, tuple) and got[1] == "PlanDisagreement", got
+
+
+def test_model_without_tp_plan_is_a_clear_error():
+    with pytest.raises(ValueError, match="GPT2LMHeadModel.*no tensor-parallel plan"):
+        ContinuousBatcher(tiny_model("gpt2"), tensor_parallel_size=2)
+
+
+def test_tp_size_not_dividing_the_heads_is_a_clear_error(tiny_llama):
+    with pytest.raises(ValueError, match="tensor_parallel_size=3 does not divide .*num_attention_heads=4"):
+        ContinuousBatcher(tiny_llama, tensor_parallel_size=3)
+    kv = tiny_model("llama", num_attention_heads=4, num_key_value_heads=1)
+    with pytest.raises(ValueError, match="tensor_parallel_size=2 does not divide .*num_key_value_heads=1"):
+        ContinuousBatcher(kv, tensor_parallel_size=2)
+
+
+def test_tp_without_a_process_group_is_a_clear_error(tiny_llama):
+    assert not torch.distributed.is_initialized()
+    with pytest.raises(ValueError, match="needs torch.distributed initialized"):
+        ContinuousBatcher(tiny_llama, tensor_parallel_size=2)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2"])
+def test_bad_tensor_parallel_size_names_the_key(bad):
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        ContinuousBatcher(tiny_model("llama"), tensor_parallel_size=bad)
+
+
+def test_data_parallel_view_gives_one_shard_and_one_writer_per_group():
+    # devices=4, tensor_parallel_size=2: ranks 0,1 serve shard 0 and ranks 2,3 shard 1; ranks 0 and 2 write.
+    assert [data_parallel_view(r, 4, 2) for r in range(4)] == [(0, 2, True), (0, 2, False), (1, 2, True),
+                                                                (1, 2, False)]
+    assert [data_parallel_view(r, 2, 1) for r in range(2)] == [(0, 2, True), (1, 2, True)]
+    with pytest.raises(ValueError, match="does not divide"):
+        data_parallel_view(0, 3, 2)
