@@ -9,6 +9,7 @@ import torch
 
 from .request import SamplingParams
 
+_PLAIN_INT = frozenset([int])
 TYPE_PROBLEMS = ("prompt must", "sampling must", "prompt tensor", "prompt is a string", "context must",
                  "continuation must", "context is a string", "continuation is a string")
 
@@ -39,17 +40,18 @@ class RequestValidator:
             return value.reshape(-1).tolist()
         if isinstance(value, (list, tuple)):
             ids = list(value)
-            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool)]
-            if bad:
-                problems.append(f"{what} holds non-integer token ids, e.g. {bad[0]!r}")
-                return None
+            if not set(map(type, ids)) <= _PLAIN_INT:  # else every id is a plain int: nothing to look for
+                bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool)]
+                if bad:
+                    problems.append(f"{what} holds non-integer token ids, e.g. {bad[0]!r}")
+                    return None
             return ids
         problems.append(f"{what} must be a list of token ids or a string, got {type(value).__name__}")
         return None
 
     def _fits(self, what: str, ids: list[int], total: int, problems: list[str]) -> None:
-        out = [t for t in ids if t < 0 or t >= self.vocab_size]
-        if out:
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            out = [t for t in ids if t < 0 or t >= self.vocab_size]
             problems.append(f"token id {out[0]} is outside the vocabulary [0, {self.vocab_size})")
         limit = self.max_model_len
         if total > limit:
