@@ -223,7 +223,7 @@ def summarise(job: EvaluateConfig, results: dict, parts: list, passes: dict, kwa
         for kind, t in part["timings"].items():
             into = timings.setdefault(kind, dict.fromkeys(t, 0))
             for key, value in t.items():
-                into[key] = max(into[key], value) if key == "seconds" else into[key] + value
+                into[key] = max(into[key], value) if key.endswith("seconds") else into[key] + value
         for key, value in part["engine"].items():
             if isinstance(value, (int, float)):
                 engine[key] = engine.get(key, 0) + value
@@ -253,7 +253,8 @@ def format_throughput(summary: dict) -> str:
              f"{summary['load_s']:.1f} s, engine built in {summary['startup_s']:.1f} s"]
     for kind, t in summary["timings"].items():
         extra = f", {t['output_tokens'] / t['seconds']:.0f} output tok/s" if t["output_tokens"] else ""
-        lines.append(f"  {kind:22s} {t['requests']:6d} requests in {t['seconds']:.1f} s{extra}")
+        engine = f" (engine {t['engine_seconds']:.1f} s)" if "engine_seconds" in t else ""
+        lines.append(f"  {kind:22s} {t['requests']:6d} requests in {t['seconds']:.1f} s{engine}{extra}")
     e = summary["engine"]
     if e.get("prompt_tokens"):
         lines.append(f"  prompt tokens {e['prompt_tokens']}, computed {e.get('prefill_tokens', '?')}, "

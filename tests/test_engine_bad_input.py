@@ -47,6 +47,22 @@ def test_bad_request_is_named_before_any_work(batcher, prompt, sampling, exc, me
     assert r.token_ids == reference(batcher.model, GOOD, 3)
 
 
+def test_pairs_sharing_one_context_list_are_each_checked(batcher):
+    """score() checks a context list shared by several pairs once; each pair's own continuation is still checked."""
+    ctx = [5, 6, 7, 8]
+    good = batcher.score([(ctx, [9]), (ctx, [10]), (list(ctx), [11])])
+    assert [round(r.logprob, 5) for r in good] == [round(r.logprob, 5) for r in
+                                                   batcher.score([(list(ctx), [t]) for t in (9, 10, 11)])]
+    with pytest.raises(ValueError, match=r"request 1: .*token id 384 is outside the vocabulary"):
+        batcher.score([(ctx, [9]), (ctx, [384]), (ctx, [10])])
+    bad = [5, 384]
+    with pytest.raises(ValueError, match=r"request 0: .*token id 384 is outside the vocabulary"):
+        batcher.score([(bad, [9]), (bad, [10])])
+    with pytest.raises(ValueError, match=r"request 1: .*non-integer token ids"):
+        batcher.score([(ctx, [9]), (ctx, [2.5])])
+    assert batcher.num_unfinished == 0
+
+
 def test_add_request_names_its_id(batcher):
     with pytest.raises(ValueError, match="request 77: prompt is empty"):
         batcher.add_request([], request_id=77)

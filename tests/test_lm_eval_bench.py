@@ -34,5 +34,28 @@ def test_eval_bench_times_both_backends_on_both_workloads_with_the_same_metrics(
         assert ours.keys() == hf.keys() and all(ours[t] == pytest.approx(hf[t]) for t in ours)
         assert by[w, "ours"]["speedup_vs_hf"] > 0 and by[w, "hf"]["speedup_vs_hf"] == 1.0
     assert 600 < by["e1", "ours"]["mean_prompt_tokens"] < 1000  # 8-shot prompts of about 800 tokens
+    for r in rows:  # simple_evaluate split: inside the backend's request calls (ours: the engine's part too) and outside
+        assert 0 < r["backend_s"] < r["wall_s"] and r["outside_backend_s"] == pytest.approx(r["wall_s"] - r["backend_s"])
+    assert 0 < by["e1", "ours"]["engine_s"] <= by["e1", "ours"]["backend_s"]
+    assert 0 < by["e2", "ours"]["engine_s"] <= by["e2", "ours"]["backend_s"]
+    assert set(by["e1", "hf"]["backend_calls_s"]) == {"generate_until"}
+    assert set(by["e2", "hf"]["backend_calls_s"]) == {"loglikelihood"}
     table = (out / "eval_bench.md").read_text()
     assert "| e1 | ours | 3 | 3 |" in table and "| e2 | hf | 3 | 12 |" in table
+
+
+def test_cached_templates_render_what_lm_eval_renders(repo_root, monkeypatch):
+    """--cache-templates: each template compiled once, the same text out (lm-eval compiles on every call)."""
+    import lm_eval.utils
+
+    monkeypatch.syspath_prepend(os.path.join(repo_root, "recipes"))
+    from bench.eval_bench import cache_templates
+
+    released = lm_eval.utils.apply_template
+    monkeypatch.setattr(lm_eval.utils, "apply_template", released)  # restored after the test
+    cache_templates()
+    docs = [{"question": "2 + 3?", "answer": "5"}, {"question": "Why {{ not }}?", "answer": ""}]
+    for template in ("Question: {{question}}\nAnswer:", "{{answer}}", "{{question | regex_replace('\\d', '#')}}"):
+        for doc in docs:
+            assert lm_eval.utils.apply_template(template, doc) == released(template, doc)
+    assert lm_eval.utils.apply_template is not released

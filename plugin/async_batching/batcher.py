@@ -80,9 +80,10 @@ class ContinuousBatcher:
         raise_problems(name, problems)
         return ids
 
-    def check_score(self, context: Prompt, continuation: Prompt, name: object = 0) -> tuple[list[int], int]:
+    def check_score(self, context: Prompt, continuation: Prompt, name: object = 0,
+                    _contexts: Optional[dict] = None) -> tuple[list[int], int]:
         """Validate one (context, continuation) pair; return its token ids and first scored position, or raise."""
-        ids, score_start, problems = self.validator.scoring(context, continuation)
+        ids, score_start, problems = self.validator.scoring(context, continuation, _contexts)
         raise_problems(name, problems)
         return ids, score_start
 
@@ -291,10 +292,13 @@ class ContinuousBatcher:
         if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Iterable):
             raise TypeError("pairs must be a list of (context, continuation) pairs")
         checked = []
+        # Contexts shared by several pairs (the same list object) are checked once; only over a list or tuple of
+        # pairs, which cannot change while they are checked.
+        contexts = {} if isinstance(pairs, (list, tuple)) else None
         for i, pair in enumerate(pairs):
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
                 raise TypeError(f"request {i}: a pair must be (context, continuation), got {type(pair).__name__}")
-            checked.append(self.check_score(pair[0], pair[1], i))
+            checked.append(self.check_score(pair[0], pair[1], i, contexts))
         return self._run_in_order(checked, "score" if progress else None)
 
     def abort(self, request_ids: Optional[Iterable[int]] = None) -> list[Result]:

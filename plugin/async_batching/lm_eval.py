@@ -30,7 +30,7 @@ from .request import SamplingParams
 log = logging.getLogger(__name__)
 
 MODEL_ARGS = ("pretrained", "dtype", "device", "max_length", "add_bos_token", "prefix_token_id", "tokenizer",
-              "max_gen_toks", "chat_template_args", "batch_size", "max_batch_size")
+              "max_gen_toks", "chat_template_args", "tokenizer_threads", "batch_size", "max_batch_size")
 # gen_kwargs the engine understands besides until / max_gen_toks / do_sample / temperature (normalised by lm-eval).
 SAMPLING_KEYS = ("top_p", "top_k", "min_p", "repetition_penalty", "seed", "ignore_eos")
 
@@ -54,6 +54,7 @@ class AsyncBatchingLM(TemplateLM):
         tokenizer: Any = None,
         max_gen_toks: int = 256,
         chat_template_args: Optional[dict] = None,
+        tokenizer_threads: Optional[int] = None,
         batch_size: Any = None,  # accepted for lm-eval's CLI and ignored: the engine batches continuously
         max_batch_size: Any = None,
         **batcher_args: Any,
@@ -81,7 +82,13 @@ class AsyncBatchingLM(TemplateLM):
         self.add_bos_token = add_bos_token
         self.custom_prefix_token_id = prefix_token_id
         self.chat_template_args = chat_template_args or {}
-        self.timings: dict[str, dict[str, float]] = {}  # per request type: calls, requests, seconds (for summaries)
+        # Threads encoding a call's strings (a fast tokenizer's batch call releases the GIL): the CPUs this process
+        # may use, shared with the other ranks on this host.
+        self.tokenizer_threads = (int(tokenizer_threads) if tokenizer_threads is not None
+                                  else _default_tokenizer_threads())
+        # Per request type: calls, requests, seconds (whole calls: tokenization, engine, results), engine_seconds (the
+        # engine's part), output_tokens.
+        self.timings: dict[str, dict[str, float]] = {}
 
     def _load(self, pretrained: Any, dtype: Optional[str], device: Optional[str], tokenizer: Any):
         from transformers import AutoTokenizer, PreTrainedModel
@@ -133,17 +140,36 @@ class AsyncBatchingLM(TemplateLM):
         return self.tokenizer.encode(string, **extra)
 
     def _encode_many(self, texts: list[str], bos_text: Optional[str]) -> dict[str, list[int]]:
-        """``tok_encode`` of each distinct text, in one batch call per special-token setting (``bos_text``: the
-        prefix meaning "BOS is already there")."""
+        """``tok_encode`` of each distinct text, in batch calls per special-token setting (``bos_text``: the prefix
+        meaning "BOS is already there"), spread over ``tokenizer_threads`` threads."""
         groups: dict[Optional[bool], list[str]] = {}
         for text in dict.fromkeys(texts):
             flag = False if has_bos_prefix(text, bos_text) else self.add_bos_token
             groups.setdefault(flag, []).append(text)
         out = {}
         for flag, group in groups.items():
-            extra = {} if flag is None else {"add_special_tokens": flag}
-            out.update(zip(group, self.tokenizer(group, return_attention_mask=False, **extra)["input_ids"]))
+            out.update(zip(group, self._batch_encode(group, flag)))
         return out
+
+    def _batch_encode(self, texts: list[str], add_special_tokens: Optional[bool]) -> list[list[int]]:
+        """The tokenizer's batch call over ``texts``; a fast tokenizer's in chunks on several threads (its Rust
+        encoding runs without the GIL), each chunk the same call, so the ids are the same."""
+        extra = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+
+        def encode(chunk: list[str]) -> list[list[int]]:
+            return self.tokenizer(chunk, return_attention_mask=False, **extra)["input_ids"]
+
+        threads = min(self.tokenizer_threads, len(texts) // _MIN_CHUNK)
+        if threads <= 1 or not getattr(self.tokenizer, "is_fast", False):
+            return encode(texts)
+        # The first call sets the backend's truncation/padding state (a mutation); the chunks then only read it.
+        encode(texts[:1])
+        size = -(-len(texts) // (threads * 4))  # a few chunks per thread evens out their lengths
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads, thread_name_prefix="async_batching-tok") as pool:
+            parts = pool.map(encode, [texts[i:i + size] for i in range(0, len(texts), size)])
+            return [ids for part in parts for ids in part]
 
     def tok_decode(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
@@ -168,6 +194,7 @@ class AsyncBatchingLM(TemplateLM):
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """TemplateLM's tokenization (a context's trailing spaces join the continuation, whose tokens are the whole
         string's after the context's), with each distinct string encoded once: the choices of a question share it."""
+        t0 = time.perf_counter()
         pairs = []
         for context, continuation in (req.args for req in requests):
             spaces = len(context) - len(context.rstrip())
@@ -183,18 +210,23 @@ class AsyncBatchingLM(TemplateLM):
                 ctx = enc[context]
                 cont = enc[context + continuation][len(ctx):]
             new.append((req.args, ctx, cont))
-        return self._loglikelihood_tokens(new, disable_tqdm=disable_tqdm)
+        out, engine_s = self._score(new, disable_tqdm)
+        self._timed("loglikelihood", len(requests), t0, engine_s)
+        return out
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """Score every (context, continuation) of the call in one ``score()`` call; the prefix cache shares contexts."""
         t0 = time.perf_counter()
-        out = self._score(requests, disable_tqdm)
-        self._timed("loglikelihood", len(requests), t0)
+        out, engine_s = self._score(requests, disable_tqdm)
+        self._timed("loglikelihood", len(requests), t0, engine_s)
         return out
 
-    def _score(self, requests, disable_tqdm: bool) -> list[tuple[float, bool]]:
+    def _score(self, requests, disable_tqdm: bool) -> tuple[list[tuple[float, bool]], float]:
+        """(logprob, is_greedy) per (key, context, continuation), and the seconds the engine took."""
         pairs = [self._fit_pair(ctx, cont) for _key, ctx, cont in requests]
+        t0 = time.perf_counter()
         results = self.batcher.score(pairs, progress=self._progress(disable_tqdm))
+        engine_s = time.perf_counter() - t0
         out = []
         for (key, _ctx, _cont), r in zip(requests, results):
             if not r.ok:
@@ -203,20 +235,21 @@ class AsyncBatchingLM(TemplateLM):
             if key is not None:  # rolling windows have no key: their sum is cached per document
                 self.cache_hook.add_partial("loglikelihood", key, answer)
             out.append(answer)
-        return out
+        return out, engine_s
 
     def _fit_pair(self, context: list[int], continuation: list[int]) -> tuple[list[int], list[int]]:
         """Left-truncate the context as the ``hf`` backend does (``max_length`` fed tokens plus the last continuation
         token), within the engine's positions."""
         limit = min(self.max_length + 1, self._engine_len)
+        if len(context) + len(continuation) <= limit:  # the usual case: nothing to cut
+            return context, continuation
         if len(continuation) >= limit:
             raise ValueError(f"async_batching: a continuation of {len(continuation)} tokens leaves no room for context "
                              f"within {limit} positions (max_length {self.max_length})")
         whole = context + continuation
-        if len(whole) > limit:
-            log.warning("context + continuation = %d tokens exceeds %d; truncating the context from the left",
-                        len(whole), limit)
-            whole = whole[-limit:]
+        log.warning("context + continuation = %d tokens exceeds %d; truncating the context from the left",
+                    len(whole), limit)
+        whole = whole[-limit:]
         split = len(whole) - len(continuation)
         return whole[:split], whole[split:]
 
@@ -231,15 +264,17 @@ class AsyncBatchingLM(TemplateLM):
                 windows.append((None, ctx, cont))
                 owners.append(i)
         totals = [0.0] * len(requests)
-        for i, (logprob, _greedy) in zip(owners, self._score(windows, disable_tqdm)):
+        scores, engine_s = self._score(windows, disable_tqdm)
+        for i, (logprob, _greedy) in zip(owners, scores):
             totals[i] += logprob
         for req, total in zip(requests, totals):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
-        self._timed("loglikelihood_rolling", len(requests), t0)
+        self._timed("loglikelihood_rolling", len(requests), t0, engine_s)
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Generate for every request of the call at once; ``repeats: k`` copies become one request with ``n=k``."""
+        t0 = time.perf_counter()
         args = [req.args for req in requests]
         runs = _identical_runs(args)
         # As the hf backend's batch encoding of generation contexts: no special tokens when BOS is already there.
@@ -251,9 +286,9 @@ class AsyncBatchingLM(TemplateLM):
             prompts.append(self._truncated(enc[context], sampling.max_new_tokens, start))
             params.append(sampling)
             stops.append(until)
-        t0 = time.perf_counter()
+        t1 = time.perf_counter()
         results = self.batcher.generate(prompts, params, progress=self._progress(disable_tqdm))
-        self._timed("generate_until", len(args), t0, tokens=sum(len(s.token_ids) for r in results for s in r.samples))
+        engine_s = time.perf_counter() - t1
         out = []
         for (start, count), until, r in zip(runs, stops, results):
             if not r.ok:
@@ -265,6 +300,8 @@ class AsyncBatchingLM(TemplateLM):
                 text = postprocess_generated_text(self.tok_decode(s.token_ids), until, None)
                 self.cache_hook.add_partial("generate_until", args[start], text)
                 out.append(text)
+        self._timed("generate_until", len(args), t0, engine_s,
+                    tokens=sum(len(s.token_ids) for r in results for s in r.samples))
         return out
 
     def _sampling(self, gen_kwargs: dict, n: int, index: int) -> tuple[SamplingParams, list[str]]:
@@ -310,11 +347,13 @@ class AsyncBatchingLM(TemplateLM):
     def _progress(self, disable_tqdm: bool) -> bool:
         return not disable_tqdm and self.rank == 0
 
-    def _timed(self, kind: str, n: int, t0: float, tokens: int = 0) -> None:
-        t = self.timings.setdefault(kind, {"calls": 0, "requests": 0, "seconds": 0.0, "output_tokens": 0})
+    def _timed(self, kind: str, n: int, t0: float, engine_s: float, tokens: int = 0) -> None:
+        t = self.timings.setdefault(kind, {"calls": 0, "requests": 0, "seconds": 0.0, "engine_seconds": 0.0,
+                                           "output_tokens": 0})
         t["calls"] += 1
         t["requests"] += n
         t["seconds"] += time.perf_counter() - t0
+        t["engine_seconds"] += engine_s
         t["output_tokens"] += tokens
 
     def close(self) -> None:
@@ -341,6 +380,18 @@ class AsyncBatchingLM(TemplateLM):
     def barrier(self) -> None:
         if self.world_size > 1:
             torch.distributed.barrier()
+
+
+_MIN_CHUNK = 32  # strings per thread below which more tokenizer threads cost more than they save
+
+
+def _default_tokenizer_threads() -> int:
+    """The CPUs this process may use over the ranks started on this host (torchrun's LOCAL_WORLD_SIZE), at most 16."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(16, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
 
 
 def _identical_runs(args: list) -> list[tuple[int, int]]:

@@ -37,16 +37,18 @@ class PrefixCache:
         hashes, bs = req.block_hashes, self.block_size
         if len(hashes) < num_blocks:
             prompt, out, p = req.prompt_ids, req.output_ids, len(req.prompt_ids)
+            a, b = len(hashes) * bs, num_blocks * bs
+            if b <= p:
+                tokens = prompt[a:b]
+            elif a >= p:
+                tokens = out[a - p:b - p]
+            else:
+                tokens = prompt[a:] + out[:b - p]
+            # The blocks' bytes in one conversion; each block hashes its slice, as block_hash() would.
+            data, step = array("q", tokens).tobytes(), bs * 8
             parent = hashes[-1] if hashes else b""
-            for j in range(len(hashes), num_blocks):
-                a, b = j * bs, (j + 1) * bs
-                if b <= p:
-                    tokens = prompt[a:b]
-                elif a >= p:
-                    tokens = out[a - p:b - p]
-                else:
-                    tokens = prompt[a:] + out[:b - p]
-                parent = block_hash(parent, tokens)
+            for start in range(0, len(data), step):
+                parent = hashlib.blake2b(data[start:start + step], digest_size=16, key=parent).digest()
                 hashes.append(parent)
         return hashes[:num_blocks]
 

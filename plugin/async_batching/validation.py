@@ -9,6 +9,7 @@ import torch
 
 from .request import SamplingParams
 
+_PLAIN_INT = frozenset([int])
 TYPE_PROBLEMS = ("prompt must", "sampling must", "prompt tensor", "prompt is a string", "context must",
                  "continuation must", "context is a string", "continuation is a string")
 
@@ -39,17 +40,23 @@ class RequestValidator:
             return value.reshape(-1).tolist()
         if isinstance(value, (list, tuple)):
             ids = list(value)
-            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool)]
-            if bad:
-                problems.append(f"{what} holds non-integer token ids, e.g. {bad[0]!r}")
-                return None
+            if not set(map(type, ids)) <= _PLAIN_INT:  # else every id is a plain int: nothing to look for
+                bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool)]
+                if bad:
+                    problems.append(f"{what} holds non-integer token ids, e.g. {bad[0]!r}")
+                    return None
             return ids
         problems.append(f"{what} must be a list of token ids or a string, got {type(value).__name__}")
         return None
 
-    def _fits(self, what: str, ids: list[int], total: int, problems: list[str]) -> None:
-        out = [t for t in ids if t < 0 or t >= self.vocab_size]
-        if out:
+    def _in_vocab(self, ids: list[int]) -> bool:
+        return not ids or (min(ids) >= 0 and max(ids) < self.vocab_size)
+
+    def _fits(self, what: str, ids: list[int], total: int, problems: list[str],
+              unchecked: Optional[list[int]] = None) -> None:
+        """``unchecked``: the part of ``ids`` whose vocabulary range is not known to be fine (default: all)."""
+        if not self._in_vocab(ids if unchecked is None else unchecked):
+            out = [t for t in ids if t < 0 or t >= self.vocab_size]
             problems.append(f"token id {out[0]} is outside the vocabulary [0, {self.vocab_size})")
         limit = self.max_model_len
         if total > limit:
@@ -81,11 +88,23 @@ class RequestValidator:
                        len(ids) + sampling.max_new_tokens, problems)
         return ids, problems
 
-    def scoring(self, context: Any, continuation: Any) -> tuple[list[int], int, list[str]]:
+    def scoring(self, context: Any, continuation: Any,
+                contexts: Optional[dict] = None) -> tuple[list[int], int, list[str]]:
         """Token ids of context + continuation, the first scored position, and the problems. An empty context scores
-        every continuation token after the first (the first one is the context)."""
+        every continuation token after the first (the first one is the context).
+
+        ``contexts``: a dict the caller keeps over pairs that cannot change meanwhile (one materialised list): a
+        context list met again, the same object (the choices of a question share theirs), is not checked again."""
         problems: list[str] = []
-        ctx = self._ids("context", context, problems)
+        known = contexts.get(id(context)) if contexts is not None else None
+        ctx_in_vocab = known is not None and known[0] is context  # the entry holds the object: its id is not reused
+        if ctx_in_vocab:
+            ctx = known[1]
+        else:
+            ctx = self._ids("context", context, problems)
+            if contexts is not None and isinstance(context, list) and ctx and not problems and self._in_vocab(ctx):
+                contexts[id(context)] = (context, ctx)
+                ctx_in_vocab = True
         cont = self._ids("continuation", continuation, problems, special_tokens=False)
         if ctx is None or cont is None:
             return [], -1, problems
@@ -95,7 +114,8 @@ class RequestValidator:
             problems.append("continuation is empty (nothing to score)")
             return ctx + cont, -1, problems
         ids = ctx + cont
-        self._fits(f"context ({len(ctx)}) + continuation ({len(cont)})", ids, len(ids), problems)
+        self._fits(f"context ({len(ctx)}) + continuation ({len(cont)})", ids, len(ids), problems,
+                   unchecked=cont if ctx_in_vocab else None)
         return ids, len(ctx) - 1, problems
 
 

@@ -7,7 +7,14 @@ the same model, on the two local-data workloads of BENCHMARKS.md:
 
 The model is W2's Llama-3.2-1B shape with random weights (fine for timing: a random model never writes the blank
 line, so every E1 answer is 256 tokens long for both backends), its vocabulary sized to the tokenizer saved next to
-it (SmolLM2's, 49,152 tokens). Each (workload, backend) runs in its own process; only ``simple_evaluate`` is timed.
+it (SmolLM2's, 49,152 tokens). Each (workload, backend) runs in its own process; only ``simple_evaluate`` is timed,
+split into the time inside the backend's request calls (``loglikelihood``, ``generate_until``: for ours, its
+tokenization, the engine and the result assembly, the engine's part shown apart) and the time lm-eval spends outside
+them (building requests and few-shot prompts, filters, metrics, environment info), the same work for both backends.
+
+``--cache-templates`` memoises lm-eval's compiled Jinja prompt templates (``lm_eval.utils.apply_template`` compiles
+its template on every call, lm-eval issue #1286) for both backends alike: the prompts and results are unchanged, but
+lm-eval as released does not do it, so it is off by default.
 
     python recipes/bench/eval_bench.py --out bench_eval                      # GPU: both workloads, both backends
     python recipes/bench/eval_bench.py --out /tmp/t --shape tiny --device cpu --dtype float32 --docs 4 --max-gen-toks 8
@@ -136,12 +143,46 @@ def save_model(path: str, shape: str, tokenizer: Any, dtype: str, device: str) -
     tokenizer.save_pretrained(path)
 
 
+REQUEST_TYPES = ("loglikelihood", "loglikelihood_rolling", "generate_until")
+
+
+def time_request_calls(lm: Any) -> dict[str, float]:
+    """Seconds spent inside ``lm``'s request methods, per request type, filled in as lm-eval calls them."""
+    spent: dict[str, float] = {}
+
+    def timed(kind: str, method: Any) -> Any:
+        def call(*a: Any, **kw: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return method(*a, **kw)
+            finally:
+                spent[kind] = spent.get(kind, 0.0) + time.perf_counter() - t0
+        return call
+
+    for kind in REQUEST_TYPES:  # lm-eval calls getattr(lm, request_type)(requests): the instance attribute wins
+        setattr(lm, kind, timed(kind, getattr(lm, kind)))
+    return spent
+
+
+def cache_templates() -> None:
+    """Compile each of lm-eval's Jinja prompt templates once instead of on every render (same text out)."""
+    import functools
+
+    import lm_eval.utils
+
+    compiled = functools.lru_cache(maxsize=None)(lm_eval.utils.env.from_string)
+    lm_eval.utils.apply_template = lambda template, doc: compiled(template).render(**doc)
+
+
 def child(args: argparse.Namespace) -> None:
     """One backend on one workload in this process; prints one JSON line."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     import async_batching.lm_eval  # noqa: F401  (registers "async_batching")
+
+    if args.cache_templates:
+        cache_templates()
 
     tasks = {"e1": ["bench_gen"], "e2": ["bench_mc"]}[args.child_workload]
     if args.child_backend == "ours":
@@ -154,6 +195,7 @@ def child(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     lm = lm_eval.api.registry.get_model(name).create_from_arg_obj(model_args)
     startup_s = time.perf_counter() - t0
+    in_backend = time_request_calls(lm)
     manager = TaskManager(include_path=os.path.join(args.out, "tasks"), include_defaults=False)
     t1 = time.perf_counter()
     results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, bootstrap_iters=0,
@@ -161,7 +203,9 @@ def child(args: argparse.Namespace) -> None:
     wall = time.perf_counter() - t1
     n_requests = sum(results["n-samples"][t]["effective"] * (4 if t.startswith("bench_mc") else 1)
                      for t in results["n-samples"])
+    backend_s = sum(in_backend.values())
     row = {"workload": args.child_workload, "backend": args.child_backend, "wall_s": wall, "startup_s": startup_s,
+           "backend_s": backend_s, "outside_backend_s": wall - backend_s, "backend_calls_s": in_backend,
            "requests": n_requests, "requests_per_s": n_requests / wall,
            "docs": sum(results["n-samples"][t]["effective"] for t in results["n-samples"]),
            "metrics": {t: {k: v for k, v in m.items() if "," in k and "stderr" not in k}
@@ -170,6 +214,7 @@ def child(args: argparse.Namespace) -> None:
     if args.child_backend == "ours":
         row["engine"] = engine = {k: v for k, v in lm.batcher.stats.items() if isinstance(v, (int, float))}
         row["timings"] = lm.timings
+        row["engine_s"] = sum(t.get("engine_seconds", 0.0) for t in lm.timings.values())
         row["mean_prompt_tokens"] = engine.get("prompt_tokens", 0) / max(engine.get("requests", 1), 1)
         row["output_tokens"] = engine.get("output_tokens")
     print("EVAL_BENCH_ROW " + json.dumps(row))
@@ -196,12 +241,16 @@ def run_child(args: argparse.Namespace, workload: str, backend: str) -> dict:
 
 def report(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [f"Model: {args.shape} shape, random weights, {args.dtype}, on {args.device}; hf batch_size "
-             f"{args.hf_batch_size}; engine args: {args.engine_args or 'defaults'}", "",
+             f"{args.hf_batch_size}; engine args: {args.engine_args or 'defaults'}; lm-eval templates "
+             f"{'cached (--cache-templates)' if args.cache_templates else 'as released'}", "",
+             "wall s: lm-eval's simple_evaluate; in backend s: inside the backend's request calls (ours: tokenization, "
+             "engine, results), of which engine s: our engine's calls; outside backend s: lm-eval's own work.", "",
              "| workload | backend | docs | lm-eval requests | mean prompt tokens | output tokens | wall s "
-             "| requests/s | speed-up vs hf | metrics |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| in backend s | of which engine s | outside backend s | requests/s | speed-up vs hf | metrics |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['workload']} | {r['backend']} | - | - | - | - | - | - | - | {r['error']} |")
+            lines.append(f"| {r['workload']} | {r['backend']} | - | - | - | - | - | - | - | - | - | - | {r['error']} |")
             continue
         hf = next((h for h in rows if h["workload"] == r["workload"] and h["backend"] == "hf" and "error" not in h),
                   None)
@@ -210,9 +259,10 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
                           if not t.startswith("bench_mc_"))
         speed = f"{r['speedup_vs_hf']:.2f}x" if r["speedup_vs_hf"] else "-"
         prompt = f"{r['mean_prompt_tokens']:.0f}" if r.get("mean_prompt_tokens") else "-"
+        engine = f"{r['engine_s']:.2f}" if "engine_s" in r else "-"
         lines.append(f"| {r['workload']} | {r['backend']} | {r['docs']} | {r['requests']} | {prompt} | "
-                     f"{r.get('output_tokens') or '-'} | {r['wall_s']:.2f} | {r['requests_per_s']:.1f} | {speed} | "
-                     f"{shown} |")
+                     f"{r.get('output_tokens') or '-'} | {r['wall_s']:.2f} | {r['backend_s']:.2f} | {engine} | "
+                     f"{r['outside_backend_s']:.2f} | {r['requests_per_s']:.1f} | {speed} | {shown} |")
     return "\n".join(lines) + "\n"
 
 
@@ -231,6 +281,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--hf-batch-size", default="64", help="lm-eval hf backend batch_size: an int or 'auto'")
     parser.add_argument("--engine-args", default="", help="BatcherConfig overrides for ours, 'k=v,k=v'")
+    parser.add_argument("--cache-templates", action="store_true",
+                        help="compile lm-eval's prompt templates once (both backends; lm-eval issue #1286)")
     parser.add_argument("--timeout-s", type=int, default=3600)
     parser.add_argument("--child-workload", help=argparse.SUPPRESS)
     parser.add_argument("--child-backend", help=argparse.SUPPRESS)
@@ -263,12 +315,14 @@ def main() -> None:
     for workload in workloads:
         for backend in [b for b in args.backends.split(",") if b]:
             rows.append(run_child(args, workload, backend))
-            print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("engine", "timings", "model_args")}))
+            print(json.dumps({k: v for k, v in rows[-1].items()
+                              if k not in ("engine", "timings", "model_args", "backend_calls_s")}))
     table = report(rows, args)
     with open(os.path.join(args.out, "eval_bench.md"), "w") as f:
         f.write(table)
     with open(os.path.join(args.out, "eval_bench.json"), "w") as f:
-        json.dump({"shape": args.shape, "dtype": args.dtype, "device": args.device, "results": rows}, f, indent=2)
+        json.dump({"shape": args.shape, "dtype": args.dtype, "device": args.device,
+                   "cache_templates": args.cache_templates, "results": rows}, f, indent=2)
     print(table)
 
 
