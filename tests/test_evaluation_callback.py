@@ -142,6 +142,8 @@ def test_bad_arguments_are_refused_with_the_reason():
         GenerationEvaluation(tasks=["x"], dtype="bfloat16")
     with pytest.raises(TypeError, match="unknown BatcherConfig field"):
         GenerationEvaluation(tasks=["x"], max_batch_tokenz=5)
+    with pytest.raises(ValueError, match="tensor_parallel_size > 1 is not supported yet"):
+        GenerationEvaluation(tasks=["x"], tensor_parallel_size=2)
 
 
 DDP_SCRIPT = r"""

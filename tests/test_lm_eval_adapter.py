@@ -56,6 +56,8 @@ def test_unknown_model_args_are_refused_naming_the_key_and_what_is_accepted(tiny
         AsyncBatchingLM(pretrained=tiny_llama, tokenizer=tok, max_batch_tokenz=64)
     with pytest.raises(ValueError, match="needs a tokenizer"):
         AsyncBatchingLM(pretrained="tiny:llama")
+    with pytest.raises(ValueError, match="tensor_parallel_size > 1 is not supported by the lm-eval backend"):
+        AsyncBatchingLM(pretrained=tiny_llama, tokenizer=tok, tensor_parallel_size=2)
 
 
 def test_batcher_config_keys_reach_the_engine_and_batch_size_is_ignored(tiny_llama, tok):

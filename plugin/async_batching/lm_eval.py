@@ -65,6 +65,10 @@ class AsyncBatchingLM(TemplateLM):
         if unknown:
             raise TypeError(f"async_batching: unknown model_args {unknown}; accepted: {sorted(MODEL_ARGS)} and the "
                             f"BatcherConfig fields {sorted(names)}")
+        if int(batcher_args.get("tensor_parallel_size", 1) or 1) > 1:
+            raise ValueError("async_batching: tensor_parallel_size > 1 is not supported by the lm-eval backend yet "
+                             "(lm-eval's data-parallel collectives would run over every rank of a group); use "
+                             "tensor_parallel_size=1 with data parallelism")
         self._rank, self._world_size = _init_distributed()
         model, tok = self._load(pretrained, dtype, device, tokenizer)
         if tok is None:

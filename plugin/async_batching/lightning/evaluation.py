@@ -61,6 +61,9 @@ class GenerationEvaluation(Callback):
             raise ValueError(f"GenerationEvaluation: {moving} would move or cast the model being trained; the engine "
                              "runs it where and as it is")
         self.config = BatcherConfig.from_overrides(None, memory_fraction=memory_fraction, **batcher_overrides)
+        if self.config.tensor_parallel_size > 1:
+            raise ValueError("GenerationEvaluation: tensor_parallel_size > 1 is not supported yet (the model being "
+                             "trained is not sharded by transformers' TP plan); use tensor_parallel_size=1")
         self.tasks, self.prompts, self.score_fn = (list(tasks) if tasks else None), prompts, score_fn
         self.sampling = sampling or SamplingParams(max_new_tokens=64)
         self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
