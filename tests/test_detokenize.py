@@ -97,3 +97,24 @@ def test_no_stop_string_means_no_stop(tok):
     ids = tok.encode("Café 😀 naïve")
     detok, texts, stopped_at = pushed(tok, ids, ["🎉", "xyz"])
     assert stopped_at is None and not detok.stopped and detok.finish() == "Café 😀 naïve"
+
+
+def test_the_rust_decode_stream_gives_what_the_window_decodes_give(tok):
+    """A fast tokenizer takes tokenizers' DecodeStream (one Rust call a token); the text after every push, the stopping
+    token and the final text equal those of the window decodes through ``tokenizer.decode``, on random ids (invalid
+    UTF-8 and the special token included) with stop strings."""
+    rng = random.Random(3)
+    stops = ["😀", "é ü", "\n", "ab"]
+    assert IncrementalDetokenizer(tok)._stream is not None
+    for _ in range(300):
+        ids = [rng.randrange(0, len(tok)) for _ in range(rng.randint(1, 16))]
+        stop = [rng.choice(stops)] if rng.random() < 0.7 else []
+        fast = IncrementalDetokenizer(tok, stop)
+        slow = IncrementalDetokenizer(tok, stop)
+        slow._stream = None
+        for t in ids:
+            a, b = fast.push(t), slow.push(t)
+            assert (a, fast.text) == (b, slow.text), (ids, stop)
+            if a:
+                break
+        assert fast.finish() == slow.finish(), (ids, stop)
