@@ -100,8 +100,10 @@ for what in "$@"; do
       tp_batcher=${TP_BATCHER:-'{"max_num_seqs": 32}'}  # BatcherConfig overrides (JSON) of every TP run
       TPB=(recipes/bench/tp_bench.py --workload conf/workload/w3.yaml --batcher "$tp_batcher")
       timeout -k 15 120 python3 "${TPB[@]}" --out "$OUT/tp/w3_tp1.json" > "$OUT/tp.log" 2>&1 || echo "tp: W3 TP=1 exited $?"
+      grep "^\[tp\]" "$OUT/tp.log" | tail -1  # as each run ends: a call cut short still reports the runs it made
       timeout -k 15 120 torchrun --nproc-per-node=2 "${TPB[@]}" --out "$OUT/tp/w3_tp2.json" >> "$OUT/tp.log" 2>&1 \
         || echo "tp: W3 TP=2 exited $?"
+      grep "^\[tp\]" "$OUT/tp.log" | tail -1
       timeout -k 15 240 torchrun --nproc-per-node=2 "${TPB[@]}" --shape llama70b --out "$OUT/tp/w3_llama70b_tp2.json" \
         >> "$OUT/tp.log" 2>&1 || echo "tp: 70B TP=2 exited $?"
       grep "^\[tp\]" "$OUT/tp.log"
