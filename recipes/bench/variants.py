@@ -433,7 +433,7 @@ class OursAsyncNoGraph(Ours):
 
 
 class OursAsyncCompile(Ours):
-    """Async with graphs, the model's forward torch.compile'd first (BatcherConfig.compile)."""
+    """Async with graphs, decode steps through torch.compile (BatcherConfig.compile; prefill stays eager)."""
 
     mode, compile = "async", True
 
