@@ -6,51 +6,19 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 from engine_helpers import mixed_prompts, reference
+from lightning_helpers import write_predict_script
 
 NEW = 8
 
-SCRIPT = """
-import json, sys
-sys.path.insert(0, {plugin!r})
-import lightning as L
-from lightning.pytorch.strategies import DDPStrategy
-from torch.utils.data import DataLoader
-from async_batching import SamplingParams
-from async_batching.lightning import ContinuousBatching, JsonlPredictionWriter
-from async_batching.models import tiny_model
-
-
-class UserModule(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.model = tiny_model("llama")
-
-    def predict_step(self, batch, batch_idx):
-        raise AssertionError("replaced by ContinuousBatching")
-
-
-if __name__ == "__main__":
-    prompts_path, out_path, summary_path = sys.argv[1:]
-    prompts = json.load(open(prompts_path))
-    cb = ContinuousBatching(SamplingParams(max_new_tokens={new}), max_num_seqs=4, num_blocks=128, log_summary=False)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(process_group_backend="gloo"),
-                        callbacks=[cb, JsonlPredictionWriter(out_path)], logger=False, enable_progress_bar=False,
-                        enable_model_summary=False)
-    trainer.predict(UserModule(), DataLoader(prompts, batch_size=3, collate_fn=lambda rows: {{"input_ids": rows}}),
-                    return_predictions=False)
-    if trainer.is_global_zero:
-        json.dump(cb.summary, open(summary_path, "w"))
-"""
 
 
 def test_ddp_two_cpu_ranks_shard_write_and_merge_in_dataset_order(tmp_path, repo_root, tiny_llama):
     prompts = mixed_prompts(13, lo=2, hi=30, seed=5)
     (tmp_path / "prompts.json").write_text(json.dumps(prompts))
     script = tmp_path / "predict_ddp.py"
-    script.write_text(textwrap.dedent(SCRIPT.format(plugin=os.path.join(repo_root, "plugin"), new=NEW)))
+    write_predict_script(script, repo_root, 'DDPStrategy(process_group_backend="gloo")', NEW)
     out = tmp_path / "out.jsonl"
     # A part left by an earlier, killed run on three ranks: its requests must be kept, not generated again.
     earlier = [{"index": i, "dataloader_idx": 0, "prompt": prompts[i], "output": None, "finish_reason": "length",

@@ -7,55 +7,23 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 from lightning.fabric.plugins.environments import LightningEnvironment
 
 from async_batching.lightning import TensorParallelStrategy
 from engine_helpers import mixed_prompts, reference
+from lightning_helpers import write_predict_script
 
 NEW = 8
 
-SCRIPT = """
-import json, os, sys
-sys.path.insert(0, {plugin!r})
-import lightning as L
-from torch.utils.data import DataLoader
-from async_batching import SamplingParams
-from async_batching.lightning import ContinuousBatching, JsonlPredictionWriter, TensorParallelStrategy
-from async_batching.models import tiny_model
-
-
-class UserModule(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.model = tiny_model("llama")
-
-    def predict_step(self, batch, batch_idx):
-        raise AssertionError("replaced by ContinuousBatching")
-
-
-if __name__ == "__main__":
-    prompts_path, out_path, summary_path = sys.argv[1:]
-    prompts = json.load(open(prompts_path))
-    cb = ContinuousBatching(SamplingParams(max_new_tokens={new}), max_num_seqs=4, num_blocks=128, log_summary=False)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=TensorParallelStrategy(process_group_backend="gloo"),
-                        callbacks=[cb, JsonlPredictionWriter(out_path)], logger=False, enable_progress_bar=False,
-                        enable_model_summary=False)
-    trainer.predict(UserModule(), DataLoader(prompts, batch_size=3, collate_fn=lambda rows: {{"input_ids": rows}}),
-                    return_predictions=False)
-    if trainer.is_global_zero:
-        summary = dict(cb.summary, nvls=os.environ.get("NCCL_NVLS_ENABLE"))
-        json.dump(summary, open(summary_path, "w"))
-"""
 
 
 def test_tp_two_cpu_ranks_generate_once_and_write_once(tmp_path, repo_root, tiny_llama):
     prompts = mixed_prompts(7, lo=2, hi=30, seed=6)
     (tmp_path / "prompts.json").write_text(json.dumps(prompts))
     script = tmp_path / "predict_tp.py"
-    script.write_text(textwrap.dedent(SCRIPT.format(plugin=os.path.join(repo_root, "plugin"), new=NEW)))
+    write_predict_script(script, repo_root, 'TensorParallelStrategy(process_group_backend="gloo")', NEW)
     out = tmp_path / "out.jsonl"
     env = {k: v for k, v in os.environ.items() if k != "NCCL_NVLS_ENABLE"}
     args = [str(tmp_path / "prompts.json"), str(out), str(tmp_path / "s.json")]
