@@ -294,7 +294,7 @@ def paged_attention(
     if target_m == 16:
         num_warps = 8 if head_dim_pad >= 128 or block_m * head_dim_pad >= 64 * 128 else 4
     else:
-        num_warps = 8 if block_m * head_dim_pad >= 64 * 256 else 4  # untested there (head_dim 256): as before
+        num_warps = 8 if head_dim_pad >= 256 and block_m * head_dim_pad >= 64 * 128 else 4  # head_dim 256: as before
         if block_q > 1:
             tile_n = 32
     num_stages = 2
