@@ -13,7 +13,6 @@ from lightning_helpers import write_predict_script
 NEW = 8
 
 
-
 def test_ddp_two_cpu_ranks_shard_write_and_merge_in_dataset_order(tmp_path, repo_root, tiny_llama):
     prompts = mixed_prompts(13, lo=2, hi=30, seed=5)
     (tmp_path / "prompts.json").write_text(json.dumps(prompts))

@@ -18,7 +18,6 @@ from lightning_helpers import write_predict_script
 NEW = 8
 
 
-
 def test_tp_two_cpu_ranks_generate_once_and_write_once(tmp_path, repo_root, tiny_llama):
     prompts = mixed_prompts(7, lo=2, hi=30, seed=6)
     (tmp_path / "prompts.json").write_text(json.dumps(prompts))
