@@ -23,7 +23,8 @@
 # (add `eval` for lm_eval's) downloads them into .whl/ once, on a machine with a registry; this script installs them
 # once per machine into /tmp/site.
 # Knobs: BENCH_ARGS (extra Hydra overrides for every benchmark step), FIRST_CALL=1 (first vs repeated call in every
-# step, not just w4 and w7), STEP_S (hard limit of one benchmark step, 560 s), EVAL_ARGS (eval_bench.py's arguments).
+# step, not just w4 and w7), STEP_S (hard limit of one benchmark step, 560 s), EVAL_ARGS (eval_bench.py's arguments),
+# W12_VARIANTS / W2S_VARIANTS / W4_VARIANTS / W6_VARIANTS (a step's variant list), TP_TESTS=0 (tp: benchmarks only).
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -69,10 +70,10 @@ for what in "$@"; do
       SUMMARIES+=("$OUT/gpu_tests.log" "$OUT/triton_tests.log") ;;
     soak) SOAK_SECONDS=${SOAK_SECONDS:-300} timeout -k 15 560 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_soak.py \
             > "$OUT/gpu_soak.log" 2>&1; tail -5 "$OUT/gpu_soak.log" ;;
-    w1|w2) bench "$what" static,hf_cb,ours_sync,ours_async,ours_async_no_prefix_cache,ours_async_compile,ours_async_lightning ;;
+    w1|w2) bench "$what" ${W12_VARIANTS:-static,hf_cb,ours_sync,ours_async,ours_async_no_prefix_cache,ours_async_compile,ours_async_lightning} ;;
     w3)  bench w3 ours_sync,ours_async ;;
     w2s) bench w2s ${W2S_VARIANTS:-ours_async,ours_async_greedy,ours_sync,static} ;;
-    w4)  bench w4 ours_async,ours_sync,static,hf_cb on ;;
+    w4)  bench w4 ${W4_VARIANTS:-ours_async,ours_sync,static,hf_cb} on ;;
     w5)  bench w5 ours_async,ours_async_no_prefix_cache,static,hf_cb ;;
     w6)  bench w6 ${W6_VARIANTS:-ours_async,static,hf_cb,ours_sync} off timeout_s=240 ;;  # each variant builds the 61 GB model anew
     w7)  bench w7 ours_async,ours_sync,ours_async_greedy,static on ;;
@@ -94,8 +95,8 @@ for what in "$@"; do
       fi ;;
     attention|ddp) bash recipes/run_on_h100.sh "$what" ;;
     tp)
-      timeout -k 15 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_tensor_parallel.py \
-        > "$OUT/tp_tests.log" 2>&1; tail -5 "$OUT/tp_tests.log"
+      [ "${TP_TESTS:-1}" = 1 ] && { timeout -k 15 150 python3 -m pytest -q -p no:cacheprovider -m gpu \
+        tests/test_gpu_tensor_parallel.py > "$OUT/tp_tests.log" 2>&1; tail -5 "$OUT/tp_tests.log"; }
       export NCCL_NVLS_ENABLE=0 PYTHONPATH=plugin${PYTHONPATH:+:$PYTHONPATH}
       tp_batcher=${TP_BATCHER:-'{"max_num_seqs": 32}'}  # BatcherConfig overrides (JSON) of every TP run
       TPB=(recipes/bench/tp_bench.py --workload conf/workload/w3.yaml --batcher "$tp_batcher")
