@@ -12,7 +12,8 @@
 #   w7 (~5)     nano-vllm's bench.py setting (issue 14: >= 25,000 out tok/s), first call vs repeated call
 #   s1 (~4)     scoring 4,000 pairs through ContinuousBatcher.score (issue 9)
 #   sampling (~1)  recipes/bench/sampling_speed.py: sample() alone, new against the previous implementation
-#   eval        recipes/bench/eval_bench.py (lm-eval; skipped when the file is not in this checkout)
+#   eval (~6)   recipes/bench/eval_bench.py, both backends (carry .whl built with 'fetch_wheels.sh eval' and
+#               .bench_tokenizer from 'eval_bench.py --save-tokenizer .bench_tokenizer')
 #   attention, ddp   as in recipes/run_on_h100.sh (ddp needs the nvidia-h200-x2 kind)
 #   tp (~9)     nvidia-h200-x2 kind: the tensor-parallel GPU tests; W3 on one GPU vs TP=2 (issue 15: decode >= 1.6x);
 #               W3's requests on a Llama-3.1-70B-shaped random bf16 model, TP=2 (recipes/bench/tp_bench.py)
@@ -23,8 +24,10 @@
 # (add `eval` for lm_eval's) downloads them into .whl/ once, on a machine with a registry; this script installs them
 # once per machine into /tmp/site.
 # Knobs: BENCH_ARGS (extra Hydra overrides for every benchmark step), FIRST_CALL=1 (first vs repeated call in every
-# step, not just w4 and w7), STEP_S (hard limit of one benchmark step, 560 s), EVAL_ARGS (eval_bench.py's arguments),
-# W12_VARIANTS / W2S_VARIANTS / W4_VARIANTS / W6_VARIANTS (a step's variant list), TP_TESTS=0 (tp: benchmarks only).
+# step, not just w4 and w7), STEP_S (hard limit of one benchmark step, 560 s), EVAL_ARGS (more eval_bench.py arguments),
+# EVAL_S (the eval step's limit, 500 s),
+# W12_VARIANTS / W2S_VARIANTS / W4_VARIANTS / W6_VARIANTS (a step's variant list), TP_TESTS=0 (tp: benchmarks only),
+# TP_70B=0 (tp: W3's shape only), TP_BATCHER (tp: BatcherConfig overrides as JSON).
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -89,8 +92,10 @@ for what in "$@"; do
         echo "eval: lm_eval does not import; run 'bash recipes/fetch_wheels.sh eval' and carry .whl; skipped"
       else
         python3 -m pip show pyarrow fsspec huggingface-hub 2>/dev/null | grep -E "^(Name|Version)" > "$OUT/eval.log"
-        timeout -k 15 560 python3 recipes/bench/eval_bench.py ${EVAL_ARGS:-device=cuda out_dir=$OUT/eval} >> "$OUT/eval.log" 2>&1 \
-          || echo "eval: exited with status $?"
+        # The work folder holds the saved 2.5 GB model: it stays in /tmp, and only the report comes back.
+        timeout -k 15 "${EVAL_S:-500}" python3 recipes/bench/eval_bench.py --out /tmp/eval_bench --tokenizer .bench_tokenizer \
+          ${EVAL_ARGS:-} >> "$OUT/eval.log" 2>&1 || echo "eval: exited with status $?"
+        mkdir -p "$OUT/eval" && cp /tmp/eval_bench/eval_bench.* "$OUT/eval/" 2>/dev/null
         SUMMARIES+=("$OUT/eval.log")
       fi ;;
     attention|ddp) bash recipes/run_on_h100.sh "$what" ;;
@@ -100,13 +105,13 @@ for what in "$@"; do
       export NCCL_NVLS_ENABLE=0 PYTHONPATH=plugin${PYTHONPATH:+:$PYTHONPATH}
       tp_batcher=${TP_BATCHER:-'{"max_num_seqs": 32}'}  # BatcherConfig overrides (JSON) of every TP run
       TPB=(recipes/bench/tp_bench.py --workload conf/workload/w3.yaml --batcher "$tp_batcher")
-      timeout -k 15 120 python3 "${TPB[@]}" --out "$OUT/tp/w3_tp1.json" > "$OUT/tp.log" 2>&1 || echo "tp: W3 TP=1 exited $?"
+      timeout -k 15 180 python3 "${TPB[@]}" --out "$OUT/tp/w3_tp1.json" > "$OUT/tp.log" 2>&1 || echo "tp: W3 TP=1 exited $?"
       grep "^\[tp\]" "$OUT/tp.log" | tail -1  # as each run ends: a call cut short still reports the runs it made
-      timeout -k 15 120 torchrun --nproc-per-node=2 "${TPB[@]}" --out "$OUT/tp/w3_tp2.json" >> "$OUT/tp.log" 2>&1 \
+      timeout -k 15 180 torchrun --nproc-per-node=2 "${TPB[@]}" --out "$OUT/tp/w3_tp2.json" >> "$OUT/tp.log" 2>&1 \
         || echo "tp: W3 TP=2 exited $?"
       grep "^\[tp\]" "$OUT/tp.log" | tail -1
-      timeout -k 15 240 torchrun --nproc-per-node=2 "${TPB[@]}" --shape llama70b --out "$OUT/tp/w3_llama70b_tp2.json" \
-        >> "$OUT/tp.log" 2>&1 || echo "tp: 70B TP=2 exited $?"
+      [ "${TP_70B:-1}" = 1 ] && { timeout -k 15 240 torchrun --nproc-per-node=2 "${TPB[@]}" --shape llama70b \
+        --out "$OUT/tp/w3_llama70b_tp2.json" >> "$OUT/tp.log" 2>&1 || echo "tp: 70B TP=2 exited $?"; }
       grep "^\[tp\]" "$OUT/tp.log"
       SUMMARIES+=("$OUT/tp_tests.log" "$OUT/tp.log") ;;
     *) echo "unknown step $what (steps: tests soak w1 w2 w2s w3 w4 w5 w6 w7 s1 sampling eval attention ddp tp)" >&2 ;;

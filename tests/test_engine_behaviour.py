@@ -141,6 +141,29 @@ def test_cancel_frees_blocks_and_leaves_others_untouched(model, prompts, mode):
     assert b.all_blocks_free()
 
 
+def test_compile_that_fails_logs_one_line_and_the_engine_runs_uncompiled(model, monkeypatch, caplog):
+    """A model torch.compile cannot compile: the engine is still built, says why in one warning, and its greedy
+    tokens equal generate's (decode steps uncompiled)."""
+    import async_batching.model_runner as mr
+
+    def uncompilable(fn, **_):
+        def call(*a, **kw):
+            raise RuntimeError("inductor: unsupported operator in this model")
+        return call
+
+    monkeypatch.setattr(mr.torch, "compile", uncompilable)
+    prompts = mixed_prompts(3, lo=5, hi=40, seed=8)
+    with caplog.at_level("WARNING", logger=mr.__name__):
+        b = ContinuousBatcher(model, compile=True)
+    assert b.runner._compiled is None
+    assert [r.message for r in caplog.records] == [
+        "LlamaForCausalLM: compile off, decode steps run uncompiled: RuntimeError: inductor: unsupported operator in "
+        "this model (at tests/test_engine_behaviour.py:"
+        f"{uncompilable.__code__.co_firstlineno + 2} in call)"]
+    out = b.generate(prompts, SamplingParams(max_new_tokens=8))
+    assert [r.token_ids for r in out] == [reference(model, p, 8) for p in prompts]
+
+
 def test_compiled_forward_matches_generate_with_chunking_and_preemption(model):
     """``compile=True`` (decode steps through torch.compile, attention left eager): greedy tokens equal generate's,
     in both modes, with prompts split over steps and a cache small enough to preempt; nothing compiles mid-run."""

@@ -407,17 +407,34 @@ class ModelRunner:
     def warmup(self) -> None:
         """Run steps of every query tile once so kernel compilation happens now, not during a run: Triton specialises
         the attention kernel on the query tile (a power of two up to 64 rows; the KV split count is a run-time
-        argument, and a one-sequence step takes the split path); with ``compile``, two-sequence decode steps too
-        (torch.compile specialises sizes of 1; decode steps are the compiled ones)."""
-        shapes = [(1, q) for q in (1, 2, 4, 8, 16, 32, 64) if q <= self.config.max_batch_tokens]
-        if self.config.compile:
-            shapes += [(2, 1), (3, 1)]
-        for num_seqs, q_len in shapes:
-            lay, buf = self._scratch_step(num_seqs, q_len)
-            with self._untimed_mode(), self.installed():
-                self._forward(buf, lay)
+        argument, and a one-sequence step takes the split path); with ``compile``, the decode steps first (see
+        ``_compile_decode``)."""
+        if self._compiled is not None:
+            self._compile_decode()
+        for q_len in (1, 2, 4, 8, 16, 32, 64):
+            if q_len <= self.config.max_batch_tokens:
+                self._scratch_forward(1, q_len)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def _scratch_forward(self, num_seqs: int, q_len: int) -> None:
+        lay, buf = self._scratch_step(num_seqs, q_len)
+        with self._untimed_mode(), self.installed():
+            self._forward(buf, lay)
+
+    def _compile_decode(self) -> None:
+        """Compile the decode forward for every batch size (torch.compile specialises sizes 1 and 2, hence three
+        shapes). A model torch.compile cannot compile keeps uncompiled decode steps, with one line logged: like the
+        CUDA graphs, ``compile`` never stops an engine from being built."""
+        try:
+            for num_seqs in (1, 2, 3):
+                self._scratch_forward(num_seqs, 1)
+        except Exception as e:  # noqa: BLE001 -- dynamo/inductor failures have no common base class
+            import torch._dynamo
+
+            self._compiled = None
+            torch._dynamo.reset()
+            log.warning("%s: compile off, decode steps run uncompiled: %s", type(self.model).__name__, _why(e))
 
     # --- CUDA graphs ----------------------------------------------------------------------------------------
     def capture_graphs(self, max_batch: int, stream: torch.cuda.Stream) -> None:
