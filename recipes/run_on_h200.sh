@@ -73,7 +73,7 @@ for what in "$@"; do
       SUMMARIES+=("$OUT/gpu_tests.log" "$OUT/triton_tests.log") ;;
     soak) SOAK_SECONDS=${SOAK_SECONDS:-300} timeout -k 15 560 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_soak.py \
             > "$OUT/gpu_soak.log" 2>&1; tail -5 "$OUT/gpu_soak.log" ;;
-    w1|w2) bench "$what" ${W12_VARIANTS:-static,hf_cb,ours_sync,ours_async,ours_async_no_prefix_cache,ours_async_compile,ours_async_lightning} ;;
+    w1|w2) bench "$what" ${W12_VARIANTS:-static,hf_cb,ours_sync,ours_async,ours_async_eager,ours_async_no_prefix_cache,ours_async_lightning} ;;
     w3)  bench w3 ours_sync,ours_async ;;
     w2s) bench w2s ${W2S_VARIANTS:-ours_async,ours_async_greedy,ours_sync,static} ;;
     w4)  bench w4 ${W4_VARIANTS:-ours_async,ours_sync,static,hf_cb} on ;;

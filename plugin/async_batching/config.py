@@ -27,7 +27,9 @@ class BatcherConfig:
     mode: str = "async"
     cuda_graphs: Optional[bool] = None  # None: on for CUDA, off elsewhere
     cuda_graph_max_batch: int = 512
-    compile: bool = False  # torch.compile the model for decode steps (dynamic shapes); decode graphs capture it; prefill eager
+    # torch.compile the model for decode steps (dynamic shapes, compiled at start-up; the decode graphs capture it;
+    # prefill eager). None: on where decode steps run in CUDA graphs (CUDA with the Triton kernel), off elsewhere.
+    compile: Optional[bool] = None
     attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere
     device: Optional[str] = None  # None: the model's device
     dtype: Optional[str] = None  # None: the model's dtype
@@ -63,8 +65,8 @@ class BatcherConfig:
             bad("cuda_graphs", "true, false or null (auto)")
         if self.prefix_caching not in (True, False):
             bad("prefix_caching", "true or false")
-        if self.compile not in (True, False):
-            bad("compile", "true or false")
+        if self.compile not in (None, True, False):
+            bad("compile", "true, false or null (auto: on with CUDA graphs)")
         if not isinstance(self.cuda_graph_max_batch, int) or self.cuda_graph_max_batch < 1:
             bad("cuda_graph_max_batch", "a positive int")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):

@@ -96,12 +96,6 @@ class ModelRunner:
         self.kernel = self._choose_kernel()
         self.ctx = StepContext(self.cache.k, self.cache.v, self.kernel)
         self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
-        # With ``compile``, decode steps (one query per sequence) call the model compiled once for all batch sizes
-        # (dynamic shapes; compiled in ``warmup`` and graph capture, before any request runs), and the decode graphs
-        # capture that code: fused kernels, no host cost at replay. Prefill and mixed steps call the model itself:
-        # compiled, their host cost per step (guards around each layer's attention) outweighed fusing kernels that
-        # matrix products dominate.
-        self._compiled = torch.compile(model, dynamic=True) if config.compile else None
         self.graphs: dict[int, tuple] = {}  # decode batch size -> (graph, static input, static logits, head size)
         self.graph_pool = None
         self.compute_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -111,10 +105,18 @@ class ModelRunner:
                    else "attention_backend 'triton' (Triton not available?)")
             raise ValueError(f"BatcherConfig.cuda_graphs=True needs a CUDA device and the Triton kernel: {why}; "
                              "use cuda_graphs=null (auto) or false")
+        # With ``compile``, decode steps (one query per sequence) call the model compiled once for all batch sizes
+        # (dynamic shapes; compiled in ``warmup`` and graph capture, before any request runs), and the decode graphs
+        # capture that code: fused kernels, no host cost at replay. Prefill and mixed steps call the model itself:
+        # compiled, their host cost per step (guards around each layer's attention) outweighed fusing kernels that
+        # matrix products dominate. Auto (None): on with decode graphs, where replay hides the compiled code's host
+        # cost; uncompiled decode steps on the CPU are host-bound, and compiling would only add start-up time.
+        self.compile = self.want_graphs if config.compile is None else bool(config.compile)
+        self._compiled = torch.compile(model, dynamic=True) if self.compile else None
 
     def start(self) -> None:
         """Compile and tune at start-up (kernel variants, ``compile``), then capture the decode graphs."""
-        if self.device.type == "cuda" or self.config.compile:
+        if self.device.type == "cuda" or self.compile:
             self.warmup()
         if self.want_graphs:
             self.capture_graphs(min(self.config.max_num_seqs, self.config.cuda_graph_max_batch), self.compute_stream)
@@ -402,7 +404,7 @@ class ModelRunner:
     def _untimed_mode(self):
         """Grad mode of warm-up and capture: with ``compile``, inference mode as the steps run (compiled code is
         specialised on it, so anything else would compile a second time)."""
-        return torch.inference_mode() if self.config.compile else torch.no_grad()
+        return torch.inference_mode() if self.compile else torch.no_grad()
 
     def warmup(self) -> None:
         """Run steps of every query tile once so kernel compilation happens now, not during a run: Triton specialises
@@ -461,6 +463,8 @@ class ModelRunner:
         except Exception as e:  # noqa: BLE001 -- whatever stops the capture, eager decode steps still run the model
             # Dropping the graphs releases their pool. The stream contexts above have restored the current stream.
             self.graphs, self.graph_pool = {}, None
+            if self.config.compile is None:  # auto compile goes with the graphs: uncompiled, eager steps cost less host time
+                self.compile, self._compiled = False, None
             log.warning("%s: CUDA graphs off, decode steps run eagerly: %s", type(self.model).__name__, _why(e))
             return
         self.graphs = dict(sorted(self.graphs.items()))

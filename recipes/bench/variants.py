@@ -276,15 +276,15 @@ class HfContinuousBatchingAsync(HfContinuousBatching):
 
 
 def _batcher_overrides(
-    job: dict[str, Any], mode: str, cuda_graphs: Optional[bool], compile: bool = False,
+    job: dict[str, Any], mode: str, cuda_graphs: Optional[bool], compile: Optional[bool] = None,
     prefix_caching: Optional[bool] = None,
 ) -> dict[str, Any]:
     kw = {k: v for k, v in (job.get("batcher") or {}).items() if v is not None}
     kw["mode"] = mode
     if cuda_graphs is not None:
         kw["cuda_graphs"] = cuda_graphs
-    if compile:
-        kw["compile"] = True
+    if compile is not None:  # None: the engine's default (on with CUDA graphs)
+        kw["compile"] = compile
     if prefix_caching is not None:  # None: the engine's default (on, once BatcherConfig has the key)
         kw["prefix_caching"] = prefix_caching
     return kw
@@ -362,7 +362,7 @@ class Ours(Variant):
 
     mode = "async"
     cuda_graphs: Optional[bool] = None
-    compile = False
+    compile: Optional[bool] = None  # None: the engine's default (decode steps compiled where they run in CUDA graphs)
     prefix_caching: Optional[bool] = None
     counts_steps = True
 
@@ -433,9 +433,16 @@ class OursAsyncNoGraph(Ours):
 
 
 class OursAsyncCompile(Ours):
-    """Async with graphs, decode steps through torch.compile (BatcherConfig.compile; prefill stays eager)."""
+    """Async with graphs, decode steps through torch.compile (BatcherConfig.compile; prefill stays eager): the
+    default on CUDA, forced on (e.g. with graphs off)."""
 
     mode, compile = "async", True
+
+
+class OursAsyncEager(Ours):
+    """``ours_async`` with ``compile=False``: decode graphs replay transformers' layer code kernel by kernel."""
+
+    mode, compile = "async", False
 
 
 class OursAsyncGreedy(Ours):
@@ -540,6 +547,7 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async": OursAsync,
     "ours_async_nograph": OursAsyncNoGraph,
     "ours_async_compile": OursAsyncCompile,
+    "ours_async_eager": OursAsyncEager,
     "ours_async_greedy": OursAsyncGreedy,
     "ours_async_no_prefix_cache": OursAsyncNoPrefixCache,
     "ours_async_lightning": OursLightning,
