@@ -301,3 +301,19 @@ def test_report_compares_sampled_with_greedy_cache_on_with_off_and_states_the_mo
     assert any("A step of 256 rows" in x and "3.500 s instead of 1.000 s" in x for x in lines)
     table = report.table(results)
     assert "scored tok/s" not in table and "out tok/s" in table  # empty columns are left out
+
+
+def test_kernel_family_groups_a_step_s_kernels_by_kind_of_work():
+    from bench.profiling import kernel_family
+
+    names = {
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "matmul (cuBLAS)",
+        "nvjet_tst_128x64_64x8_2x1_v_bz_TNN": "matmul (cuBLAS)",
+        "void cublasLt::splitKreduce_kernel<32, 16, int, float>(float*)": "matmul (cuBLAS)",
+        "triton_poi_fused_add_mul_3": "inductor poi",
+        "triton_red_fused_mean_pow_1": "inductor red",
+        "_paged_attention_kernel": "_paged_attention_kernel",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>(int)": "vectorized_elementwise_kernel",
+        "void (anonymous namespace)::elementwise_kernel_with_index<int>(int)": "elementwise_kernel_with_index",
+    }
+    assert {n: kernel_family(n) for n in names} == names

@@ -23,6 +23,7 @@ class Trace:
     copies: list[Interval] = field(default_factory=list)
     host: dict[str, list[Interval]] = field(default_factory=dict)
     setup: list[Interval] = field(default_factory=list)
+    kernel_ns: dict[str, int] = field(default_factory=dict)  # GPU time per kernel family (``kernel_family``)
 
     @property
     def wall_ns(self) -> int:
@@ -131,6 +132,21 @@ def _raw_events(prof: profile) -> list[tuple[str, str, int, int]]:
     return out
 
 
+def kernel_family(name: str) -> str:
+    """A kernel's name without its template arguments, launch bounds and inductor's fusion suffixes, so that the
+    GPU time of one kind of work adds up: matrix products, our attention, inductor's fused kernels, torch's ops."""
+    low = name.lower()
+    if any(tag in low for tag in ("gemm", "nvjet", "cutlass", "xmma", "gemv", "cublas")):
+        return "matmul (cuBLAS)"
+    if name.startswith("triton_"):  # inductor: triton_poi_fused_add_mul_0 -> inductor poi
+        return "inductor " + name.split("_")[1]
+    if name.startswith("void "):
+        name = name[5:]
+    name = name.replace("(anonymous namespace)::", "")
+    name = name.split("<")[0].split("(")[0]
+    return name.rsplit("::", 1)[-1][:60] or "?"
+
+
 def profiled_run(fn: Callable[[], Any], device: str) -> tuple[Any, Trace]:
     """Call ``fn`` under torch.profiler and return its result with the extracted trace."""
     prof = _profiler(device)
@@ -140,10 +156,12 @@ def profiled_run(fn: Callable[[], Any], device: str) -> tuple[Any, Trace]:
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
     run: Optional[Interval] = None
-    kernels, copies, host, setup = [], [], {}, []
+    kernels, copies, host, setup, families = [], [], {}, [], {}
     for name, kind, s, e in _raw_events(prof):
         if kind == "kernel":
             kernels.append((s, e))
+            family = kernel_family(name)
+            families[family] = families.get(family, 0) + e - s
         elif kind == "copy":
             copies.append((s, e))
         elif kind != "host":
@@ -156,4 +174,4 @@ def profiled_run(fn: Callable[[], Any], device: str) -> tuple[Any, Trace]:
             host.setdefault(name, []).append((s, e))
     if run is None:
         raise RuntimeError(f"profiler trace has no {RUN_RANGE!r} range")
-    return result, Trace(run=run, kernels=kernels, copies=copies, host=host, setup=setup)
+    return result, Trace(run=run, kernels=kernels, copies=copies, host=host, setup=setup, kernel_ns=families)

@@ -159,6 +159,9 @@ def notes(summary: dict[str, Any], results: list[dict[str, Any]]) -> list[str]:
             bits.append(f"ran {r['requests']} of {wl['requests']} requests (capped: slow baseline)")
         if prof.get("requests") is not None:
             bits.append(f"profiled {prof['requests']} requests x {prof['new_tokens']} new tokens")
+            if prof.get("kernel_ms_per_step"):
+                bits.append("GPU ms/step by kernel: " + ", ".join(
+                    f"{k} {v:.3f}" for k, v in prof["kernel_ms_per_step"].items()))
         elif r.get("status") == "ok" and not prof:
             bits.append("not profiled (profile.skip / profile.enabled)")
         if prof.get("error"):

@@ -157,6 +157,13 @@ def _profile(variant: Variant, reqs: Requests, device: str, job: dict) -> dict[s
     if steps:
         result["gpu_ms_per_step"] = trace.gpu_busy_ns() / 1e6 / steps if has_gpu else None
         result["host_ms_per_step"] = {name: trace.host_ns(name) / 1e6 / steps for name in sorted(trace.host)}
+        # Where the GPU time of a step goes: the 10 costliest kernel families (summed durations; overlapping
+        # kernels count twice), the rest as "other".
+        ranked = sorted(trace.kernel_ns.items(), key=lambda kv: -kv[1])
+        top = dict(ranked[:10])
+        if len(ranked) > 10:
+            top["other"] = sum(ns for _, ns in ranked[10:])
+        result["kernel_ms_per_step"] = {name: round(ns / 1e6 / steps, 4) for name, ns in top.items()}
     fig = job.get("figures") or {}
     window = trace.steady_window(float(fig.get("window_ms", 30)), float(fig.get("window_at", 0.7)))
     _write_json(job["timeline_path"], {"variant": job["variant"], **trace.window(window)})
