@@ -164,6 +164,24 @@ def time_request_calls(lm: Any) -> dict[str, float]:
     return spent
 
 
+def gc_pauses() -> dict[str, float]:
+    """Seconds the garbage collector pauses the process, per generation, filled in as collections happen."""
+    import gc
+
+    spent: dict[str, float] = {}
+    started: list[float] = []
+
+    def callback(phase: str, info: dict) -> None:
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            key = f"gen{info['generation']}"
+            spent[key] = spent.get(key, 0.0) + time.perf_counter() - started.pop()
+
+    gc.callbacks.append(callback)
+    return spent
+
+
 def cache_templates() -> None:
     """Compile each of lm-eval's Jinja prompt templates once instead of on every render (same text out)."""
     import functools
@@ -197,6 +215,7 @@ def child(args: argparse.Namespace) -> None:
     startup_s = time.perf_counter() - t0
     in_backend = time_request_calls(lm)
     manager = TaskManager(include_path=os.path.join(args.out, "tasks"), include_defaults=False)
+    gc_s = gc_pauses()
     t1 = time.perf_counter()
     results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, bootstrap_iters=0,
                                       log_samples=False)
@@ -210,7 +229,7 @@ def child(args: argparse.Namespace) -> None:
            "docs": sum(results["n-samples"][t]["effective"] for t in results["n-samples"]),
            "metrics": {t: {k: v for k, v in m.items() if "," in k and "stderr" not in k}
                        for t, m in results["results"].items()},
-           "model_args": {k: str(v) for k, v in model_args.items()}}
+           "model_args": {k: str(v) for k, v in model_args.items()}, "gc_s": dict(gc_s)}
     if args.child_backend == "ours":
         row["engine"] = engine = {k: v for k, v in lm.batcher.stats.items() if isinstance(v, (int, float))}
         row["timings"] = lm.timings
