@@ -167,9 +167,10 @@ def evaluate_rank(fabric: Any, job: EvaluateConfig, run_dir: str, overrides: lis
     import lm_eval
     from lm_eval.utils import handle_non_serializable, make_table
 
-    from async_batching.lm_eval import AsyncBatchingLM
+    from async_batching.lm_eval import AsyncBatchingLM, cache_templates
     from async_batching.models import load_model
 
+    cache_templates()  # lm-eval compiles each prompt template once, not on every document (same text)
     t0 = time.perf_counter()
     # The launcher picked this rank's device; batcher.dtype is honoured as the model's dtype when model.dtype is unset.
     model, tokenizer = load_model(job.model.name, dtype=job.model.dtype or job.batcher.dtype, device=str(fabric.device))

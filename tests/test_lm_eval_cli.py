@@ -45,3 +45,40 @@ def test_the_command_line_on_two_ranks_gives_the_single_process_results(repo_roo
     assert samples["words_gen"] == first["words_gen"]
     saved = [float(ll) for ll in sum(samples["words_ppl"], [])]  # the samples file holds them as text
     assert saved == pytest.approx(sum(first["words_ppl"], []), abs=1e-5)
+
+
+def test_cache_templates_compiles_each_template_once_and_renders_lm_eval_s_text(monkeypatch):
+    import lm_eval.utils
+
+    from async_batching import lm_eval as ours
+
+    released = lm_eval.utils.apply_template
+    monkeypatch.setattr(lm_eval.utils, "apply_template", released)  # restored after the test
+    docs = [{"question": "2 + 3?", "answer": "5"}, {"question": "Why {{ not }}?", "answer": ""}]
+    templates = ("Question: {{question}}\nAnswer:", "{{answer}}", "{{question | regex_replace('\\d', '#')}}")
+    want = {(t, i): released(t, doc) for t in templates for i, doc in enumerate(docs)}
+    compiles = []
+    real_from_string = lm_eval.utils.env.from_string
+    monkeypatch.setattr(lm_eval.utils.env, "from_string", lambda t: compiles.append(t) or real_from_string(t))
+    monkeypatch.delenv(ours.TEMPLATE_CACHE_ENV, raising=False)
+    assert ours.cache_templates() and ours.cache_templates()  # idempotent: wrapped once
+    for _ in range(3):
+        for template in templates:
+            for i, doc in enumerate(docs):
+                assert lm_eval.utils.apply_template(template, doc) == want[template, i]
+    assert compiles == list(templates)  # each compiled once, at its first render
+
+
+def test_cache_templates_is_off_with_the_environment_switch_and_on_in_the_command_line(monkeypatch):
+    import lm_eval.utils
+
+    from async_batching import lm_eval as ours
+
+    released = lm_eval.utils.apply_template
+    monkeypatch.setattr(lm_eval.utils, "apply_template", released)
+    monkeypatch.setenv(ours.TEMPLATE_CACHE_ENV, "0")
+    assert ours.cache_templates() is False and lm_eval.utils.apply_template is released
+    monkeypatch.delenv(ours.TEMPLATE_CACHE_ENV)
+    with pytest.raises(SystemExit):
+        ours.main(["--help"])
+    assert lm_eval.utils.apply_template is not released

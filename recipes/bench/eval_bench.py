@@ -13,8 +13,10 @@ tokenization, the engine and the result assembly, the engine's part shown apart)
 them (building requests and few-shot prompts, filters, metrics, environment info), the same work for both backends.
 
 ``--cache-templates`` memoises lm-eval's compiled Jinja prompt templates (``lm_eval.utils.apply_template`` compiles
-its template on every call, lm-eval issue #1286) for both backends alike: the prompts and results are unchanged, but
-lm-eval as released does not do it, so it is off by default.
+its template on every call, lm-eval issue #1286) for both backends alike: the prompts and results are unchanged. Our
+entry points (``python -m async_batching.lm_eval``, ``recipes/evaluate.py``, ``GenerationEvaluation``) do it by default
+(``async_batching.lm_eval.cache_templates``); this script calls ``simple_evaluate`` directly, as a user of lm-eval's
+Python API would, so by default it measures lm-eval as released for both.
 
     python recipes/bench/eval_bench.py --out bench_eval                      # GPU: both workloads, both backends
     python recipes/bench/eval_bench.py --out /tmp/t --shape tiny --device cpu --dtype float32 --docs 4 --max-gen-toks 8
@@ -183,13 +185,12 @@ def gc_pauses() -> dict[str, float]:
 
 
 def cache_templates() -> None:
-    """Compile each of lm-eval's Jinja prompt templates once instead of on every render (same text out)."""
-    import functools
+    """Compile each of lm-eval's Jinja prompt templates once instead of on every render (same text out): the
+    package's own ``async_batching.lm_eval.cache_templates``, which our entry points apply."""
+    os.environ.pop("ASYNC_BATCHING_TEMPLATE_CACHE", None)
+    from async_batching.lm_eval import cache_templates as cache
 
-    import lm_eval.utils
-
-    compiled = functools.lru_cache(maxsize=None)(lm_eval.utils.env.from_string)
-    lm_eval.utils.apply_template = lambda template, doc: compiled(template).render(**doc)
+    cache()
 
 
 def child(args: argparse.Namespace) -> None:

@@ -126,8 +126,9 @@ class GenerationEvaluation(Callback):
     def _tasks(self, lm) -> dict[str, float]:
         import lm_eval
 
-        from ..lm_eval import task_manager
+        from ..lm_eval import cache_templates, task_manager
 
+        cache_templates()  # lm-eval compiles each prompt template once, not on every document (same text)
         manager = task_manager(self.tasks, self.include_path)
         results = lm_eval.simple_evaluate(model=lm, tasks=self.tasks, task_manager=manager, log_samples=False,
                                           **self.lm_eval_args)
