@@ -164,6 +164,27 @@ def test_compile_that_fails_logs_one_line_and_the_engine_runs_uncompiled(model, 
     assert [r.token_ids for r in out] == [reference(model, p, 8) for p in prompts]
 
 
+def test_a_decode_step_that_would_compile_mid_run_runs_uncompiled_with_one_warning(model, caplog):
+    """A hook added after start-up fails the compiled code's guards: instead of compiling in the middle of the run,
+    the engine drops its compiled code, logs why once, and its tokens still equal generate's."""
+    import async_batching.model_runner as mr
+
+    prompts = mixed_prompts(4, lo=5, hi=40, seed=12)
+    want = [reference(model, p, 6) for p in prompts]
+    b = ContinuousBatcher(model, compile=True)
+    hook = model.model.layers[0].register_forward_pre_hook(lambda module, args: None)
+    try:
+        with caplog.at_level("WARNING", logger=mr.__name__):
+            out = b.generate(prompts, SamplingParams(max_new_tokens=6))
+    finally:
+        hook.remove()
+    assert [r.token_ids for r in out] == want
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and lines[0].startswith("LlamaForCausalLM: a decode step of 4 sequences would compile "
+                                                   "again during the run; decode steps run uncompiled from now on"), lines
+    assert b.runner._compiled is None
+
+
 def test_compiled_forward_matches_generate_with_chunking_and_preemption(model):
     """``compile=True`` (decode steps through torch.compile, attention left eager): greedy tokens equal generate's,
     in both modes, with prompts split over steps and a cache small enough to preempt; nothing compiles mid-run."""

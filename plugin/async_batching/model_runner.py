@@ -113,6 +113,7 @@ class ModelRunner:
         # cost; uncompiled decode steps on the CPU are host-bound, and compiling would only add start-up time.
         self.compile = self.want_graphs if config.compile is None else bool(config.compile)
         self._compiled = torch.compile(model, dynamic=True) if self.compile else None
+        self._running = False
 
     def start(self) -> None:
         """Compile and tune at start-up (kernel variants, ``compile``), then capture the decode graphs."""
@@ -120,6 +121,7 @@ class ModelRunner:
             self.warmup()
         if self.want_graphs:
             self.capture_graphs(min(self.config.max_num_seqs, self.config.cuda_graph_max_batch), self.compute_stream)
+        self._running = True  # from here on, compiled code that would compile again is not called (``_forward``)
 
     def staging_ints(self) -> int:
         """Int32 words the largest step stages, so every slot can hold it. With T tokens (at most the token budget or
@@ -362,12 +364,29 @@ class ModelRunner:
         pos = self._seg(buf, lay, "positions").long()[None]
         keep = self._seg(buf, lay, "logits_idx").long()
         kw = {attention.STEP_KWARG: self.ctx}
-        call = self._compiled if self._compiled is not None and lay.max_query_len == 1 else self.model
+        if self._compiled is not None and lay.max_query_len == 1:
+            if not self._running:
+                return self._logits(self._compiled, ids, pos, keep, kw)
+            # A decode step outside the graphs (graphs off, or more sequences than the largest graph): compiled code
+            # runs if it needs no new compile. One that would (a guard the model's state no longer passes, e.g. a
+            # hook added after start-up) stalls the job for as long as compiling takes, so the engine drops its
+            # compiled code instead, says why once, and runs this and later steps uncompiled.
+            try:
+                with torch.compiler.set_stance("fail_on_recompile"):
+                    return self._logits(self._compiled, ids, pos, keep, kw)
+            except RuntimeError as e:
+                if "Detected recompile" not in str(e):
+                    raise
+                self._compiled = None
+                log.warning("%s: a decode step of %d sequences would compile again during the run; decode steps run "
+                            "uncompiled from now on: %s", type(self.model).__name__, lay.num_seqs,
+                            " ".join(str(e).split())[:300])
+        return self._logits(self.model, ids, pos, keep, kw)
+
+    def _logits(self, call, ids: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor, kw: dict) -> torch.Tensor:
         if self._keep_arg:
-            logits = call(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep, **kw).logits[0]
-        else:
-            logits = call(input_ids=ids, position_ids=pos, use_cache=False, **kw).logits[0].index_select(0, keep)
-        return logits
+            return call(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep, **kw).logits[0]
+        return call(input_ids=ids, position_ids=pos, use_cache=False, **kw).logits[0].index_select(0, keep)
 
     @torch.no_grad()
     def forward(self, buf: torch.Tensor, lay: StepLayout) -> torch.Tensor:
