@@ -22,7 +22,7 @@ def _generate_on_gpu(rank: int, arch: str, prompts: list, mode: str) -> dict:
                           block_size=16, num_blocks=256)
     results = b.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
     out = {"tokens": [r.token_ids for r in results], "graph_steps": b.stats["graph_steps"],
-           "kv_heads": b.runner.layers[0].num_kv_heads}
+           "kv_heads": b.runner.layers[0].num_kv_heads, "compiled": b.runner._compiled is not None}
     b.close()
     return out
 
@@ -39,3 +39,4 @@ def test_fp32_tp2_on_two_gpus_matches_generate_with_graphs(arch, mode):
         assert got["tokens"] == refs, f"{arch} {mode} rank {rank}"
         assert got["graph_steps"] > 0, "decode steps replayed CUDA graphs holding the NCCL all-reduces"
         assert got["kv_heads"] == 1
+        assert got["compiled"], "decode steps compiled (the default with graphs), DTensor shards and all"
