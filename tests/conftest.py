@@ -32,3 +32,18 @@ def tiny_llama():
     from async_batching.models import tiny_model
 
     return tiny_model("llama")
+
+
+@pytest.fixture(autouse=True)
+def lm_eval_templates_as_released():
+    """Our entry points make lm-eval compile its templates once for the whole process (``cache_templates``): each
+    test starts and ends with lm-eval's own ``apply_template``, whichever entry point an earlier test ran."""
+    utils = sys.modules.get("lm_eval.utils")
+    original = getattr(utils, "apply_template", None) if utils is not None else None
+    original = getattr(original, "__wrapped__", original)
+    if original is not None:
+        utils.apply_template = original
+    yield
+    utils = sys.modules.get("lm_eval.utils")
+    if utils is not None:
+        utils.apply_template = getattr(utils.apply_template, "__wrapped__", utils.apply_template)

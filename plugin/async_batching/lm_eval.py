@@ -481,7 +481,7 @@ def cache_templates() -> bool:
         return compiled(template).render(**doc)
 
     apply_template._async_batching_cached = True
-    apply_template.__doc__ = lm_eval.utils.apply_template.__doc__
+    apply_template.__wrapped__ = lm_eval.utils.apply_template  # lm-eval's own, for whoever needs it back
     lm_eval.utils.apply_template = apply_template
     return True
 
