@@ -457,10 +457,7 @@ class ModelRunner:
             for num_seqs in (1, 2, 3):
                 self._scratch_forward(num_seqs, 1)
         except Exception as e:  # noqa: BLE001 -- dynamo/inductor failures have no common base class
-            import torch._dynamo
-
-            self._compiled = None
-            torch._dynamo.reset()
+            self._compiled = None  # never called again (dynamo's caches stay: other engines may use them)
             log.warning("%s: compile off, decode steps run uncompiled: %s", type(self.model).__name__, _why(e))
 
     # --- CUDA graphs ----------------------------------------------------------------------------------------
