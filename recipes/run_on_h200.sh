@@ -14,6 +14,7 @@
 #   sampling (~1)  recipes/bench/sampling_speed.py: sample() alone, new against the previous implementation
 #   eval (~6)   recipes/bench/eval_bench.py, both backends (carry .whl built with 'fetch_wheels.sh eval' and
 #               .bench_tokenizer from 'eval_bench.py --save-tokenizer .bench_tokenizer')
+#   atune (~4) the Triton attention kernel's tests natively, then recipes/bench/attention_tuning.py's launch sweep
 #   attention, ddp   as in recipes/run_on_h100.sh (ddp needs the nvidia-h200-x2 kind)
 #   tp (~9)     nvidia-h200-x2 kind: the tensor-parallel GPU tests; W3 on one GPU vs TP=2 (issue 15: decode >= 1.6x);
 #               W3's requests on a Llama-3.1-70B-shaped random bf16 model, TP=2 (recipes/bench/tp_bench.py)
@@ -23,10 +24,11 @@
 # five helpers, chardet, pytz, rouge-score, nltk, defusedxml, sqlitedict, word2number). `bash recipes/fetch_wheels.sh`
 # (add `eval` for lm_eval's) downloads them into .whl/ once, on a machine with a registry; this script installs them
 # once per machine into /tmp/site.
-# Knobs: BENCH_ARGS (extra Hydra overrides for every benchmark step), FIRST_CALL=1 (first vs repeated call in every
+# Knobs: GPU_TESTS_K (tests: a pytest -k filter), GPU_TESTS_S (tests: time limit, 560 s), TRITON_TESTS=0 (tests: skip
+# the native run of the kernel tests), BENCH_ARGS (extra Hydra overrides for every benchmark step), FIRST_CALL=1 (first vs repeated call in every
 # step, not just w4 and w7), STEP_S (hard limit of one benchmark step, 560 s), EVAL_ARGS (more eval_bench.py arguments),
 # EVAL_S (the eval step's limit, 500 s),
-# W12_VARIANTS / W2S_VARIANTS / W4_VARIANTS / W6_VARIANTS (a step's variant list), TP_TESTS=0 (tp: benchmarks only),
+# W12_VARIANTS / W2S_VARIANTS / W4_VARIANTS / W6_VARIANTS / W7_VARIANTS (a step's variant list), TP_TESTS=0 (tp: benchmarks only),
 # TP_70B=0 (tp: W3's shape only), TP_BATCHER (tp: BatcherConfig overrides as JSON).
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -66,11 +68,14 @@ pack() {  # the device returns at most 8 files: past that, one archive per step 
 for what in "$@"; do
   case "$what" in
     tests) # -m "gpu and not slow": the soak is its own step; the unmarked kernel tests run natively when CUDA is there
-      timeout -k 15 560 python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m "gpu and not slow" tests/ \
-        > "$OUT/gpu_tests.log" 2>&1; tail -15 "$OUT/gpu_tests.log"
-      timeout -k 15 300 python3 -m pytest -q -p no:cacheprovider -m "not gpu" tests/test_triton_attention.py \
-        > "$OUT/triton_tests.log" 2>&1; tail -5 "$OUT/triton_tests.log"
-      SUMMARIES+=("$OUT/gpu_tests.log" "$OUT/triton_tests.log") ;;
+      timeout -k 15 "${GPU_TESTS_S:-560}" python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors \
+        -m "gpu and not slow" ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} tests/ > "$OUT/gpu_tests.log" 2>&1; tail -15 "$OUT/gpu_tests.log"
+      SUMMARIES+=("$OUT/gpu_tests.log")
+      if [ "${TRITON_TESTS:-1}" = 1 ]; then
+        timeout -k 15 300 python3 -m pytest -q -p no:cacheprovider -m "not gpu" tests/test_triton_attention.py \
+          > "$OUT/triton_tests.log" 2>&1; tail -5 "$OUT/triton_tests.log"
+        SUMMARIES+=("$OUT/triton_tests.log")
+      fi ;;
     soak) SOAK_SECONDS=${SOAK_SECONDS:-300} timeout -k 15 560 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_soak.py \
             > "$OUT/gpu_soak.log" 2>&1; tail -5 "$OUT/gpu_soak.log" ;;
     w1|w2) bench "$what" ${W12_VARIANTS:-static,hf_cb,ours_sync,ours_async,ours_async_eager,ours_async_no_prefix_cache,ours_async_lightning} ;;
@@ -79,7 +84,7 @@ for what in "$@"; do
     w4)  bench w4 ${W4_VARIANTS:-ours_async,ours_sync,static,hf_cb} on ;;
     w5)  bench w5 ours_async,ours_async_no_prefix_cache,static,hf_cb ;;
     w6)  bench w6 ${W6_VARIANTS:-ours_async,static,hf_cb,ours_sync} off timeout_s=240 ;;  # each variant builds the 61 GB model anew
-    w7)  bench w7 ours_async,ours_sync,ours_async_greedy,static on ;;
+    w7)  bench w7 ${W7_VARIANTS:-ours_async,ours_sync,ours_async_greedy,static} on ;;
     s1)  bench s1 ours_async,ours_sync,static ;;
     sampling)
       PYTHONPATH=plugin${PYTHONPATH:+:$PYTHONPATH} timeout -k 15 240 python3 recipes/bench/sampling_speed.py \
@@ -98,6 +103,12 @@ for what in "$@"; do
         mkdir -p "$OUT/eval" && cp /tmp/eval_bench/eval_bench.* "$OUT/eval/" 2>/dev/null
         SUMMARIES+=("$OUT/eval.log")
       fi ;;
+    atune) # the Triton attention kernel's tests, natively (bf16 and GPU-only cases included), then its launch sweep
+      timeout -k 15 240 python3 -m pytest -q -p no:cacheprovider tests/test_triton_attention.py \
+        > "$OUT/triton_tests.log" 2>&1; tail -3 "$OUT/triton_tests.log"
+      timeout -k 15 "${ATUNE_S:-300}" python3 recipes/bench/attention_tuning.py > "$OUT/attention_tuning.md" \
+        2> "$OUT/attention_tuning.err" || echo "atune: exited with status $?"
+      SUMMARIES+=("$OUT/triton_tests.log" "$OUT/attention_tuning.md") ;;
     attention|ddp) bash recipes/run_on_h100.sh "$what" ;;
     tp)
       [ "${TP_TESTS:-1}" = 1 ] && { timeout -k 15 150 python3 -m pytest -q -p no:cacheprovider -m gpu \
@@ -114,7 +125,7 @@ for what in "$@"; do
         --out "$OUT/tp/w3_llama70b_tp2.json" >> "$OUT/tp.log" 2>&1 || echo "tp: 70B TP=2 exited $?"; }
       grep "^\[tp\]" "$OUT/tp.log"
       SUMMARIES+=("$OUT/tp_tests.log" "$OUT/tp.log") ;;
-    *) echo "unknown step $what (steps: tests soak w1 w2 w2s w3 w4 w5 w6 w7 s1 sampling eval attention ddp tp)" >&2 ;;
+    *) echo "unknown step $what (steps: tests soak w1 w2 w2s w3 w4 w5 w6 w7 s1 sampling eval atune attention ddp tp)" >&2 ;;
   esac
 done
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from async_batching import ContinuousBatcher, SamplingParams
+from async_batching.attention import STEP_KWARG
 from async_batching.models import tiny_model
 from engine_helpers import mixed_prompts, reference, word_tokenizer
 
@@ -185,18 +186,78 @@ def test_a_decode_step_that_would_compile_mid_run_runs_uncompiled_with_one_warni
     assert b.runner._compiled is None
 
 
-def test_compiled_forward_matches_generate_with_chunking_and_preemption(model):
-    """``compile=True`` (decode steps through torch.compile, attention left eager): greedy tokens equal generate's,
-    in both modes, with prompts split over steps and a cache small enough to preempt; nothing compiles mid-run."""
+def _count_compiled_calls(b, monkeypatch) -> dict:
+    """Counts of the runner's forward calls through the compiled model, by step kind."""
+    calls = {"prefill": 0, "decode": 0, "eager": 0}
+    runner, logits = b.runner, b.runner._logits
+
+    def spy(call, ids, pos, keep, kw):
+        kind = ("eager" if call is not runner._compiled
+                else "decode" if kw[STEP_KWARG].meta.max_query_len == 1 else "prefill")
+        calls[kind] += 1
+        return logits(call, ids, pos, keep, kw)
+
+    monkeypatch.setattr(runner, "_logits", spy)
+    return calls
+
+
+def test_a_prefill_step_that_would_compile_mid_run_runs_uncompiled_with_one_warning(model, monkeypatch, caplog):
+    """Compiled prefill steps meet a guard they no longer pass (a hook added after start-up): the first prefill step
+    drops compiled prefill with one warning, the first decode step drops the rest with another, and the tokens still
+    equal generate's."""
+    import async_batching.model_runner as mr
+
+    monkeypatch.setattr(mr, "PREFILL_COMPILE_MIN_WORK", 1.0)
+    prompts = mixed_prompts(4, lo=5, hi=40, seed=12)
+    want = [reference(model, p, 6) for p in prompts]
+    b = ContinuousBatcher(model, compile=True)
+    hook = model.model.layers[0].register_forward_pre_hook(lambda module, args: None)
+    try:
+        with caplog.at_level("WARNING", logger=mr.__name__):
+            out = b.generate(prompts, SamplingParams(max_new_tokens=6))
+    finally:
+        hook.remove()
+    assert [r.token_ids for r in out] == want
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    prompt_tokens = sum(len(p) for p in prompts)  # all four prompts fit the first step
+    assert lines[0].startswith(f"LlamaForCausalLM: a prefill step of {prompt_tokens} tokens would compile again during "
+                               "the run; prefill steps run uncompiled from now on"), lines
+    assert lines[1].startswith("LlamaForCausalLM: a decode step of 4 sequences would compile again during the run; "
+                               "decode steps run uncompiled from now on"), lines
+    assert b.runner._compiled_prefill is False and b.runner._compiled is None
+
+
+def test_compiled_forward_matches_generate_with_chunking_and_preemption(model, monkeypatch):
+    """``compile=True`` (decode and prefill steps through torch.compile, attention left eager; prefill steps of any
+    size here): greedy tokens equal generate's, in both modes, with prompts split over steps (steps keeping 0, 1 and
+    many logits rows) and a cache small enough to preempt; nothing compiles mid-run."""
+    import async_batching.model_runner as mr
     from torch._dynamo.utils import counters
 
+    monkeypatch.setattr(mr, "PREFILL_COMPILE_MIN_WORK", 1.0)
     prompts = mixed_prompts(10, lo=1, hi=90, seed=7)
     want = [reference(model, p, 12, eos=2) for p in prompts]
     for mode in ("sync", "async"):
         b = ContinuousBatcher(model, mode=mode, compile=True, max_batch_tokens=48, num_blocks=24, block_size=8)
+        assert b.runner.prefill_compile_min_tokens == 1
         compiled = counters["stats"]["unique_graphs"]
         assert compiled > 0  # built and warmed up: the compiled code exists before any request
+        calls = _count_compiled_calls(b, monkeypatch)
         out = b.generate(prompts, SamplingParams(max_new_tokens=12))
         assert [r.token_ids for r in out] == want
         assert b.stats["preemptions"] > 0 and b.all_blocks_free()
         assert counters["stats"]["unique_graphs"] == compiled, "a shape compiled during the run, not at start-up"
+        assert calls["prefill"] > 0 and calls["decode"] > 0 and calls["eager"] == 0, calls
+
+
+def test_prefill_steps_below_the_work_threshold_call_the_model_uncompiled(model, monkeypatch):
+    """The default threshold: a tiny model's prefill steps are far below it (their GPU work would not hide the
+    compiled code's host cost), so they run uncompiled while decode steps run compiled."""
+    b = ContinuousBatcher(model, compile=True, max_batch_tokens=48)
+    assert b.runner.prefill_compile_min_tokens > 48
+    calls = _count_compiled_calls(b, monkeypatch)
+    prompts = mixed_prompts(4, lo=20, hi=60, seed=3)
+    out = b.generate(prompts, SamplingParams(max_new_tokens=4))
+    assert [r.token_ids for r in out] == [reference(model, p, 4, eos=2) for p in prompts]
+    assert calls["decode"] > 0 and calls["prefill"] == 0 and calls["eager"] > 0, calls

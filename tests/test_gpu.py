@@ -54,6 +54,18 @@ def test_fp32_cuda_triton_path_matches_generate(arch, graphs, capsys):
             print(f"\n[gpu] {arch}: compile fell back to uncompiled decode steps")
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "gpt_oss", "qwen3_moe"])
+def test_fp32_compiled_prefill_steps_match_generate(arch, monkeypatch):
+    """Every prefill step through the compiled model too (threshold forced to one token; by default only steps of
+    large models' work are): greedy tokens equal generate's, with soft-capping (gemma2), sinks (gpt_oss) and experts."""
+    import async_batching.model_runner as mr
+
+    monkeypatch.setattr(mr, "PREFILL_COMPILE_MIN_WORK", 1.0)
+    b = _fp32_matches_generate(arch, True)
+    assert b.runner.prefill_compile_min_tokens == 1
+    assert b.runner._compiled is not None and b.runner._compiled_prefill, "compiled prefill fell back"
+
+
 MOE = ["gpt_oss", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]
 RUNNER_LOG = "async_batching.model_runner"
 
@@ -201,9 +213,12 @@ def test_async_stress_random_lengths_small_cache():
     assert b.all_blocks_free() and b.num_unfinished == 0
 
 
-def test_nothing_compiles_during_a_run():
+def test_nothing_compiles_during_a_run(monkeypatch):
     """Every kernel variant is compiled at start-up: a run of every step shape (long prompts in chunks, decode at many
-    batch sizes, n samples, scoring) adds no Triton variant of the attention kernels, and no torch.compile graph."""
+    batch sizes, n samples, scoring) adds no Triton variant of the attention kernels, and no torch.compile graph:
+    uncompiled, compiled (decode steps; this small model's prefill steps stay below the work threshold), and compiled
+    with every prefill step through the compiled model too."""
+    import async_batching.model_runner as mr
     from torch._dynamo.utils import counters
 
     from async_batching.triton_paged_attention import _merge_splits_kernel, _paged_attention_kernel, compiled_variants
@@ -215,7 +230,8 @@ def test_nothing_compiles_during_a_run():
                              temperature=rng.choice([0.0, 0.8])) for _ in prompts]
     pairs = [(p[:rng.randint(1, len(p))], [5, 6, 7]) for p in prompts[:20]]
     earlier = []
-    for compile_ in (False, True):
+    for compile_, min_work in ((False, None), (True, None), (True, 1.0)):
+        monkeypatch.setattr(mr, "PREFILL_COMPILE_MIN_WORK", min_work or mr.PREFILL_COMPILE_MIN_WORK)
         # Variants compiled by earlier tests in this process would hide one that only this engine's start-up misses:
         # forget them (kept alive in ``earlier``: graphs captured by other engines may still launch them).
         for fn in (_paged_attention_kernel, _merge_splits_kernel):
@@ -223,11 +239,13 @@ def test_nothing_compiles_during_a_run():
                 earlier.append(dict(cache[0]))
                 cache[0].clear()
         b = ContinuousBatcher(model, compile=compile_, max_batch_tokens=1024, max_num_seqs=64)
+        assert (b.runner.prefill_compile_min_tokens == 1) == (min_work is not None)
         variants, graphs = compiled_variants(), counters["stats"]["unique_graphs"]
         b.generate(prompts, params)
         b.score(pairs)
         assert compiled_variants() == variants, f"a Triton kernel compiled during the run (compile={compile_})"
         assert counters["stats"]["unique_graphs"] == graphs, "torch.compile compiled during the run"
+        assert b.runner._compiled_prefill == compile_, "compiled prefill steps fell back during the run"
         b.close()
 
 

@@ -107,12 +107,18 @@ class ModelRunner:
                              "use cuda_graphs=null (auto) or false")
         # With ``compile``, decode steps (one query per sequence) call the model compiled once for all batch sizes
         # (dynamic shapes; compiled in ``warmup`` and graph capture, before any request runs), and the decode graphs
-        # capture that code: fused kernels, no host cost at replay. Prefill and mixed steps call the model itself:
-        # compiled, their host cost per step (guards around each layer's attention) outweighed fusing kernels that
-        # matrix products dominate. Auto (None): on with decode graphs, where replay hides the compiled code's host
-        # cost; uncompiled decode steps on the CPU are host-bound, and compiling would only add start-up time.
+        # capture that code: fused kernels, no host cost at replay. Prefill and mixed steps run outside the graphs,
+        # so the compiled code's host cost (guards around each layer's attention, milliseconds a step) is paid on
+        # every call: they call the compiled model only when their GPU work clearly outweighs it, at least
+        # ``prefill_compile_min_tokens`` tokens (``PREFILL_COMPILE_MIN_WORK`` / the model's parameters: about 3,200
+        # tokens for a 1B model; never for a 135M one with the default token budget), where fusing the norms, rotary
+        # and MLP activations saves more GPU time than the host spends. Smaller ones call the model itself. Auto
+        # (None): on with decode graphs, where replay hides the compiled code's host cost; uncompiled decode steps
+        # on the CPU are host-bound, and compiling would only add start-up time.
         self.compile = self.want_graphs if config.compile is None else bool(config.compile)
         self._compiled = torch.compile(model, dynamic=True) if self.compile else None
+        self.prefill_compile_min_tokens = max(1, int(min(PREFILL_COMPILE_MIN_WORK / _param_count(model), 2 ** 62)))
+        self._compiled_prefill = self.compile  # off for good if a prefill step would compile during a run
         self._running = False
 
     def start(self) -> None:
@@ -364,6 +370,20 @@ class ModelRunner:
         pos = self._seg(buf, lay, "positions").long()[None]
         keep = self._seg(buf, lay, "logits_idx").long()
         kw = {attention.STEP_KWARG: self.ctx}
+        if (self._compiled is not None and lay.max_query_len > 1 and self._compiled_prefill
+                and lay.num_tokens >= self.prefill_compile_min_tokens):
+            if not self._running:
+                return self._logits(self._compiled, ids, pos, keep, kw)
+            try:  # as decode steps below; a prefill step that would compile drops compiled prefill only
+                with torch.compiler.set_stance("fail_on_recompile"):
+                    return self._logits(self._compiled, ids, pos, keep, kw)
+            except RuntimeError as e:
+                if "Detected recompile" not in str(e):
+                    raise
+                self._compiled_prefill = False
+                log.warning("%s: a prefill step of %d tokens would compile again during the run; prefill steps run "
+                            "uncompiled from now on: %s", type(self.model).__name__, lay.num_tokens,
+                            " ".join(str(e).split())[:300])
         if self._compiled is not None and lay.max_query_len == 1:
             if not self._running:
                 return self._logits(self._compiled, ids, pos, keep, kw)
@@ -433,12 +453,14 @@ class ModelRunner:
 
     def warmup(self) -> None:
         """Run steps of every query tile once so kernel compilation happens now, not during a run: Triton specialises
-        the attention kernel on the query tile (a power of two up to 64 rows; the KV split count is a run-time
+        the attention kernel on the query tile (a power of two up to 128 queries; the KV split count is a run-time
         argument, and a one-sequence step takes the split path); with ``compile``, the decode steps first (see
         ``_compile_decode``)."""
         if self._compiled is not None:
             self._compile_decode()
-        for q_len in (1, 2, 4, 8, 16, 32, 64):
+        if self._compiled is not None:
+            self._compile_prefill()
+        for q_len in (1, 2, 4, 8, 16, 32, 64, 128):
             if q_len <= self.config.max_batch_tokens:
                 self._scratch_forward(1, q_len)
         if self.device.type == "cuda":
@@ -459,6 +481,23 @@ class ModelRunner:
         except Exception as e:  # noqa: BLE001 -- dynamo/inductor failures have no common base class
             self._compiled = None  # never called again (dynamo's caches stay: other engines may use them)
             log.warning("%s: compile off, decode steps run uncompiled: %s", type(self.model).__name__, _why(e))
+
+    def _compile_prefill(self) -> None:
+        """Compile the prefill/mixed-step forward: token and kept-row counts independent (the decode code has one
+        size for both), with 0, 1 and more kept rows (a step whose chunks all end mid-prompt keeps none; torch.compile
+        specialises sizes 0 and 1). Failing that, prefill steps stay eager."""
+        try:
+            with self._untimed_mode(), self.installed():  # inputs made inside too: compiled code checks inference mode
+                lay, buf = self._scratch_step(3, 8)
+                ids = self._seg(buf, lay, "input_ids").long()[None]
+                pos = self._seg(buf, lay, "positions").long()[None]
+                keep = self._seg(buf, lay, "logits_idx").long()
+                self.ctx.meta = self._metadata(buf, lay)
+                for kept in (0, 1, 3):
+                    self._logits(self._compiled, ids, pos, keep[:kept], {attention.STEP_KWARG: self.ctx})
+        except Exception as e:  # noqa: BLE001 -- as _compile_decode
+            self._compiled_prefill = False
+            log.warning("%s: prefill steps run uncompiled: %s", type(self.model).__name__, _why(e))
 
     # --- CUDA graphs ----------------------------------------------------------------------------------------
     def capture_graphs(self, max_batch: int, stream: torch.cuda.Stream) -> None:
@@ -522,6 +561,19 @@ class ModelRunner:
                          impl, _why(own_error))
             return impl
         raise own_error
+
+
+# Prefill and mixed steps call the compiled model when tokens x parameters reach this (about 8 TFLOP of matrix
+# products, ~10 ms on an H200): the compiled code's host cost, a few milliseconds a step, then hides behind the GPU.
+PREFILL_COMPILE_MIN_WORK = 4e12
+
+
+def _param_count(model) -> int:
+    """Parameters this process holds (a tensor-parallel shard counts its local part)."""
+    total = 0
+    for p in model.parameters():
+        total += (p.to_local() if hasattr(p, "to_local") else p).numel()
+    return max(total, 1)
 
 
 def _experts_candidates(model) -> list[Optional[str]]:

@@ -36,6 +36,58 @@ def _tanh(x):
 
 
 MAX_SPLITS = 16
+LOG2E = 1.4426950408889634  # logits are kept in log2 units: exp2(x * log2(e)) = exp(x), one multiply fewer
+
+
+@triton.jit
+def _attend_tile(q, k_ptr, v_ptr, bt_row, start, hi, q_pos, row_valid, offs_d, d_valid, kv_head,
+                 m_i, l_i, acc, qk_scale, softcap, sliding_window,
+                 stride_kb, stride_ks, stride_kh, stride_kd,
+                 stride_vb, stride_vs, stride_vh, stride_vd,
+                 BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, MASKED: tl.constexpr,
+                 USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One tile of TILE_N keys from ``start`` into the running softmax state (log2 units: exp2 of scaled logits).
+    MASKED=False: every key of the tile is below ``hi`` and visible to every row (no masks, no masked loads)."""
+    offs_n = tl.arange(0, TILE_N)
+    k_pos = start + offs_n
+    if MASKED:
+        k_valid = k_pos < hi  # also guarantees we never read block-table entries past the sequence
+        phys = tl.load(bt_row + k_pos // BLOCK_SIZE, mask=k_valid, other=0).to(tl.int64)
+    else:
+        phys = tl.load(bt_row + k_pos // BLOCK_SIZE).to(tl.int64)
+    slot = k_pos % BLOCK_SIZE
+    k_off = phys * stride_kb + slot * stride_ks + kv_head * stride_kh
+    v_off = phys * stride_vb + slot * stride_vs + kv_head * stride_vh
+
+    # K loaded already transposed ([HEAD_DIM_PAD, TILE_N]) so the dot needs no tl.trans.
+    if MASKED:
+        k = tl.load(k_ptr + k_off[None, :] + offs_d[:, None] * stride_kd,
+                    mask=k_valid[None, :] & d_valid[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptr + k_off[None, :] + offs_d[:, None] * stride_kd, mask=d_valid[:, None], other=0.0)
+    s = tl.dot(q, k, input_precision=DOT_PRECISION)
+    if USE_SOFTCAP:
+        s = softcap * _tanh(s * (qk_scale / 1.4426950408889634) / softcap) * 1.4426950408889634
+    else:
+        s = s * qk_scale
+    if MASKED:
+        mask = row_valid[:, None] & k_valid[None, :] & (k_pos[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            mask = mask & (k_pos[None, :] > q_pos[:, None] - sliding_window)
+        s = tl.where(mask, s, float("-inf"))
+
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    # Masked V rows must be 0, not garbage: 0 * NaN would poison the accumulator.
+    if MASKED:
+        v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :] * stride_vd,
+                    mask=k_valid[:, None] & d_valid[None, :], other=0.0)
+    else:
+        v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :] * stride_vd, mask=d_valid[None, :], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
 
 
 # The step's query starts and sequence lengths are slices of its staging buffer, at offsets of any alignment: left
@@ -48,7 +100,7 @@ def _paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr,
     part_acc_ptr, part_m_ptr, part_l_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, sinks_ptr,
-    scale, softcap, sliding_window,
+    qk_scale, softcap, sliding_window,
     stride_qt, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -120,39 +172,28 @@ def _paged_attention_kernel(
         if split == 0:
             # The sink as a key already seen: logit sinks[head] (not scaled or capped), weight exp(0) = 1, value 0.
             # It is finite, so masked tiles after it still give exp(-inf - m) = 0 as above.
-            m_i = tl.load(sinks_ptr + head, mask=row_valid, other=-1.0e30).to(tl.float32)
+            m_i = tl.load(sinks_ptr + head, mask=row_valid, other=-1.0e30).to(tl.float32) * 1.4426950408889634
             l_i = tl.where(row_valid, 1.0, 0.0)
 
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    offs_n = tl.arange(0, TILE_N)
-    for start in range(lo, hi, TILE_N):
-        k_pos = start + offs_n
-        k_valid = k_pos < hi  # also guarantees we never read block-table entries past the sequence
-        phys = tl.load(bt_row + k_pos // BLOCK_SIZE, mask=k_valid, other=0).to(tl.int64)
-        slot = k_pos % BLOCK_SIZE
-        k_off = phys * stride_kb + slot * stride_ks + kv_head * stride_kh
-        v_off = phys * stride_vb + slot * stride_vs + kv_head * stride_vh
-
-        # K loaded already transposed ([HEAD_DIM_PAD, TILE_N]) so the dot needs no tl.trans.
-        k = tl.load(k_ptr + k_off[None, :] + offs_d[:, None] * stride_kd,
-                    mask=k_valid[None, :] & d_valid[:, None], other=0.0)
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale
-        if USE_SOFTCAP:
-            s = softcap * _tanh(s / softcap)
-        mask = row_valid[:, None] & k_valid[None, :] & (k_pos[None, :] <= q_pos[:, None])
-        if USE_WINDOW:
-            mask = mask & (k_pos[None, :] > q_pos[:, None] - sliding_window)
-        s = tl.where(mask, s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        # Masked V rows must be 0, not garbage: 0 * NaN would poison the accumulator.
-        v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :] * stride_vd,
-                    mask=k_valid[:, None] & d_valid[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    # Keys up to the block's first query position are visible to every row: whole tiles of them need no mask (no
+    # causal, range or window test, no masked loads). The rest (the diagonal, a split's ragged end, any window) does.
+    if USE_WINDOW:
+        mid = lo
+    else:
+        mid = lo + tl.maximum(tl.minimum(hi, ctx_start + q_block * BLOCK_Q + 1) - lo, 0) // TILE_N * TILE_N
+    for start in range(lo, mid, TILE_N):
+        m_i, l_i, acc = _attend_tile(q, k_ptr, v_ptr, bt_row, start, hi, q_pos, row_valid, offs_d, d_valid, kv_head,
+                                     m_i, l_i, acc, qk_scale, softcap, sliding_window,
+                                     stride_kb, stride_ks, stride_kh, stride_kd,
+                                     stride_vb, stride_vs, stride_vh, stride_vd,
+                                     BLOCK_SIZE, TILE_N, False, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION)
+    for start in range(mid, hi, TILE_N):
+        m_i, l_i, acc = _attend_tile(q, k_ptr, v_ptr, bt_row, start, hi, q_pos, row_valid, offs_d, d_valid, kv_head,
+                                     m_i, l_i, acc, qk_scale, softcap, sliding_window,
+                                     stride_kb, stride_ks, stride_kh, stride_kd,
+                                     stride_vb, stride_vs, stride_vh, stride_vd,
+                                     BLOCK_SIZE, TILE_N, True, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION)
 
     if num_splits == 1:
         # Every valid row saw at least its own key, so l_i > 0 there; the guard only keeps padded rows finite.
@@ -202,7 +243,7 @@ def _merge_splits_kernel(
     acc = tl.load(part_acc_ptr + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
                   mask=s_valid[:, None] & d_valid[None, :], other=0.0)
     m_max = tl.max(m, 0)
-    w = tl.exp(m - m_max)
+    w = tl.exp2(m - m_max)  # partial states are in log2 units
     l_tot = tl.sum(w * l, 0)
     out = tl.sum(acc * w[:, None], 0) / l_tot
     tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d * stride_od,
@@ -283,7 +324,10 @@ def paged_attention(
     # Aim at a 64-row tile for 16-bit prefill (amortises each K/V tile over many query rows); decode uses BLOCK_Q = 1
     # and only the GQA group fills the rows.  tl.dot needs >= 16 rows, hence the floor on BLOCK_M.  fp32 dots run on
     # FMA units ("ieee") and spill registers with 64-row tiles on sm_90 (ptxas -v), so fp32 aims at 16 rows.
-    target_m = 16 if q.dtype == torch.float32 else 64
+    # 16-bit prefill at head_dim <= 64 aims at 128 rows (see below), otherwise 64.
+    target_m = 16 if q.dtype == torch.float32 else (128 if head_dim_pad <= 64 else 64)
+    if TUNING and max_query_len > 1:  # the sweep's query tile of prefill and mixed steps
+        target_m = TUNING.get("target_m", target_m)
     block_q = min(triton.next_power_of_2(max_query_len), max(1, target_m // triton.next_power_of_2(G)))
     block_m = max(16, triton.next_power_of_2(block_q * G))
     tile_n = 32 if head_dim_pad >= 256 else 64
@@ -297,6 +341,12 @@ def paged_attention(
         num_warps = 8 if head_dim_pad >= 256 and block_m * head_dim_pad >= 64 * 128 else 4  # head_dim 256: as before
         if block_q > 1:
             tile_n = 32
+        # Since keys below a query tile's first position are visited without masks (session 5's kernel), 128-row
+        # query tiles of 64 keys and 8 warps ran 1.16-1.19x faster than 64 rows at head_dim 64 on W4's long prompts
+        # and 1.01-1.04x on 512-800-token ones; at head_dim 128 they were slower (0.97x), so 64 rows stay there
+        # (attention_tuning.py on an H200, docs/results/attention_tuning_h200.md).
+        if block_m >= 128 and head_dim_pad <= 64:
+            tile_n, num_warps = 64, 8
     num_stages = 2
     if TUNING:  # recipes/bench/attention_tuning.py's sweep
         tile_n = TUNING.get("tile_n", tile_n)
@@ -325,7 +375,7 @@ def paged_attention(
         q, k_cache, v_cache, out,
         part_acc, part_m, part_l,
         block_tables, seq_lens, query_start_loc, sinks if sinks is not None else _unused_partials(q.device),
-        float(scale), float(softcap) if softcap else 1.0, int(sliding_window),
+        float(scale) * LOG2E, float(softcap) if softcap else 1.0, int(sliding_window),
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),

@@ -445,6 +445,23 @@ class OursAsyncEager(Ours):
     mode, compile = "async", False
 
 
+class OursAsyncPrefillEager(Ours):
+    """``ours_async`` with decode steps compiled but every prefill and mixed step uncompiled (the engine before
+    session 5: ``model_runner.PREFILL_COMPILE_MIN_WORK`` raised past any step while this engine is built), to show
+    what compiling the large prefill steps gives alone."""
+
+    mode = "async"
+
+    def __init__(self, model, job) -> None:
+        from async_batching import model_runner
+
+        saved, model_runner.PREFILL_COMPILE_MIN_WORK = model_runner.PREFILL_COMPILE_MIN_WORK, float("inf")
+        try:
+            super().__init__(model, job)
+        finally:
+            model_runner.PREFILL_COMPILE_MIN_WORK = saved
+
+
 class OursAsyncGreedy(Ours):
     """``ours_async`` with greedy decoding whatever the workload samples: the reference of a sampled workload (W2s)."""
 
@@ -548,6 +565,7 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_nograph": OursAsyncNoGraph,
     "ours_async_compile": OursAsyncCompile,
     "ours_async_eager": OursAsyncEager,
+    "ours_async_prefill_eager": OursAsyncPrefillEager,
     "ours_async_greedy": OursAsyncGreedy,
     "ours_async_no_prefix_cache": OursAsyncNoPrefixCache,
     "ours_async_lightning": OursLightning,
