@@ -27,8 +27,9 @@ class BatcherConfig:
     mode: str = "async"
     cuda_graphs: Optional[bool] = None  # None: on for CUDA, off elsewhere
     cuda_graph_max_batch: int = 512
-    # torch.compile the model for decode steps (dynamic shapes, compiled at start-up; the decode graphs capture it;
-    # prefill eager). None: on where decode steps run in CUDA graphs (CUDA with the Triton kernel), off elsewhere.
+    # torch.compile the model (dynamic shapes, compiled at start-up) for decode steps (the decode graphs capture it)
+    # and for prefill/mixed steps large enough to hide its host cost (model_runner.PREFILL_COMPILE_MIN_WORK).
+    # None: on where decode steps run in CUDA graphs (CUDA with the Triton kernel), off elsewhere.
     compile: Optional[bool] = None
     attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere
     device: Optional[str] = None  # None: the model's device
