@@ -221,29 +221,38 @@ def test_nothing_compiles_during_a_run(monkeypatch):
     import async_batching.model_runner as mr
     from torch._dynamo.utils import counters
 
+    from async_batching import triton_sampling
     from async_batching.triton_paged_attention import _merge_splits_kernel, _paged_attention_kernel, compiled_variants
 
     model = smol_shape(layers=2)
     rng = random.Random(9)
     prompts = _rand_prompts(60, 1, 2000, seed=9)  # + up to 40 new tokens: within the model's 2048 positions
+    # Sampling kinds compiled at start-up (triton_sampling.warm_up): temperature alone or with min-p, top-k up to 64
+    # with or without top-p, for whole-step groups and groups of some rows (greedy rows mixed in).
     params = [SamplingParams(max_new_tokens=rng.randint(1, 40), ignore_eos=True, n=rng.choice([1, 1, 3]),
-                             temperature=rng.choice([0.0, 0.8])) for _ in prompts]
+                             temperature=rng.choice([0.0, 0.8]), top_k=rng.choice([0, 0, 20, 50]),
+                             top_p=rng.choice([1.0, 1.0, 0.9]), min_p=rng.choice([0.0, 0.0, 0.05]))
+              for _ in prompts]
+    params = [p if not (p.top_k and p.min_p) else SamplingParams(**{**p.__dict__, "min_p": 0.0}) for p in params]
     pairs = [(p[:rng.randint(1, len(p))], [5, 6, 7]) for p in prompts[:20]]
     earlier = []
     for compile_, min_work in ((False, None), (True, None), (True, 1.0)):
         monkeypatch.setattr(mr, "PREFILL_COMPILE_MIN_WORK", min_work or mr.PREFILL_COMPILE_MIN_WORK)
         # Variants compiled by earlier tests in this process would hide one that only this engine's start-up misses:
         # forget them (kept alive in ``earlier``: graphs captured by other engines may still launch them).
-        for fn in (_paged_attention_kernel, _merge_splits_kernel):
+        for fn in (_paged_attention_kernel, _merge_splits_kernel, triton_sampling._topk_draw_kernel,
+                   triton_sampling._full_draw_kernel):
             for cache in getattr(fn, "device_caches", {}).values():
                 earlier.append(dict(cache[0]))
                 cache[0].clear()
         b = ContinuousBatcher(model, compile=compile_, max_batch_tokens=1024, max_num_seqs=64)
         assert (b.runner.prefill_compile_min_tokens == 1) == (min_work is not None)
         variants, graphs = compiled_variants(), counters["stats"]["unique_graphs"]
+        draws = triton_sampling.compiled_variants()
         b.generate(prompts, params)
         b.score(pairs)
         assert compiled_variants() == variants, f"a Triton kernel compiled during the run (compile={compile_})"
+        assert triton_sampling.compiled_variants() == draws, "a sampling kernel compiled during the run"
         assert counters["stats"]["unique_graphs"] == graphs, "torch.compile compiled during the run"
         assert b.runner._compiled_prefill == compile_, "compiled prefill steps fell back during the run"
         b.close()

@@ -460,16 +460,32 @@ class ModelRunner:
             self._compile_decode()
         if self._compiled is not None:
             self._compile_prefill()
+        logits = None
         for q_len in (1, 2, 4, 8, 16, 32, 64, 128):
             if q_len <= self.config.max_batch_tokens:
-                self._scratch_forward(1, q_len)
+                logits = self._scratch_forward(1, q_len)
         if self.device.type == "cuda":
+            self._warm_sampling(logits.dtype if logits is not None else self.dtype)
             torch.cuda.synchronize(self.device)
 
-    def _scratch_forward(self, num_seqs: int, q_len: int) -> None:
+    def _warm_sampling(self, dtype: torch.dtype) -> None:
+        """Compile the fused sampling draws' common kinds (``triton_sampling.warm_up``) at start-up. Without Triton
+        the draws are torch's own, with nothing to compile; a failure here leaves them to compile at first use."""
+        from .sampling import _fused_draws
+
+        fused = _fused_draws()
+        if fused is None:
+            return
+        try:
+            with torch.cuda.device(self.device), self._untimed_mode():
+                fused.warm_up(self.device, dtype, self.vocab_size)
+        except Exception as e:  # noqa: BLE001 -- a compile failure must not stop the engine; the first draw shows it
+            log.warning("%s: sampling kernels not compiled at start-up: %s", type(self.model).__name__, _why(e))
+
+    def _scratch_forward(self, num_seqs: int, q_len: int) -> torch.Tensor:
         lay, buf = self._scratch_step(num_seqs, q_len)
         with self._untimed_mode(), self.installed():
-            self._forward(buf, lay)
+            return self._forward(buf, lay)
 
     def _compile_decode(self) -> None:
         """Compile the decode forward for every batch size (torch.compile specialises sizes 1 and 2, hence three

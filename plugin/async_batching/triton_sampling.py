@@ -225,3 +225,40 @@ def draw_full(x: torch.Tensor, rows, temperature, min_p, lo, hi) -> torch.Tensor
         HAS_ROWS=rows is not None, HAS_MIN_P=min_p is not None, TILE=_TILE, num_warps=8,
     )
     return out
+
+
+# Draw kinds compiled at start-up (``warm_up``): temperature-only rows (with and without min-p), and top-k rows with
+# candidate widths up to 64 (top_k 1..64: transformers' default 50, Qwen's 20), with and without top-p; each for a
+# group covering the whole step and for a group of some of its rows. Other kinds (penalised float32 logits, top-k
+# wider than 64, top-k with min-p) compile at their first sampled step.
+WARM_TOP_K_WIDTHS = (16, 32, 64)
+
+
+def warm_up(device: torch.device, dtype: torch.dtype, vocab_size: int) -> None:
+    """Compile the common draw kernels now, so that a run's first sampled steps do not (issue 14: the first call
+    within 5% of a repeated one). The draws write only their own outputs."""
+    R = 2
+    x = torch.zeros(R, vocab_size, dtype=dtype, device=device)
+    rows = torch.arange(R, dtype=torch.int64, device=device)
+    temp = torch.ones(R, dtype=torch.float32, device=device)
+    prob = torch.full((R,), 0.5, dtype=torch.float32, device=device)
+    key = torch.zeros(R, 1, dtype=torch.int64, device=device)
+    for group_rows in (None, rows):
+        for min_p in (None, prob):
+            draw_full(x, group_rows, temp, min_p, key, key)
+        for width in WARM_TOP_K_WIDTHS:
+            k = torch.full((R,), width, dtype=torch.int64, device=device)
+            for top_p in (None, prob):
+                draw_top_k(x, group_rows, temp, k, top_p, None, key, key, width)
+
+
+def compiled_variants() -> int:
+    """Compiled variants of the draw kernels held in memory (a GPU test checks that none is added during a run)."""
+    total = 0
+    for fn in (_topk_draw_kernel, _full_draw_kernel):
+        caches = getattr(fn, "device_caches", None)
+        if caches is not None:
+            total += sum(len(entry[0]) for entry in caches.values())
+        else:
+            total += sum(len(c) for c in getattr(fn, "cache", {}).values())
+    return total
