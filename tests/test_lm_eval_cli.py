@@ -82,3 +82,23 @@ def test_cache_templates_is_off_with_the_environment_switch_and_on_in_the_comman
     with pytest.raises(SystemExit):
         ours.main(["--help"])
     assert lm_eval.utils.apply_template is not released
+
+
+def test_building_the_backend_compiles_lm_eval_templates_once_unless_switched_off(monkeypatch, tiny_llama):
+    """``lm_eval.simple_evaluate(model="async_batching")`` users get the template cache too: building the backend puts
+    it in place (same text), and the environment switch keeps lm-eval's own function."""
+    import lm_eval.utils
+
+    from async_batching import lm_eval as ours
+    from lm_eval_helpers import word_tokenizer
+
+    released = lm_eval.utils.apply_template
+    monkeypatch.setattr(lm_eval.utils, "apply_template", released)
+    monkeypatch.setenv(ours.TEMPLATE_CACHE_ENV, "0")
+    ours.AsyncBatchingLM(pretrained=tiny_llama, tokenizer=word_tokenizer(), num_blocks=16).close()
+    assert lm_eval.utils.apply_template is released
+    monkeypatch.delenv(ours.TEMPLATE_CACHE_ENV)
+    ours.AsyncBatchingLM(pretrained=tiny_llama, tokenizer=word_tokenizer(), num_blocks=16).close()
+    assert lm_eval.utils.apply_template is not released
+    assert lm_eval.utils.apply_template.__wrapped__ is released
+    assert lm_eval.utils.apply_template("Q: {{q}}", {"q": "x"}) == released("Q: {{q}}", {"q": "x"})

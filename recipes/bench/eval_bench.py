@@ -15,8 +15,8 @@ them (building requests and few-shot prompts, filters, metrics, environment info
 ``--cache-templates`` memoises lm-eval's compiled Jinja prompt templates (``lm_eval.utils.apply_template`` compiles
 its template on every call, lm-eval issue #1286) for both backends alike: the prompts and results are unchanged. Our
 entry points (``python -m async_batching.lm_eval``, ``recipes/evaluate.py``, ``GenerationEvaluation``) do it by default
-(``async_batching.lm_eval.cache_templates``); this script calls ``simple_evaluate`` directly, as a user of lm-eval's
-Python API would, so by default it measures lm-eval as released for both.
+(``async_batching.lm_eval.cache_templates``), and so does building our backend; without the flag this script turns
+that off (``ASYNC_BATCHING_TEMPLATE_CACHE=0``), so that it measures lm-eval as released for both.
 
     python recipes/bench/eval_bench.py --out bench_eval                      # GPU: both workloads, both backends
     python recipes/bench/eval_bench.py --out /tmp/t --shape tiny --device cpu --dtype float32 --docs 4 --max-gen-toks 8
@@ -202,6 +202,8 @@ def child(args: argparse.Namespace) -> None:
 
     if args.cache_templates:
         cache_templates()
+    else:  # lm-eval as released in both processes (building our backend would otherwise cache them in ours only)
+        os.environ["ASYNC_BATCHING_TEMPLATE_CACHE"] = "0"
 
     tasks = {"e1": ["bench_gen"], "e2": ["bench_mc"]}[args.child_workload]
     if args.child_backend == "ours":
