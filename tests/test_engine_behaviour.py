@@ -165,6 +165,38 @@ def test_compile_that_fails_logs_one_line_and_the_engine_runs_uncompiled(model, 
     assert [r.token_ids for r in out] == [reference(model, p, 8) for p in prompts]
 
 
+def test_prefill_that_fails_to_compile_logs_one_line_and_decode_stays_compiled(model, monkeypatch, caplog):
+    """torch.compile cannot compile the prefill shape (here: the compiled model raises whenever tokens and kept rows
+    differ): the engine says so in one warning, prefill steps run uncompiled, decode steps still run compiled, and the
+    greedy tokens equal generate's."""
+    import async_batching.model_runner as mr
+
+    real_compile = torch.compile
+
+    def decode_only(fn, **kw):
+        compiled = real_compile(fn, **kw)
+
+        def call(*a, **k):
+            if k["input_ids"].shape[1] != k["logits_to_keep"].shape[0]:
+                raise RuntimeError("inductor: unsupported shape")
+            return compiled(*a, **k)
+        return call
+
+    monkeypatch.setattr(mr, "PREFILL_COMPILE_MIN_WORK", 1.0)
+    monkeypatch.setattr(mr.torch, "compile", decode_only)
+    with caplog.at_level("WARNING", logger=mr.__name__):
+        b = ContinuousBatcher(model, compile=True)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and lines[0].startswith("LlamaForCausalLM: prefill steps run uncompiled: RuntimeError: "
+                                                   "inductor: unsupported shape"), lines
+    assert b.runner._compiled is not None and not b.runner._compiled_prefill
+    calls = _count_compiled_calls(b, monkeypatch)
+    prompts = mixed_prompts(3, lo=5, hi=40, seed=8)
+    out = b.generate(prompts, SamplingParams(max_new_tokens=6))
+    assert [r.token_ids for r in out] == [reference(model, p, 6) for p in prompts]
+    assert calls["prefill"] == 0 and calls["decode"] > 0 and calls["eager"] > 0, calls
+
+
 def test_a_decode_step_that_would_compile_mid_run_runs_uncompiled_with_one_warning(model, caplog):
     """A hook added after start-up fails the compiled code's guards: instead of compiling in the middle of the run,
     the engine drops its compiled code, logs why once, and its tokens still equal generate's."""
