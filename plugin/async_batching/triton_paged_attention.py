@@ -9,7 +9,9 @@ Design (like vLLM's unified Triton attention): one program per (sequence, block 
 KV split).  The ``BLOCK_Q`` queries times the ``G`` query heads sharing that kv head form one ``BLOCK_M`` row tile, so
 each K/V tile is loaded once for the whole GQA group and ``tl.dot`` always gets >= 16 rows, even in decode.  Keys are
 visited in tiles of ``TILE_N`` positions, each key's address being looked up through the block table, so ``TILE_N``
-is independent of ``block_size``.  Attention sinks (gpt-oss: one logit per query head in the softmax denominator,
+is independent of ``block_size``.  Key tiles that lie wholly below a query tile's first position are visible to
+every row, so they run without any mask; only the diagonal tiles, a split's ragged end and sliding-window layers take
+the masked path.  Logits are kept in log2 units (``exp2``; the scale is folded with log2(e)).  Attention sinks (gpt-oss: one logit per query head in the softmax denominator,
 attached to no value) start each row's running softmax state as a key of that logit with a zero value.  When the grid
 would be too small to fill the GPU (decode of few sequences with long contexts) the key range is cut into
 ``num_splits`` parts whose partial softmax states a second kernel merges; only split 0 starts from the sink, so the
@@ -321,10 +323,10 @@ def paged_attention(
 
     G = num_heads // num_kv_heads
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
-    # Aim at a 64-row tile for 16-bit prefill (amortises each K/V tile over many query rows); decode uses BLOCK_Q = 1
-    # and only the GQA group fills the rows.  tl.dot needs >= 16 rows, hence the floor on BLOCK_M.  fp32 dots run on
-    # FMA units ("ieee") and spill registers with 64-row tiles on sm_90 (ptxas -v), so fp32 aims at 16 rows.
-    # 16-bit prefill at head_dim <= 64 aims at 128 rows (see below), otherwise 64.
+    # Aim at a 64-row tile (128 at head_dim <= 64) for 16-bit prefill (amortises each K/V tile over many query rows);
+    # decode uses BLOCK_Q = 1 and only the GQA group fills the rows.  tl.dot needs >= 16 rows, hence the floor on
+    # BLOCK_M.  fp32 dots run on FMA units ("ieee") and spill registers with 64-row tiles on sm_90 (ptxas -v), so fp32
+    # aims at 16 rows.
     target_m = 16 if q.dtype == torch.float32 else (128 if head_dim_pad <= 64 else 64)
     if TUNING and max_query_len > 1:  # the sweep's query tile of prefill and mixed steps
         target_m = TUNING.get("target_m", target_m)
