@@ -416,8 +416,13 @@ def paged_attention(
 
 def compiled_variants() -> int:
     """Compiled variants of this module's kernels held in memory (a test checks that none is added during a run)."""
+    return count_variants(_paged_attention_kernel, _merge_splits_kernel)
+
+
+def count_variants(*kernels) -> int:
+    """Compiled variants of Triton ``kernels`` held in memory, across Triton versions' cache layouts."""
     total = 0
-    for fn in (_paged_attention_kernel, _merge_splits_kernel):
+    for fn in kernels:
         caches = getattr(fn, "device_caches", None)
         if caches is not None:
             total += sum(len(entry[0]) for entry in caches.values())

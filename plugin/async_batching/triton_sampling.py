@@ -254,11 +254,6 @@ def warm_up(device: torch.device, dtype: torch.dtype, vocab_size: int) -> None:
 
 def compiled_variants() -> int:
     """Compiled variants of the draw kernels held in memory (a GPU test checks that none is added during a run)."""
-    total = 0
-    for fn in (_topk_draw_kernel, _full_draw_kernel):
-        caches = getattr(fn, "device_caches", None)
-        if caches is not None:
-            total += sum(len(entry[0]) for entry in caches.values())
-        else:
-            total += sum(len(c) for c in getattr(fn, "cache", {}).values())
-    return total
+    from .triton_paged_attention import count_variants
+
+    return count_variants(_topk_draw_kernel, _full_draw_kernel)
