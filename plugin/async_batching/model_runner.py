@@ -370,38 +370,42 @@ class ModelRunner:
         pos = self._seg(buf, lay, "positions").long()[None]
         keep = self._seg(buf, lay, "logits_idx").long()
         kw = {attention.STEP_KWARG: self.ctx}
-        if (self._compiled is not None and lay.max_query_len > 1 and self._compiled_prefill
-                and lay.num_tokens >= self.prefill_compile_min_tokens):
-            if not self._running:
-                return self._logits(self._compiled, ids, pos, keep, kw)
-            try:  # as decode steps below; a prefill step that would compile drops compiled prefill only
-                with torch.compiler.set_stance("fail_on_recompile"):
-                    return self._logits(self._compiled, ids, pos, keep, kw)
-            except RuntimeError as e:
-                if "Detected recompile" not in str(e):
-                    raise
-                self._compiled_prefill = False
-                log.warning("%s: a prefill step of %d tokens would compile again during the run; prefill steps run "
-                            "uncompiled from now on: %s", type(self.model).__name__, lay.num_tokens,
-                            " ".join(str(e).split())[:300])
-        if self._compiled is not None and lay.max_query_len == 1:
-            if not self._running:
-                return self._logits(self._compiled, ids, pos, keep, kw)
-            # A decode step outside the graphs (graphs off, or more sequences than the largest graph): compiled code
-            # runs if it needs no new compile. One that would (a guard the model's state no longer passes, e.g. a
-            # hook added after start-up) stalls the job for as long as compiling takes, so the engine drops its
-            # compiled code instead, says why once, and runs this and later steps uncompiled.
-            try:
-                with torch.compiler.set_stance("fail_on_recompile"):
-                    return self._logits(self._compiled, ids, pos, keep, kw)
-            except RuntimeError as e:
-                if "Detected recompile" not in str(e):
-                    raise
-                self._compiled = None
-                log.warning("%s: a decode step of %d sequences would compile again during the run; decode steps run "
-                            "uncompiled from now on: %s", type(self.model).__name__, lay.num_seqs,
-                            " ".join(str(e).split())[:300])
+        if self._compiled is not None:
+            if lay.max_query_len == 1:
+                what = f"a decode step of {lay.num_seqs} sequences"
+                logits = self._compiled_logits("decode", what, ids, pos, keep, kw)
+            elif self._compiled_prefill and lay.num_tokens >= self.prefill_compile_min_tokens:
+                what = f"a prefill step of {lay.num_tokens} tokens"
+                logits = self._compiled_logits("prefill", what, ids, pos, keep, kw)
+            else:
+                logits = None
+            if logits is not None:
+                return logits
         return self._logits(self.model, ids, pos, keep, kw)
+
+    def _compiled_logits(self, kind: str, what: str, ids, pos, keep, kw) -> Optional[torch.Tensor]:
+        """The step through the compiled model; None if it would compile again during a run.
+
+        A step outside the graphs (prefill and mixed steps; decode steps with graphs off or more sequences than the
+        largest graph) runs compiled code only if it needs no new compile. One that would (a guard the model's state
+        no longer passes, e.g. a hook added after start-up) stalls the job for as long as compiling takes, so the
+        engine drops that kind of compiled step instead (a decode step: all compiled code), says why once, and runs
+        this and later steps of that kind uncompiled."""
+        if not self._running:  # warm-up and capture: compiling is what they are for
+            return self._logits(self._compiled, ids, pos, keep, kw)
+        try:
+            with torch.compiler.set_stance("fail_on_recompile"):
+                return self._logits(self._compiled, ids, pos, keep, kw)
+        except RuntimeError as e:
+            if "Detected recompile" not in str(e):
+                raise
+            if kind == "prefill":
+                self._compiled_prefill = False
+            else:
+                self._compiled = None
+            log.warning("%s: %s would compile again during the run; %s steps run uncompiled from now on: %s",
+                        type(self.model).__name__, what, kind, " ".join(str(e).split())[:300])
+        return None
 
     def _logits(self, call, ids: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor, kw: dict) -> torch.Tensor:
         if self._keep_arg:
