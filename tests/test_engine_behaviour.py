@@ -197,9 +197,9 @@ def test_prefill_that_fails_to_compile_logs_one_line_and_decode_stays_compiled(m
     assert calls["prefill"] == 0 and calls["decode"] > 0 and calls["eager"] > 0, calls
 
 
-def test_a_decode_step_that_would_compile_mid_run_runs_uncompiled_with_one_warning(model, caplog):
-    """A hook added after start-up fails the compiled code's guards: instead of compiling in the middle of the run,
-    the engine drops its compiled code, logs why once, and its tokens still equal generate's."""
+def _run_with_a_hook_added_after_start_up(model, caplog):
+    """A compiled engine, then a forward hook on layer 0 (which the compiled code's guards did not see), then a run
+    of 4 prompts: asserts the tokens equal generate's; returns the engine, the prompts and the warnings logged."""
     import async_batching.model_runner as mr
 
     prompts = mixed_prompts(4, lo=5, hi=40, seed=12)
@@ -212,7 +212,13 @@ def test_a_decode_step_that_would_compile_mid_run_runs_uncompiled_with_one_warni
     finally:
         hook.remove()
     assert [r.token_ids for r in out] == want
-    lines = [r.getMessage() for r in caplog.records]
+    return b, prompts, [r.getMessage() for r in caplog.records]
+
+
+def test_a_decode_step_that_would_compile_mid_run_runs_uncompiled_with_one_warning(model, caplog):
+    """A hook added after start-up fails the compiled code's guards: instead of compiling in the middle of the run,
+    the engine drops its compiled code, logs why once, and its tokens still equal generate's."""
+    b, _, lines = _run_with_a_hook_added_after_start_up(model, caplog)
     assert len(lines) == 1 and lines[0].startswith("LlamaForCausalLM: a decode step of 4 sequences would compile "
                                                    "again during the run; decode steps run uncompiled from now on"), lines
     assert b.runner._compiled is None
@@ -240,17 +246,7 @@ def test_a_prefill_step_that_would_compile_mid_run_runs_uncompiled_with_one_warn
     import async_batching.model_runner as mr
 
     monkeypatch.setattr(mr, "PREFILL_COMPILE_MIN_WORK", 1.0)
-    prompts = mixed_prompts(4, lo=5, hi=40, seed=12)
-    want = [reference(model, p, 6) for p in prompts]
-    b = ContinuousBatcher(model, compile=True)
-    hook = model.model.layers[0].register_forward_pre_hook(lambda module, args: None)
-    try:
-        with caplog.at_level("WARNING", logger=mr.__name__):
-            out = b.generate(prompts, SamplingParams(max_new_tokens=6))
-    finally:
-        hook.remove()
-    assert [r.token_ids for r in out] == want
-    lines = [r.getMessage() for r in caplog.records]
+    b, prompts, lines = _run_with_a_hook_added_after_start_up(model, caplog)
     assert len(lines) == 2, lines
     prompt_tokens = sum(len(p) for p in prompts)  # all four prompts fit the first step
     assert lines[0].startswith(f"LlamaForCausalLM: a prefill step of {prompt_tokens} tokens would compile again during "
