@@ -103,3 +103,21 @@ def test_gpu_busy_is_the_union_of_kernel_intervals_outside_setup():
     trace = Trace(run=(0, 100), kernels=[(10, 30), (20, 40), (90, 120), (0, 5)], setup=[(0, 10)])
     assert trace.wall_ns == 90  # the setup span is not part of the run's wall time
     assert trace.gpu_busy_ns() == 30 + 10  # [10, 40) and [90, 100); the kernel inside setup does not count
+
+
+def test_steady_breakdown_counts_steps_kernels_and_family_time_inside_the_window_only():
+    sys.path.insert(0, str(ROOT / "recipes"))
+    from bench.profiling import Trace
+
+    # run [0, 200); the window 50%-100% is [100, 200): two steps start there, three kernels start there.
+    trace = Trace(run=(0, 200), kernels=[(10, 20), (100, 110), (120, 150), (160, 170)],
+                  families=["attn", "attn", "mm", "attn"],
+                  host={"ab.schedule": [(5, 6), (99, 101), (101, 102), (150, 151)]})
+    st = trace.steady(0.5, 1.0)
+    assert st["steps"] == 2  # spans starting at 101 and 150; the one at 99 is before the window
+    assert st["wall_ms_per_step"] == pytest.approx(100 / 1e6 / 2)
+    assert st["gpu_ms_per_step"] == pytest.approx(50 / 1e6 / 2)
+    assert st["kernels_per_step"] == 1.5
+    assert list(st["kernel_ms_per_step"]) == ["mm", "attn"]  # costliest first
+    assert st["kernel_ms_per_step"]["attn"] == pytest.approx(20 / 1e6 / 2, abs=1e-4)
+    assert Trace(run=(0, 10), kernels=[(1, 2)], families=["a"]).steady(0.5, 1.0)["steps"] is None

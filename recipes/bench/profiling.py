@@ -24,6 +24,7 @@ class Trace:
     host: dict[str, list[Interval]] = field(default_factory=dict)
     setup: list[Interval] = field(default_factory=list)
     kernel_ns: dict[str, int] = field(default_factory=dict)  # GPU time per kernel family (``kernel_family``)
+    families: list[str] = field(default_factory=list)  # the family of each entry of ``kernels``
 
     @property
     def wall_ns(self) -> int:
@@ -51,6 +52,28 @@ class Trace:
         span = self.run[1] - begin
         w = (begin + int(f0 * span), begin + int(f1 * span))
         return 100.0 * union_length(self.kernels, w) / max(w[1] - w[0], 1)
+
+    def steady(self, f0: float, f1: float, step_range: str = "ab.schedule") -> dict[str, Any]:
+        """Per engine step between fractions ``f0`` and ``f1`` of the run (steady decode, for a long enough run):
+        wall ms, GPU busy ms, kernels launched and GPU ms by kernel family. Steps are the host ``step_range`` spans
+        that start in the window (None where the run has none, e.g. the baselines)."""
+        begin = max([self.run[0]] + [e for _, e in self.setup])
+        span = self.run[1] - begin
+        w0, w1 = begin + int(f0 * span), begin + int(f1 * span)
+        steps = sum(1 for s, _ in self.host.get(step_range, []) if w0 <= s < w1)
+        inside = [(s, e, f) for (s, e), f in zip(self.kernels, self.families) if w0 <= s < w1]
+        by_family: dict[str, int] = {}
+        for s, e, f in inside:
+            by_family[f] = by_family.get(f, 0) + e - s
+        out: dict[str, Any] = {"window": [f0, f1], "steps": steps or None}
+        if steps:
+            out.update(
+                wall_ms_per_step=(w1 - w0) / 1e6 / steps,
+                gpu_ms_per_step=union_length(self.kernels, (w0, w1)) / 1e6 / steps,
+                kernels_per_step=len(inside) / steps,
+                kernel_ms_per_step={f: round(ns / 1e6 / steps, 4) for f, ns in sorted(by_family.items(), key=lambda kv: -kv[1])},
+            )
+        return out
 
     def window(self, window: Interval) -> dict[str, Any]:
         """The slice of the trace inside ``window``, in ms from its start (what the timeline figure draws)."""
@@ -156,11 +179,12 @@ def profiled_run(fn: Callable[[], Any], device: str) -> tuple[Any, Trace]:
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
     run: Optional[Interval] = None
-    kernels, copies, host, setup, families = [], [], {}, [], {}
+    kernels, copies, host, setup, families, kernel_family_of = [], [], {}, [], {}, []
     for name, kind, s, e in _raw_events(prof):
         if kind == "kernel":
             kernels.append((s, e))
             family = kernel_family(name)
+            kernel_family_of.append(family)
             families[family] = families.get(family, 0) + e - s
         elif kind == "copy":
             copies.append((s, e))
@@ -174,4 +198,5 @@ def profiled_run(fn: Callable[[], Any], device: str) -> tuple[Any, Trace]:
             host.setdefault(name, []).append((s, e))
     if run is None:
         raise RuntimeError(f"profiler trace has no {RUN_RANGE!r} range")
-    return result, Trace(run=run, kernels=kernels, copies=copies, host=host, setup=setup, kernel_ns=families)
+    return result, Trace(run=run, kernels=kernels, copies=copies, host=host, setup=setup, kernel_ns=families,
+                         families=kernel_family_of)

@@ -162,6 +162,15 @@ def notes(summary: dict[str, Any], results: list[dict[str, Any]]) -> list[str]:
             if prof.get("kernel_ms_per_step"):
                 bits.append("GPU ms/step by kernel: " + ", ".join(
                     f"{k} {v:.3f}" for k, v in prof["kernel_ms_per_step"].items()))
+            st = prof.get("steady") or {}
+            if st.get("steps"):
+                top = list((st.get("kernel_ms_per_step") or {}).items())
+                rest = sum(v for _, v in top[8:])
+                bits.append(
+                    f"steady part of the profiled run ({st['window'][0]:.0%}-{st['window'][1]:.0%}): {st['steps']} steps, "
+                    f"{st['wall_ms_per_step']:.2f} ms/step wall, GPU busy {st['gpu_ms_per_step']:.2f} ms/step, "
+                    f"{st['kernels_per_step']:.0f} kernels/step; GPU ms/step by kernel: "
+                    + ", ".join(f"{k} {v:.3f}" for k, v in top[:8]) + (f", other {rest:.3f}" if rest else ""))
         elif r.get("status") == "ok" and not prof:
             bits.append("not profiled (profile.skip / profile.enabled)")
         if prof.get("error"):

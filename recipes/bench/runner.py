@@ -164,6 +164,8 @@ def _profile(variant: Variant, reqs: Requests, device: str, job: dict) -> dict[s
         if len(ranked) > 10:
             top["other"] = sum(ns for _, ns in ranked[10:])
         result["kernel_ms_per_step"] = {name: round(ns / 1e6 / steps, 4) for name, ns in top.items()}
+    if has_gpu:  # the same, over the steady second half only (decode steps, for ours: CUDA-graph replays)
+        result["steady"] = trace.steady(0.5, 0.95)
     fig = job.get("figures") or {}
     window = trace.steady_window(float(fig.get("window_ms", 30)), float(fig.get("window_at", 0.7)))
     _write_json(job["timeline_path"], {"variant": job["variant"], **trace.window(window)})
