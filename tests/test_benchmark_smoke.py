@@ -121,3 +121,16 @@ def test_steady_breakdown_counts_steps_kernels_and_family_time_inside_the_window
     assert list(st["kernel_ms_per_step"]) == ["mm", "attn"]  # costliest first
     assert st["kernel_ms_per_step"]["attn"] == pytest.approx(20 / 1e6 / 2, abs=1e-4)
     assert Trace(run=(0, 10), kernels=[(1, 2)], families=["a"]).steady(0.5, 1.0)["steps"] is None
+
+
+def test_gc_pauses_counts_a_full_collection_inside_the_block_only():
+    import gc
+
+    sys.path.insert(0, str(ROOT / "recipes"))
+    from bench.runner import gc_pauses
+
+    with gc_pauses() as pauses:
+        gc.collect()
+    assert pauses["collections"][2] == 1 and pauses["pause_s"][2] > 0
+    gc.collect()  # after the block: not counted
+    assert pauses["collections"][2] == 1

@@ -279,13 +279,46 @@ def test_compiled_forward_matches_generate_with_chunking_and_preemption(model, m
         assert calls["prefill"] > 0 and calls["decode"] > 0 and calls["eager"] == 0, calls
 
 
-def test_prefill_steps_below_the_work_threshold_call_the_model_uncompiled(model, monkeypatch):
+def test_prefill_steps_below_the_work_threshold_call_the_model_uncompiled_and_are_not_compiled(model, monkeypatch):
     """The default threshold: a tiny model's prefill steps are far below it (their GPU work would not hide the
-    compiled code's host cost), so they run uncompiled while decode steps run compiled."""
+    compiled code's host cost), so they run uncompiled while decode steps run compiled, and start-up spends nothing
+    on compiling them."""
+    import async_batching.model_runner as mr
+
+    warmed = []
+    monkeypatch.setattr(mr.ModelRunner, "_compile_prefill", lambda self: warmed.append(self))
     b = ContinuousBatcher(model, compile=True, max_batch_tokens=48)
     assert b.runner.prefill_compile_min_tokens > 48
+    assert warmed == []  # no step can reach the threshold: start-up compiles no prefill shape either
     calls = _count_compiled_calls(b, monkeypatch)
     prompts = mixed_prompts(4, lo=20, hi=60, seed=3)
     out = b.generate(prompts, SamplingParams(max_new_tokens=4))
     assert [r.token_ids for r in out] == [reference(model, p, 4, eos=2) for p in prompts]
     assert calls["decode"] > 0 and calls["prefill"] == 0 and calls["eager"] > 0, calls
+
+
+def test_engine_freezes_the_garbage_collector_after_start_up_and_its_close_gives_it_back(model):
+    """Start-up's objects leave the collector's walks while an engine lives (gc_freeze); the last engine to close, or
+    to be dropped, unfreezes them, and a dropped engine is freed by reference counting alone (nothing stays frozen)."""
+    import gc
+    import weakref
+
+    from async_batching import gc_freeze
+
+    before = gc_freeze.live_engines()
+    b = ContinuousBatcher(model)
+    assert gc_freeze.live_engines() == before + 1 and gc.get_freeze_count() > 0
+    assert b.generate([[5, 6, 7]], SamplingParams(max_new_tokens=3))[0].token_ids == reference(model, [5, 6, 7], 3, eos=2)
+    b.close()
+    b.close()  # twice: counted once
+    assert gc_freeze.live_engines() == before
+    if before == 0:
+        assert gc.get_freeze_count() == 0
+    dropped = ContinuousBatcher(model)
+    gone = weakref.ref(dropped)
+    gc.disable()
+    try:
+        del dropped
+        assert gone() is None and gc_freeze.live_engines() == before
+    finally:
+        gc.enable()

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import time
 import warnings
+import weakref
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 
+from . import gc_freeze
 from .config import BatcherConfig
 from .detokenize import IncrementalDetokenizer
 from .executor import AsyncExecutor, StepHandle, StepOutput, SyncExecutor
@@ -61,6 +63,9 @@ class ContinuousBatcher:
         self._closed = False
         self._counters = {"requests": 0, "prompt_tokens": 0, "output_tokens": 0}
         self._cancelled: list[Request] = []
+        # After start-up (compiled code, graphs): the collector stops walking those objects (see gc_freeze). An engine
+        # dropped without close() gives its share back when it is collected.
+        self._unfreeze = weakref.finalize(self, gc_freeze.engine_closed) if gc_freeze.engine_started() else None
 
     # --- submission -----------------------------------------------------------------------------------------
     @property
@@ -326,6 +331,8 @@ class ContinuousBatcher:
         finally:
             self._closed = True
             self.runner.release()
+            if self._unfreeze is not None:
+                self._unfreeze()
 
     def reset_prefix_cache(self) -> int:
         """Forget every cached prefix (e.g. between benchmark runs, or after changing the model's weights in place);

@@ -149,12 +149,14 @@ class Executor:
     def _compute(self, slot: BufferSlot, lay: StepLayout, prev: Optional[StepHandle]):
         runner = self.runner
         runner.apply_updates(slot.dev_in, lay, prev.tokens if prev is not None else None)
-        logits = runner.forward(slot.dev_in, lay)
+        with record_function("ab.launch.forward"):  # inside ab.launch: the model (a graph replay for decode steps)
+            logits = runner.forward(slot.dev_in, lay)
         k = lay.num_samples
         tokens = slot.dev_tokens[:k]
         lp = scores = None
         if k:
-            tokens.copy_(sample(logits[:k], runner.sampling_inputs(slot.dev_in, lay)))
+            with record_function("ab.launch.sample"):
+                tokens.copy_(sample(logits[:k], runner.sampling_inputs(slot.dev_in, lay)))
         if lay.checked:  # tensor parallel: rank 0's tokens on every rank, before anything reads them
             runner.agree(slot.dev_in, lay, slot.dev_tokens)
         if k and lay.logprobs_k >= 0:

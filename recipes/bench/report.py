@@ -187,6 +187,11 @@ def notes(summary: dict[str, Any], results: list[dict[str, Any]]) -> list[str]:
         if first:
             bits.append(f"first call {first['first_s']:.2f} s vs repeated {first['repeat_s']:.2f} s "
                         f"({first['requests']} requests)" + (f"; {'; '.join(first['problems'])}" if first.get("problems") else ""))
+        gcp = r.get("gc")
+        if gcp and sum(gcp["collections"]):
+            bits.append("garbage collections in the timed run (generations 0/1/2): "
+                        + "/".join(str(n) for n in gcp["collections"]) + ", pausing "
+                        + "/".join(f"{1e3 * t:.0f}" for t in gcp["pause_s"]) + " ms")
         if r.get("variant", "").startswith("hf_cb") and r.get("config"):
             cfg = r["config"]
             cb = cfg.get("continuous_batching_config") or {}

@@ -9,6 +9,7 @@ before the warm-up, then the same call again: what start-up leaves to compile or
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import platform
@@ -177,6 +178,28 @@ def _write_json(path: str, obj: Any) -> None:
         json.dump(obj, f, indent=1, default=repr)
 
 
+@contextmanager
+def gc_pauses() -> Iterator[dict[str, Any]]:
+    """Python's cyclic garbage collections inside the block: how many per generation and the seconds they paused
+    the engine's host thread (a full collection walks every tracked object: compiled code holds millions)."""
+    out: dict[str, Any] = {"collections": [0, 0, 0], "pause_s": [0.0, 0.0, 0.0]}
+    began: dict[str, float] = {}
+
+    def callback(phase: str, info: dict) -> None:
+        if phase == "start":
+            began["t"] = time.perf_counter()
+        elif "t" in began:
+            gen = int(info.get("generation", 0))
+            out["collections"][gen] += 1
+            out["pause_s"][gen] += time.perf_counter() - began.pop("t")
+
+    gc.callbacks.append(callback)
+    try:
+        yield out
+    finally:
+        gc.callbacks.remove(callback)
+
+
 def _timed_call(variant: Variant, reqs: Requests, device: str) -> tuple[float, RunOutput]:
     """Wall seconds of one call, its setup spans (a per-call engine build, hf_cb's warm-up) excluded."""
     setup0 = variant.setup_s
@@ -242,8 +265,9 @@ def run_job(job: dict[str, Any], checkpoint=lambda partial: None) -> dict[str, A
         sampler.start()
     compiles0 = _compile_counts()
     t0 = time.perf_counter()
-    out = _call(variant, reqs)
-    _sync(device)
+    with gc_pauses() as pauses:
+        out = _call(variant, reqs)
+        _sync(device)
     elapsed = time.perf_counter() - t0
     compiles = {k: v - compiles0[k] for k, v in _compile_counts().items()}
     util = None
@@ -281,6 +305,7 @@ def run_job(job: dict[str, Any], checkpoint=lambda partial: None) -> dict[str, A
         "problems": _check(out, reqs),
         # kernels compiled inside the timed call (should be 0: everything is compiled at start-up)
         "compiled_during_run": compiles,
+        "gc": pauses,  # the interpreter's cyclic garbage collections inside the timed call
         "attn_fallback": attn_error,
         "experts_implementation": getattr(model.config, "_experts_implementation", None),
         "stats": _compact(stats),

@@ -462,6 +462,22 @@ class OursAsyncPrefillEager(Ours):
             model_runner.PREFILL_COMPILE_MIN_WORK = saved
 
 
+class OursAsyncGc(Ours):
+    """``ours_async`` without the garbage-collector freeze after start-up (``gc_freeze.FREEZE`` off while this engine
+    is built), to show what the freeze gives alone."""
+
+    mode = "async"
+
+    def __init__(self, model, job) -> None:
+        from async_batching import gc_freeze
+
+        saved, gc_freeze.FREEZE = gc_freeze.FREEZE, False
+        try:
+            super().__init__(model, job)
+        finally:
+            gc_freeze.FREEZE = saved
+
+
 class OursAsyncGreedy(Ours):
     """``ours_async`` with greedy decoding whatever the workload samples: the reference of a sampled workload (W2s)."""
 
@@ -566,6 +582,7 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_compile": OursAsyncCompile,
     "ours_async_eager": OursAsyncEager,
     "ours_async_prefill_eager": OursAsyncPrefillEager,
+    "ours_async_gc": OursAsyncGc,
     "ours_async_greedy": OursAsyncGreedy,
     "ours_async_no_prefix_cache": OursAsyncNoPrefixCache,
     "ours_async_lightning": OursLightning,
