@@ -111,7 +111,7 @@ def test_steady_breakdown_counts_steps_kernels_and_family_time_inside_the_window
 
     # run [0, 200); the window 50%-100% is [100, 200): two steps start there, three kernels start there.
     trace = Trace(run=(0, 200), kernels=[(10, 20), (100, 110), (120, 150), (160, 170)],
-                  families=["attn", "attn", "mm", "attn"],
+                  families=["attn", "attn", "mm", "attn"], names=["attn_a", "attn_b", "gemm", "attn_b"],
                   host={"ab.schedule": [(5, 6), (99, 101), (101, 102), (150, 151)]})
     st = trace.steady(0.5, 1.0)
     assert st["steps"] == 2  # spans starting at 101 and 150; the one at 99 is before the window
@@ -120,6 +120,8 @@ def test_steady_breakdown_counts_steps_kernels_and_family_time_inside_the_window
     assert st["kernels_per_step"] == 1.5
     assert list(st["kernel_ms_per_step"]) == ["mm", "attn"]  # costliest first
     assert st["kernel_ms_per_step"]["attn"] == pytest.approx(20 / 1e6 / 2, abs=1e-4)
+    assert [(k["name"], k["per_step"], k["mean_us"]) for k in st["top_kernels"]] == [
+        ("gemm", 0.5, 30 / 1e3), ("attn_b", 1.0, 10 / 1e3)]  # by time in the window; attn_a lies before it
     assert Trace(run=(0, 10), kernels=[(1, 2)], families=["a"]).steady(0.5, 1.0)["steps"] is None
 
 

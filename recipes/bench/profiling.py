@@ -25,6 +25,7 @@ class Trace:
     setup: list[Interval] = field(default_factory=list)
     kernel_ns: dict[str, int] = field(default_factory=dict)  # GPU time per kernel family (``kernel_family``)
     families: list[str] = field(default_factory=list)  # the family of each entry of ``kernels``
+    names: list[str] = field(default_factory=list)  # the full name of each entry of ``kernels`` (when recorded)
 
     @property
     def wall_ns(self) -> int:
@@ -53,7 +54,7 @@ class Trace:
         w = (begin + int(f0 * span), begin + int(f1 * span))
         return 100.0 * union_length(self.kernels, w) / max(w[1] - w[0], 1)
 
-    def steady(self, f0: float, f1: float, step_range: str = "ab.schedule") -> dict[str, Any]:
+    def steady(self, f0: float, f1: float, step_range: str = "ab.schedule", top_names: int = 25) -> dict[str, Any]:
         """Per engine step between fractions ``f0`` and ``f1`` of the run (steady decode, for a long enough run):
         wall ms, GPU busy ms, kernels launched and GPU ms by kernel family. Steps are the host ``step_range`` spans
         that start in the window (None where the run has none, e.g. the baselines)."""
@@ -73,6 +74,16 @@ class Trace:
                 kernels_per_step=len(inside) / steps,
                 kernel_ms_per_step={f: round(ns / 1e6 / steps, 4) for f, ns in sorted(by_family.items(), key=lambda kv: -kv[1])},
             )
+            if self.names:  # the costliest kernels by full name: launches per step and mean microseconds
+                per: dict[str, list[int]] = {}
+                for (s, e), name in zip(self.kernels, self.names):
+                    if w0 <= s < w1:
+                        acc = per.setdefault(name, [0, 0])
+                        acc[0] += 1
+                        acc[1] += e - s
+                top = sorted(per.items(), key=lambda kv: -kv[1][1])[:top_names]
+                out["top_kernels"] = [{"name": n[:160], "per_step": c / steps, "mean_us": t / c / 1e3,
+                                       "ms_per_step": t / 1e6 / steps} for n, (c, t) in top]
         return out
 
     def window(self, window: Interval) -> dict[str, Any]:
@@ -179,12 +190,13 @@ def profiled_run(fn: Callable[[], Any], device: str) -> tuple[Any, Trace]:
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
     run: Optional[Interval] = None
-    kernels, copies, host, setup, families, kernel_family_of = [], [], {}, [], {}, []
+    kernels, copies, host, setup, families, kernel_family_of, kernel_names = [], [], {}, [], {}, [], []
     for name, kind, s, e in _raw_events(prof):
         if kind == "kernel":
             kernels.append((s, e))
             family = kernel_family(name)
             kernel_family_of.append(family)
+            kernel_names.append(name)
             families[family] = families.get(family, 0) + e - s
         elif kind == "copy":
             copies.append((s, e))
@@ -199,4 +211,4 @@ def profiled_run(fn: Callable[[], Any], device: str) -> tuple[Any, Trace]:
     if run is None:
         raise RuntimeError(f"profiler trace has no {RUN_RANGE!r} range")
     return result, Trace(run=run, kernels=kernels, copies=copies, host=host, setup=setup, kernel_ns=families,
-                         families=kernel_family_of)
+                         families=kernel_family_of, names=kernel_names)
