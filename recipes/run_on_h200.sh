@@ -15,6 +15,7 @@
 #   eval (~6)   recipes/bench/eval_bench.py, both backends (carry .whl built with 'fetch_wheels.sh eval' and
 #               .bench_tokenizer from 'eval_bench.py --save-tokenizer .bench_tokenizer')
 #   atune (~4) the Triton attention kernel's tests natively, then recipes/bench/attention_tuning.py's launch sweep
+#   gemm (~1)   recipes/bench/gemm_shapes.py: the decode steps' matrix products in CUDA graphs vs the copy/matmul bounds
 #   attention, ddp   as in recipes/run_on_h100.sh (ddp needs the nvidia-h200-x2 kind)
 #   tp (~9)     nvidia-h200-x2 kind: the tensor-parallel GPU tests; W3 on one GPU vs TP=2 (issue 15: decode >= 1.6x);
 #               W3's requests on a Llama-3.1-70B-shaped random bf16 model, TP=2 (recipes/bench/tp_bench.py)
@@ -109,6 +110,10 @@ for what in "$@"; do
       timeout -k 15 "${ATUNE_S:-300}" python3 recipes/bench/attention_tuning.py > "$OUT/attention_tuning.md" \
         2> "$OUT/attention_tuning.err" || echo "atune: exited with status $?"
       SUMMARIES+=("$OUT/triton_tests.log" "$OUT/attention_tuning.md") ;;
+    gemm) # the decode steps' matrix products alone in CUDA graphs, against the copy and matmul bounds
+      timeout -k 15 120 python3 recipes/bench/gemm_shapes.py --out "$OUT/gemm_shapes.json" > "$OUT/gemm_shapes.md" \
+        2> "$OUT/gemm_shapes.err" || echo "gemm: exited with status $?"
+      SUMMARIES+=("$OUT/gemm_shapes.md") ;;
     attention|ddp) bash recipes/run_on_h100.sh "$what" ;;
     tp)
       [ "${TP_TESTS:-1}" = 1 ] && { timeout -k 15 150 python3 -m pytest -q -p no:cacheprovider -m gpu \
@@ -125,7 +130,7 @@ for what in "$@"; do
         --out "$OUT/tp/w3_llama70b_tp2.json" >> "$OUT/tp.log" 2>&1 || echo "tp: 70B TP=2 exited $?"; }
       grep "^\[tp\]" "$OUT/tp.log"
       SUMMARIES+=("$OUT/tp_tests.log" "$OUT/tp.log") ;;
-    *) echo "unknown step $what (steps: tests soak w1 w2 w2s w3 w4 w5 w6 w7 s1 sampling eval atune attention ddp tp)" >&2 ;;
+    *) echo "unknown step $what (steps: tests soak w1 w2 w2s w3 w4 w5 w6 w7 s1 sampling eval atune gemm attention ddp tp)" >&2 ;;
   esac
 done
 
