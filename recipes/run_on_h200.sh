@@ -15,7 +15,8 @@
 #   eval (~6)   recipes/bench/eval_bench.py, both backends (carry .whl built with 'fetch_wheels.sh eval' and
 #               .bench_tokenizer from 'eval_bench.py --save-tokenizer .bench_tokenizer')
 #   atune (~4) the Triton attention kernel's tests natively, then recipes/bench/attention_tuning.py's launch sweep
-#   gemm (~1)   recipes/bench/gemm_shapes.py: the decode steps' matrix products in CUDA graphs vs the copy/matmul bounds
+#   gemm (~2)   recipes/bench/gemm_shapes.py: the decode steps' matrix products in CUDA graphs vs the copy/matmul bounds;
+#               recipes/bench/graph_launch.py: host cost of a graph replay by node count, and of W1's decode graph
 #   attention, ddp   as in recipes/run_on_h100.sh (ddp needs the nvidia-h200-x2 kind)
 #   tp (~9)     nvidia-h200-x2 kind: the tensor-parallel GPU tests; W3 on one GPU vs TP=2 (issue 15: decode >= 1.6x);
 #               W3's requests on a Llama-3.1-70B-shaped random bf16 model, TP=2 (recipes/bench/tp_bench.py)
@@ -113,7 +114,11 @@ for what in "$@"; do
     gemm) # the decode steps' matrix products alone in CUDA graphs, against the copy and matmul bounds
       timeout -k 15 120 python3 recipes/bench/gemm_shapes.py --out "$OUT/gemm_shapes.json" > "$OUT/gemm_shapes.md" \
         2> "$OUT/gemm_shapes.err" || echo "gemm: exited with status $?"
-      SUMMARIES+=("$OUT/gemm_shapes.md") ;;
+      SUMMARIES+=("$OUT/gemm_shapes.md")
+      PYTHONPATH=plugin${PYTHONPATH:+:$PYTHONPATH} timeout -k 15 150 python3 recipes/bench/graph_launch.py \
+        --workload conf/workload/w1.yaml --out "$OUT/graph_launch.json" > "$OUT/graph_launch.md" 2> "$OUT/graph_launch.err" \
+        || echo "graph_launch: exited with status $?"
+      SUMMARIES+=("$OUT/graph_launch.md") ;;
     attention|ddp) bash recipes/run_on_h100.sh "$what" ;;
     tp)
       [ "${TP_TESTS:-1}" = 1 ] && { timeout -k 15 150 python3 -m pytest -q -p no:cacheprovider -m gpu \
