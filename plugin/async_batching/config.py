@@ -32,6 +32,9 @@ class BatcherConfig:
     # None: on where decode steps run in CUDA graphs (CUDA with the Triton kernel), off elsewhere.
     compile: Optional[bool] = None
     attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere
+    # q/k/v and gate/up projections as one matrix product each (fused_projections; the model's code unchanged).
+    # None: on for CUDA, where small decode products cost a kernel's fixed time; off elsewhere.
+    fuse_projections: Optional[bool] = None
     device: Optional[str] = None  # None: the model's device
     dtype: Optional[str] = None  # None: the model's dtype
     max_model_len: Optional[int] = None  # None: the model's max_position_embeddings
@@ -68,6 +71,8 @@ class BatcherConfig:
             bad("prefix_caching", "true or false")
         if self.compile not in (None, True, False):
             bad("compile", "true, false or null (auto: on with CUDA graphs)")
+        if self.fuse_projections not in (None, True, False):
+            bad("fuse_projections", "true, false or null (auto: on for CUDA)")
         if not isinstance(self.cuda_graph_max_batch, int) or self.cuda_graph_max_batch < 1:
             bad("cuda_graph_max_batch", "a positive int")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):

@@ -9,6 +9,7 @@ import inspect
 import logging
 import os
 import traceback
+import weakref
 import zlib
 from dataclasses import dataclass, field
 from typing import Optional
@@ -16,7 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import attention
+from . import attention, fused_projections
 from .attention import AttentionMetadata, StepContext
 from .kv_cache import HIT_TABLE_ENTRIES, SCRATCH_ROW, LayerSpec, PagedKVCache, block_table_rows
 from .sampling import SAMPLING_INTS_PER_ROW, SamplingInputs, SamplingPlan, SamplingState, sampling_inputs, stage_sampling
@@ -72,7 +73,18 @@ class ModelRunner:
         attention.register()
         self.max_model_len = self._max_model_len()
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
-        self.layers = self._probe_layers()
+        fuse = device.type == "cuda" if config.fuse_projections is None else bool(config.fuse_projections)
+        self._unfuse = None
+        if fuse:  # before the layer probe: its eager forward shows which groups read their owner's input
+            self.fused = fused_projections.acquire(model)
+            self._unfuse = weakref.finalize(self, fused_projections.release, model)
+        try:
+            self.layers = self._probe_layers()
+            self.num_fused = self.fused.verify() if fuse else 0
+        except BaseException:
+            if self._unfuse is not None:
+                self._unfuse()
+            raise
         self.vocab_size = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else model.config.vocab_size
         # Scored positions of one step, bounded so their float32 logits (and log-softmax) stay small.
         self.max_logit_rows = max(config.max_num_seqs, min(config.max_batch_tokens, LOGITS_BYTES // (4 * self.vocab_size)))
@@ -144,10 +156,12 @@ class ModelRunner:
         return 3 * T + 5 * B + 2 * R + 2 * B + 3 * table + SAMPLING_INTS_PER_ROW * B + 64
 
     def release(self) -> None:
-        """Drop the graphs and the KV cache (the batcher is closed)."""
+        """Drop the graphs and the KV cache (the batcher is closed); the last engine on the model unfuses it."""
         self.graphs.clear()
         self.graph_pool = None
         self.cache.release()
+        if self._unfuse is not None:
+            self._unfuse()
         if self.device.type == "cuda" and hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
             # cuBLAS keeps a workspace per (handle, stream), allocated through torch's allocator and never freed on
             # its own: the compute stream's would outlive the engine (64 MiB left allocated after an evaluation, H200).
