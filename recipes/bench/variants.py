@@ -462,6 +462,17 @@ class OursAsyncPrefillEager(Ours):
             model_runner.PREFILL_COMPILE_MIN_WORK = saved
 
 
+class OursAsyncUnfused(Ours):
+    """``ours_async`` with ``fuse_projections=False``: q/k/v and gate/up as separate products (the engine before
+    session 6), to show what fusing them gives alone."""
+
+    mode = "async"
+
+    def __init__(self, model, job) -> None:
+        job = dict(job, batcher={**(job.get("batcher") or {}), "fuse_projections": False})
+        super().__init__(model, job)
+
+
 class OursAsyncGc(Ours):
     """``ours_async`` without the garbage-collector freeze after start-up (``gc_freeze.FREEZE`` off while this engine
     is built), to show what the freeze gives alone."""
@@ -583,6 +594,7 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_eager": OursAsyncEager,
     "ours_async_prefill_eager": OursAsyncPrefillEager,
     "ours_async_gc": OursAsyncGc,
+    "ours_async_unfused": OursAsyncUnfused,
     "ours_async_greedy": OursAsyncGreedy,
     "ours_async_no_prefix_cache": OursAsyncNoPrefixCache,
     "ours_async_lightning": OursLightning,
