@@ -30,7 +30,7 @@
 # the native run of the kernel tests), BENCH_ARGS (extra Hydra overrides for every benchmark step), FIRST_CALL=1 (first vs repeated call in every
 # step, not just w4 and w7), STEP_S (hard limit of one benchmark step, 560 s), EVAL_ARGS (more eval_bench.py arguments),
 # EVAL_S (the eval step's limit, 500 s),
-# W12_VARIANTS / W2S_VARIANTS / W4_VARIANTS / W6_VARIANTS / W7_VARIANTS (a step's variant list), TP_TESTS=0 (tp: benchmarks only),
+# W12_VARIANTS / W2S_VARIANTS / W3_VARIANTS / W4_VARIANTS / W6_VARIANTS / W7_VARIANTS (a step's variant list), TP_TESTS=0 (tp: benchmarks only),
 # TP_70B=0 (tp: W3's shape only), TP_BATCHER (tp: BatcherConfig overrides as JSON).
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -81,7 +81,7 @@ for what in "$@"; do
     soak) SOAK_SECONDS=${SOAK_SECONDS:-300} timeout -k 15 560 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_soak.py \
             > "$OUT/gpu_soak.log" 2>&1; tail -5 "$OUT/gpu_soak.log" ;;
     w1|w2) bench "$what" ${W12_VARIANTS:-static,hf_cb,ours_sync,ours_async,ours_async_eager,ours_async_no_prefix_cache,ours_async_lightning} ;;
-    w3)  bench w3 ours_sync,ours_async ;;
+    w3)  bench w3 ${W3_VARIANTS:-ours_sync,ours_async} ;;
     w2s) bench w2s ${W2S_VARIANTS:-ours_async,ours_async_greedy,ours_sync,static} ;;
     w4)  bench w4 ${W4_VARIANTS:-ours_async,ours_sync,static,hf_cb} on ;;
     w5)  bench w5 ours_async,ours_async_no_prefix_cache,static,hf_cb ;;
