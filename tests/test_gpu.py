@@ -35,6 +35,8 @@ def _fp32_matches_generate(arch, graphs, **overrides):
         b = ContinuousBatcher(model, mode=mode, cuda_graphs=graphs, max_num_seqs=4, max_batch_tokens=64,
                               block_size=16, num_blocks=40, **overrides)
         assert b.runner.backend == "triton"
+        # Fused projections are on by default on CUDA: the architectures with separate q/k/v or gate/up Linears fuse.
+        assert (b.runner.num_fused > 0) == (arch not in ("gpt2", "phi3", "gpt_neox")), (arch, b.runner.num_fused)
         res = b.generate(prompts, SamplingParams(max_new_tokens=10, ignore_eos=True))
         assert [r.token_ids for r in res] == refs, (arch, mode, graphs, overrides)
         assert b.all_blocks_free()
