@@ -137,3 +137,28 @@ def test_fused_projections_through_the_compiled_model_match_generate_and_compile
     assert counters["stats"]["unique_graphs"] == compiled, "a shape compiled during the run"
     assert b.runner._compiled is not None and b.runner._compiled_prefill
     b.close()
+
+
+def test_training_through_a_fused_model_gives_the_unfused_gradients_and_sees_in_place_updates():
+    """RL rollouts train the model while an engine lives: with grad enabled each projection is its own product, so
+    every Parameter gets its gradient; an optimizer's in-place update reaches the fused product (shared storage)."""
+    torch.manual_seed(0)
+    ref_model, model = tiny_model("llama"), tiny_model("llama")
+    ids = torch.tensor([[5, 9, 11, 40, 7]])
+    b = ContinuousBatcher(model, fuse_projections=True)
+    for m in (ref_model, model):
+        m.train()
+        m(ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    for n, p in ref_model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, msg=n)
+    model.eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * p.grad)  # an optimizer step, in place
+        for p in ref_model.parameters():
+            p.add_(0.01 * p.grad)
+    prompt = [5, 9, 11, 40]
+    want = reference(ref_model.eval(), prompt, 6)
+    assert b.generate([prompt], SamplingParams(max_new_tokens=6, ignore_eos=True))[0].token_ids == want
+    b.close()

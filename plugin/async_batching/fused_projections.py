@@ -14,6 +14,11 @@ DTensors of tensor parallelism, nor quantised weights), one dtype, device and in
 bias; and in an eager probe forward (the runner's layer probe, between ``__init__`` and ``verify``) one product must
 have served every projection of the group, else the group is restored.
 
+With grad enabled (training the model while an engine lives, as RL rollouts do) each projection computes its own
+product, so gradients reach every Parameter; in-place updates of the Parameters (optimizer steps) are seen by the
+fused product, which shares their storage. Replacing a Parameter's tensor (``param.data = ...``, ``model.to``) while
+an engine lives is not supported, as for the engine's CUDA graphs.
+
 Several engines on one model share one fusion; the last to ``release`` it restores the separate weights (copies of
 their slices) and the Linear forwards, so the model is as it was: ``save_pretrained`` sees no shared storage.
 """
@@ -63,7 +68,13 @@ class _Group:
             lin.forward = self._projection(i)
 
     def _projection(self, i: int):
+        lin = self.linears[i]
+
         def forward(x: torch.Tensor) -> torch.Tensor:
+            if torch.is_grad_enabled() and (lin.weight.requires_grad or x.requires_grad):
+                # Training through the model while an engine lives (RL rollouts): the Linear's own product, so that
+                # gradients reach its Parameters (the concatenation is not one of them).
+                return F.linear(x, lin.weight, lin.bias)
             if self.out is None or self.x is not x:
                 self.out = F.linear(x, self.weight, self.bias).split(self.splits, dim=-1)
                 self.x, self.left = x, len(self.splits)
