@@ -245,10 +245,10 @@ class ModelRunner:
         """Write the step's inputs into the slot's pinned int32 buffer; vectorised except one pass over the seqs."""
         seqs = plan.seqs
         B = len(seqs)
-        starts = np.empty(B, np.int32)
-        q_lens = np.empty(B, np.int32)
-        rows = np.empty(B, np.int32)
-        samples = np.zeros(B, bool)
+        starts_l: list[int] = []
+        q_lens_l: list[int] = []
+        rows_l: list[int] = []
+        logits_l: list[int] = []  # the last token of each sampling sequence
         ids: list[int] = []
         carry_dst: list[int] = []
         carry_src: list[int] = []
@@ -258,50 +258,60 @@ class ModelRunner:
         score_idx: list[int] = []
         score_targets: list[int] = []
         lay = StepLayout()
+        sample_rows = lay.sample_rows
         t = 0
-        for i, s in enumerate(seqs):
+        # One pass over the sequences, into Python lists (a numpy element write costs more than a list append); the
+        # hot path of a decode step: one token each, carried over on the GPU.
+        for s in seqs:
             req = s.req
             n = s.num_tokens
-            starts[i] = s.start
-            q_lens[i] = n
-            rows[i] = req.row
-            end = s.start + n
-            known = req.num_known
-            if s.start < known:
-                stop = min(end, known)
-                p = len(req.prompt_ids)
+            start = s.start
+            row = req.row
+            starts_l.append(start)
+            q_lens_l.append(n)
+            rows_l.append(row)
+            end = start + n
+            p = len(req.prompt_ids)
+            known = p + len(req.output_ids)
+            if start < known:
+                stop = end if end < known else known
                 if stop <= p:
-                    ids.extend(req.prompt_ids[s.start:stop])
-                elif s.start >= p:
-                    ids.extend(req.output_ids[s.start - p:stop - p])
+                    ids.extend(req.prompt_ids[start:stop])
+                elif start >= p:
+                    ids.extend(req.output_ids[start - p:stop - p])
                 else:
-                    ids.extend(req.prompt_ids[s.start:])
+                    ids.extend(req.prompt_ids[start:])
                     ids.extend(req.output_ids[:stop - p])
+            t += n
             if end > known:  # the last input is the token the step in flight is sampling: carried over on the GPU
-                carry_dst.append(t + n - 1)
+                carry_dst.append(t - 1)
                 carry_src.append(req.carry_row)
                 ids.append(0)
-            if s.new_blocks:
-                base = len(req.block_ids) - len(s.new_blocks)
-                upd_r.extend([req.row] * len(s.new_blocks))
-                upd_c.extend(range(base, base + len(s.new_blocks)))
-                upd_v.extend(s.new_blocks)
+            new_blocks = s.new_blocks
+            if new_blocks:
+                k = len(new_blocks)
+                base = len(req.block_ids) - k
+                upd_r.extend([row] * k)
+                upd_c.extend(range(base, base + k))
+                upd_v.extend(new_blocks)
             if s.samples:
-                samples[i] = True
-                lay.sample_rows.append(req)
+                logits_l.append(t - 1)
+                sample_rows.append(req)
             elif s.score_rows:
-                first = t + s.score_from - s.start
+                first = t - n + s.score_from - start
                 score_idx.extend(range(first, first + s.score_rows))
                 score_targets.extend(req.prompt_ids[s.score_from + 1:s.score_from + 1 + s.score_rows])
-            t += n
         T = t
+        starts = np.array(starts_l, np.int32)
+        q_lens = np.array(q_lens_l, np.int32)
+        rows = np.array(rows_l, np.int32)
         qsl = np.zeros(B + 1, np.int32)
         np.cumsum(q_lens, out=qsl[1:])
         seq_lens = starts + q_lens
         positions = np.arange(T, dtype=np.int32) + np.repeat(starts - qsl[:-1], q_lens)
         token_rows = np.repeat(rows, q_lens)
-        logits_idx = (qsl[1:] - 1)[samples]
-        input_ids = np.asarray(ids, dtype=np.int32)
+        logits_idx = np.array(logits_l, np.int32)
+        input_ids = np.array(ids, dtype=np.int32)
         lay.num_samples = len(logits_idx)
         lay.num_score_rows = len(score_idx)
         if score_idx:
