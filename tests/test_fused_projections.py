@@ -114,7 +114,7 @@ def test_a_group_the_probe_never_reached_is_left_unfused():
 
 def test_fuse_projections_is_off_on_cpu_by_default_and_rejects_bad_values():
     b = ContinuousBatcher(tiny_model("llama"))
-    assert b.runner.num_fused == 0 and not hasattr(b.runner, "fused")
+    assert b.runner.num_fused == 0 and b.runner.fused is None
     with pytest.raises(ValueError, match="fuse_projections"):
         ContinuousBatcher(tiny_model("llama"), fuse_projections="yes")
 

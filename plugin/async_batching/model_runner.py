@@ -74,7 +74,7 @@ class ModelRunner:
         self.max_model_len = self._max_model_len()
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         fuse = device.type == "cuda" if config.fuse_projections is None else bool(config.fuse_projections)
-        self._unfuse = None
+        self._unfuse = self.fused = None
         if fuse:  # before the layer probe: its eager forward shows which groups read their owner's input
             self.fused = fused_projections.acquire(model)
             self._unfuse = weakref.finalize(self, fused_projections.release, model)
