@@ -17,6 +17,7 @@
 #   atune (~4) the Triton attention kernel's tests natively, then recipes/bench/attention_tuning.py's launch sweep
 #   gemm (~2)   recipes/bench/gemm_shapes.py: the decode steps' matrix products in CUDA graphs vs the copy/matmul bounds;
 #               recipes/bench/graph_launch.py: host cost of a graph replay by node count, and of W1's decode graph
+#   host (~1)   recipes/bench/host_step.py: the engine's host work per step by phase, model and sampler stubbed (W1's requests)
 #   attention, ddp   as in recipes/run_on_h100.sh (ddp needs the nvidia-h200-x2 kind)
 #   tp (~9)     nvidia-h200-x2 kind: the tensor-parallel GPU tests; W3 on one GPU vs TP=2 (issue 15: decode >= 1.6x);
 #               W3's requests on a Llama-3.1-70B-shaped random bf16 model, TP=2 (recipes/bench/tp_bench.py)
@@ -119,6 +120,10 @@ for what in "$@"; do
         --workload conf/workload/w1.yaml --out "$OUT/graph_launch.json" > "$OUT/graph_launch.md" 2> "$OUT/graph_launch.err" \
         || echo "graph_launch: exited with status $?"
       SUMMARIES+=("$OUT/graph_launch.md") ;;
+    host) # the engine's host work per step with the model stubbed out, on this machine's CPU (W1's requests)
+      PYTHONPATH=plugin${PYTHONPATH:+:$PYTHONPATH} timeout -k 15 120 python3 recipes/bench/host_step.py \
+        --out "$OUT/host_step.json" > "$OUT/host_step.md" 2> "$OUT/host_step.err" || echo "host: exited with status $?"
+      SUMMARIES+=("$OUT/host_step.md") ;;
     attention|ddp) bash recipes/run_on_h100.sh "$what" ;;
     tp)
       [ "${TP_TESTS:-1}" = 1 ] && { timeout -k 15 150 python3 -m pytest -q -p no:cacheprovider -m gpu \
@@ -135,7 +140,7 @@ for what in "$@"; do
         --out "$OUT/tp/w3_llama70b_tp2.json" >> "$OUT/tp.log" 2>&1 || echo "tp: 70B TP=2 exited $?"; }
       grep "^\[tp\]" "$OUT/tp.log"
       SUMMARIES+=("$OUT/tp_tests.log" "$OUT/tp.log") ;;
-    *) echo "unknown step $what (steps: tests soak w1 w2 w2s w3 w4 w5 w6 w7 s1 sampling eval atune gemm attention ddp tp)" >&2 ;;
+    *) echo "unknown step $what (steps: tests soak w1 w2 w2s w3 w4 w5 w6 w7 s1 sampling eval atune gemm host attention ddp tp)" >&2 ;;
   esac
 done
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -136,3 +137,15 @@ def test_gc_pauses_counts_a_full_collection_inside_the_block_only():
     assert pauses["collections"][2] == 1 and pauses["pause_s"][2] > 0
     gc.collect()  # after the block: not counted
     assert pauses["collections"][2] == 1
+
+
+def test_host_step_probe_reports_every_phase_of_w1s_decode_steps(tmp_path):
+    """recipes/bench/host_step.py: W1's 512 requests through the real engine with the model stubbed; nearly every
+    step is a decode step, and each phase of the host's work is measured."""
+    out = tmp_path / "host.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "plugin"))
+    subprocess.run([sys.executable, str(ROOT / "recipes/bench/host_step.py"), "--repeat", "1", "--out", str(out)],
+                   check=True, env=env, capture_output=True, timeout=300)
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["steps"] >= 256 and run["decode_steps"] >= 240  # 256 new tokens; prefill spans the first steps
+    assert all(run["decode_ms"][p] > 0 for p in ("schedule", "prepare", "launch", "process"))
