@@ -131,6 +131,14 @@ def test_every_n_steps_evaluates_at_each_multiple_of_the_optimizer_step():
     assert [h["step"] for h in cb.history] == [3, 6]
 
 
+def test_evaluation_engines_are_uncompiled_and_unfused_unless_asked():
+    """The parameters being trained keep their storage (no fused views) and evaluations pay no compile."""
+    cb = GenerationEvaluation(prompts=PROMPTS[:1], score_fn=lambda t, p: 1.0)
+    assert cb.config.compile is False and cb.config.fuse_projections is False
+    asked = GenerationEvaluation(prompts=PROMPTS[:1], score_fn=lambda t, p: 1.0, fuse_projections=True, compile=True)
+    assert asked.config.compile is True and asked.config.fuse_projections is True
+
+
 def test_bad_arguments_are_refused_with_the_reason():
     with pytest.raises(ValueError, match="either tasks"):
         GenerationEvaluation()

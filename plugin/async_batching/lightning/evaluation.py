@@ -22,8 +22,8 @@ class GenerationEvaluation(Callback):
     """Every ``every_n_epochs`` epochs (or ``every_n_steps`` optimizer steps) of ``trainer.fit``, evaluate the module's
     model on lm-eval ``tasks``, or generate for ``prompts`` and average ``score_fn(output_text, prompt)``; log the
     metrics as ``{prefix}{task}/{metric}``. Other keyword arguments are ``BatcherConfig`` fields (the KV cache takes
-    ``memory_fraction`` of the memory free at that moment; it and the graphs are released afterwards; ``compile``
-    defaults to False here).
+    ``memory_fraction`` of the memory free at that moment; it and the graphs are released afterwards; ``compile`` and
+    ``fuse_projections`` default to False here).
     """
 
     def __init__(
@@ -64,6 +64,9 @@ class GenerationEvaluation(Callback):
         # Uncompiled unless asked: an evaluation during training is short, and compiling would add its start-up
         # (10-25 s) to every one of them.
         batcher_overrides.setdefault("compile", False)
+        # The model being trained keeps its own parameter storage (optimizers, DDP and FSDP hold views of it):
+        # projections are not fused here unless asked.
+        batcher_overrides.setdefault("fuse_projections", False)
         self.config = BatcherConfig.from_overrides(None, memory_fraction=memory_fraction, **batcher_overrides)
         if self.config.tensor_parallel_size > 1:
             raise ValueError("GenerationEvaluation: tensor_parallel_size > 1 is not supported yet (the model being "
