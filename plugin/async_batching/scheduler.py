@@ -243,17 +243,7 @@ class Scheduler:
             i += 1
             if req.finish_reason is not None or req.planned == plan_id:
                 continue
-            if req.score_start < 0 and budget[1] > 0:
-                # ``_wanted`` and ``_fit`` inlined for a generating request while logits rows remain (every decode
-                # step's case): the tokens it can compute, chunked to the token budget.
-                out = len(req.output_ids) + req.tokens_in_flight
-                if out >= req.sampling.max_new_tokens:
-                    continue
-                n = len(req.prompt_ids) + out - req.num_computed
-                if n > budget[0]:
-                    n = fit(req, n, budget, plan)
-            else:
-                n = fit(req, wanted(req), budget, plan)
+            n = fit(req, wanted(req), budget, plan)
             if n <= 0:
                 continue
             need = (req.num_computed + n + bs - 1) // bs - len(req.block_ids)
