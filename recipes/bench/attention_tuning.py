@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "..", "plugin"))
 sys.path.insert(0, os.path.join(HERE, ".."))
 from async_batching import triton_paged_attention as tpa  # noqa: E402
 from bench.attention_backends import case  # noqa: E402
-from bench.roofline import time_ms  # noqa: E402
+from bench.roofline import graph_ms, time_ms  # noqa: E402
 
 _R = random.Random(7)
 SHAPES = {  # name: (query lengths, context lengths, heads, kv heads, head_dim)
@@ -106,28 +106,6 @@ def compile_only(name):
     for cfg in configs(name):
         run(fn, cfg)
     torch.cuda.synchronize()
-
-
-def graph_ms(fn, iters: int = 20, replays: int = 5) -> float:
-    """GPU milliseconds per call of ``fn``: ``iters`` calls captured in one CUDA graph, replayed ``replays`` times."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    stream.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for _ in range(iters):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / (iters * replays)
 
 
 def main():

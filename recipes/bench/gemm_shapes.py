@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.roofline import graph_ms  # noqa: E402
 
 # (workload, rows M, [(name, K, N, count per step)]); count: layers that run it.
 SHAPES = {
@@ -27,28 +32,6 @@ SHAPES = {
                                   ("gate", 4096, 14336), ("up", 4096, 14336), ("down", 14336, 4096)],
                          [("qkv", 4096, 6144), ("gate_up", 4096, 28672)], ("lm_head", 4096, 128256)),
 }
-
-
-def graph_time_ms(fn, reps: int = 20) -> float:
-    """Mean time of ``fn`` replayed ``reps`` times inside one CUDA graph (launch cost excluded)."""
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=s):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / (5 * reps)
 
 
 def main() -> None:
@@ -68,7 +51,7 @@ def main() -> None:
             for name, k, n in shapes:
                 x = torch.randn(m, k, device=dev, dtype=dt)
                 w = torch.randn(n, k, device=dev, dtype=dt)
-                ms = graph_time_ms(lambda: torch.nn.functional.linear(x, w))
+                ms = graph_ms(lambda: torch.nn.functional.linear(x, w))
                 bw_us = (n * k * 2 + m * (k + n) * 2) / (args.copy_tbps * 1e12) * 1e6
                 fl_us = 2 * m * n * k / (args.matmul_tflops * 1e12) * 1e6
                 us = ms * 1e3

@@ -21,6 +21,28 @@ class DeviceRates:
     source: str  # "measured on <device>" or "assumed (H100): <why>"
 
 
+def graph_ms(fn, iters: int = 20, replays: int = 5) -> float:
+    """GPU milliseconds per call of ``fn``: ``iters`` calls captured in one CUDA graph, replayed ``replays`` times."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    stream.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for _ in range(iters):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / (iters * replays)
+
+
 def time_ms(fn, iters: int, warmup: int = 1) -> float:
     """Mean milliseconds of ``fn`` over ``iters`` calls, by CUDA events, after ``warmup`` untimed calls."""
     for _ in range(warmup):
