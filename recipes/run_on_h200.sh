@@ -19,8 +19,10 @@
 #               recipes/bench/graph_launch.py: host cost of a graph replay by node count, and of W1's decode graph
 #   host (~1)   recipes/bench/host_step.py: the engine's host work per step by phase, model and sampler stubbed (W1's requests)
 #   attention, ddp   as in recipes/run_on_h100.sh (ddp needs the nvidia-h200-x2 kind)
-#   tp (~9)     nvidia-h200-x2 kind: the tensor-parallel GPU tests; W3 on one GPU vs TP=2 (issue 15: decode >= 1.6x);
-#               W3's requests on a Llama-3.1-70B-shaped random bf16 model, TP=2 (recipes/bench/tp_bench.py)
+#   tp (~9)     nvidia-h200-x2 kind: the tensor-parallel GPU tests; all-reduce latency (recipes/bench/allreduce_latency.py);
+#               W3 on one GPU vs TP=2 (issue 15: decode >= 1.6x) and its levers; W3's requests on a Llama-3.1-70B-shaped
+#               random bf16 model, TP=2 (recipes/bench/tp_bench.py). TP_RUNS picks the runs (tp1 tp2 tp2_nccl
+#               tp2_unfused tp2_plain 70b), TP_RUN_S the limit of each (240 s)
 # Device call: run(command="bash recipes/run_on_h200.sh w4", carry=[".whl"], timeout_s=600)
 # Wheels: the machine has torch, transformers, lightning but not hydra-core, omegaconf, antlr4-python3-runtime, nor
 # lm_eval and some of its dependencies (datasets, evaluate, dill, multiprocess, more-itertools, pytablewriter and its
@@ -32,7 +34,7 @@
 # step, not just w4 and w7), STEP_S (hard limit of one benchmark step, 560 s), EVAL_ARGS (more eval_bench.py arguments),
 # EVAL_S (the eval step's limit, 500 s),
 # W12_VARIANTS / W2S_VARIANTS / W3_VARIANTS / W4_VARIANTS / W6_VARIANTS / W7_VARIANTS (a step's variant list), TP_TESTS=0 (tp: benchmarks only),
-# TP_70B=0 (tp: W3's shape only), TP_BATCHER (tp: BatcherConfig overrides as JSON).
+# TP_RUNS, TP_RUN_S, TP_ALLREDUCE=0 (tp: no all-reduce probe), TP_BATCHER (tp: BatcherConfig overrides as JSON).
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -126,20 +128,29 @@ for what in "$@"; do
       SUMMARIES+=("$OUT/host_step.md") ;;
     attention|ddp) bash recipes/run_on_h100.sh "$what" ;;
     tp)
-      [ "${TP_TESTS:-1}" = 1 ] && { timeout -k 15 150 python3 -m pytest -q -p no:cacheprovider -m gpu \
+      [ "${TP_TESTS:-1}" = 1 ] && { timeout -k 15 200 python3 -m pytest -q -p no:cacheprovider -m gpu \
         tests/test_gpu_tensor_parallel.py > "$OUT/tp_tests.log" 2>&1; tail -5 "$OUT/tp_tests.log"; }
-      export NCCL_NVLS_ENABLE=0 PYTHONPATH=plugin${PYTHONPATH:+:$PYTHONPATH}
+      export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+      export PYTHONPATH=plugin${PYTHONPATH:+:$PYTHONPATH}
+      [ "${TP_ALLREDUCE:-1}" = 1 ] && { timeout -k 15 120 torchrun --nproc-per-node=2 recipes/bench/allreduce_latency.py \
+        --out "$OUT/tp/allreduce.json" > "$OUT/tp_allreduce.log" 2>&1 || echo "tp: allreduce_latency exited $?"; }
       tp_batcher=${TP_BATCHER:-'{"max_num_seqs": 32}'}  # BatcherConfig overrides (JSON) of every TP run
-      TPB=(recipes/bench/tp_bench.py --workload conf/workload/w3.yaml --batcher "$tp_batcher")
-      timeout -k 15 180 python3 "${TPB[@]}" --out "$OUT/tp/w3_tp1.json" > "$OUT/tp.log" 2>&1 || echo "tp: W3 TP=1 exited $?"
-      grep "^\[tp\]" "$OUT/tp.log" | tail -1  # as each run ends: a call cut short still reports the runs it made
-      timeout -k 15 180 torchrun --nproc-per-node=2 "${TPB[@]}" --out "$OUT/tp/w3_tp2.json" >> "$OUT/tp.log" 2>&1 \
-        || echo "tp: W3 TP=2 exited $?"
-      grep "^\[tp\]" "$OUT/tp.log" | tail -1
-      [ "${TP_70B:-1}" = 1 ] && { timeout -k 15 240 torchrun --nproc-per-node=2 "${TPB[@]}" --shape llama70b \
-        --out "$OUT/tp/w3_llama70b_tp2.json" >> "$OUT/tp.log" 2>&1 || echo "tp: 70B TP=2 exited $?"; }
-      grep "^\[tp\]" "$OUT/tp.log"
-      SUMMARIES+=("$OUT/tp_tests.log" "$OUT/tp.log") ;;
+      merge() { python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d.update(json.loads(sys.argv[2])); print(json.dumps(d))' "$tp_batcher" "$1"; }
+      for run in ${TP_RUNS:-tp1 tp2 tp2_nccl tp2_unfused 70b}; do  # one line per run, as each ends
+        case "$run" in
+          tp1) cmd=(python3) extra=() b=$tp_batcher ;;
+          tp2) cmd=(torchrun --nproc-per-node=2) extra=() b=$tp_batcher ;;
+          tp2_nccl) cmd=(torchrun --nproc-per-node=2) extra=() b=$(merge '{"tp_all_reduce": "nccl"}') ;;
+          tp2_unfused) cmd=(torchrun --nproc-per-node=2) extra=() b=$(merge '{"fuse_projections": false}') ;;
+          tp2_plain) cmd=(torchrun --nproc-per-node=2) extra=() b=$(merge '{"fuse_projections": false, "tp_all_reduce": "nccl"}') ;;
+          70b) cmd=(torchrun --nproc-per-node=2) extra=(--shape llama70b) b=$tp_batcher ;;
+          *) echo "tp: unknown run $run (tp1 tp2 tp2_nccl tp2_unfused tp2_plain 70b)"; continue ;;
+        esac
+        timeout -k 15 "${TP_RUN_S:-240}" "${cmd[@]}" recipes/bench/tp_bench.py --workload conf/workload/w3.yaml \
+          --batcher "$b" "${extra[@]}" --out "$OUT/tp/$run.json" > "$OUT/tp_$run.log" 2>&1 || echo "tp: $run exited $?"
+        grep "^\[tp\]" "$OUT/tp_$run.log" | sed "s/^\[tp\]/[tp $run]/" | tee -a "$OUT/tp.log"
+      done
+      SUMMARIES+=("$OUT/tp_tests.log" "$OUT/tp_allreduce.log" "$OUT/tp.log") ;;
     *) echo "unknown step $what (steps: tests soak w1 w2 w2s w3 w4 w5 w6 w7 s1 sampling eval atune gemm host attention ddp tp)" >&2 ;;
   esac
 done

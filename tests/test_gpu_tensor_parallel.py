@@ -1,5 +1,6 @@
-"""Tensor parallelism on two GPUs (NCCL): fp32 greedy equals `generate`, with the Triton kernel and decode CUDA graphs
-whose captured forward holds the TP all-reduces (run by recipes/run_on_h200.sh tp on the nvidia-h200-x2 kind)."""
+"""Tensor parallelism on two GPUs: fp32 greedy equals `generate`, with the Triton kernel, fused q/k/v and gate/up
+shards, and decode CUDA graphs whose captured forward holds the TP all-reduces: symmetric-memory ones (the default)
+or NCCL's (run by recipes/run_on_h200.sh tp on the nvidia-h200-x2 kind)."""
 
 from __future__ import annotations
 
@@ -16,13 +17,16 @@ pytestmark = [pytest.mark.gpu,
 NEW_TOKENS = 12
 
 
-def _generate_on_gpu(rank: int, arch: str, prompts: list, mode: str) -> dict:
+def _generate_on_gpu(rank: int, arch: str, prompts: list, mode: str, tp_all_reduce: str = "auto") -> dict:
     model = tiny_model(arch, device=f"cuda:{rank}")
     b = ContinuousBatcher(model, mode=mode, tensor_parallel_size=2, max_num_seqs=8, max_batch_tokens=64,
-                          block_size=16, num_blocks=256)
+                          block_size=16, num_blocks=256, tp_all_reduce=tp_all_reduce)
     results = b.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
+    ar = b.tp.all_reduce
     out = {"tokens": [r.token_ids for r in results], "graph_steps": b.stats["graph_steps"],
-           "kv_heads": b.runner.layers[0].num_kv_heads, "compiled": b.runner._compiled is not None}
+           "kv_heads": b.runner.layers[0].num_kv_heads, "compiled": b.runner._compiled is not None,
+           "symm_error": ar.symm_error if ar is not None else "none", "row_parallel": b.tp.row_parallel,
+           "fused": b.runner.num_fused, "layers": model.config.num_hidden_layers}
     b.close()
     return out
 
@@ -40,3 +44,17 @@ def test_fp32_tp2_on_two_gpus_matches_generate_with_graphs(arch, mode):
         assert got["graph_steps"] > 0, "decode steps replayed CUDA graphs holding the NCCL all-reduces"
         assert got["kv_heads"] == 1
         assert got["compiled"], "decode steps compiled (the default with graphs), DTensor shards and all"
+        assert got["symm_error"] is None, "symmetric memory set up on two H200s"
+        assert got["row_parallel"] >= got["layers"], "o_proj (and dense down_proj) sum through symmetric memory"
+        assert got["fused"] >= got["layers"], "q/k/v fused on each rank's shards"
+
+
+def test_fp32_tp2_with_nccl_all_reduces_matches_generate():
+    prompts = mixed_prompts(6, lo=2, hi=90, seed=5)
+    model = tiny_model("llama", device="cuda:0")
+    refs = [reference(model, p, NEW_TOKENS) for p in prompts]
+    del model
+    for rank, got in enumerate(run_ranks(2, _generate_on_gpu, "llama", prompts, "async", "nccl", backend="nccl")):
+        assert not isinstance(got, tuple), got
+        assert got["tokens"] == refs, f"rank {rank}"
+        assert got["row_parallel"] == 0 and got["symm_error"] == "none"

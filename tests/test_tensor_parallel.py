@@ -91,3 +91,62 @@ def test_data_parallel_view_gives_one_shard_and_one_writer_per_group():
     assert [data_parallel_view(r, 2, 1) for r in range(2)] == [(0, 2, True), (1, 2, True)]
     with pytest.raises(ValueError, match="does not divide"):
         data_parallel_view(0, 3, 2)
+
+
+class _Counting:
+    """Stands in for a group's registered AllReduce and counts the sums asked of it."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def __call__(self, x):
+        self.calls += 1
+        return self.inner(x)
+
+
+def _row_parallel_sums_on_rank(rank: int, tp_all_reduce: str) -> dict:
+    from async_batching import all_reduce
+
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    model = tiny_model("llama")
+    with torch.no_grad():
+        want = model(ids).logits
+    b = ContinuousBatcher(model, tensor_parallel_size=2, max_num_seqs=4, max_batch_tokens=32, num_blocks=32,
+                          fuse_projections=True, tp_all_reduce=tp_all_reduce)
+    name = b.tp.group.group_name
+    counting = all_reduce._ENGINES[name] = _Counting(all_reduce._ENGINES.get(name, lambda x: x))
+    with torch.no_grad():  # the engine's path: fused local shards, the group's all-reduce
+        fast = model(ids).logits
+    inference_calls = counting.calls
+    with torch.enable_grad():  # transformers' own TP forwards (DTensors, its all-reduces)
+        slow = model(ids).logits.detach()
+    out = {"row_parallel": b.tp.row_parallel, "fused": b.runner.num_fused, "inference_calls": inference_calls,
+           "grad_calls": counting.calls - inference_calls, "layers": model.config.num_hidden_layers,
+           "fast_err": (fast - want).abs().max().item(), "slow_err": (slow - want).abs().max().item(),
+           "method": b.tp.all_reduce.method(want) if b.tp.all_reduce is not None else None}
+    b.close()
+    return out
+
+
+@pytest.mark.parametrize("tp_all_reduce", ["auto", "nccl"])
+def test_row_parallel_layers_sum_through_the_group_all_reduce_only_without_grad(tp_all_reduce):
+    """'auto': o_proj and down_proj of every layer sum through the group's AllReduce (the custom op) at inference,
+    and with grad enabled transformers' own forward runs instead; 'nccl' leaves transformers' forwards alone. Either
+    way, with q/k/v and gate/up fused on each rank's shards, the logits equal the unsharded model's."""
+    for got in run_ranks(2, _row_parallel_sums_on_rank, tp_all_reduce):
+        assert not isinstance(got, tuple), got
+        layers = got["layers"]
+        assert got["fused"] == 2 * layers, "q/k/v and gate/up of every layer fused on the local shards"
+        if tp_all_reduce == "auto":
+            assert got["row_parallel"] == 2 * layers
+            assert got["inference_calls"] == 2 * layers, "one sum per row-parallel layer per forward"
+            assert got["method"] == "nccl", "gloo on CPU: no symmetric memory"
+        else:
+            assert got["row_parallel"] == 0 and got["inference_calls"] == 0
+        assert got["grad_calls"] == 0
+        assert got["fast_err"] < 1e-4 and got["slow_err"] < 1e-4, got
+
+
+def test_bad_tp_all_reduce_names_the_key():
+    with pytest.raises(ValueError, match="tp_all_reduce='fast' is invalid: expected 'auto' or 'nccl'"):
+        ContinuousBatcher(tiny_model("llama"), tp_all_reduce="fast")

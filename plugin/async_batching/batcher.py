@@ -41,7 +41,7 @@ class ContinuousBatcher:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         # Tensor parallelism: the model is sharded in place (or already was); every rank of the group runs this engine.
-        self.tp = (TensorParallelGroup.shard(model, cfg.tensor_parallel_size, self.device)
+        self.tp = (TensorParallelGroup.shard(model, cfg.tensor_parallel_size, self.device, cfg.tp_all_reduce)
                    if cfg.tensor_parallel_size > 1 or is_sharded(model) else None)
         self.runner = ModelRunner(model, cfg, self.device, self.dtype, self.tp)
         self.runner.start()

@@ -40,6 +40,9 @@ class BatcherConfig:
     max_model_len: Optional[int] = None  # None: the model's max_position_embeddings
     seed: int = 0  # default sampling seed for requests that give none
     tensor_parallel_size: int = 1  # ranks that hold one model (transformers' TP plan); each group serves one data shard
+    # The sums of row-parallel layers under TP: "auto" (symmetric-memory all-reduces for small messages where the
+    # GPUs map each other's memory, NCCL otherwise: all_reduce.py), "nccl" (transformers' own all-reduces).
+    tp_all_reduce: str = "auto"
 
     def validate(self) -> "BatcherConfig":
         """Raise a ValueError naming the key and the accepted values for any bad setting."""
@@ -79,6 +82,8 @@ class BatcherConfig:
             bad("max_model_len", "an int >= 2, or None")
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             bad("tensor_parallel_size", "a positive int (1: the whole model on each rank)")
+        if self.tp_all_reduce not in ("auto", "nccl"):
+            bad("tp_all_reduce", "'auto' or 'nccl'")
         if not self.chunked_prefill and self.max_batch_tokens < 2:
             bad("max_batch_tokens", "at least the longest prompt when chunked_prefill is false")
         return self

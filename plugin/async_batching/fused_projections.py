@@ -9,10 +9,12 @@ weight becomes a view of the concatenation: no extra memory) and gives each proj
 whole group's product on the first call and returns its slice of it (see ``_Group``). The model's code is unchanged
 and its parameters keep their identity.
 
-A group is fused only where it is safe and pays: plain ``nn.Linear`` modules without hooks, plain tensors (not the
-DTensors of tensor parallelism, nor quantised weights), one dtype, device and input size, all with or all without
-bias; and in an eager probe forward (the runner's layer probe, between ``__init__`` and ``verify``) one product must
-have served every projection of the group, else the group is restored.
+A group is fused only where it is safe and pays: plain ``nn.Linear`` modules without hooks, plain tensors (not
+quantised weights), one dtype, device and input size, all with or all without bias; and in an eager probe forward
+(the runner's layer probe, between ``__init__`` and ``verify``) one product must have served every projection of the
+group, else the group is restored. Under tensor parallelism, projections that transformers split column-wise (its
+plain ``colwise`` style: replicated input, local output columns) fuse their local shards: the DTensor parameters'
+local tensors become views of the concatenation, and with grad enabled transformers' own forward runs.
 
 With grad enabled (training the model while an engine lives, as RL rollouts do) each projection computes its own
 product, so gradients reach every Parameter; in-place updates of the Parameters (optimizer steps) are seen by the
@@ -32,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .tensor_parallel import is_column_parallel, is_dtensor, shard_of
+
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 INPUT_KWARGS = ("hidden_states", "x")  # where an owner called with keywords gets the projections' input
 
@@ -49,15 +53,19 @@ class _Group:
     def __init__(self, owner: nn.Module, linears: list[nn.Linear]):
         self.owner = owner
         self.linears = linears
-        self.splits = [lin.out_features for lin in linears]
+        # transformers' TP forwards of column-parallel projections (None: nn.Linear's own)
+        self.own = [lin.__dict__.get("forward") for lin in linears]
         with torch.no_grad():
-            self.weight = torch.cat([lin.weight.detach() for lin in linears])
-            self.bias = None if linears[0].bias is None else torch.cat([lin.bias.detach() for lin in linears])
+            weights = [shard_of(lin.weight) for lin in linears]  # this rank's rows under TP
+            biases = None if linears[0].bias is None else [shard_of(lin.bias) for lin in linears]
+            self.splits = [w.shape[0] for w in weights]
+            self.weight = torch.cat([w.detach() for w in weights])
+            self.bias = None if biases is None else torch.cat([b.detach() for b in biases])
             start = 0
-            for lin, n in zip(linears, self.splits):  # the same Parameter objects, now views of the concatenation
-                lin.weight.data = self.weight[start:start + n]
-                if self.bias is not None:
-                    lin.bias.data = self.bias[start:start + n]
+            for i, n in enumerate(self.splits):  # the same Parameter objects, now views of the concatenation
+                weights[i].data = self.weight[start:start + n]
+                if biases is not None:
+                    biases[i].data = self.bias[start:start + n]
                 start += n
         self.out: Optional[tuple[torch.Tensor, ...]] = None  # the group's product, while some slices are unread
         self.x: Optional[torch.Tensor] = None  # ... and the tensor it was computed from
@@ -68,9 +76,11 @@ class _Group:
             lin.forward = self._projection(i)
 
     def _projection(self, i: int):
-        lin = self.linears[i]
+        lin, own = self.linears[i], self.own[i]
 
         def forward(x: torch.Tensor) -> torch.Tensor:
+            if own is not None and (torch.is_grad_enabled() or is_dtensor(x)):
+                return own(x)  # transformers' TP forward: its DTensor path
             if torch.is_grad_enabled() and (lin.weight.requires_grad or x.requires_grad):
                 # Training through the model while an engine lives (RL rollouts): the Linear's own product, so that
                 # gradients reach its Parameters (the concatenation is not one of them).
@@ -93,25 +103,35 @@ class _Group:
     def restore(self) -> None:
         """Own forwards back, each weight (and bias) a tensor of its own again."""
         with torch.no_grad():
-            for lin in self.linears:
-                lin.__dict__.pop("forward", None)
-                lin.weight.data = lin.weight.data.clone()
-                if lin.bias is not None:
-                    lin.bias.data = lin.bias.data.clone()
+            for lin, own in zip(self.linears, self.own):
+                if own is None:
+                    lin.__dict__.pop("forward", None)
+                else:
+                    lin.forward = own
+                for p in (lin.weight, lin.bias):
+                    if p is not None:
+                        shard_of(p).data = shard_of(p).data.clone()
         self.weight = self.bias = self.out = self.x = None
 
 
 def _fusable(linears: list) -> bool:
     if not all(type(lin) is nn.Linear for lin in linears):
         return False
-    if any(lin._forward_hooks or lin._forward_pre_hooks or "forward" in lin.__dict__ for lin in linears):
+    if any(lin._forward_hooks or lin._forward_pre_hooks for lin in linears):
         return False
-    weights = [lin.weight for lin in linears]
-    if any(type(w.data) is not torch.Tensor for w in weights):  # DTensor shards, quantised tensor subclasses
+    if all(is_column_parallel(lin) for lin in linears):  # TP: their local shards, if on one mesh
+        if len({id(lin.weight.device_mesh) for lin in linears}) != 1:
+            return False
+        if any(lin.bias is not None and lin.bias.placements != lin.weight.placements for lin in linears):
+            return False
+    elif any("forward" in lin.__dict__ for lin in linears):
+        return False
+    weights = [shard_of(lin.weight) for lin in linears]
+    if any(type(w.data) is not torch.Tensor for w in weights):  # quantised tensor subclasses
         return False
     if len({(w.shape[1], w.dtype, w.device) for w in weights}) != 1 or not weights[0].is_floating_point():
         return False
-    biases = [lin.bias for lin in linears]
+    biases = [None if lin.bias is None else shard_of(lin.bias) for lin in linears]
     if any(b is None for b in biases) != all(b is None for b in biases):
         return False
     return all(b is None or type(b.data) is torch.Tensor for b in biases)

@@ -13,7 +13,13 @@ from __future__ import annotations
 import inspect
 import os
 from dataclasses import dataclass
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .all_reduce import AllReduce
 
 
 def _text_config(model):
@@ -66,6 +72,92 @@ def apply_tp_plan(model, mesh) -> None:
     model._device_mesh = mesh
 
 
+def is_dtensor(t) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def shard_of(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter: the local tensor of a DTensor (the storage itself, not a view), else ``t``."""
+    return t._local_tensor if is_dtensor(t) else t
+
+
+def tp_style(module: nn.Module):
+    """The transformers TP style object (``ColwiseParallel``, ``RowwiseParallel``, ...) whose forward ``module`` runs,
+    read from the closure that transformers' ``install_forward`` set as the module's ``forward``; None if none."""
+    fw = module.__dict__.get("forward")
+    code, cells = getattr(fw, "__code__", None), getattr(fw, "__closure__", None)
+    if code is None or not cells or code.co_name != "tp_forward":
+        return None
+    try:
+        return dict(zip(code.co_freevars, cells))["self"].cell_contents
+    except (KeyError, ValueError):
+        return None
+
+
+def _plain_linear(module, style_name: str, layouts: tuple, weight_dim: int) -> bool:
+    """``module`` is an ``nn.Linear`` that transformers split with its plain ``style_name`` (inputs and outputs in
+    ``layouts``, local outputs), its weight a DTensor sharded on ``weight_dim``."""
+    from torch.distributed.tensor import Shard
+
+    style = tp_style(module)
+    if type(module) is not nn.Linear or type(style).__name__ != style_name or not getattr(style, "use_local_output",
+                                                                                           False):
+        return False
+    if (style.input_layouts, style.output_layouts) != layouts or not is_dtensor(module.weight):
+        return False
+    w = module.weight
+    return len(w.placements) == 1 and w.placements[0] in (Shard(weight_dim), Shard(weight_dim - w.ndim))
+
+
+def is_column_parallel(module) -> bool:
+    """A linear layer of transformers' plain ``colwise`` style: replicated input, this rank's output columns."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    return _plain_linear(module, "ColwiseParallel", (Replicate(), Shard(-1)), 0)
+
+
+def is_row_parallel(module) -> bool:
+    """A linear layer of transformers' plain ``rowwise`` style: this rank's input columns, replicated (summed)
+    output; its bias (if any) replicated."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    if not _plain_linear(module, "RowwiseParallel", (Shard(-1), Replicate()), 1):
+        return False
+    return module.bias is None or (is_dtensor(module.bias) and module.bias.placements == (Replicate(),))
+
+
+def use_group_all_reduce(model: nn.Module, group_name: str) -> int:
+    """Give every plain row-parallel linear layer of ``model`` an inference forward that sums its partial product
+    with the custom op ``async_batching::all_reduce`` (the group's registered ``AllReduce``: symmetric memory for
+    small messages) instead of transformers' ``dist.all_reduce`` (NCCL). With grad enabled, or for a DTensor input,
+    transformers' own forward runs. Returns the number of such layers (a layer given this forward by an earlier
+    engine gets it again, for ``group_name``)."""
+    n = 0
+    for module in model.modules():
+        own = getattr(module.__dict__.get("forward"), "tp_forward", None)  # set by an earlier call
+        if own is None:
+            if not is_row_parallel(module):
+                continue
+            own = module.__dict__["forward"]
+        weight = shard_of(module.weight)
+        bias = None if module.bias is None else shard_of(module.bias)
+
+        def forward(x, own=own, weight=weight, bias=bias):
+            if torch.is_grad_enabled() or is_dtensor(x):
+                return own(x)
+            y = torch.ops.async_batching.all_reduce(F.linear(x, weight), group_name)
+            return y if bias is None else y + bias
+
+        forward.tp_forward = own
+        module.forward = forward
+        n += 1
+    return n
+
+
 def is_sharded(model) -> bool:
     """The model's parameters are DTensors already (sharded by transformers or by an earlier batcher)."""
     return _sharded_mesh(model) is not None
@@ -79,10 +171,14 @@ class TensorParallelGroup:
     rank: int  # within the group; rank 0's tokens are the group's
     group: object  # torch.distributed ProcessGroup
     device: torch.device
+    all_reduce: Optional[AllReduce] = None  # what the row-parallel layers sum with
+    row_parallel: int = 0  # row-parallel layers whose sums ``all_reduce`` does
 
     @classmethod
-    def shard(cls, model, size: int, device: torch.device) -> "TensorParallelGroup":
-        """Shard ``model`` (in place) over its group of ``size`` ranks, or adopt the mesh of a model sharded already."""
+    def shard(cls, model, size: int, device: torch.device, all_reduce: str = "auto") -> "TensorParallelGroup":
+        """Shard ``model`` (in place) over its group of ``size`` ranks, or adopt the mesh of a model sharded already.
+        ``all_reduce``: "auto" (symmetric memory for small sums where the GPUs can map each other's memory, else
+        NCCL), "nccl" (transformers' own all-reduces, untouched)."""
         import torch.distributed as dist
 
         mesh = _sharded_mesh(model)
@@ -103,7 +199,12 @@ class TensorParallelGroup:
         elif mesh.size() != size:
             raise ValueError(f"BatcherConfig.tensor_parallel_size={size}, but the model is already sharded over "
                              f"{mesh.size()} ranks; set tensor_parallel_size={mesh.size()}")
-        return cls(size=size, rank=mesh.get_local_rank(), group=mesh.get_group(), device=device)
+        tp = cls(size=size, rank=mesh.get_local_rank(), group=mesh.get_group(), device=device)
+        if all_reduce == "auto":
+            dtype = next(model.parameters()).dtype
+            tp.all_reduce = AllReduce(tp.group, device, dtype).register()
+            tp.row_parallel = use_group_all_reduce(model, tp.group.group_name)
+        return tp
 
     def _tensor(self, values) -> torch.Tensor:
         # gloo reduces host tensors, NCCL device tensors

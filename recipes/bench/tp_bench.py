@@ -99,7 +99,9 @@ def main() -> None:
     model = build_sharded(workload, world, device)
     build_s = time.perf_counter() - t0
     overrides = json.loads(args.batcher)
+    t0 = time.perf_counter()
     batcher = ContinuousBatcher(model, tensor_parallel_size=world, **overrides)
+    start_s = time.perf_counter() - t0
     requests = workload.build()
     sampling = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in requests.new_tokens]
     warm = requests.head(min(len(requests), batcher.config.max_num_seqs)).with_new_tokens(args.warmup_new_tokens)
@@ -116,7 +118,13 @@ def main() -> None:
         "workload": workload.name, "tensor_parallel_size": world, "requests": len(results), "out_tokens": out_tokens,
         "wall_s": wall, "out_tok_s": out_tokens / wall, "decode_tok_s": (out_tokens - len(results)) / (wall - first),
         "kv_blocks": batcher.runner.num_blocks, "graph_steps": batcher.stats["graph_steps"],
-        "steps": batcher.stats["steps"], "build_s": build_s,
+        "steps": batcher.stats["steps"], "build_s": build_s, "start_s": start_s, "batcher": overrides, "fused": batcher.runner.num_fused,
+        "row_parallel": batcher.tp.row_parallel if batcher.tp else 0,
+        "all_reduce": (None if batcher.tp is None or batcher.tp.all_reduce is None else
+                       {"symm_error": batcher.tp.all_reduce.symm_error,
+                        "decode": batcher.tp.all_reduce.method(torch.empty(batcher.config.max_num_seqs,
+                                                                           model.config.hidden_size,
+                                                                           dtype=batcher.dtype, device=device))}),
         "gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
     }
     if device.type == "cuda" and rank == 0:

@@ -1,0 +1,122 @@
+"""The all-reduce of a tensor-parallel group's row-parallel layers: symmetric memory for small messages, else NCCL.
+
+A tensor-parallel decode step does two all-reduces per layer, each of rows x hidden values (W3 at batch 32 on
+Llama-3.1-8B: 256 KiB). At that size an all-reduce costs its latency: NCCL took about 14 us each on 2 x H200, which is
+64 x 14 us = 0.9 ms of a 4 ms step. PyTorch's symmetric memory (``torch.distributed._symmetric_memory``) maps each
+rank's buffer into its peers' address space, and its one-shot all-reduce is one kernel that copies the input into
+this rank's buffer, waits on a device-side barrier and sums every rank's buffer: it runs inside CUDA graphs and needs
+no multicast (``TORCH_SYMM_MEM_DISABLE_MULTICAST=1`` stays set, as the device README requires).
+``recipes/bench/allreduce_latency.py`` measures both and checks that they give the same sums.
+
+``AllReduce`` chooses per call: symmetric memory for a CUDA tensor of the buffer's dtype and at most ``max_bytes``
+(the biggest decode step's hidden states), NCCL (or gloo on CPU) otherwise, and always where symmetric memory could
+not be set up (the reason is kept in ``symm_error``). Both are out of place. The model's code reaches it through the
+custom op ``async_batching::all_reduce`` (opaque to torch.compile, so compiled decode steps call it as one node).
+
+Invariant: the symmetric buffer is written only by the one-shot kernel of the op that reads it, and that kernel's
+barriers keep a rank from overwriting its buffer (next call) before every peer has read it (this call). Every rank
+of a group calls the same all-reduces in the same order (the group runs one plan), so the barriers pair up.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+_ENGINES: dict[str, "AllReduce"] = {}  # group name -> the AllReduce its layers call
+# Measured on 2 x H200 (NVLink, docs/results/tp_h200x2.md), microseconds per all-reduce in CUDA graphs, by message
+# size: 256 KiB NCCL 22.1, one-shot 9.3, two-shot 10.0; 2 MiB: 38.5, 21.5, 16.5; 8 MiB: 55.8, 62.5, 40.7.
+ONE_SHOT_MAX_BYTES = 512 * 1024  # one-shot up to here, two-shot above
+MAX_BYTES = 8 * 2**20  # the symmetric buffer: messages above it go to NCCL
+
+
+class AllReduce:
+    """Sum a tensor over ``group`` (out of place)."""
+
+    def __init__(self, group, device: torch.device, dtype: torch.dtype = torch.bfloat16, max_bytes: int = MAX_BYTES,
+                 use_symmetric_memory: bool = True):
+        import torch.distributed as dist
+
+        self.group = group
+        self.group_name = group.group_name
+        self.device = device
+        self.world = dist.get_world_size(group)
+        self.dtype = dtype
+        self.max_numel = max(1, max_bytes // torch.empty((), dtype=dtype).element_size())
+        self.symm = self.symm_buffer = None
+        self.symm_error: Optional[str] = None
+        if device.type != "cuda":
+            self.symm_error = "not a CUDA device"
+        elif not use_symmetric_memory:
+            self.symm_error = "turned off"
+        else:
+            self._setup_symmetric_memory()
+
+    def _setup_symmetric_memory(self) -> None:
+        os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")  # no multicast objects (device README)
+        try:
+            import torch.distributed._symmetric_memory as symm_mem
+
+            buf = symm_mem.empty(self.max_numel, dtype=self.dtype, device=self.device)
+            handle = symm_mem.rendezvous(buf, self.group_name)
+            if handle is None:
+                raise RuntimeError("rendezvous gave no handle")
+            self.symm, self.symm_buffer = handle, buf
+            # Each method once, checked against NCCL, before anything relies on it (a group whose GPUs cannot map
+            # each other's memory fails here, not in the middle of a run).
+            rank = torch.distributed.get_rank(self.group)
+            for numel in (16 * self.world, self.max_numel - self.max_numel % (16 * self.world)):
+                x = torch.arange(numel, device=self.device).remainder(7).add(rank).to(self.dtype)
+                want = x.clone()
+                torch.distributed.all_reduce(want, group=self.group)
+                got = self(x)
+                if not torch.equal(got, want):
+                    raise RuntimeError(f"{self.method(x)} sum of {numel} values differs from NCCL's")
+            torch.cuda.synchronize(self.device)
+        except Exception as exc:  # no symmetric memory here: NCCL does every all-reduce
+            self.symm = self.symm_buffer = None
+            self.symm_error = f"{type(exc).__name__}: {exc}"
+
+    def method(self, x: torch.Tensor) -> str:
+        """What a call with ``x`` uses: ``"one_shot"`` (small), ``"two_shot"`` (symmetric memory, up to the buffer's
+        size) or ``"nccl"`` (gloo on CPU)."""
+        if (self.symm is None or x.dtype != self.dtype or x.numel() > self.max_numel or not x.is_cuda
+                or not x.is_contiguous()):
+            return "nccl"
+        if x.numel() * x.element_size() <= ONE_SHOT_MAX_BYTES or x.numel() % (16 * self.world):
+            return "one_shot"
+        return "two_shot"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        how = self.method(x)
+        if how == "nccl":
+            y = x.clone()
+            torch.distributed.all_reduce(y, group=self.group)
+            return y
+        buf = self.symm_buffer[:x.numel()].view(x.shape)  # a view of the registered buffer, at its start
+        if how == "one_shot":
+            return torch.ops.symm_mem.one_shot_all_reduce_copy(buf, x, "sum", self.group_name)
+        buf.copy_(x)
+        torch.ops.symm_mem.two_shot_all_reduce_(buf, "sum", self.group_name)
+        return buf.clone()
+
+    def register(self) -> "AllReduce":
+        """Make this the all-reduce of ``all_reduce(x, group_name)`` for its group."""
+        _ENGINES[self.group_name] = self
+        return self
+
+
+@torch.library.custom_op("async_batching::all_reduce", mutates_args=())
+def all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    """The sum of ``x`` over the group named ``group_name``, by that group's registered ``AllReduce``."""
+    return _ENGINES[group_name](x)
+
+
+@all_reduce.register_fake
+def _(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+__all__ = ["AllReduce", "all_reduce"]
