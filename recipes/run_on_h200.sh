@@ -34,7 +34,8 @@
 # step, not just w4 and w7), STEP_S (hard limit of one benchmark step, 560 s), EVAL_ARGS (more eval_bench.py arguments),
 # EVAL_S (the eval step's limit, 500 s),
 # W12_VARIANTS / W2S_VARIANTS / W3_VARIANTS / W4_VARIANTS / W6_VARIANTS / W7_VARIANTS (a step's variant list), TP_TESTS=0 (tp: benchmarks only),
-# TP_RUNS, TP_RUN_S, TP_ALLREDUCE=0 (tp: no all-reduce probe), TP_BATCHER (tp: BatcherConfig overrides as JSON).
+# TP_RUNS, TP_RUN_S, TP_ALLREDUCE=0 (tp: no all-reduce probe), TP_BATCHER (tp: BatcherConfig overrides as JSON),
+# TP_PROFILE (tp: profile this many new tokens after each timed run), TP_TESTS_K / TP_TESTS_S (tp: -k filter, limit).
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -128,8 +129,8 @@ for what in "$@"; do
       SUMMARIES+=("$OUT/host_step.md") ;;
     attention|ddp) bash recipes/run_on_h100.sh "$what" ;;
     tp)
-      [ "${TP_TESTS:-1}" = 1 ] && { timeout -k 15 200 python3 -m pytest -q -p no:cacheprovider -m gpu \
-        tests/test_gpu_tensor_parallel.py > "$OUT/tp_tests.log" 2>&1; tail -5 "$OUT/tp_tests.log"; }
+      [ "${TP_TESTS:-1}" = 1 ] && { timeout -k 15 "${TP_TESTS_S:-420}" python3 -m pytest -v -p no:cacheprovider -m gpu \
+        -k "${TP_TESTS_K:-}" tests/test_gpu_tensor_parallel.py > "$OUT/tp_tests.log" 2>&1; tail -12 "$OUT/tp_tests.log"; }
       export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
       export PYTHONPATH=plugin${PYTHONPATH:+:$PYTHONPATH}
       [ "${TP_ALLREDUCE:-1}" = 1 ] && { timeout -k 15 120 torchrun --nproc-per-node=2 recipes/bench/allreduce_latency.py \
@@ -146,6 +147,7 @@ for what in "$@"; do
           70b) cmd=(torchrun --nproc-per-node=2) extra=(--shape llama70b) b=$tp_batcher ;;
           *) echo "tp: unknown run $run (tp1 tp2 tp2_nccl tp2_unfused tp2_plain 70b)"; continue ;;
         esac
+        [ -n "${TP_PROFILE:-}" ] && extra+=(--profile "$TP_PROFILE")
         timeout -k 15 "${TP_RUN_S:-240}" "${cmd[@]}" recipes/bench/tp_bench.py --workload conf/workload/w3.yaml \
           --batcher "$b" "${extra[@]}" --out "$OUT/tp/$run.json" > "$OUT/tp_$run.log" 2>&1 || echo "tp: $run exited $?"
         grep "^\[tp\]" "$OUT/tp_$run.log" | sed "s/^\[tp\]/[tp $run]/" | tee -a "$OUT/tp.log"

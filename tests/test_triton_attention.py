@@ -356,6 +356,29 @@ def test_gpu_cuda_graph_replay_follows_new_metadata(splits):
         torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kv_heads,head_dim", [(1, 64), (2, 128), (3, 80)])
+def test_write_kv_puts_each_token_in_its_slot_and_leaves_the_rest(backend, kv_heads, head_dim):
+    """The fused K/V write equals two ``index_copy_`` into the flat caches, from [1, heads, T, dim] views transposed to
+    [T, heads, dim] as the attention function receives them; slots no token maps to keep their contents."""
+    from async_batching.attention import index_copy_kv
+
+    dtype, _ = backend
+    g = torch.Generator().manual_seed(kv_heads * 100 + head_dim)
+    T, blocks, block_size = 37, 9, 8
+    slots = torch.randperm(blocks * block_size, generator=g)[:T].to(DEVICE)
+    key = torch.randn(1, kv_heads, T, head_dim, generator=g).to(DEVICE, dtype)
+    value = torch.randn(1, kv_heads, T, head_dim, generator=g).to(DEVICE, dtype)
+    k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)
+    kc = torch.randn(blocks, block_size, kv_heads, head_dim, generator=g).to(DEVICE, dtype)
+    vc = torch.randn(blocks, block_size, kv_heads, head_dim, generator=g).to(DEVICE, dtype)
+    want_k, want_v = kc.clone(), vc.clone()
+    index_copy_kv(k, v, want_k, want_v, slots)
+    tpa.write_kv(k, v, kc, vc, slots)
+    assert torch.equal(kc.view(-1, kv_heads, head_dim)[slots], k) and torch.equal(vc.view(-1, kv_heads, head_dim)[slots], v)
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+
+
 def test_cases_pass_in_a_fresh_interpreter_process():
     """Only when triton was imported before TRITON_INTERPRET=1 took effect: rerun this file where it is set first."""
     if not DELEGATED:

@@ -31,10 +31,11 @@ class AttentionMetadata:
 class StepContext:
     """What the attention function needs during one forward: the cache, the metadata and the kernel."""
 
-    def __init__(self, k_cache: dict, v_cache: dict, kernel: Callable):
+    def __init__(self, k_cache: dict, v_cache: dict, kernel: Callable, write: Optional[Callable] = None):
         self.k_cache = k_cache
         self.v_cache = v_cache
         self.kernel = kernel
+        self.write = write or index_copy_kv  # writes the step's K/V into the cache: (k, v, kc, vc, slot_mapping)
         self.meta: Optional[AttentionMetadata] = None
         self.probe: Optional[dict] = None  # when set, record layer shapes instead of attending
 
@@ -59,8 +60,7 @@ def paged_attention_forward(module, query, key, value, attention_mask=None, scal
     v = value[0].transpose(0, 1)
     kc, vc = ctx.k_cache[layer], ctx.v_cache[layer]
     meta = ctx.meta
-    kc.view(-1, kc.shape[-2], kc.shape[-1]).index_copy_(0, meta.slot_mapping, k.to(kc.dtype))
-    vc.view(-1, vc.shape[-2], vc.shape[-1]).index_copy_(0, meta.slot_mapping, v.to(vc.dtype))
+    ctx.write(k, v, kc, vc, meta.slot_mapping)
     # gpt-oss's attention sinks: one learnt logit per query head (``s_aux``), see ``dense_attention``.
     sinks = kwargs.get("s_aux")
     out = ctx.kernel(q, kc, vc, meta, scale, int(window), float(softcap), sinks)
@@ -86,6 +86,21 @@ def dense_attention(q, k, v, qpos, kpos, klen, scale: float, window: int, softca
         sink = sinks.float()[None, :, None, None].expand(*scores.shape[:-1], 1)
         probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
     return torch.einsum("nhqk,nkhd->nqhd", probs, v.float())
+
+
+def index_copy_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """The step's keys and values ``[T, kv_heads, dim]`` into their cache slots (any device)."""
+    k_cache.view(-1, k_cache.shape[-2], k_cache.shape[-1]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, v_cache.shape[-2], v_cache.shape[-1]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def triton_write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """GPU path of ``index_copy_kv``: one Triton kernel for both caches (``triton_paged_attention.write_kv``)."""
+    from .triton_paged_attention import write_kv
+
+    if k.stride(-1) != 1 or v.stride(-1) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        return index_copy_kv(k, v, k_cache, v_cache, slot_mapping)
+    write_kv(k, v, k_cache, v_cache, slot_mapping)
 
 
 def triton_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int, softcap: float,

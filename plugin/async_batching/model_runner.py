@@ -106,7 +106,8 @@ class ModelRunner:
         # Repetition penalties: the token ids each table row's request has seen.
         self.sampling_state = SamplingState(len(self.block_table), self.vocab_size)
         self.kernel = self._choose_kernel()
-        self.ctx = StepContext(self.cache.k, self.cache.v, self.kernel)
+        self.ctx = StepContext(self.cache.k, self.cache.v, self.kernel,
+                               attention.triton_write_kv if self.backend == "triton" else attention.index_copy_kv)
         self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.graphs: dict[int, tuple] = {}  # decode batch size -> (graph, static input, static logits, head size)
         self.graph_pool = None

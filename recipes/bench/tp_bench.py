@@ -72,6 +72,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batcher", default="{}", help="BatcherConfig overrides as JSON")
     ap.add_argument("--warmup-new-tokens", type=int, default=16)
+    ap.add_argument("--profile", type=int, default=0,
+                    help="after the timed run, profile this many new tokens of the first max_num_seqs requests on "
+                         "every rank; rank 0 reports its steady decode steps by kernel family")
     args = ap.parse_args()
 
     import yaml
@@ -135,6 +138,13 @@ def main() -> None:
                          batcher.config.max_num_seqs)
         row["roofline_s"] = limit.total_s / world
         row["roofline_pct"] = 100.0 * row["roofline_s"] / wall
+    if args.profile and device.type == "cuda":
+        from bench.profiling import profiled_run
+
+        part = requests.head(min(len(requests), batcher.config.max_num_seqs)).with_new_tokens(args.profile)
+        _, trace = profiled_run(lambda: batcher.generate(
+            part.prompts, [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in part.new_tokens]), "cuda")
+        row["profile"] = trace.steady(0.5, 0.95)
     batcher.close()
     if rank == 0:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
