@@ -192,6 +192,7 @@ def test_ddp_ranks_evaluate_their_shards_and_log_the_mean_over_all_prompts(tmp_p
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_memory_after_an_evaluation_is_back_within_a_few_mib_of_before():
+    pytest.importorskip("lm_eval")  # GenerationEvaluation runs through the lm-eval backend (carry its wheels there)
     L.seed_everything(0, verbose=False)
     module = TinyCausalLM().cuda()
     trainer = L.Trainer(accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,

@@ -13,9 +13,12 @@ no multicast (``TORCH_SYMM_MEM_DISABLE_MULTICAST=1`` stays set, as the device RE
 not be set up (the reason is kept in ``symm_error``). Both are out of place. The model's code reaches it through the
 custom op ``async_batching::all_reduce`` (opaque to torch.compile, so compiled decode steps call it as one node).
 
-Invariant: the symmetric buffer is written only by the one-shot kernel of the op that reads it, and that kernel's
-barriers keep a rank from overwriting its buffer (next call) before every peer has read it (this call). Every rank
-of a group calls the same all-reduces in the same order (the group runs one plan), so the barriers pair up.
+Invariants: the symmetric buffer is written by the one-shot kernel itself (its input copy) or, for two-shot, by a
+copy on the same stream just before the kernel. Both kernels (PyTorch's ``CUDASymmetricMemoryOps.cu``) end with a
+barrier across the group after their last access to a peer's buffer, so a rank cannot overwrite its buffer for the
+next sum, nor read a two-shot result out of it, before every peer is done with this one. Every rank of a group calls
+the same all-reduces in the same order (the group runs one plan), so the barriers pair up. The buffer is allocated
+and rendezvoused at start-up, before any CUDA graph is captured.
 """
 
 from __future__ import annotations
