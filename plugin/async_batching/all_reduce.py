@@ -1,8 +1,9 @@
 """The all-reduce of a tensor-parallel group's row-parallel layers: symmetric memory for small messages, else NCCL.
 
 A tensor-parallel decode step does two all-reduces per layer, each of rows x hidden values (W3 at batch 32 on
-Llama-3.1-8B: 256 KiB). At that size an all-reduce costs its latency: NCCL took about 14 us each on 2 x H200, which is
-64 x 14 us = 0.9 ms of a 4 ms step. PyTorch's symmetric memory (``torch.distributed._symmetric_memory``) maps each
+Llama-3.1-8B: 256 KiB). At that size an all-reduce costs its latency: on 2 x H200, 21 us for NCCL against 9 us for
+the one-shot below, back to back in a CUDA graph; in W3's TP=2 decode steps the 64 sums of a step cost 0.26 ms more
+through NCCL (5.22 against 4.96 ms a step; docs/results/tp_h200x2.md). PyTorch's symmetric memory (``torch.distributed._symmetric_memory``) maps each
 rank's buffer into its peers' address space, and its one-shot all-reduce is one kernel that copies the input into
 this rank's buffer, waits on a device-side barrier and sums every rank's buffer: it runs inside CUDA graphs and needs
 no multicast (``TORCH_SYMM_MEM_DISABLE_MULTICAST=1`` stays set, as the device README requires).
@@ -86,8 +87,8 @@ class AllReduce:
         """What a call with ``x`` uses: ``"one_shot"`` (small), ``"two_shot"`` (symmetric memory, up to the buffer's
         size) or ``"nccl"`` (gloo on CPU)."""
         if (self.symm is None or x.dtype != self.dtype or x.numel() > self.max_numel or not x.is_cuda
-                or not x.is_contiguous()):
-            return "nccl"
+                or not x.is_contiguous() or x.data_ptr() % 16 or (x.numel() * x.element_size()) % 16):
+            return "nccl"  # symmetric memory's kernels want the input and the buffer view aligned alike: 16 bytes
         if x.numel() * x.element_size() <= ONE_SHOT_MAX_BYTES or x.numel() % (16 * self.world):
             return "one_shot"
         return "two_shot"
