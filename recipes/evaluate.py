@@ -10,7 +10,8 @@
 (``max_new_tokens`` -> ``max_gen_toks``, ``stop`` -> ``until``); ``sampling.n=k`` draws k samples per document of the
 generation tasks (lm-eval's ``repeats``), scored one by one for pass@k. Writes into the Hydra run directory:
 ``results.json`` (lm-eval's), ``samples.jsonl`` (prompt, output, target, score per document) and ``summary.json``
-(metrics, pass@k, throughput, engine stats). Several devices: Lightning's launcher, one engine per rank.
+(metrics, pass@k, throughput, engine stats). Several devices: Lightning's launcher, one engine per rank
+(``trainer=ddp``), or per group of ranks holding one model (``trainer=tp``, transformers' tensor-parallel plan).
 """
 
 from __future__ import annotations
@@ -150,14 +151,29 @@ def fabric_for(trainer_cfg: DictConfig):
     strategy = trainer_cfg.get("strategy", "auto")
     if isinstance(strategy, DictConfig):
         node = OmegaConf.to_container(strategy, resolve=True)
+        if node["_target_"].endswith("TensorParallelStrategy"):  # Fabric's DDP starts the processes; the engine
+            node.pop("tensor_parallel_size", None)  # groups them (``tensor_parallel_size_of``)
+            node["_target_"] = "lightning.fabric.strategies.DDPStrategy"
         node["_target_"] = node["_target_"].replace("lightning.pytorch.strategies", "lightning.fabric.strategies")
         strategy = instantiate(node)
     return Fabric(accelerator=trainer_cfg.get("accelerator", "auto"), devices=trainer_cfg.get("devices", 1),
                   num_nodes=trainer_cfg.get("num_nodes", 1), strategy=strategy)
 
 
+def tensor_parallel_size_of(trainer_cfg: DictConfig) -> int:
+    """The group size of ``trainer=tp`` (its ``strategy.tensor_parallel_size``; null: every process of the job), else 1."""
+    strategy = trainer_cfg.get("strategy", "auto")
+    if not (isinstance(strategy, DictConfig) and str(strategy.get("_target_", "")).endswith("TensorParallelStrategy")):
+        return 1
+    return int(strategy.get("tensor_parallel_size") or trainer_cfg.get("devices", 1) * trainer_cfg.get("num_nodes", 1))
+
+
 def run(job: EvaluateConfig, trainer_cfg: DictConfig, run_dir: str, overrides: Optional[list[str]] = None) -> dict:
-    """Evaluate on every device of the trainer group (one engine per rank); returns the summary (rank 0's)."""
+    """Evaluate on every device of the trainer group (one engine per rank, lm-eval's data-parallel shards; under
+    ``trainer=tp`` one engine per group of ranks); returns the summary (rank 0's)."""
+    tp = tensor_parallel_size_of(trainer_cfg)
+    if tp > 1:
+        job = dataclasses.replace(job, batcher=dataclasses.replace(job.batcher, tensor_parallel_size=tp))
     fabric = fabric_for(trainer_cfg)
     return fabric.launch(evaluate_rank, job, run_dir, list(overrides or []))
 

@@ -189,6 +189,22 @@ def test_two_cpu_ranks_through_lightnings_launcher_give_the_single_process_metri
     assert len(rows(run_dir / "samples.jsonl")) == 18
 
 
+def test_one_tensor_parallel_group_of_two_cpu_ranks_gives_the_single_process_metrics(recipe, repo_root, tmp_path,
+                                                                                     tasks_dir):
+    """``trainer=tp_cpu``: Fabric starts two processes, the engine splits the model over them (one group), lm-eval
+    sees one data-parallel rank: every document once, the single process's metrics."""
+    one = run_job(recipe, repo_root, tmp_path / "one", tiny_overrides(tasks_dir))
+    run_dir = tmp_path / "tp"
+    proc = python(os.path.join(repo_root, "recipes", "evaluate.py"), *tiny_overrides(tasks_dir), "trainer=tp_cpu",
+                  f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tp = json.loads((run_dir / "summary.json").read_text())
+    assert tp["ranks"] == 1 and tp["batcher"]["tensor_parallel_size"] == 2 and tp["requests"] == one["requests"]
+    assert json.loads((run_dir / "results.json").read_text())["config"]["parallelism"]["tensor_parallel_size"] == 2
+    assert tp["metrics"] == pytest.approx(one["metrics"], rel=1e-5)
+    assert len(rows(run_dir / "samples.jsonl")) == 18
+
+
 def test_the_default_job_runs_the_builtin_model_on_the_bundled_example_tasks(recipe, repo_root, tmp_path):
     summary = run_job(recipe, repo_root, tmp_path, ["eval.limit=2"])
     names = set(summary["metrics"])

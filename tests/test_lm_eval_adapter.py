@@ -56,7 +56,12 @@ def test_unknown_model_args_are_refused_naming_the_key_and_what_is_accepted(tiny
         AsyncBatchingLM(pretrained=tiny_llama, tokenizer=tok, max_batch_tokenz=64)
     with pytest.raises(ValueError, match="needs a tokenizer"):
         AsyncBatchingLM(pretrained="tiny:llama")
-    with pytest.raises(ValueError, match="tensor_parallel_size > 1 is not supported by the lm-eval backend"):
+
+
+def test_a_tensor_parallel_size_that_does_not_divide_the_ranks_is_a_clear_error(tiny_llama, tok):
+    # One process: a group of two cannot form (tensor_parallel_size=2 over torchrun's ranks is tested in test_lm_eval_cli)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 and 1 ranks: .*does not divide the world size 1; "
+                                         r"launch a multiple of tensor_parallel_size processes"):
         AsyncBatchingLM(pretrained=tiny_llama, tokenizer=tok, tensor_parallel_size=2)
 
 

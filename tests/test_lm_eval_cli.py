@@ -18,15 +18,19 @@ from lm_eval_helpers import evaluate, metrics, responses, word_checkpoint, word_
 TASKS = ["words_gen", "words_mc", "words_ppl"]
 
 
+def _torchrun_cli(repo_root, tmp_path, ranks: int, model_args: str, tasks: str) -> subprocess.CompletedProcess:
+    path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), os.path.join(repo_root, "plugin")) if p)
+    env = dict(os.environ, PYTHONPATH=path, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "-m",
+           "async_batching.lm_eval", "--model", "async_batching", "--model_args", model_args, "--tasks", *TASKS,
+           "--include_path", tasks, "--device", "cpu", "--log_samples", "--output_path", str(tmp_path / "out")]
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
 def test_the_command_line_on_two_ranks_gives_the_single_process_results(repo_root, tmp_path):
     tasks = word_tasks(str(tmp_path / "tasks"), docs=5)  # odd: lm-eval pads rank 1's share
     model_args = f"pretrained={word_checkpoint()},dtype=float32,max_batch_tokens=128,num_blocks=128"
-    path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), os.path.join(repo_root, "plugin")) if p)
-    env = dict(os.environ, PYTHONPATH=path, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "async_batching.lm_eval",
-           "--model", "async_batching", "--model_args", model_args, "--tasks", *TASKS, "--include_path", tasks,
-           "--device", "cpu", "--log_samples", "--output_path", str(tmp_path / "out")]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = _torchrun_cli(repo_root, tmp_path, 2, model_args, tasks)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     [path] = glob.glob(str(tmp_path / "out" / "**" / "results_*.json"), recursive=True)
     two = json.loads(open(path).read())
@@ -45,6 +49,36 @@ def test_the_command_line_on_two_ranks_gives_the_single_process_results(repo_roo
     assert samples["words_gen"] == first["words_gen"]
     saved = [float(ll) for ll in sum(samples["words_ppl"], [])]  # the samples file holds them as text
     assert saved == pytest.approx(sum(first["words_ppl"], []), abs=1e-5)
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_tensor_parallel_groups_of_two_give_the_single_process_results_once(repo_root, tmp_path, ranks):
+    """``tensor_parallel_size=2`` over 2 processes (one group) and over 4 (two groups, TP x DP): lm-eval sees one
+    data-parallel rank per group, every document is evaluated once, one results file is written, and the metrics
+    and responses equal one unsharded process's."""
+    tasks = word_tasks(str(tmp_path / "tasks"), docs=5)
+    base = f"pretrained={word_checkpoint()},dtype=float32,max_batch_tokens=128,num_blocks=128"
+    proc = _torchrun_cli(repo_root, tmp_path, ranks, base + ",tensor_parallel_size=2", tasks)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    [path] = glob.glob(str(tmp_path / "out" / "**" / "results_*.json"), recursive=True)
+    got = json.loads(open(path).read())
+    heads = json.load(open(os.path.join(base.split(",")[0].split("=")[1], "config.json")))["num_key_value_heads"]
+    assert got["config"]["parallelism"] == {"tensor_parallel_size": 2, "data_parallel_size": ranks // 2,
+                                            "kv_heads_per_rank": heads // 2}, "the model was split over each group"
+    one = evaluate("async_batching", base, TASKS, tasks, None)
+    for task in TASKS:
+        assert got["n-samples"][task]["effective"] == 5
+        assert metrics(got, task) == pytest.approx(metrics(one, task), rel=1e-5)
+        [file] = glob.glob(str(tmp_path / "out" / "**" / f"samples_{task}_*.jsonl"), recursive=True)
+        rows = [json.loads(line) for line in open(file)]
+        doc_ids = sorted(s["doc_id"] for s in rows)
+        if ranks == 2:  # one data-parallel rank: no padding, each document once
+            assert doc_ids == list(range(5))
+        else:  # two: lm-eval pads the shorter shard with a copy of its last document, as with plain DP
+            assert sorted(set(doc_ids)) == list(range(5))
+    gen = {s["doc_id"]: s["resps"][0][0] for s in map(json.loads, open(glob.glob(
+        str(tmp_path / "out" / "**" / "samples_words_gen_*.jsonl"), recursive=True)[0]))}
+    assert [gen[i] for i in range(5)] == [doc[0][0] for doc in responses(one, "words_gen")]
 
 
 def test_cache_templates_compiles_each_template_once_and_renders_lm_eval_s_text(monkeypatch):

@@ -66,11 +66,17 @@ class AsyncBatchingLM(TemplateLM):
         if unknown:
             raise TypeError(f"async_batching: unknown model_args {unknown}; accepted: {sorted(MODEL_ARGS)} and the "
                             f"BatcherConfig fields {sorted(names)}")
-        if int(batcher_args.get("tensor_parallel_size", 1) or 1) > 1:
-            raise ValueError("async_batching: tensor_parallel_size > 1 is not supported by the lm-eval backend yet "
-                             "(lm-eval's data-parallel collectives would run over every rank of a group); use "
-                             "tensor_parallel_size=1 with data parallelism")
-        self._rank, self._world_size = _init_distributed()
+        # Tensor parallelism: the ranks of a group hold one model and run one engine on the same documents, so
+        # lm-eval sees one data-parallel rank per group (its rank and world size are the group's; see all_gather).
+        self._tp = int(batcher_args.get("tensor_parallel_size", 1) or 1)
+        self._global_rank, self._global_world = _init_distributed()
+        from .tensor_parallel import data_parallel_view
+
+        try:
+            self._rank, self._world_size, _ = data_parallel_view(self._global_rank, self._global_world, self._tp)
+        except ValueError as e:
+            raise ValueError(f"async_batching: tensor_parallel_size={self._tp} and {self._global_world} ranks: {e}; "
+                             "launch a multiple of tensor_parallel_size processes") from None
         model, tok = self._load(pretrained, dtype, device, tokenizer)
         if tok is None:
             raise ValueError("async_batching: lm-eval needs a tokenizer; the model has none, pass "
@@ -196,7 +202,9 @@ class AsyncBatchingLM(TemplateLM):
     def get_model_info(self) -> dict:
         model = self.batcher.model
         return {"model_num_parameters": sum(p.numel() for p in model.parameters()), "model_dtype": str(model.dtype),
-                "batcher_config": {f.name: getattr(self.batcher.config, f.name) for f in fields(BatcherConfig)}}
+                "batcher_config": {f.name: getattr(self.batcher.config, f.name) for f in fields(BatcherConfig)},
+                "parallelism": {"tensor_parallel_size": self._tp, "data_parallel_size": self.world_size,
+                                "kv_heads_per_rank": self.batcher.runner.layers[0].num_kv_heads}}
 
     # --- requests --------------------------------------------------------------------------------------------
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
@@ -353,7 +361,7 @@ class AsyncBatchingLM(TemplateLM):
         return list(ids)
 
     def _progress(self, disable_tqdm: bool) -> bool:
-        return not disable_tqdm and self.rank == 0
+        return not disable_tqdm and self._global_rank == 0
 
     def _timed(self, kind: str, n: int, t0: float, engine_s: float, tokens: int = 0) -> None:
         t = self.timings.setdefault(kind, {"calls": 0, "requests": 0, "seconds": 0.0, "engine_seconds": 0.0,
@@ -369,24 +377,33 @@ class AsyncBatchingLM(TemplateLM):
         self.batcher.close()
 
     # --- data parallel: lm-eval shards documents by rank and gathers metrics through these -------------------
+    # Every process calls them. Under tensor parallelism a data-parallel rank is a group of ``_tp`` processes that
+    # hold the same results: the collectives run over every process and keep each group's first one (``_leaders``).
+    def _leaders(self, parts: list) -> list:
+        return parts[::self._tp]
+
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.world_size <= 1:
+        if self._global_world <= 1:
             return tensor
         dist = torch.distributed
         part = tensor.reshape(1) if tensor.dim() == 0 else tensor
-        parts = [torch.empty_like(part) for _ in range(self.world_size)]
+        parts = [torch.empty_like(part) for _ in range(self._global_world)]
         dist.all_gather(parts, part)
-        return torch.cat(parts)
+        return torch.cat(self._leaders(parts))
 
     def gather_object(self, obj: Any, dst: int = 0) -> Optional[list]:
-        if self.world_size <= 1:
+        if self._global_world <= 1:
             return [obj]
+        if self._tp > 1:  # every rank of the destination's group gets the list (lm-eval reads it where rank == dst)
+            everyone = [None] * self._global_world
+            torch.distributed.all_gather_object(everyone, obj)
+            return self._leaders(everyone) if self.rank == dst else None
         out = [None] * self.world_size if self.rank == dst else None
         torch.distributed.gather_object(obj, out, dst=dst)
         return out
 
     def barrier(self) -> None:
-        if self.world_size > 1:
+        if self._global_world > 1:
             torch.distributed.barrier()
 
 
