@@ -2,7 +2,7 @@
 # One device call's worth of GPU work on an H200, logs and tables under $OUT; the tables are printed last.
 #   bash recipes/run_on_h200.sh STEP [STEP ...]      one step per device call: each is sized for a 10-minute command
 # Steps (expected minutes on one H200, machine start and transfers excluded):
-#   tests (~5)  the GPU tests (-m "gpu and not slow") and the Triton kernel tests, natively on CUDA
+#   tests (~7)  the GPU tests (-m "gpu and not slow") and the Triton kernel tests, natively on CUDA
 #   soak (~6)   the 5-minute GPU soak (SOAK_SECONDS)
 #   w1 (~7) w2 (~7) w3 (~4)   the published workloads, plus ours_async_no_prefix_cache (issue 11: within 2%)
 #   w2s (~4)    W2 sampled; ours_async sampled beside ours_async_greedy (issue 9: ratio >= 0.90)
