@@ -40,7 +40,9 @@ if __name__ == "__main__":
     trainer.predict(UserModule(), DataLoader(prompts, batch_size=3, collate_fn=lambda rows: {{"input_ids": rows}}),
                     return_predictions=False)
     if trainer.is_global_zero:
-        json.dump(dict(cb.summary, nvls=os.environ.get("NCCL_NVLS_ENABLE")), open(summary_path, "w"))
+        json.dump(dict(cb.summary, nvls=os.environ.get("NCCL_NVLS_ENABLE"),
+                       symm_multicast_off=os.environ.get("TORCH_SYMM_MEM_DISABLE_MULTICAST"),
+                       nvshmem_nvls_off=os.environ.get("NVSHMEM_DISABLE_NVLS")), open(summary_path, "w"))
 """
 
 

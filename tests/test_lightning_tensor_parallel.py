@@ -24,7 +24,8 @@ def test_tp_two_cpu_ranks_generate_once_and_write_once(tmp_path, repo_root, tiny
     script = tmp_path / "predict_tp.py"
     write_predict_script(script, repo_root, 'TensorParallelStrategy(process_group_backend="gloo")', NEW)
     out = tmp_path / "out.jsonl"
-    env = {k: v for k, v in os.environ.items() if k != "NCCL_NVLS_ENABLE"}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")}
     args = [str(tmp_path / "prompts.json"), str(out), str(tmp_path / "s.json")]
     proc = subprocess.run([sys.executable, str(script), *args], cwd=tmp_path, capture_output=True, text=True,
                           timeout=240, env=env)
@@ -37,7 +38,8 @@ def test_tp_two_cpu_ranks_generate_once_and_write_once(tmp_path, repo_root, tiny
         assert r["token_ids"] == reference(tiny_llama, prompts[r["index"]], NEW, eos=2), r["index"]
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["ranks"] == 1 and summary["requests"] == len(prompts)
-    assert summary["nvls"] == "0", "NVLink multicast is turned off in the processes Lightning starts"
+    assert (summary["nvls"], summary["symm_multicast_off"], summary["nvshmem_nvls_off"]) == ("0", "1", "1"), \
+        "NVLink multicast is turned off (NCCL, symmetric memory, NVSHMEM) in the processes Lightning starts"
 
 
 def _strategy(rank: int, world: int, size) -> TensorParallelStrategy:

@@ -36,6 +36,17 @@ ONE_SHOT_MAX_BYTES = 512 * 1024  # one-shot up to here, two-shot above
 MAX_BYTES = 8 * 2**20  # the symmetric buffer: messages above it go to NCCL
 
 
+MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def multicast_off() -> None:
+    """NVLink multicast stays off in NCCL, PyTorch's symmetric memory and NVSHMEM (the device README: a program using
+    it can take a shared host's GPUs out of service). Set before process groups and symmetric memory are created;
+    processes started afterwards inherit it. A value the user set explicitly is kept."""
+    for key, value in MULTICAST_OFF.items():
+        os.environ.setdefault(key, value)
+
+
 class AllReduce:
     """Sum a tensor over ``group`` (out of place)."""
 
@@ -59,7 +70,7 @@ class AllReduce:
             self._setup_symmetric_memory()
 
     def _setup_symmetric_memory(self) -> None:
-        os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")  # no multicast objects (device README)
+        multicast_off()  # symmetric memory without multicast objects
         try:
             import torch.distributed._symmetric_memory as symm_mem
 
@@ -123,4 +134,4 @@ def _(x: torch.Tensor, group_name: str) -> torch.Tensor:
     return torch.empty_like(x)
 
 
-__all__ = ["AllReduce", "all_reduce"]
+__all__ = ["AllReduce", "all_reduce", "multicast_off"]

@@ -11,7 +11,6 @@ no host synchronization is added.
 from __future__ import annotations
 
 import inspect
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .all_reduce import AllReduce
+from .all_reduce import AllReduce, multicast_off
 
 
 def _text_config(model):
@@ -190,7 +189,7 @@ class TensorParallelGroup:
                     f"BatcherConfig.tensor_parallel_size={size} needs torch.distributed initialized with a world size "
                     f"that it divides (world size: {world}); launch with Lightning (trainer=tp) or torchrun"
                 )
-            os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off (device README)
+            multicast_off()
             from torch.distributed.device_mesh import init_device_mesh
 
             world = dist.get_world_size()

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 from lightning.pytorch.strategies import DDPStrategy
 
+from ..all_reduce import multicast_off
 from ..tensor_parallel import data_parallel_view
 
 
@@ -23,7 +23,7 @@ class TensorParallelStrategy(DDPStrategy):
                              "expected a positive int, or None for all processes")
         # NVLink multicast stays off (device README). Set before the launcher starts processes, which inherit it, and
         # again before each process creates its process group (torchrun and SLURM start processes themselves).
-        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+        multicast_off()
         super().__init__(**kwargs)
         self._tensor_parallel_size = tensor_parallel_size
 
@@ -33,7 +33,7 @@ class TensorParallelStrategy(DDPStrategy):
         return self._tensor_parallel_size or self.world_size
 
     def setup_environment(self) -> None:
-        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+        multicast_off()
         super().setup_environment()
         data_parallel_view(self.global_rank, self.world_size, self.tensor_parallel_size)  # raises if it does not divide
 
