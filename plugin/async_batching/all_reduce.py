@@ -18,7 +18,8 @@ Invariants: the symmetric buffer is written by the one-shot kernel itself (its i
 copy on the same stream just before the kernel. Both kernels (PyTorch's ``CUDASymmetricMemoryOps.cu``) end with a
 barrier across the group after their last access to a peer's buffer, so a rank cannot overwrite its buffer for the
 next sum, nor read a two-shot result out of it, before every peer is done with this one. Every rank of a group calls
-the same all-reduces in the same order (the group runs one plan), so the barriers pair up. The buffer is allocated
+the same all-reduces in the same order (the group runs one plan) and picks the method from what all ranks share
+(``method``), so the barriers pair up; at start-up the group agrees on using symmetric memory at all. The buffer is allocated
 and rendezvoused at start-up, before any CUDA graph is captured.
 """
 
@@ -70,6 +71,8 @@ class AllReduce:
             self._setup_symmetric_memory()
 
     def _setup_symmetric_memory(self) -> None:
+        import torch.distributed as dist
+
         multicast_off()  # symmetric memory without multicast objects
         try:
             import torch.distributed._symmetric_memory as symm_mem
@@ -80,25 +83,35 @@ class AllReduce:
                 raise RuntimeError("rendezvous gave no handle")
             self.symm, self.symm_buffer = handle, buf
             # Each method once, checked against NCCL, before anything relies on it (a group whose GPUs cannot map
-            # each other's memory fails here, not in the middle of a run).
-            rank = torch.distributed.get_rank(self.group)
+            # each other's memory fails here, not in the middle of a run). Every rank runs every check before any
+            # verdict, so a rank that sees a wrong sum does not leave its peers waiting inside the next one.
+            rank = dist.get_rank(self.group)
+            wrong = []
             for numel in (16 * self.world, self.max_numel - self.max_numel % (16 * self.world)):
                 x = torch.arange(numel, device=self.device).remainder(7).add(rank).to(self.dtype)
                 want = x.clone()
-                torch.distributed.all_reduce(want, group=self.group)
-                got = self(x)
-                if not torch.equal(got, want):
-                    raise RuntimeError(f"{self.method(x)} sum of {numel} values differs from NCCL's")
-            torch.cuda.synchronize(self.device)
+                dist.all_reduce(want, group=self.group)
+                if not torch.equal(self(x), want):
+                    wrong.append(f"{self.method(x)} sum of {numel} values differs from NCCL's")
+            if wrong:
+                raise RuntimeError("; ".join(wrong))
         except Exception as exc:  # no symmetric memory here: NCCL does every all-reduce
             self.symm = self.symm_buffer = None
             self.symm_error = f"{type(exc).__name__}: {exc}"
+        # The group uses it only if every rank can: ranks that chose differently would wait on each other forever.
+        ok = torch.tensor([0 if self.symm is None else 1], device=self.device)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.group)
+        if not int(ok.item()) and self.symm is not None:
+            self.symm = self.symm_buffer = None
+            self.symm_error = "another rank of the group could not use symmetric memory"
 
     def method(self, x: torch.Tensor) -> str:
         """What a call with ``x`` uses: ``"one_shot"`` (small), ``"two_shot"`` (symmetric memory, up to the buffer's
         size) or ``"nccl"`` (gloo on CPU)."""
+        # Decided from what every rank of the group has alike (dtype, shape, layout), never from addresses: ranks
+        # that chose differently would wait on each other's collectives forever.
         if (self.symm is None or x.dtype != self.dtype or x.numel() > self.max_numel or not x.is_cuda
-                or not x.is_contiguous() or x.data_ptr() % 16 or (x.numel() * x.element_size()) % 16):
+                or not x.is_contiguous() or (x.numel() * x.element_size()) % 16):
             return "nccl"  # symmetric memory's kernels want the input and the buffer view aligned alike: 16 bytes
         if x.numel() * x.element_size() <= ONE_SHOT_MAX_BYTES or x.numel() % (16 * self.world):
             return "one_shot"
@@ -111,6 +124,8 @@ class AllReduce:
             torch.distributed.all_reduce(y, group=self.group)
             return y
         buf = self.symm_buffer[:x.numel()].view(x.shape)  # a view of the registered buffer, at its start
+        if x.data_ptr() % 16:  # a view at an odd offset: an aligned copy (the buffer view is 16-byte aligned)
+            x = x.clone()
         if how == "one_shot":
             return torch.ops.symm_mem.one_shot_all_reduce_copy(buf, x, "sum", self.group_name)
         buf.copy_(x)
