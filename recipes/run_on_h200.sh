@@ -29,7 +29,8 @@
 # five helpers, chardet, pytz, rouge-score, nltk, defusedxml, sqlitedict, word2number). `bash recipes/fetch_wheels.sh`
 # (add `eval` for lm_eval's) downloads them into .whl/ once, on a machine with a registry; this script installs them
 # once per machine into /tmp/site.
-# Knobs: GPU_TESTS_K (tests: a pytest -k filter), GPU_TESTS_S (tests: time limit, 560 s), TRITON_TESTS=0 (tests: skip
+# Knobs: GPU_TESTS_K (tests: a pytest -k filter), GPU_TESTS_S (tests: time limit, 560 s), GPU_TESTS_WORKERS=2 (tests:
+# one pytest-xdist worker per GPU of the nvidia-h200-x2 kind; the TP tests then skip: step tp runs them), TRITON_TESTS=0 (tests: skip
 # the native run of the kernel tests), BENCH_ARGS (extra Hydra overrides for every benchmark step), FIRST_CALL=1 (first vs repeated call in every
 # step, not just w4 and w7), STEP_S (hard limit of one benchmark step, 560 s), EVAL_ARGS (more eval_bench.py arguments),
 # EVAL_S (the eval step's limit, 500 s),
@@ -74,8 +75,11 @@ pack() {  # the device returns at most 8 files: past that, one archive per step 
 for what in "$@"; do
   case "$what" in
     tests) # -m "gpu and not slow": the soak is its own step; the unmarked kernel tests run natively when CUDA is there
-      timeout -k 15 "${GPU_TESTS_S:-560}" python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors \
-        -m "gpu and not slow" ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} tests/ > "$OUT/gpu_tests.log" 2>&1; tail -15 "$OUT/gpu_tests.log"
+      workers=${GPU_TESTS_WORKERS:-1}  # > 1: one pytest-xdist worker per GPU (AB_TEST_GPUS, tests/conftest.py)
+      [ "$workers" -gt 1 ] && xdist=(-n "$workers" --dist load) || xdist=()
+      AB_TEST_GPUS=$([ "$workers" -gt 1 ] && echo "$workers") timeout -k 15 "${GPU_TESTS_S:-560}" python3 -m pytest -q \
+        -p no:cacheprovider --continue-on-collection-errors "${xdist[@]}" -m "gpu and not slow" \
+        ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} tests/ > "$OUT/gpu_tests.log" 2>&1; tail -15 "$OUT/gpu_tests.log"
       SUMMARIES+=("$OUT/gpu_tests.log")
       if [ "${TRITON_TESTS:-1}" = 1 ]; then
         timeout -k 15 300 python3 -m pytest -q -p no:cacheprovider -m "not gpu" tests/test_triton_attention.py \

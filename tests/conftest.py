@@ -5,7 +5,12 @@ from __future__ import annotations
 import os
 import sys
 
-import torch
+# One GPU per pytest-xdist worker when AB_TEST_GPUS=k is set (run_on_h200.sh tests with GPU_TESTS_WORKERS=k on a
+# machine of k GPUs): worker gwN sees GPU N % k only. Set before anything asks CUDA for its devices.
+if os.environ.get("AB_TEST_GPUS") and os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(int(os.environ["PYTEST_XDIST_WORKER"][2:]) % int(os.environ["AB_TEST_GPUS"]))
+
+import torch  # noqa: E402
 
 # Without CUDA, Triton kernels run in its CPU interpreter, which must be chosen before anything imports triton
 # (lightning does); tests/test_triton_attention.py relies on it.
