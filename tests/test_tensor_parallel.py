@@ -124,7 +124,15 @@ def _row_parallel_sums_on_rank(rank: int, tp_all_reduce: str) -> dict:
            "grad_calls": counting.calls - inference_calls, "layers": model.config.num_hidden_layers,
            "fast_err": (fast - want).abs().max().item(), "slow_err": (slow - want).abs().max().item(),
            "method": b.tp.all_reduce.method(want) if b.tp.all_reduce is not None else None}
-    b.close()
+    b.close()  # the last engine on the model: the fused shards become tensors of their own, transformers' forwards back
+    from async_batching.tensor_parallel import is_column_parallel, shard_of
+
+    attn = model.model.layers[0].self_attn
+    q, k = shard_of(attn.q_proj.weight), shard_of(attn.k_proj.weight)
+    out["restored"] = (is_column_parallel(attn.q_proj) and is_column_parallel(model.model.layers[0].mlp.up_proj)
+                       and q.untyped_storage().data_ptr() != k.untyped_storage().data_ptr())
+    with torch.no_grad():
+        out["after_close_err"] = (model(ids).logits - want).abs().max().item()
     return out
 
 
@@ -145,6 +153,8 @@ def test_row_parallel_layers_sum_through_the_group_all_reduce_only_without_grad(
             assert got["row_parallel"] == 0 and got["inference_calls"] == 0
         assert got["grad_calls"] == 0
         assert got["fast_err"] < 1e-4 and got["slow_err"] < 1e-4, got
+        assert got["restored"], "closing the engine unfused the shards and gave transformers' forwards back"
+        assert got["after_close_err"] < 1e-4, got
 
 
 def test_bad_tp_all_reduce_names_the_key():
