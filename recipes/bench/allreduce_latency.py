@@ -20,34 +20,17 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(os.path.dirname(HERE)), "plugin")]
-os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off (device README)
-os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+from async_batching.all_reduce import multicast_off  # noqa: E402
+
+multicast_off()  # NVLink multicast off (device README), before any process group
 
 
 def graph_us(fn, per_graph: int, replays: int) -> float:
-    """Microseconds per call of ``fn``, ``per_graph`` calls captured in one CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(per_graph):
-            fn()
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    torch.distributed.barrier()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        g.replay()
-    end.record()
-    end.synchronize()
-    return 1000.0 * start.elapsed_time(end) / (replays * per_graph)
+    """Microseconds per call of ``fn``, ``per_graph`` calls captured in one CUDA graph (``roofline.graph_ms``), the
+    ranks starting the timed replays together."""
+    from bench.roofline import graph_ms
+
+    return 1000.0 * graph_ms(fn, per_graph, replays, before_timing=torch.distributed.barrier)
 
 
 def chain(engine, x: torch.Tensor, n: int) -> torch.Tensor:

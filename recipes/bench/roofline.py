@@ -21,8 +21,10 @@ class DeviceRates:
     source: str  # "measured on <device>" or "assumed (H100): <why>"
 
 
-def graph_ms(fn, iters: int = 20, replays: int = 5) -> float:
-    """GPU milliseconds per call of ``fn``: ``iters`` calls captured in one CUDA graph, replayed ``replays`` times."""
+def graph_ms(fn, iters: int = 20, replays: int = 5, before_timing=None) -> float:
+    """GPU milliseconds per call of ``fn``: ``iters`` calls captured in one CUDA graph, replayed ``replays`` times.
+    ``before_timing``: called once after the warm-up replay (e.g. a barrier, so that the ranks of a collective start
+    the timed replays together)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -34,6 +36,8 @@ def graph_ms(fn, iters: int = 20, replays: int = 5) -> float:
             fn()
     graph.replay()
     torch.cuda.synchronize()
+    if before_timing is not None:
+        before_timing()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(replays):

@@ -21,7 +21,9 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(os.path.dirname(HERE)), "plugin")]
-os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off (device README)
+from async_batching.all_reduce import multicast_off  # noqa: E402
+
+multicast_off()  # NVLink multicast off (device README), before any process group
 
 # Llama-3.1-70B's shape (config.json of meta-llama/Llama-3.1-70B, rope scaling left out: random weights either way).
 SHAPES = {
