@@ -176,32 +176,23 @@ def test_a_sweep_over_sampling_collects_a_column_per_metric_and_metric_plots(rep
     assert (sweep / "sweep_metrics.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_two_cpu_ranks_through_lightnings_launcher_give_the_single_process_metrics(recipe, repo_root, tmp_path,
-                                                                                  tasks_dir):
+@pytest.mark.parametrize("trainer,ranks,tp,rel", [("ddp_cpu", 2, 1, 1e-6), ("tp_cpu", 1, 2, 1e-5)])
+def test_two_cpu_processes_through_lightnings_launcher_give_the_single_process_metrics(recipe, repo_root, tmp_path,
+                                                                                      tasks_dir, trainer, ranks, tp,
+                                                                                      rel):
+    """``trainer=ddp_cpu``: two engines, lm-eval shards the documents over two ranks. ``trainer=tp_cpu``: the engine
+    splits the model over the two processes (one group) and lm-eval sees one data-parallel rank. Either way every
+    document once and the single process's metrics."""
     one = run_job(recipe, repo_root, tmp_path / "one", tiny_overrides(tasks_dir))
-    run_dir = tmp_path / "two"
-    proc = python(os.path.join(repo_root, "recipes", "evaluate.py"), *tiny_overrides(tasks_dir), "trainer=ddp_cpu",
+    run_dir = tmp_path / trainer
+    proc = python(os.path.join(repo_root, "recipes", "evaluate.py"), *tiny_overrides(tasks_dir), f"trainer={trainer}",
                   f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    two = json.loads((run_dir / "summary.json").read_text())
-    assert two["ranks"] == 2 and two["requests"] == one["requests"]
-    assert two["metrics"] == pytest.approx(one["metrics"], rel=1e-6)
-    assert len(rows(run_dir / "samples.jsonl")) == 18
-
-
-def test_one_tensor_parallel_group_of_two_cpu_ranks_gives_the_single_process_metrics(recipe, repo_root, tmp_path,
-                                                                                     tasks_dir):
-    """``trainer=tp_cpu``: Fabric starts two processes, the engine splits the model over them (one group), lm-eval
-    sees one data-parallel rank: every document once, the single process's metrics."""
-    one = run_job(recipe, repo_root, tmp_path / "one", tiny_overrides(tasks_dir))
-    run_dir = tmp_path / "tp"
-    proc = python(os.path.join(repo_root, "recipes", "evaluate.py"), *tiny_overrides(tasks_dir), "trainer=tp_cpu",
-                  f"hydra.run.dir={run_dir}", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    tp = json.loads((run_dir / "summary.json").read_text())
-    assert tp["ranks"] == 1 and tp["batcher"]["tensor_parallel_size"] == 2 and tp["requests"] == one["requests"]
-    assert json.loads((run_dir / "results.json").read_text())["config"]["parallelism"]["tensor_parallel_size"] == 2
-    assert tp["metrics"] == pytest.approx(one["metrics"], rel=1e-5)
+    got = json.loads((run_dir / "summary.json").read_text())
+    assert got["ranks"] == ranks and got["batcher"]["tensor_parallel_size"] == tp
+    assert got["requests"] == one["requests"]
+    assert json.loads((run_dir / "results.json").read_text())["config"]["parallelism"]["tensor_parallel_size"] == tp
+    assert got["metrics"] == pytest.approx(one["metrics"], rel=rel)
     assert len(rows(run_dir / "samples.jsonl")) == 18
 
 
