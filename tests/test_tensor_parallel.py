@@ -136,6 +136,25 @@ def _row_parallel_sums_on_rank(rank: int, tp_all_reduce: str) -> dict:
     return out
 
 
+def _auto_then_nccl_on_rank(rank: int) -> list:
+    model = tiny_model("llama")
+    counts = []
+    for how in ("auto", "nccl", "auto"):
+        b = ContinuousBatcher(model, tensor_parallel_size=2, max_num_seqs=4, max_batch_tokens=32, num_blocks=32,
+                              tp_all_reduce=how)
+        layers = [m for m in model.modules() if type(m).__name__ == "Linear"]
+        counts.append((b.tp.row_parallel, sum("tp_forward" in getattr(m.__dict__.get("forward"), "__dict__", {})
+                                              for m in layers)))
+        b.close()
+    return counts
+
+
+def test_an_nccl_engine_gives_transformers_forwards_back_to_a_model_an_auto_engine_set_up():
+    layers = tiny_model("llama").config.num_hidden_layers
+    for got in run_ranks(2, _auto_then_nccl_on_rank):
+        assert got == [(2 * layers, 2 * layers), (0, 0), (2 * layers, 2 * layers)], got
+
+
 @pytest.mark.parametrize("tp_all_reduce", ["auto", "nccl"])
 def test_row_parallel_layers_sum_through_the_group_all_reduce_only_without_grad(tp_all_reduce):
     """'auto': o_proj and down_proj of every layer sum through the group's AllReduce (the custom op) at inference,

@@ -27,6 +27,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from .config import BatcherConfig
 from .request import SamplingParams
+from .tensor_parallel import data_parallel_view
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,6 @@ class AsyncBatchingLM(TemplateLM):
         # lm-eval sees one data-parallel rank per group (its rank and world size are the group's; see all_gather).
         self._tp = int(batcher_args.get("tensor_parallel_size", 1) or 1)
         self._global_rank, self._global_world = _init_distributed()
-        from .tensor_parallel import data_parallel_view
-
         try:
             self._rank, self._world_size, _ = data_parallel_view(self._global_rank, self._global_world, self._tp)
         except ValueError as e:

@@ -157,6 +157,15 @@ def use_group_all_reduce(model: nn.Module, group_name: str) -> int:
     return n
 
 
+def use_transformers_all_reduce(model: nn.Module) -> None:
+    """Give the layers ``use_group_all_reduce`` changed their transformers forwards back (``tp_all_reduce="nccl"`` on a
+    model an earlier engine set up)."""
+    for module in model.modules():
+        own = getattr(module.__dict__.get("forward"), "tp_forward", None)
+        if own is not None:
+            module.forward = own
+
+
 def is_sharded(model) -> bool:
     """The model's parameters are DTensors already (sharded by transformers or by an earlier batcher)."""
     return _sharded_mesh(model) is not None
@@ -203,6 +212,8 @@ class TensorParallelGroup:
             dtype = next(model.parameters()).dtype
             tp.all_reduce = AllReduce(tp.group, device, dtype).register()
             tp.row_parallel = use_group_all_reduce(model, tp.group.group_name)
+        else:
+            use_transformers_all_reduce(model)
         return tp
 
     def _tensor(self, values) -> torch.Tensor:
