@@ -375,7 +375,8 @@ def test_write_kv_puts_each_token_in_its_slot_and_leaves_the_rest(backend, kv_he
     want_k, want_v = kc.clone(), vc.clone()
     index_copy_kv(k, v, want_k, want_v, slots)
     tpa.write_kv(k, v, kc, vc, slots)
-    assert torch.equal(kc.view(-1, kv_heads, head_dim)[slots], k) and torch.equal(vc.view(-1, kv_heads, head_dim)[slots], v)
+    assert torch.equal(kc.view(-1, kv_heads, head_dim)[slots], k)
+    assert torch.equal(vc.view(-1, kv_heads, head_dim)[slots], v)
     assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
 
 

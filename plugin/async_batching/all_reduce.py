@@ -1,26 +1,28 @@
 """The all-reduce of a tensor-parallel group's row-parallel layers: symmetric memory for small messages, else NCCL.
 
 A tensor-parallel decode step does two all-reduces per layer, each of rows x hidden values (W3 at batch 32 on
-Llama-3.1-8B: 256 KiB). At that size an all-reduce costs its latency: on 2 x H200, 21 us for NCCL against 9 us for
-the one-shot below, back to back in a CUDA graph; in W3's TP=2 decode steps the 64 sums of a step cost 0.26 ms more
-through NCCL (5.22 against 4.96 ms a step; docs/results/tp_h200x2.md). PyTorch's symmetric memory (``torch.distributed._symmetric_memory``) maps each
-rank's buffer into its peers' address space, and its one-shot all-reduce is one kernel that copies the input into
-this rank's buffer, waits on a device-side barrier and sums every rank's buffer: it runs inside CUDA graphs and needs
-no multicast (``TORCH_SYMM_MEM_DISABLE_MULTICAST=1`` stays set, as the device README requires).
-``recipes/bench/allreduce_latency.py`` measures both and checks that they give the same sums.
+Llama-3.1-8B: 256 KiB). At that size an all-reduce costs its latency: on 2 x H200, 21 us for NCCL against 9 us for the
+one-shot below, back to back in a CUDA graph; in W3's TP=2 decode steps the 64 sums of a step cost 0.26 ms more through
+NCCL (5.22 against 4.96 ms a step; docs/results/tp_h200x2.md). PyTorch's symmetric memory
+(``torch.distributed._symmetric_memory``) maps each rank's buffer into its peers' address space, and its one-shot
+all-reduce is one kernel that copies the input into this rank's buffer, waits on a device-side barrier and sums every
+rank's buffer: it runs inside CUDA graphs and needs no multicast (``TORCH_SYMM_MEM_DISABLE_MULTICAST=1`` stays set, as
+the device README requires). ``recipes/bench/allreduce_latency.py`` measures both and checks that they give the same
+sums.
 
 ``AllReduce`` chooses per call: symmetric memory for a CUDA tensor of the buffer's dtype and at most ``max_bytes``
-(the biggest decode step's hidden states), NCCL (or gloo on CPU) otherwise, and always where symmetric memory could
-not be set up (the reason is kept in ``symm_error``). Both are out of place. The model's code reaches it through the
-custom op ``async_batching::all_reduce`` (opaque to torch.compile, so compiled decode steps call it as one node).
+(8 MiB: decode steps' hidden states up to 512 x 8,192 bf16; big prefill steps go to NCCL), NCCL (or gloo on CPU) otherwise,
+and always where symmetric memory could not be set up (the reason is kept in ``symm_error``). Both are out of place. The
+model's code reaches it through the custom op ``async_batching::all_reduce`` (opaque to torch.compile, so compiled
+decode steps call it as one node).
 
-Invariants: the symmetric buffer is written by the one-shot kernel itself (its input copy) or, for two-shot, by a
-copy on the same stream just before the kernel. Both kernels (PyTorch's ``CUDASymmetricMemoryOps.cu``) end with a
-barrier across the group after their last access to a peer's buffer, so a rank cannot overwrite its buffer for the
-next sum, nor read a two-shot result out of it, before every peer is done with this one. Every rank of a group calls
-the same all-reduces in the same order (the group runs one plan) and picks the method from what all ranks share
-(``method``), so the barriers pair up; at start-up the group agrees on using symmetric memory at all. The buffer is allocated
-and rendezvoused at start-up, before any CUDA graph is captured.
+Invariants: the symmetric buffer is written by the one-shot kernel itself (its input copy) or, for two-shot, by a copy
+on the same stream just before the kernel. Both kernels (PyTorch's ``CUDASymmetricMemoryOps.cu``) end with a barrier
+across the group after their last access to a peer's buffer, so a rank cannot overwrite its buffer for the next sum, nor
+read a two-shot result out of it, before every peer is done with this one. Every rank of a group calls the same
+all-reduces in the same order (the group runs one plan) and picks the method from what all ranks share (``method``), so
+the barriers pair up; at start-up the group agrees on using symmetric memory at all. The buffer is allocated and
+rendezvoused at start-up, before any CUDA graph is captured.
 """
 
 from __future__ import annotations
@@ -51,8 +53,7 @@ def multicast_off() -> None:
 class AllReduce:
     """Sum a tensor over ``group`` (out of place)."""
 
-    def __init__(self, group, device: torch.device, dtype: torch.dtype = torch.bfloat16, max_bytes: int = MAX_BYTES,
-                 use_symmetric_memory: bool = True):
+    def __init__(self, group, device: torch.device, dtype: torch.dtype = torch.bfloat16, max_bytes: int = MAX_BYTES):
         import torch.distributed as dist
 
         self.group = group
@@ -65,8 +66,6 @@ class AllReduce:
         self.symm_error: Optional[str] = None
         if device.type != "cuda":
             self.symm_error = "not a CUDA device"
-        elif not use_symmetric_memory:
-            self.symm_error = "turned off"
         else:
             self._setup_symmetric_memory()
 
