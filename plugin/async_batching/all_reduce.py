@@ -10,11 +10,11 @@ rank's buffer: it runs inside CUDA graphs and needs no multicast (``TORCH_SYMM_M
 the device README requires). ``recipes/bench/allreduce_latency.py`` measures both and checks that they give the same
 sums.
 
-``AllReduce`` chooses per call: symmetric memory for a CUDA tensor of the buffer's dtype and at most ``max_bytes``
-(8 MiB: decode steps' hidden states up to 512 x 8,192 bf16; big prefill steps go to NCCL), NCCL (or gloo on CPU)
-otherwise, and always where symmetric memory could not be set up (the reason is kept in ``symm_error``). Both are out of
-place. The model's code reaches it through the custom op ``async_batching::all_reduce`` (opaque to torch.compile, so compiled
-decode steps call it as one node).
+``AllReduce`` chooses per call: symmetric memory for a CUDA tensor of the buffer's dtype and at most ``max_bytes`` (8
+MiB: decode steps' hidden states up to 512 x 8,192 bf16; big prefill steps go to NCCL), NCCL (or gloo on CPU)
+otherwise, and always where symmetric memory could not be set up (the reason is kept in ``symm_error``). Both are out
+of place. The model's code reaches it through the custom op ``async_batching::all_reduce`` (opaque to torch.compile,
+so compiled decode steps call it as one node).
 
 Invariants: the symmetric buffer is written by the one-shot kernel itself (its input copy) or, for two-shot, by a copy
 on the same stream just before the kernel. Both kernels (PyTorch's ``CUDASymmetricMemoryOps.cu``) end with a barrier
