@@ -217,6 +217,22 @@ def test_sinks_join_the_softmax_denominator(backend, window, group):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_split_merge_leaves_the_callers_counters_at_zero_for_the_next_launch(backend):
+    # The last split of each tile merges and resets its counter: the same buffer serves launch after launch (layers,
+    # graph replays) and each gives the unsplit result.
+    dtype, tol = backend
+    args, max_q = make_batch([(150, 1), (3, 1), (90, 5), (70, 1)], dtype=dtype, group=4)
+    counters = torch.zeros(64, dtype=torch.int32, device=DEVICE)
+    ref = paged_attention_reference(**args, max_query_len=max_q, scale=0.2)
+    for splits in (4, 2, 4):
+        out = torch.full(args["q"].shape, float("nan"), dtype=dtype, device=DEVICE)
+        tpa.paged_attention(**args, max_query_len=max_q, scale=0.2, out=out, num_kv_splits=splits,
+                            split_counters=counters)
+        assert counters.eq(0).all(), f"counters left at {counters.nonzero().flatten().tolist()}"
+        torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("splits", [2, 4])
 def test_sinks_are_counted_once_when_kv_splits_merge(backend, splits):
     specs = [(100, 1), (3, 1), (40, 5)]  # with 4 splits of 64 keys the last two are empty
@@ -302,6 +318,41 @@ def test_gpu_realistic_shapes(dtype, head_dim, num_kv_heads, group, splits):
     specs = [(2300, 1)] * 6 + [(700, 256), (513, 513), (1, 1), (1000, 37)]
     check(specs, (dtype, 2e-2), head_dim=head_dim, num_kv_heads=num_kv_heads, group=group, num_kv_splits=splits,
           sliding_window=0 if splits != 8 else 300)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+def test_gpu_split_merge_by_the_last_program_reads_every_split_in_a_graph_replayed_many_times():
+    # The race the merge could have: the last program of a tile reading a split's partial state before it is
+    # visible. Its merge order is fixed, so every replay must give the same bits, equal to the unsplit kernel's
+    # result within rounding; the counters must be back at zero after each replay.
+    dtype = torch.bfloat16
+    args, max_q = make_batch([(1500, 1)] * 24 + [(37, 1), (3000, 1)], dtype=dtype, num_kv_heads=8, group=4,
+                             head_dim=128, block_size=16, seed=5)
+    counters = torch.zeros(4096, dtype=torch.int32, device=DEVICE)  # room for every program of the launch
+    out = torch.empty(args["q"].shape, dtype=dtype, device=DEVICE)
+    ref = tpa.paged_attention(**args, max_query_len=max_q, scale=0.09, num_kv_splits=1)
+
+    def step():
+        for _ in range(8):  # eight launches per replay, like layers
+            tpa.paged_attention(**args, max_query_len=max_q, scale=0.09, out=out, num_kv_splits=16,
+                                split_counters=counters)
+
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    first = None
+    for _ in range(200):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert counters.eq(0).all()
+        if first is None:
+            first = out.clone()
+            torch.testing.assert_close(first.float(), ref.float(), atol=2e-2, rtol=2e-2)
+        else:
+            assert torch.equal(out, first), "a replay merged different split states"
 
 
 @pytest.mark.gpu

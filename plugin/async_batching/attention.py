@@ -26,6 +26,7 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # int32 [B]: context length after this step
     block_tables: torch.Tensor  # int32 [B, W]
     max_query_len: int
+    split_counters: Optional[torch.Tensor] = None  # int32 zeros the Triton kernel's KV-split merge counts in
 
 
 class StepContext:
@@ -109,7 +110,8 @@ def triton_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: 
     from .triton_paged_attention import paged_attention
 
     return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                           meta.max_query_len, scale, window, softcap, sinks=sinks)
+                           meta.max_query_len, scale, window, softcap, sinks=sinks,
+                           split_counters=meta.split_counters)
 
 
 def torch_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int, softcap: float,

@@ -108,6 +108,12 @@ class ModelRunner:
         self.kernel = self._choose_kernel()
         self.ctx = StepContext(self.cache.k, self.cache.v, self.kernel,
                                attention.triton_write_kv if self.backend == "triton" else attention.index_copy_kv)
+        # The attention kernel's KV-split merge counters: this runner's launches are ordered on one stream and each
+        # leaves them at zero, so one buffer serves every step and every captured graph.
+        self.split_counters = None
+        if self.backend == "triton":
+            from .triton_paged_attention import split_counters
+            self.split_counters = split_counters(device)
         self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.graphs: dict[int, tuple] = {}  # decode batch size -> (graph, static input, static logits, head size)
         self.graph_pool = None
@@ -389,6 +395,7 @@ class ModelRunner:
             seq_lens=seg("seq_lens"),
             block_tables=self.block_table.index_select(0, seg("seq_rows").long()),
             max_query_len=lay.max_query_len,
+            split_counters=self.split_counters,
         )
 
     def _forward(self, buf: torch.Tensor, lay: StepLayout) -> torch.Tensor:

@@ -14,8 +14,9 @@ every row, so they run without any mask; only the diagonal tiles, a split's ragg
 the masked path.  Logits are kept in log2 units (``exp2``; the scale is folded with log2(e)).  Attention sinks (gpt-oss: one logit per query head in the softmax denominator,
 attached to no value) start each row's running softmax state as a key of that logit with a zero value.  When the grid
 would be too small to fill the GPU (decode of few sequences with long contexts) the key range is cut into
-``num_splits`` parts whose partial softmax states a second kernel merges; only split 0 starts from the sink, so the
-merge counts it once. ``num_splits`` is a run-time argument (not specialised), so one compiled kernel serves every
+``num_splits`` parts; each stores its partial softmax state, and the last of a tile's splits to finish (counted with
+an atomic in ``split_counters``) merges them into the output, so no second kernel is launched. Only split 0 starts
+from the sink, so the merge counts it once. ``num_splits`` is a run-time argument (not specialised), so one compiled kernel serves every
 split count: the variants compiled at start-up are then the query tiles alone, and no step compiles during a run.
 """
 
@@ -100,7 +101,7 @@ def _attend_tile(q, k_ptr, v_ptr, bt_row, start, hi, q_pos, row_valid, offs_d, d
             do_not_specialize_on_alignment=["seq_lens_ptr", "query_start_loc_ptr", "sinks_ptr"])
 def _paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr,
-    part_acc_ptr, part_m_ptr, part_l_ptr,
+    part_acc_ptr, part_m_ptr, part_l_ptr, counters_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, sinks_ptr,
     qk_scale, softcap, sliding_window,
     stride_qt, stride_qh, stride_qd,
@@ -212,47 +213,39 @@ def _paged_attention_kernel(
                  mask=row_valid[:, None] & d_valid[None, :])
         tl.store(part_m_ptr + part, m_i, mask=row_valid)
         tl.store(part_l_ptr + part, l_i, mask=row_valid)
+        # The tile's last split to finish merges every split's state (no second launch). Ordering: every thread's
+        # partial stores precede the barrier; the counter's acq_rel atomic (one thread, as CUDA's grid sync does)
+        # releases them to, and acquires them for, the last program; its loads bypass L1 (.cg). The last program
+        # puts the counter back to 0, so the next launch (the next layer, the next replay) starts from zero.
+        tl.debug_barrier()
+        lock = counters_ptr + (seq * tl.num_programs(1) + q_block) * (tl.num_programs(2) // num_splits) + kv_head
+        if tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+            tl.atomic_xchg(lock, 0, sem="relaxed", scope="gpu")
+            m_run = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+            l_run = tl.zeros([BLOCK_M], dtype=tl.float32)
+            acc_run = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+            first = (token * num_heads + head) * num_splits
+            for s in range(0, num_splits):
+                m_s = tl.load(part_m_ptr + first + s, mask=row_valid, other=-1.0e30, cache_modifier=".cg")
+                l_s = tl.load(part_l_ptr + first + s, mask=row_valid, other=0.0, cache_modifier=".cg")
+                acc_s = tl.load(part_acc_ptr + (first + s)[:, None] * HEAD_DIM + offs_d[None, :],
+                                mask=row_valid[:, None] & d_valid[None, :], other=0.0, cache_modifier=".cg")
+                m_new = tl.maximum(m_run, m_s)
+                a = tl.exp2(m_run - m_new)
+                b = tl.exp2(m_s - m_new)
+                l_run = l_run * a + l_s * b
+                acc_run = acc_run * a[:, None] + acc_s * b[:, None]
+                m_run = m_new
+            out = acc_run / tl.where(l_run > 0.0, l_run, 1.0)[:, None]
+            tl.store(
+                out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
+                out.to(out_ptr.dtype.element_ty),
+                mask=row_valid[:, None] & d_valid[None, :],
+            )
 
 
-@triton.jit(do_not_specialize=["num_splits"], do_not_specialize_on_alignment=["query_start_loc_ptr"])
-def _merge_splits_kernel(
-    part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr, query_start_loc_ptr,
-    stride_ot, stride_oh, stride_od,
-    num_heads,
-    num_splits,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    MAX_SPLITS: tl.constexpr,
-):
-    """Merge the num_splits partial softmax states of one (query token, head) into the output row."""
-    seq = tl.program_id(0)
-    j = tl.program_id(1)
-    head = tl.program_id(2)
-    q_start = tl.load(query_start_loc_ptr + seq)
-    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    if j >= q_len:
-        return
-    token = (q_start + j).to(tl.int64)
-    base = (token * num_heads + head) * num_splits
-    offs_s = tl.arange(0, MAX_SPLITS)
-    s_valid = offs_s < num_splits
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    d_valid = offs_d < HEAD_DIM
-
-    # Splits past num_splits read as empty states (m=-1e30, l=0, acc=0): weight 0 below.
-    m = tl.load(part_m_ptr + base + offs_s, mask=s_valid, other=-1.0e30)
-    l = tl.load(part_l_ptr + base + offs_s, mask=s_valid, other=0.0)
-    acc = tl.load(part_acc_ptr + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
-                  mask=s_valid[:, None] & d_valid[None, :], other=0.0)
-    m_max = tl.max(m, 0)
-    w = tl.exp2(m - m_max)  # partial states are in log2 units
-    l_tot = tl.sum(w * l, 0)
-    out = tl.sum(acc * w[:, None], 0) / l_tot
-    tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d * stride_od,
-             out.to(out_ptr.dtype.element_ty), mask=d_valid)
-
-
-# Launch-configuration overrides (``tile_n``, ``num_warps``, ``num_stages``) for the tuning sweep only; empty in use.
+# Launch-configuration overrides (``tile_n``, ``num_warps``, ``num_stages``, ``target_m``, ``num_kv_splits``) for the
+# tuning sweep only; empty in use.
 TUNING: dict = {}
 
 
@@ -263,20 +256,56 @@ def _sm_count(device_index: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
+def _smem_per_block(device: torch.device) -> int:
+    """Shared memory a program may use on ``device`` (0 where unknown: CPU, the interpreter, an older torch)."""
+    if device.type != "cuda":
+        return 0
+    props = torch.cuda.get_device_properties(device.index if device.index is not None else torch.cuda.current_device())
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or 0)
+
+
+@functools.lru_cache(maxsize=None)
 def _unused_partials(device: torch.device) -> torch.Tensor:
     return torch.empty(1, dtype=torch.float32, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _unused_counters(device: torch.device) -> torch.Tensor:
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
+# Automatic splits: until the launch has SPLIT_PROGRAMS_PER_SM programs per streaming multiprocessor, at most
+# MAX_AUTO_SPLITS. On an H200 (attention_tuning.py, docs/results/attention_tuning_h200.md, session 8), W3's decode (32
+# sequences of equal length, 8 kv heads: 256 programs) with 128-key tiles ran 1.11-1.17x faster unsplit than with the
+# 4 splits of 64-key tiles that 4 programs per SM had given; 48 sequences of 1,000-2,000 tokens (W7's tail) 1.17x.
+# Beyond 8 splits the merge by the last program (one split after another) cost more than a second kernel would.
+SPLIT_PROGRAMS_PER_SM = 1
+MAX_AUTO_SPLITS = 8
+
+
+def _split_target(device: torch.device) -> int:
+    """Programs a launch should have before its KV range is split."""
+    return SPLIT_PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def split_counters(device: torch.device) -> torch.Tensor:
+    """Zeroed int32 counters for the split merge, enough for any launch that splits automatically (its programs
+    are fewer than ``_split_target``). Owned by a caller that launches in order on one stream (the model runner):
+    every launch leaves them at zero again."""
+    n = _split_target(device) if device.type == "cuda" else 1
+    return torch.zeros(n, dtype=torch.int32, device=device)
 
 
 def _auto_num_splits(q: torch.Tensor, programs: int, max_ctx: int, tile_n: int, head_dim: int) -> int:
     """Split the KV range only when the grid is too small to fill the GPU (few-sequence, long-context decode)."""
     if q.device.type != "cuda":
         return 1  # CPU runs are the Triton interpreter: extra programs only cost time
-    target = 4 * _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    target = _split_target(q.device)
     splits = 1
     # Each split should keep >= 4 key tiles of the longest possible context (the block table's width bounds it).
     max_useful = max(1, max_ctx // (4 * tile_n))
     scratch_per_split = q.shape[0] * q.shape[1] * (head_dim + 2) * 4
-    while (programs * splits < target and splits * 2 <= min(MAX_SPLITS, max_useful)
+    while (programs * splits < target and splits * 2 <= min(MAX_AUTO_SPLITS, max_useful)
            and scratch_per_split * splits * 2 <= (256 << 20)):
         splits *= 2
     return splits
@@ -296,6 +325,7 @@ def paged_attention(
     out: Optional[torch.Tensor] = None,
     num_kv_splits: int = 0,
     sinks: Optional[torch.Tensor] = None,
+    split_counters: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Causal attention of the packed queries ``q`` [T, num_heads, head_dim] over the paged KV cache.
 
@@ -303,6 +333,8 @@ def paged_attention(
     Returns ``out`` [T, num_heads, head_dim] in q's dtype; rows of ``out`` not covered by ``query_start_loc`` are left
     untouched.  ``num_kv_splits``: 0 picks automatically, otherwise a power of two forcing that many KV splits.
     ``sinks``: optional ``[num_heads]`` attention-sink logits (any float dtype), one extra softmax term per head.
+    ``split_counters``: int32 zeros from ``split_counters()`` that the KV-split merge counts in (and leaves at zero);
+    None, or too few for this launch: a zeroed buffer is made for the call.
     """
     T, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, head_dim_kv = k_cache.shape
@@ -349,6 +381,12 @@ def paged_attention(
         # (attention_tuning.py on an H200, docs/results/attention_tuning_h200.md).
         if block_m >= 128 and head_dim_pad <= 64:
             tile_n, num_warps = 64, 8
+        # Decode (one query a sequence): 128-key tiles, where two pipeline stages of them fit in shared memory. With
+        # splits kept for launches of fewer programs than SMs, they ran 1.02-1.17x faster than 64 keys on the W1, W2,
+        # W3 and W7 decode shapes, 0.97-0.98x on two (E1; W3's requests at contexts spread over 256..2304), on an H200
+        # (session 8, docs/results/attention_tuning_h200.md).
+        if block_q == 1 and head_dim_pad <= 128 and _smem_per_block(q.device) >= 2 * 2 * 128 * head_dim_pad * 2 + 8192:
+            tile_n = 128
     num_stages = 2
     if TUNING:  # recipes/bench/attention_tuning.py's sweep
         tile_n = TUNING.get("tile_n", tile_n)
@@ -356,26 +394,31 @@ def paged_attention(
         num_stages = TUNING.get("num_stages", num_stages)
     num_q_blocks = triton.cdiv(max_query_len, block_q)
 
+    num_kv_splits = TUNING.get("num_kv_splits", num_kv_splits) if TUNING else num_kv_splits
+    programs = B * num_q_blocks * num_kv_heads
     if num_kv_splits:
         assert num_kv_splits & (num_kv_splits - 1) == 0 and num_kv_splits <= MAX_SPLITS, \
             f"num_kv_splits must be a power of two <= {MAX_SPLITS}"
         num_splits = num_kv_splits
     else:
-        programs = B * num_q_blocks * num_kv_heads
         num_splits = _auto_num_splits(q, programs, block_tables.shape[1] * block_size, tile_n, head_dim)
 
     if num_splits > 1:
         part_acc = torch.empty((T, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         part_m = torch.empty((T, num_heads, num_splits), dtype=torch.float32, device=q.device)
         part_l = torch.empty_like(part_m)
+        if split_counters is None or split_counters.numel() < programs:
+            split_counters = torch.zeros(programs, dtype=torch.int32, device=q.device)
     else:
         # Never touched with one split, but float32 like real partials: the kernel's signature (so its compiled
         # variant) is the same with and without splits.
         part_acc = part_m = part_l = _unused_partials(q.device)
+    if split_counters is None:
+        split_counters = _unused_counters(q.device)
 
     _paged_attention_kernel[(B, num_q_blocks, num_kv_heads * num_splits)](
         q, k_cache, v_cache, out,
-        part_acc, part_m, part_l,
+        part_acc, part_m, part_l, split_counters,
         block_tables, seq_lens, query_start_loc, sinks if sinks is not None else _unused_partials(q.device),
         float(scale) * LOG2E, float(softcap) if softcap else 1.0, int(sliding_window),
         q.stride(0), q.stride(1), q.stride(2),
@@ -400,17 +443,6 @@ def paged_attention(
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    if num_splits > 1:
-        _merge_splits_kernel[(B, max_query_len, num_heads)](
-            part_acc, part_m, part_l, out, query_start_loc,
-            out.stride(0), out.stride(1), out.stride(2),
-            num_heads,
-            num_splits,
-            HEAD_DIM=head_dim,
-            HEAD_DIM_PAD=head_dim_pad,
-            MAX_SPLITS=MAX_SPLITS,
-            num_warps=4 if head_dim_pad >= 128 else 2,
-        )
     return out
 
 
@@ -461,9 +493,12 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     )
 
 
+KERNELS = (_paged_attention_kernel, _write_kv_kernel)
+
+
 def compiled_variants() -> int:
     """Compiled variants of this module's kernels held in memory (a test checks that none is added during a run)."""
-    return count_variants(_paged_attention_kernel, _merge_splits_kernel, _write_kv_kernel)
+    return count_variants(*KERNELS)
 
 
 def count_variants(*kernels) -> int:

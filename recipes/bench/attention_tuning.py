@@ -35,6 +35,10 @@ SHAPES = {  # name: (query lengths, context lengths, heads, kv heads, head_dim)
     "W2 decode: 256 seqs, ctx 64..640, 32/8 heads, dim 64": ([1] * 256, [_R.randint(64, 640) for _ in range(256)], 32, 8, 64),
     "W1 decode: 512 seqs, ctx 64..768, 9/3 heads, dim 64": ([1] * 512, [_R.randint(64, 768) for _ in range(512)], 9, 3, 64),
     "W3 decode: 32 seqs, ctx 256..2304, 32/8 heads, dim 128": ([1] * 32, [_R.randint(256, 2304) for _ in range(32)], 32, 8, 128),
+    "W3 decode at step 256: 32 seqs, ctx 512, 32/8 heads, dim 128": ([1] * 32, [512] * 32, 32, 8, 128),
+    "W3 decode at step 1024: 32 seqs, ctx 1280, 32/8 heads, dim 128": ([1] * 32, [1280] * 32, 32, 8, 128),
+    "W3 decode at step 2048: 32 seqs, ctx 2304, 32/8 heads, dim 128": ([1] * 32, [2304] * 32, 32, 8, 128),
+    "W7 tail decode: 48 seqs, ctx 1000..2000, 16/8 heads, dim 128": ([1] * 48, [_R.randint(1000, 2000) for _ in range(48)], 16, 8, 128),
     "E1 decode: 512 seqs, ctx 800..1060, 32/8 heads, dim 64": ([1] * 512, [_R.randint(800, 1060) for _ in range(512)], 32, 8, 64),
     "W2 prefill: 16 x 512": ([512] * 16, [512] * 16, 32, 8, 64),
     "W4 prefill: 2 chunks of 4096, ctx 4096 and 6144": ([4096, 4096], [4096, 6144], 32, 8, 64),
@@ -47,12 +51,23 @@ SHAPES = {  # name: (query lengths, context lengths, heads, kv heads, head_dim)
 DECODE_CONFIGS = [dict(tile_n=t, num_warps=w, num_stages=s) for t, w, s in itertools.product((64, 128), (4, 8), (2, 3))]
 PREFILL_CONFIGS = [dict(target_m=m, tile_n=t, num_warps=w, num_stages=s)
                    for m, t, w, s in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))]
+# Decode: also the KV split count (automatic by default: see SPLIT_PROGRAMS_PER_SM), with 64- and 128-key tiles.
+DECODE_CONFIGS += [dict(num_kv_splits=n, tile_n=t) for n in (1, 2, 4, 8) for t in (64, 128)]
 if os.environ.get("TUNING_DEFAULT_ONLY") == "1":  # time the launch configuration in use, no sweep (about a minute)
     DECODE_CONFIGS = PREFILL_CONFIGS = []
+if os.environ.get("TUNING_SHAPES"):  # a substring per shape to keep, comma-separated (e.g. "decode")
+    SHAPES = {n: v for n, v in SHAPES.items() if any(k in n for k in os.environ["TUNING_SHAPES"].split(","))}
 
 
 def configs(name):
     return DECODE_CONFIGS if max(SHAPES[name][0]) == 1 else PREFILL_CONFIGS
+
+
+def _label(cfg) -> str:
+    if "num_kv_splits" in cfg:
+        return f"{cfg['num_kv_splits']} KV splits, tile {cfg['tile_n']}"
+    rows = f"{cfg['target_m']} rows, " if "target_m" in cfg else ""
+    return rows + f"tile {cfg['tile_n']}, {cfg['num_warps']} warps, {cfg['num_stages']} stages"
 
 
 def dense_flash_ms(name) -> float:
@@ -87,6 +102,9 @@ def build(name):
     decode = max(ql) == 1
     if decode:
         work = sum(cl) * kvh * d * 2 * q.element_size()  # bytes of K and V read
+        # What the default row runs (this case's block table is as wide as its longest context; the engine's is as
+        # wide as the longest sequence it admits, which can allow more splits: the rows with forced splits show them).
+        fn.auto_splits = tpa._auto_num_splits(q, len(ql) * kvh, m.block_tables.shape[1] * k.shape[1], 64, d)
     else:
         work = sum(4 * h * d * (c * (c + 1) // 2 - (c - n) * (c - n + 1) // 2) for n, c in zip(ql, cl))
     return fn, decode, work
@@ -136,11 +154,13 @@ def main():
         ref_ms = float("nan") if decode else dense_flash_ms(name)
         ref = "" if ref_ms != ref_ms else (f" torch SDPA (flash, dense, same FLOPs): {ref_ms:.4f} ms, "
                                            f"{work / ref_ms / 1e9:,.0f} TFLOP/s.")
-        print(f"\n## {name}\n\nDefault launched one call at a time from Python: {host_ms:.4f} ms a call.{ref}\n\n"
+        splits = f" Default KV splits: {fn.auto_splits}." if decode else ""
+        print(f"\n## {name}\n\nDefault launched one call at a time from Python: {host_ms:.4f} ms a call.{ref}{splits}\n\n"
               f"| config | GPU ms (graph) | {unit} | vs default | max abs diff |\n|---|---|---|---|---|")
-        for ms, cfg, rate, diff in [default] + sorted(rows[1:], key=lambda r: r[0])[:6]:
-            label = "default" if cfg is None else (f"{cfg['target_m']} rows, " if "target_m" in cfg else "") + \
-                f"tile {cfg['tile_n']}, {cfg['num_warps']} warps, {cfg['num_stages']} stages"
+        best = sorted(rows[1:], key=lambda r: r[0])[:6]
+        splits = [r for r in rows[1:] if r[1] and "num_kv_splits" in r[1] and r not in best]
+        for ms, cfg, rate, diff in [default] + best + splits:
+            label = "default" if cfg is None else _label(cfg)
             print(f"| {label} | {ms:.4f} | {rate:,.0f} | {default[0] / ms:.2f}x | {diff:.3g} |", flush=True)
         results[name] = dict(sdpa_flash_ms=ref_ms, rows=[dict(ms=ms, cfg=cfg, rate=rate, diff=diff)
                                                          for ms, cfg, rate, diff in rows])
