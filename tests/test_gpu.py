@@ -223,9 +223,8 @@ def test_nothing_compiles_during_a_run(monkeypatch):
     import async_batching.model_runner as mr
     from torch._dynamo.utils import counters
 
-    from async_batching import triton_sampling
-    from async_batching.triton_paged_attention import (_merge_splits_kernel, _paged_attention_kernel, _write_kv_kernel,
-                                                       compiled_variants)
+    from async_batching import triton_paged_attention, triton_sampling
+    from async_batching.triton_paged_attention import compiled_variants
 
     model = smol_shape(layers=2)
     rng = random.Random(9)
@@ -243,8 +242,7 @@ def test_nothing_compiles_during_a_run(monkeypatch):
         monkeypatch.setattr(mr, "PREFILL_COMPILE_MIN_WORK", min_work or mr.PREFILL_COMPILE_MIN_WORK)
         # Variants compiled by earlier tests in this process would hide one that only this engine's start-up misses:
         # forget them (kept alive in ``earlier``: graphs captured by other engines may still launch them).
-        for fn in (_paged_attention_kernel, _merge_splits_kernel, _write_kv_kernel, triton_sampling._topk_draw_kernel,
-                   triton_sampling._full_draw_kernel):
+        for fn in triton_paged_attention.KERNELS + triton_sampling.KERNELS:
             for cache in getattr(fn, "device_caches", {}).values():
                 earlier.append(dict(cache[0]))
                 cache[0].clear()

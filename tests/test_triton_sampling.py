@@ -40,8 +40,8 @@ def group(sp, n, V):
     SamplingParams(temperature=0.6, min_p=0.05),
 ], ids=["topk+topp", "topk", "topk+minp", "temperature", "minp"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_fused_draws_equal_the_torch_draws(sp, dtype):
-    V = 3000
+@pytest.mark.parametrize("V", [3000, 10000], ids=["one-chunk", "three-chunks"])
+def test_fused_draws_equal_the_torch_draws(sp, dtype, V):
     logits = (torch.randn(16, V, generator=torch.Generator().manual_seed(1)) * 2.5).to(dtype)
     logits[:, :40] = logits[:, 40:80]  # equal logits
     logits = logits.to(DEVICE)

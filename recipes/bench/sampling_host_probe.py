@@ -71,7 +71,8 @@ def install() -> None:
 
     executor_mod.sample = timed("sample()", sample_with_events)
     triton_sampling._topk_draw_kernel = TimedKernel("triton topk_draw launch", triton_sampling._topk_draw_kernel)
-    triton_sampling._full_draw_kernel = TimedKernel("triton full_draw launch", triton_sampling._full_draw_kernel)
+    triton_sampling._chunk_mass_kernel = TimedKernel("triton chunk_mass launch", triton_sampling._chunk_mass_kernel)
+    triton_sampling._chunk_draw_kernel = TimedKernel("triton chunk_draw launch", triton_sampling._chunk_draw_kernel)
     triton_sampling.torch = TorchProxy()
     E = executor_mod.Executor
     E.wait = timed("executor.wait", E.wait)
