@@ -58,6 +58,11 @@ def test_engine_variants_report_cpu_time_per_step_and_host_phases(bench):
     for name in ("ours_sync", "ours_async"):
         r = results[name]
         assert r["steps"] > 0 and r["cpu_ms_per_step"] > 0
+        # On the CPU no step replays a graph: every step's launch is an "other" step's, and the parts add up.
+        launch = r["launch_ms"]
+        assert (launch["graph_steps"], launch["per_graph_step"], launch["other_steps"]) == (0, None, r["steps"])
+        assert launch["per_other_step"] == pytest.approx(r["cpu_ms_per_step_parts"]["launch"])
+        assert sum(r["cpu_ms_per_step_parts"].values()) == pytest.approx(r["cpu_ms_per_step"])
         assert {"ab.schedule", "ab.prepare"} <= set(r["profile"]["host_ms_per_step"])
         window = json.loads((out / "timelines" / f"tiny_{name}.json").read_text())
         assert window["host"]["ab.launch"], name  # the timeline window saw the engine's host phases

@@ -42,6 +42,7 @@ def _fp32_matches_generate(arch, graphs, **overrides):
         assert b.all_blocks_free()
         if graphs:
             assert b.stats["graph_steps"] > 0
+            assert 0 < b.stats["cpu_launch_graph_s"] < b.stats["cpu_launch_s"]  # prefill steps launched outside
     return b
 
 

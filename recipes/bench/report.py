@@ -187,6 +187,12 @@ def notes(summary: dict[str, Any], results: list[dict[str, Any]]) -> list[str]:
         if first:
             bits.append(f"first call {first['first_s']:.2f} s vs repeated {first['repeat_s']:.2f} s "
                         f"({first['requests']} requests)" + (f"; {'; '.join(first['problems'])}" if first.get("problems") else ""))
+        launch = r.get("launch_ms")
+        if launch:
+            per = [f"{launch[f'per_{k}_step']:.2f} ms for each of {launch[f'{k}_steps']} {what}"
+                   for k, what in (("graph", "decode steps replayed from graphs"), ("other", "other steps"))
+                   if launch[f"{k}_steps"]]
+            bits.append("host time launching a step (timed run): " + ", ".join(per))
         gcp = r.get("gc")
         if gcp and sum(gcp["collections"]):
             bits.append("garbage collections in the timed run (generations 0/1/2): "

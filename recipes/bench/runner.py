@@ -321,10 +321,17 @@ def run_job(job: dict[str, Any], checkpoint=lambda partial: None) -> dict[str, A
         result["gpu_busy_decode_pct"] = events.get("decode_busy_pct")
     if stats and stats.get("steps"):
         result["steps"] = stats["steps"]
-        busy = {k: v for k, v in stats.items() if k.startswith("cpu_") and k.endswith("_s") and k != "cpu_wait_s"}
+        busy = {k: v for k, v in stats.items()
+                if k.startswith("cpu_") and k.endswith("_s") and k not in ("cpu_wait_s", "cpu_launch_graph_s")}
         if busy:  # host time working on steps (schedule, prepare, launch, process), not waiting for the GPU
             result["cpu_ms_per_step"] = 1e3 * sum(busy.values()) / stats["steps"]
             result["cpu_ms_per_step_parts"] = {k[4:-2]: 1e3 * v / stats["steps"] for k, v in busy.items()}
+        if "cpu_launch_graph_s" in stats:  # launching a decode graph step vs any other step (prefill, mixed, eager)
+            graph, other = stats["graph_steps"], stats["steps"] - stats["graph_steps"]
+            result["launch_ms"] = {
+                "graph_steps": graph, "per_graph_step": 1e3 * stats["cpu_launch_graph_s"] / graph if graph else None,
+                "other_steps": other,
+                "per_other_step": 1e3 * (stats["cpu_launch_s"] - stats["cpu_launch_graph_s"]) / other if other else None}
 
     prof = job.get("profile") or {}
     if prof.get("enabled", True) and name not in (prof.get("skip") or []):

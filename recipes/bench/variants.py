@@ -445,21 +445,35 @@ class OursAsyncEager(Ours):
     mode, compile = "async", False
 
 
-class OursAsyncPrefillEager(Ours):
-    """``ours_async`` with decode steps compiled but every prefill and mixed step uncompiled (the engine before
-    session 5: ``model_runner.PREFILL_COMPILE_MIN_WORK`` raised past any step while this engine is built), to show
-    what compiling the large prefill steps gives alone."""
+class _PrefillThreshold(Ours):
+    """``ours_async`` built with ``model_runner.PREFILL_COMPILE_MIN_WORK`` set to ``min_work`` (restored after)."""
 
     mode = "async"
+    min_work = 0.0
 
     def __init__(self, model, job) -> None:
         from async_batching import model_runner
 
-        saved, model_runner.PREFILL_COMPILE_MIN_WORK = model_runner.PREFILL_COMPILE_MIN_WORK, float("inf")
+        saved, model_runner.PREFILL_COMPILE_MIN_WORK = model_runner.PREFILL_COMPILE_MIN_WORK, self.min_work
         try:
             super().__init__(model, job)
         finally:
             model_runner.PREFILL_COMPILE_MIN_WORK = saved
+
+
+class OursAsyncPrefillEager(_PrefillThreshold):
+    """``ours_async`` with decode steps compiled but every prefill and mixed step uncompiled (the engine before
+    session 5: the threshold past any step), to show what compiling the large prefill steps gives alone."""
+
+    min_work = float("inf")
+
+
+class OursAsyncPrefillCompiled(_PrefillThreshold):
+    """``ours_async`` with every prefill and mixed step through the compiled model, however small (the threshold at
+    0): on a small model (W1) an uncompiled prefill step costs the host more than the GPU, and this shows whether the
+    compiled code's host cost is lower."""
+
+    min_work = 0.0
 
 
 class OursAsyncUnfused(Ours):
@@ -595,6 +609,7 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_prefill_eager": OursAsyncPrefillEager,
     "ours_async_gc": OursAsyncGc,
     "ours_async_unfused": OursAsyncUnfused,
+    "ours_async_prefill_compiled": OursAsyncPrefillCompiled,
     "ours_async_greedy": OursAsyncGreedy,
     "ours_async_no_prefix_cache": OursAsyncNoPrefixCache,
     "ours_async_lightning": OursLightning,
