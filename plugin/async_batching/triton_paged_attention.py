@@ -365,7 +365,7 @@ def paged_attention(
     block_q = min(triton.next_power_of_2(max_query_len), max(1, target_m // triton.next_power_of_2(G)))
     block_m = max(16, triton.next_power_of_2(block_q * G))
     tile_n = 32 if head_dim_pad >= 256 else 64
-    # fp32: 8 warps from head_dim 128 (4 warps spill there). 16-bit: decode tiles (one query) keep 64 keys and 4 warps;
+    # fp32: 8 warps from head_dim 128 (4 warps spill there). 16-bit: decode tiles (one query) take 4 warps (keys: below);
     # query tiles of prefill and mixed steps take 32 keys and 4 warps, which ran 1.85x faster than 64 keys and 8 warps
     # at head_dim 128 (8 x 1024-token prompts) and 1.03-1.10x at head_dim 64 on an H200 (attention_tuning.py, in
     # docs/results/attention_tuning_h200.md): 8 warps for a 64x128 accumulator eased register pressure but cost time.
@@ -385,7 +385,7 @@ def paged_attention(
         # splits kept for launches of fewer programs than SMs, they ran 1.02-1.17x faster than 64 keys on the W1, W2,
         # W3 and W7 decode shapes, 0.97-0.98x on two (E1; W3's requests at contexts spread over 256..2304), on an H200
         # (session 8, docs/results/attention_tuning_h200.md).
-        if block_q == 1 and head_dim_pad <= 128 and _smem_per_block(q.device) >= 2 * 2 * 128 * head_dim_pad * 2 + 8192:
+        if max_query_len == 1 and head_dim_pad <= 128 and _smem_per_block(q.device) >= 2 * 2 * 128 * head_dim_pad * 2 + 8192:
             tile_n = 128
     num_stages = 2
     if TUNING:  # recipes/bench/attention_tuning.py's sweep
