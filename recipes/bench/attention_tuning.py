@@ -102,9 +102,6 @@ def build(name):
     decode = max(ql) == 1
     if decode:
         work = sum(cl) * kvh * d * 2 * q.element_size()  # bytes of K and V read
-        # What the default row runs (this case's block table is as wide as its longest context; the engine's is as
-        # wide as the longest sequence it admits, which can allow more splits: the rows with forced splits show them).
-        fn.auto_splits = tpa._auto_num_splits(q, len(ql) * kvh, m.block_tables.shape[1] * k.shape[1], 64, d)
     else:
         work = sum(4 * h * d * (c * (c + 1) // 2 - (c - n) * (c - n + 1) // 2) for n, c in zip(ql, cl))
     return fn, decode, work
@@ -154,8 +151,7 @@ def main():
         ref_ms = float("nan") if decode else dense_flash_ms(name)
         ref = "" if ref_ms != ref_ms else (f" torch SDPA (flash, dense, same FLOPs): {ref_ms:.4f} ms, "
                                            f"{work / ref_ms / 1e9:,.0f} TFLOP/s.")
-        splits = f" Default KV splits: {fn.auto_splits}." if decode else ""
-        print(f"\n## {name}\n\nDefault launched one call at a time from Python: {host_ms:.4f} ms a call.{ref}{splits}\n\n"
+        print(f"\n## {name}\n\nDefault launched one call at a time from Python: {host_ms:.4f} ms a call.{ref}\n\n"
               f"| config | GPU ms (graph) | {unit} | vs default | max abs diff |\n|---|---|---|---|---|")
         best = sorted(rows[1:], key=lambda r: r[0])[:6]
         splits = [r for r in rows[1:] if r[1] and "num_kv_splits" in r[1] and r not in best]
