@@ -15,6 +15,7 @@
 #   eval (~6)   recipes/bench/eval_bench.py, both backends (carry .whl built with 'fetch_wheels.sh eval' and
 #               .bench_tokenizer from 'eval_bench.py --save-tokenizer .bench_tokenizer')
 #   atune (~4) the Triton attention kernel's tests natively, then recipes/bench/attention_tuning.py's launch sweep
+#   gtune (~5)  recipes/bench/gemm_tuning.py: the decode products, cuBLAS vs triton_matmul's split-K launches (GTUNE_S, GTUNE_ARGS)
 #   gemm (~2)   recipes/bench/gemm_shapes.py: the decode steps' matrix products in CUDA graphs vs the copy/matmul bounds;
 #               recipes/bench/graph_launch.py: host cost of a graph replay by node count, and of W1's decode graph
 #   host (~1)   recipes/bench/host_step.py: the engine's host work per step by phase, model and sampler stubbed (W1's requests)
@@ -119,6 +120,10 @@ for what in "$@"; do
       timeout -k 15 "${ATUNE_S:-300}" python3 recipes/bench/attention_tuning.py > "$OUT/attention_tuning.md" \
         2> "$OUT/attention_tuning.err" || echo "atune: exited with status $?"
       SUMMARIES+=("$OUT/triton_tests.log" "$OUT/attention_tuning.md") ;;
+    gtune) # the decode steps' products: cuBLAS against the split-K Triton launches (GTUNE_ARGS, e.g. --only W7)
+      timeout -k 15 "${GTUNE_S:-400}" python3 recipes/bench/gemm_tuning.py --out "$OUT/gemm_tuning.json" ${GTUNE_ARGS:-} \
+        > "$OUT/gemm_tuning.md" 2> "$OUT/gemm_tuning.err" || echo "gtune: exited with status $?"
+      SUMMARIES+=("$OUT/gemm_tuning.md") ;;
     gemm) # the decode steps' matrix products alone in CUDA graphs, against the copy and matmul bounds
       timeout -k 15 120 python3 recipes/bench/gemm_shapes.py --out "$OUT/gemm_shapes.json" > "$OUT/gemm_shapes.md" \
         2> "$OUT/gemm_shapes.err" || echo "gemm: exited with status $?"
@@ -157,7 +162,7 @@ for what in "$@"; do
         grep "^\[tp\]" "$OUT/tp_$run.log" | sed "s/^\[tp\]/[tp $run]/" | tee -a "$OUT/tp.log"
       done
       SUMMARIES+=("$OUT/tp_tests.log" "$OUT/tp_allreduce.log" "$OUT/tp.log") ;;
-    *) echo "unknown step $what (steps: tests soak w1 w2 w2s w3 w4 w5 w6 w7 s1 sampling eval atune gemm host attention ddp tp)" >&2 ;;
+    *) echo "unknown step $what (steps: tests soak w1 w2 w2s w3 w4 w5 w6 w7 s1 sampling eval atune gtune gemm host attention ddp tp)" >&2 ;;
   esac
 done
 
