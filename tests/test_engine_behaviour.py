@@ -322,3 +322,24 @@ def test_engine_freezes_the_garbage_collector_after_start_up_and_its_close_gives
         assert gone() is None and gc_freeze.live_engines() == before
     finally:
         gc.enable()
+
+
+def test_default_token_budget_grows_for_small_models_on_cuda_only(model):
+    """max_batch_tokens=None: 16,384, doubled on CUDA until a step holds AUTO_BATCH_WORK tokens x parameters, at
+    most 65,536 (W1's 135M model: 65,536; W7's 596M: 16,384); the engine reports the value it chose."""
+    import async_batching.model_runner as mr
+    from torch import nn
+
+    def params(n):  # a module of n parameters, on the meta device: nothing allocated
+        return nn.Linear(n // 1000, 1000, bias=False, device="meta")
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert mr.auto_max_batch_tokens(params(134_500_000), cuda) == 65536
+    assert mr.auto_max_batch_tokens(params(300_000_000), cuda) == 32768
+    assert mr.auto_max_batch_tokens(params(596_000_000), cuda) == 16384
+    assert mr.auto_max_batch_tokens(params(8_000_000_000), cuda) == 16384
+    assert mr.auto_max_batch_tokens(params(1000), cuda) == 65536
+    assert mr.auto_max_batch_tokens(params(1000), cpu) == 16384
+    b = ContinuousBatcher(model)
+    assert b.config.max_batch_tokens == b.scheduler.max_batch_tokens == 16384  # CPU
+    assert ContinuousBatcher(model, max_batch_tokens=96).scheduler.max_batch_tokens == 96

@@ -19,7 +19,9 @@ class BatcherConfig:
     block_size: int = 16
     num_blocks: Optional[int] = None  # None: sized from memory_fraction of free device memory
     memory_fraction: float = 0.85
-    max_batch_tokens: int = 16384
+    # Token budget of one step (prefill chunks + decodes). None: 16384, raised on CUDA for models small enough that
+    # a step's GPU work would not cover its host cost (model_runner.auto_max_batch_tokens: up to 65536).
+    max_batch_tokens: Optional[int] = None
     max_num_seqs: int = 512
     scheduler: str = "decode_first"
     chunked_prefill: bool = True
@@ -56,8 +58,9 @@ class BatcherConfig:
             bad("num_blocks", "a positive int, or None to size the cache from memory_fraction")
         if not 0.0 < float(self.memory_fraction) <= 1.0:
             bad("memory_fraction", "a fraction in (0, 1]")
-        if not isinstance(self.max_batch_tokens, int) or self.max_batch_tokens < 1:
-            bad("max_batch_tokens", "a positive int")
+        if self.max_batch_tokens is not None and (not isinstance(self.max_batch_tokens, int)
+                                                  or self.max_batch_tokens < 1):
+            bad("max_batch_tokens", "a positive int, or None (auto)")
         if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
             bad("max_num_seqs", "a positive int")
         if self.scheduler not in SCHEDULER_POLICIES:
@@ -84,7 +87,7 @@ class BatcherConfig:
             bad("tensor_parallel_size", "a positive int (1: the whole model on each rank)")
         if self.tp_all_reduce not in ("auto", "nccl"):
             bad("tp_all_reduce", "'auto' or 'nccl'")
-        if not self.chunked_prefill and self.max_batch_tokens < 2:
+        if not self.chunked_prefill and self.max_batch_tokens is not None and self.max_batch_tokens < 2:
             bad("max_batch_tokens", "at least the longest prompt when chunked_prefill is false")
         return self
 
