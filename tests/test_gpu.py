@@ -200,6 +200,28 @@ def test_graphs_vs_eager_match_rate_bf16(capsys):
     assert first == 1.0 and same >= 0.95
 
 
+def test_decode_windows_draw_the_tokens_of_single_steps_in_graphs_fp32():
+    """Decode windows on the GPU path (graphs replayed with compiled decode, async): the window's later forwards take
+    their inputs from the draws on the device, and give the tokens of one step at a time, greedy and sampled, with
+    stops inside windows and requests of every length."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = tiny_model("llama", device="cuda")
+    prompts = mixed_prompts(12, seed=21)
+    rng = random.Random(3)
+    params = [SamplingParams(max_new_tokens=rng.randint(1, 30), ignore_eos=True, temperature=rng.choice([0.0, 0.8]),
+                             top_k=rng.choice([0, 20]), seed=rng.choice([None, 5]), stop_token_ids=[rng.randrange(384)])
+              for _ in prompts]
+    outs = {}
+    for window in (1, 4, 8):
+        b = ContinuousBatcher(model, decode_window=window, max_num_seqs=8, max_batch_tokens=256, num_blocks=60, seed=1)
+        assert b.runner.graphs and b.runner.decode_window == window
+        outs[window] = [r.token_ids for r in b.generate(prompts, params)]
+        assert (b.stats["windows"] > 0) == (window > 1) and b.stats["graph_steps"] > 0 and b.all_blocks_free()
+        b.close()
+    assert outs[4] == outs[1] and outs[8] == outs[1]
+    assert ContinuousBatcher(model, max_num_seqs=8).runner.decode_window == 4  # the default with graphs
+
+
 def test_async_stress_random_lengths_small_cache():
     model = smol_shape()
     rng = random.Random(5)

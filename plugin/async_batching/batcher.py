@@ -48,7 +48,8 @@ class ContinuousBatcher:
         self.runner = ModelRunner(model, cfg, self.device, self.dtype, self.tp)
         self.runner.start()
         self.scheduler = Scheduler(self.runner.cache, cfg.max_batch_tokens, cfg.max_num_seqs, cfg.scheduler,
-                                   cfg.chunked_prefill, self.runner.max_logit_rows, cfg.prefix_caching)
+                                   cfg.chunked_prefill, self.runner.max_logit_rows, cfg.prefix_caching,
+                                   self.runner.decode_window, self.runner.max_model_len)
         executor_cls = AsyncExecutor if cfg.mode == "async" else SyncExecutor
         self.executor = executor_cls(self.runner, self.scheduler)
         self.validator = RequestValidator(tokenizer, self.runner.vocab_size, self.runner.max_model_len, cfg.block_size,
@@ -172,19 +173,28 @@ class ContinuousBatcher:
         now = time.perf_counter()
         done = []
         row = score_row = 0
+        window, tokens = handle.plan.window, out.tokens
+        rows = handle.layout.num_samples  # a window's draw j holds rows j * rows ..
         for s in handle.plan.seqs:
             req = s.req
             if s.samples:
-                if req.finish_reason is None:  # else: finished or cancelled already, the extra token is dropped
-                    if req.logprobs is not None:
-                        self._add_logprobs(req, out.logprobs[row])
-                    req.append_token(out.tokens[row], now)
-                    self._counters["output_tokens"] += 1
+                if window == 1:
+                    if req.finish_reason is None:  # else: finished or cancelled already, the extra token is dropped
+                        if req.logprobs is not None:
+                            self._add_logprobs(req, out.logprobs[row])
+                        req.append_token(tokens[row], now)
+                        self._counters["output_tokens"] += 1
+                else:  # a decode window: the tokens after a stop are dropped
+                    for j in range(row, row + window * rows, rows):
+                        if req.finish_reason is not None:
+                            break
+                        req.append_token(tokens[j], now)
+                        self._counters["output_tokens"] += 1
                 row += 1
             elif s.score_rows:
                 self._add_scores(req, s.score_from, out.scores[score_row:score_row + s.score_rows])
                 score_row += s.score_rows
-            self.scheduler.landed(s)
+            self.scheduler.landed(s, window)
             if req.finish_reason is not None and not req.finished:
                 if (r := self._finish(req, now)) is not None:
                     done.append(r)

@@ -27,6 +27,12 @@ class BatcherConfig:
     chunked_prefill: bool = True
     prefix_caching: bool = True  # reuse the KV blocks of shared prompt prefixes (cached blocks are evicted LRU)
     mode: str = "async"
+    # Decode steps planned together: when a step would be decode-only (no prompt to prefill, no logprobs, penalties
+    # or scores), it runs as a window of this many forwards, each fed the tokens the previous one sampled on the
+    # device, with one plan, one staging and one result pass on the host (the host cost of small models' decode
+    # steps, spread over the window). Tokens past a request's stop are dropped; at most window - 1 extra forwards per
+    # request. None: DECODE_WINDOW (model_runner) where decode steps run in CUDA graphs, 1 elsewhere.
+    decode_window: Optional[int] = None
     cuda_graphs: Optional[bool] = None  # None: on for CUDA, off elsewhere
     cuda_graph_max_batch: int = 512
     # torch.compile the model (dynamic shapes, compiled at start-up) for decode steps (the decode graphs capture it)
@@ -79,6 +85,9 @@ class BatcherConfig:
             bad("compile", "true, false or null (auto: on with CUDA graphs)")
         if self.fuse_projections not in (None, True, False):
             bad("fuse_projections", "true, false or null (auto: on for CUDA)")
+        if self.decode_window is not None and (not isinstance(self.decode_window, int) or not
+                                               1 <= self.decode_window <= 64):
+            bad("decode_window", "an int in [1, 64], or None (auto)")
         if not isinstance(self.cuda_graph_max_batch, int) or self.cuda_graph_max_batch < 1:
             bad("cuda_graph_max_batch", "a positive int")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):

@@ -64,7 +64,9 @@ class Executor:
         self.scheduler = scheduler
         self.device = runner.device
         rows = max(runner.config.max_num_seqs + 1, max(runner.graphs, default=0))
-        self.pool = PinnedBufferPool(self.DEPTH, runner.staging_ints(), rows, scheduler.max_logit_rows, self.device)
+        # Token rows: a decode window's draws one after the other (draw j at rows j * num_samples ..).
+        self.pool = PinnedBufferPool(self.DEPTH, runner.staging_ints(), rows * runner.decode_window,
+                                     scheduler.max_logit_rows, self.device)
         self.cuda = self.device.type == "cuda"
         if self.cuda:
             self.h2d = torch.cuda.Stream(self.device)
@@ -75,7 +77,7 @@ class Executor:
         # cpu_launch_graph_s: the part of cpu_launch_s spent launching decode steps replayed from CUDA graphs.
         self.stats = {"steps": 0, "graph_steps": 0, "scheduled_tokens": 0, "cpu_schedule_s": 0.0, "cpu_prepare_s": 0.0,
                       "cpu_launch_s": 0.0, "cpu_launch_graph_s": 0.0, "cpu_wait_s": 0.0, "cpu_process_s": 0.0,
-                      "oom_recoveries": 0}
+                      "oom_recoveries": 0, "windows": 0}
 
     def observe(self, observer: StepObserver) -> None:
         """Attach an observer of each step's compute on the compute stream (called on CUDA only; the benchmark's
@@ -123,7 +125,7 @@ class Executor:
                         o.compute_ended(self.compute, lay)
                 self.d2h.wait_event(slot.compute_done)
                 with torch.cuda.stream(self.d2h):
-                    n_out = lay.num_samples + lay.checked  # the tokens, then the group's agreement flag
+                    n_out = lay.num_samples * lay.window + lay.checked  # the tokens, then the group's agreement flag
                     slot.host_tokens[:n_out].copy_(slot.dev_tokens[:n_out], non_blocking=True)
                     if lp is not None:
                         lp.record_stream(self.d2h)
@@ -136,8 +138,9 @@ class Executor:
                 if lp is not None:
                     self._logprob_rows(slot, lay, lp).copy_(lp)
         self.scheduler.launched(plan, lay.sample_rows)
-        self.stats["steps"] += 1
-        self.stats["graph_steps"] += bool(lay.graph_batch)
+        self.stats["steps"] += lay.window  # forwards: a decode window counts each of its steps
+        self.stats["graph_steps"] += lay.window if lay.graph_batch else 0
+        self.stats["windows"] += lay.window > 1
         self.stats["scheduled_tokens"] += plan.num_tokens
         self.stats["cpu_prepare_s"] += t1 - t0
         launch_s = time.perf_counter() - t1
@@ -152,16 +155,21 @@ class Executor:
         return slot.logprob_buffer(lay.logprobs_k, len(slot.host_tokens))[: lay.num_samples, : lp.shape[1]]
 
     def _compute(self, slot: BufferSlot, lay: StepLayout, prev: Optional[StepHandle]):
+        """The step's forward(s) and draws on the current (compute) stream; returns the tokens the next step's
+        carry-over reads (a window's last draw), logprobs and scores."""
         runner = self.runner
         runner.apply_updates(slot.dev_in, lay, prev.tokens if prev is not None else None)
-        with record_function("ab.launch.forward"):  # inside ab.launch: the model (a graph replay for decode steps)
-            logits = runner.forward(slot.dev_in, lay)
         k = lay.num_samples
-        tokens = slot.dev_tokens[:k]
+        for j in range(lay.window):
+            if j:  # a decode window's next forward: inputs from the draw just made, on the device
+                runner.advance(slot.dev_in, lay, tokens)
+            with record_function("ab.launch.forward"):  # inside ab.launch: the model (a graph replay for decode)
+                logits = runner.forward(slot.dev_in, lay)
+            tokens = slot.dev_tokens[j * k:(j + 1) * k]
+            if k:
+                with record_function("ab.launch.sample"):
+                    tokens.copy_(sample(logits[:k], runner.sampling_inputs(slot.dev_in, lay, j)))
         lp = scores = None
-        if k:
-            with record_function("ab.launch.sample"):
-                tokens.copy_(sample(logits[:k], runner.sampling_inputs(slot.dev_in, lay)))
         if lay.checked:  # tensor parallel: rank 0's tokens on every rank, before anything reads them
             runner.agree(slot.dev_in, lay, slot.dev_tokens)
         if k and lay.logprobs_k >= 0:
@@ -179,7 +187,7 @@ class Executor:
             slot, lay = handle.slot, handle.layout
             if self.cuda:
                 slot.d2h_done.synchronize()
-            tokens = slot.host_tokens[:lay.num_samples + lay.checked].tolist()
+            tokens = slot.host_tokens[:lay.num_samples * lay.window + lay.checked].tolist()
             if lay.checked and tokens.pop():
                 raise PlanDisagreement(
                     f"tensor-parallel rank {self.runner.tp.rank} staged a step other than its group's rank 0: the "

@@ -47,6 +47,7 @@ class StepLayout:
     logprobs_k: int = -1  # -1: no logprobs
     checked: bool = False  # tensor parallel: the step's CRC travels (``plan_crc``); a flag follows the tokens out
     sample_rows: list = field(default_factory=list)  # request of each sampled row, in order
+    window: int = 1  # forwards of a decode window (``advance`` between them); 1: one step
 
     def add(self, name: str, arr: np.ndarray) -> None:
         self.offsets[name] = (self.size, len(arr))
@@ -140,6 +141,11 @@ class ModelRunner:
         # Off for good if a prefill step would compile during a run; never on where no step reaches the threshold
         # (nothing to compile at start-up then: W1's 135M model saved 12 s of start-up and the compiled code's objects).
         self._compiled_prefill = self.compile and self.prefill_compile_min_tokens <= config.max_batch_tokens
+        # Decode windows (BatcherConfig.decode_window): auto where decode steps replay graphs, whose host cost is
+        # the engine's own; one step at a time under tensor parallelism (each step's tokens are agreed by the group).
+        window = config.decode_window if config.decode_window is not None else (
+            DECODE_WINDOW if self.want_graphs else 1)
+        self.decode_window = 1 if tp is not None else window
         self._running = False
 
     def start(self) -> None:
@@ -155,12 +161,14 @@ class ModelRunner:
         the largest graph bucket), B sequences and R logits rows (sampling rows plus scored rows, at most T):
         head 3T + (B+1) + 2B + R; scored targets R; carry-over 2B; table updates 3 x (new blocks <= T/bs + B, plus
         prefix hits <= HIT_TABLE_ENTRIES); sampling: what ``stage_sampling`` stages per row; tensor parallel: one CRC
-        word (within the spare 64)."""
+        word (within the spare 64). A decode window of W steps adds up to 1 + W / bs blocks per sequence and two noise
+        words per row for each draw after the first."""
         T = max(self.config.max_batch_tokens, max(self.graphs, default=0))
         B = self.config.max_num_seqs + 1
         R = T + B
-        table = T // self.block_size + B + HIT_TABLE_ENTRIES
-        return 3 * T + 5 * B + 2 * R + 2 * B + 3 * table + SAMPLING_INTS_PER_ROW * B + 64
+        W = self.decode_window
+        table = T // self.block_size + B + HIT_TABLE_ENTRIES + B * (1 + W // self.block_size)
+        return 3 * T + 5 * B + 2 * R + 2 * B + 3 * table + SAMPLING_INTS_PER_ROW * B + 2 * (W - 1) * B + 64
 
     def release(self) -> None:
         """Drop the graphs and the KV cache (the batcher is closed); the last engine on the model unfuses it."""
@@ -264,7 +272,7 @@ class ModelRunner:
         upd_v: list[int] = []
         score_idx: list[int] = []
         score_targets: list[int] = []
-        lay = StepLayout()
+        lay = StepLayout(window=plan.window)
         sample_rows = lay.sample_rows
         t = 0
         # One pass over the sequences, into Python lists (a numpy element write costs more than a list append); the
@@ -366,7 +374,7 @@ class ModelRunner:
     def _prepare_sampling(self, lay: StepLayout, parts: list) -> None:
         reqs = lay.sample_rows
         lay.logprobs_k = max((r.sampling.logprobs for r in reqs if r.sampling.logprobs is not None), default=-1)
-        lay.sampling, arrays = stage_sampling(reqs, self.sampling_state)
+        lay.sampling, arrays = stage_sampling(reqs, self.sampling_state, lay.window)
         for name, arr in arrays:
             parts.append(arr)
             lay.add(name, arr)
@@ -470,8 +478,17 @@ class ModelRunner:
         k = lay.num_samples
         self.tp.agree(dev_tokens[:k], self._seg(buf, lay, "plan_crc"), dev_tokens[k:k + 1])
 
-    def sampling_inputs(self, buf: torch.Tensor, lay: StepLayout) -> Optional[SamplingInputs]:
-        return sampling_inputs(lay.sampling, lambda name: self._seg(buf, lay, name))
+    def sampling_inputs(self, buf: torch.Tensor, lay: StepLayout, sub: int = 0) -> Optional[SamplingInputs]:
+        return sampling_inputs(lay.sampling, lambda name: self._seg(buf, lay, name), sub)
+
+    def advance(self, buf: torch.Tensor, lay: StepLayout, tokens: torch.Tensor) -> None:
+        """The next forward of a decode window, on the device: each sequence's input is the token just sampled
+        (``tokens``, row i = sequence i), one position further; graph padding rows stay as staged. Slot mapping and
+        block tables follow from positions and the table (their blocks were staged with the window's first step)."""
+        n = lay.num_samples
+        self._seg(buf, lay, "input_ids")[:n].copy_(tokens)
+        self._seg(buf, lay, "positions")[:n] += 1
+        self._seg(buf, lay, "seq_lens")[:n] += 1
 
     def _scratch_step(self, num_seqs: int, q_len: int) -> tuple[StepLayout, torch.Tensor]:
         """A step of ``num_seqs`` sequences of ``q_len`` tokens on the scratch row (writes only the scratch block)."""
@@ -620,6 +637,7 @@ class ModelRunner:
 # Prefill and mixed steps call the compiled model when tokens x parameters reach this (about 8 TFLOP of matrix
 # products, ~10 ms on an H200): the compiled code's host cost, a few milliseconds a step, then hides behind the GPU.
 PREFILL_COMPILE_MIN_WORK = 4e12
+DECODE_WINDOW = 4  # BatcherConfig.decode_window's default where decode steps replay CUDA graphs
 # The step token budget's default (BatcherConfig.max_batch_tokens=None). A prefill step's host cost is the model's
 # layers called once (eager: about 30-40 ms for a 30-layer model on the H200 machine's host) whatever its tokens;
 # its GPU work is tokens x parameters. Below about 0.5B parameters, 16,384 tokens leave the GPU waiting on the host:

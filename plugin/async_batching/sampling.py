@@ -239,8 +239,11 @@ def _f32(values) -> np.ndarray:
     return np.asarray(values, np.float32).view(np.int32)
 
 
-def stage_sampling(rows: Sequence, state: Optional[SamplingState] = None) -> tuple[SamplingPlan, list[tuple[str, np.ndarray]]]:
-    """The int32 arrays one step stages for its sampling rows (requests, in row order); none when all are greedy."""
+def stage_sampling(rows: Sequence, state: Optional[SamplingState] = None,
+                   window: int = 1) -> tuple[SamplingPlan, list[tuple[str, np.ndarray]]]:
+    """The int32 arrays one step stages for its sampling rows (requests, in row order); none when all are greedy.
+    ``window`` > 1 (a decode window, no penalties): the noise keys of the window's later draws too, as ``lo{j}`` and
+    ``hi{j}`` (generated-token index + j), so every token is drawn as the step-by-step engine would draw it."""
     n = len(rows)
     sp = [r.sampling for r in rows]
     plan = SamplingPlan(num_rows=n)
@@ -279,6 +282,9 @@ def stage_sampling(rows: Sequence, state: Optional[SamplingState] = None) -> tup
             if not g.all_rows:
                 arrays.append((f"{name}.rows", idx.astype(np.int32)))
             arrays += [(f"{name}.temperature", _f32(temp[idx])), (f"{name}.lo", lo[idx]), (f"{name}.hi", hi[idx])]
+            for j in range(1, window):
+                lo_j, hi_j = noise_keys(seeds[idx], gen[idx] + j)
+                arrays += [(f"{name}.lo{j}", lo_j), (f"{name}.hi{j}", hi_j)]
             if g.min_p:
                 arrays.append((f"{name}.min_p", _f32(min_p[idx])))
             if name == "top_k":
@@ -292,6 +298,7 @@ def stage_sampling(rows: Sequence, state: Optional[SamplingState] = None) -> tup
                 arrays += [("full.sort", nucleus.astype(np.int32)), ("full.top_p", _f32(top_p[idx][nucleus]))]
             setattr(plan, name, g)
     if len(penalised):
+        assert window == 1, "repetition penalties are staged one step at a time"
         if state is None:
             raise ValueError("repetition_penalty needs a SamplingState (the engine's presence table)")
         plan.penalty = state.stage(rows, penalised, penalty[penalised])
@@ -333,9 +340,10 @@ class SamplingInputs:
     penalty: Optional[PenaltyInputs] = None
 
 
-def sampling_inputs(plan: SamplingPlan, seg: Callable[[str], torch.Tensor]) -> Optional[SamplingInputs]:
-    """The device view of what ``stage_sampling`` staged; ``seg(name)`` is the step's int32 segment of that name.
-    With penalties this also uploads the step's new tokens into the presence table (on the current stream)."""
+def sampling_inputs(plan: SamplingPlan, seg: Callable[[str], torch.Tensor], sub: int = 0) -> Optional[SamplingInputs]:
+    """The device view of what ``stage_sampling`` staged; ``seg(name)`` is the step's int32 segment of that name;
+    ``sub``: the draw of a decode window (its noise keys). With penalties this also uploads the step's new tokens
+    into the presence table (on the current stream)."""
     if plan.greedy:
         return None
     out = SamplingInputs(plan.num_rows)
@@ -344,7 +352,7 @@ def sampling_inputs(plan: SamplingPlan, seg: Callable[[str], torch.Tensor]) -> O
         if g is None:
             continue
         f32 = lambda key: seg(f"{name}.{key}").view(torch.float32)  # noqa: E731
-        word = lambda key: (seg(f"{name}.{key}").long() & _M32)[:, None]  # noqa: E731
+        word = lambda key: (seg(f"{name}.{key}{sub or ''}").long() & _M32)[:, None]  # noqa: E731
         gi = GroupInputs(g, None if g.all_rows else seg(f"{name}.rows").long(), f32("temperature"), word("lo"),
                          word("hi"))
         if g.min_p:

@@ -41,6 +41,7 @@ class StepPlan:
     num_samples: int = 0
     num_score_rows: int = 0
     registered: list[int] = field(default_factory=list)  # blocks this plan added to the prefix index
+    window: int = 1  # a decode window: this many forwards, each sequence one token further (see ``_widen``)
 
     def __bool__(self) -> bool:
         return bool(self.seqs)
@@ -55,7 +56,8 @@ class Scheduler:
     """Owns the waiting and running queues, the KV blocks and table rows of requests, and their in-flight counts."""
 
     def __init__(self, cache: PagedKVCache, max_batch_tokens: int, max_num_seqs: int, policy: str,
-                 chunked_prefill: bool, max_logit_rows: int, prefix_caching: bool):
+                 chunked_prefill: bool, max_logit_rows: int, prefix_caching: bool, decode_window: int = 1,
+                 max_model_len: int = 2 ** 62):
         self.allocator = cache.allocator
         self.block_size = cache.block_size
         self.max_batch_tokens = max_batch_tokens
@@ -70,6 +72,8 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefill_tokens = 0  # prompt positions computed
         self.cached_tokens = 0  # prompt positions served by prefix-cache hits
+        self.decode_window = decode_window
+        self.max_model_len = max_model_len
         self._plan_id = 0
 
     # --- queues -------------------------------------------------------------------------------------------
@@ -129,16 +133,17 @@ class Scheduler:
         ``carry_row``) until the step lands."""
         for s in plan.seqs:
             s.req.steps_in_flight += 1
+        w = plan.window
         for row, req in enumerate(sample_rows):
-            req.tokens_in_flight += 1
-            req.carry_row = row
+            req.tokens_in_flight += w
+            req.carry_row = row  # of the window's last draw
 
-    def landed(self, seq: ScheduledSeq) -> None:
-        """The step holding ``seq`` was processed (its sampled token, if any, was appended by the caller)."""
+    def landed(self, seq: ScheduledSeq, window: int = 1) -> None:
+        """The step holding ``seq`` was processed (its sampled tokens, if any, were appended by the caller)."""
         req = seq.req
         req.steps_in_flight -= 1
         if seq.samples:
-            req.tokens_in_flight -= 1
+            req.tokens_in_flight -= window
         self._release_deferred(req)
 
     def roll_back(self, plan: StepPlan) -> tuple[int, int]:
@@ -167,7 +172,42 @@ class Scheduler:
         else:
             self._schedule_running(plan, budget)
             self._admit(plan, budget)
+        if self.decode_window > 1 and plan.is_decode_only:
+            self._widen(plan)
         return plan
+
+    def _widen(self, plan: StepPlan) -> None:
+        """Make a decode-only plan a window of up to ``decode_window`` forwards: each sequence computes its next
+        positions start..start+w-1 in one launch, the tokens sampled by one forward feeding the next on the device.
+        Not for rows that stage per-step state (logprobs, repetition penalties), nor past max_model_len; only with
+        free blocks for every sequence's window (a window never preempts: the plan stays one step instead).
+        Invariants kept: ``num_computed`` counts the window's positions, ``tokens_in_flight`` its draws (raised by
+        ``launched``), so ``_wanted`` sees one next position per request as after any step. A request that stops
+        inside the window keeps its blocks until the window lands (``steps_in_flight``); its later tokens are
+        dropped by the caller."""
+        w, bs = self.decode_window, self.block_size
+        seqs = plan.seqs
+        need = 0
+        for s in seqs:
+            req = s.req
+            if req.logprobs is not None or req.sampling.repetition_penalty != 1.0:
+                return
+            w = min(w, self.max_model_len - s.start)
+        if w <= 1:
+            return
+        for s in seqs:
+            need += (s.start + w + bs - 1) // bs - len(s.req.block_ids)
+        if need > self.allocator.num_free:
+            return
+        for s in seqs:
+            req = s.req
+            n = (s.start + w + bs - 1) // bs - len(req.block_ids)
+            if n > 0:
+                new = self.allocator.allocate(n)
+                req.block_ids.extend(new)
+                s.new_blocks = s.new_blocks + new
+            req.num_computed = s.start + w
+        plan.window = w
 
     def _wanted(self, req: Request) -> int:
         """Tokens the request could compute now (0: nothing to do until the step in flight lands, or done)."""

@@ -364,6 +364,7 @@ class Ours(Variant):
     cuda_graphs: Optional[bool] = None
     compile: Optional[bool] = None  # None: the engine's default (decode steps compiled where they run in CUDA graphs)
     prefix_caching: Optional[bool] = None
+    decode_window: Optional[int] = None  # None: the engine's default (model_runner.DECODE_WINDOW with CUDA graphs)
     counts_steps = True
 
     def __init__(self, model, job) -> None:
@@ -371,6 +372,8 @@ class Ours(Variant):
         from async_batching import ContinuousBatcher
 
         self.overrides = _batcher_overrides(job, self.mode, self.cuda_graphs, self.compile, self.prefix_caching)
+        if self.decode_window is not None:
+            self.overrides["decode_window"] = self.decode_window
         with StartupClock() as clock:
             self.batcher = ContinuousBatcher(model, tokenizer=None, **self.overrides)
         self.startup_parts = clock.parts
@@ -509,6 +512,19 @@ class OursAsyncGreedy(Ours):
     mode, greedy = "async", True
 
 
+class OursAsyncNoWindow(Ours):
+    """``ours_async`` with ``decode_window=1``: every decode step planned, staged and processed on its own (the
+    engine before session 9), to show what decode windows give alone."""
+
+    mode, decode_window = "async", 1
+
+
+class OursAsyncWindow8(Ours):
+    """``ours_async`` with decode windows of 8 forwards (the default is 4)."""
+
+    mode, decode_window = "async", 8
+
+
 class OursAsyncNoPrefixCache(Ours):
     """``ours_async`` with ``prefix_caching=False``: every prompt prefilled in full (the W5 baseline of issue 11)."""
 
@@ -612,5 +628,7 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_prefill_compiled": OursAsyncPrefillCompiled,
     "ours_async_greedy": OursAsyncGreedy,
     "ours_async_no_prefix_cache": OursAsyncNoPrefixCache,
+    "ours_async_no_window": OursAsyncNoWindow,
+    "ours_async_window8": OursAsyncWindow8,
     "ours_async_lightning": OursLightning,
 }
