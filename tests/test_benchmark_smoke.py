@@ -118,9 +118,9 @@ def test_steady_breakdown_counts_steps_kernels_and_family_time_inside_the_window
     # run [0, 200); the window 50%-100% is [100, 200): two steps start there, three kernels start there.
     trace = Trace(run=(0, 200), kernels=[(10, 20), (100, 110), (120, 150), (160, 170)],
                   families=["attn", "attn", "mm", "attn"], names=["attn_a", "attn_b", "gemm", "attn_b"],
-                  host={"ab.schedule": [(5, 6), (99, 101), (101, 102), (150, 151)]})
+                  host={"ab.launch.forward": [(5, 6), (99, 101), (101, 102), (150, 151)]})
     st = trace.steady(0.5, 1.0)
-    assert st["steps"] == 2  # spans starting at 101 and 150; the one at 99 is before the window
+    assert st["steps"] == 2  # forwards starting at 101 and 150; the one at 99 is before the window
     assert st["wall_ms_per_step"] == pytest.approx(100 / 1e6 / 2)
     assert st["gpu_ms_per_step"] == pytest.approx(50 / 1e6 / 2)
     assert st["kernels_per_step"] == 1.5

@@ -54,10 +54,11 @@ class Trace:
         w = (begin + int(f0 * span), begin + int(f1 * span))
         return 100.0 * union_length(self.kernels, w) / max(w[1] - w[0], 1)
 
-    def steady(self, f0: float, f1: float, step_range: str = "ab.schedule", top_names: int = 25) -> dict[str, Any]:
+    def steady(self, f0: float, f1: float, step_range: str = "ab.launch.forward", top_names: int = 25) -> dict[str, Any]:
         """Per engine step between fractions ``f0`` and ``f1`` of the run (steady decode, for a long enough run):
         wall ms, GPU busy ms, kernels launched and GPU ms by kernel family. Steps are the host ``step_range`` spans
-        that start in the window (None where the run has none, e.g. the baselines)."""
+        that start in the window (None where the run has none, e.g. the baselines): the model's forwards, so that a
+        decode window of several forwards counts each."""
         begin = max([self.run[0]] + [e for _, e in self.setup])
         span = self.run[1] - begin
         w0, w1 = begin + int(f0 * span), begin + int(f1 * span)
