@@ -97,3 +97,16 @@ def test_a_window_stops_at_max_model_len():
 def test_decode_window_must_be_a_small_positive_int():
     with pytest.raises(ValueError, match=r"BatcherConfig\.decode_window=0 is invalid: expected an int in \[1, 64\]"):
         ContinuousBatcher(model(), decode_window=0)
+
+
+def test_a_window_is_planned_only_when_free_blocks_cover_its_positions():
+    """A 13-token prompt with 3 new tokens fits one 16-token block; a window of 4 from position 13 would need a
+    second block. With one usable block the decode steps run one at a time (no preemption of the only request);
+    with two, they run as a window (computing past the request's length into its own block). Same tokens."""
+    prompt = mixed_prompts(1, lo=13, hi=13, seed=3)[0]
+    ref = reference(model(), prompt, 3)
+    for blocks, windows, forwards in ((2, 0, 3), (3, 1, 5)):  # usable blocks: one less (the scratch block)
+        results, stats = _run(4, [prompt], SamplingParams(max_new_tokens=3, ignore_eos=True), mode="sync",
+                              block_size=16, num_blocks=blocks)
+        assert results[0].token_ids == ref
+        assert (stats["windows"], stats["steps"], stats["preemptions"]) == (windows, forwards, 0)
