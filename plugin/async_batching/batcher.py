@@ -184,7 +184,8 @@ class ContinuousBatcher:
                             self._add_logprobs(req, out.logprobs[row])
                         req.append_token(tokens[row], now)
                         self._counters["output_tokens"] += 1
-                else:  # a decode window: the tokens after a stop are dropped
+                else:  # a decode window: the tokens after a stop are dropped (one branch each: the single step's
+                    # is the hot path of every CPU step, where a loop over one token cost 0.07 ms a step for W1)
                     for j in range(row, row + window * rows, rows):
                         if req.finish_reason is not None:
                             break
