@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--mode", default="async")
     ap.add_argument("--window", type=int, default=None, help="BatcherConfig.decode_window (default: the engine's)")
+    ap.add_argument("--max-batch-tokens", type=int, default=None,
+                    help="BatcherConfig.max_batch_tokens (default: the engine's; on CUDA a 135M model gets 65,536)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     wl = Workload.from_dict(yaml.safe_load(open(args.workload)))
@@ -62,7 +64,7 @@ def main() -> None:
     runs = []
     for _ in range(args.repeat):
         b = ContinuousBatcher(model, num_blocks=blocks, mode=args.mode, max_num_seqs=max(512, len(reqs)),
-                              decode_window=args.window)
+                              decode_window=args.window, max_batch_tokens=args.max_batch_tokens)
         b.runner.forward = stub_forward.__get__(b.runner, ModelRunner)
         per_step = {p: [] for p in PHASES}
         kinds = []
