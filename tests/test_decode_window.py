@@ -5,7 +5,7 @@ import pytest
 
 from async_batching import ContinuousBatcher, SamplingParams
 from async_batching.models import tiny_model
-from engine_helpers import mixed_prompts, reference
+from engine_helpers import mixed_prompts, reference, word_tokenizer
 
 _model = None
 
@@ -70,6 +70,24 @@ def test_a_stop_inside_a_window_drops_the_later_tokens():
     assert [r.token_ids for r in many] == [r.token_ids for r in one]
     assert [r.token_ids for r in many] == [ref[:ref.index(t) + 1] for ref, t in zip(refs, stops)]
     assert all(r.finish_reason == "stop" for r in many)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_stop_string_inside_a_window_cuts_text_and_tokens_as_single_steps_do(mode):
+    tok = word_tokenizer()
+    prompt = mixed_prompts(1, hi=30, seed=6)[0]
+    ref = reference(model(), prompt, 16)
+    word = f"w{ref[6]}"
+    first = next(i for i in range(len(ref)) if word in tok.decode(ref[: i + 1]))
+    sp = SamplingParams(max_new_tokens=16, stop=[word], ignore_eos=True)
+    out = {}
+    for window in (1, 4):
+        b = ContinuousBatcher(model(), tokenizer=tok, mode=mode, decode_window=window)
+        out[window] = b.generate([prompt], sp)[0]
+        assert (b.stats["windows"] > 0) == (window > 1) and b.all_blocks_free()
+    for r in out.values():
+        assert r.token_ids == ref[: first + 1] and r.finish_reason == "stop"
+        assert r.text == tok.decode(ref[: first + 1]).split(word)[0]
 
 
 def test_rows_with_logprobs_or_penalties_run_one_step_at_a_time():
