@@ -233,6 +233,27 @@ def test_split_merge_leaves_the_callers_counters_at_zero_for_the_next_launch(bac
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("order", [dict(heads_first=True), dict(longest_first=True),
+                                   dict(heads_first=True, longest_first=True)])
+def test_tuning_grid_orders_give_the_same_attention_and_leave_counters_at_zero(backend, order, monkeypatch):
+    """The sweep's grid orders (kv heads first; longest context first) map programs to the same (sequence, query
+    block, head, split) work: results equal the reference, with and without KV splits, and the split merge counts in
+    the same counters (left at zero)."""
+    dtype, tol = backend
+    monkeypatch.setattr(tpa, "TUNING", dict(order))
+    specs = [(150, 1), (3, 1), (90, 5), (70, 1), (12, 12)]
+    args, max_q = make_batch(specs, dtype=dtype, group=4)
+    ref = paged_attention_reference(**args, max_query_len=max_q, scale=0.2)
+    counters = torch.zeros(64, dtype=torch.int32, device=DEVICE)
+    for splits in (1, 2, 4):
+        out = torch.full(args["q"].shape, float("nan"), dtype=dtype, device=DEVICE)
+        tpa.paged_attention(**args, max_query_len=max_q, scale=0.2, out=out, num_kv_splits=splits,
+                            split_counters=counters)
+        assert counters.eq(0).all(), f"counters left at {counters.nonzero().flatten().tolist()}"
+        torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("splits", [2, 4])
 def test_sinks_are_counted_once_when_kv_splits_merge(backend, splits):
     specs = [(100, 1), (3, 1), (40, 5)]  # with 4 splits of 64 keys the last two are empty

@@ -98,11 +98,11 @@ def _attend_tile(q, k_ptr, v_ptr, bt_row, start, hi, q_pos, row_valid, offs_d, d
 # gets a fixed dummy (it once got ``seq_lens``, whose offset changes with the step: a run compiled a second variant
 # at its first step whose offset had the other alignment, about half a second inside a timed call).
 @triton.jit(do_not_specialize=["num_splits"],
-            do_not_specialize_on_alignment=["seq_lens_ptr", "query_start_loc_ptr", "sinks_ptr"])
+            do_not_specialize_on_alignment=["seq_lens_ptr", "query_start_loc_ptr", "sinks_ptr", "order_ptr"])
 def _paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr,
     part_acc_ptr, part_m_ptr, part_l_ptr, counters_ptr,
-    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, sinks_ptr,
+    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, sinks_ptr, order_ptr,
     qk_scale, softcap, sliding_window,
     stride_qt, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
@@ -122,12 +122,30 @@ def _paged_attention_kernel(
     USE_SOFTCAP: tl.constexpr,
     USE_SINKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HEADS_FIRST: tl.constexpr = False,
+    USE_ORDER: tl.constexpr = False,
 ):
-    """Attention of BLOCK_Q queries x G heads (one kv head) of one sequence over one KV split."""
-    seq = tl.program_id(0)
-    q_block = tl.program_id(1)
-    kv_head = tl.program_id(2) // num_splits
-    split = tl.program_id(2) % num_splits
+    """Attention of BLOCK_Q queries x G heads (one kv head) of one sequence over one KV split.
+
+    Grid (sequences, query blocks, kv heads x splits); HEADS_FIRST (tuning only): (kv heads x splits, sequences,
+    query blocks), so the programs of one sequence's heads, whose K/V share cache lines' neighbourhood, start together.
+    USE_ORDER (tuning only): the i-th sequence of the grid is ``order[i]`` (e.g. longest context first)."""
+    if HEADS_FIRST:
+        seq = tl.program_id(1)
+        q_block = tl.program_id(2)
+        kv_head = tl.program_id(0) // num_splits
+        split = tl.program_id(0) % num_splits
+        num_q_blocks = tl.num_programs(2)
+        num_kv_heads = tl.num_programs(0) // num_splits
+    else:
+        seq = tl.program_id(0)
+        q_block = tl.program_id(1)
+        kv_head = tl.program_id(2) // num_splits
+        split = tl.program_id(2) % num_splits
+        num_q_blocks = tl.num_programs(1)
+        num_kv_heads = tl.num_programs(2) // num_splits
+    if USE_ORDER:
+        seq = tl.load(order_ptr + seq)
 
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
@@ -218,7 +236,7 @@ def _paged_attention_kernel(
         # releases them to, and acquires them for, the last program; its loads bypass L1 (.cg). The last program
         # puts the counter back to 0, so the next launch (the next layer, the next replay) starts from zero.
         tl.debug_barrier()
-        lock = counters_ptr + (seq * tl.num_programs(1) + q_block) * (tl.num_programs(2) // num_splits) + kv_head
+        lock = counters_ptr + (seq * num_q_blocks + q_block) * num_kv_heads + kv_head
         if tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
             tl.atomic_xchg(lock, 0, sem="relaxed", scope="gpu")
             m_run = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -244,8 +262,8 @@ def _paged_attention_kernel(
             )
 
 
-# Launch-configuration overrides (``tile_n``, ``num_warps``, ``num_stages``, ``target_m``, ``num_kv_splits``) for the
-# tuning sweep only; empty in use.
+# Launch-configuration overrides (``tile_n``, ``num_warps``, ``num_stages``, ``target_m``, ``num_kv_splits``, and the
+# grid orders ``heads_first`` and ``longest_first``) for the tuning sweep only; empty in use.
 TUNING: dict = {}
 
 
@@ -416,10 +434,17 @@ def paged_attention(
     if split_counters is None:
         split_counters = _unused_counters(q.device)
 
-    _paged_attention_kernel[(B, num_q_blocks, num_kv_heads * num_splits)](
+    heads_first = bool(TUNING.get("heads_first")) if TUNING else False
+    order = None
+    if TUNING and TUNING.get("longest_first"):
+        order = torch.argsort(seq_lens, descending=True).to(torch.int32)
+    grid = ((num_kv_heads * num_splits, B, num_q_blocks) if heads_first
+            else (B, num_q_blocks, num_kv_heads * num_splits))
+    _paged_attention_kernel[grid](
         q, k_cache, v_cache, out,
         part_acc, part_m, part_l, split_counters,
         block_tables, seq_lens, query_start_loc, sinks if sinks is not None else _unused_partials(q.device),
+        order if order is not None else seq_lens,
         float(scale) * LOG2E, float(softcap) if softcap else 1.0, int(sliding_window),
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
@@ -440,6 +465,8 @@ def paged_attention(
         USE_SINKS=sinks is not None,
         # fp32 models want fp32 accuracy (TF32 would miss the reference by ~1e-3); 16-bit inputs ignore this.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        HEADS_FIRST=heads_first,
+        USE_ORDER=order is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )

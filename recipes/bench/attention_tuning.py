@@ -53,8 +53,14 @@ PREFILL_CONFIGS = [dict(target_m=m, tile_n=t, num_warps=w, num_stages=s)
                    for m, t, w, s in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))]
 # Decode: also the KV split count (automatic by default: see SPLIT_PROGRAMS_PER_SM), with 64- and 128-key tiles.
 DECODE_CONFIGS += [dict(num_kv_splits=n, tile_n=t) for n in (1, 2, 4, 8) for t in (64, 128)]
+# Decode: the grid's order (default launch otherwise): a sequence's kv heads side by side (their K/V interleave in the
+# cache's [block, slot, head, dim] layout), and the longest contexts first (less tail of long programs at the end).
+GRID_ORDERS = [dict(heads_first=True), dict(longest_first=True), dict(heads_first=True, longest_first=True)]
+DECODE_CONFIGS += GRID_ORDERS
 if os.environ.get("TUNING_DEFAULT_ONLY") == "1":  # time the launch configuration in use, no sweep (about a minute)
     DECODE_CONFIGS = PREFILL_CONFIGS = []
+if os.environ.get("TUNING_GRID_ONLY") == "1":  # the default launch against the grid orders alone (decode shapes)
+    DECODE_CONFIGS, PREFILL_CONFIGS = list(GRID_ORDERS), []
 if os.environ.get("TUNING_SHAPES"):  # a substring per shape to keep, comma-separated (e.g. "decode")
     SHAPES = {n: v for n, v in SHAPES.items() if any(k in n for k in os.environ["TUNING_SHAPES"].split(","))}
 
@@ -64,6 +70,8 @@ def configs(name):
 
 
 def _label(cfg) -> str:
+    if cfg in GRID_ORDERS:
+        return "grid: " + " + ".join(k.replace("_", " ") for k in cfg)
     if "num_kv_splits" in cfg:
         return f"{cfg['num_kv_splits']} KV splits, tile {cfg['tile_n']}"
     rows = f"{cfg['target_m']} rows, " if "target_m" in cfg else ""
@@ -154,7 +162,7 @@ def main():
         print(f"\n## {name}\n\nDefault launched one call at a time from Python: {host_ms:.4f} ms a call.{ref}\n\n"
               f"| config | GPU ms (graph) | {unit} | vs default | max abs diff |\n|---|---|---|---|---|")
         best = sorted(rows[1:], key=lambda r: r[0])[:6]
-        splits = [r for r in rows[1:] if r[1] and "num_kv_splits" in r[1] and r not in best]
+        splits = [r for r in rows[1:] if r[1] and ("num_kv_splits" in r[1] or r[1] in GRID_ORDERS) and r not in best]
         for ms, cfg, rate, diff in [default] + best + splits:
             label = "default" if cfg is None else _label(cfg)
             print(f"| {label} | {ms:.4f} | {rate:,.0f} | {default[0] / ms:.2f}x | {diff:.3g} |", flush=True)
