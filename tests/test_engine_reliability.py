@@ -76,18 +76,21 @@ def test_abort_returns_partial_results_and_close_is_clean():
     policy=st.sampled_from(["decode_first", "prefill_first", "shortest_first"]),
     temperature=st.sampled_from([0.0, 0.7]),
     prefix_caching=st.booleans(),
+    decode_window=st.sampled_from([1, 1, 3, 8]),
 )
 def test_property_every_run_returns_all_results_or_a_clear_error(
     lengths, shared, samples, new, block_size, num_blocks, max_batch_tokens, max_num_seqs, mode, policy, temperature,
-    prefix_caching,
+    prefix_caching, decode_window,
 ):
     """Random prompts sharing a prefix of random length (prefix-cache hits ending mid-block and on boundaries), n
-    samples each, random cache, budgets, policies and modes: all results in order, greedy ones exact, or a clear error."""
+    samples each, random cache, budgets, policies, modes and decode windows: all results in order, greedy ones exact,
+    or a clear error."""
     prefix = [(11 * j) % 380 + 3 for j in range(shared)]
     prompts = [prefix + [(7 * i + 3 * j) % 380 + 3 for j in range(n)] for i, n in enumerate(lengths)]
     sp = SamplingParams(max_new_tokens=new, temperature=temperature, seed=1, ignore_eos=True, n=samples)
     b = ContinuousBatcher(MODEL, mode=mode, scheduler=policy, block_size=block_size, num_blocks=num_blocks,
-                          max_batch_tokens=max_batch_tokens, max_num_seqs=max_num_seqs, prefix_caching=prefix_caching)
+                          max_batch_tokens=max_batch_tokens, max_num_seqs=max_num_seqs, prefix_caching=prefix_caching,
+                          decode_window=decode_window)
     usable = num_blocks - 1
     bad = [i for i, p in enumerate(prompts) if not p or new == 0 or -(-(len(p) + new) // block_size) > usable]
     if bad:
