@@ -146,7 +146,8 @@ def notes(summary: dict[str, Any], results: list[dict[str, Any]]) -> list[str]:
         "TTFT: from the start of the call to each request's first new token on the host (static: the batch's first "
         "decode step, via a streamer; ours_async_lightning: from when the loop submits the request). peak mem: torch.cuda.max_memory_allocated over the timed run (KV caches included).",
         "CPU ms/step (ours): host time working on a step, i.e. the engine's cpu_*_s counters except waiting "
-        "(schedule + prepare + launch + process) / steps, timed run; GPU ms/step: union of kernel time per engine step "
+        "(schedule + prepare + launch + process) / steps, timed run (steps: model forwards, a decode window counting "
+        "each of its forwards); GPU ms/step: union of kernel time per engine step "
         "in the profiled run (static, hf_cb: per forward call of the model; graph replays are not counted). Async can "
         "only hide the CPU time if CPU ms/step <= GPU ms/step.",
     ]
