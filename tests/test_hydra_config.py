@@ -68,6 +68,15 @@ def test_overrides_from_the_readme_apply(repo_root):
     assert job.sampling.params().stop == ("END",) and job.batcher.mode == "sync"
 
 
+def test_decode_window_and_auto_budget_compose_from_hydra(repo_root):
+    _, job = compose_job(repo_root, ["batcher.decode_window=8"])
+    assert (job.batcher.decode_window, job.batcher.max_batch_tokens) == (8, None)  # None: the engine's auto budget
+    _, job = compose_job(repo_root, ["batcher.decode_window=null", "batcher.max_batch_tokens=65536"])
+    assert (job.batcher.decode_window, job.batcher.max_batch_tokens) == (None, 65536)
+    with pytest.raises(ConfigCompositionException, match="decode_window"):
+        compose_job(repo_root, ["batcher.decode_window=wide"])
+
+
 @pytest.mark.parametrize("override, error, words", [
     (["batcher.max_batch_tokenz=4"], ConfigCompositionException, ["max_batch_tokenz", "BatcherConfig"]),
     (["sampling.temprature=1"], ConfigCompositionException, ["temprature", "SamplingConfig"]),
