@@ -220,11 +220,17 @@ def test_sinks_join_the_softmax_denominator(backend, window, group):
 def test_split_merge_leaves_the_callers_counters_at_zero_for_the_next_launch(backend):
     # The last split of each tile merges and resets its counter: the same buffer serves launch after launch (layers,
     # graph replays) and each gives the unsplit result.
+    _launches_match_and_leave_counters_at_zero(backend, [(150, 1), (3, 1), (90, 5), (70, 1)], (4, 2, 4))
+
+
+def _launches_match_and_leave_counters_at_zero(backend, specs, split_counts):
+    """One counters buffer for launch after launch with these KV split counts: each launch equals the reference
+    and leaves every counter at zero."""
     dtype, tol = backend
-    args, max_q = make_batch([(150, 1), (3, 1), (90, 5), (70, 1)], dtype=dtype, group=4)
+    args, max_q = make_batch(specs, dtype=dtype, group=4)
     counters = torch.zeros(64, dtype=torch.int32, device=DEVICE)
     ref = paged_attention_reference(**args, max_query_len=max_q, scale=0.2)
-    for splits in (4, 2, 4):
+    for splits in split_counts:
         out = torch.full(args["q"].shape, float("nan"), dtype=dtype, device=DEVICE)
         tpa.paged_attention(**args, max_query_len=max_q, scale=0.2, out=out, num_kv_splits=splits,
                             split_counters=counters)
@@ -239,18 +245,8 @@ def test_tuning_grid_orders_give_the_same_attention_and_leave_counters_at_zero(b
     """The sweep's grid orders (kv heads first; longest context first) map programs to the same (sequence, query
     block, head, split) work: results equal the reference, with and without KV splits, and the split merge counts in
     the same counters (left at zero)."""
-    dtype, tol = backend
     monkeypatch.setattr(tpa, "TUNING", dict(order))
-    specs = [(150, 1), (3, 1), (90, 5), (70, 1), (12, 12)]
-    args, max_q = make_batch(specs, dtype=dtype, group=4)
-    ref = paged_attention_reference(**args, max_query_len=max_q, scale=0.2)
-    counters = torch.zeros(64, dtype=torch.int32, device=DEVICE)
-    for splits in (1, 2, 4):
-        out = torch.full(args["q"].shape, float("nan"), dtype=dtype, device=DEVICE)
-        tpa.paged_attention(**args, max_query_len=max_q, scale=0.2, out=out, num_kv_splits=splits,
-                            split_counters=counters)
-        assert counters.eq(0).all(), f"counters left at {counters.nonzero().flatten().tolist()}"
-        torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    _launches_match_and_leave_counters_at_zero(backend, [(150, 1), (3, 1), (90, 5), (70, 1), (12, 12)], (1, 2, 4))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
