@@ -18,6 +18,8 @@
 #   gtune (~5)  recipes/bench/gemm_tuning.py: the decode products, cuBLAS vs triton_matmul's split-K launches (GTUNE_S, GTUNE_ARGS)
 #   gemm (~2)   recipes/bench/gemm_shapes.py: the decode steps' matrix products in CUDA graphs vs the copy/matmul bounds;
 #               recipes/bench/graph_launch.py: host cost of a graph replay by node count, and of W1's decode graph
+#   probe (~3)  recipes/bench/step_probe.py on PROBE_WORKLOADS (w1 w7): one prefill step (compiled and not) and a decode
+#               graph replay, GPU ms by kernel, kernels and the gaps between them (PROBE_ARGS: more arguments)
 #   host (~1)   recipes/bench/host_step.py: the engine's host work per step by phase, model and sampler stubbed (W1's requests)
 #   attention, ddp   as in recipes/run_on_h100.sh (ddp needs the nvidia-h200-x2 kind)
 #   tp (~9)     nvidia-h200-x2 kind: the tensor-parallel GPU tests; all-reduce latency (recipes/bench/allreduce_latency.py);
@@ -132,6 +134,13 @@ for what in "$@"; do
         --workload conf/workload/w1.yaml --out "$OUT/graph_launch.json" > "$OUT/graph_launch.md" 2> "$OUT/graph_launch.err" \
         || echo "graph_launch: exited with status $?"
       SUMMARIES+=("$OUT/graph_launch.md") ;;
+    probe) # one prefill step and one decode graph replay of each workload, GPU ms by kernel
+      for w in ${PROBE_WORKLOADS:-w1 w7}; do
+        PYTHONPATH=plugin${PYTHONPATH:+:$PYTHONPATH} timeout -k 15 "${PROBE_S:-200}" python3 recipes/bench/step_probe.py \
+          --workload "conf/workload/$w.yaml" --out "$OUT/probe_$w.json" ${PROBE_ARGS:-} > "$OUT/probe_$w.md" \
+          2> "$OUT/probe_$w.err" || echo "probe $w: exited with status $?"
+        SUMMARIES+=("$OUT/probe_$w.md")
+      done ;;
     host) # the engine's host work per step with the model stubbed out, on this machine's CPU (W1's requests)
       PYTHONPATH=plugin${PYTHONPATH:+:$PYTHONPATH} timeout -k 15 120 python3 recipes/bench/host_step.py \
         --out "$OUT/host_step.json" > "$OUT/host_step.md" 2> "$OUT/host_step.err" || echo "host: exited with status $?"
@@ -162,7 +171,7 @@ for what in "$@"; do
         grep "^\[tp\]" "$OUT/tp_$run.log" | sed "s/^\[tp\]/[tp $run]/" | tee -a "$OUT/tp.log"
       done
       SUMMARIES+=("$OUT/tp_tests.log" "$OUT/tp_allreduce.log" "$OUT/tp.log") ;;
-    *) echo "unknown step $what (steps: tests soak w1 w2 w2s w3 w4 w5 w6 w7 s1 sampling eval atune gtune gemm host attention ddp tp)" >&2 ;;
+    *) echo "unknown step $what (steps: tests soak w1 w2 w2s w3 w4 w5 w6 w7 s1 sampling eval atune gtune gemm probe host attention ddp tp)" >&2 ;;
   esac
 done
 

@@ -197,28 +197,29 @@ def test_prefill_that_fails_to_compile_logs_one_line_and_decode_stays_compiled(m
     assert calls["prefill"] == 0 and calls["decode"] > 0 and calls["eager"] > 0, calls
 
 
-def _run_with_a_hook_added_after_start_up(model, caplog):
-    """A compiled engine, then a forward hook on layer 0 (which the compiled code's guards did not see), then a run
-    of 4 prompts: asserts the tokens equal generate's; returns the engine, the prompts and the warnings logged."""
+def _run_with_a_layer_changed_after_start_up(model, caplog):
+    """A compiled engine, then layer 0 switched to training mode (a flag the compiled code's guards check; it changes
+    no output here: the attention dropout is 0), then a run of 4 prompts: asserts the tokens equal generate's;
+    returns the engine, the prompts and the warnings logged."""
     import async_batching.model_runner as mr
 
     prompts = mixed_prompts(4, lo=5, hi=40, seed=12)
     want = [reference(model, p, 6) for p in prompts]
     b = ContinuousBatcher(model, compile=True)
-    hook = model.model.layers[0].register_forward_pre_hook(lambda module, args: None)
+    model.model.layers[0].train()
     try:
         with caplog.at_level("WARNING", logger=mr.__name__):
             out = b.generate(prompts, SamplingParams(max_new_tokens=6))
     finally:
-        hook.remove()
+        model.model.layers[0].eval()
     assert [r.token_ids for r in out] == want
     return b, prompts, [r.getMessage() for r in caplog.records]
 
 
 def test_a_decode_step_that_would_compile_mid_run_runs_uncompiled_with_one_warning(model, caplog):
-    """A hook added after start-up fails the compiled code's guards: instead of compiling in the middle of the run,
+    """A module's state changed after start-up fails the compiled code's guards: instead of compiling in the middle of the run,
     the engine drops its compiled code, logs why once, and its tokens still equal generate's."""
-    b, _, lines = _run_with_a_hook_added_after_start_up(model, caplog)
+    b, _, lines = _run_with_a_layer_changed_after_start_up(model, caplog)
     assert len(lines) == 1 and lines[0].startswith("LlamaForCausalLM: a decode step of 4 sequences would compile "
                                                    "again during the run; decode steps run uncompiled from now on"), lines
     assert b.runner._compiled is None
@@ -240,13 +241,13 @@ def _count_compiled_calls(b, monkeypatch) -> dict:
 
 
 def test_a_prefill_step_that_would_compile_mid_run_runs_uncompiled_with_one_warning(model, monkeypatch, caplog):
-    """Compiled prefill steps meet a guard they no longer pass (a hook added after start-up): the first prefill step
-    drops compiled prefill with one warning, the first decode step drops the rest with another, and the tokens still
-    equal generate's."""
+    """Compiled prefill steps meet a guard they no longer pass (a layer switched to training mode after start-up): the
+    first prefill step drops compiled prefill with one warning, the first decode step drops the rest with another, and
+    the tokens still equal generate's."""
     import async_batching.model_runner as mr
 
     monkeypatch.setattr(mr, "PREFILL_COMPILE_MIN_WORK", 1.0)
-    b, prompts, lines = _run_with_a_hook_added_after_start_up(model, caplog)
+    b, prompts, lines = _run_with_a_layer_changed_after_start_up(model, caplog)
     assert len(lines) == 2, lines
     prompt_tokens = sum(len(p) for p in prompts)  # all four prompts fit the first step
     assert lines[0].startswith(f"LlamaForCausalLM: a prefill step of {prompt_tokens} tokens would compile again during "
@@ -257,7 +258,7 @@ def test_a_prefill_step_that_would_compile_mid_run_runs_uncompiled_with_one_warn
 
 
 def test_compiled_forward_matches_generate_with_chunking_and_preemption(model, monkeypatch):
-    """``compile=True`` (decode and prefill steps through torch.compile, attention left eager; prefill steps of any
+    """``compile=True`` (decode and prefill steps through torch.compile, attention one opaque op; prefill steps of any
     size here): greedy tokens equal generate's, in both modes, with prompts split over steps (steps keeping 0, 1 and
     many logits rows) and a cache small enough to preempt; nothing compiles mid-run."""
     import async_batching.model_runner as mr

@@ -9,6 +9,7 @@ attention call.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -44,28 +45,70 @@ STEP_KWARG = "paged_step"  # the forward keyword that carries the StepContext do
 
 
 def paged_attention_forward(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention interface: returns ``(out [1, T, heads, dim], None)``."""
+    """transformers attention interface: returns ``(out [1, T, heads, dim], None)``.
+
+    Uncompiled, it attends through the ``StepContext`` the forward carries. Under torch.compile it is one opaque op
+    (``async_batching::paged_attention``) taking only tensors and constants, so the model's whole forward stays one
+    graph: no graph break per layer, whose guards and resumed frames cost the host about a millisecond a layer on
+    every compiled prefill step. The op finds the step's context where the model runner put it (``activate``)."""
+    layer = getattr(module, "layer_idx", None)
+    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    window = int(kwargs.get("sliding_window") or 0)
+    softcap = float(kwargs.get("softcap") or 0.0)
+    # gpt-oss's attention sinks: one learnt logit per query head (``s_aux``), see ``dense_attention``.
+    sinks = kwargs.get("s_aux")
+    if torch.compiler.is_compiling():
+        if layer is None:
+            raise RuntimeError(f"attention '{ATTN_NAME}': the model's attention modules have no layer_idx")
+        return torch.ops.async_batching.paged_attention(query, key, value, layer, scale, window, softcap,
+                                                        sinks).unsqueeze(0), None
     ctx = kwargs.get(STEP_KWARG)
     if ctx is None:
         raise RuntimeError(f"attention '{ATTN_NAME}' called without a ContinuousBatcher step (the model did not pass "
                            f"its keyword arguments down to the attention function)")
-    layer = getattr(module, "layer_idx", None)
     if ctx.probe is not None:
         ctx.probe[layer] = (key.shape[1], key.shape[3], value.shape[3])
         return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[3]), None
-    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-    window = kwargs.get("sliding_window") or 0
-    softcap = kwargs.get("softcap") or 0.0
+    return _attend(ctx, query, key, value, layer, scale, window, softcap, sinks).unsqueeze(0), None
+
+
+def _attend(ctx: StepContext, query, key, value, layer: int, scale: float, window: int, softcap: float,
+            sinks: Optional[torch.Tensor]) -> torch.Tensor:
+    """Write the step's K/V of ``layer`` into the cache, then attend: ``[T, heads, dim]`` from ``[1, heads, T, dim]``."""
     q = query[0].transpose(0, 1)  # [T, H, D]
     k = key[0].transpose(0, 1)
     v = value[0].transpose(0, 1)
     kc, vc = ctx.k_cache[layer], ctx.v_cache[layer]
     meta = ctx.meta
     ctx.write(k, v, kc, vc, meta.slot_mapping)
-    # gpt-oss's attention sinks: one learnt logit per query head (``s_aux``), see ``dense_attention``.
-    sinks = kwargs.get("s_aux")
-    out = ctx.kernel(q, kc, vc, meta, scale, int(window), float(softcap), sinks)
-    return out.unsqueeze(0), None
+    return ctx.kernel(q, kc, vc, meta, scale, window, softcap, sinks)
+
+
+# The step context the compiled op attends with: set by the model runner before each forward, per thread (an
+# engine may run its loop in a thread of its own).
+_active = threading.local()
+
+
+def activate(ctx: Optional[StepContext]) -> None:
+    """The ``StepContext`` the compiled attention op uses in this thread from now on (None: none)."""
+    _active.ctx = ctx
+
+
+@torch.library.custom_op("async_batching::paged_attention", mutates_args=())
+def _paged_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scale: float,
+                        window: int, softcap: float, sinks: Optional[torch.Tensor]) -> torch.Tensor:
+    # The KV cache it writes is not an argument: the compiler never sees it, so nothing it does can be reordered
+    # around it. Each layer's op takes the previous layer's output, which orders the ops among themselves.
+    ctx = getattr(_active, "ctx", None)
+    if ctx is None:
+        raise RuntimeError(f"attention '{ATTN_NAME}' (compiled) called outside a ContinuousBatcher step: no step "
+                           f"context is active in this thread")
+    return _attend(ctx, query, key, value, layer, scale, window, softcap, sinks)
+
+
+@_paged_attention_op.register_fake
+def _(query, key, value, layer, scale, window, softcap, sinks):
+    return query.new_empty(query.shape[2], query.shape[1], value.shape[3])
 
 
 def dense_attention(q, k, v, qpos, kpos, klen, scale: float, window: int, softcap: float,
@@ -152,9 +195,8 @@ def torch_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: f
     return out
 
 
-# What the model calls. torch.compile (``BatcherConfig.compile``) does not trace it: each layer's attention is a graph
-# break, so the compiled code fuses what lies between (norms, rotary, MLP) and our kernel runs as it is.
-_REGISTERED = torch.compiler.disable(paged_attention_forward)
+# What the model calls (compiled: see ``paged_attention_forward``).
+_REGISTERED = paged_attention_forward
 
 
 def register() -> None:

@@ -450,6 +450,7 @@ class ModelRunner:
         return None
 
     def _logits(self, call, ids: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor, kw: dict) -> torch.Tensor:
+        attention.activate(kw.get(attention.STEP_KWARG))  # the compiled attention op's context (attention.py)
         if self._keep_arg:
             return call(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep, **kw).logits[0]
         return call(input_ids=ids, position_ids=pos, use_cache=False, **kw).logits[0].index_select(0, keep)

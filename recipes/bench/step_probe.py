@@ -1,0 +1,177 @@
+"""Where one engine step's time goes, on the GPU: a full prefill step and a decode graph replay of a workload.
+
+1. Prefill: the workload's first prompts that fill one step's token budget, one new token each (so the run is that
+   one step), through the engine as it runs them (compiled prefill where the engine compiles it) and uncompiled.
+   Wall ms of the call, host ms of the step's forward (``ab.launch.forward``), GPU kernel time (union) and the GPU
+   span from its first kernel to its last, kernels launched, and GPU ms by kernel (full names, top N).
+2. Decode: the largest decode graph replayed back to back. GPU ms per replay from CUDA events (kernels plus the gaps
+   between them) beside the union of its kernels from the profiler, kernels per replay, GPU ms by kernel.
+
+    python recipes/bench/step_probe.py --workload conf/workload/w1.yaml [--batcher '{"max_batch_tokens": 131072}']
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _by_name(trace, top: int) -> list[tuple[str, float, int]]:
+    """(kernel name, GPU ms, launches) of a trace's kernels, largest first."""
+    ms: dict[str, float] = {}
+    count: dict[str, int] = {}
+    for (s, e), name in zip(trace.kernels, trace.names):
+        ms[name] = ms.get(name, 0.0) + (e - s) / 1e6
+        count[name] = count.get(name, 0) + 1
+    rows = sorted(((n, ms[n], count[n]) for n in ms), key=lambda r: -r[1])
+    return rows[:top]
+
+
+def _table(rows, per: float, top_note: str) -> str:
+    lines = [f"| kernel ({top_note}) | GPU ms | launches |", "|---|---|---|"]
+    for name, ms, n in rows:
+        lines.append(f"| `{name[:110]}` | {ms / per:.3f} | {n / per:.0f} |")
+    return "\n".join(lines)
+
+
+def prefill(b, prompts: list[list[int]], label: str, top: int, out: dict) -> None:
+    from async_batching import SamplingParams
+
+    from bench.profiling import profiled_run
+
+    sp = SamplingParams(max_new_tokens=1, ignore_eos=True)
+
+    def call():  # the prompts computed anew each time: no prefix-cache hits
+        b.reset_prefix_cache()
+        return b.generate(prompts, sp)
+
+    call()  # warm: allocator, kernels
+    torch.cuda.synchronize()
+    walls = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        call()
+        torch.cuda.synchronize()
+        walls.append(1e3 * (time.perf_counter() - t0))
+    _, tr = profiled_run(call, "cuda")
+    busy = tr.gpu_busy_ns() / 1e6
+    span = (max(e for _, e in tr.kernels) - min(s for s, _ in tr.kernels)) / 1e6 if tr.kernels else 0.0
+    fwd = tr.host_ns("ab.launch.forward") / 1e6
+    tokens = sum(map(len, prompts))
+    rec = {"tokens": tokens, "requests": len(prompts), "wall_ms": min(walls), "walls_ms": walls,
+           "profiled_wall_ms": tr.wall_ns / 1e6, "host_forward_ms": fwd, "gpu_busy_ms": busy, "gpu_span_ms": span,
+           "kernels": len(tr.kernels), "by_family": {k: v / 1e6 for k, v in sorted(tr.kernel_ns.items(), key=lambda kv: -kv[1])},
+           "by_name": _by_name(tr, top)}
+    out.setdefault("prefill", {})[label] = rec
+    rec["compiled_prefill_after"] = b.runner._compiled_prefill  # False: a compiled step fell back (see the log)
+    print(f"\n### Prefill step, {label}: {len(prompts)} prompts, {tokens} tokens "
+          f"(compiled prefill after the runs: {b.runner._compiled_prefill})\n")
+    print(f"wall {rec['wall_ms']:.1f} ms (best of 3: {', '.join(f'{w:.1f}' for w in walls)}); profiled run: "
+          f"host forward {fwd:.1f} ms, GPU kernels {busy:.1f} ms busy over a {span:.1f} ms span, {len(tr.kernels)} "
+          f"kernels\n")
+    print("GPU ms by family: " + ", ".join(f"{k} {v:.2f}" for k, v in list(rec["by_family"].items())[:12]) + "\n")
+    print(_table(rec["by_name"], 1.0, f"top {top}"))
+
+
+def decode(b, prompts: list[list[int]], top: int, out: dict, reps: int = 50) -> None:
+    from async_batching import SamplingParams
+
+    from bench.profiling import profiled_run
+
+    runner = b.runner
+    # the workload's requests, two new tokens each: the last decode step leaves the largest graph's inputs holding
+    # real block tables and contexts (the prompts' lengths), which the replays below recompute
+    b.generate(prompts, SamplingParams(max_new_tokens=2, ignore_eos=True))
+    if not runner.graphs:
+        print("\n(no decode graphs)")
+        return
+    batch = max(runner.graphs)
+    graph = runner.graphs[batch][0]
+    for _ in range(5):
+        graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    event_ms = start.elapsed_time(end) / reps
+
+    def replays():
+        for _ in range(reps):
+            graph.replay()
+
+    _, tr = profiled_run(replays, "cuda")
+    busy = tr.gpu_busy_ns() / 1e6 / reps
+    n = len(tr.kernels) / reps
+    gaps = max(event_ms - busy, 0.0)
+    rec = {"batch": batch, "event_ms": event_ms, "busy_ms": busy, "kernels": n, "gap_us_per_kernel": 1e3 * gaps / max(n, 1),
+           "by_family": {k: v / 1e6 / reps for k, v in sorted(tr.kernel_ns.items(), key=lambda kv: -kv[1])},
+           "by_name": _by_name(tr, top)}
+    out["decode"] = rec
+    print(f"\n### Decode graph of {batch} sequences, replaying the workload's first decode step ({len(prompts)} "
+          f"sequences at their prompts' lengths)\n")
+    print(f"{event_ms:.3f} ms a replay by CUDA events; kernels busy {busy:.3f} ms; {n:.0f} kernels; "
+          f"{rec['gap_us_per_kernel']:.2f} us between kernels on average\n")
+    print("GPU ms by family: " + ", ".join(f"{k} {v:.3f}" for k, v in list(rec["by_family"].items())[:12]) + "\n")
+    print(_table(rec["by_name"], reps, f"top {top}, per replay"))
+
+
+def runner_batch(b) -> int:
+    return max(b.runner.graphs, default=b.config.max_num_seqs)
+
+
+def main() -> None:
+    import yaml
+
+    from async_batching import ContinuousBatcher
+    from bench.workloads import Workload
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workload", required=True)
+    ap.add_argument("--batcher", default="{}", help="BatcherConfig overrides as JSON")
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    wl = Workload.from_dict(yaml.safe_load(open(args.workload)))
+    model = wl.build_model("cuda")
+    t0 = time.perf_counter()
+    b = ContinuousBatcher(model, **json.loads(args.batcher))
+    out: dict = {"workload": wl.name, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                 "build_s": time.perf_counter() - t0, "config": {k: v for k, v in vars(b.config).items()}}
+    budget = b.config.max_batch_tokens
+    runner = b.runner
+    print(f"## {wl.name} on {out['device']} (torch {out['torch']}): max_batch_tokens {budget}, "
+          f"prefill compiled from {runner.prefill_compile_min_tokens} tokens "
+          f"({'on' if runner._compiled_prefill else 'off'})")
+    threshold, compiled = runner.prefill_compile_min_tokens, runner._compiled_prefill
+    for size in (budget, budget // 8):  # a full step and a small one
+        prompts, total = [], 0
+        for p in wl.prompts():
+            if total + len(p) > size:
+                break
+            prompts.append(p)
+            total += len(p)
+        prefill(b, prompts, f"{size} budget, as the engine runs it", args.top, out)
+        if runner._compiled is not None:  # both ways: compiled (whatever the threshold) and uncompiled
+            for on in (True, False):
+                runner._compiled_prefill, runner.prefill_compile_min_tokens = on, 1
+                prefill(b, prompts, f"{size} budget, {'compiled' if on else 'uncompiled'}", args.top, out)
+            runner._compiled_prefill, runner.prefill_compile_min_tokens = compiled, threshold
+    decode(b, wl.prompts()[:runner_batch(b)], args.top, out)
+    b.close()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
