@@ -166,9 +166,10 @@ def test_compile_that_fails_logs_one_line_and_the_engine_runs_uncompiled(model, 
 
 
 def test_prefill_that_fails_to_compile_logs_one_line_and_decode_stays_compiled(model, monkeypatch, caplog):
-    """torch.compile cannot compile the prefill shape (here: the compiled model raises whenever tokens and kept rows
-    differ): the engine says so in one warning, prefill steps run uncompiled, decode steps still run compiled, and the
-    greedy tokens equal generate's."""
+    """torch.compile cannot compile the prefill shape (here: the compiled layers raise whenever the step has a query
+    longer than one token): the engine says so in one warning, prefill steps run uncompiled, decode steps still run
+    compiled, and the greedy tokens equal generate's."""
+    import async_batching.attention as attn
     import async_batching.model_runner as mr
 
     real_compile = torch.compile
@@ -177,7 +178,7 @@ def test_prefill_that_fails_to_compile_logs_one_line_and_decode_stays_compiled(m
         compiled = real_compile(fn, **kw)
 
         def call(*a, **k):
-            if k["input_ids"].shape[1] != k["logits_to_keep"].shape[0]:
+            if attn._active.ctx.meta.max_query_len > 1:
                 raise RuntimeError("inductor: unsupported shape")
             return compiled(*a, **k)
         return call
@@ -344,3 +345,25 @@ def test_default_token_budget_grows_for_small_models_on_cuda_only(model):
     b = ContinuousBatcher(model)
     assert b.config.max_batch_tokens == b.scheduler.max_batch_tokens == 16384  # CPU
     assert ContinuousBatcher(model, max_batch_tokens=96).scheduler.max_batch_tokens == 96
+
+
+def test_compiled_layers_are_one_graph_each_shared_by_every_layer_and_only_inside_the_engine(monkeypatch):
+    """``compile=True`` compiles the decoder layers one at a time (compiled_layers.py) with attention as one opaque
+    op: no graph break anywhere, and six layers share their compiled code (the graphs counted are the shapes torch
+    specialises: decode of 1 and 2 sequences, and every larger step), so depth does not add compiles. Outside the
+    engine's forwards the model runs its own code; the tokens equal generate's."""
+    import async_batching.model_runner as mr
+    from torch._dynamo.utils import counters
+
+    deep = tiny_model("llama", num_hidden_layers=6)
+    monkeypatch.setattr(mr, "PREFILL_COMPILE_MIN_WORK", 1.0)
+    counters.clear()
+    b = ContinuousBatcher(deep, compile=True, max_batch_tokens=48)
+    assert len(b.runner._compiled.blocks) == 6
+    assert dict(counters["graph_break"]) == {}, dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
+    prompts = mixed_prompts(4, lo=5, hi=40, seed=5)
+    out = b.generate(prompts, SamplingParams(max_new_tokens=5))
+    assert [r.token_ids for r in out] == [reference(deep, p, 5) for p in prompts]
+    assert counters["stats"]["unique_graphs"] <= 3 and dict(counters["graph_break"]) == {}
+    assert all(layer._compiled_call_impl is None for layer in deep.model.layers)

@@ -42,6 +42,7 @@ class StepContext:
         self.probe: Optional[dict] = None  # when set, record layer shapes instead of attending
 
 STEP_KWARG = "paged_step"  # the forward keyword that carries the StepContext down to the attention function
+LAYER_ATTR = "_async_batching_layer"  # on each attention module: its layer index, a CPU int64 tensor (compiled code)
 
 
 def paged_attention_forward(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
@@ -58,9 +59,13 @@ def paged_attention_forward(module, query, key, value, attention_mask=None, scal
     # gpt-oss's attention sinks: one learnt logit per query head (``s_aux``), see ``dense_attention``.
     sinks = kwargs.get("s_aux")
     if torch.compiler.is_compiling():
-        if layer is None:
-            raise RuntimeError(f"attention '{ATTN_NAME}': the model's attention modules have no layer_idx")
-        return torch.ops.async_batching.paged_attention(query, key, value, layer, scale, window, softcap,
+        # The layer's index as a CPU tensor (``LAYER_ATTR``, set by the probe): an int attribute would be a constant
+        # of the compiled code, so each layer would compile its own copy of it.
+        index = getattr(module, LAYER_ATTR, None)
+        if index is None:
+            raise RuntimeError(f"attention '{ATTN_NAME}' compiled for a module the engine did not probe "
+                               f"({type(module).__name__})")
+        return torch.ops.async_batching.paged_attention(query, key, value, index, scale, window, softcap,
                                                         sinks).unsqueeze(0), None
     ctx = kwargs.get(STEP_KWARG)
     if ctx is None:
@@ -68,6 +73,8 @@ def paged_attention_forward(module, query, key, value, attention_mask=None, scal
                            f"its keyword arguments down to the attention function)")
     if ctx.probe is not None:
         ctx.probe[layer] = (key.shape[1], key.shape[3], value.shape[3])
+        if layer is not None:
+            module.__dict__[LAYER_ATTR] = torch.tensor(layer, dtype=torch.int64)  # plain attribute, on the CPU
         return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[3]), None
     return _attend(ctx, query, key, value, layer, scale, window, softcap, sinks).unsqueeze(0), None
 
@@ -95,15 +102,15 @@ def activate(ctx: Optional[StepContext]) -> None:
 
 
 @torch.library.custom_op("async_batching::paged_attention", mutates_args=())
-def _paged_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scale: float,
-                        window: int, softcap: float, sinks: Optional[torch.Tensor]) -> torch.Tensor:
+def _paged_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: torch.Tensor,
+                        scale: float, window: int, softcap: float, sinks: Optional[torch.Tensor]) -> torch.Tensor:
     # The KV cache it writes is not an argument: the compiler never sees it, so nothing it does can be reordered
     # around it. Each layer's op takes the previous layer's output, which orders the ops among themselves.
     ctx = getattr(_active, "ctx", None)
     if ctx is None:
         raise RuntimeError(f"attention '{ATTN_NAME}' (compiled) called outside a ContinuousBatcher step: no step "
                            f"context is active in this thread")
-    return _attend(ctx, query, key, value, layer, scale, window, softcap, sinks)
+    return _attend(ctx, query, key, value, int(layer), scale, window, softcap, sinks)
 
 
 @_paged_attention_op.register_fake

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from . import attention, fused_projections
+from .compiled_layers import CompiledLayers
 from .attention import AttentionMetadata, StepContext
 from .kv_cache import HIT_TABLE_ENTRIES, SCRATCH_ROW, LayerSpec, PagedKVCache, block_table_rows
 from .sampling import SAMPLING_INTS_PER_ROW, SamplingInputs, SamplingPlan, SamplingState, sampling_inputs, stage_sampling
@@ -136,7 +137,7 @@ class ModelRunner:
         # (None): on with decode graphs, where replay hides the compiled code's host cost; uncompiled decode steps
         # on the CPU are host-bound, and compiling would only add start-up time.
         self.compile = self.want_graphs if config.compile is None else bool(config.compile)
-        self._compiled = torch.compile(model, dynamic=True) if self.compile else None
+        self._compiled = CompiledLayers(model, dynamic=True) if self.compile else None
         self.prefill_compile_min_tokens = max(1, int(min(PREFILL_COMPILE_MIN_WORK / _param_count(model), 2 ** 62)))
         # Off for good if a prefill step would compile during a run; never on where no step reaches the threshold
         # (nothing to compile at start-up then: W1's 135M model saved 12 s of start-up and the compiled code's objects).
