@@ -52,21 +52,21 @@ def paged_attention_forward(module, query, key, value, attention_mask=None, scal
     (``async_batching::paged_attention``) taking only tensors and constants, so the model's whole forward stays one
     graph: no graph break per layer, whose guards and resumed frames cost the host about a millisecond a layer on
     every compiled prefill step. The op finds the step's context where the model runner put it (``activate``)."""
-    layer = getattr(module, "layer_idx", None)
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     window = int(kwargs.get("sliding_window") or 0)
     softcap = float(kwargs.get("softcap") or 0.0)
     # gpt-oss's attention sinks: one learnt logit per query head (``s_aux``), see ``dense_attention``.
     sinks = kwargs.get("s_aux")
     if torch.compiler.is_compiling():
-        # The layer's index as a CPU tensor (``LAYER_ATTR``, set by the probe): an int attribute would be a constant
-        # of the compiled code, so each layer would compile its own copy of it.
+        # The layer's index as a CPU tensor (``LAYER_ATTR``, set by the probe): an int attribute, even one only
+        # read here, would be a constant the compiled code guards on, so each layer would compile its own copy.
         index = getattr(module, LAYER_ATTR, None)
         if index is None:
             raise RuntimeError(f"attention '{ATTN_NAME}' compiled for a module the engine did not probe "
                                f"({type(module).__name__})")
         return torch.ops.async_batching.paged_attention(query, key, value, index, scale, window, softcap,
                                                         sinks).unsqueeze(0), None
+    layer = getattr(module, "layer_idx", None)
     ctx = kwargs.get(STEP_KWARG)
     if ctx is None:
         raise RuntimeError(f"attention '{ATTN_NAME}' called without a ContinuousBatcher step (the model did not pass "

@@ -14,10 +14,17 @@ place and takes it away again): the user's model, called anywhere else, runs its
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
 from torch import nn
+
+
+def _LOUD():
+    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
+        return torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
+    return contextlib.nullcontext()
 
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
@@ -51,7 +58,8 @@ class CompiledLayers:
             previous.append(block.__dict__.get("_compiled_call_impl"))
             object.__setattr__(block, "_compiled_call_impl", fn)
         try:
-            return self.model(*args, **kwargs)
+            with _LOUD():  # a layer that would exceed dynamo's recompile limit raises instead of running uncompiled
+                return self.model(*args, **kwargs)
         finally:
             for block, before in zip(self.blocks, previous):
                 object.__setattr__(block, "_compiled_call_impl", before)
