@@ -222,6 +222,29 @@ def test_decode_windows_draw_the_tokens_of_single_steps_in_graphs_fp32():
     assert ContinuousBatcher(model, max_num_seqs=8).runner.decode_window == 4  # the default with graphs
 
 
+def test_decode_kv_written_by_the_attention_kernel_gives_the_tokens_of_the_write_kernel_fp32(monkeypatch):
+    """``attention.FUSED_DECODE_WRITE``: decode steps (graphs, compiled, windows, async) write their K/V inside the
+    attention kernel. Greedy tokens equal generate's and sampled ones equal the engine's with the separate write, on
+    requests that cross block boundaries, with KV splits forced by a small batch."""
+    import async_batching.attention as attn
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = tiny_model("llama", device="cuda")
+    prompts = mixed_prompts(10, seed=31)
+    params = [SamplingParams(max_new_tokens=40, ignore_eos=True, temperature=t, seed=3) for t in (0.0, 0.9) * 5]
+    outs = {}
+    for fused in (False, True):
+        monkeypatch.setattr(attn, "FUSED_DECODE_WRITE", fused)
+        b = ContinuousBatcher(model, max_num_seqs=8, max_batch_tokens=256, num_blocks=80, block_size=16, seed=1)
+        assert b.runner.ctx.fused_write == fused and b.runner.graphs
+        outs[fused] = [r.token_ids for r in b.generate(prompts, params)]
+        assert b.stats["graph_steps"] > 0 and b.all_blocks_free()
+        b.close()
+    assert outs[True] == outs[False]
+    greedy = [i for i, p in enumerate(params) if p.temperature == 0.0]
+    assert [outs[True][i] for i in greedy] == [reference(model, prompts[i], 40) for i in greedy]
+
+
 def test_async_stress_random_lengths_small_cache():
     model = smol_shape()
     rng = random.Random(5)

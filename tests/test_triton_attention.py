@@ -448,6 +448,41 @@ def test_write_kv_puts_each_token_in_its_slot_and_leaves_the_rest(backend, kv_he
     assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("splits,window,head_dim", [(0, 0, 32), (1, 0, 80), (2, 0, 32), (4, 5, 32), (4, 0, 64)])
+def test_decode_launch_writing_its_own_kv_equals_write_kv_then_attention(backend, splits, window, head_dim):
+    """``new_kv``: the decode launch stores each sequence's new K/V (at the slot of its last position) itself before
+    attending. Output and both caches equal ``write_kv`` followed by the plain launch, bit for bit, with KV splits
+    (only the split holding the last position writes) and a sliding window; K/V come as the strided [T, heads, dim]
+    views of [1, heads, T, dim] that the attention function receives."""
+    dtype, _ = backend
+    specs = [(1, 1), (9, 1), (16, 1), (17, 1), (70, 1), (130, 1)]
+    args, _ = make_batch(specs, dtype=dtype, head_dim=head_dim, block_size=16, seed=head_dim + splits)
+    kv_heads = args["k_cache"].shape[2]
+    T = len(specs)
+    g = torch.Generator().manual_seed(7)
+    key = torch.randn(1, kv_heads, T, head_dim, generator=g).to(DEVICE, dtype)
+    value = torch.randn(1, kv_heads, T, head_dim, generator=g).to(DEVICE, dtype)
+    k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)
+    last = (args["seq_lens"] - 1).long()
+    blocks = args["block_tables"].long().gather(1, (last // 16)[:, None])[:, 0]
+    slots = blocks * 16 + last % 16
+    scale = head_dim ** -0.5
+    runs = []
+    for fused in (False, True):
+        kc, vc = args["k_cache"].clone(), args["v_cache"].clone()
+        if not fused:
+            tpa.write_kv(k, v, kc, vc, slots)
+        out = tpa.paged_attention(args["q"], kc, vc, args["block_tables"], args["seq_lens"],
+                                  args["query_start_loc"], 1, scale, sliding_window=window, num_kv_splits=splits,
+                                  new_kv=(k, v, slots) if fused else None)
+        runs.append((out, kc, vc))
+    (want, want_k, want_v), (got, got_k, got_v) = runs
+    assert not got.isnan().any()
+    for a, b in ((got, want), (got_k, want_k), (got_v, want_v)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, equal_nan=True)
+
+
 def test_cases_pass_in_a_fresh_interpreter_process():
     """Only when triton was imported before TRITON_INTERPRET=1 took effect: rerun this file where it is set first."""
     if not DELEGATED:

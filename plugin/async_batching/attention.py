@@ -40,8 +40,13 @@ class StepContext:
         self.write = write or index_copy_kv  # writes the step's K/V into the cache: (k, v, kc, vc, slot_mapping)
         self.meta: Optional[AttentionMetadata] = None
         self.probe: Optional[dict] = None  # when set, record layer shapes instead of attending
+        # decode steps: the kernel writes the step's K/V itself (``new_kv``), no write launch (Triton kernel only)
+        self.fused_write = False
 
 STEP_KWARG = "paged_step"  # the forward keyword that carries the StepContext down to the attention function
+# Decode steps' K/V written by the attention kernel itself (one launch a layer fewer). Off until measured on a GPU;
+# the benchmark variant ``ours_async_fused_write`` turns it on.
+FUSED_DECODE_WRITE = False
 LAYER_ATTR = "_async_batching_layer"  # on each attention module: its layer index, a CPU int64 tensor (compiled code)
 
 
@@ -87,6 +92,8 @@ def _attend(ctx: StepContext, query, key, value, layer: int, scale: float, windo
     v = value[0].transpose(0, 1)
     kc, vc = ctx.k_cache[layer], ctx.v_cache[layer]
     meta = ctx.meta
+    if ctx.fused_write and meta.max_query_len == 1 and k.stride(-1) == 1 and v.stride(-1) == 1:
+        return ctx.kernel(q, kc, vc, meta, scale, window, softcap, sinks, new_kv=(k, v, meta.slot_mapping))
     ctx.write(k, v, kc, vc, meta.slot_mapping)
     return ctx.kernel(q, kc, vc, meta, scale, window, softcap, sinks)
 
@@ -155,13 +162,13 @@ def triton_write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
 
 
 def triton_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int, softcap: float,
-                           sinks: Optional[torch.Tensor] = None):
-    """GPU path: the Triton kernel (imported on first use: Triton is optional)."""
+                           sinks: Optional[torch.Tensor] = None, new_kv=None):
+    """GPU path: the Triton kernel (imported on first use: Triton is optional). ``new_kv``: see ``paged_attention``."""
     from .triton_paged_attention import paged_attention
 
     return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                            meta.max_query_len, scale, window, softcap, sinks=sinks,
-                           split_counters=meta.split_counters)
+                           split_counters=meta.split_counters, new_kv=new_kv)
 
 
 def torch_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int, softcap: float,

@@ -110,6 +110,7 @@ class ModelRunner:
         self.kernel = self._choose_kernel()
         self.ctx = StepContext(self.cache.k, self.cache.v, self.kernel,
                                attention.triton_write_kv if self.backend == "triton" else attention.index_copy_kv)
+        self.ctx.fused_write = self.backend == "triton" and attention.FUSED_DECODE_WRITE
         # The attention kernel's KV-split merge counters: this runner's launches are ordered on one stream and each
         # leaves them at zero, so one buffer serves every step and every captured graph.
         self.split_counters = None

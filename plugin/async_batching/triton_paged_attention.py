@@ -97,12 +97,15 @@ def _attend_tile(q, k_ptr, v_ptr, bt_row, start, hi, q_pos, row_valid, offs_d, d
 # unspecialised, so an offset does not compile a second variant in the middle of a run. Without sinks, ``sinks_ptr``
 # gets a fixed dummy (it once got ``seq_lens``, whose offset changes with the step: a run compiled a second variant
 # at its first step whose offset had the other alignment, about half a second inside a timed call).
-@triton.jit(do_not_specialize=["num_splits"],
-            do_not_specialize_on_alignment=["seq_lens_ptr", "query_start_loc_ptr", "sinks_ptr", "order_ptr"])
+@triton.jit(do_not_specialize=["num_splits", "stride_nkt", "stride_nkh", "stride_nvt", "stride_nvh"],
+            do_not_specialize_on_alignment=["seq_lens_ptr", "query_start_loc_ptr", "sinks_ptr", "order_ptr",
+                                            "new_k_ptr", "new_v_ptr", "slot_ptr"])
 def _paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr,
     part_acc_ptr, part_m_ptr, part_l_ptr, counters_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, sinks_ptr, order_ptr,
+    new_k_ptr, new_v_ptr, slot_ptr,
+    stride_nkt, stride_nkh, stride_nvt, stride_nvh,
     qk_scale, softcap, sliding_window,
     stride_qt, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
@@ -124,12 +127,17 @@ def _paged_attention_kernel(
     DOT_PRECISION: tl.constexpr,
     HEADS_FIRST: tl.constexpr = False,
     USE_ORDER: tl.constexpr = False,
+    WRITE_NEW: tl.constexpr = False,
 ):
     """Attention of BLOCK_Q queries x G heads (one kv head) of one sequence over one KV split.
 
     Grid (sequences, query blocks, kv heads x splits); HEADS_FIRST (tuning only): (kv heads x splits, sequences,
     query blocks), so the programs of one sequence's heads, whose K/V share cache lines' neighbourhood, start together.
-    USE_ORDER (tuning only): the i-th sequence of the grid is ``order[i]`` (e.g. longest context first)."""
+    USE_ORDER (tuning only): the i-th sequence of the grid is ``order[i]`` (e.g. longest context first).
+    WRITE_NEW (decode launches only, one query a sequence): the program whose key range holds the sequence's last
+    position first stores that token's K and V (``new_k``/``new_v`` row ``q_start``, kv head ``kv_head``) at cache slot
+    ``slot[q_start]``, then a block barrier makes the stores visible to its own loads: no separate write kernel. No
+    other program reads that position (other splits cover earlier keys, other kv heads other heads)."""
     if HEADS_FIRST:
         seq = tl.program_id(1)
         q_block = tl.program_id(2)
@@ -183,6 +191,17 @@ def _paged_attention_kernel(
     chunk = tl.cdiv(tl.cdiv(kv_end - kv_begin, num_splits), TILE_N) * TILE_N
     lo = kv_begin + split * chunk
     hi = tl.minimum(lo + chunk, kv_end)
+    if WRITE_NEW:
+        if (lo <= seq_len - 1) & (seq_len - 1 < hi):
+            t_new = q_start.to(tl.int64)
+            slot = tl.load(slot_ptr + t_new).to(tl.int64)
+            dst = (slot // BLOCK_SIZE) * stride_kb + (slot % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
+            k_new = tl.load(new_k_ptr + t_new * stride_nkt + kv_head * stride_nkh + offs_d, mask=d_valid)
+            tl.store(k_ptr + dst + offs_d * stride_kd, k_new.to(k_ptr.dtype.element_ty), mask=d_valid)
+            dst_v = (slot // BLOCK_SIZE) * stride_vb + (slot % BLOCK_SIZE) * stride_vs + kv_head * stride_vh
+            v_new = tl.load(new_v_ptr + t_new * stride_nvt + kv_head * stride_nvh + offs_d, mask=d_valid)
+            tl.store(v_ptr + dst_v + offs_d * stride_vd, v_new.to(v_ptr.dtype.element_ty), mask=d_valid)
+        tl.debug_barrier()
 
     # Running max starts finite (not -inf) so a fully masked tile gives exp(-1e30 - -1e30) = 1, not exp(nan);
     # it is far below any real logit, so the first real key rescales the empty state by exp(-huge) = 0.
@@ -344,6 +363,7 @@ def paged_attention(
     num_kv_splits: int = 0,
     sinks: Optional[torch.Tensor] = None,
     split_counters: Optional[torch.Tensor] = None,
+    new_kv: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Causal attention of the packed queries ``q`` [T, num_heads, head_dim] over the paged KV cache.
 
@@ -353,6 +373,9 @@ def paged_attention(
     ``sinks``: optional ``[num_heads]`` attention-sink logits (any float dtype), one extra softmax term per head.
     ``split_counters``: int32 zeros from ``split_counters()`` that the KV-split merge counts in (and leaves at zero);
     None, or too few for this launch: a zeroed buffer is made for the call.
+    ``new_kv``: ``(k, v, slot_mapping)`` of a decode launch (``max_query_len == 1``; k, v ``[T, kv_heads, head_dim]``
+    with a contiguous last dim): the kernel writes them into the cache itself before attending (``write_kv``'s work,
+    without its launch).
     """
     T, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, head_dim_kv = k_cache.shape
@@ -434,6 +457,13 @@ def paged_attention(
     if split_counters is None:
         split_counters = _unused_counters(q.device)
 
+    if new_kv is not None:
+        new_k, new_v, new_slots = new_kv
+        assert max_query_len == 1, "new_kv: decode launches only (one query a sequence)"
+        assert new_k.shape == new_v.shape == (T, num_kv_heads, head_dim) and new_slots.shape == (T,)
+        assert new_k.stride(2) == 1 and new_v.stride(2) == 1, "new_kv: k and v need a contiguous last dim"
+    else:
+        new_k = new_v = new_slots = seq_lens  # never read
     heads_first = bool(TUNING.get("heads_first")) if TUNING else False
     order = None
     if TUNING and TUNING.get("longest_first"):
@@ -445,6 +475,9 @@ def paged_attention(
         part_acc, part_m, part_l, split_counters,
         block_tables, seq_lens, query_start_loc, sinks if sinks is not None else _unused_partials(q.device),
         order if order is not None else seq_lens,
+        new_k, new_v, new_slots,
+        new_k.stride(0), new_k.stride(1) if new_kv is not None else 0,
+        new_v.stride(0), new_v.stride(1) if new_kv is not None else 0,
         float(scale) * LOG2E, float(softcap) if softcap else 1.0, int(sliding_window),
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
@@ -467,6 +500,7 @@ def paged_attention(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         HEADS_FIRST=heads_first,
         USE_ORDER=order is not None,
+        WRITE_NEW=new_kv is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -506,6 +506,22 @@ class OursAsyncGc(Ours):
             gc_freeze.FREEZE = saved
 
 
+class OursAsyncFusedWrite(Ours):
+    """``ours_async`` with decode steps' K/V written by the attention kernel itself (``attention.FUSED_DECODE_WRITE``,
+    read when the engine is built): one write launch a layer fewer in every decode forward."""
+
+    mode = "async"
+
+    def __init__(self, model, job) -> None:
+        from async_batching import attention
+
+        saved, attention.FUSED_DECODE_WRITE = attention.FUSED_DECODE_WRITE, True
+        try:
+            super().__init__(model, job)
+        finally:
+            attention.FUSED_DECODE_WRITE = saved
+
+
 class OursAsyncGreedy(Ours):
     """``ours_async`` with greedy decoding whatever the workload samples: the reference of a sampled workload (W2s)."""
 
@@ -630,5 +646,6 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_no_prefix_cache": OursAsyncNoPrefixCache,
     "ours_async_no_window": OursAsyncNoWindow,
     "ours_async_window8": OursAsyncWindow8,
+    "ours_async_fused_write": OursAsyncFusedWrite,
     "ours_async_lightning": OursLightning,
 }
