@@ -8,6 +8,7 @@
    between them) beside the union of its kernels from the profiler, kernels per replay, GPU ms by kernel.
 
     python recipes/bench/step_probe.py --workload conf/workload/w1.yaml [--batcher '{"max_batch_tokens": 131072}']
+        [--decode-sizes 8,32,128,256] [--no-prefill]
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def _by_name(trace, top: int) -> list[tuple[str, float, int]]:
@@ -53,14 +59,14 @@ def prefill(b, prompts: list[list[int]], label: str, top: int, out: dict) -> Non
         return b.generate(prompts, sp)
 
     call()  # warm: allocator, kernels
-    torch.cuda.synchronize()
+    _sync()
     walls = []
     for _ in range(3):
         t0 = time.perf_counter()
         call()
-        torch.cuda.synchronize()
+        _sync()
         walls.append(1e3 * (time.perf_counter() - t0))
-    _, tr = profiled_run(call, "cuda")
+    _, tr = profiled_run(call, str(b.device))
     busy = tr.gpu_busy_ns() / 1e6
     span = (max(e for _, e in tr.kernels) - min(s for s, _ in tr.kernels)) / 1e6 if tr.kernels else 0.0
     fwd = tr.host_ns("ab.launch.forward") / 1e6
@@ -81,18 +87,18 @@ def prefill(b, prompts: list[list[int]], label: str, top: int, out: dict) -> Non
 
 
 def decode(b, prompts: list[list[int]], top: int, out: dict, reps: int = 50) -> None:
+    """Replay the decode graph that the last decode step of ``prompts`` (two new tokens each) used: its inputs hold
+    real block tables and contexts (the prompts' lengths), which each replay recomputes."""
     from async_batching import SamplingParams
 
     from bench.profiling import profiled_run
 
     runner = b.runner
-    # the workload's requests, two new tokens each: the last decode step leaves the largest graph's inputs holding
-    # real block tables and contexts (the prompts' lengths), which the replays below recompute
     b.generate(prompts, SamplingParams(max_new_tokens=2, ignore_eos=True))
-    if not runner.graphs:
-        print("\n(no decode graphs)")
+    batch = runner._graph_batch(len(prompts))
+    if not batch:
+        print(f"\n(no decode graph for {len(prompts)} sequences)")
         return
-    batch = max(runner.graphs)
     graph = runner.graphs[batch][0]
     for _ in range(5):
         graph.replay()
@@ -113,12 +119,12 @@ def decode(b, prompts: list[list[int]], top: int, out: dict, reps: int = 50) -> 
     busy = tr.gpu_busy_ns() / 1e6 / reps
     n = len(tr.kernels) / reps
     gaps = max(event_ms - busy, 0.0)
-    rec = {"batch": batch, "event_ms": event_ms, "busy_ms": busy, "kernels": n, "gap_us_per_kernel": 1e3 * gaps / max(n, 1),
+    rec = {"sequences": len(prompts), "batch": batch, "event_ms": event_ms, "busy_ms": busy, "kernels": n,
+           "gap_us_per_kernel": 1e3 * gaps / max(n, 1),
            "by_family": {k: v / 1e6 / reps for k, v in sorted(tr.kernel_ns.items(), key=lambda kv: -kv[1])},
            "by_name": _by_name(tr, top)}
-    out["decode"] = rec
-    print(f"\n### Decode graph of {batch} sequences, replaying the workload's first decode step ({len(prompts)} "
-          f"sequences at their prompts' lengths)\n")
+    out.setdefault("decode", []).append(rec)
+    print(f"\n### Decode graph of {batch} rows: {len(prompts)} sequences at their prompts' lengths\n")
     print(f"{event_ms:.3f} ms a replay by CUDA events; kernels busy {busy:.3f} ms; {n:.0f} kernels; "
           f"{rec['gap_us_per_kernel']:.2f} us between kernels on average\n")
     print("GPU ms by family: " + ", ".join(f"{k} {v:.3f}" for k, v in list(rec["by_family"].items())[:12]) + "\n")
@@ -139,13 +145,17 @@ def main() -> None:
     ap.add_argument("--workload", required=True)
     ap.add_argument("--batcher", default="{}", help="BatcherConfig overrides as JSON")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--decode-sizes", default="", help="comma-separated sequence counts of the decode replays "
+                    "(default: the workload's requests, up to the largest graph)")
+    ap.add_argument("--no-prefill", action="store_true", help="decode replays only")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     wl = Workload.from_dict(yaml.safe_load(open(args.workload)))
-    model = wl.build_model("cuda")
+    model = wl.build_model("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
     b = ContinuousBatcher(model, **json.loads(args.batcher))
-    out: dict = {"workload": wl.name, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    out: dict = {"workload": wl.name, "device": device, "torch": torch.__version__,
                  "build_s": time.perf_counter() - t0, "config": {k: v for k, v in vars(b.config).items()}}
     budget = b.config.max_batch_tokens
     runner = b.runner
@@ -153,7 +163,7 @@ def main() -> None:
           f"prefill compiled from {runner.prefill_compile_min_tokens} tokens "
           f"({'on' if runner._compiled_prefill else 'off'})")
     threshold, compiled = runner.prefill_compile_min_tokens, runner._compiled_prefill
-    for size in (budget, budget // 8):  # a full step and a small one
+    for size in () if args.no_prefill else (budget, budget // 8):  # a full step and a small one
         prompts, total = [], 0
         for p in wl.prompts():
             if total + len(p) > size:
@@ -166,7 +176,9 @@ def main() -> None:
                 runner._compiled_prefill, runner.prefill_compile_min_tokens = on, 1
                 prefill(b, prompts, f"{size} budget, {'compiled' if on else 'uncompiled'}", args.top, out)
             runner._compiled_prefill, runner.prefill_compile_min_tokens = compiled, threshold
-    decode(b, wl.prompts()[:runner_batch(b)], args.top, out)
+    sizes = [int(x) for x in args.decode_sizes.split(",")] if args.decode_sizes else [wl.requests]
+    for n in sizes:  # the decode step's fixed cost and its share of attention, by batch size
+        decode(b, wl.prompts()[:min(n, runner_batch(b))], args.top, out)
     b.close()
     if args.out:
         with open(args.out, "w") as f:
