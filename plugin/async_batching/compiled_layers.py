@@ -21,6 +21,12 @@ import torch
 from torch import nn
 
 
+# Extra inductor options of the engine's compiles (torch.compile's ``options``); empty in use. The benchmark variant
+# ``ours_async_combo_kernels`` sets ``combo_kernels`` (independent small kernels of a layer launched as one, e.g. the
+# q and k norms with their rotary embeddings) to measure it.
+COMPILE_OPTIONS: dict = {}
+
+
 def _LOUD():
     """Dynamo's settings for the engine's compiled calls. Every module's compiled call shares the code object of
     ``nn.Module._call_impl``, so its cache holds an entry per module kind and shape, for every engine's model in the
@@ -57,6 +63,8 @@ class CompiledLayers:
     the call only. A model without repeated blocks is compiled whole."""
 
     def __init__(self, model: nn.Module, **compile_kwargs):
+        if COMPILE_OPTIONS:
+            compile_kwargs = {**compile_kwargs, "options": {**compile_kwargs.get("options", {}), **COMPILE_OPTIONS}}
         self.model = model
         self.blocks, self.once = repeated_blocks(model)
         self._whole = None if self.blocks else torch.compile(model, **compile_kwargs)

@@ -522,6 +522,24 @@ class OursAsyncFusedWrite(Ours):
             attention.FUSED_DECODE_WRITE = saved
 
 
+class OursAsyncComboKernels(Ours):
+    """``ours_async`` with inductor's ``combo_kernels`` in the engine's compiles (``compiled_layers.COMPILE_OPTIONS``):
+    independent small kernels of a layer (the q and k norms with their rotary embeddings) launched as one."""
+
+    mode = "async"
+
+    def __init__(self, model, job) -> None:
+        from async_batching import compiled_layers
+
+        saved = dict(compiled_layers.COMPILE_OPTIONS)
+        compiled_layers.COMPILE_OPTIONS["combo_kernels"] = True
+        try:
+            super().__init__(model, job)
+        finally:
+            compiled_layers.COMPILE_OPTIONS.clear()
+            compiled_layers.COMPILE_OPTIONS.update(saved)
+
+
 class OursAsyncGreedy(Ours):
     """``ours_async`` with greedy decoding whatever the workload samples: the reference of a sampled workload (W2s)."""
 
@@ -647,5 +665,6 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_no_window": OursAsyncNoWindow,
     "ours_async_window8": OursAsyncWindow8,
     "ours_async_fused_write": OursAsyncFusedWrite,
+    "ours_async_combo_kernels": OursAsyncComboKernels,
     "ours_async_lightning": OursLightning,
 }
