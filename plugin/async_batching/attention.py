@@ -54,9 +54,9 @@ def paged_attention_forward(module, query, key, value, attention_mask=None, scal
     """transformers attention interface: returns ``(out [1, T, heads, dim], None)``.
 
     Uncompiled, it attends through the ``StepContext`` the forward carries. Under torch.compile it is one opaque op
-    (``async_batching::paged_attention``) taking only tensors and constants, so the model's whole forward stays one
-    graph: no graph break per layer, whose guards and resumed frames cost the host about a millisecond a layer on
-    every compiled prefill step. The op finds the step's context where the model runner put it (``activate``)."""
+    (``async_batching::paged_attention``) taking only tensors and constants, so a compiled decoder layer stays one
+    graph (``compiled_layers.py``): no graph break, whose guards and resumed frames each layer would otherwise pay on
+    every compiled call. The op finds the step's context where the model runner put it (``activate``)."""
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     window = int(kwargs.get("sliding_window") or 0)
     softcap = float(kwargs.get("softcap") or 0.0)

@@ -27,7 +27,7 @@ from torch import nn
 COMPILE_OPTIONS: dict = {}
 
 
-def _LOUD():
+def _dynamo_settings():
     """Dynamo's settings for the engine's compiled calls. Every module's compiled call shares the code object of
     ``nn.Module._call_impl``, so its cache holds an entry per module kind and shape, for every engine's model in the
     process: the default limit (8) would soon leave a layer uncompiled. Past a higher limit, a call raises instead
@@ -81,7 +81,7 @@ class CompiledLayers:
             previous.append(block.__dict__.get("_compiled_call_impl"))
             object.__setattr__(block, "_compiled_call_impl", fn)
         try:
-            with _LOUD():  # a layer that would exceed dynamo's recompile limit raises instead of running uncompiled
+            with _dynamo_settings():  # a layer that would exceed dynamo's recompile limit raises instead of running uncompiled
                 return self.model(*args, **kwargs)
         finally:
             for block, before in zip(self._targets, previous):

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from . import attention, fused_projections
-from .compiled_layers import CompiledLayers
 from .attention import AttentionMetadata, StepContext
+from .compiled_layers import CompiledLayers
 from .kv_cache import HIT_TABLE_ENTRIES, SCRATCH_ROW, LayerSpec, PagedKVCache, block_table_rows
 from .sampling import SAMPLING_INTS_PER_ROW, SamplingInputs, SamplingPlan, SamplingState, sampling_inputs, stage_sampling
 from .scheduler import StepPlan
@@ -127,11 +127,11 @@ class ModelRunner:
                    else "attention_backend 'triton' (Triton not available?)")
             raise ValueError(f"BatcherConfig.cuda_graphs=True needs a CUDA device and the Triton kernel: {why}; "
                              "use cuda_graphs=null (auto) or false")
-        # With ``compile``, decode steps (one query per sequence) call the model compiled once for all batch sizes
-        # (dynamic shapes; compiled in ``warmup`` and graph capture, before any request runs), and the decode graphs
-        # capture that code: fused kernels, no host cost at replay. Prefill and mixed steps run outside the graphs,
-        # so the compiled code's host cost (guards around each layer's attention, milliseconds a step) is paid on
-        # every call: they call the compiled model only when their GPU work clearly outweighs it, at least
+        # With ``compile``, decode steps (one query per sequence) call the model with its layers compiled once for all
+        # batch sizes (``CompiledLayers``: dynamic shapes; compiled in ``warmup`` and graph capture, before any request
+        # runs), and the decode graphs capture that code: fused kernels, no host cost at replay. Prefill and mixed
+        # steps run outside the graphs, so the compiled code's host cost (a guard check and a call per layer) is paid
+        # on every call: they call the compiled model only when their GPU work clearly outweighs it, at least
         # ``prefill_compile_min_tokens`` tokens (``PREFILL_COMPILE_MIN_WORK`` / the model's parameters: about 3,200
         # tokens for a 1B model; never for a 135M one with the default token budget), where fusing the norms, rotary
         # and MLP activations saves more GPU time than the host spends. Smaller ones call the model itself. Auto
