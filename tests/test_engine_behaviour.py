@@ -370,3 +370,15 @@ def test_compiled_layers_are_one_graph_each_shared_by_every_layer_and_only_insid
     assert [r.token_ids for r in out] == [reference(deep, p, 5) for p in prompts]
     assert counters["stats"]["unique_graphs"] == graphs and dict(counters["graph_break"]) == {}
     assert all(m._compiled_call_impl is None for m in [*deep.model.layers, deep.model.norm, deep.model.rotary_emb])
+
+
+def test_no_step_context_stays_active_after_a_forward(model):
+    """The compiled attention op's context (``attention.activate``) is set for each forward and cleared after it, so a
+    closed engine's step state is not kept alive by the thread that ran it."""
+    import async_batching.attention as attn
+
+    b = ContinuousBatcher(model, compile=True)
+    assert getattr(attn._active, "ctx", None) is None  # start-up's warm-up forwards left nothing behind
+    b.generate([[5, 6, 7]], SamplingParams(max_new_tokens=3))
+    assert getattr(attn._active, "ctx", None) is None
+    b.close()

@@ -452,10 +452,15 @@ class ModelRunner:
         return None
 
     def _logits(self, call, ids: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor, kw: dict) -> torch.Tensor:
-        attention.activate(kw.get(attention.STEP_KWARG))  # the compiled attention op's context (attention.py)
-        if self._keep_arg:
-            return call(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep, **kw).logits[0]
-        return call(input_ids=ids, position_ids=pos, use_cache=False, **kw).logits[0].index_select(0, keep)
+        # the compiled attention op's context (attention.py), for this forward only: nothing of the step (its metadata
+        # views of the device buffers) stays referenced from the thread once it returns
+        attention.activate(kw.get(attention.STEP_KWARG))
+        try:
+            if self._keep_arg:
+                return call(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep, **kw).logits[0]
+            return call(input_ids=ids, position_ids=pos, use_cache=False, **kw).logits[0].index_select(0, keep)
+        finally:
+            attention.activate(None)
 
     @torch.no_grad()
     def forward(self, buf: torch.Tensor, lay: StepLayout) -> torch.Tensor:
