@@ -92,6 +92,7 @@ def decode(b, prompts: list[list[int]], top: int, out: dict, reps: int = 50) -> 
     from async_batching import SamplingParams
 
     from bench.profiling import profiled_run
+    from bench.roofline import time_ms
 
     runner = b.runner
     b.generate(prompts, SamplingParams(max_new_tokens=2, ignore_eos=True))
@@ -100,16 +101,7 @@ def decode(b, prompts: list[list[int]], top: int, out: dict, reps: int = 50) -> 
         print(f"\n(no decode graph for {len(prompts)} sequences)")
         return
     graph = runner.graphs[batch][0]
-    for _ in range(5):
-        graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    event_ms = start.elapsed_time(end) / reps
+    event_ms = time_ms(graph.replay, reps, warmup=5)
 
     def replays():
         for _ in range(reps):

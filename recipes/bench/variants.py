@@ -490,54 +490,47 @@ class OursAsyncUnfused(Ours):
         super().__init__(model, job)
 
 
-class OursAsyncGc(Ours):
+class _OursAsyncBuiltWith(Ours):
+    """``ours_async`` with module settings of the engine replaced while it is built (``patches``: (module of
+    async_batching, name) -> value; each read when an engine is built), then restored."""
+
+    mode = "async"
+    patches: dict = {}
+
+    def __init__(self, model, job) -> None:
+        import importlib
+
+        saved = []
+        try:
+            for (module, name), value in self.patches.items():
+                mod = importlib.import_module(f"async_batching.{module}")
+                saved.append((mod, name, getattr(mod, name)))
+                setattr(mod, name, value)
+            super().__init__(model, job)
+        finally:
+            for mod, name, value in reversed(saved):
+                setattr(mod, name, value)
+
+
+class OursAsyncGc(_OursAsyncBuiltWith):
     """``ours_async`` without the garbage-collector freeze after start-up (``gc_freeze.FREEZE`` off while this engine
     is built), to show what the freeze gives alone."""
 
-    mode = "async"
-
-    def __init__(self, model, job) -> None:
-        from async_batching import gc_freeze
-
-        saved, gc_freeze.FREEZE = gc_freeze.FREEZE, False
-        try:
-            super().__init__(model, job)
-        finally:
-            gc_freeze.FREEZE = saved
+    patches = {("gc_freeze", "FREEZE"): False}
 
 
-class OursAsyncFusedWrite(Ours):
+class OursAsyncFusedWrite(_OursAsyncBuiltWith):
     """``ours_async`` with decode steps' K/V written by the attention kernel itself (``attention.FUSED_DECODE_WRITE``,
     read when the engine is built): one write launch a layer fewer in every decode forward."""
 
-    mode = "async"
-
-    def __init__(self, model, job) -> None:
-        from async_batching import attention
-
-        saved, attention.FUSED_DECODE_WRITE = attention.FUSED_DECODE_WRITE, True
-        try:
-            super().__init__(model, job)
-        finally:
-            attention.FUSED_DECODE_WRITE = saved
+    patches = {("attention", "FUSED_DECODE_WRITE"): True}
 
 
-class OursAsyncComboKernels(Ours):
+class OursAsyncComboKernels(_OursAsyncBuiltWith):
     """``ours_async`` with inductor's ``combo_kernels`` in the engine's compiles (``compiled_layers.COMPILE_OPTIONS``):
     independent small kernels of a layer (the q and k norms with their rotary embeddings) launched as one."""
 
-    mode = "async"
-
-    def __init__(self, model, job) -> None:
-        from async_batching import compiled_layers
-
-        saved = dict(compiled_layers.COMPILE_OPTIONS)
-        compiled_layers.COMPILE_OPTIONS["combo_kernels"] = True
-        try:
-            super().__init__(model, job)
-        finally:
-            compiled_layers.COMPILE_OPTIONS.clear()
-            compiled_layers.COMPILE_OPTIONS.update(saved)
+    patches = {("compiled_layers", "COMPILE_OPTIONS"): {"combo_kernels": True}}
 
 
 class OursAsyncGreedy(Ours):
