@@ -533,6 +533,33 @@ class OursAsyncComboKernels(_OursAsyncBuiltWith):
     patches = {("compiled_layers", "COMPILE_OPTIONS"): {"combo_kernels": True}}
 
 
+class OursAsyncCoordinateDescent(_OursAsyncBuiltWith):
+    """``ours_async`` with inductor's ``coordinate_descent_tuning`` in the engine's compiles: each generated pointwise
+    and reduction kernel's launch (block sizes, warps) tuned at start-up on its first shapes."""
+
+    patches = {("compiled_layers", "COMPILE_OPTIONS"): {"coordinate_descent_tuning": True}}
+
+
+class OursAsyncCublasLt(OursAsync):
+    """``ours_async`` with cuBLASLt as torch's preferred BLAS library (``torch.backends.cuda.preferred_blas_library``)
+    while the engine is built (the products captured in its decode graphs) and runs, restored at close."""
+
+    def __init__(self, model, job) -> None:
+        self._blas = torch.backends.cuda.preferred_blas_library()
+        torch.backends.cuda.preferred_blas_library("cublaslt")
+        try:
+            super().__init__(model, job)
+        except BaseException:
+            torch.backends.cuda.preferred_blas_library(self._blas)
+            raise
+
+    def close(self):
+        try:
+            super().close()
+        finally:
+            torch.backends.cuda.preferred_blas_library(self._blas)
+
+
 class OursAsyncGreedy(Ours):
     """``ours_async`` with greedy decoding whatever the workload samples: the reference of a sampled workload (W2s)."""
 
@@ -659,5 +686,7 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_window8": OursAsyncWindow8,
     "ours_async_fused_write": OursAsyncFusedWrite,
     "ours_async_combo_kernels": OursAsyncComboKernels,
+    "ours_async_coordinate_descent": OursAsyncCoordinateDescent,
+    "ours_async_cublaslt": OursAsyncCublasLt,
     "ours_async_lightning": OursLightning,
 }
