@@ -2,7 +2,7 @@
 # One device call's worth of GPU work on an H200, logs and tables under $OUT; the tables are printed last.
 #   bash recipes/run_on_h200.sh STEP [STEP ...]      one step per device call: each is sized for a 10-minute command
 # Steps (expected minutes on one H200, machine start and transfers excluded):
-#   tests (~7)  the GPU tests (-m "gpu and not slow") and the Triton kernel tests, natively on CUDA
+#   tests (~10) the GPU tests (-m "gpu and not slow") and the Triton kernel tests, natively on CUDA (GPU_TESTS_SHARD)
 #   soak (~6)   the 5-minute GPU soak (SOAK_SECONDS)
 #   w1 (~7) w2 (~7) w3 (~4)   the published workloads, plus ours_async_no_prefix_cache (issue 11: within 2%)
 #   w2s (~4)    W2 sampled; ours_async sampled beside ours_async_greedy (issue 9: ratio >= 0.90)
@@ -33,7 +33,8 @@
 # five helpers, chardet, pytz, rouge-score, nltk, defusedxml, sqlitedict, word2number). `bash recipes/fetch_wheels.sh`
 # (add `eval` for lm_eval's) downloads them into .whl/ once, on a machine with a registry; this script installs them
 # once per machine into /tmp/site.
-# Knobs: GPU_TESTS_K (tests: a pytest -k filter), GPU_TESTS_S (tests: time limit, 560 s), GPU_TESTS_WORKERS=2 (tests:
+# Knobs: GPU_TESTS_K (tests: a pytest -k filter), GPU_TESTS_S (tests: time limit, 560 s), GPU_TESTS_SHARD=i/n (tests: every
+# n-th test from the i-th; the whole GPU suite takes more than one call since session 10: run 1/2 and 2/2), GPU_TESTS_WORKERS=2 (tests:
 # one pytest-xdist worker per GPU of the nvidia-h200-x2 kind; the TP tests then skip: step tp runs them), TRITON_TESTS=0 (tests: skip
 # the native run of the kernel tests), BENCH_ARGS (extra Hydra overrides for every benchmark step), FIRST_CALL=1 (first vs repeated call in every
 # step, not just w4 and w7), STEP_S (hard limit of one benchmark step, 560 s), EVAL_ARGS (more eval_bench.py arguments),
@@ -81,7 +82,9 @@ for what in "$@"; do
     tests) # -m "gpu and not slow": the soak is its own step; the unmarked kernel tests run natively when CUDA is there
       workers=${GPU_TESTS_WORKERS:-1}  # > 1: one pytest-xdist worker per GPU (AB_TEST_GPUS, tests/conftest.py)
       [ "$workers" -gt 1 ] && xdist=(-n "$workers" --dist load) || xdist=()
-      AB_TEST_GPUS=$([ "$workers" -gt 1 ] && echo "$workers") timeout -k 15 "${GPU_TESTS_S:-560}" python3 -m pytest -q \
+      # failures printed as they happen and a stack dump of a test past 240 s: a limit may cut the summary off
+      AB_INSTAFAIL=1 AB_TEST_SHARD=${GPU_TESTS_SHARD:-} AB_TEST_GPUS=$([ "$workers" -gt 1 ] && echo "$workers") \
+        timeout -k 15 "${GPU_TESTS_S:-560}" python3 -m pytest -q -o faulthandler_timeout=240 \
         -p no:cacheprovider --continue-on-collection-errors "${xdist[@]}" -m "gpu and not slow" \
         ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} tests/ > "$OUT/gpu_tests.log" 2>&1; tail -15 "$OUT/gpu_tests.log"
       SUMMARIES+=("$OUT/gpu_tests.log")

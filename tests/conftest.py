@@ -26,6 +26,28 @@ except ImportError:
     sys.path.insert(0, os.path.join(REPO, "plugin"))
 
 
+def pytest_collection_modifyitems(config, items):
+    """AB_TEST_SHARD=i/n (run_on_h200.sh tests, GPU_TESTS_SHARD): keep every n-th selected test from the i-th, so a
+    suite longer than one device call runs as n calls."""
+    shard = os.environ.get("AB_TEST_SHARD")
+    if not shard:
+        return
+    i, n = (int(x) for x in shard.split("/"))
+    if not 1 <= i <= n:
+        raise pytest.UsageError(f"AB_TEST_SHARD={shard}: want i/n with 1 <= i <= n")
+    kept = [item for k, item in enumerate(items) if k % n == i - 1]
+    config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+    items[:] = kept
+
+
+def pytest_runtest_logreport(report):
+    """AB_INSTAFAIL=1: a failure's traceback is printed as soon as it happens, not in the summary at the end, which a
+    device call's time limit may never reach."""
+    if report.failed and os.environ.get("AB_INSTAFAIL") == "1":
+        sys.stdout.write(f"\n===== FAILED {report.nodeid} ({report.when})\n{report.longreprtext}\n=====\n")
+        sys.stdout.flush()
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> str:
     return REPO

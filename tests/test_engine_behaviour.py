@@ -326,6 +326,29 @@ def test_engine_freezes_the_garbage_collector_after_start_up_and_its_close_gives
         gc.enable()
 
 
+def test_an_engine_dropped_inside_a_reference_cycle_stays_frozen_until_collect_all_frees_it(model):
+    """An engine kept only by a reference cycle (here: itself), frozen when a later engine started, survives a plain
+    gc.collect(); gc_freeze.collect_all, which a new engine calls before sizing its cache from free memory, frees it
+    and leaves the live engine frozen and working."""
+    import gc
+    import weakref
+
+    from async_batching import gc_freeze
+
+    dropped = ContinuousBatcher(model, num_blocks=32)
+    dropped.cycle = dropped  # e.g. an exception kept with the traceback of one of its frames
+    gone, runner = weakref.ref(dropped), weakref.ref(dropped.runner)
+    live = ContinuousBatcher(model, num_blocks=32)  # freezes everything, the dropped engine's cycle included
+    del dropped
+    gc.collect()
+    assert gone() is not None and runner() is not None, "a frozen cycle is not collected by gc.collect()"
+    assert gc_freeze.collect_all() > 0
+    assert gone() is None and runner() is None
+    assert gc.get_freeze_count() > 0  # the live engine's objects are frozen again
+    assert live.generate([[5, 6, 7]], SamplingParams(max_new_tokens=3))[0].token_ids == reference(model, [5, 6, 7], 3, eos=2)
+    live.close()
+
+
 def test_default_token_budget_grows_for_small_models_on_cuda_only(model):
     """max_batch_tokens=None: 16,384, doubled on CUDA until a step holds AUTO_BATCH_WORK tokens x parameters, at
     most 65,536 (W1's 135M model: 65,536; W7's 596M: 16,384); the engine reports the value it chose."""

@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import attention, fused_projections
+from . import attention, fused_projections, gc_freeze
 from .attention import AttentionMetadata, StepContext
 from .compiled_layers import CompiledLayers
 from .kv_cache import HIT_TABLE_ENTRIES, SCRATCH_ROW, LayerSpec, PagedKVCache, block_table_rows
@@ -225,9 +225,9 @@ class ModelRunner:
     def _auto_num_blocks(self) -> int:
         per_block = PagedKVCache.bytes_per_block(self.layers, self.block_size, self.dtype)
         if self.device.type == "cuda":
-            import gc
-
-            gc.collect()  # memory a previous engine cached but no longer uses counts as free
+            # memory a previous engine held but no longer uses counts as free, even one dropped without close() and
+            # kept by a reference cycle that gc_freeze froze
+            gc_freeze.collect_all()
             torch.cuda.empty_cache()
             free, _total = torch.cuda.mem_get_info(self.device)
             hidden = getattr(self.model.config, "hidden_size", 4096)
@@ -638,8 +638,12 @@ class ModelRunner:
             if impl is not None:
                 log.info("%s: decode graphs run the experts with transformers' %r (%s)", type(self.model).__name__,
                          impl, _why(own_error))
+            own_error = None  # the exception's traceback holds this frame (and self): no cycle left behind
             return impl
-        raise own_error
+        try:
+            raise own_error
+        finally:
+            own_error = None
 
 
 # Prefill and mixed steps call the compiled model when tokens x parameters reach this (about 8 TFLOP of matrix
