@@ -1,5 +1,7 @@
 """Stop conditions, seeded sampling, logprobs, streaming, incremental submission and cancellation."""
 
+import functools
+
 import pytest
 import torch
 
@@ -393,6 +395,48 @@ def test_compiled_layers_are_one_graph_each_shared_by_every_layer_and_only_insid
     assert [r.token_ids for r in out] == [reference(deep, p, 5) for p in prompts]
     assert counters["stats"]["unique_graphs"] == graphs and dict(counters["graph_break"]) == {}
     assert all(m._compiled_call_impl is None for m in [*deep.model.layers, deep.model.norm, deep.model.rotary_emb])
+
+
+def test_prefill_steps_compiled_in_graphs_of_their_own_are_first_traced_on_a_full_budget_step(monkeypatch):
+    """PREFILL_OWN_COMPILE: prefill steps call layers compiled through a frame of their own, so their graphs are not
+    the decode steps' ones; the first prefill graph sees a step of the whole token budget (inductor sizes its kernels'
+    launches from the first shapes), the decode graphs a few rows. Nothing compiles during the run, no compiled
+    kind is dropped, and the tokens equal generate's."""
+    import async_batching.compiled_layers as cl
+    import async_batching.model_runner as mr
+
+    traced: list[tuple[str, set]] = []  # (which compile, the token counts of the graph's [1, T, ...] inputs)
+    real_compile = torch.compile
+
+    def recording_compile(fn, **kwargs):
+        kind = "prefill" if isinstance(fn, functools.partial) and fn.func is cl._own_frame else "decode"
+
+        def backend(gm, example_inputs):
+            tokens = {t.shape[1] for t in example_inputs if isinstance(t, torch.Tensor) and t.dim() == 3
+                      and t.shape[0] == 1}
+            traced.append((kind, tokens))
+            return gm.forward
+
+        return real_compile(fn, **{k: v for k, v in kwargs.items() if k != "options"}, backend=backend)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    monkeypatch.setattr(mr, "PREFILL_COMPILE_MIN_WORK", 1.0)
+    monkeypatch.setattr(mr, "PREFILL_OWN_COMPILE", True)
+    torch._dynamo.reset()  # and again at the end: the recording backend's graphs stay out of later tests' caches
+    m = tiny_model("llama", num_hidden_layers=3)
+    b = ContinuousBatcher(m, compile=True, max_batch_tokens=96, max_num_seqs=4)
+    assert b.runner._compiled_pf is not None and b.runner._compiled_pf is not b.runner._compiled
+    seen = {kind: set().union(*(t for k, t in traced if k == kind)) for kind in ("decode", "prefill")}
+    budget_step = 3 * 96  # the warm-up's prefill step: q_len = min(128, budget) = 96, max(3, budget // q_len) sequences
+    assert seen["prefill"] == {budget_step} and max(seen["decode"]) <= 3, traced
+    compiled_at_start = len(traced)
+    prompts = mixed_prompts(6, lo=5, hi=80, seed=8)
+    out = b.generate(prompts, SamplingParams(max_new_tokens=5))
+    assert [r.token_ids for r in out] == [reference(m, p, 5) for p in prompts]
+    assert len(traced) == compiled_at_start, traced[compiled_at_start:]
+    assert b.runner._compiled is not None and b.runner._compiled_prefill
+    b.close()
+    torch._dynamo.reset()
 
 
 def test_no_step_context_stays_active_after_a_forward(model):

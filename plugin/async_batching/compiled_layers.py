@@ -15,6 +15,7 @@ place and takes it away again): the user's model, called anywhere else, runs its
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Optional
 
 import torch
@@ -57,21 +58,36 @@ def repeated_blocks(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]
     return best, siblings
 
 
+def _own_frame(module: nn.Module, *args, **kwargs):
+    """A module's call through a code object of its own (see ``CompiledLayers``' ``own_frame``)."""
+    return module._call_impl(*args, **kwargs)
+
+
 class CompiledLayers:
     """Calls the model with each of its repeated blocks' calls compiled (``torch.compile(dynamic=True)`` of the
     block's ``_call_impl``, what ``nn.Module.compile`` does), and those of the blocks' siblings, for the duration of
-    the call only. A model without repeated blocks is compiled whole."""
+    the call only. A model without repeated blocks is compiled whole.
 
-    def __init__(self, model: nn.Module, **compile_kwargs):
+    ``own_frame``: compile through ``_own_frame`` instead. Dynamo keeps its graphs per code object, and every module's
+    ``_call_impl`` shares one, so without it all compiles of a layer kind share their graphs; the graph compiled first
+    fixes its kernels' launch configurations (inductor takes its size hints from the first shapes, and autotunes at the
+    first call). The model runner's prefill steps use their own frame so that their kernels are tuned on a prefill
+    step's shapes, not on the few rows of the decode steps compiled before them."""
+
+    def __init__(self, model: nn.Module, own_frame: bool = False, **compile_kwargs):
         if COMPILE_OPTIONS:
             compile_kwargs = {**compile_kwargs, "options": {**compile_kwargs.get("options", {}), **COMPILE_OPTIONS}}
         self.model = model
         self.blocks, self.once = repeated_blocks(model)
-        self._whole = None if self.blocks else torch.compile(model, **compile_kwargs)
+        if self.blocks:
+            self._whole = None
+        else:
+            self._whole = torch.compile(functools.partial(_own_frame, model) if own_frame else model, **compile_kwargs)
         # the layers, then the modules called once a forward: in decode graphs their uncompiled kernels (a norm of
         # five, the rotary embedding's) cost a 135M model's decode step 0.14 ms on an H200
         self._targets = self.blocks + self.once
-        self._fns = [torch.compile(m._call_impl, **compile_kwargs) for m in self._targets]
+        self._fns = [torch.compile(functools.partial(_own_frame, m) if own_frame else m._call_impl, **compile_kwargs)
+                     for m in self._targets]
 
     def __call__(self, *args, **kwargs):
         if self._whole is not None:

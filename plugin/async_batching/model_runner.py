@@ -143,6 +143,11 @@ class ModelRunner:
         # Off for good if a prefill step would compile during a run; never on where no step reaches the threshold
         # (nothing to compile at start-up then: W1's 135M model saved 12 s of start-up and the compiled code's objects).
         self._compiled_prefill = self.compile and self.prefill_compile_min_tokens <= config.max_batch_tokens
+        # PREFILL_OWN_COMPILE: prefill steps through graphs of their own, compiled first on a full-budget step, so
+        # inductor sizes their kernels' launches for prefill shapes (see CompiledLayers' own_frame); else they share
+        # the decode steps' graphs, whose kernels were sized for a few rows.
+        self._compiled_pf = (CompiledLayers(model, own_frame=True, dynamic=True)
+                             if self._compiled_prefill and PREFILL_OWN_COMPILE else None)
         # Decode windows (BatcherConfig.decode_window): auto where decode steps replay graphs, whose host cost is
         # the engine's own; one step at a time under tensor parallelism (each step's tokens are agreed by the group).
         window = config.decode_window if config.decode_window is not None else (
@@ -435,11 +440,12 @@ class ModelRunner:
         no longer passes, e.g. a hook added after start-up) stalls the job for as long as compiling takes, so the
         engine drops that kind of compiled step instead (a decode step: all compiled code), says why once, and runs
         this and later steps of that kind uncompiled."""
+        model = self._compiled_pf if kind == "prefill" and self._compiled_pf is not None else self._compiled
         if not self._running:  # warm-up and capture: compiling is what they are for
-            return self._logits(self._compiled, ids, pos, keep, kw)
+            return self._logits(model, ids, pos, keep, kw)
         try:
             with torch.compiler.set_stance("fail_on_recompile"):
-                return self._logits(self._compiled, ids, pos, keep, kw)
+                return self._logits(model, ids, pos, keep, kw)
         except RuntimeError as e:
             if "Detected recompile" not in str(e):
                 raise
@@ -564,16 +570,23 @@ class ModelRunner:
     def _compile_prefill(self) -> None:
         """Compile the prefill/mixed-step forward: token and kept-row counts independent (the decode code has one
         size for both), with 0, 1 and more kept rows (a step whose chunks all end mid-prompt keeps none; torch.compile
-        specialises sizes 0 and 1). Failing that, prefill steps stay eager."""
+        specialises sizes 0 and 1). Failing that, prefill steps stay eager. With graphs of their own
+        (``PREFILL_OWN_COMPILE``) the first call is a step of the full token budget: inductor takes its kernels' size
+        hints from it and autotunes their launches on it."""
+        if self._compiled_pf is not None:
+            q_len = max(1, min(128, self.max_model_len, self.config.max_batch_tokens))
+            num_seqs, model = max(3, self.config.max_batch_tokens // q_len), self._compiled_pf
+        else:
+            q_len, num_seqs, model = 8, 3, self._compiled
         try:
             with self._untimed_mode(), self.installed():  # inputs made inside too: compiled code checks inference mode
-                lay, buf = self._scratch_step(3, 8)
+                lay, buf = self._scratch_step(num_seqs, q_len)
                 ids = self._seg(buf, lay, "input_ids").long()[None]
                 pos = self._seg(buf, lay, "positions").long()[None]
                 keep = self._seg(buf, lay, "logits_idx").long()
                 self.ctx.meta = self._metadata(buf, lay)
                 for kept in (0, 1, 3):
-                    self._logits(self._compiled, ids, pos, keep[:kept], {attention.STEP_KWARG: self.ctx})
+                    self._logits(model, ids, pos, keep[:kept], {attention.STEP_KWARG: self.ctx})
         except Exception as e:  # noqa: BLE001 -- as _compile_decode
             self._compiled_prefill = False
             log.warning("%s: prefill steps run uncompiled: %s", type(self.model).__name__, _why(e))
@@ -649,6 +662,11 @@ class ModelRunner:
 # Prefill and mixed steps call the compiled model when tokens x parameters reach this (about 8 TFLOP of matrix
 # products, ~10 ms on an H200): the compiled code's host cost, a few milliseconds a step, then hides behind the GPU.
 PREFILL_COMPILE_MIN_WORK = 4e12
+# Prefill steps compiled apart from decode steps, first on a full-budget step (CompiledLayers' own_frame): on an H200
+# (session 11, step_probe.py), the fused pointwise and norm kernels of a compiled prefill step ran at 1.3-2.5 TB/s
+# (W7: 16 of 43 GPU ms a 16k-token step; W1: 21 of 50 ms a 65k-token step), having been sized for the decode
+# steps' few rows. Off until measured (benchmark variant ours_async_prefill_own_compile).
+PREFILL_OWN_COMPILE = False
 DECODE_WINDOW = 4  # BatcherConfig.decode_window's default where decode steps replay CUDA graphs
 # The step token budget's default (BatcherConfig.max_batch_tokens=None). A prefill step's host cost is the model's
 # layers called once (eager: about 30-40 ms for a 30-layer model on the H200 machine's host) whatever its tokens;

@@ -540,6 +540,13 @@ class OursAsyncCoordinateDescent(_OursAsyncBuiltWith):
     patches = {("compiled_layers", "COMPILE_OPTIONS"): {"coordinate_descent_tuning": True}}
 
 
+class OursAsyncPrefillOwnCompile(_OursAsyncBuiltWith):
+    """``ours_async`` with prefill steps compiled in graphs of their own, first on a full-budget step
+    (``model_runner.PREFILL_OWN_COMPILE``): their fused kernels' launches sized for prefill shapes, not decode rows."""
+
+    patches = {("model_runner", "PREFILL_OWN_COMPILE"): True}
+
+
 class OursAsyncCublasLt(OursAsync):
     """``ours_async`` with cuBLASLt as torch's preferred BLAS library (``torch.backends.cuda.preferred_blas_library``)
     while the engine is built (the products captured in its decode graphs) and runs, restored at close."""
@@ -688,5 +695,6 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_combo_kernels": OursAsyncComboKernels,
     "ours_async_coordinate_descent": OursAsyncCoordinateDescent,
     "ours_async_cublaslt": OursAsyncCublasLt,
+    "ours_async_prefill_own_compile": OursAsyncPrefillOwnCompile,
     "ours_async_lightning": OursLightning,
 }
