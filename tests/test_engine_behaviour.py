@@ -219,9 +219,13 @@ def _run_with_a_layer_changed_after_start_up(model, caplog):
     return b, prompts, [r.getMessage() for r in caplog.records]
 
 
-def test_a_decode_step_that_would_compile_mid_run_runs_uncompiled_with_one_warning(model, caplog):
+def test_a_decode_step_that_would_compile_mid_run_runs_uncompiled_with_one_warning(model, caplog, monkeypatch):
     """A module's state changed after start-up fails the compiled code's guards: instead of compiling in the middle of the run,
-    the engine drops its compiled code, logs why once, and its tokens still equal generate's."""
+    the engine drops its compiled code, logs why once, and its tokens still equal generate's. (Prefill steps run
+    uncompiled here, below a work threshold: the next test has both kinds.)"""
+    import async_batching.model_runner as mr
+
+    monkeypatch.setattr(mr, "PREFILL_COMPILE_MIN_WORK", 4e12)
     b, _, lines = _run_with_a_layer_changed_after_start_up(model, caplog)
     assert len(lines) == 1 and lines[0].startswith("LlamaForCausalLM: a decode step of 4 sequences would compile "
                                                    "again during the run; decode steps run uncompiled from now on"), lines
@@ -234,7 +238,7 @@ def _count_compiled_calls(b, monkeypatch) -> dict:
     runner, logits = b.runner, b.runner._logits
 
     def spy(call, ids, pos, keep, kw):
-        kind = ("eager" if call is not runner._compiled
+        kind = ("eager" if call not in (runner._compiled, runner._compiled_pf)
                 else "decode" if kw[STEP_KWARG].meta.max_query_len == 1 else "prefill")
         calls[kind] += 1
         return logits(call, ids, pos, keep, kw)
@@ -283,12 +287,15 @@ def test_compiled_forward_matches_generate_with_chunking_and_preemption(model, m
         assert calls["prefill"] > 0 and calls["decode"] > 0 and calls["eager"] == 0, calls
 
 
-def test_prefill_steps_below_the_work_threshold_call_the_model_uncompiled_and_are_not_compiled(model, monkeypatch):
-    """The default threshold: a tiny model's prefill steps are far below it (their GPU work would not hide the
-    compiled code's host cost), so they run uncompiled while decode steps run compiled, and start-up spends nothing
-    on compiling them."""
+def test_prefill_steps_below_a_work_threshold_call_the_model_uncompiled_and_are_not_compiled(model, monkeypatch):
+    """With a work threshold (sessions 5-10's, 4e12; the default is 0 since the compiled layers cost the host less
+    than uncompiled ones): a tiny model's prefill steps are far below it, so they run uncompiled while decode steps
+    run compiled, and start-up spends nothing on compiling them."""
     import async_batching.model_runner as mr
 
+    assert mr.PREFILL_COMPILE_MIN_WORK == 0.0
+    assert ContinuousBatcher(model, compile=True, max_batch_tokens=48).runner.prefill_compile_min_tokens == 1
+    monkeypatch.setattr(mr, "PREFILL_COMPILE_MIN_WORK", 4e12)
     warmed = []
     monkeypatch.setattr(mr.ModelRunner, "_compile_prefill", lambda self: warmed.append(self))
     b = ContinuousBatcher(model, compile=True, max_batch_tokens=48)

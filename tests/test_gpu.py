@@ -266,8 +266,8 @@ def test_async_stress_random_lengths_small_cache():
 def test_nothing_compiles_during_a_run(monkeypatch):
     """Every kernel variant is compiled at start-up: a run of every step shape (long prompts in chunks, decode at many
     batch sizes, n samples, scoring) adds no Triton variant of the attention kernels, and no torch.compile graph:
-    uncompiled, compiled (decode steps; this small model's prefill steps stay below the work threshold), and compiled
-    with every prefill step through the compiled model too."""
+    uncompiled, compiled (the default: every step through the compiled layers), and compiled with sessions 5-10's
+    work threshold, below which this small model's prefill steps stay uncompiled."""
     import async_batching.model_runner as mr
     from torch._dynamo.utils import counters
 
@@ -286,8 +286,9 @@ def test_nothing_compiles_during_a_run(monkeypatch):
     params = [p if not (p.top_k and p.min_p) else SamplingParams(**{**p.__dict__, "min_p": 0.0}) for p in params]
     pairs = [(p[:rng.randint(1, len(p))], [5, 6, 7]) for p in prompts[:20]]
     earlier = []
-    for compile_, min_work in ((False, None), (True, None), (True, 1.0)):
-        monkeypatch.setattr(mr, "PREFILL_COMPILE_MIN_WORK", min_work or mr.PREFILL_COMPILE_MIN_WORK)
+    default_work = mr.PREFILL_COMPILE_MIN_WORK  # every prefill step compiled; 4e12: sessions 5-10's threshold
+    for compile_, min_work in ((False, None), (True, None), (True, 4e12)):
+        monkeypatch.setattr(mr, "PREFILL_COMPILE_MIN_WORK", default_work if min_work is None else min_work)
         # Variants compiled by earlier tests in this process would hide one that only this engine's start-up misses:
         # forget them (kept alive in ``earlier``: graphs captured by other engines may still launch them).
         for fn in triton_paged_attention.KERNELS + triton_sampling.KERNELS:
@@ -295,7 +296,7 @@ def test_nothing_compiles_during_a_run(monkeypatch):
                 earlier.append(dict(cache[0]))
                 cache[0].clear()
         b = ContinuousBatcher(model, compile=compile_, max_batch_tokens=1024, max_num_seqs=64)
-        assert (b.runner.prefill_compile_min_tokens == 1) == (min_work is not None)
+        assert (b.runner.prefill_compile_min_tokens == 1) == (min_work is None)
         variants, graphs = compiled_variants(), counters["stats"]["unique_graphs"]
         draws = triton_sampling.compiled_variants()
         b.generate(prompts, params)
@@ -303,8 +304,8 @@ def test_nothing_compiles_during_a_run(monkeypatch):
         assert compiled_variants() == variants, f"a Triton kernel compiled during the run (compile={compile_})"
         assert triton_sampling.compiled_variants() == draws, "a sampling kernel compiled during the run"
         assert counters["stats"]["unique_graphs"] == graphs, "torch.compile compiled during the run"
-        # Compiled prefill: on where a step can reach the threshold (min_work=1), and it did not fall back.
-        assert b.runner._compiled_prefill == (compile_ and min_work is not None), "compiled prefill fell back"
+        # Compiled prefill: on where a step can reach the threshold (the default), and it did not fall back.
+        assert b.runner._compiled_prefill == (compile_ and min_work is None), "compiled prefill fell back"
         b.close()
 
 

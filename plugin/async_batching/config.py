@@ -35,8 +35,8 @@ class BatcherConfig:
     decode_window: Optional[int] = None
     cuda_graphs: Optional[bool] = None  # None: on for CUDA, off elsewhere
     cuda_graph_max_batch: int = 512
-    # torch.compile the model (dynamic shapes, compiled at start-up) for decode steps (the decode graphs capture it)
-    # and for prefill/mixed steps large enough to hide its host cost (model_runner.PREFILL_COMPILE_MIN_WORK).
+    # torch.compile the model's layers (dynamic shapes, compiled at start-up) for decode steps (the decode graphs
+    # capture them) and for prefill/mixed steps (model_runner.PREFILL_COMPILE_MIN_WORK: all of them since session 11).
     # None: on where decode steps run in CUDA graphs (CUDA with the Triton kernel), off elsewhere.
     compile: Optional[bool] = None
     attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere

@@ -131,17 +131,15 @@ class ModelRunner:
         # batch sizes (``CompiledLayers``: dynamic shapes; compiled in ``warmup`` and graph capture, before any request
         # runs), and the decode graphs capture that code: fused kernels, no host cost at replay. Prefill and mixed
         # steps run outside the graphs, so the compiled code's host cost (a guard check and a call per layer) is paid
-        # on every call: they call the compiled model only when their GPU work clearly outweighs it, at least
-        # ``prefill_compile_min_tokens`` tokens (``PREFILL_COMPILE_MIN_WORK`` / the model's parameters: about 3,200
-        # tokens for a 1B model; never for a 135M one with the default token budget), where fusing the norms, rotary
-        # and MLP activations saves more GPU time than the host spends. Smaller ones call the model itself. Auto
-        # (None): on with decode graphs, where replay hides the compiled code's host cost; uncompiled decode steps
-        # on the CPU are host-bound, and compiling would only add start-up time.
+        # on every call; it is below an uncompiled forward's (``PREFILL_COMPILE_MIN_WORK``), so they call the
+        # compiled model too, from ``prefill_compile_min_tokens`` tokens (``PREFILL_COMPILE_MIN_WORK`` / the model's
+        # parameters: 1 by default). Auto (None): on with decode graphs, where replay hides the compiled code's host
+        # cost; uncompiled decode steps on the CPU are host-bound, and compiling would only add start-up time.
         self.compile = self.want_graphs if config.compile is None else bool(config.compile)
         self._compiled = CompiledLayers(model, dynamic=True) if self.compile else None
         self.prefill_compile_min_tokens = max(1, int(min(PREFILL_COMPILE_MIN_WORK / _param_count(model), 2 ** 62)))
         # Off for good if a prefill step would compile during a run; never on where no step reaches the threshold
-        # (nothing to compile at start-up then: W1's 135M model saved 12 s of start-up and the compiled code's objects).
+        # (nothing to compile at start-up then).
         self._compiled_prefill = self.compile and self.prefill_compile_min_tokens <= config.max_batch_tokens
         # PREFILL_OWN_COMPILE: prefill steps through graphs of their own, compiled first on a full-budget step, so
         # inductor sizes their kernels' launches for prefill shapes (see CompiledLayers' own_frame); else they share
@@ -659,9 +657,13 @@ class ModelRunner:
             own_error = None
 
 
-# Prefill and mixed steps call the compiled model when tokens x parameters reach this (about 8 TFLOP of matrix
-# products, ~10 ms on an H200): the compiled code's host cost, a few milliseconds a step, then hides behind the GPU.
-PREFILL_COMPILE_MIN_WORK = 4e12
+# Prefill and mixed steps call the compiled model when tokens x parameters reach this. Sessions 5-10 used 4e12 (~8
+# TFLOP of matrix products), when a compiled forward broke its graph at every attention call and cost the host more
+# than an uncompiled one. With the layers compiled whole (session 10) it costs less, and its GPU time is lower too:
+# one step on an H200 (session 11, step_probe.py), compiled vs uncompiled, wall ms: W7 (0.6B) 1,688 tokens 20.5 vs
+# 33.6, 15,705 tokens 50.3 vs 94.3; W1 (135M) 8,073 tokens 23.9 vs 31.1, 65,065 tokens 72.1 vs 122.9 (host ms of the
+# forward 25-30 vs 35-54). So every prefill step runs compiled; the threshold stays as a knob for the benchmark.
+PREFILL_COMPILE_MIN_WORK = 0.0
 # Prefill steps compiled apart from decode steps, first on a full-budget step (CompiledLayers' own_frame): on an H200
 # (session 11, step_probe.py), the fused pointwise and norm kernels of a compiled prefill step ran at 1.3-2.5 TB/s
 # (W7: 16 of 43 GPU ms a 16k-token step; W1: 21 of 50 ms a 65k-token step), having been sized for the decode
