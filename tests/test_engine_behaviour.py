@@ -404,15 +404,13 @@ def test_compiled_layers_are_one_graph_each_shared_by_every_layer_and_only_insid
     assert all(m._compiled_call_impl is None for m in [*deep.model.layers, deep.model.norm, deep.model.rotary_emb])
 
 
-def test_prefill_steps_compiled_in_graphs_of_their_own_are_first_traced_on_a_full_budget_step(monkeypatch):
-    """PREFILL_OWN_COMPILE: prefill steps call layers compiled through a frame of their own, so their graphs are not
-    the decode steps' ones; the first prefill graph sees a step of the whole token budget (inductor sizes its kernels'
-    launches from the first shapes), the decode graphs a few rows. Nothing compiles during the run, no compiled
-    kind is dropped, and the tokens equal generate's."""
+def _record_traces(monkeypatch) -> list[tuple[str, set]]:
+    """torch.compile replaced by one whose backend records each graph it is given: (which compile: "prefill" for
+    CompiledLayers' own frame, else "decode"; the token counts T of the graph's [1, T, ...] example inputs, i.e. the
+    shapes the graph is first traced on, from which inductor sizes its kernels), then runs it eagerly."""
     import async_batching.compiled_layers as cl
-    import async_batching.model_runner as mr
 
-    traced: list[tuple[str, set]] = []  # (which compile, the token counts of the graph's [1, T, ...] inputs)
+    traced: list[tuple[str, set]] = []
     real_compile = torch.compile
 
     def recording_compile(fn, **kwargs):
@@ -427,15 +425,16 @@ def test_prefill_steps_compiled_in_graphs_of_their_own_are_first_traced_on_a_ful
         return real_compile(fn, **{k: v for k, v in kwargs.items() if k != "options"}, backend=backend)
 
     monkeypatch.setattr(torch, "compile", recording_compile)
-    monkeypatch.setattr(mr, "PREFILL_COMPILE_MIN_WORK", 1.0)
-    monkeypatch.setattr(mr, "PREFILL_OWN_COMPILE", True)
-    torch._dynamo.reset()  # and again at the end: the recording backend's graphs stay out of later tests' caches
-    m = tiny_model("llama", num_hidden_layers=3)
-    b = ContinuousBatcher(m, compile=True, max_batch_tokens=96, max_num_seqs=4)
-    assert b.runner._compiled_pf is not None and b.runner._compiled_pf is not b.runner._compiled
-    seen = {kind: set().union(*(t for k, t in traced if k == kind)) for kind in ("decode", "prefill")}
-    budget_step = 3 * 96  # the warm-up's prefill step: q_len = min(128, budget) = 96, max(3, budget // q_len) sequences
-    assert seen["prefill"] == {budget_step} and max(seen["decode"]) <= 3, traced
+    torch._dynamo.reset()  # and again at the end of the test: the recording graphs stay out of later tests' caches
+    return traced
+
+
+def _seen_tokens(traced) -> dict:
+    return {kind: set().union(*(t for k, t in traced if k == kind)) for kind in ("decode", "prefill")}
+
+
+def _run_compiled_without_new_graphs(b, m, traced) -> None:
+    """A run of prompts of mixed lengths: tokens equal generate's, no graph compiled, no compiled kind dropped."""
     compiled_at_start = len(traced)
     prompts = mixed_prompts(6, lo=5, hi=80, seed=8)
     out = b.generate(prompts, SamplingParams(max_new_tokens=5))
@@ -444,6 +443,39 @@ def test_prefill_steps_compiled_in_graphs_of_their_own_are_first_traced_on_a_ful
     assert b.runner._compiled is not None and b.runner._compiled_prefill
     b.close()
     torch._dynamo.reset()
+
+
+def test_prefill_steps_compiled_in_graphs_of_their_own_are_first_traced_on_a_full_budget_step(monkeypatch):
+    """PREFILL_OWN_COMPILE: prefill steps call layers compiled through a frame of their own, so their graphs are not
+    the decode steps' ones; the first prefill graph sees a step of the whole token budget (inductor sizes its kernels'
+    launches from the first shapes), the decode graphs a few rows. Nothing compiles during the run, no compiled
+    kind is dropped, and the tokens equal generate's."""
+    import async_batching.model_runner as mr
+
+    traced = _record_traces(monkeypatch)
+    monkeypatch.setattr(mr, "PREFILL_OWN_COMPILE", True)
+    m = tiny_model("llama", num_hidden_layers=3)
+    b = ContinuousBatcher(m, compile=True, max_batch_tokens=96, max_num_seqs=4)
+    assert b.runner._compiled_pf is not None and b.runner._compiled_pf is not b.runner._compiled
+    seen = _seen_tokens(traced)
+    budget_step = 3 * 96  # the warm-up's prefill step: q_len = min(128, budget) = 96, max(3, budget // q_len) sequences
+    assert seen["prefill"] == {budget_step} and max(seen["decode"]) <= 3, traced
+    _run_compiled_without_new_graphs(b, m, traced)
+
+
+def test_decode_steps_compiled_with_tune_rows_are_first_traced_on_that_many_rows(monkeypatch):
+    """DECODE_TUNE_ROWS: the decode steps' dynamic-shape graph is first traced on that many rows (capped by
+    max_num_seqs), so its kernels are sized for large decode batches; one-row steps keep their own graph. Nothing
+    compiles during the run and the tokens equal generate's."""
+    import async_batching.model_runner as mr
+
+    traced = _record_traces(monkeypatch)
+    monkeypatch.setattr(mr, "DECODE_TUNE_ROWS", 256)
+    m = tiny_model("llama", num_hidden_layers=3)
+    b = ContinuousBatcher(m, compile=True, max_batch_tokens=96, max_num_seqs=12)
+    order = list(dict.fromkeys(n for k, tokens in traced if k == "decode" for n in sorted(tokens)))
+    assert order[:2] == [1, 12], traced  # one row (its own graph), then the dynamic graph traced on 12
+    _run_compiled_without_new_graphs(b, m, traced)
 
 
 def test_no_step_context_stays_active_after_a_forward(model):

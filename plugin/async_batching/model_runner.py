@@ -558,8 +558,11 @@ class ModelRunner:
         """Compile the decode forward for every batch size (torch.compile specialises sizes 1 and 2, hence three
         shapes). A model torch.compile cannot compile keeps uncompiled decode steps, with one line logged: like the
         CUDA graphs, ``compile`` never stops an engine from being built."""
+        sizes = [1, 2, 3]
+        if DECODE_TUNE_ROWS > 3:  # the dynamic-shape graph traced (and its kernels autotuned) on a large batch first
+            sizes.insert(1, min(DECODE_TUNE_ROWS, self.config.max_num_seqs, self.config.max_batch_tokens))
         try:
-            for num_seqs in (1, 2, 3):
+            for num_seqs in sizes:
                 self._scratch_forward(num_seqs, 1)
         except Exception as e:  # noqa: BLE001 -- dynamo/inductor failures have no common base class
             self._compiled = None  # never called again (dynamo's caches stay: other engines may use them)
@@ -669,6 +672,10 @@ PREFILL_COMPILE_MIN_WORK = 0.0
 # (W7: 16 of 43 GPU ms a 16k-token step; W1: 21 of 50 ms a 65k-token step), having been sized for the decode
 # steps' few rows. Off until measured (benchmark variant ours_async_prefill_own_compile).
 PREFILL_OWN_COMPILE = False
+# Decode steps' compiled code traced first on this many rows (capped by max_num_seqs and the token budget) instead of
+# 2-3: inductor sizes the fused kernels' launches from the first shapes, and the decode graphs replay them at up to
+# 512 rows. 0: off until measured (benchmark variant ours_async_decode_tune_rows, 256).
+DECODE_TUNE_ROWS = 0
 DECODE_WINDOW = 4  # BatcherConfig.decode_window's default where decode steps replay CUDA graphs
 # The step token budget's default (BatcherConfig.max_batch_tokens=None). A prefill step's host cost is the model's
 # layers called once (eager: about 30-40 ms for a 30-layer model on the H200 machine's host) whatever its tokens;

@@ -553,6 +553,13 @@ class OursAsyncPrefillOwnCompile(_OursAsyncBuiltWith):
     patches = {("model_runner", "PREFILL_OWN_COMPILE"): True}
 
 
+class OursAsyncDecodeTuneRows(_OursAsyncBuiltWith):
+    """``ours_async`` with the decode steps' compiled code traced first on 256 rows (``model_runner.DECODE_TUNE_ROWS``),
+    so the fused kernels' launches are sized for large decode batches rather than for 2-3 rows."""
+
+    patches = {("model_runner", "DECODE_TUNE_ROWS"): 256}
+
+
 class OursAsyncCublasLt(OursAsync):
     """``ours_async`` with cuBLASLt as torch's preferred BLAS library (``torch.backends.cuda.preferred_blas_library``)
     while the engine is built (the products captured in its decode graphs) and runs, restored at close."""
@@ -703,5 +710,6 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_coordinate_descent": OursAsyncCoordinateDescent,
     "ours_async_cublaslt": OursAsyncCublasLt,
     "ours_async_prefill_own_compile": OursAsyncPrefillOwnCompile,
+    "ours_async_decode_tune_rows": OursAsyncDecodeTuneRows,
     "ours_async_lightning": OursLightning,
 }
