@@ -54,6 +54,43 @@ def test_closing_the_engine_restores_the_model_parameters_hooks_and_outputs():
         torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
 
 
+def test_a_collection_inside_fusing_that_frees_a_dropped_engine_restores_its_model_without_deadlock(monkeypatch):
+    """An engine dropped without close() inside a reference cycle is freed by whichever collection comes next, and its
+    finalizer releases its model's fusion. That collection may run while another engine is fusing its own model
+    (an allocation triggers it), inside the module's lock: the release must not wait on that lock (it deadlocked the
+    thread), and the dropped engine's model must be restored."""
+    import gc
+    import threading
+    import weakref
+
+    from async_batching import gc_freeze
+
+    monkeypatch.setattr(gc_freeze, "FREEZE", False)  # the dropped engine's cycle stays collectable
+    first, second = tiny_model("llama"), tiny_model("qwen3")
+    n_storages = len(_storages(first))
+    dropped = ContinuousBatcher(first, fuse_projections=True, num_blocks=16)
+    assert dropped.runner.num_fused > 0 and len(_storages(first)) < n_storages
+    dropped.cycle = dropped
+    runner = weakref.ref(dropped.runner)
+    del dropped
+    real_init = fp.FusedProjections.__init__
+
+    def init_after_a_collection(self, model):
+        gc.collect()  # as an allocation in here may trigger one
+        real_init(self, model)
+
+    monkeypatch.setattr(fp.FusedProjections, "__init__", init_after_a_collection)
+    built = []
+    t = threading.Thread(target=lambda: built.append(ContinuousBatcher(second, fuse_projections=True, num_blocks=16)),
+                         daemon=True)
+    t.start()
+    t.join(120)
+    assert built, "building an engine deadlocked in fused_projections"
+    assert runner() is None and len(_storages(first)) == n_storages  # freed, and its model restored
+    assert built[0].runner.num_fused > 0
+    built[0].close()
+
+
 def test_engines_on_one_model_share_the_fusion_and_the_last_close_restores_it():
     model = tiny_model("qwen3")
     prompts = mixed_prompts(3, hi=30, seed=4)

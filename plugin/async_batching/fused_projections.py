@@ -171,7 +171,9 @@ class FusedProjections:
         self.groups = []
 
 
-_lock = threading.Lock()
+# re-entrant: a collection made while it is held (an allocation while fusing or restoring) may free an engine dropped
+# without close(), whose finalizer calls release in the same thread (with a plain lock that thread waited forever)
+_lock = threading.RLock()
 _shared: dict[int, list] = {}  # id(model) -> [FusedProjections, engines using it]
 
 
