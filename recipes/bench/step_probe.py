@@ -86,20 +86,35 @@ def prefill(b, prompts: list[list[int]], label: str, top: int, out: dict) -> Non
     print(_table(rec["by_name"], 1.0, f"top {top}"))
 
 
-def decode(b, prompts: list[list[int]], top: int, out: dict, reps: int = 50) -> None:
-    """Replay the decode graph that the last decode step of ``prompts`` (two new tokens each) used: its inputs hold
-    real block tables and contexts (the prompts' lengths), which each replay recomputes."""
+def mid_decode(b, prompts: list[list[int]], forwards: int = 2, new_tokens: int = 64) -> list[int]:
+    """Submit ``prompts`` and step the engine until each has drawn ``forwards`` tokens after its first (decode
+    forwards of all of them), leaving them running: their KV blocks and block-table rows stay live, as in a run, so a
+    replay of the last decode graph reads their contexts. The caller measures, then aborts them; returns their ids."""
     from async_batching import SamplingParams
 
+    sp = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    ids = [b.add_request(p, sp) for p in prompts]
+    while min(len(b.requests[i][0].output_ids) for i in ids) < 1 + forwards:
+        if b.step():
+            raise RuntimeError("a request finished before the probe's decode forwards ran")
+    _sync()  # nothing of the engine in flight while the caller replays
+    return ids
+
+
+def decode(b, prompts: list[list[int]], top: int, out: dict, reps: int = 50) -> None:
+    """Replay the decode graph that the latest decode step of ``prompts`` used, while they are still running (see
+    ``mid_decode``): its inputs hold their block tables and contexts (their prompts' lengths plus a few tokens).
+    Replaying after they finished read freed rows of the block table, so the K/V reads came from one cached block
+    (session 11: W1's 512 rows read "6 TB/s")."""
     from bench.profiling import profiled_run
     from bench.roofline import time_ms
 
     runner = b.runner
-    b.generate(prompts, SamplingParams(max_new_tokens=2, ignore_eos=True))
     batch = runner._graph_batch(len(prompts))
     if not batch:
         print(f"\n(no decode graph for {len(prompts)} sequences)")
         return
+    ids = mid_decode(b, prompts)
     graph = runner.graphs[batch][0]
     event_ms = time_ms(graph.replay, reps, warmup=5)
 
@@ -116,7 +131,10 @@ def decode(b, prompts: list[list[int]], top: int, out: dict, reps: int = 50) -> 
            "by_family": {k: v / 1e6 / reps for k, v in sorted(tr.kernel_ns.items(), key=lambda kv: -kv[1])},
            "by_name": _by_name(tr, top)}
     out.setdefault("decode", []).append(rec)
-    print(f"\n### Decode graph of {batch} rows: {len(prompts)} sequences at their prompts' lengths\n")
+    b.abort(ids)
+    b.reset_prefix_cache()
+    print(f"\n### Decode graph of {batch} rows: {len(prompts)} running sequences, contexts of their prompts' lengths "
+          "plus a few tokens\n")
     print(f"{event_ms:.3f} ms a replay by CUDA events; kernels busy {busy:.3f} ms; {n:.0f} kernels; "
           f"{rec['gap_us_per_kernel']:.2f} us between kernels on average\n")
     print("GPU ms by family: " + ", ".join(f"{k} {v:.3f}" for k, v in list(rec["by_family"].items())[:12]) + "\n")
