@@ -131,9 +131,9 @@ class ModelRunner:
         # batch sizes (``CompiledLayers``: dynamic shapes; compiled in ``warmup`` and graph capture, before any request
         # runs), and the decode graphs capture that code: fused kernels, no host cost at replay. Prefill and mixed
         # steps run outside the graphs, so the compiled code's host cost (a guard check and a call per layer) is paid
-        # on every call; it is below an uncompiled forward's (``PREFILL_COMPILE_MIN_WORK``), so they call the
-        # compiled model too, from ``prefill_compile_min_tokens`` tokens (``PREFILL_COMPILE_MIN_WORK`` / the model's
-        # parameters: 1 by default). Auto (None): on with decode graphs, where replay hides the compiled code's host
+        # on every call; it is below an uncompiled forward's (measured: see ``PREFILL_COMPILE_MIN_WORK``), so they
+        # call the compiled model too, from ``prefill_compile_min_tokens`` tokens (``PREFILL_COMPILE_MIN_WORK`` / the
+        # model's parameters: 1 by default). Auto (None): on with decode graphs, where replay hides the compiled code's host
         # cost; uncompiled decode steps on the CPU are host-bound, and compiling would only add start-up time.
         self.compile = self.want_graphs if config.compile is None else bool(config.compile)
         self._compiled = CompiledLayers(model, dynamic=True) if self.compile else None
