@@ -358,6 +358,39 @@ def test_an_engine_dropped_inside_a_reference_cycle_stays_frozen_until_collect_a
     live.close()
 
 
+def test_graph_capture_runs_with_no_collection_after_a_full_one(model):
+    """gc_freeze.no_collection (around the CUDA graph captures): on entry a full collection frees an engine dropped in
+    a frozen reference cycle; inside, automatic collection is off (a cycle made there survives a burst of
+    allocations that would trigger one); on exit it is on again."""
+    import gc
+    import weakref
+
+    from async_batching import gc_freeze
+
+    class Cycle:
+        pass
+
+    dropped = ContinuousBatcher(model, num_blocks=32)
+    dropped.cycle = dropped
+    gone = weakref.ref(dropped)
+    live = ContinuousBatcher(model, num_blocks=32)  # freezes the dropped engine's cycle
+    del dropped
+    assert gc.isenabled()
+    with gc_freeze.no_collection():
+        assert gone() is None and not gc.isenabled()
+        c = Cycle()
+        c.me = c
+        made = weakref.ref(c)
+        del c
+        junk = [[i] for i in range(200_000)]  # far past the young generation's threshold
+        del junk
+        assert made() is not None
+    assert gc.isenabled()
+    gc.collect()
+    assert made() is None
+    live.close()
+
+
 def test_default_token_budget_grows_for_small_models_on_cuda_only(model):
     """max_batch_tokens=None: 16,384, doubled on CUDA until a step holds AUTO_BATCH_WORK tokens x parameters, at
     most 65,536 (W1's 135M model: 65,536; W7's 596M: 16,384); the engine reports the value it chose."""

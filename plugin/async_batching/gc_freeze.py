@@ -14,6 +14,7 @@ about run-to-run noise (``docs/results/bench_w1_h200_s6.md``).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import threading
 
@@ -63,6 +64,22 @@ def collect_all() -> int:
         if frozen and _live:
             gc.freeze()
     return found
+
+
+@contextlib.contextmanager
+def no_collection():
+    """No automatic collection inside, after a full one on entry (``collect_all``): for CUDA graph capture. A
+    collection there could free an engine dropped without ``close()`` (its finalizers release device memory and
+    restore its model's weights), and freeing or syncing in the middle of a capture invalidates it; torch collects
+    before a capture, but not what is frozen."""
+    collect_all()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def live_engines() -> int:

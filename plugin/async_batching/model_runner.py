@@ -601,7 +601,7 @@ class ModelRunner:
         buckets = graph_buckets(max_batch)
         try:
             experts = self._capturable_experts(stream, buckets[0])
-            with _experts_implementation(self.model, experts):
+            with _experts_implementation(self.model, experts), gc_freeze.no_collection():
                 self.graph_pool = torch.cuda.graph_pool_handle()
                 for b in reversed(buckets):
                     lay, static_in = self._scratch_step(b, 1)
