@@ -511,6 +511,33 @@ def test_decode_steps_compiled_with_tune_rows_are_first_traced_on_that_many_rows
     _run_compiled_without_new_graphs(b, m, traced)
 
 
+def test_a_hook_added_to_a_second_model_of_a_compiled_architecture_runs_in_every_compiled_step(monkeypatch):
+    """Dynamo's graphs are shared by every model of an architecture in the process; a forward pre-hook registered on
+    a second model, after the first one's engine compiled its layers, still runs in each step of the second engine
+    (the compiled layers guard on hooks), and the tokens equal generate's."""
+    real_compile = torch.compile  # one backend for both engines: dynamo reuses graphs only across the same backend
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(
+        fn, **{k: v for k, v in kw.items() if k != "options"}, backend="eager"))
+    torch._dynamo.reset()
+    kw = dict(compile=True, max_batch_tokens=64, max_num_seqs=4)
+    prompts = mixed_prompts(4, lo=5, hi=40, seed=3)
+    sp = SamplingParams(max_new_tokens=4)
+    first = ContinuousBatcher(tiny_model("llama", num_hidden_layers=3), **kw)
+    first.generate(prompts, sp)
+    first.close()
+    m = tiny_model("llama", num_hidden_layers=3)
+    calls = []
+    hook = m.model.layers[1].mlp.register_forward_pre_hook(lambda module, args: calls.append(None))
+    b = ContinuousBatcher(m, **kw)
+    calls.clear()
+    out = b.generate(prompts, sp)
+    assert b.runner._compiled is not None and len(calls) == b.stats["steps"] > 0, (len(calls), b.stats["steps"])
+    assert [r.token_ids for r in out] == [reference(m, p, 4) for p in prompts]
+    hook.remove()
+    b.close()
+    torch._dynamo.reset()
+
+
 def test_no_step_context_stays_active_after_a_forward(model):
     """The compiled attention op's context (``attention.activate``) is set for each forward and cleared after it, so a
     closed engine's step state is not kept alive by the thread that ran it."""

@@ -32,12 +32,19 @@ def _dynamo_settings():
     """Dynamo's settings for the engine's compiled calls. Every module's compiled call shares the code object of
     ``nn.Module._call_impl``, so its cache holds an entry per module kind and shape, for every engine's model in the
     process: the default limit (8) would soon leave a layer uncompiled. Past a higher limit, a call raises instead
-    (the engine then says so and runs uncompiled) rather than silently running that module uncompiled."""
+    (the engine then says so and runs uncompiled) rather than silently running that module uncompiled.
+
+    The graphs guard on the modules' hooks (``skip_nnmodule_hook_guards`` off): by default dynamo does not, so a
+    graph traced for one model ran for a second model of the same architecture without the hooks added to it (a
+    forward pre-hook on an MLP never ran, found on the GPU machine). Decode steps replay CUDA graphs, so the extra
+    guards cost only the few uncompiled-graph steps."""
     cfg = torch._dynamo.config
     patch = {name: max(getattr(cfg, name), value) for name, value in
              (("recompile_limit", 1024), ("accumulated_recompile_limit", 8192)) if hasattr(cfg, name)}
     if hasattr(cfg, "fail_on_recompile_limit_hit"):
         patch["fail_on_recompile_limit_hit"] = True
+    if hasattr(cfg, "skip_nnmodule_hook_guards"):
+        patch["skip_nnmodule_hook_guards"] = False
     return cfg.patch(**patch)
 
 
