@@ -538,6 +538,34 @@ def test_a_hook_added_to_a_second_model_of_a_compiled_architecture_runs_in_every
     torch._dynamo.reset()
 
 
+def test_decode_steps_run_as_two_row_halves_give_the_whole_steps_logits_and_generates_tokens(model, monkeypatch):
+    """``_forward_split`` (DECODE_SPLIT_MIN_ROWS; on a GPU the halves are two branches of a decode graph): each decode
+    step of two or more rows runs as two forwards over its row halves, whose concatenated logits equal the whole
+    step's, and the tokens equal generate's."""
+    import async_batching.model_runner as mr
+
+    monkeypatch.setattr(mr, "DECODE_SPLIT_MIN_ROWS", 2)
+    b = ContinuousBatcher(model, max_num_seqs=5, max_batch_tokens=64)
+    runner, whole = b.runner, b.runner._forward
+    split_sizes = []
+
+    def forward(buf, lay, lo=0, hi=None, counters=None):
+        half = runner._split_rows(lay.num_seqs) if lay.max_query_len == 1 and (lo, hi) == (0, None) else 0
+        if not half:
+            return whole(buf, lay, lo, hi, counters)
+        out = runner._forward_split(buf, lay, half)
+        torch.testing.assert_close(out, whole(buf, lay))
+        split_sizes.append(lay.num_seqs)
+        return out
+
+    monkeypatch.setattr(runner, "_forward", forward)
+    prompts = mixed_prompts(5, lo=3, hi=30, seed=4)
+    out = b.generate(prompts, SamplingParams(max_new_tokens=6))
+    assert [r.token_ids for r in out] == [reference(model, p, 6) for p in prompts]
+    assert set(split_sizes) >= {5}, split_sizes  # all five sequences decoding together
+    b.close()
+
+
 def test_no_step_context_stays_active_after_a_forward(model):
     """The compiled attention op's context (``attention.activate``) is set for each forward and cleared after it, so a
     closed engine's step state is not kept alive by the thread that ran it."""

@@ -121,6 +121,18 @@ def test_a_decode_step_that_syncs_runs_eagerly_with_defaults_and_leaves_nothing_
     b2.close()
 
 
+@pytest.mark.parametrize("compile", [None, False])
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_fp32_decode_graphs_split_over_two_streams_match_generate(arch, compile, monkeypatch):
+    """DECODE_SPLIT_MIN_ROWS=2: every decode graph of 2+ rows replays its row halves as two branches on two streams
+    (each with its own attention split counters); tokens equal generate's, compiled and not."""
+    import async_batching.model_runner as mr
+
+    monkeypatch.setattr(mr, "DECODE_SPLIT_MIN_ROWS", 2)
+    b = _fp32_matches_generate(arch, True, compile=compile)
+    assert b.runner.side_stream is not None and max(b.runner.graphs) >= 2
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_fp32_uncompiled_decode_graphs_match_generate(arch):
     """compile=False: the decode graphs capture transformers' layer code kernel by kernel."""
@@ -190,6 +202,26 @@ def test_graphs_equal_eager_fp32():
     torch.backends.cuda.matmul.allow_tf32 = False
     outs = _graphs_and_eager(torch.float32)
     assert outs[True] == outs[False]
+
+
+def test_split_decode_graphs_equal_whole_ones_fp32_many_rows(monkeypatch):
+    """Decode graphs of 16+ rows split over two streams (DECODE_SPLIT_MIN_ROWS) give the tokens of whole graphs, fp32,
+    64 sequences of mixed lengths at once: the branches race for nothing (cache slots, counters, logits)."""
+    import async_batching.model_runner as mr
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = smol_shape(dtype=torch.float32)
+    prompts = _rand_prompts(64, 16, 300, seed=5)
+    sp = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    outs = {}
+    for split in (0, 16):
+        monkeypatch.setattr(mr, "DECODE_SPLIT_MIN_ROWS", split)
+        b = ContinuousBatcher(model, max_num_seqs=64)
+        assert (b.runner._split_rows(64) > 0) == bool(split) and b.runner.graphs
+        outs[split] = [r.token_ids for r in b.generate(prompts, sp)]
+        assert b.stats["graph_steps"] > 0 and b.all_blocks_free()
+        b.close()
+    assert outs[16] == outs[0]
 
 
 def test_graphs_vs_eager_match_rate_bf16(capsys):

@@ -5,6 +5,7 @@ CUDA graphs for decode steps."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import os
@@ -121,6 +122,10 @@ class ModelRunner:
         self.graphs: dict[int, tuple] = {}  # decode batch size -> (graph, static input, static logits, head size)
         self.graph_pool = None
         self.compute_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # DECODE_SPLIT_MIN_ROWS: the second half of a split decode graph runs on this stream, with its own counters
+        self.side_stream = torch.cuda.Stream(device) if device.type == "cuda" and DECODE_SPLIT_MIN_ROWS else None
+        self.side_counters = (torch.zeros_like(self.split_counters)
+                              if self.side_stream is not None and self.split_counters is not None else None)
         self.want_graphs = device.type == "cuda" and config.cuda_graphs is not False and self.backend == "triton"
         if config.cuda_graphs and not self.want_graphs:
             why = (f"the model is on {device}" if device.type != "cuda"
@@ -398,28 +403,37 @@ class ModelRunner:
         if lay.offsets["upd_rows"][1]:
             self.block_table[seg("upd_rows").long(), seg("upd_cols").long()] = seg("upd_vals")
 
-    def _metadata(self, buf: torch.Tensor, lay: StepLayout) -> AttentionMetadata:
-        seg = lambda n: self._seg(buf, lay, n)  # noqa: E731
+    def _metadata(self, buf: torch.Tensor, lay: StepLayout, lo: int = 0, hi: Optional[int] = None,
+                  counters: Optional[torch.Tensor] = None) -> AttentionMetadata:
+        """The step's attention metadata; with ``lo``/``hi``, that of decode rows ``lo:hi`` alone (one token a row)."""
+        seg = lambda n: self._seg(buf, lay, n)[lo:hi]  # noqa: E731
         pos = seg("positions").long()
         blk = self.block_table[seg("token_rows").long(), pos // self.block_size].long()
+        qsl = self._seg(buf, lay, "query_start_loc")[lo:None if hi is None else hi + 1]
         return AttentionMetadata(
             slot_mapping=blk * self.block_size + pos % self.block_size,
-            query_start_loc=seg("query_start_loc"),
+            query_start_loc=qsl - lo if lo else qsl,
             seq_lens=seg("seq_lens"),
             block_tables=self.block_table.index_select(0, seg("seq_rows").long()),
             max_query_len=lay.max_query_len,
-            split_counters=self.split_counters,
+            split_counters=self.split_counters if counters is None else counters,
         )
 
-    def _forward(self, buf: torch.Tensor, lay: StepLayout) -> torch.Tensor:
-        self.ctx.meta = self._metadata(buf, lay)
-        ids = self._seg(buf, lay, "input_ids").long()[None]
-        pos = self._seg(buf, lay, "positions").long()[None]
-        keep = self._seg(buf, lay, "logits_idx").long()
+    def _forward(self, buf: torch.Tensor, lay: StepLayout, lo: int = 0, hi: Optional[int] = None,
+                 counters: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The step's forward: logits of its kept rows. ``lo``/``hi``: decode rows ``lo:hi`` alone (``_forward_split``);
+        ``counters``: the attention kernel's split counters of a launch that may run beside the runner's own."""
+        assert (lo, hi) == (0, None) or lay.max_query_len == 1, "a row range needs a decode step (one token a row)"
+        self.ctx.meta = self._metadata(buf, lay, lo, hi, counters)
+        ids = self._seg(buf, lay, "input_ids")[lo:hi].long()[None]
+        pos = self._seg(buf, lay, "positions")[lo:hi].long()[None]
+        keep = self._seg(buf, lay, "logits_idx")[lo:hi].long()
+        if lo:
+            keep = keep - lo
         kw = {attention.STEP_KWARG: self.ctx}
         if self._compiled is not None:
             if lay.max_query_len == 1:
-                what = f"a decode step of {lay.num_seqs} sequences"
+                what = f"a decode step of {ids.shape[1]} sequences"
                 logits = self._compiled_logits("decode", what, ids, pos, keep, kw)
             elif self._compiled_prefill and lay.num_tokens >= self.prefill_compile_min_tokens:
                 what = f"a prefill step of {lay.num_tokens} tokens"
@@ -429,6 +443,29 @@ class ModelRunner:
             if logits is not None:
                 return logits
         return self._logits(self.model, ids, pos, keep, kw)
+
+    def _split_rows(self, batch: int) -> int:
+        """Rows of a decode graph's first half, 0 if that graph runs as one forward (``DECODE_SPLIT_MIN_ROWS``)."""
+        if DECODE_SPLIT_MIN_ROWS < 2 or batch < DECODE_SPLIT_MIN_ROWS or self.tp is not None:
+            return 0
+        return batch // 2
+
+    def _forward_split(self, buf: torch.Tensor, lay: StepLayout, half: int) -> torch.Tensor:
+        """A decode step as two forwards, rows ``:half`` on the current stream and ``half:`` on ``side_stream``, which
+        forks from the current stream's work so far and joins it before the logits are concatenated: captured in a
+        graph, two branches whose kernels the GPU runs side by side. They write different cache slots, read only
+        their own rows' blocks, and launch the attention kernel with counters of their own (``side_counters``).
+        Without a side stream (CPU) the halves run one after the other."""
+        side = self.side_stream
+        main = torch.cuda.current_stream(self.device) if side is not None else None
+        if side is not None:
+            side.wait_stream(main)
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            second = self._forward(buf, lay, half, None, self.side_counters)
+        first = self._forward(buf, lay, 0, half)
+        if side is not None:
+            main.wait_stream(side)
+        return torch.cat([first, second])
 
     def _compiled_logits(self, kind: str, what: str, ids, pos, keep, kw) -> Optional[torch.Tensor]:
         """The step through the compiled model; None if it would compile again during a run.
@@ -606,13 +643,15 @@ class ModelRunner:
                 for b in reversed(buckets):
                     lay, static_in = self._scratch_step(b, 1)
                     lay.graph_batch = b
+                    half = self._split_rows(b)
+                    step = functools.partial(self._forward_split, half=half) if half else self._forward
                     with torch.cuda.stream(stream), self._untimed_mode(), self.installed():
                         for _ in range(2):  # warm-up: lazy initialisation and Triton compilation stay out of the graph
-                            self._forward(static_in, lay)
+                            step(static_in, lay)  # (and the side stream's cuBLAS workspace)
                         stream.synchronize()
                         graph = torch.cuda.CUDAGraph()
                         with torch.cuda.graph(graph, pool=self.graph_pool, stream=stream):
-                            static_logits = self._forward(static_in, lay)
+                            static_logits = step(static_in, lay)
                     self.graphs[b] = (graph, static_in, static_logits, lay.size)
         except Exception as e:  # noqa: BLE001 -- whatever stops the capture, eager decode steps still run the model
             # Dropping the graphs releases their pool. The stream contexts above have restored the current stream.
@@ -676,6 +715,12 @@ PREFILL_OWN_COMPILE = False
 # 2-3: inductor sizes the fused kernels' launches from the first shapes, and the decode graphs replay them at up to
 # 512 rows. 0: off until measured (benchmark variant ours_async_decode_tune_rows, 256).
 DECODE_TUNE_ROWS = 0
+# Decode graphs of at least this many rows run their rows as two halves, each a whole forward, on two streams that
+# the graph joins before the logits (see ``_forward_split``). A decode step's products and small kernels each fill
+# a fraction of the GPU (a W7 product at 256 rows: 4-7 us, ~20-40% of its bound; ~12 kernels a layer), so the two
+# halves' kernels can run side by side; each half reads the weights again (the LM head too). 0: off until measured
+# (benchmark variant ours_async_split_decode). Never under tensor parallelism (collectives on two streams).
+DECODE_SPLIT_MIN_ROWS = 0
 DECODE_WINDOW = 4  # BatcherConfig.decode_window's default where decode steps replay CUDA graphs
 # The step token budget's default (BatcherConfig.max_batch_tokens=None). A prefill step's host cost is the model's
 # layers called once (eager: about 30-40 ms for a 30-layer model on the H200 machine's host) whatever its tokens;

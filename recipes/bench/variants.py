@@ -560,6 +560,19 @@ class OursAsyncDecodeTuneRows(_OursAsyncBuiltWith):
     patches = {("model_runner", "DECODE_TUNE_ROWS"): 256}
 
 
+class OursAsyncSplitDecode(_OursAsyncBuiltWith):
+    """``ours_async`` with decode graphs of 64 rows or more captured as two row halves on two streams
+    (``model_runner.DECODE_SPLIT_MIN_ROWS``): the halves' small kernels run side by side."""
+
+    patches = {("model_runner", "DECODE_SPLIT_MIN_ROWS"): 64}
+
+
+class OursAsyncSplitDecode256(_OursAsyncBuiltWith):
+    """``ours_async_split_decode`` from 256 rows only: the largest decode graphs split, smaller ones whole."""
+
+    patches = {("model_runner", "DECODE_SPLIT_MIN_ROWS"): 256}
+
+
 class OursAsyncCublasLt(OursAsync):
     """``ours_async`` with cuBLASLt as torch's preferred BLAS library (``torch.backends.cuda.preferred_blas_library``)
     while the engine is built (the products captured in its decode graphs) and runs, restored at close."""
@@ -711,5 +724,7 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_cublaslt": OursAsyncCublasLt,
     "ours_async_prefill_own_compile": OursAsyncPrefillOwnCompile,
     "ours_async_decode_tune_rows": OursAsyncDecodeTuneRows,
+    "ours_async_split_decode": OursAsyncSplitDecode,
+    "ours_async_split_decode_256": OursAsyncSplitDecode256,
     "ours_async_lightning": OursLightning,
 }
