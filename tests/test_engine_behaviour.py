@@ -487,6 +487,7 @@ def test_prefill_steps_compiled_in_graphs_of_their_own_are_first_traced_on_a_ful
 
     traced = _record_traces(monkeypatch)
     monkeypatch.setattr(mr, "PREFILL_OWN_COMPILE", True)
+    monkeypatch.setattr(mr, "DECODE_TUNE_ROWS", 0)  # the decode graphs first traced on 1-3 rows, as asserted below
     m = tiny_model("llama", num_hidden_layers=3)
     b = ContinuousBatcher(m, compile=True, max_batch_tokens=96, max_num_seqs=4)
     assert b.runner._compiled_pf is not None and b.runner._compiled_pf is not b.runner._compiled

@@ -709,17 +709,21 @@ PREFILL_COMPILE_MIN_WORK = 0.0
 # Prefill steps compiled apart from decode steps, first on a full-budget step (CompiledLayers' own_frame): on an H200
 # (session 11, step_probe.py), the fused pointwise and norm kernels of a compiled prefill step ran at 1.3-2.5 TB/s
 # (W7: 16 of 43 GPU ms a 16k-token step; W1: 21 of 50 ms a 65k-token step), having been sized for the decode
-# steps' few rows. Off until measured (benchmark variant ours_async_prefill_own_compile).
+# steps' few rows. Off: measured on the H200 (session 12) at the same speed as DECODE_TUNE_ROWS, on by default, which
+# compiles nothing more (W1 141,828 vs 141,842 out tok/s; W7 23,629 vs 23,639; variant ours_async_prefill_own_compile).
 PREFILL_OWN_COMPILE = False
 # Decode steps' compiled code traced first on this many rows (capped by max_num_seqs and the token budget) instead of
 # 2-3: inductor sizes the fused kernels' launches from the first shapes, and the decode graphs replay them at up to
-# 512 rows. 0: off until measured (benchmark variant ours_async_decode_tune_rows, 256).
-DECODE_TUNE_ROWS = 0
+# 512 rows, and prefill steps call the same graphs (PREFILL_OWN_COMPILE off). On the H200 (session 12, one run):
+# W1 141,842 out tok/s against 131,242 traced on 2-3 rows (a second run without it: 131,953), TTFT p50 0.151 vs
+# 0.209 s; W7 23,639 vs 23,439 (noise). 0: traced on 1-3 rows (benchmark variant ours_async_no_decode_tune).
+DECODE_TUNE_ROWS = 256
 # Decode graphs of at least this many rows run their rows as two halves, each a whole forward, on two streams that
 # the graph joins before the logits (see ``_forward_split``). A decode step's products and small kernels each fill
 # a fraction of the GPU (a W7 product at 256 rows: 4-7 us, ~20-40% of its bound; ~12 kernels a layer), so the two
-# halves' kernels can run side by side; each half reads the weights again (the LM head too). 0: off until measured
-# (benchmark variant ours_async_split_decode). Never under tensor parallelism (collectives on two streams).
+# halves' kernels can run side by side; each half reads the weights again (the LM head too). Off: measured slower
+# on the H200 (session 12, from 64 rows: W1 129,313 vs 131,953 out tok/s, W7 22,971 vs 23,661; variant
+# ours_async_split_decode). Never under tensor parallelism (collectives on two streams).
 DECODE_SPLIT_MIN_ROWS = 0
 DECODE_WINDOW = 4  # BatcherConfig.decode_window's default where decode steps replay CUDA graphs
 # The step token budget's default (BatcherConfig.max_batch_tokens=None). A prefill step's host cost is the model's

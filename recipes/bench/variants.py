@@ -553,11 +553,12 @@ class OursAsyncPrefillOwnCompile(_OursAsyncBuiltWith):
     patches = {("model_runner", "PREFILL_OWN_COMPILE"): True}
 
 
-class OursAsyncDecodeTuneRows(_OursAsyncBuiltWith):
-    """``ours_async`` with the decode steps' compiled code traced first on 256 rows (``model_runner.DECODE_TUNE_ROWS``),
-    so the fused kernels' launches are sized for large decode batches rather than for 2-3 rows."""
+class OursAsyncNoDecodeTune(_OursAsyncBuiltWith):
+    """``ours_async`` with the decode steps' compiled code traced first on 1-3 rows (``model_runner.DECODE_TUNE_ROWS``
+    = 0; sessions 5-11): the fused kernels' launches sized for a few rows, not for large decode batches (256, the
+    default since session 12)."""
 
-    patches = {("model_runner", "DECODE_TUNE_ROWS"): 256}
+    patches = {("model_runner", "DECODE_TUNE_ROWS"): 0}
 
 
 class OursAsyncSplitDecode(_OursAsyncBuiltWith):
@@ -723,7 +724,7 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_coordinate_descent": OursAsyncCoordinateDescent,
     "ours_async_cublaslt": OursAsyncCublasLt,
     "ours_async_prefill_own_compile": OursAsyncPrefillOwnCompile,
-    "ours_async_decode_tune_rows": OursAsyncDecodeTuneRows,
+    "ours_async_no_decode_tune": OursAsyncNoDecodeTune,
     "ours_async_split_decode": OursAsyncSplitDecode,
     "ours_async_split_decode_256": OursAsyncSplitDecode256,
     "ours_async_lightning": OursLightning,
