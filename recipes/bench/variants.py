@@ -539,6 +539,22 @@ class OursAsyncComboKernels(_OursAsyncBuiltWith):
     patches = {("compiled_layers", "COMPILE_OPTIONS"): {"combo_kernels": True}}
 
 
+class OursAsyncPdl(_OursAsyncBuiltWith):
+    """``ours_async`` with inductor's programmatic dependent launch (``triton.enable_pdl``) in the engine's compiles:
+    on Hopper, each generated kernel is launched to start while the kernel before it drains and waits
+    (``griddepcontrol.wait``) only before reading what that kernel wrote; captured in the decode graphs as
+    programmatic edges. A decode step is ~380 kernels of 2-6 us (step_probe_h200_s12.md)."""
+
+    patches = {("compiled_layers", "COMPILE_OPTIONS"): {"triton.enable_pdl": True}}
+
+    def __init__(self, model, job) -> None:
+        import torch._inductor.config as inductor_config
+
+        if not hasattr(inductor_config.triton, "enable_pdl"):
+            raise RuntimeError(f"torch {torch.__version__} has no inductor option triton.enable_pdl")
+        super().__init__(model, job)
+
+
 class OursAsyncCoordinateDescent(_OursAsyncBuiltWith):
     """``ours_async`` with inductor's ``coordinate_descent_tuning`` in the engine's compiles: each generated pointwise
     and reduction kernel's launch (block sizes, warps) tuned at start-up on its first shapes."""
@@ -722,6 +738,7 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_fused_write": OursAsyncFusedWrite,
     "ours_async_combo_kernels": OursAsyncComboKernels,
     "ours_async_coordinate_descent": OursAsyncCoordinateDescent,
+    "ours_async_pdl": OursAsyncPdl,
     "ours_async_cublaslt": OursAsyncCublasLt,
     "ours_async_prefill_own_compile": OursAsyncPrefillOwnCompile,
     "ours_async_no_decode_tune": OursAsyncNoDecodeTune,
