@@ -127,6 +127,7 @@ def run_variant(name: str, cfg: dict[str, Any], out_dir: Path, timeout_s: float)
         "hf_cb": cfg["hf_cb"],
         "figures": cfg["figures"],
         "first_call": cfg.get("first_call") or {},
+        "repeats": int(cfg.get("repeats") or 1),
         "timeline_path": str(out_dir / "timelines" / f"{stem}.json"),
     }
     job_path, result_path, log_path = out_dir / "jobs" / f"{stem}.json", out_dir / "jobs" / f"{stem}.result.json", out_dir / "logs" / f"{stem}.log"

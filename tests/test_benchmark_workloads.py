@@ -218,6 +218,22 @@ def test_w4_first_call_and_start_up_are_reported(tmp_path):
     assert r["prompt_tokens"] == sum(len(p) for p in Workload.from_dict(wl).build().prompts)
 
 
+def test_repeats_time_the_same_call_again_from_an_empty_prefix_cache_and_report_each_rate(tmp_path):
+    """``repeats=3``: two more timed calls of the whole workload on the same engine, each checked and each from an
+    empty prefix cache (a repeat served from the first call's cache would count more cached tokens); the notes give
+    every call's rate, their median and spread."""
+    wl = tiny("w5", requests=6, prefix={"groups": 2, "len": 20}, prompt_len=[3, 9], new_tokens=3)
+    one = run_job(job(wl, "ours_async", tmp_path))
+    r = run_job(job(wl, "ours_async", tmp_path, repeats=3))
+    assert r["problems"] == [] and len(r["repeat_wall_s"]) == 3 and r["repeat_wall_s"][0] == r["wall_s"]
+    assert r["repeat_out_tok_s"] == pytest.approx([r["output_tokens"] / w for w in r["repeat_wall_s"]])
+    # prompts of a group share a 20-token prefix inside each call; nothing more is served from an earlier call
+    assert r["repeat_cached_tokens"] == [one["stats"]["cached_tokens"]] * 3 and one["stats"]["cached_tokens"] > 0
+    assert "repeat_out_tok_s" not in one
+    text = report.repeats_text([100.0, 90.0, 120.0])
+    assert text.startswith("3 timed calls: 100, 90, 120 out tok/s (median 100, spread 30.0%)")
+
+
 def test_w5_runs_and_no_prefix_cache_needs_the_engines_key(tmp_path):
     from async_batching.config import BatcherConfig
 

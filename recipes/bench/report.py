@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Any, Optional
 
 COLUMNS = [
@@ -99,6 +100,13 @@ def workload_text(wl: dict[str, Any], model: dict[str, Any], drawn: dict[str, An
             + (f", {model['active_matmul_params'] / 1e6:,.1f}M active per token" if model.get("experts") else "") + ").")
 
 
+def repeats_text(rates: list[float]) -> str:
+    """The out tok/s of each timed call (``repeats``), in order, their median and spread (max - min over median)."""
+    mid = statistics.median(rates)
+    return (f"{len(rates)} timed calls: " + ", ".join(f"{x:,.0f}" for x in rates)
+            + f" out tok/s (median {mid:,.0f}, spread {(max(rates) - min(rates)) / mid:.1%}); the table shows the first")
+
+
 def notes(summary: dict[str, Any], results: list[dict[str, Any]]) -> list[str]:
     """How each number was obtained, and what ran differently from the workload as specified."""
     wl, rates, limit = summary["workload"], summary["rates"], summary["roofline"]
@@ -188,6 +196,8 @@ def notes(summary: dict[str, Any], results: list[dict[str, Any]]) -> list[str]:
         if first:
             bits.append(f"first call {first['first_s']:.2f} s vs repeated {first['repeat_s']:.2f} s "
                         f"({first['requests']} requests)" + (f"; {'; '.join(first['problems'])}" if first.get("problems") else ""))
+        if r.get("repeat_out_tok_s"):
+            bits.append(repeats_text(r["repeat_out_tok_s"]))
         launch = r.get("launch_ms")
         if launch:
             per = [f"{launch[f'per_{k}_step']:.2f} ms for each of {launch[f'{k}_steps']} {what}"

@@ -315,6 +315,18 @@ def run_job(job: dict[str, Any], checkpoint=lambda partial: None) -> dict[str, A
         result.update(scored_tokens=done_tokens, scored_tok_s=done_tokens / wall, prompt_tok_s=prompt_tokens / wall)
     if first_call is not None:
         result["first_call"] = first_call
+    repeats = int(job.get("repeats") or 1)
+    if repeats > 1:  # the same call again, to tell a lever from run-to-run noise; the headline stays the first call
+        walls, cached = [wall], [(stats or {}).get("cached_tokens", 0)]
+        for _ in range(repeats - 1):
+            s0 = variant.stats()
+            again_s, again = _timed_call(variant, reqs, device)
+            walls.append(again_s)
+            cached.append((_stats_delta(s0, variant.stats(), again) or {}).get("cached_tokens", 0))
+            result["problems"] += _check(again, reqs)
+        result["repeat_wall_s"], result["repeat_cached_tokens"] = walls, cached
+        if not reqs.scoring:
+            result["repeat_out_tok_s"] = [output_tokens / w for w in walls]
     events = variant.gpu_busy()
     if events:  # the compute stream's occupancy in the timed run, from the engine's CUDA timing events
         result["gpu_busy_events_pct"] = events.get("busy_pct")
