@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 
-# Extra inductor options of the engine's compiles (torch.compile's ``options``); empty in use. The benchmark variant
-# ``ours_async_combo_kernels`` sets ``combo_kernels`` (independent small kernels of a layer launched as one, e.g. the
-# q and k norms with their rotary embeddings) to measure it.
+# Extra inductor options of the engine's compiles (torch.compile's ``options``); empty in use. Benchmark variants set
+# them to measure them: ``ours_async_combo_kernels`` (independent small kernels of a layer launched as one, e.g. the
+# q and k norms with their rotary embeddings), ``ours_async_coordinate_descent``, ``ours_async_pdl``.
 COMPILE_OPTIONS: dict = {}
 
 
@@ -78,8 +78,9 @@ class CompiledLayers:
     ``own_frame``: compile through ``_own_frame`` instead. Dynamo keeps its graphs per code object, and every module's
     ``_call_impl`` shares one, so without it all compiles of a layer kind share their graphs; the graph compiled first
     fixes its kernels' launch configurations (inductor takes its size hints from the first shapes, and autotunes at the
-    first call). The model runner's prefill steps use their own frame so that their kernels are tuned on a prefill
-    step's shapes, not on the few rows of the decode steps compiled before them."""
+    first call). With ``model_runner.PREFILL_OWN_COMPILE`` (off: measured no faster than tracing the decode code on
+    256 rows first) the model runner's prefill steps use their own frame, so that their kernels are tuned on a
+    prefill step's shapes, not on the decode steps' rows."""
 
     def __init__(self, model: nn.Module, own_frame: bool = False, **compile_kwargs):
         if COMPILE_OPTIONS:
