@@ -250,20 +250,6 @@ def test_tuning_grid_orders_give_the_same_attention_and_leave_counters_at_zero(b
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kvp", [2, 4])
-def test_tuning_kv_heads_per_program_gives_the_same_decode_attention(backend, kvp, monkeypatch):
-    """The sweep's ``kv_heads_per_program``: a decode program attends for kvp kv heads at once (3 kv heads: the last
-    group is short), with KV splits, a window, a softcap and sinks; launches with several queries a sequence ignore
-    it. Every result equals the reference, and no read leaves the sequences' own cache slots (NaN elsewhere)."""
-    monkeypatch.setattr(tpa, "TUNING", {"kv_heads_per_program": kvp})
-    decode = [(150, 1), (3, 1), (70, 1), (17, 1), (1, 1)]
-    for kw in (dict(), dict(num_kv_splits=2), dict(sliding_window=20), dict(softcap=5.0),
-               dict(sinks=sink_logits(9, seed=3))):
-        check(decode, backend, num_kv_heads=3, group=3, **kw)
-    check([(40, 5), (10, 1)], backend, num_kv_heads=3, group=3)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("splits", [2, 4])
 def test_sinks_are_counted_once_when_kv_splits_merge(backend, splits):
     specs = [(100, 1), (3, 1), (40, 5)]  # with 4 splits of 64 keys the last two are empty

@@ -43,43 +43,27 @@ LOG2E = 1.4426950408889634  # logits are kept in log2 units: exp2(x * log2(e)) =
 
 
 @triton.jit
-def _attend_tile(q, k_ptr, v_ptr, bt_row, start, hi, q_pos, row_valid, offs_d, d_valid, kv_head, row_kvh, num_kv_heads,
+def _attend_tile(q, k_ptr, v_ptr, bt_row, start, hi, q_pos, row_valid, offs_d, d_valid, kv_head,
                  m_i, l_i, acc, qk_scale, softcap, sliding_window,
                  stride_kb, stride_ks, stride_kh, stride_kd,
                  stride_vb, stride_vs, stride_vh, stride_vd,
                  BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, MASKED: tl.constexpr,
-                 USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 KVP: tl.constexpr):
+                 USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One tile of TILE_N keys from ``start`` into the running softmax state (log2 units: exp2 of scaled logits).
-    MASKED=False: every key of the tile is below ``hi`` and visible to every row (no masks, no masked loads).
-    KVP > 1: the program attends for KVP kv heads (``kv_head`` and the next ones); the tile's columns are the
-    (key, kv head) pairs, key-major, so each key's heads are read as one contiguous row of the cache, and each row
-    (of kv head ``row_kvh``) keeps only its own head's columns."""
-    if KVP > 1:
-        offs_n = tl.arange(0, TILE_N * KVP)
-        k_pos = start + offs_n // KVP
-        col_kvh = offs_n % KVP
-        head_of_col = kv_head + col_kvh
-    else:  # one kv head: the code of sessions 5-11
-        k_pos = start + tl.arange(0, TILE_N)
-        head_of_col = kv_head
+    MASKED=False: every key of the tile is below ``hi`` and visible to every row (no masks, no masked loads)."""
+    offs_n = tl.arange(0, TILE_N)
+    k_pos = start + offs_n
     if MASKED:
         k_valid = k_pos < hi  # also guarantees we never read block-table entries past the sequence
         phys = tl.load(bt_row + k_pos // BLOCK_SIZE, mask=k_valid, other=0).to(tl.int64)
     else:
         phys = tl.load(bt_row + k_pos // BLOCK_SIZE).to(tl.int64)
     slot = k_pos % BLOCK_SIZE
-    k_off = phys * stride_kb + slot * stride_ks + head_of_col * stride_kh
-    v_off = phys * stride_vb + slot * stride_vs + head_of_col * stride_vh
-    if KVP > 1:
-        col_valid = head_of_col < num_kv_heads  # the last group of heads may be short
-        if MASKED:
-            k_valid = k_valid & col_valid
-        else:
-            k_valid = col_valid
+    k_off = phys * stride_kb + slot * stride_ks + kv_head * stride_kh
+    v_off = phys * stride_vb + slot * stride_vs + kv_head * stride_vh
 
-    # K loaded already transposed ([HEAD_DIM_PAD, TILE_N * KVP]) so the dot needs no tl.trans.
-    if MASKED or KVP > 1:
+    # K loaded already transposed ([HEAD_DIM_PAD, TILE_N]) so the dot needs no tl.trans.
+    if MASKED:
         k = tl.load(k_ptr + k_off[None, :] + offs_d[:, None] * stride_kd,
                     mask=k_valid[None, :] & d_valid[:, None], other=0.0)
     else:
@@ -93,18 +77,14 @@ def _attend_tile(q, k_ptr, v_ptr, bt_row, start, hi, q_pos, row_valid, offs_d, d
         mask = row_valid[:, None] & k_valid[None, :] & (k_pos[None, :] <= q_pos[:, None])
         if USE_WINDOW:
             mask = mask & (k_pos[None, :] > q_pos[:, None] - sliding_window)
-        if KVP > 1:
-            mask = mask & (row_kvh[:, None] == col_kvh[None, :])
         s = tl.where(mask, s, float("-inf"))
-    elif KVP > 1:
-        s = tl.where((row_kvh[:, None] == col_kvh[None, :]) & k_valid[None, :], s, float("-inf"))
 
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     # Masked V rows must be 0, not garbage: 0 * NaN would poison the accumulator.
-    if MASKED or KVP > 1:
+    if MASKED:
         v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :] * stride_vd,
                     mask=k_valid[:, None] & d_valid[None, :], other=0.0)
     else:
@@ -148,7 +128,6 @@ def _paged_attention_kernel(
     HEADS_FIRST: tl.constexpr = False,
     USE_ORDER: tl.constexpr = False,
     WRITE_NEW: tl.constexpr = False,
-    KVP: tl.constexpr = 1,
 ):
     """Attention of BLOCK_Q queries x G heads (one kv head) of one sequence over one KV split.
 
@@ -158,26 +137,21 @@ def _paged_attention_kernel(
     WRITE_NEW (decode launches only, one query a sequence): the program whose key range holds the sequence's last
     position first stores that token's K and V (``new_k``/``new_v`` row ``q_start``, kv head ``kv_head``) at cache slot
     ``slot[q_start]``, then a block barrier makes the stores visible to its own loads: no separate write kernel. No
-    other program reads that position (other splits cover earlier keys, other kv heads other heads).
-    KVP (tuning only, decode launches without WRITE_NEW): each program attends for KVP consecutive kv heads (their
-    query heads are the tile's rows), reading each key's K/V for those heads as one contiguous row; the grid's third
-    axis counts groups of KVP kv heads."""
+    other program reads that position (other splits cover earlier keys, other kv heads other heads)."""
     if HEADS_FIRST:
         seq = tl.program_id(1)
         q_block = tl.program_id(2)
-        kv_group = tl.program_id(0) // num_splits
+        kv_head = tl.program_id(0) // num_splits
         split = tl.program_id(0) % num_splits
         num_q_blocks = tl.num_programs(2)
-        num_kv_groups = tl.num_programs(0) // num_splits
+        num_kv_heads = tl.num_programs(0) // num_splits
     else:
         seq = tl.program_id(0)
         q_block = tl.program_id(1)
-        kv_group = tl.program_id(2) // num_splits
+        kv_head = tl.program_id(2) // num_splits
         split = tl.program_id(2) % num_splits
         num_q_blocks = tl.num_programs(1)
-        num_kv_groups = tl.num_programs(2) // num_splits
-    kv_head = kv_group * KVP  # the program's first kv head
-    num_kv_heads = num_heads // G
+        num_kv_heads = tl.num_programs(2) // num_splits
     if USE_ORDER:
         seq = tl.load(order_ptr + seq)
 
@@ -191,14 +165,10 @@ def _paged_attention_kernel(
 
     # Row r of the tile is query (r // G) of this block, query head kv_head * G + r % G.  BLOCK_M may exceed
     # BLOCK_Q * G (padding to a power of two / to the 16-row minimum of tl.dot): those rows are masked.
-    # KVP > 1: row r is query head kv_head * G + r % (G * KVP) of kv head kv_head + row_kvh (one query per sequence).
     rows = tl.arange(0, BLOCK_M)
-    q_idx = q_block * BLOCK_Q + rows // (G * KVP)
-    head = kv_head * G + rows % (G * KVP)
-    row_kvh = (rows % (G * KVP)) // G
-    row_valid = (rows < BLOCK_Q * G * KVP) & (q_idx < q_len)
-    if KVP > 1:
-        row_valid = row_valid & (kv_head + row_kvh < num_kv_heads)
+    q_idx = q_block * BLOCK_Q + rows // G
+    head = kv_head * G + rows % G
+    row_valid = (rows < BLOCK_Q * G) & (q_idx < q_len)
     q_pos = ctx_start + q_idx
     token = (q_start + q_idx).to(tl.int64)
 
@@ -254,16 +224,16 @@ def _paged_attention_kernel(
         mid = lo + tl.maximum(tl.minimum(hi, ctx_start + q_block * BLOCK_Q + 1) - lo, 0) // TILE_N * TILE_N
     for start in range(lo, mid, TILE_N):
         m_i, l_i, acc = _attend_tile(q, k_ptr, v_ptr, bt_row, start, hi, q_pos, row_valid, offs_d, d_valid, kv_head,
-                                     row_kvh, num_kv_heads, m_i, l_i, acc, qk_scale, softcap, sliding_window,
+                                     m_i, l_i, acc, qk_scale, softcap, sliding_window,
                                      stride_kb, stride_ks, stride_kh, stride_kd,
                                      stride_vb, stride_vs, stride_vh, stride_vd,
-                                     BLOCK_SIZE, TILE_N, False, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION, KVP)
+                                     BLOCK_SIZE, TILE_N, False, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION)
     for start in range(mid, hi, TILE_N):
         m_i, l_i, acc = _attend_tile(q, k_ptr, v_ptr, bt_row, start, hi, q_pos, row_valid, offs_d, d_valid, kv_head,
-                                     row_kvh, num_kv_heads, m_i, l_i, acc, qk_scale, softcap, sliding_window,
+                                     m_i, l_i, acc, qk_scale, softcap, sliding_window,
                                      stride_kb, stride_ks, stride_kh, stride_kd,
                                      stride_vb, stride_vs, stride_vh, stride_vd,
-                                     BLOCK_SIZE, TILE_N, True, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION, KVP)
+                                     BLOCK_SIZE, TILE_N, True, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION)
 
     if num_splits == 1:
         # Every valid row saw at least its own key, so l_i > 0 there; the guard only keeps padded rows finite.
@@ -285,7 +255,7 @@ def _paged_attention_kernel(
         # releases them to, and acquires them for, the last program; its loads bypass L1 (.cg). The last program
         # puts the counter back to 0, so the next launch (the next layer, the next replay) starts from zero.
         tl.debug_barrier()
-        lock = counters_ptr + (seq * num_q_blocks + q_block) * num_kv_groups + kv_group
+        lock = counters_ptr + (seq * num_q_blocks + q_block) * num_kv_heads + kv_head
         if tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
             tl.atomic_xchg(lock, 0, sem="relaxed", scope="gpu")
             m_run = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -433,11 +403,8 @@ def paged_attention(
     target_m = 16 if q.dtype == torch.float32 else (128 if head_dim_pad <= 64 else 64)
     if TUNING and max_query_len > 1:  # the sweep's query tile of prefill and mixed steps
         target_m = TUNING.get("target_m", target_m)
-    # Kv heads a program attends for (tuning only; decode launches that do not write the new K/V): 1 in use.
-    kvp = TUNING.get("kv_heads_per_program", 1) if TUNING and max_query_len == 1 and new_kv is None else 1
-    assert kvp & (kvp - 1) == 0, "kv_heads_per_program must be a power of two"
     block_q = min(triton.next_power_of_2(max_query_len), max(1, target_m // triton.next_power_of_2(G)))
-    block_m = max(16, triton.next_power_of_2(block_q * G * kvp))
+    block_m = max(16, triton.next_power_of_2(block_q * G))
     tile_n = 32 if head_dim_pad >= 256 else 64
     # fp32: 8 warps from head_dim 128 (4 warps spill there). 16-bit: decode tiles (one query) take 4 warps (keys: below);
     # query tiles of prefill and mixed steps take 32 keys and 4 warps, which ran 1.85x faster than 64 keys and 8 warps
@@ -462,7 +429,6 @@ def paged_attention(
         if max_query_len == 1 and head_dim_pad <= 128 and _smem_per_block(q.device) >= 2 * 2 * 128 * head_dim_pad * 2 + 8192:
             tile_n = 128
     num_stages = 2
-    tile_n = max(16, tile_n // kvp)  # a tile's columns are (key, kv head) pairs: as many as one head's tile had
     if TUNING:  # recipes/bench/attention_tuning.py's sweep
         tile_n = TUNING.get("tile_n", tile_n)
         num_warps = TUNING.get("num_warps", num_warps)
@@ -470,8 +436,7 @@ def paged_attention(
     num_q_blocks = triton.cdiv(max_query_len, block_q)
 
     num_kv_splits = TUNING.get("num_kv_splits", num_kv_splits) if TUNING else num_kv_splits
-    kv_groups = triton.cdiv(num_kv_heads, kvp)
-    programs = B * num_q_blocks * kv_groups
+    programs = B * num_q_blocks * num_kv_heads
     if num_kv_splits:
         assert num_kv_splits & (num_kv_splits - 1) == 0 and num_kv_splits <= MAX_SPLITS, \
             f"num_kv_splits must be a power of two <= {MAX_SPLITS}"
@@ -503,8 +468,8 @@ def paged_attention(
     order = None
     if TUNING and TUNING.get("longest_first"):
         order = torch.argsort(seq_lens, descending=True).to(torch.int32)
-    grid = ((kv_groups * num_splits, B, num_q_blocks) if heads_first
-            else (B, num_q_blocks, kv_groups * num_splits))
+    grid = ((num_kv_heads * num_splits, B, num_q_blocks) if heads_first
+            else (B, num_q_blocks, num_kv_heads * num_splits))
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out,
         part_acc, part_m, part_l, split_counters,
@@ -536,7 +501,6 @@ def paged_attention(
         HEADS_FIRST=heads_first,
         USE_ORDER=order is not None,
         WRITE_NEW=new_kv is not None,
-        KVP=kvp,
         num_warps=num_warps,
         num_stages=num_stages,
     )

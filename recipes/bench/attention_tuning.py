@@ -57,17 +57,10 @@ DECODE_CONFIGS += [dict(num_kv_splits=n, tile_n=t) for n in (1, 2, 4, 8) for t i
 # cache's [block, slot, head, dim] layout), and the longest contexts first (less tail of long programs at the end).
 GRID_ORDERS = [dict(heads_first=True), dict(longest_first=True), dict(heads_first=True, longest_first=True)]
 DECODE_CONFIGS += GRID_ORDERS
-# Decode: several kv heads a program (each key's K/V for those heads read as one contiguous row; fewer, longer
-# programs), with key tiles of 16-64 positions (the tile's columns are key x head pairs).
-KV_GROUPS = [dict(kv_heads_per_program=g, tile_n=t, num_warps=w)
-             for g, t, w in itertools.product((2, 4), (16, 32, 64), (4, 8))]
-DECODE_CONFIGS += KV_GROUPS
 if os.environ.get("TUNING_DEFAULT_ONLY") == "1":  # time the launch configuration in use, no sweep (about a minute)
     DECODE_CONFIGS = PREFILL_CONFIGS = []
 if os.environ.get("TUNING_GRID_ONLY") == "1":  # the default launch against the grid orders alone (decode shapes)
     DECODE_CONFIGS, PREFILL_CONFIGS = list(GRID_ORDERS), []
-if os.environ.get("TUNING_KV_GROUPS_ONLY") == "1":  # the default launch against kv heads grouped per program (decode)
-    DECODE_CONFIGS, PREFILL_CONFIGS = list(KV_GROUPS), []
 if os.environ.get("TUNING_SHAPES"):  # a substring per shape to keep, comma-separated (e.g. "decode")
     SHAPES = {n: v for n, v in SHAPES.items() if any(k in n for k in os.environ["TUNING_SHAPES"].split(","))}
 
@@ -79,8 +72,6 @@ def configs(name):
 def _label(cfg) -> str:
     if cfg in GRID_ORDERS:
         return "grid: " + " + ".join(k.replace("_", " ") for k in cfg)
-    if "kv_heads_per_program" in cfg:
-        return f"{cfg['kv_heads_per_program']} kv heads a program, tile {cfg['tile_n']}, {cfg['num_warps']} warps"
     if "num_kv_splits" in cfg:
         return f"{cfg['num_kv_splits']} KV splits, tile {cfg['tile_n']}"
     rows = f"{cfg['target_m']} rows, " if "target_m" in cfg else ""
