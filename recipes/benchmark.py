@@ -11,15 +11,18 @@ w7 (nano-vllm's bench.py), s1 (scoring); recipes/run_on_h200.sh runs each with i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 RECIPES = Path(__file__).resolve().parent
 ROOT = RECIPES.parent
@@ -34,8 +37,8 @@ from bench.variants import VARIANTS  # noqa: E402
 from bench.workloads import ModelShape, Requests, Workload  # noqa: E402
 
 
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
+def _child_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
+    env = dict(os.environ, **(extra or {}))
     paths = [str(RECIPES), str(ROOT / "plugin")] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -52,11 +55,12 @@ def _die_with_parent() -> None:
         pass
 
 
-def _spawn(args: list[str], log_path: Path, timeout_s: float) -> Optional[str]:
-    """Run ``python -m bench.runner ARGS`` in a fresh process; return None, or why it did not finish cleanly."""
+def _spawn(args: list[str], log_path: Path, timeout_s: float, env: Optional[dict[str, str]] = None) -> Optional[str]:
+    """Run ``python -m bench.runner ARGS`` in a fresh process (``env``: variables added to ours); return None, or why
+    it did not finish cleanly."""
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.runner", *args], cwd=ROOT, env=_child_env(),
+            [sys.executable, "-m", "bench.runner", *args], cwd=ROOT, env=_child_env(env),
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
         )
         try:
@@ -110,6 +114,29 @@ def device_rates(cfg: dict[str, Any], out_dir: Path) -> tuple[DeviceRates, dict[
     return DeviceRates(**rates), probe.get("env", {})
 
 
+COMPILE_CACHES = ("per_variant", "shared")
+
+
+@contextlib.contextmanager
+def compile_cache(mode: str, stem: str) -> Iterator[dict[str, str]]:
+    """The compile caches a variant's process sees. ``per_variant``: inductor's and Triton's on-disk caches in an
+    empty directory of its own, removed after it, so each variant compiles as on a fresh machine. Inductor's FX-graph
+    cache does not key on the size hints a dynamic-shape graph was first traced with; with one cache for all, a
+    variant that only changes those hints (``ours_async_no_decode_tune``) ran the kernels the variant before it had
+    compiled, and the order of the variants decided the result (H200, session 13). ``shared``: the caches of this
+    machine, as earlier runs had them (faster start-up after the first variant)."""
+    if mode not in COMPILE_CACHES:
+        raise ValueError(f"compile_cache={mode!r}: expected one of {COMPILE_CACHES}")
+    if mode == "shared":
+        yield {}
+        return
+    root = tempfile.mkdtemp(prefix=f"bench_compile_{stem}_")
+    try:
+        yield {"TORCHINDUCTOR_CACHE_DIR": os.path.join(root, "inductor"), "TRITON_CACHE_DIR": os.path.join(root, "triton")}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def run_variant(name: str, cfg: dict[str, Any], out_dir: Path, timeout_s: float) -> dict[str, Any]:
     """Spawn one variant's runner and read back its result (or record why there is none)."""
     wl = cfg["workload"]["name"]
@@ -133,7 +160,8 @@ def run_variant(name: str, cfg: dict[str, Any], out_dir: Path, timeout_s: float)
     job_path, result_path, log_path = out_dir / "jobs" / f"{stem}.json", out_dir / "jobs" / f"{stem}.result.json", out_dir / "logs" / f"{stem}.log"
     job_path.write_text(json.dumps(job, indent=1))
     result_path.unlink(missing_ok=True)
-    why = _spawn([str(job_path), str(result_path)], log_path, timeout_s)
+    with compile_cache(cfg.get("compile_cache", "per_variant"), stem) as env:
+        why = _spawn([str(job_path), str(result_path)], log_path, timeout_s, env)
     if result_path.exists():
         result = json.loads(result_path.read_text())
     else:
@@ -214,6 +242,8 @@ def _write(out_dir: Path, summary: dict[str, Any], results: list[dict[str, Any]]
 def run(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Run every variant of ``cfg['variants']``; write ``bench_<workload>.{json,md}`` and figures into ``out_dir``."""
     start = time.perf_counter()
+    if cfg.get("compile_cache", "per_variant") not in COMPILE_CACHES:
+        raise ValueError(f"compile_cache={cfg['compile_cache']!r}: expected one of {COMPILE_CACHES}")
     for sub in ("jobs", "logs", "timelines"):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
     workload = Workload.from_dict(cfg["workload"])

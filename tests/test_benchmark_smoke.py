@@ -154,3 +154,31 @@ def test_host_step_probe_reports_every_phase_of_w1s_decode_steps(tmp_path):
     run = json.loads(out.read_text())["runs"][0]
     assert run["steps"] >= 256 and run["decode_steps"] >= 240  # 256 new tokens; prefill spans the first steps
     assert all(run["decode_ms"][p] > 0 for p in ("schedule", "prepare", "launch", "process"))
+
+
+def test_each_variant_compiles_into_empty_caches_of_its_own_that_inductor_uses_and_that_are_removed_after():
+    """``compile_cache=per_variant`` (the default): the variant's process resolves inductor's and Triton's caches to a
+    fresh directory of its own (inductor's own lookup, in a child process), a second variant gets another one, and
+    both are gone afterwards; ``shared`` adds nothing; an unknown mode is refused by name."""
+    sys.path[:0] = [str(ROOT / "recipes")]
+    try:
+        import benchmark
+    finally:
+        del sys.path[0]
+    probe = ("from torch._inductor.runtime.cache_dir_utils import cache_dir; import os; "
+             "print(cache_dir()); print(os.environ['TRITON_CACHE_DIR']); print(len(os.listdir(cache_dir())) if "
+             "os.path.isdir(cache_dir()) else 0)")
+    seen = []
+    with benchmark.compile_cache("per_variant", "w1_ours_async") as a, benchmark.compile_cache("per_variant", "w1_other") as b:
+        for env in (a, b):
+            out = subprocess.run([sys.executable, "-c", probe], env=benchmark._child_env(env), capture_output=True,
+                                 text=True, timeout=120, check=True).stdout.split()
+            assert out[0] == env["TORCHINDUCTOR_CACHE_DIR"] and out[1] == env["TRITON_CACHE_DIR"] and out[2] == "0"
+            seen.append(Path(env["TORCHINDUCTOR_CACHE_DIR"]).parent)
+        assert seen[0] != seen[1] and all(d.is_dir() for d in seen)
+    assert not any(d.exists() for d in seen)
+    with benchmark.compile_cache("shared", "w1_ours_async") as env:
+        assert env == {}
+    with pytest.raises(ValueError, match="compile_cache='fresh': expected one of"):
+        with benchmark.compile_cache("fresh", "w1_ours_async"):
+            pass

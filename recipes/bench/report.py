@@ -138,7 +138,12 @@ def notes(summary: dict[str, Any], results: list[dict[str, Any]]) -> list[str]:
         "The work a prefix cache could skip is not counted, so a variant without one scores lower.",
         "start-up s: building the engine (KV cache, warm-up/compile, CUDA-graph capture; the JSON's startup_parts "
         "splits it for ours) plus setup inside the timed call (hf_cb's manager and warm-up; ours_async_lightning's "
-        "per-call engine and Lightning set-up); the model's random init is excluded. first/repeat call (with "
+        "per-call engine and Lightning set-up); the model's random init is excluded. "
+        + ("Each variant compiled into empty inductor and Triton caches of its own (compile_cache=per_variant), as on "
+           "a fresh machine. " if summary["config"].get("compile_cache", "per_variant") == "per_variant" else
+           "Compile caches shared by the variants (compile_cache=shared): a variant after the first may reuse "
+           "kernels an earlier one compiled, and start faster. ")
+        + "first/repeat call (with "
         "first_call.enabled): the first call after start-up, before any warm-up, over the same call repeated "
         "(issue 14: at most 1.05).",
         "wall s: the timed call only, after an untimed warm-up call on the same engine (hf_cb: its own manager "
