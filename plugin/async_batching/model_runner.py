@@ -716,7 +716,8 @@ PREFILL_OWN_COMPILE = False
 # 2-3: inductor sizes the fused kernels' launches from the first shapes, and the decode graphs replay them at up to
 # 512 rows, and prefill steps call the same graphs (PREFILL_OWN_COMPILE off). On the H200 (session 12, one run):
 # W1 141,842 out tok/s against 131,242 traced on 2-3 rows (a second run without it: 131,953), TTFT p50 0.151 vs
-# 0.209 s; W7 23,639 vs 23,439 (noise). 0: traced on 1-3 rows (benchmark variant ours_async_no_decode_tune).
+# 0.209 s; W7 23,639 vs 23,439 (noise). Session 13, each variant compiling into caches of its own: 145,975 vs 133,900
+# (TTFT 0.137 vs 0.197 s; medians of 3 calls 143,369 vs 137,974). 0: traced on 1-3 rows (ours_async_no_decode_tune).
 DECODE_TUNE_ROWS = 256
 # Decode graphs of at least this many rows run their rows as two halves, each a whole forward, on two streams that
 # the graph joins before the logits (see ``_forward_split``). A decode step's products and small kernels each fill
