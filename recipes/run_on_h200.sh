@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One device call's worth of GPU work on an H200, logs and tables under $OUT; the tables are printed last.
 #   bash recipes/run_on_h200.sh STEP [STEP ...]      one step per device call: each is sized for a 10-minute command
-# Steps (expected minutes on one H200, machine start and transfers excluded):
+# Steps (expected minutes on one H200, machine start and transfers excluded; since session 13 every benchmark variant
+# compiles into empty caches of its own, compile_cache=per_variant: 10-30 s more start-up per compiled variant, and
+# BENCH_ARGS=compile_cache=shared reuses the machine's):
 #   tests (~10) the GPU tests (-m "gpu and not slow") and the Triton kernel tests, natively on CUDA (GPU_TESTS_SHARD)
 #   soak (~6)   the 5-minute GPU soak (SOAK_SECONDS)
 #   w1 (~7) w2 (~7) w3 (~4)   the published workloads, plus ours_async_no_prefix_cache (issue 11: within 2%)
