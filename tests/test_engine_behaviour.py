@@ -497,6 +497,38 @@ def test_prefill_steps_compiled_in_graphs_of_their_own_are_first_traced_on_a_ful
     _run_compiled_without_new_graphs(b, m, traced)
 
 
+def test_prefill_graphs_of_their_own_are_compiled_by_inductor_not_loaded_from_the_decode_graphs_cache_entry(
+        monkeypatch, tmp_path):
+    """PREFILL_OWN_COMPILE with inductor (an empty cache directory): a decoder layer's graph is the same for decode
+    and prefill steps, and inductor's FX-graph cache does not key on the size hints of the first trace, so a cached
+    prefill compile would run the decode graph's code. No prefill compile is served from that cache (without
+    PREFILL_OWN_OPTIONS the layer graph was: one hit), and the tokens equal generate's."""
+    import async_batching.model_runner as mr
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(mr, "PREFILL_OWN_COMPILE", True)
+    hits = {}
+    for name in ("_compile_decode", "_compile_prefill"):
+        def counted(self, _real=getattr(mr.ModelRunner, name), _name=name):
+            before = counters["inductor"]["fxgraph_cache_hit"]
+            _real(self)
+            hits[_name] = counters["inductor"]["fxgraph_cache_hit"] - before
+        monkeypatch.setattr(mr.ModelRunner, name, counted)
+    torch._dynamo.reset()
+    m = tiny_model("llama", num_hidden_layers=2)
+    b = ContinuousBatcher(m, compile=True, max_batch_tokens=96, max_num_seqs=12)
+    try:
+        assert b.runner._compiled_pf is not None and b.runner._compiled_prefill
+        assert hits == {"_compile_decode": 0, "_compile_prefill": 0}
+        prompts = mixed_prompts(4, lo=5, hi=60, seed=5)
+        out = b.generate(prompts, SamplingParams(max_new_tokens=4))
+        assert [r.token_ids for r in out] == [reference(m, p, 4) for p in prompts]
+    finally:
+        b.close()
+        torch._dynamo.reset()
+
+
 def test_decode_steps_compiled_with_tune_rows_are_first_traced_on_that_many_rows(monkeypatch):
     """DECODE_TUNE_ROWS: the decode steps' dynamic-shape graph is first traced on that many rows (capped by
     max_num_seqs), so its kernels are sized for large decode batches; one-row steps keep their own graph. Nothing

@@ -148,8 +148,10 @@ class ModelRunner:
         self._compiled_prefill = self.compile and self.prefill_compile_min_tokens <= config.max_batch_tokens
         # PREFILL_OWN_COMPILE: prefill steps through graphs of their own, compiled first on a full-budget step, so
         # inductor sizes their kernels' launches for prefill shapes (see CompiledLayers' own_frame); else they share
-        # the decode steps' graphs, whose kernels were sized for a few rows.
-        self._compiled_pf = (CompiledLayers(model, own_frame=True, dynamic=True)
+        # the decode steps' graphs, whose kernels were sized for DECODE_TUNE_ROWS rows. Not through inductor's FX-graph
+        # cache: a layer's graph is the same for both, and the cache, which does not key on size hints, returned the
+        # decode graph's compiled code (and its kernels) for it (found on the CPU, session 13).
+        self._compiled_pf = (CompiledLayers(model, own_frame=True, dynamic=True, options=PREFILL_OWN_OPTIONS)
                              if self._compiled_prefill and PREFILL_OWN_COMPILE else None)
         # Decode windows (BatcherConfig.decode_window): auto where decode steps replay graphs, whose host cost is
         # the engine's own; one step at a time under tensor parallelism (each step's tokens are agreed by the group).
@@ -709,9 +711,12 @@ PREFILL_COMPILE_MIN_WORK = 0.0
 # Prefill steps compiled apart from decode steps, first on a full-budget step (CompiledLayers' own_frame): on an H200
 # (session 11, step_probe.py), the fused pointwise and norm kernels of a compiled prefill step ran at 1.3-2.5 TB/s
 # (W7: 16 of 43 GPU ms a 16k-token step; W1: 21 of 50 ms a 65k-token step), having been sized for the decode
-# steps' few rows. Off: measured on the H200 (session 12) at the same speed as DECODE_TUNE_ROWS, on by default, which
-# compiles nothing more (W1 141,828 vs 141,842 out tok/s; W7 23,629 vs 23,639; variant ours_async_prefill_own_compile).
+# steps' few rows. Off. Measured on the H200 (session 12) at the same speed as DECODE_TUNE_ROWS (W1 141,828 vs 141,842
+# out tok/s; W7 23,629 vs 23,639; variant ours_async_prefill_own_compile), but that run's prefill graphs were the
+# decode graphs' compiled code, loaded from inductor's FX-graph cache; compiled apart since (PREFILL_OWN_OPTIONS),
+# not yet measured.
 PREFILL_OWN_COMPILE = False
+PREFILL_OWN_OPTIONS = {"fx_graph_cache": False}  # compiled on their own shapes at every start-up, never cached
 # Decode steps' compiled code traced first on this many rows (capped by max_num_seqs and the token budget) instead of
 # 2-3: inductor sizes the fused kernels' launches from the first shapes, and the decode graphs replay them at up to
 # 512 rows, and prefill steps call the same graphs (PREFILL_OWN_COMPILE off). On the H200 (session 12, one run):

@@ -566,7 +566,9 @@ class OursAsyncCoordinateDescent(_OursAsyncBuiltWith):
 
 class OursAsyncPrefillOwnCompile(_OursAsyncBuiltWith):
     """``ours_async`` with prefill steps compiled in graphs of their own, first on a full-budget step
-    (``model_runner.PREFILL_OWN_COMPILE``): their fused kernels' launches sized for prefill shapes, not decode rows."""
+    (``model_runner.PREFILL_OWN_COMPILE``): their fused kernels' launches sized for prefill shapes, not decode rows.
+    Until session 13 inductor's FX-graph cache handed these compiles the decode graphs' code (the same graph; the
+    cache does not key on size hints), so session 12's run of this variant measured the decode kernels again."""
 
     patches = {("model_runner", "PREFILL_OWN_COMPILE"): True}
 
