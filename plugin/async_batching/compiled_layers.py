@@ -24,7 +24,8 @@ from torch import nn
 
 # Extra inductor options of the engine's compiles (torch.compile's ``options``); empty in use. Benchmark variants set
 # them to measure them: ``ours_async_combo_kernels`` (independent small kernels of a layer launched as one, e.g. the
-# q and k norms with their rotary embeddings), ``ours_async_coordinate_descent``, ``ours_async_pdl``.
+# q and k norms with their rotary embeddings), ``ours_async_coordinate_descent``, ``ours_async_pdl``,
+# ``ours_async_max_autotune``.
 COMPILE_OPTIONS: dict = {}
 
 

@@ -557,6 +557,16 @@ class OursAsyncPdl(_OursAsyncBuiltWith):
         super().__init__(model, job)
 
 
+class OursAsyncMaxAutotune(_OursAsyncBuiltWith):
+    """``ours_async`` with inductor's ``max_autotune`` in the engine's compiles: each matrix product of a layer timed
+    at start-up against inductor's Triton templates (on Hopper also its persistent TMA ones), on the first trace's
+    shapes (256 decode rows), and the winner kept for every size; a Triton product can take the residual add that
+    follows it as its epilogue (two small kernels a layer). cuBLAS stays where it wins. Start-up grows by the
+    candidates' compiles and timings. Not yet measured."""
+
+    patches = {("compiled_layers", "COMPILE_OPTIONS"): {"max_autotune": True}}
+
+
 class OursAsyncCoordinateDescent(_OursAsyncBuiltWith):
     """``ours_async`` with inductor's ``coordinate_descent_tuning`` in the engine's compiles: each generated pointwise
     and reduction kernel's launch (block sizes, warps) tuned at start-up on its first shapes."""
@@ -743,6 +753,7 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_combo_kernels": OursAsyncComboKernels,
     "ours_async_coordinate_descent": OursAsyncCoordinateDescent,
     "ours_async_pdl": OursAsyncPdl,
+    "ours_async_max_autotune": OursAsyncMaxAutotune,
     "ours_async_cublaslt": OursAsyncCublasLt,
     "ours_async_prefill_own_compile": OursAsyncPrefillOwnCompile,
     "ours_async_no_decode_tune": OursAsyncNoDecodeTune,
