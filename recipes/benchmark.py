@@ -117,6 +117,12 @@ def device_rates(cfg: dict[str, Any], out_dir: Path) -> tuple[DeviceRates, dict[
 COMPILE_CACHES = ("per_variant", "shared")
 
 
+def _checked_compile_cache(mode: str) -> str:
+    if mode not in COMPILE_CACHES:
+        raise ValueError(f"compile_cache={mode!r}: expected one of {COMPILE_CACHES}")
+    return mode
+
+
 @contextlib.contextmanager
 def compile_cache(mode: str, stem: str) -> Iterator[dict[str, str]]:
     """The compile caches a variant's process sees. ``per_variant``: inductor's and Triton's on-disk caches in an
@@ -125,9 +131,7 @@ def compile_cache(mode: str, stem: str) -> Iterator[dict[str, str]]:
     variant that only changes those hints (``ours_async_no_decode_tune``) ran the kernels the variant before it had
     compiled, and the order of the variants decided the result (H200, session 13). ``shared``: the caches of this
     machine, as earlier runs had them (faster start-up after the first variant)."""
-    if mode not in COMPILE_CACHES:
-        raise ValueError(f"compile_cache={mode!r}: expected one of {COMPILE_CACHES}")
-    if mode == "shared":
+    if _checked_compile_cache(mode) == "shared":
         yield {}
         return
     root = tempfile.mkdtemp(prefix=f"bench_compile_{stem}_")
@@ -242,8 +246,7 @@ def _write(out_dir: Path, summary: dict[str, Any], results: list[dict[str, Any]]
 def run(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Run every variant of ``cfg['variants']``; write ``bench_<workload>.{json,md}`` and figures into ``out_dir``."""
     start = time.perf_counter()
-    if cfg.get("compile_cache", "per_variant") not in COMPILE_CACHES:
-        raise ValueError(f"compile_cache={cfg['compile_cache']!r}: expected one of {COMPILE_CACHES}")
+    _checked_compile_cache(cfg.get("compile_cache", "per_variant"))  # before any GPU time is spent
     for sub in ("jobs", "logs", "timelines"):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
     workload = Workload.from_dict(cfg["workload"])
