@@ -8,7 +8,7 @@
    between them) beside the union of its kernels from the profiler, kernels per replay, GPU ms by kernel.
 
     python recipes/bench/step_probe.py --workload conf/workload/w1.yaml [--batcher '{"max_batch_tokens": 131072}']
-        [--decode-sizes 8,32,128,256] [--no-prefill]
+        [--decode-sizes 8,32,128,256] [--no-prefill] [--prefill-own-compile] [--compile-options '{"max_autotune": true}']
 """
 
 from __future__ import annotations
@@ -158,8 +158,17 @@ def main() -> None:
     ap.add_argument("--decode-sizes", default="", help="comma-separated sequence counts of the decode replays "
                     "(default: the workload's requests, up to the largest graph)")
     ap.add_argument("--no-prefill", action="store_true", help="decode replays only")
+    ap.add_argument("--prefill-own-compile", action="store_true",
+                    help="prefill steps in compiled graphs of their own (model_runner.PREFILL_OWN_COMPILE)")
+    ap.add_argument("--compile-options", default="{}",
+                    help="inductor options of the engine's compiles as JSON (compiled_layers.COMPILE_OPTIONS)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    import async_batching.compiled_layers as compiled_layers
+    import async_batching.model_runner as model_runner
+
+    model_runner.PREFILL_OWN_COMPILE = args.prefill_own_compile  # read when the engine is built
+    compiled_layers.COMPILE_OPTIONS = json.loads(args.compile_options)
     wl = Workload.from_dict(yaml.safe_load(open(args.workload)))
     model = wl.build_model("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
@@ -171,7 +180,9 @@ def main() -> None:
     runner = b.runner
     print(f"## {wl.name} on {out['device']} (torch {out['torch']}): max_batch_tokens {budget}, "
           f"prefill compiled from {runner.prefill_compile_min_tokens} tokens "
-          f"({'on' if runner._compiled_prefill else 'off'})")
+          f"({'on' if runner._compiled_prefill else 'off'}"
+          f"{', in graphs of their own' if runner._compiled_pf is not None else ''}), "
+          f"compile options {compiled_layers.COMPILE_OPTIONS or 'none'}")
     threshold, compiled = runner.prefill_compile_min_tokens, runner._compiled_prefill
     for size in () if args.no_prefill else (budget, budget // 8):  # a full step and a small one
         prompts, total = [], 0
