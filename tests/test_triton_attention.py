@@ -146,6 +146,25 @@ def test_decode_over_contexts_of_various_lengths(backend, block_size):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_a_head_major_cache_given_as_a_strided_view_gives_the_same_output_bit_for_bit(backend, block_size):
+    """The kernel reads the cache through its strides: the same K/V stored head-major in each block ([block, kv head,
+    slot, dim], a head's keys of a block contiguous) and handed over as a [block, slot, kv head, dim] view gives the
+    engine's layout's output exactly (decode rows and a prefill chunk; the layout the tuning sweep times)."""
+    dtype, tol = backend
+    args, max_q = make_batch([(70, 1), (33, 1), (45, 12), (5, 1)], dtype=dtype, block_size=block_size,
+                             num_kv_heads=3, group=3)
+    scale = 1.0 / math.sqrt(args["q"].shape[-1])
+    token_major = tpa.paged_attention(**args, max_query_len=max_q, scale=scale)
+    head_major = {name: args[name].permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+                  for name in ("k_cache", "v_cache")}
+    assert head_major["k_cache"].stride(1) == args["q"].shape[-1] and not head_major["k_cache"].is_contiguous()
+    out = tpa.paged_attention(**{**args, **head_major}, max_query_len=max_q, scale=scale)
+    assert not token_major.isnan().any()
+    assert torch.equal(out, token_major)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_prefill_chunk_continues_existing_context(backend):
     check([(40, 13), (25, 9)], backend)
 

@@ -61,6 +61,13 @@ if os.environ.get("TUNING_DEFAULT_ONLY") == "1":  # time the launch configuratio
     DECODE_CONFIGS = PREFILL_CONFIGS = []
 if os.environ.get("TUNING_GRID_ONLY") == "1":  # the default launch against the grid orders alone (decode shapes)
     DECODE_CONFIGS, PREFILL_CONFIGS = list(GRID_ORDERS), []
+# Decode: the cache's block size and layout under the default launch, e.g. TUNING_CACHE_LAYOUTS=16,64,head16,head64:
+# N is the engine's [block, slot, kv head, dim] with N slots a block; headN stores each block head-major ([block, kv
+# head, slot, dim]: a kv head's keys of a block contiguous, 128 B rows apart at head_dim 64 instead of kv_heads x 128 B)
+# and hands the kernel a strided view in the engine's index order. Only these rows are timed when it is set.
+CACHE_LAYOUTS = [x for x in os.environ.get("TUNING_CACHE_LAYOUTS", "").split(",") if x]
+if CACHE_LAYOUTS:
+    DECODE_CONFIGS = PREFILL_CONFIGS = []
 if os.environ.get("TUNING_SHAPES"):  # a substring per shape to keep, comma-separated (e.g. "decode")
     SHAPES = {n: v for n, v in SHAPES.items() if any(k in n for k in os.environ["TUNING_SHAPES"].split(","))}
 
@@ -101,10 +108,14 @@ def dense_flash_ms(name) -> float:
         return float("nan")
 
 
-def build(name):
+def build(name, layout="16"):
+    """The shape's call of the kernel (and whether it is decode, and its work), its cache as ``layout`` says (see
+    CACHE_LAYOUTS)."""
     ql, cl, h, kvh, d = SHAPES[name]
     torch.manual_seed(0)
-    q, k, v, m = case(ql, cl, heads=h, kv_heads=kvh, dim=d)
+    q, k, v, m = case(ql, cl, heads=h, kv_heads=kvh, dim=d, bs=int(layout.removeprefix("head")))
+    if layout.startswith("head"):
+        k, v = (c.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3) for c in (k, v))
     scale = d ** -0.5
     fn = lambda: tpa.paged_attention(q, k, v, m.block_tables, m.seq_lens, m.query_start_loc, m.max_query_len, scale)  # noqa: E731
     decode = max(ql) == 1
@@ -128,7 +139,32 @@ def compile_only(name):
     fn, _, _ = build(name)
     for cfg in configs(name):
         run(fn, cfg)
+    for layout in CACHE_LAYOUTS if max(SHAPES[name][0]) == 1 else ():
+        run(build(name, layout)[0], None)
     torch.cuda.synchronize()
+
+
+def layout_rows(name) -> list[dict]:
+    """The default launch on each of CACHE_LAYOUTS (decode shapes): GPU ms, K/V read rate, against the engine's
+    layout of 16-slot blocks; the max abs diff is against the token-major cache of the same block size (the same
+    values: 0 expected)."""
+    print(f"\n## {name}: cache layouts\n\n| cache layout | GPU ms (graph) | GB/s K/V read | vs 16-slot blocks | "
+          "max abs diff vs token-major |\n|---|---|---|---|---|")
+    base_ms, rows = None, []
+    for layout in ["16"] + [x for x in CACHE_LAYOUTS if x != "16"]:
+        fn, _, work = build(name, layout)
+        out = run(fn, None)
+        if isinstance(out, Exception):
+            print(f"| {layout} | failed: {out} | | | |", flush=True)
+            continue
+        same = run(build(name, layout.removeprefix("head"))[0], None)
+        diff = (out.float() - same.float()).abs().max().item()
+        ms = graph_ms(lambda: run(fn, None))
+        base_ms = base_ms or ms
+        label = f"head-major, {layout[4:]} slots a block" if layout.startswith("head") else f"{layout} slots a block"
+        print(f"| {label} | {ms:.4f} | {work / ms / 1e6:,.0f} | {base_ms / ms:.2f}x | {diff:.3g} |", flush=True)
+        rows.append(dict(layout=layout, ms=ms, rate=work / ms / 1e6, diff=diff))
+    return rows
 
 
 def main():
@@ -140,6 +176,10 @@ def main():
         p.wait()
     results = {}
     for name in SHAPES:
+        if CACHE_LAYOUTS:
+            if max(SHAPES[name][0]) == 1:
+                results[name] = dict(layouts=layout_rows(name))
+            continue
         fn, decode, work = build(name)
         ref = run(fn, None).float().clone()
         rows = []
