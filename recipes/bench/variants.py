@@ -365,6 +365,7 @@ class Ours(Variant):
     compile: Optional[bool] = None  # None: the engine's default (decode steps compiled where they run in CUDA graphs)
     prefix_caching: Optional[bool] = None
     decode_window: Optional[int] = None  # None: the engine's default (model_runner.DECODE_WINDOW with CUDA graphs)
+    block_size: Optional[int] = None  # None: the engine's default (16 slots a KV block), or the run's batcher override
     counts_steps = True
 
     def __init__(self, model, job) -> None:
@@ -374,6 +375,8 @@ class Ours(Variant):
         self.overrides = _batcher_overrides(job, self.mode, self.cuda_graphs, self.compile, self.prefix_caching)
         if self.decode_window is not None:
             self.overrides["decode_window"] = self.decode_window
+        if self.block_size is not None:
+            self.overrides["block_size"] = self.block_size
         with StartupClock() as clock:
             self.batcher = ContinuousBatcher(model, tokenizer=None, **self.overrides)
         self.startup_parts = clock.parts
@@ -645,6 +648,13 @@ class OursAsyncNoWindow(Ours):
     mode, decode_window = "async", 1
 
 
+class OursAsyncBlock64(Ours):
+    """``ours_async`` with KV blocks of 64 slots (the default is 16): a 128-key decode tile spans 2 blocks, not 8, so
+    fewer block-table lookups and longer runs of one sequence's keys; prefix sharing in whole 64-token blocks."""
+
+    mode, block_size = "async", 64
+
+
 class OursAsyncWindow8(Ours):
     """``ours_async`` with decode windows of 8 forwards (the default is 4)."""
 
@@ -757,6 +767,7 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_no_prefix_cache": OursAsyncNoPrefixCache,
     "ours_async_no_window": OursAsyncNoWindow,
     "ours_async_window8": OursAsyncWindow8,
+    "ours_async_block64": OursAsyncBlock64,
     "ours_async_fused_write": OursAsyncFusedWrite,
     "ours_async_combo_kernels": OursAsyncComboKernels,
     "ours_async_coordinate_descent": OursAsyncCoordinateDescent,
