@@ -36,6 +36,34 @@ def test_greedy_matches_generate_under_chunking_and_preemption(arch, mode):
     assert b.all_blocks_free()
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_a_head_major_kv_cache_gives_generates_tokens_under_chunking_preemption_and_prefix_hits(arch, monkeypatch):
+    """``kv_cache.KV_LAYOUT = "head"``: every block stored head-major and handed out as a strided view. Greedy tokens
+    equal ``generate``'s with chunked prefill and preemption, and again with the prompts' prefixes served from the
+    cache; the caches really are head-major views."""
+    import async_batching.kv_cache as kv_cache
+
+    monkeypatch.setattr(kv_cache, "KV_LAYOUT", "head")
+    model, prompts, refs = _model_and_refs(arch)
+    b = ContinuousBatcher(model, mode="async", max_num_seqs=4, max_batch_tokens=48, block_size=8, num_blocks=40)
+    cache = next(iter(b.runner.cache.k.values()))
+    assert not cache.is_contiguous() and cache.stride(1) == cache.shape[-1]  # slots of one head adjacent
+    sp = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    assert [r.token_ids for r in b.generate(prompts, sp)] == refs
+    assert b.stats["preemptions"] > 0
+    again = b.generate(prompts[:3], sp)
+    assert [r.token_ids for r in again] == refs[:3] and b.stats["cached_tokens"] > 0
+    b.close()
+
+
+def test_an_unknown_kv_layout_is_refused_by_name(monkeypatch):
+    import async_batching.kv_cache as kv_cache
+
+    monkeypatch.setattr(kv_cache, "KV_LAYOUT", "blocked")
+    with pytest.raises(ValueError, match="KV_LAYOUT='blocked': expected one of"):
+        ContinuousBatcher(tiny_model("llama"), max_num_seqs=2, num_blocks=8)
+
+
 @pytest.mark.parametrize("policy", ["prefill_first", "shortest_first"])
 def test_other_scheduler_policies_are_exact(policy):
     model, prompts, refs = _model_and_refs("llama")

@@ -69,6 +69,21 @@ def test_fp32_compiled_prefill_steps_match_generate(arch, monkeypatch):
     assert b.runner._compiled is not None and b.runner._compiled_prefill, "compiled prefill fell back"
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2"])
+@pytest.mark.parametrize("fused_write", [False, True])
+def test_fp32_head_major_kv_cache_matches_generate(arch, fused_write, monkeypatch):
+    """``kv_cache.KV_LAYOUT = "head"`` on the Triton path, compiled, in CUDA graphs: the write kernel, the attention
+    kernel (and its fused decode write) address the head-major blocks through their strides; greedy tokens equal
+    generate's."""
+    import async_batching.attention as attention
+    import async_batching.kv_cache as kv_cache
+
+    monkeypatch.setattr(kv_cache, "KV_LAYOUT", "head")
+    monkeypatch.setattr(attention, "FUSED_DECODE_WRITE", fused_write)
+    b = _fp32_matches_generate(arch, True)
+    assert not next(iter(b.runner.cache.k.values())).is_contiguous()
+
+
 MOE = ["gpt_oss", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]
 RUNNER_LOG = "async_batching.model_runner"
 

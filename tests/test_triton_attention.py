@@ -447,7 +447,9 @@ def test_gpu_cuda_graph_replay_follows_new_metadata(splits):
 @pytest.mark.parametrize("kv_heads,head_dim", [(1, 64), (2, 128), (3, 80)])
 def test_write_kv_puts_each_token_in_its_slot_and_leaves_the_rest(backend, kv_heads, head_dim):
     """The fused K/V write equals two ``index_copy_`` into the flat caches, from [1, heads, T, dim] views transposed to
-    [T, heads, dim] as the attention function receives them; slots no token maps to keep their contents."""
+    [T, heads, dim] as the attention function receives them; slots no token maps to keep their contents. The same
+    holds for caches stored head-major in each block (``kv_cache.KV_LAYOUT = "head"``), through the kernel and through
+    the torch path."""
     from async_batching.attention import index_copy_kv
 
     dtype, _ = backend
@@ -461,10 +463,18 @@ def test_write_kv_puts_each_token_in_its_slot_and_leaves_the_rest(backend, kv_he
     vc = torch.randn(blocks, block_size, kv_heads, head_dim, generator=g).to(DEVICE, dtype)
     want_k, want_v = kc.clone(), vc.clone()
     index_copy_kv(k, v, want_k, want_v, slots)
+    # the same caches stored head-major in each block, handed over as [block, slot, head, dim] views
+    head_k, head_v = (c.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3) for c in (kc, vc))
+    head_ref_k, head_ref_v = head_k.clone(), head_v.clone()
+    index_copy_kv(k, v, head_ref_k, head_ref_v, slots)  # its (block, slot) path for a non-contiguous cache
     tpa.write_kv(k, v, kc, vc, slots)
+    tpa.write_kv(k, v, head_k, head_v, slots)
     assert torch.equal(kc.view(-1, kv_heads, head_dim)[slots], k)
     assert torch.equal(vc.view(-1, kv_heads, head_dim)[slots], v)
     assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+    assert head_k.is_contiguous() == (kv_heads == 1)  # one kv head: both layouts are the same memory
+    assert torch.equal(head_k, want_k) and torch.equal(head_v, want_v)
+    assert torch.equal(head_ref_k, want_k) and torch.equal(head_ref_v, want_v)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -147,16 +147,21 @@ def dense_attention(q, k, v, qpos, kpos, klen, scale: float, window: int, softca
 
 
 def index_copy_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
-    """The step's keys and values ``[T, kv_heads, dim]`` into their cache slots (any device)."""
-    k_cache.view(-1, k_cache.shape[-2], k_cache.shape[-1]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, v_cache.shape[-2], v_cache.shape[-1]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    """The step's keys and values ``[T, kv_heads, dim]`` into their cache slots (any device; a head-major cache,
+    ``kv_cache.KV_LAYOUT``, through its (block, slot) pairs)."""
+    for new, cache in ((k, k_cache), (v, v_cache)):
+        if cache.is_contiguous():
+            cache.view(-1, cache.shape[-2], cache.shape[-1]).index_copy_(0, slot_mapping, new.to(cache.dtype))
+        else:
+            cache[slot_mapping // cache.shape[1], slot_mapping % cache.shape[1]] = new.to(cache.dtype)
 
 
 def triton_write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     """GPU path of ``index_copy_kv``: one Triton kernel for both caches (``triton_paged_attention.write_kv``)."""
     from .triton_paged_attention import write_kv
 
-    if k.stride(-1) != 1 or v.stride(-1) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+    if (k.stride(-1) != 1 or v.stride(-1) != 1 or k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride()
+            or k_cache.shape != v_cache.shape):
         return index_copy_kv(k, v, k_cache, v_cache, slot_mapping)
     write_kv(k, v, k_cache, v_cache, slot_mapping)
 

@@ -181,8 +181,28 @@ class LayerSpec:
     v_head_dim: int
 
 
+# How each layer's K/V is stored. "token": [block, slot, kv head, dim], contiguous (every kernel's index order).
+# "head": each block head-major in memory ([block, kv head, slot, dim]) and handed out as a [block, slot, kv head,
+# dim] view, so a kv head's keys of a block are contiguous: at head_dim 64 a decode program reads one key of its head
+# every 128 B instead of every kv_heads x 128 B. The kernels read and write through strides, the torch path through
+# (block, slot) indices. "token" until measured (W1's decode attention reads K/V at 64-73% of the copy rate on short
+# contexts; attention_tuning.py times both, TUNING_CACHE_LAYOUTS; benchmark variant ours_async_head_major).
+KV_LAYOUT = "token"
+KV_LAYOUTS = ("token", "head")
+
+
+def kv_storage(num_blocks: int, block_size: int, kv_heads: int, dim: int, dtype, device) -> torch.Tensor:
+    """One layer's zeroed K or V cache, ``[num_blocks, block_size, kv_heads, dim]``, laid out as ``KV_LAYOUT`` says."""
+    if KV_LAYOUT not in KV_LAYOUTS:
+        raise ValueError(f"kv_cache.KV_LAYOUT={KV_LAYOUT!r}: expected one of {KV_LAYOUTS}")
+    if KV_LAYOUT == "head":
+        return torch.zeros(num_blocks, kv_heads, block_size, dim, dtype=dtype, device=device).transpose(1, 2)
+    return torch.zeros(num_blocks, block_size, kv_heads, dim, dtype=dtype, device=device)
+
+
 class PagedKVCache:
-    """Per-layer K/V storage ``[num_blocks, block_size, kv_heads, head_dim]`` plus the allocator over its blocks."""
+    """Per-layer K/V storage ``[num_blocks, block_size, kv_heads, head_dim]`` (``KV_LAYOUT``: in that order in memory,
+    or each block head-major) plus the allocator over its blocks."""
 
     def __init__(self, layers: dict[int, LayerSpec], num_blocks: int, block_size: int, dtype, device,
                  prefix_caching: bool = True):
@@ -192,8 +212,8 @@ class PagedKVCache:
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
         for idx, spec in layers.items():
-            self.k[idx] = torch.zeros(num_blocks, block_size, spec.num_kv_heads, spec.head_dim, dtype=dtype, device=device)
-            self.v[idx] = torch.zeros(num_blocks, block_size, spec.num_kv_heads, spec.v_head_dim, dtype=dtype, device=device)
+            self.k[idx] = kv_storage(num_blocks, block_size, spec.num_kv_heads, spec.head_dim, dtype, device)
+            self.v[idx] = kv_storage(num_blocks, block_size, spec.num_kv_heads, spec.v_head_dim, dtype, device)
 
     @staticmethod
     def bytes_per_block(layers: dict[int, LayerSpec], block_size: int, dtype) -> int:

@@ -514,19 +514,21 @@ def paged_attention(
 def _write_kv_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_cs, stride_ch,
+    stride_cb, stride_cs, stride_ch,
+    BLOCK_SIZE: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
     HEADS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
 ):
-    """Token t's keys and values (every kv head) into cache slot ``slot_mapping[t]``: one launch for both caches."""
+    """Token t's keys and values (every kv head) into cache slot ``slot_mapping[t]``: one launch for both caches.
+    The caches' strides are [block, slot, kv head] (dim contiguous): the engine's layout or a head-major one."""
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     h = tl.arange(0, HEADS_PAD)[:, None]
     d = tl.arange(0, HEAD_DIM_PAD)[None, :]
     mask = (h < NUM_KV_HEADS) & (d < HEAD_DIM)
-    dst = slot * stride_cs + h * stride_ch + d
+    dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + h * stride_ch + d
     k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
     tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
@@ -537,19 +539,21 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
              slot_mapping: torch.Tensor) -> None:
     """``k_cache.view(-1, heads, dim)[slot_mapping] = k`` and the same for ``v`` (k, v: [T, kv_heads, dim], any
     strides with a contiguous last dim), in one kernel instead of two ``index_copy_``: a decode step writes every
-    layer's K and V, and at a few hundred tokens each copy costs a launch's fixed time (about 2.8 us on an H200)."""
+    layer's K and V, and at a few hundred tokens each copy costs a launch's fixed time (about 2.8 us on an H200).
+    The caches: [blocks, block_size, kv_heads, dim] with a contiguous last dim, as the engine's or a head-major
+    layout hands them out (``kv_cache.KV_LAYOUT``), both with the same strides."""
     T, kv_heads, head_dim = k.shape
     assert v.shape == k.shape and k.stride(2) == 1 and v.stride(2) == 1, "k and v: [T, kv_heads, dim], dim contiguous"
     assert k_cache.shape == v_cache.shape and k_cache.shape[2:] == (kv_heads, head_dim)
-    assert k_cache.is_contiguous() and v_cache.is_contiguous() and slot_mapping.shape == (T,)
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1 and slot_mapping.shape == (T,)
     if T == 0:
         return
     heads_pad, dim_pad = triton.next_power_of_2(kv_heads), triton.next_power_of_2(head_dim)
     _write_kv_kernel[(T,)](
         k, v, k_cache, v_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(1), k_cache.stride(2),
-        NUM_KV_HEADS=kv_heads, HEADS_PAD=heads_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=dim_pad,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        BLOCK_SIZE=k_cache.shape[1], NUM_KV_HEADS=kv_heads, HEADS_PAD=heads_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=dim_pad,
         num_warps=4 if heads_pad * dim_pad >= 1024 else 1,
     )
 

@@ -542,6 +542,14 @@ class OursAsyncComboKernels(_OursAsyncBuiltWith):
     patches = {("compiled_layers", "COMPILE_OPTIONS"): {"combo_kernels": True}}
 
 
+class OursAsyncHeadMajor(_OursAsyncBuiltWith):
+    """``ours_async`` with each KV block stored head-major (``kv_cache.KV_LAYOUT = "head"``): a kv head's keys of a
+    block contiguous, so a decode program reads 128 B rows next to each other instead of kv_heads x 128 B apart (W1:
+    3 kv heads of 64 dims)."""
+
+    patches = {("kv_cache", "KV_LAYOUT"): "head"}
+
+
 class OursAsyncFewerKernels(_OursAsyncBuiltWith):
     """``ours_async_combo_kernels`` and ``ours_async_fused_write`` together: two launches a layer fewer in every decode
     forward. Alone each was within the run-to-run noise on the H200 (session 11, W7: +0.9% and +0.2%); W7's decode
@@ -768,6 +776,7 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_no_window": OursAsyncNoWindow,
     "ours_async_window8": OursAsyncWindow8,
     "ours_async_block64": OursAsyncBlock64,
+    "ours_async_head_major": OursAsyncHeadMajor,
     "ours_async_fused_write": OursAsyncFusedWrite,
     "ours_async_combo_kernels": OursAsyncComboKernels,
     "ours_async_coordinate_descent": OursAsyncCoordinateDescent,
