@@ -520,15 +520,20 @@ def _write_kv_kernel(
     HEADS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_STRIDES: tl.constexpr,
 ):
     """Token t's keys and values (every kv head) into cache slot ``slot_mapping[t]``: one launch for both caches.
-    The caches' strides are [block, slot, kv head] (dim contiguous): the engine's layout or a head-major one."""
+    The caches' strides are [block, slot, kv head] (dim contiguous). BLOCK_STRIDES: a slot is addressed as (block,
+    slot in block), for a head-major layout; else as a flat slot of the contiguous engine layout."""
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     h = tl.arange(0, HEADS_PAD)[:, None]
     d = tl.arange(0, HEAD_DIM_PAD)[None, :]
     mask = (h < NUM_KV_HEADS) & (d < HEAD_DIM)
-    dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + h * stride_ch + d
+    if BLOCK_STRIDES:
+        dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + h * stride_ch + d
+    else:
+        dst = slot * stride_cs + h * stride_ch + d
     k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
     tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
@@ -554,6 +559,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         BLOCK_SIZE=k_cache.shape[1], NUM_KV_HEADS=kv_heads, HEADS_PAD=heads_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=dim_pad,
+        BLOCK_STRIDES=not k_cache.is_contiguous(),
         num_warps=4 if heads_pad * dim_pad >= 1024 else 1,
     )
 
