@@ -269,6 +269,14 @@ def test_tuning_grid_orders_give_the_same_attention_and_leave_counters_at_zero(b
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_one_loop_over_every_key_tile_gives_the_same_attention_and_leaves_counters_at_zero(backend, monkeypatch):
+    """The sweep's ``one_loop`` (every key tile through the masked loop): results equal the reference on decode rows,
+    prefill chunks and whole prompts, with and without KV splits, with the split counters left at zero."""
+    monkeypatch.setattr(tpa, "TUNING", dict(one_loop=True))
+    _launches_match_and_leave_counters_at_zero(backend, [(150, 1), (3, 1), (90, 5), (70, 1), (12, 12)], (1, 2, 4))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("splits", [2, 4])
 def test_sinks_are_counted_once_when_kv_splits_merge(backend, splits):
     specs = [(100, 1), (3, 1), (40, 5)]  # with 4 splits of 64 keys the last two are empty

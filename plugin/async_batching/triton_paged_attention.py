@@ -128,6 +128,7 @@ def _paged_attention_kernel(
     HEADS_FIRST: tl.constexpr = False,
     USE_ORDER: tl.constexpr = False,
     WRITE_NEW: tl.constexpr = False,
+    ONE_LOOP: tl.constexpr = False,
 ):
     """Attention of BLOCK_Q queries x G heads (one kv head) of one sequence over one KV split.
 
@@ -137,7 +138,9 @@ def _paged_attention_kernel(
     WRITE_NEW (decode launches only, one query a sequence): the program whose key range holds the sequence's last
     position first stores that token's K and V (``new_k``/``new_v`` row ``q_start``, kv head ``kv_head``) at cache slot
     ``slot[q_start]``, then a block barrier makes the stores visible to its own loads: no separate write kernel. No
-    other program reads that position (other splits cover earlier keys, other kv heads other heads)."""
+    other program reads that position (other splits cover earlier keys, other kv heads other heads).
+    ONE_LOOP (tuning only): every key tile through the masked loop, one software pipeline over the whole range
+    instead of two (a decode program on a short context has 3-4 tiles, and each loop's first loads wait unhidden)."""
     if HEADS_FIRST:
         seq = tl.program_id(1)
         q_block = tl.program_id(2)
@@ -218,7 +221,7 @@ def _paged_attention_kernel(
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     # Keys up to the block's first query position are visible to every row: whole tiles of them need no mask (no
     # causal, range or window test, no masked loads). The rest (the diagonal, a split's ragged end, any window) does.
-    if USE_WINDOW:
+    if USE_WINDOW or ONE_LOOP:
         mid = lo
     else:
         mid = lo + tl.maximum(tl.minimum(hi, ctx_start + q_block * BLOCK_Q + 1) - lo, 0) // TILE_N * TILE_N
@@ -281,8 +284,8 @@ def _paged_attention_kernel(
             )
 
 
-# Launch-configuration overrides (``tile_n``, ``num_warps``, ``num_stages``, ``target_m``, ``num_kv_splits``, and the
-# grid orders ``heads_first`` and ``longest_first``) for the tuning sweep only; empty in use.
+# Launch-configuration overrides (``tile_n``, ``num_warps``, ``num_stages``, ``target_m``, ``num_kv_splits``, the
+# grid orders ``heads_first`` and ``longest_first``, and ``one_loop``) for the tuning sweep only; empty in use.
 TUNING: dict = {}
 
 
@@ -501,6 +504,7 @@ def paged_attention(
         HEADS_FIRST=heads_first,
         USE_ORDER=order is not None,
         WRITE_NEW=new_kv is not None,
+        ONE_LOOP=bool(TUNING.get("one_loop")) if TUNING else False,
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -57,10 +57,16 @@ DECODE_CONFIGS += [dict(num_kv_splits=n, tile_n=t) for n in (1, 2, 4, 8) for t i
 # cache's [block, slot, head, dim] layout), and the longest contexts first (less tail of long programs at the end).
 GRID_ORDERS = [dict(heads_first=True), dict(longest_first=True), dict(heads_first=True, longest_first=True)]
 DECODE_CONFIGS += GRID_ORDERS
+# Decode: every key tile through one (masked) loop, one software pipeline over a short context's 3-4 tiles.
+ONE_LOOP = [dict(one_loop=True), dict(one_loop=True, num_stages=3), dict(one_loop=True, tile_n=64, num_stages=3),
+            dict(one_loop=True, tile_n=64, num_stages=4)]
+DECODE_CONFIGS += ONE_LOOP
 if os.environ.get("TUNING_DEFAULT_ONLY") == "1":  # time the launch configuration in use, no sweep (about a minute)
     DECODE_CONFIGS = PREFILL_CONFIGS = []
 if os.environ.get("TUNING_GRID_ONLY") == "1":  # the default launch against the grid orders alone (decode shapes)
     DECODE_CONFIGS, PREFILL_CONFIGS = list(GRID_ORDERS), []
+if os.environ.get("TUNING_ONE_LOOP_ONLY") == "1":  # the default launch against one_loop alone (decode shapes)
+    DECODE_CONFIGS, PREFILL_CONFIGS = list(ONE_LOOP), []
 # Decode: the cache's block size and layout under the default launch, e.g. TUNING_CACHE_LAYOUTS=16,64,head16,head64:
 # N is the engine's [block, slot, kv head, dim] with N slots a block; headN stores each block head-major ([block, kv
 # head, slot, dim]: a kv head's keys of a block contiguous, 128 B rows apart at head_dim 64 instead of kv_heads x 128 B)
@@ -79,6 +85,9 @@ def configs(name):
 def _label(cfg) -> str:
     if cfg in GRID_ORDERS:
         return "grid: " + " + ".join(k.replace("_", " ") for k in cfg)
+    if cfg.get("one_loop"):
+        rest = {k: v for k, v in cfg.items() if k != "one_loop"}
+        return "one loop" + (", " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in rest.items()) if rest else "")
     if "num_kv_splits" in cfg:
         return f"{cfg['num_kv_splits']} KV splits, tile {cfg['tile_n']}"
     rows = f"{cfg['target_m']} rows, " if "target_m" in cfg else ""
