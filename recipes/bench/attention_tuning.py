@@ -61,19 +61,20 @@ DECODE_CONFIGS += GRID_ORDERS
 ONE_LOOP = [dict(one_loop=True), dict(one_loop=True, num_stages=3), dict(one_loop=True, tile_n=64, num_stages=3),
             dict(one_loop=True, tile_n=64, num_stages=4)]
 DECODE_CONFIGS += ONE_LOOP
+# Decode: the cache's block size and layout under the default launch, e.g. TUNING_CACHE_LAYOUTS=16,64,head16,head64:
+# N is the engine's [block, slot, kv head, dim] with N slots a block; headN stores each block head-major ([block, kv
+# head, slot, dim]: a kv head's keys of a block contiguous, 128 B rows apart at head_dim 64 instead of kv_heads x 128 B)
+# and hands the kernel a strided view in the engine's index order. With it, only these rows are timed, unless a
+# TUNING_*_ONLY below picks configurations too.
+CACHE_LAYOUTS = [x for x in os.environ.get("TUNING_CACHE_LAYOUTS", "").split(",") if x]
+if CACHE_LAYOUTS:
+    DECODE_CONFIGS = PREFILL_CONFIGS = []
 if os.environ.get("TUNING_DEFAULT_ONLY") == "1":  # time the launch configuration in use, no sweep (about a minute)
     DECODE_CONFIGS = PREFILL_CONFIGS = []
 if os.environ.get("TUNING_GRID_ONLY") == "1":  # the default launch against the grid orders alone (decode shapes)
     DECODE_CONFIGS, PREFILL_CONFIGS = list(GRID_ORDERS), []
 if os.environ.get("TUNING_ONE_LOOP_ONLY") == "1":  # the default launch against one_loop alone (decode shapes)
     DECODE_CONFIGS, PREFILL_CONFIGS = list(ONE_LOOP), []
-# Decode: the cache's block size and layout under the default launch, e.g. TUNING_CACHE_LAYOUTS=16,64,head16,head64:
-# N is the engine's [block, slot, kv head, dim] with N slots a block; headN stores each block head-major ([block, kv
-# head, slot, dim]: a kv head's keys of a block contiguous, 128 B rows apart at head_dim 64 instead of kv_heads x 128 B)
-# and hands the kernel a strided view in the engine's index order. Only these rows are timed when it is set.
-CACHE_LAYOUTS = [x for x in os.environ.get("TUNING_CACHE_LAYOUTS", "").split(",") if x]
-if CACHE_LAYOUTS:
-    DECODE_CONFIGS = PREFILL_CONFIGS = []
 if os.environ.get("TUNING_SHAPES"):  # a substring per shape to keep, comma-separated (e.g. "decode")
     SHAPES = {n: v for n, v in SHAPES.items() if any(k in n for k in os.environ["TUNING_SHAPES"].split(","))}
 
@@ -185,9 +186,9 @@ def main():
         p.wait()
     results = {}
     for name in SHAPES:
-        if CACHE_LAYOUTS:
-            if max(SHAPES[name][0]) == 1:
-                results[name] = dict(layouts=layout_rows(name))
+        if CACHE_LAYOUTS and max(SHAPES[name][0]) == 1:
+            results[name] = dict(layouts=layout_rows(name))
+        if CACHE_LAYOUTS and not configs(name):
             continue
         fn, decode, work = build(name)
         ref = run(fn, None).float().clone()
@@ -215,7 +216,7 @@ def main():
         for ms, cfg, rate, diff in [default] + best + splits:
             label = "default" if cfg is None else _label(cfg)
             print(f"| {label} | {ms:.4f} | {rate:,.0f} | {default[0] / ms:.2f}x | {diff:.3g} |", flush=True)
-        results[name] = dict(sdpa_flash_ms=ref_ms, rows=[dict(ms=ms, cfg=cfg, rate=rate, diff=diff)
+        results.setdefault(name, {}).update(sdpa_flash_ms=ref_ms, rows=[dict(ms=ms, cfg=cfg, rate=rate, diff=diff)
                                                          for ms, cfg, rate, diff in rows])
     out = os.environ.get("OUT")
     if out:
