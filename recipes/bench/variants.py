@@ -578,10 +578,10 @@ class OursAsyncPdl(_OursAsyncBuiltWith):
 
 class OursAsyncMaxAutotune(_OursAsyncBuiltWith):
     """``ours_async`` with inductor's ``max_autotune`` in the engine's compiles: each matrix product of a layer timed
-    at start-up against inductor's Triton templates (on Hopper also its persistent TMA ones), on the first trace's
-    shapes (256 decode rows), and the winner kept for every size; a Triton product can take the residual add that
-    follows it as its epilogue (two small kernels a layer). cuBLAS stays where it wins. Start-up grows by the
-    candidates' compiles and timings. Not yet measured."""
+    at start-up against inductor's Triton templates on the first trace's shapes (256 decode rows), and the winner
+    kept for every size; a Triton product can take the pointwise work after it as its epilogue (the residual add
+    after the MLP's down product is a kernel of its own in the decode probe). cuBLAS stays where it wins. Start-up
+    grows by the candidates' compiles and timings. Not yet measured."""
 
     patches = {("compiled_layers", "COMPILE_OPTIONS"): {"max_autotune": True}}
 
