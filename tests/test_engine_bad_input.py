@@ -81,6 +81,7 @@ def test_mismatched_sampling_list_is_rejected(batcher):
     ("num_blocks", 0, "positive int"), ("block_size", 12, "power of two"), ("mode", "asnyc", "one of"),
     ("scheduler", "lifo", "one of"), ("max_batch_tokens", 0, "positive int"), ("max_num_seqs", -1, "positive int"),
     ("memory_fraction", 1.5, "fraction"), ("attention_backend", "flash", "one of"), ("dtype", "fp8", "one of"),
+    ("admit_threshold", 0, "positive int"),
 ])
 def test_invalid_config_names_the_key_and_accepted_values(key, value, accepted):
     with pytest.raises(ValueError, match=rf"BatcherConfig\.{key}=.* is invalid: expected .*{accepted}"):

@@ -64,6 +64,95 @@ def test_an_unknown_kv_layout_is_refused_by_name(monkeypatch):
         ContinuousBatcher(tiny_model("llama"), max_num_seqs=2, num_blocks=8)
 
 
+def _admissions(monkeypatch) -> list[tuple[int, int, bool, int]]:
+    """Each plan that admitted requests: (requests admitted, waiting before, whether the plan was decode-only
+    before, requests running before), recorded around Scheduler._admit."""
+    from async_batching.scheduler import Scheduler
+
+    seen: list[tuple[int, int, bool, int]] = []
+    real = Scheduler._admit
+
+    def recording(self, plan, budget):
+        running, waiting, decode_only = len(self.running), len(self.waiting), plan.is_decode_only
+        real(self, plan, budget)
+        if len(self.running) > running:
+            seen.append((len(self.running) - running, waiting, decode_only, running))
+
+    monkeypatch.setattr(Scheduler, "_admit", recording)
+    return seen
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_admission_in_batches_admits_at_least_the_threshold_and_keeps_generates_tokens(mode, monkeypatch):
+    """``admit_threshold=4`` with 8 sequence slots and 24 requests of 2-14 new tokens (they finish at different
+    steps): once requests run, a decode-only plan admits only when 4 requests (or all that wait) fit, so it admits at
+    least one, and a plan that already prefills may admit any; fewer steps admit than with ``admit_threshold=1``;
+    greedy tokens equal generate's in both."""
+    model = tiny_model("llama")
+    prompts = mixed_prompts(24, lo=3, hi=40, seed=4)
+    budgets = [2 + (7 * i) % 13 for i in range(len(prompts))]
+    refs = [reference(model, p, n) for p, n in zip(prompts, budgets)]
+    sampling = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in budgets]
+    steps_admitting = {}
+    for threshold in (1, 4):
+        seen = _admissions(monkeypatch)
+        b = ContinuousBatcher(model, mode=mode, max_num_seqs=8, max_batch_tokens=64, admit_threshold=threshold)
+        assert b.scheduler.admit_threshold == threshold
+        assert [r.token_ids for r in b.generate(prompts, sampling)] == refs
+        assert sum(n for n, *_ in seen) == len(prompts) and b.all_blocks_free()
+        if threshold == 4:
+            assert b.stats["deferred_admissions"] > 0
+            # from a decode-only plan with requests running: 4 (or all waiting) had free slots; the token budget
+            # (64) may take fewer of them into this step, and the following steps, prefilling, admit the rest
+            assert all(8 - running >= min(4, waiting) for _, waiting, decode_only, running in seen
+                       if decode_only and running), seen
+        steps_admitting[threshold] = len(seen)
+        b.close()
+        monkeypatch.undo()
+    assert steps_admitting[4] < steps_admitting[1], steps_admitting
+
+
+def test_admission_is_due_when_the_threshold_fits_by_slots_and_blocks_or_an_eighth_of_the_cache_is_free():
+    """The rule itself, on a scheduler over 65 blocks of 8 slots (64 usable), 8 sequence slots, threshold 3:
+    nothing running -> due; 3 waiting prompts of 30 tokens (4 blocks each) need 3 free slots and 12 free blocks, or
+    8 free blocks (an eighth of the cache); fewer waiting than the threshold -> all of them must fit."""
+    from collections import deque
+
+    from async_batching.kv_cache import LayerSpec, PagedKVCache
+    from async_batching.request import Request
+    from async_batching.scheduler import Scheduler
+
+    cache = PagedKVCache({0: LayerSpec(1, 4, 4)}, num_blocks=65, block_size=8, dtype=torch.float32, device="cpu")
+    s = Scheduler(cache, 64, 8, "decode_first", True, 8, False, admit_threshold=3)
+    req = lambda n: Request(uid=n, index=n, prompt_ids=[5] * 30, sampling=SamplingParams(), eos_ids=frozenset(),  # noqa: E731
+                            seed=n)
+    s.waiting = deque(req(i) for i in range(5))
+    assert s._admission_due()  # nothing running
+    s.running = [req(10 + i) for i in range(6)]  # 2 free slots < 3
+    assert not s._admission_due()
+    s.running = s.running[:5]  # 3 free slots
+    held = cache.allocator.allocate(57)  # 7 free blocks: under 12 and under an eighth (8)
+    assert not s._admission_due()
+    cache.allocator.free(held[:1])  # 8 free: an eighth of the cache
+    assert s._admission_due()
+    s.waiting = deque([req(20)])  # one waiting: it alone must fit (4 blocks <= 8 free, 3 slots)
+    assert s._admission_due()
+    s.admit_threshold = 1
+    s.running = [req(10 + i) for i in range(7)]
+    assert s._admission_due()  # threshold 1: admission as before
+
+
+def test_admit_threshold_defaults_to_an_eighth_of_the_slots_with_decode_graphs_only():
+    from async_batching.config import BatcherConfig
+    from async_batching.scheduler import admit_threshold
+
+    cfg = BatcherConfig(max_num_seqs=256)
+    assert admit_threshold(cfg, graphs=True) == 32 and admit_threshold(cfg, graphs=False) == 1
+    assert admit_threshold(BatcherConfig(max_num_seqs=5), graphs=True) == 1
+    assert admit_threshold(BatcherConfig(max_num_seqs=256, admit_threshold=3), graphs=True) == 3
+    assert ContinuousBatcher(tiny_model("llama"), max_num_seqs=64).scheduler.admit_threshold == 1  # CPU: no graphs
+
+
 @pytest.mark.parametrize("policy", ["prefill_first", "shortest_first"])
 def test_other_scheduler_policies_are_exact(policy):
     model, prompts, refs = _model_and_refs("llama")

@@ -84,6 +84,23 @@ def test_fp32_head_major_kv_cache_matches_generate(arch, fused_write, monkeypatc
     assert not next(iter(b.runner.cache.k.values())).is_contiguous()
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_fp32_admission_in_batches_with_graphs_matches_generate(mode):
+    """Defaults with CUDA graphs: admit_threshold is max_num_seqs // 8 (16 slots: 2); 40 requests of 2-21 new tokens
+    keep finishing and joining. Admissions were deferred, decode steps replayed graphs, tokens equal generate's."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = tiny_model("llama", device="cuda")
+    prompts = mixed_prompts(40, lo=3, hi=60, seed=21)
+    budgets = [2 + (11 * i) % 20 for i in range(len(prompts))]
+    refs = [reference(model, p, n) for p, n in zip(prompts, budgets)]
+    b = ContinuousBatcher(model, mode=mode, max_num_seqs=16, max_batch_tokens=128, num_blocks=200)
+    assert b.scheduler.admit_threshold == 2
+    out = b.generate(prompts, [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in budgets])
+    assert [r.token_ids for r in out] == refs
+    assert b.stats["deferred_admissions"] > 0 and b.stats["graph_steps"] > 0 and b.all_blocks_free()
+    b.close()
+
+
 MOE = ["gpt_oss", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]
 RUNNER_LOG = "async_batching.model_runner"
 

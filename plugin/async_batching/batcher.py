@@ -17,7 +17,7 @@ from .executor import AsyncExecutor, StepHandle, StepOutput, SyncExecutor
 from .model_runner import ModelRunner, auto_max_batch_tokens
 from .request import GenerationResult, Request, RequestStatus, SamplingParams, ScoreResult, generation_result
 from .sampling import request_seed
-from .scheduler import Scheduler
+from .scheduler import Scheduler, admit_threshold
 from .tensor_parallel import TensorParallelGroup, is_sharded
 from .validation import RequestValidator, raise_problems
 
@@ -49,7 +49,8 @@ class ContinuousBatcher:
         self.runner.start()
         self.scheduler = Scheduler(self.runner.cache, cfg.max_batch_tokens, cfg.max_num_seqs, cfg.scheduler,
                                    cfg.chunked_prefill, self.runner.max_logit_rows, cfg.prefix_caching,
-                                   self.runner.decode_window, self.runner.max_model_len)
+                                   self.runner.decode_window, self.runner.max_model_len,
+                                   admit_threshold(cfg, self.runner.want_graphs))
         executor_cls = AsyncExecutor if cfg.mode == "async" else SyncExecutor
         self.executor = executor_cls(self.runner, self.scheduler)
         self.validator = RequestValidator(tokenizer, self.runner.vocab_size, self.runner.max_model_len, cfg.block_size,
@@ -359,10 +360,11 @@ class ContinuousBatcher:
     @property
     def stats(self) -> dict:
         """Counters: requests, prompt tokens (submitted), prefill tokens (computed), cached tokens (prefix-cache hits),
-        output tokens, steps, graph steps, preemptions, host seconds per phase."""
+        output tokens, steps, graph steps, preemptions, plans that deferred admission (``admit_threshold``), host
+        seconds per phase."""
         s = self.scheduler
         return {**self._counters, "prefill_tokens": s.prefill_tokens, "cached_tokens": s.cached_tokens,
-                **self.executor.stats, "preemptions": s.num_preemptions}
+                **self.executor.stats, "preemptions": s.num_preemptions, "deferred_admissions": s.deferred_admissions}
 
     def __repr__(self) -> str:
         return f"ContinuousBatcher({type(self.model).__name__}, {self.config})"

@@ -33,6 +33,12 @@ class BatcherConfig:
     # steps, spread over the window). Tokens past a request's stop are dropped; at most window - 1 extra forwards per
     # request. None: DECODE_WINDOW (model_runner) where decode steps run in CUDA graphs, 1 elsewhere.
     decode_window: Optional[int] = None
+    # Admission in batches: while requests run, waiting ones are admitted once this many of them fit (sequence slots
+    # and, by their prompts, free KV blocks), or all of them do. A step that admits is a prefill/mixed step, which
+    # runs outside the decode graphs at a host cost of a compiled call per layer (about 20-45 ms on the H200 machine);
+    # admitting each request as soon as another finishes made most steps of a long job such steps. None:
+    # max_num_seqs // 8 (scheduler.ADMIT_DIVISOR) where decode steps run in CUDA graphs, 1 (at once) elsewhere.
+    admit_threshold: Optional[int] = None
     cuda_graphs: Optional[bool] = None  # None: on for CUDA, off elsewhere
     cuda_graph_max_batch: int = 512
     # torch.compile the model's layers (dynamic shapes, compiled at start-up) for decode steps (the decode graphs
@@ -88,6 +94,9 @@ class BatcherConfig:
         if self.decode_window is not None and (not isinstance(self.decode_window, int) or not
                                                1 <= self.decode_window <= 64):
             bad("decode_window", "an int in [1, 64], or None (auto)")
+        if self.admit_threshold is not None and (not isinstance(self.admit_threshold, int)
+                                                 or self.admit_threshold < 1):
+            bad("admit_threshold", "a positive int (1: admit at once), or None (auto)")
         if not isinstance(self.cuda_graph_max_batch, int) or self.cuda_graph_max_batch < 1:
             bad("cuda_graph_max_batch", "a positive int")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):

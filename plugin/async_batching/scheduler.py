@@ -9,6 +9,11 @@ In-flight invariants (the scheduler is the only writer of these ``Request`` fiel
   step's input for that position is gathered on the device from row ``carry_row`` of the launched step's tokens.
 - A waiting request is admitted only with nothing in flight, and a request whose in-flight tokens already reach
   ``max_new_tokens`` is not scheduled again.
+
+Admission in batches (``admit_threshold``): while requests run, a decode-only plan admits waiting requests only
+once that many of them fit, or all of them do (see ``_admission_due``); a plan with prefill work admits as before.
+The steps between stay decode-only, so they run as graph windows, and one prefill/mixed step takes in many requests
+instead of one per finish.
 """
 
 from __future__ import annotations
@@ -20,6 +25,16 @@ from dataclasses import dataclass, field
 from .kv_cache import HIT_TABLE_ENTRIES, PagedKVCache, TableRows, block_table_rows
 from .prefix_cache import PrefixCache
 from .request import Request, RequestStatus
+
+# BatcherConfig.admit_threshold's default where decode steps replay CUDA graphs: max_num_seqs // ADMIT_DIVISOR.
+ADMIT_DIVISOR = 8
+
+
+def admit_threshold(config, graphs: bool) -> int:
+    """``BatcherConfig.admit_threshold``, or its default: max_num_seqs // ADMIT_DIVISOR with decode graphs, else 1."""
+    if config.admit_threshold is not None:
+        return config.admit_threshold
+    return max(1, config.max_num_seqs // ADMIT_DIVISOR) if graphs else 1
 
 
 @dataclass(slots=True)
@@ -57,7 +72,7 @@ class Scheduler:
 
     def __init__(self, cache: PagedKVCache, max_batch_tokens: int, max_num_seqs: int, policy: str,
                  chunked_prefill: bool, max_logit_rows: int, prefix_caching: bool, decode_window: int = 1,
-                 max_model_len: int = 2 ** 62):
+                 max_model_len: int = 2 ** 62, admit_threshold: int = 1):
         self.allocator = cache.allocator
         self.block_size = cache.block_size
         self.max_batch_tokens = max_batch_tokens
@@ -74,6 +89,8 @@ class Scheduler:
         self.cached_tokens = 0  # prompt positions served by prefix-cache hits
         self.decode_window = decode_window
         self.max_model_len = max_model_len
+        self.admit_threshold = max(1, min(admit_threshold, max_num_seqs))
+        self.deferred_admissions = 0  # plans that left waiting requests out to admit them in a batch later
         self._plan_id = 0
 
     # --- queues -------------------------------------------------------------------------------------------
@@ -306,7 +323,29 @@ class Scheduler:
         return (parent is None or parent.status is not RequestStatus.RUNNING
                 or parent.num_computed >= len(parent.prompt_ids))
 
+    def _admission_due(self) -> bool:
+        """With requests running and a threshold above 1: do ``admit_threshold`` waiting requests (or all of them, if
+        fewer) fit now, by free sequence slots and, from their prompt lengths (prefix hits not counted), free KV
+        blocks, or is an eighth of the cache free (a cache too small for that many prompts does not wait for most
+        running requests to finish)? Nothing running: always (the GPU would idle); the running requests free slots
+        and blocks as they finish, so a deferred request is admitted at the latest when they all have."""
+        if not self.running or self.admit_threshold <= 1:
+            return True
+        want = min(self.admit_threshold, len(self.waiting))
+        if self.max_num_seqs - len(self.running) < want:
+            return False
+        alloc, bs, blocks = self.allocator, self.block_size, 0
+        if alloc.num_free * ADMIT_DIVISOR >= alloc.num_usable:
+            return True
+        for i in range(want):
+            blocks += -(-self.waiting[i].total_len // bs)
+        return blocks <= alloc.num_free
+
     def _admit(self, plan: StepPlan, budget: list[int]) -> None:
+        # A plan with prefill work is a mixed step anyway: admitting into it costs no extra step.
+        if self.waiting and plan.is_decode_only and not self._admission_due():
+            self.deferred_admissions += 1
+            return
         alloc, bs = self.allocator, self.block_size
         while self.waiting and budget[0] > 0 and len(plan.seqs) < self.max_num_seqs:
             req = self.waiting[0]
