@@ -12,6 +12,7 @@
 #   w5 (~6)     shared prefixes, prefix caching on vs off (issue 11: >= 4x)
 #   w6 (~8)     Qwen3-30B-A3B-shaped MoE, ours against static and hf_cb (issue 13)
 #   w7 (~5)     nano-vllm's bench.py setting (issue 14: >= 25,000 out tok/s), first call vs repeated call
+#   w8 (~5)     turnover: 1,024 requests of 16..512 new tokens through 512 slots; admission in batches vs one at a time
 #   s1 (~4)     scoring 4,000 pairs through ContinuousBatcher.score (issue 9)
 #   sampling (~1)  recipes/bench/sampling_speed.py: sample() alone, new against the previous implementation
 #   eval (~6)   recipes/bench/eval_bench.py, both backends (carry .whl built with 'fetch_wheels.sh eval' and
@@ -41,7 +42,7 @@
 # the native run of the kernel tests), BENCH_ARGS (extra Hydra overrides for every benchmark step), FIRST_CALL=1 (first vs repeated call in every
 # step, not just w4 and w7), STEP_S (hard limit of one benchmark step, 560 s), EVAL_ARGS (more eval_bench.py arguments),
 # EVAL_S (the eval step's limit, 500 s), ATUNE_S (the atune sweep's limit), TUNING_SHAPES (atune: substrings of the shapes to sweep), TUNING_GRID_ONLY=1 (atune: only the grid orders against the default), TUNING_CACHE_LAYOUTS=16,64,head16,head64 (atune: the default decode launch on other cache block sizes and head-major blocks), TUNING_ONE_LOOP_ONLY=1 (atune: every key tile through one loop, decode),
-# W12_VARIANTS / W2S_VARIANTS / W3_VARIANTS / W4_VARIANTS / W6_VARIANTS / W7_VARIANTS (a step's variant list), TP_TESTS=0 (tp: benchmarks only),
+# W12_VARIANTS / W2S_VARIANTS / W3_VARIANTS / W4_VARIANTS / W6_VARIANTS / W7_VARIANTS / W8_VARIANTS (a step's variant list), TP_TESTS=0 (tp: benchmarks only),
 # TP_RUNS, TP_RUN_S, TP_ALLREDUCE=0 (tp: no all-reduce probe), TP_BATCHER (tp: BatcherConfig overrides as JSON),
 # TP_PROFILE (tp: profile this many new tokens after each timed run), TP_TESTS_K / TP_TESTS_S (tp: -k filter, limit).
 set -uo pipefail
@@ -104,6 +105,7 @@ for what in "$@"; do
     w5)  bench w5 ours_async,ours_async_no_prefix_cache,static,hf_cb ;;
     w6)  bench w6 ${W6_VARIANTS:-ours_async,static,hf_cb,ours_sync} off timeout_s=240 ;;  # each variant builds the 61 GB model anew
     w7)  bench w7 ${W7_VARIANTS:-ours_async,ours_sync,ours_async_greedy,static} on ;;
+    w8)  bench w8 ${W8_VARIANTS:-ours_async,ours_async_admit_each} ;;
     s1)  bench s1 ours_async,ours_sync,static ;;
     sampling)
       PYTHONPATH=plugin${PYTHONPATH:+:$PYTHONPATH} timeout -k 15 240 python3 recipes/bench/sampling_speed.py \

@@ -109,7 +109,7 @@ def test_every_new_workload_composes_through_hydra_and_the_recipe_reports_what_i
     recipe = importlib.util.module_from_spec(spec_)
     spec_.loader.exec_module(recipe)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        for name in ("w2s", "w4", "w5", "w6", "w7", "s1"):
+        for name in ("w2s", "w4", "w5", "w6", "w7", "w8", "s1"):
             overrides = [f"workload={name}", "variants=[]", "++workload.extra_variants=[]", "device=cpu",
                          "figures.enabled=false", "first_call.enabled=true"]
             cfg = compose(config_name="benchmark", overrides=overrides)
@@ -254,6 +254,25 @@ def test_w6_moe_runs_through_ours_and_static_with_every_token(tmp_path):
     for variant in ("ours_async", "static"):
         r = run_job(job(wl, variant, tmp_path, warmup={}))
         assert r["problems"] == [] and r["output_tokens"] == 20, variant
+
+
+def test_w8_draws_twice_the_slots_with_budgets_spread_over_its_range_and_runs_both_admission_variants(tmp_path):
+    """W8 (turnover): 1,024 requests, twice the default 512 slots, budgets spread over 16..512 (requests finish at
+    different steps); on a tiny shape both admission variants make every request's exact budget, same tokens."""
+    from async_batching.config import BatcherConfig
+
+    reqs = Workload.from_dict(spec("w8")).build()
+    assert len(reqs.new_tokens) == 1024 == 2 * BatcherConfig().max_num_seqs
+    assert min(reqs.new_tokens) >= 16 and max(reqs.new_tokens) <= 512 and len(set(reqs.new_tokens)) > 300
+    wl = tiny("w8", requests=12, prompt_len=[5, 20], new_tokens=[2, 9])
+    batcher = {"max_num_seqs": 4, "admit_threshold": None}
+    batched = run_job(job(wl, "ours_async", tmp_path, batcher=dict(batcher, admit_threshold=2)))
+    each = run_job(job(wl, "ours_async_admit_each", tmp_path, batcher=batcher))
+    want = sum(Workload.from_dict(wl).build().new_tokens)
+    for r in (batched, each):
+        assert r["problems"] == [] and r["output_tokens"] == want
+    assert batched["output_sha256"] == each["output_sha256"]
+    assert batched["stats"]["deferred_admissions"] > 0 and each["stats"]["deferred_admissions"] == 0
 
 
 def test_w7_each_request_makes_exactly_its_own_budget(tmp_path):

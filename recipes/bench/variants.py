@@ -366,6 +366,7 @@ class Ours(Variant):
     prefix_caching: Optional[bool] = None
     decode_window: Optional[int] = None  # None: the engine's default (model_runner.DECODE_WINDOW with CUDA graphs)
     block_size: Optional[int] = None  # None: the engine's default (16 slots a KV block), or the run's batcher override
+    admit_threshold: Optional[int] = None  # None: the engine's default (max_num_seqs // 8 with decode graphs)
     counts_steps = True
 
     def __init__(self, model, job) -> None:
@@ -377,6 +378,8 @@ class Ours(Variant):
             self.overrides["decode_window"] = self.decode_window
         if self.block_size is not None:
             self.overrides["block_size"] = self.block_size
+        if self.admit_threshold is not None:
+            self.overrides["admit_threshold"] = self.admit_threshold
         with StartupClock() as clock:
             self.batcher = ContinuousBatcher(model, tokenizer=None, **self.overrides)
         self.startup_parts = clock.parts
@@ -663,6 +666,14 @@ class OursAsyncBlock64(Ours):
     mode, block_size = "async", 64
 
 
+class OursAsyncAdmitEach(Ours):
+    """``ours_async`` admitting each waiting request as soon as it fits (``admit_threshold=1``, the engine before
+    session 13): with requests finishing at different steps, most steps become prefill/mixed steps outside the
+    decode graphs."""
+
+    mode, admit_threshold = "async", 1
+
+
 class OursAsyncWindow8(Ours):
     """``ours_async`` with decode windows of 8 forwards (the default is 4)."""
 
@@ -776,6 +787,7 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_no_window": OursAsyncNoWindow,
     "ours_async_window8": OursAsyncWindow8,
     "ours_async_block64": OursAsyncBlock64,
+    "ours_async_admit_each": OursAsyncAdmitEach,
     "ours_async_head_major": OursAsyncHeadMajor,
     "ours_async_fused_write": OursAsyncFusedWrite,
     "ours_async_combo_kernels": OursAsyncComboKernels,
