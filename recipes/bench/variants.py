@@ -674,6 +674,20 @@ class OursAsyncAdmitEach(Ours):
     mode, admit_threshold = "async", 1
 
 
+class OursAsyncAdmit16(Ours):
+    """``ours_async`` admitting in batches of 16 (``admit_threshold=16``; auto at 512 slots: 64): more admitting
+    steps, fuller batches between them."""
+
+    mode, admit_threshold = "async", 16
+
+
+class OursAsyncAdmit128(Ours):
+    """``ours_async`` admitting in batches of 128 (``admit_threshold=128``): fewer admitting steps, emptier batches
+    between them."""
+
+    mode, admit_threshold = "async", 128
+
+
 class OursAsyncWindow8(Ours):
     """``ours_async`` with decode windows of 8 forwards (the default is 4)."""
 
@@ -788,6 +802,8 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_window8": OursAsyncWindow8,
     "ours_async_block64": OursAsyncBlock64,
     "ours_async_admit_each": OursAsyncAdmitEach,
+    "ours_async_admit_16": OursAsyncAdmit16,
+    "ours_async_admit_128": OursAsyncAdmit128,
     "ours_async_head_major": OursAsyncHeadMajor,
     "ours_async_fused_write": OursAsyncFusedWrite,
     "ours_async_combo_kernels": OursAsyncComboKernels,
