@@ -156,6 +156,12 @@ def test_host_step_probe_reports_every_phase_of_w1s_decode_steps(tmp_path):
     assert all(run["decode_ms"][p] > 0 for p in ("schedule", "prepare", "launch", "process"))
 
 
+def test_the_report_says_each_variant_compiled_into_caches_of_its_own(bench):
+    summary, table_md, _ = bench
+    assert summary["config"]["compile_cache"] == "per_variant"
+    assert "Each variant compiled into empty inductor and Triton caches of its own" in table_md
+
+
 def test_each_variant_compiles_into_empty_caches_of_its_own_that_inductor_uses_and_that_are_removed_after():
     """``compile_cache=per_variant`` (the default): the variant's process resolves inductor's and Triton's caches to a
     fresh directory of its own (inductor's own lookup, in a child process), a second variant gets another one, and
