@@ -209,6 +209,9 @@ def notes(summary: dict[str, Any], results: list[dict[str, Any]]) -> list[str]:
                    for k, what in (("graph", "decode steps replayed from graphs"), ("other", "other steps"))
                    if launch[f"{k}_steps"]]
             bits.append("host time launching a step (timed run): " + ", ".join(per))
+        stats = r.get("stats") or {}
+        if stats.get("deferred_admissions"):
+            bits.append(f"admission deferred by {stats['deferred_admissions']} plans (admit_threshold)")
         gcp = r.get("gc")
         if gcp and sum(gcp["collections"]):
             bits.append("garbage collections in the timed run (generations 0/1/2): "
@@ -261,6 +264,12 @@ def comparisons(summary: dict[str, Any], by_name: dict[str, dict[str, Any]]) -> 
             line += (f"; with caching {stats.get('prefill_tokens', 0):,} prompt tokens computed and "
                      f"{stats['cached_tokens']:,} served from the cache")
         out.append(line + ".")
+    if pair("ours_async", "ours_async_admit_each"):
+        batched, each = by_name["ours_async"], by_name["ours_async_admit_each"]
+        out.append(f"Admission in batches (admit_threshold, auto) over one at a time: wall {each['wall_s']:.2f} s / "
+                   f"{batched['wall_s']:.2f} s = {each['wall_s'] / batched['wall_s']:.2f}x"
+                   + (f"; {batched['stats']['deferred_admissions']:,} plans deferred admission"
+                      if (batched.get("stats") or {}).get("deferred_admissions") else "") + ".")
     touched = summary.get("roofline_touched_experts")
     if touched:
         out.append(f"MoE: the roofline reads the active experts' weights per decode step (BENCHMARKS.md). A step of "
