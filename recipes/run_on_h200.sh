@@ -105,7 +105,7 @@ for what in "$@"; do
     w5)  bench w5 ours_async,ours_async_no_prefix_cache,static,hf_cb ;;
     w6)  bench w6 ${W6_VARIANTS:-ours_async,static,hf_cb,ours_sync} off timeout_s=240 ;;  # each variant builds the 61 GB model anew
     w7)  bench w7 ${W7_VARIANTS:-ours_async,ours_sync,ours_async_greedy,static} on ;;
-    w8)  bench w8 ${W8_VARIANTS:-ours_async,ours_async_admit_each,ours_async_admit_16,ours_async_admit_128} ;;
+    w8)  bench w8 ${W8_VARIANTS:-ours_async_admit_each,ours_async_admit_auto,ours_async_admit_16,ours_async_admit_128} ;;
     s1)  bench s1 ours_async,ours_sync,static ;;
     sampling)
       PYTHONPATH=plugin${PYTHONPATH:+:$PYTHONPATH} timeout -k 15 240 python3 recipes/bench/sampling_speed.py \

@@ -330,10 +330,11 @@ def test_report_compares_sampled_with_greedy_cache_on_with_off_admission_and_sta
                "roofline": {"total_s": 1.0}, "roofline_max_num_seqs": 512, "requests_drawn": {},
                "roofline_touched_experts": {"rows": 256, "total_s": 3.5}}
     results = [row("ours_async", 2.0, 90.0), row("ours_async_greedy", 1.8, 100.0), row("ours_async_no_prefix_cache", 9.0, 20.0),
-               row("ours_async_admit_each", 3.0, 60.0)]
-    results[0]["stats"] = {"deferred_admissions": 1234}
+               row("ours_async_admit_each", 3.0, 60.0), row("ours_async_admit_auto", 2.0, 90.0)]
+    results[-1]["stats"] = {"deferred_admissions": 1234}
     lines = report.comparisons(summary, {r["variant"]: r for r in results})
-    assert any("one at a time: wall 3.00 s / 2.00 s = 1.50x; 1,234 plans deferred admission" in x for x in lines)
+    assert any("one at a time (ours_async_admit_each): wall 3.00 s / 2.00 s = 1.50x; 1,234 plans deferred admission" in x
+               for x in lines)
     assert any("Sampled over greedy" in x and "= 0.900" in x for x in lines)
     assert any("Prefix caching: wall 9.00 s off / 2.00 s on = 4.50x (issue 11: at least 4x on W5)" in x for x in lines)
     assert any("A step of 256 rows" in x and "3.500 s instead of 1.000 s" in x for x in lines)

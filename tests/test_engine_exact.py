@@ -142,11 +142,14 @@ def test_admission_is_due_when_the_threshold_fits_by_slots_and_blocks_or_an_eigh
     assert s._admission_due()  # threshold 1: admission as before
 
 
-def test_admit_threshold_defaults_to_an_eighth_of_the_slots_with_decode_graphs_only():
+def test_admit_threshold_defaults_to_one_and_to_an_eighth_of_the_slots_with_graphs_only_when_batching_is_on(monkeypatch):
+    from async_batching import scheduler
     from async_batching.config import BatcherConfig
     from async_batching.scheduler import admit_threshold
 
     cfg = BatcherConfig(max_num_seqs=256)
+    assert admit_threshold(cfg, graphs=True) == 1 and admit_threshold(cfg, graphs=False) == 1  # until measured
+    monkeypatch.setattr(scheduler, "ADMIT_IN_BATCHES_WITH_GRAPHS", True)
     assert admit_threshold(cfg, graphs=True) == 32 and admit_threshold(cfg, graphs=False) == 1
     assert admit_threshold(BatcherConfig(max_num_seqs=5), graphs=True) == 1
     assert admit_threshold(BatcherConfig(max_num_seqs=256, admit_threshold=3), graphs=True) == 3

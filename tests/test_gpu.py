@@ -85,9 +85,13 @@ def test_fp32_head_major_kv_cache_matches_generate(arch, fused_write, monkeypatc
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
-def test_fp32_admission_in_batches_with_graphs_matches_generate(mode):
-    """Defaults with CUDA graphs: admit_threshold is max_num_seqs // 8 (16 slots: 2); 40 requests of 2-21 new tokens
-    keep finishing and joining. Admissions were deferred, decode steps replayed graphs, tokens equal generate's."""
+def test_fp32_admission_in_batches_with_graphs_matches_generate(mode, monkeypatch):
+    """Admission in batches as the auto default with CUDA graphs (``ADMIT_IN_BATCHES_WITH_GRAPHS``): admit_threshold
+    is max_num_seqs // 8 (16 slots: 2); 40 requests of 2-21 new tokens keep finishing and joining. Admissions were
+    deferred, decode steps replayed graphs, tokens equal generate's."""
+    from async_batching import scheduler
+
+    monkeypatch.setattr(scheduler, "ADMIT_IN_BATCHES_WITH_GRAPHS", True)
     torch.backends.cuda.matmul.allow_tf32 = False
     model = tiny_model("llama", device="cuda")
     prompts = mixed_prompts(40, lo=3, hi=60, seed=21)

@@ -36,8 +36,8 @@ class BatcherConfig:
     # Admission in batches: while requests run, waiting ones are admitted once this many of them fit (sequence slots
     # and, by their prompts, free KV blocks), or all of them do. A step that admits is a prefill/mixed step, which
     # runs outside the decode graphs at a host cost of a compiled call per layer (about 20-45 ms on the H200 machine);
-    # admitting each request as soon as another finishes made most steps of a long job such steps. None:
-    # max_num_seqs // 8 (scheduler.ADMIT_DIVISOR) where decode steps run in CUDA graphs, 1 (at once) elsewhere.
+    # admitting each request as soon as another finishes made most steps of a long job such steps. None (auto): 1 (at
+    # once) until measured on a GPU; scheduler.ADMIT_IN_BATCHES_WITH_GRAPHS makes it max_num_seqs // 8 with graphs.
     admit_threshold: Optional[int] = None
     cuda_graphs: Optional[bool] = None  # None: on for CUDA, off elsewhere
     cuda_graph_max_batch: int = 512

@@ -26,15 +26,20 @@ from .kv_cache import HIT_TABLE_ENTRIES, PagedKVCache, TableRows, block_table_ro
 from .prefix_cache import PrefixCache
 from .request import Request, RequestStatus
 
-# BatcherConfig.admit_threshold's default where decode steps replay CUDA graphs: max_num_seqs // ADMIT_DIVISOR.
+# Admission in batches by default where decode steps replay CUDA graphs: BatcherConfig.admit_threshold's auto value
+# there is max_num_seqs // ADMIT_DIVISOR, and admission waits for that many (or an ADMIT_DIVISOR-th of the cache).
+# Off (auto is 1 everywhere) until workload W8 measures it on a GPU: built and tested on the CPU in session 13, the
+# device was not lent in session 14. Variant ours_async_admit_auto turns it on.
+ADMIT_IN_BATCHES_WITH_GRAPHS = False
 ADMIT_DIVISOR = 8
 
 
 def admit_threshold(config, graphs: bool) -> int:
-    """``BatcherConfig.admit_threshold``, or its default: max_num_seqs // ADMIT_DIVISOR with decode graphs, else 1."""
+    """``BatcherConfig.admit_threshold``, or its default: 1 (admit at once), or max_num_seqs // ADMIT_DIVISOR with
+    decode graphs where ``ADMIT_IN_BATCHES_WITH_GRAPHS`` is on."""
     if config.admit_threshold is not None:
         return config.admit_threshold
-    return max(1, config.max_num_seqs // ADMIT_DIVISOR) if graphs else 1
+    return max(1, config.max_num_seqs // ADMIT_DIVISOR) if graphs and ADMIT_IN_BATCHES_WITH_GRAPHS else 1
 
 
 @dataclass(slots=True)

@@ -366,7 +366,7 @@ class Ours(Variant):
     prefix_caching: Optional[bool] = None
     decode_window: Optional[int] = None  # None: the engine's default (model_runner.DECODE_WINDOW with CUDA graphs)
     block_size: Optional[int] = None  # None: the engine's default (16 slots a KV block), or the run's batcher override
-    admit_threshold: Optional[int] = None  # None: the engine's default (max_num_seqs // 8 with decode graphs)
+    admit_threshold: Optional[int] = None  # None: the engine's default (1 until measured: scheduler.py)
     counts_steps = True
 
     def __init__(self, model, job) -> None:
@@ -667,16 +667,23 @@ class OursAsyncBlock64(Ours):
 
 
 class OursAsyncAdmitEach(Ours):
-    """``ours_async`` admitting each waiting request as soon as it fits (``admit_threshold=1``, the engine before
-    session 13): with requests finishing at different steps, most steps become prefill/mixed steps outside the
-    decode graphs."""
+    """``ours_async`` admitting each waiting request as soon as it fits (``admit_threshold=1``, the default until
+    admission in batches is measured): with requests finishing at different steps, most steps become prefill/mixed
+    steps outside the decode graphs."""
 
     mode, admit_threshold = "async", 1
 
 
+class OursAsyncAdmitAuto(_OursAsyncBuiltWith):
+    """``ours_async`` with admission in batches as its auto default (``scheduler.ADMIT_IN_BATCHES_WITH_GRAPHS``):
+    ``max_num_seqs // 8`` waiting requests (64 at 512 slots) or an eighth of the cache, with decode graphs."""
+
+    patches = {("scheduler", "ADMIT_IN_BATCHES_WITH_GRAPHS"): True}
+
+
 class OursAsyncAdmit16(Ours):
-    """``ours_async`` admitting in batches of 16 (``admit_threshold=16``; auto at 512 slots: 64): more admitting
-    steps, fuller batches between them."""
+    """``ours_async`` admitting in batches of 16 (``admit_threshold=16``; ``ours_async_admit_auto`` at 512 slots:
+    64): more admitting steps, fuller batches between them."""
 
     mode, admit_threshold = "async", 16
 
@@ -802,6 +809,7 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_window8": OursAsyncWindow8,
     "ours_async_block64": OursAsyncBlock64,
     "ours_async_admit_each": OursAsyncAdmitEach,
+    "ours_async_admit_auto": OursAsyncAdmitAuto,
     "ours_async_admit_16": OursAsyncAdmit16,
     "ours_async_admit_128": OursAsyncAdmit128,
     "ours_async_head_major": OursAsyncHeadMajor,
