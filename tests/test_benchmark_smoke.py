@@ -188,3 +188,30 @@ def test_each_variant_compiles_into_empty_caches_of_its_own_that_inductor_uses_a
     with pytest.raises(ValueError, match="compile_cache='fresh': expected one of"):
         with benchmark.compile_cache("fresh", "w1_ours_async"):
             pass
+
+
+def test_step_probe_splits_a_compiled_prefill_steps_host_time_by_layer_of_the_stack(tmp_path):
+    """recipes/bench/step_probe.py on a tiny 4-layer llama, compiled, on the CPU: each prefill section carries a host
+    profile whose layers nest as the stack does (forward > dynamo's entry > inductor's code > the attention op, one
+    entry per layer call), within the profiled call's total."""
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(json.dumps({
+        "name": "tinyprobe", "description": "tiny", "dtype": "float32", "seed": 0, "requests": 16,
+        "prompt_len": [8, 40], "new_tokens": 4,
+        "model": {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+                  "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 128, "vocab_size": 256,
+                  "max_position_embeddings": 512}}))
+    out = tmp_path / "probe.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "plugin"))
+    subprocess.run([sys.executable, str(ROOT / "recipes/bench/step_probe.py"), "--workload", str(spec), "--batcher",
+                    json.dumps({"max_batch_tokens": 256, "max_num_seqs": 16, "compile": True}), "--top", "5",
+                    "--out", str(out)], check=True, env=env, capture_output=True, timeout=600)
+    sections = json.loads(out.read_text())["prefill"]
+    rec = sections["256 budget, compiled"]["host_profile"]
+    layers = {what: (ms, calls) for what, ms, calls in rec["layers"]}
+    fwd, dyn, ind, att = (layers[k] for k in ("forward (ModelRunner.forward)", "dynamo: entry to compiled code",
+                                              "inductor: the compiled graphs' code", "attention op (our custom op)"))
+    assert rec["total_ms"] >= fwd[0] >= dyn[0] >= ind[0] >= att[0] > 0
+    assert att[1] == 4 and fwd[1] == 1  # one attention call per layer of the one step
+    assert len(rec["own"]) == 15 and "attention op (our custom op)" not in dict(
+        (w, 0) for w, _, _ in sections["256 budget, uncompiled"]["host_profile"]["layers"])

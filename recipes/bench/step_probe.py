@@ -4,6 +4,9 @@
    one step), through the engine as it runs them (compiled prefill where the engine compiles it) and uncompiled.
    Wall ms of the call, host ms of the step's forward (``ab.launch.forward``), GPU kernel time (union) and the GPU
    span from its first kernel to its last, kernels launched, and GPU ms by kernel (full names, top N).
+   Then the host's side of that step by function: one more call under cProfile, the functions with the most own
+   time, and the cumulative time of the stack's layers (``HOST_LAYERS``: plan, staging, dynamo's entry to a compiled
+   layer, inductor's code, the attention op, Triton's and inductor's kernel launches, matrix products, allocation).
 2. Decode: the largest decode graph replayed back to back. GPU ms per replay from CUDA events (kernels plus the gaps
    between them) beside the union of its kernels from the profiler, kernels per replay, GPU ms by kernel.
 
@@ -47,6 +50,64 @@ def _table(rows, per: float, top_note: str) -> str:
     return "\n".join(lines)
 
 
+# The host stack of a step by layer, as (label, path fragment, function names): cumulative time of each (nested layers
+# overlap: dynamo's entry includes inductor's code, which includes the attention op, which includes Triton's launch).
+HOST_LAYERS = (
+    ("plan (Scheduler.schedule)", "async_batching/scheduler.py", ("schedule",)),
+    ("staging (ModelRunner.prepare)", "async_batching/model_runner.py", ("prepare",)),
+    ("forward (ModelRunner.forward)", "async_batching/model_runner.py", ("forward",)),
+    ("dynamo: entry to compiled code", "torch/_dynamo/eval_frame.py", ("compile_wrapper", "_fn")),
+    ("inductor: the compiled graphs' code", "torch/_inductor/output_code.py", ("__call__",)),
+    ("attention op (our custom op)", "async_batching/attention.py", ("_paged_attention_op",)),
+    ("attention launch wrapper (paged_attention)", "async_batching/triton_paged_attention.py", ("paged_attention",)),
+    ("KV write launch wrapper (write_kv)", "async_batching/triton_paged_attention.py", ("write_kv",)),
+    ("Triton JIT launches (our kernels)", "triton/runtime/jit.py", ("run",)),
+    ("inductor kernel launches", "torch/_inductor/runtime/triton_heuristics.py", ("run",)),
+    ("sampling", "async_batching/sampling.py", ("sample",)),
+)
+
+
+def host_profile(call, top: int = 15) -> dict:
+    """One call of ``call`` under cProfile: total host ms, the ``top`` functions by own time and ``HOST_LAYERS``'
+    cumulative ms and calls. cProfile slows Python-heavy code more than C calls, so shares are indicative."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    try:
+        call()
+        _sync()
+    finally:
+        prof.disable()
+    total = 1e3 * (time.perf_counter() - t0)
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (primitive calls, calls, own s, cumulative s, callers)
+
+    def label(key):
+        path, line, name = key
+        return name if path == "~" else f"{'/'.join(path.split('/')[-2:])}:{line}({name})"
+
+    own = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    layers = []
+    for what, fragment, names in HOST_LAYERS:
+        hits = [v for (path, _, name), v in stats.items() if fragment in path.replace("\\", "/") and name in names]
+        if hits:  # the outermost of a layer's functions: the largest cumulative time
+            best = max(hits, key=lambda v: v[3])
+            layers.append((what, 1e3 * best[3], best[0]))
+    return {"total_ms": total, "own": [(label(k), 1e3 * v[2], 1e3 * v[3], v[1]) for k, v in own],
+            "layers": layers}
+
+
+def _host_tables(rec: dict) -> str:
+    lines = [f"Host side of one call under cProfile: {rec['total_ms']:.1f} ms (cProfile inflates Python-heavy parts)",
+             "", "| layer of the host stack | cumulative ms | calls |", "|---|---|---|"]
+    lines += [f"| {what} | {ms:.2f} | {n} |" for what, ms, n in rec["layers"]]
+    lines += ["", "| function (most own time) | own ms | cumulative ms | calls |", "|---|---|---|---|"]
+    lines += [f"| `{name[:100]}` | {own:.2f} | {cum:.2f} | {n} |" for name, own, cum, n in rec["own"]]
+    return "\n".join(lines)
+
+
 def prefill(b, prompts: list[list[int]], label: str, top: int, out: dict) -> None:
     from async_batching import SamplingParams
 
@@ -76,6 +137,7 @@ def prefill(b, prompts: list[list[int]], label: str, top: int, out: dict) -> Non
            "kernels": len(tr.kernels), "by_family": {k: v / 1e6 for k, v in sorted(tr.kernel_ns.items(), key=lambda kv: -kv[1])},
            "by_name": _by_name(tr, top)}
     out.setdefault("prefill", {})[label] = rec
+    rec["host_profile"] = host_profile(call)
     rec["compiled_prefill_after"] = b.runner._compiled_prefill  # False: a compiled step fell back (see the log)
     print(f"\n### Prefill step, {label}: {len(prompts)} prompts, {tokens} tokens "
           f"(compiled prefill after the runs: {b.runner._compiled_prefill})\n")
@@ -84,6 +146,7 @@ def prefill(b, prompts: list[list[int]], label: str, top: int, out: dict) -> Non
           f"kernels\n")
     print("GPU ms by family: " + ", ".join(f"{k} {v:.2f}" for k, v in list(rec["by_family"].items())[:12]) + "\n")
     print(_table(rec["by_name"], 1.0, f"top {top}"))
+    print("\n" + _host_tables(rec["host_profile"]))
 
 
 def mid_decode(b, prompts: list[list[int]], forwards: int = 2, new_tokens: int = 64) -> list[int]:
