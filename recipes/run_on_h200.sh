@@ -87,7 +87,7 @@ for what in "$@"; do
       [ "$workers" -gt 1 ] && xdist=(-n "$workers" --dist load) || xdist=()
       # failures printed as they happen and a stack dump of a test past 240 s: a limit may cut the summary off
       AB_INSTAFAIL=1 AB_TEST_SHARD=${GPU_TESTS_SHARD:-} AB_TEST_GPUS=$([ "$workers" -gt 1 ] && echo "$workers") \
-        timeout -k 15 "${GPU_TESTS_S:-560}" python3 -m pytest -q -o faulthandler_timeout=240 \
+        timeout -k 15 "${GPU_TESTS_S:-560}" python3 -m pytest -q -o faulthandler_timeout=240 --durations=30 \
         -p no:cacheprovider --continue-on-collection-errors "${xdist[@]}" -m "gpu and not slow" \
         ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} tests/ > "$OUT/gpu_tests.log" 2>&1; tail -15 "$OUT/gpu_tests.log"
       SUMMARIES+=("$OUT/gpu_tests.log")
