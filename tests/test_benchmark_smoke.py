@@ -215,3 +215,23 @@ def test_step_probe_splits_a_compiled_prefill_steps_host_time_by_layer_of_the_st
     assert att[1] == 4 and fwd[1] == 1  # one attention call per layer of the one step
     assert len(rec["own"]) == 15 and "attention op (our custom op)" not in dict(
         (w, 0) for w, _, _ in sections["256 budget, uncompiled"]["host_profile"]["layers"])
+
+
+def test_step_probe_rates_are_the_steps_product_and_attention_flops_over_their_gpu_time():
+    """Products: 2 x (matmul params - LM head) per prompt token + 2 x LM head per prompt (one kept row each);
+    attention: 4 x layers x q heads x head dim per causal pair (3 + 5-token prompts: 6 + 15 pairs); a family that did
+    not run (no GPU time) has no rate."""
+    sys.path[:0] = [str(ROOT / "recipes")]
+    try:
+        from bench.step_probe import _rates
+        from bench.workloads import ModelShape
+    finally:
+        del sys.path[0]
+    shape = ModelShape(params=1000, matmul_params=1000, kv_bytes_per_token=64, dtype_bytes=2, lm_head_params=100,
+                       layers=2, q_heads=4, head_dim=8)
+    products, attention = 2 * 900 * 8 + 2 * 100 * 2, 4 * 2 * 4 * 8 * (6 + 15)
+    rates = _rates([[1] * 3, [1] * 5], {"matmul (cuBLAS)": products * 1e-9, "_paged_attention_kernel": attention * 0.5e-9},
+                   shape, matmul_tflops=4.0)
+    assert rates["matrix products"]["tflops"] == pytest.approx(1.0) and rates["matrix products"]["share"] == pytest.approx(0.25)
+    assert rates["attention kernel"]["tflops"] == pytest.approx(2.0) and rates["attention kernel"]["share"] == pytest.approx(0.5)
+    assert _rates([[1] * 3], {}, shape, 4.0) == {}

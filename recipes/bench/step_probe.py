@@ -3,7 +3,9 @@
 1. Prefill: the workload's first prompts that fill one step's token budget, one new token each (so the run is that
    one step), through the engine as it runs them (compiled prefill where the engine compiles it) and uncompiled.
    Wall ms of the call, host ms of the step's forward (``ab.launch.forward``), GPU kernel time (union) and the GPU
-   span from its first kernel to its last, kernels launched, and GPU ms by kernel (full names, top N).
+   span from its first kernel to its last, kernels launched, and GPU ms by kernel (full names, top N). The matrix
+   products' and the attention kernel's rates: the step's FLOPs of each (the roofline's counting, ``prefill_flops``:
+   the LM head on one row a prompt) over their GPU ms, against the measured matmul rate.
    Then the host's side of that step by function: one more call under cProfile, the functions with the most own
    time, and the cumulative time of the stack's layers (``HOST_LAYERS``: plan, staging, dynamo's entry to a compiled
    layer, inductor's code, the attention op, Triton's and inductor's kernel launches, matrix products, allocation).
@@ -108,7 +110,23 @@ def _host_tables(rec: dict) -> str:
     return "\n".join(lines)
 
 
-def prefill(b, prompts: list[list[int]], label: str, top: int, out: dict) -> None:
+def _rates(prompts: list[list[int]], by_family: dict, shape, matmul_tflops: float) -> dict:
+    """TFLOP/s of the step's matrix products and of its attention kernel, from their FLOPs and GPU ms."""
+    from bench.roofline import prefill_flops
+
+    total, attention = prefill_flops(shape, [len(p) for p in prompts], logits_rows=len(prompts))
+    out = {}
+    for what, flops, family in (("matrix products", total - attention, "matmul (cuBLAS)"),
+                                ("attention kernel", attention, "_paged_attention_kernel")):
+        ms = by_family.get(family, 0.0)
+        if ms > 0:
+            tflops = flops / (ms * 1e-3) / 1e12
+            out[what] = {"tflop": flops / 1e12, "ms": ms, "tflops": tflops, "share": tflops / matmul_tflops}
+    return out
+
+
+def prefill(b, prompts: list[list[int]], label: str, top: int, out: dict, shape=None,
+            matmul_tflops: float = 0.0) -> None:
     from async_batching import SamplingParams
 
     from bench.profiling import profiled_run
@@ -137,6 +155,7 @@ def prefill(b, prompts: list[list[int]], label: str, top: int, out: dict) -> Non
            "kernels": len(tr.kernels), "by_family": {k: v / 1e6 for k, v in sorted(tr.kernel_ns.items(), key=lambda kv: -kv[1])},
            "by_name": _by_name(tr, top)}
     out.setdefault("prefill", {})[label] = rec
+    rec["rates"] = _rates(prompts, rec["by_family"], shape, matmul_tflops) if shape is not None else {}
     rec["host_profile"] = host_profile(call)
     rec["compiled_prefill_after"] = b.runner._compiled_prefill  # False: a compiled step fell back (see the log)
     print(f"\n### Prefill step, {label}: {len(prompts)} prompts, {tokens} tokens "
@@ -145,6 +164,10 @@ def prefill(b, prompts: list[list[int]], label: str, top: int, out: dict) -> Non
           f"host forward {fwd:.1f} ms, GPU kernels {busy:.1f} ms busy over a {span:.1f} ms span, {len(tr.kernels)} "
           f"kernels\n")
     print("GPU ms by family: " + ", ".join(f"{k} {v:.2f}" for k, v in list(rec["by_family"].items())[:12]) + "\n")
+    if rec["rates"]:
+        print("Rates: " + "; ".join(f"{what} {r['tflop']:.2f} TFLOP in {r['ms']:.2f} ms = {r['tflops']:.0f} TFLOP/s, "
+                                    f"{100 * r['share']:.0f}% of the matmul rate ({matmul_tflops:.0f})"
+                                    for what, r in rec["rates"].items()) + "\n")
     print(_table(rec["by_name"], 1.0, f"top {top}"))
     print("\n" + _host_tables(rec["host_profile"]))
 
@@ -212,7 +235,8 @@ def main() -> None:
     import yaml
 
     from async_batching import ContinuousBatcher
-    from bench.workloads import Workload
+    from bench.roofline import measure_rates
+    from bench.workloads import ModelShape, Workload
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--workload", required=True)
@@ -241,6 +265,9 @@ def main() -> None:
                  "build_s": time.perf_counter() - t0, "config": {k: v for k, v in vars(b.config).items()}}
     budget = b.config.max_batch_tokens
     runner = b.runner
+    shape = ModelShape.of(wl)
+    rates = measure_rates(str(b.device))
+    out["rates"] = {"matmul_tflops": rates.matmul_tflops, "copy_tbps": rates.copy_tbps}
     print(f"## {wl.name} on {out['device']} (torch {out['torch']}): max_batch_tokens {budget}, "
           f"prefill compiled from {runner.prefill_compile_min_tokens} tokens "
           f"({'on' if runner._compiled_prefill else 'off'}"
@@ -254,11 +281,12 @@ def main() -> None:
                 break
             prompts.append(p)
             total += len(p)
-        prefill(b, prompts, f"{size} budget, as the engine runs it", args.top, out)
+        prefill(b, prompts, f"{size} budget, as the engine runs it", args.top, out, shape, rates.matmul_tflops)
         if runner._compiled is not None:  # both ways: compiled (whatever the threshold) and uncompiled
             for on in (True, False):
                 runner._compiled_prefill, runner.prefill_compile_min_tokens = on, 1
-                prefill(b, prompts, f"{size} budget, {'compiled' if on else 'uncompiled'}", args.top, out)
+                prefill(b, prompts, f"{size} budget, {'compiled' if on else 'uncompiled'}", args.top, out, shape,
+                        rates.matmul_tflops)
             runner._compiled_prefill, runner.prefill_compile_min_tokens = compiled, threshold
     sizes = [int(x) for x in args.decode_sizes.split(",")] if args.decode_sizes else [wl.requests]
     for n in sizes:  # the decode step's fixed cost and its share of attention, by batch size
