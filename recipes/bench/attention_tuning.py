@@ -45,6 +45,10 @@ SHAPES = {  # name: (query lengths, context lengths, heads, kv heads, head_dim)
     "W7 prefill: 8 x 1024, dim 128": ([1024] * 8, [1024] * 8, 16, 8, 128),
     "W4 prefill: 2 x 4096 prompts": ([4096] * 2, [4096] * 2, 32, 8, 64),
     "E1 prefill: 10 x 800 prompts": ([800] * 10, [800] * 10, 32, 8, 64),
+    # the engine's own prefill steps of W1 and W7 (a full budget of their prompts): in the session-11 probe their
+    # attention ran at 14% (W1) and 20% (W7) of the matmul rate, against 29% on 8 x 1024 above
+    "W1 prefill step: 224 x 64..512, 9/3 heads, dim 64": (_W1 := [_R.randint(64, 512) for _ in range(224)], _W1, 9, 3, 64),
+    "W7 prefill step: 31 x 100..1024, 16/8 heads, dim 128": (_W7 := [_R.randint(100, 1024) for _ in range(31)], _W7, 16, 8, 128),
 }
 # Decode: key tile, warps, stages. Prefill and mixed steps: also the query tile (``target_m`` rows of queries x GQA
 # heads, 64 by default for 16-bit inputs).
