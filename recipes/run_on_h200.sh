@@ -41,7 +41,7 @@
 # one pytest-xdist worker per GPU of the nvidia-h200-x2 kind; the TP tests then skip: step tp runs them), TRITON_TESTS=0 (tests: skip
 # the native run of the kernel tests), BENCH_ARGS (extra Hydra overrides for every benchmark step), FIRST_CALL=1 (first vs repeated call in every
 # step, not just w4 and w7), STEP_S (hard limit of one benchmark step, 560 s), EVAL_ARGS (more eval_bench.py arguments),
-# EVAL_S (the eval step's limit, 500 s), ATUNE_S (the atune sweep's limit), TUNING_SHAPES (atune: substrings of the shapes to sweep), TUNING_GRID_ONLY=1 (atune: only the grid orders against the default), TUNING_CACHE_LAYOUTS=16,64,head16,head64 (atune: the default decode launch on other cache block sizes and head-major blocks), TUNING_ONE_LOOP_ONLY=1 (atune: every key tile through one loop, decode),
+# EVAL_S (the eval step's limit, 500 s), ATUNE_S (the atune sweep's limit), TUNING_SHAPES (atune: substrings of the shapes to sweep), TUNING_GRID_ONLY=1 (atune: only the grid orders against the default), TUNING_CACHE_LAYOUTS=16,64,head16,head64 (atune: the default decode launch on other cache block sizes and head-major blocks), TUNING_ONE_LOOP_ONLY=1 (atune: every key tile through one loop, decode), TUNING_HEAVY_FIRST_ONLY=1 (atune: query blocks last first, prefill),
 # W12_VARIANTS / W2S_VARIANTS / W3_VARIANTS / W4_VARIANTS / W6_VARIANTS / W7_VARIANTS / W8_VARIANTS (a step's variant list), TP_TESTS=0 (tp: benchmarks only),
 # TP_RUNS, TP_RUN_S, TP_ALLREDUCE=0 (tp: no all-reduce probe), TP_BATCHER (tp: BatcherConfig overrides as JSON),
 # TP_PROFILE (tp: profile this many new tokens after each timed run), TP_TESTS_K / TP_TESTS_S (tp: -k filter, limit).

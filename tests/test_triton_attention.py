@@ -269,6 +269,15 @@ def test_tuning_grid_orders_give_the_same_attention_and_leave_counters_at_zero(b
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_heavy_first_query_blocks_give_the_same_attention_and_leave_counters_at_zero(backend, monkeypatch):
+    """The sweep's ``heavy_first`` (the grid's query blocks last first): each program does the same (sequence, query
+    block) work, so results equal the reference on prompts of several query blocks, chunks and decode rows, with and
+    without KV splits, and the split merge leaves its counters at zero."""
+    monkeypatch.setattr(tpa, "TUNING", dict(heavy_first=True))
+    _launches_match_and_leave_counters_at_zero(backend, [(150, 150), (3, 1), (90, 40), (70, 70), (12, 12)], (1, 2, 4))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_one_loop_over_every_key_tile_gives_the_same_attention_and_leaves_counters_at_zero(backend, monkeypatch):
     """The sweep's ``one_loop`` (every key tile through the masked loop): results equal the reference on decode rows,
     prefill chunks and whole prompts, with and without KV splits, with the split counters left at zero."""

@@ -129,6 +129,7 @@ def _paged_attention_kernel(
     USE_ORDER: tl.constexpr = False,
     WRITE_NEW: tl.constexpr = False,
     ONE_LOOP: tl.constexpr = False,
+    HEAVY_FIRST: tl.constexpr = False,
 ):
     """Attention of BLOCK_Q queries x G heads (one kv head) of one sequence over one KV split.
 
@@ -140,7 +141,10 @@ def _paged_attention_kernel(
     ``slot[q_start]``, then a block barrier makes the stores visible to its own loads: no separate write kernel. No
     other program reads that position (other splits cover earlier keys, other kv heads other heads).
     ONE_LOOP (tuning only): every key tile through the masked loop, one software pipeline over the whole range
-    instead of two (a decode program on a short context has 3-4 tiles, and each loop's first loads wait unhidden)."""
+    instead of two (a decode program on a short context has 3-4 tiles, and each loop's first loads wait unhidden).
+    HEAVY_FIRST (tuning only): the grid's query blocks in reverse, last first. The GPU starts programs in grid order,
+    and a causal query block's work grows with its position, so by default a prefill step's heaviest programs start
+    last and the launch ends on a tail of them; reversed, they start first and the light ones fill in behind."""
     if HEADS_FIRST:
         seq = tl.program_id(1)
         q_block = tl.program_id(2)
@@ -155,6 +159,8 @@ def _paged_attention_kernel(
         split = tl.program_id(2) % num_splits
         num_q_blocks = tl.num_programs(1)
         num_kv_heads = tl.num_programs(2) // num_splits
+    if HEAVY_FIRST:
+        q_block = num_q_blocks - 1 - q_block
     if USE_ORDER:
         seq = tl.load(order_ptr + seq)
 
@@ -285,7 +291,8 @@ def _paged_attention_kernel(
 
 
 # Launch-configuration overrides (``tile_n``, ``num_warps``, ``num_stages``, ``target_m``, ``num_kv_splits``, the
-# grid orders ``heads_first`` and ``longest_first``, and ``one_loop``) for the tuning sweep only; empty in use.
+# grid orders ``heads_first``, ``longest_first`` and ``heavy_first``, and ``one_loop``) for the tuning sweep only;
+# empty in use.
 TUNING: dict = {}
 
 
@@ -505,6 +512,7 @@ def paged_attention(
         USE_ORDER=order is not None,
         WRITE_NEW=new_kv is not None,
         ONE_LOOP=bool(TUNING.get("one_loop")) if TUNING else False,
+        HEAVY_FIRST=bool(TUNING.get("heavy_first")) if TUNING else False,
         num_warps=num_warps,
         num_stages=num_stages,
     )
