@@ -437,31 +437,6 @@ def test_compiled_layers_are_one_graph_each_shared_by_every_layer_and_only_insid
     assert all(m._compiled_call_impl is None for m in [*deep.model.layers, deep.model.norm, deep.model.rotary_emb])
 
 
-def test_the_model_compiled_whole_is_one_graph_a_shape_and_matches_generate_with_chunking_and_preemption(monkeypatch):
-    """``compiled_layers.WHOLE_MODEL`` (measurement only): no layer gets a compiled call of its own, the model's
-    forward is one graph per shape torch specialises (no graph break), and greedy tokens equal generate's with prompts
-    split over steps and a cache small enough to preempt, nothing compiling mid-run."""
-    import async_batching.compiled_layers as cl
-    import async_batching.model_runner as mr
-    from torch._dynamo.utils import counters
-
-    monkeypatch.setattr(cl, "WHOLE_MODEL", True)
-    monkeypatch.setattr(mr, "PREFILL_COMPILE_MIN_WORK", 1.0)
-    deep = tiny_model("llama", num_hidden_layers=4)
-    counters.clear()
-    b = ContinuousBatcher(deep, compile=True, max_batch_tokens=48, num_blocks=24, block_size=8)
-    assert b.runner._compiled.blocks == [] and b.runner._compiled._whole is not None
-    graphs = counters["stats"]["unique_graphs"]
-    assert 0 < graphs <= 4 and dict(counters["graph_break"]) == {}, dict(counters["stats"])
-    calls = _count_compiled_calls(b, monkeypatch)
-    prompts = mixed_prompts(10, lo=1, hi=90, seed=7)
-    out = b.generate(prompts, SamplingParams(max_new_tokens=12))
-    assert [r.token_ids for r in out] == [reference(deep, p, 12, eos=2) for p in prompts]
-    assert b.stats["preemptions"] > 0 and calls["prefill"] > 0 and calls["decode"] > 0 and calls["eager"] == 0
-    assert counters["stats"]["unique_graphs"] == graphs and dict(counters["graph_break"]) == {}
-    torch._dynamo.reset()
-
-
 def _record_traces(monkeypatch) -> list[tuple[str, set]]:
     """torch.compile replaced by one whose backend records each graph it is given: (which compile: "prefill" for
     CompiledLayers' own frame, else "decode"; the token counts T of the graph's [1, T, ...] example inputs, i.e. the

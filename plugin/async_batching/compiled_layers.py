@@ -27,12 +27,6 @@ from torch import nn
 # q and k norms with their rotary embeddings), ``ours_async_coordinate_descent``, ``ours_async_pdl``,
 # ``ours_async_max_autotune``.
 COMPILE_OPTIONS: dict = {}
-# The model compiled whole (one graph a forward, its layers unrolled) instead of its repeated blocks one at a time.
-# Off: measurement only (variant ours_async_whole_model). One guard check and one compiled call a forward instead of
-# one a layer (a prefill or mixed step's host cost: about 0.8 ms a layer on the H200 machine), and inductor may fuse
-# across layers (a layer's residual add into the next layer's input norm: a kernel a layer fewer in decode graphs);
-# start-up compiles a graph as deep as the model.
-WHOLE_MODEL = False
 
 
 def _dynamo_settings():
@@ -94,7 +88,7 @@ class CompiledLayers:
         if COMPILE_OPTIONS:
             compile_kwargs = {**compile_kwargs, "options": {**compile_kwargs.get("options", {}), **COMPILE_OPTIONS}}
         self.model = model
-        self.blocks, self.once = ([], []) if WHOLE_MODEL else repeated_blocks(model)
+        self.blocks, self.once = repeated_blocks(model)
         if self.blocks:
             self._whole = None
         else:

@@ -605,15 +605,6 @@ class OursAsyncPrefillOwnCompile(_OursAsyncBuiltWith):
     patches = {("model_runner", "PREFILL_OWN_COMPILE"): True}
 
 
-class OursAsyncWholeModel(_OursAsyncBuiltWith):
-    """``ours_async`` with the model compiled whole, its layers unrolled in one graph (``compiled_layers.WHOLE_MODEL``):
-    one compiled call a forward instead of one a layer (on this repository's CPU, a 30-layer model's prefill step
-    19.0 ms of host against 23.9 ms), cross-layer fusion in the decode graphs, and a start-up compile as deep as the
-    model (that CPU: 125 s against 4.5 s)."""
-
-    patches = {("compiled_layers", "WHOLE_MODEL"): True}
-
-
 class OursAsyncNoDecodeTune(_OursAsyncBuiltWith):
     """``ours_async`` with the decode steps' compiled code traced first on 1-3 rows (``model_runner.DECODE_TUNE_ROWS``
     = 0; sessions 5-11): the fused kernels' launches sized for a few rows, not for large decode batches (256, the
@@ -830,7 +821,6 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_max_autotune": OursAsyncMaxAutotune,
     "ours_async_cublaslt": OursAsyncCublasLt,
     "ours_async_prefill_own_compile": OursAsyncPrefillOwnCompile,
-    "ours_async_whole_model": OursAsyncWholeModel,
     "ours_async_no_decode_tune": OursAsyncNoDecodeTune,
     "ours_async_split_decode": OursAsyncSplitDecode,
     "ours_async_split_decode_256": OursAsyncSplitDecode256,
