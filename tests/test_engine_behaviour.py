@@ -501,8 +501,10 @@ def test_prefill_graphs_of_their_own_are_compiled_by_inductor_not_loaded_from_th
         monkeypatch, tmp_path):
     """PREFILL_OWN_COMPILE with inductor (an empty cache directory): a decoder layer's graph is the same for decode
     and prefill steps, and inductor's FX-graph cache does not key on the size hints of the first trace, so a cached
-    prefill compile would run the decode graph's code. No prefill compile is served from that cache (without
-    PREFILL_OWN_OPTIONS the layer graph was: one hit), and the tokens equal generate's."""
+    prefill compile would run the decode graph's code. No prefill compile is served from the decode graph's entry
+    (without a key of its own the layer graph was: one hit), and the tokens equal generate's. A second engine
+    (dynamo reset, same cache) loads both kinds from the cache: the prefill code under its own key (where torch has
+    ``cache_key_tag``; without it, prefill compiles with the cache off, at every start-up)."""
     import async_batching.model_runner as mr
     from torch._dynamo.utils import counters
 
@@ -515,17 +517,23 @@ def test_prefill_graphs_of_their_own_are_compiled_by_inductor_not_loaded_from_th
             _real(self)
             hits[_name] = counters["inductor"]["fxgraph_cache_hit"] - before
         monkeypatch.setattr(mr.ModelRunner, name, counted)
-    torch._dynamo.reset()
     m = tiny_model("llama", num_hidden_layers=2)
-    b = ContinuousBatcher(m, compile=True, max_batch_tokens=96, max_num_seqs=12)
+    tagged = hasattr(torch.compiler.config, "cache_key_tag")
     try:
-        assert b.runner._compiled_pf is not None and b.runner._compiled_prefill
-        assert hits == {"_compile_decode": 0, "_compile_prefill": 0}
-        prompts = mixed_prompts(4, lo=5, hi=60, seed=5)
-        out = b.generate(prompts, SamplingParams(max_new_tokens=4))
-        assert [r.token_ids for r in out] == [reference(m, p, 4) for p in prompts]
+        for start in ("first", "second"):
+            torch._dynamo.reset()
+            b = ContinuousBatcher(m, compile=True, max_batch_tokens=96, max_num_seqs=12)
+            assert b.runner._compiled_pf is not None and b.runner._compiled_prefill
+            if start == "first":
+                assert hits == {"_compile_decode": 0, "_compile_prefill": 0}
+            else:
+                assert hits["_compile_decode"] > 0 and (hits["_compile_prefill"] > 0) == tagged, hits
+            assert torch.compiler.config.cache_key_tag == "" if tagged else True  # the tag was for prefill alone
+            prompts = mixed_prompts(4, lo=5, hi=60, seed=5)
+            out = b.generate(prompts, SamplingParams(max_new_tokens=4))
+            assert [r.token_ids for r in out] == [reference(m, p, 4) for p in prompts]
+            b.close()
     finally:
-        b.close()
         torch._dynamo.reset()
 
 

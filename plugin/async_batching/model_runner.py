@@ -148,9 +148,9 @@ class ModelRunner:
         self._compiled_prefill = self.compile and self.prefill_compile_min_tokens <= config.max_batch_tokens
         # PREFILL_OWN_COMPILE: prefill steps through graphs of their own, compiled first on a full-budget step, so
         # inductor sizes their kernels' launches for prefill shapes (see CompiledLayers' own_frame); else they share
-        # the decode steps' graphs, whose kernels were sized for DECODE_TUNE_ROWS rows. Not through inductor's FX-graph
-        # cache: a layer's graph is the same for both, and the cache, which does not key on size hints, returned the
-        # decode graph's compiled code (and its kernels) for it (found on the CPU, session 13).
+        # the decode steps' graphs, whose kernels were sized for DECODE_TUNE_ROWS rows. Under a cache key of their own
+        # (PREFILL_CACHE_TAG): a layer's graph is the same for both, and inductor's FX-graph cache, which does not key
+        # on size hints, returned the decode graph's compiled code (and its kernels) for it (found on the CPU, session 13).
         self._compiled_pf = (CompiledLayers(model, own_frame=True, dynamic=True, options=PREFILL_OWN_OPTIONS)
                              if self._compiled_prefill and PREFILL_OWN_COMPILE else None)
         # Decode windows (BatcherConfig.decode_window): auto where decode steps replay graphs, whose host cost is
@@ -618,8 +618,10 @@ class ModelRunner:
             num_seqs, model = max(3, self.config.max_batch_tokens // q_len), self._compiled_pf
         else:
             q_len, num_seqs, model = 8, 3, self._compiled
+        tag = _prefill_cache_tag() if self._compiled_pf is not None else contextlib.nullcontext()
         try:
-            with self._untimed_mode(), self.installed():  # inputs made inside too: compiled code checks inference mode
+            # inputs made inside too: compiled code checks inference mode
+            with self._untimed_mode(), self.installed(), tag:
                 lay, buf = self._scratch_step(num_seqs, q_len)
                 ids = self._seg(buf, lay, "input_ids").long()[None]
                 pos = self._seg(buf, lay, "positions").long()[None]
@@ -713,10 +715,22 @@ PREFILL_COMPILE_MIN_WORK = 0.0
 # (W7: 16 of 43 GPU ms a 16k-token step; W1: 21 of 50 ms a 65k-token step), having been sized for the decode
 # steps' few rows. Off. Measured on the H200 (session 12) at the same speed as DECODE_TUNE_ROWS (W1 141,828 vs 141,842
 # out tok/s; W7 23,629 vs 23,639; variant ours_async_prefill_own_compile), but that run's prefill graphs were the
-# decode graphs' compiled code, loaded from inductor's FX-graph cache; compiled apart since (PREFILL_OWN_OPTIONS),
-# not yet measured.
+# decode graphs' compiled code, loaded from inductor's FX-graph cache; compiled apart since, not yet measured.
 PREFILL_OWN_COMPILE = False
-PREFILL_OWN_OPTIONS = {"fx_graph_cache": False}  # compiled on their own shapes at every start-up, never cached
+# How they stay apart in torch's compile caches, which key on a graph but not on the size hints of its first trace:
+# compiled under a cache-key tag of their own (``torch.compiler.config.cache_key_tag``, joined to any the user set),
+# so the FX-graph and AOTAutograd caches hold their code apart from the decode graphs' (a later start-up loads both).
+# A torch without that tag compiles them with the FX-graph cache off (PREFILL_OWN_OPTIONS): at every start-up.
+PREFILL_CACHE_TAG = "async_batching.prefill"
+PREFILL_OWN_OPTIONS = {} if hasattr(torch.compiler.config, "cache_key_tag") else {"fx_graph_cache": False}
+
+
+def _prefill_cache_tag():
+    """Context in which the prefill steps' own graphs compile: under their cache-key tag (where torch has one)."""
+    cfg = torch.compiler.config
+    if not hasattr(cfg, "cache_key_tag"):
+        return contextlib.nullcontext()
+    return cfg.patch(cache_key_tag="|".join(t for t in (cfg.cache_key_tag, PREFILL_CACHE_TAG) if t))
 # Decode steps' compiled code traced first on this many rows (capped by max_num_seqs and the token budget) instead of
 # 2-3: inductor sizes the fused kernels' launches from the first shapes, and the decode graphs replay them at up to
 # 512 rows, and prefill steps call the same graphs (PREFILL_OWN_COMPILE off). On the H200 (session 12, one run):
