@@ -69,6 +69,18 @@ def test_fp32_compiled_prefill_steps_match_generate(arch, monkeypatch):
     assert b.runner._compiled is not None and b.runner._compiled_prefill, "compiled prefill fell back"
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_fp32_prefill_graphs_of_their_own_match_generate(arch, monkeypatch):
+    """``PREFILL_OWN_COMPILE``: prefill steps through graphs of their own, first traced on a full-budget step under
+    their own cache key (kernels sized and autotuned for prefill), decode steps in CUDA graphs: greedy tokens equal
+    generate's and neither compiled kind fell back."""
+    import async_batching.model_runner as mr
+
+    monkeypatch.setattr(mr, "PREFILL_OWN_COMPILE", True)
+    b = _fp32_matches_generate(arch, True)
+    assert b.runner._compiled_pf is not None and b.runner._compiled_prefill and b.runner._compiled is not None
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2"])
 @pytest.mark.parametrize("fused_write", [False, True])
 def test_fp32_head_major_kv_cache_matches_generate(arch, fused_write, monkeypatch):
