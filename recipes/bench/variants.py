@@ -561,6 +561,17 @@ class OursAsyncFewerKernels(_OursAsyncBuiltWith):
     patches = {("compiled_layers", "COMPILE_OPTIONS"): {"combo_kernels": True}, ("attention", "FUSED_DECODE_WRITE"): True}
 
 
+class OursAsyncStacked(_OursAsyncBuiltWith):
+    """The untried small levers at once: prefill graphs of their own (``ours_async_prefill_own_compile``), head-major
+    KV blocks (``_head_major``), the decode write inside the attention kernel and inductor's combo kernels
+    (``_fewer_kernels``). W1's run-to-run spread (4-7% between calls) is wider than any of them was or is expected
+    to be alone (0-4%); their sum can be told apart from it, and the single-lever variants then say which count."""
+
+    patches = {("model_runner", "PREFILL_OWN_COMPILE"): True, ("kv_cache", "KV_LAYOUT"): "head",
+               ("attention", "FUSED_DECODE_WRITE"): True,
+               ("compiled_layers", "COMPILE_OPTIONS"): {"combo_kernels": True}}
+
+
 class OursAsyncPdl(_OursAsyncBuiltWith):
     """``ours_async`` with inductor's programmatic dependent launch (``triton.enable_pdl``) in the engine's compiles:
     on Hopper, each generated kernel is launched to start while the kernel before it drains and waits
@@ -821,6 +832,7 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_max_autotune": OursAsyncMaxAutotune,
     "ours_async_cublaslt": OursAsyncCublasLt,
     "ours_async_prefill_own_compile": OursAsyncPrefillOwnCompile,
+    "ours_async_stacked": OursAsyncStacked,
     "ours_async_no_decode_tune": OursAsyncNoDecodeTune,
     "ours_async_split_decode": OursAsyncSplitDecode,
     "ours_async_split_decode_256": OursAsyncSplitDecode256,
