@@ -1,0 +1,214 @@
+"""Compile the engine's Triton kernels for an H200 (sm_90) on a machine without a GPU, as the engine launches them.
+
+Device time is scarce and the CPU interpreter runs a kernel's Python semantics, not Triton's compiler: a launch
+configuration that the interpreter accepts can still fail to lower for the GPU, or lower without its loads pipelined
+through shared memory. This script calls the real launch wrappers (``paged_attention``, ``write_kv``) on CPU tensors
+shaped like the workloads' steps, catches each kernel launch, and compiles exactly what Triton's launcher would for
+that call: the same binder (specialisation on 16-byte alignment and on integers equal to 1 or divisible by 16), the
+same options, an sm_90 target. The H200's SM count and shared memory per block stand in for the device queries.
+
+For each launch it prints the shared memory, whether the K/V loads are pipelined (async copies in the TTGIR),
+and the compile time. Launches that Triton's launcher would serve from one compiled kernel (equal specialisation
+keys) are compiled once. It compiles into an empty Triton cache of its own, so the times are cold. It exits
+non-zero if any launch fails to compile.
+
+    python recipes/bench/kernel_preflight.py [--json out.json]
+
+Needs triton (with its bundled ptxas) and TRITON_INTERPRET unset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("kernel_preflight.py compiles for the GPU: run it with TRITON_INTERPRET unset")
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+_CACHE = tempfile.mkdtemp(prefix="kernel_preflight_")
+os.environ["TRITON_CACHE_DIR"] = _CACHE  # before triton is imported: cold compiles, nothing left behind
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, compile as triton_compile, make_backend  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
+
+from async_batching import triton_paged_attention as tpa  # noqa: E402
+from async_batching.attention import AttentionMetadata  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+H200_SMS = 132
+H200_SMEM_PER_BLOCK = 232448  # bytes a block may opt into on sm_90
+
+
+def specialise(fn, args: tuple, kwargs: dict):
+    """What ``fn[grid](*args, **kwargs)`` would compile (triton.runtime.jit.JITFunction.run), for TARGET: the
+    source and options, and the key Triton's launcher caches the compiled kernel under (equal keys: one binary)."""
+    kwargs = dict(kwargs, debug=kwargs.get("debug", False))
+    backend = make_backend(TARGET)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    key = (fn.__name__, str(specialization), str(options))
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    return key, ASTSource(fn, signature, constexprs, attrs), options
+
+
+class _Caught:
+    """Stands in for a Triton kernel in its module: ``kernel[grid](*args, **kwargs)`` records the call."""
+
+    def __init__(self, real):
+        self.real, self.calls = real, []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((grid, args, kwargs))
+
+
+@contextlib.contextmanager
+def caught_launches():
+    """The launch wrappers' kernels caught, and the device queries answered as an H200 would."""
+    saved = {n: getattr(tpa, n) for n in ("_paged_attention_kernel", "_write_kv_kernel", "_sm_count",
+                                          "_smem_per_block", "_split_target")}
+    attention, write = _Caught(saved["_paged_attention_kernel"]), _Caught(saved["_write_kv_kernel"])
+    tpa._paged_attention_kernel, tpa._write_kv_kernel = attention, write
+    tpa._sm_count = lambda _index: H200_SMS
+    tpa._smem_per_block = lambda _device: H200_SMEM_PER_BLOCK
+    tpa._split_target = lambda _device: tpa.SPLIT_PROGRAMS_PER_SM * H200_SMS
+    try:
+        yield attention, write
+    finally:
+        for name, value in saved.items():
+            setattr(tpa, name, value)
+
+
+def _step(contexts, q_lens, heads, kv_heads, head_dim, dtype, block_size=16, layout="token"):
+    """A step's attention inputs as the engine hands them over: q a view of a fused q/k/v buffer, a paged cache in
+    the engine's layout (``head``: head-major blocks behind the same [block, slot, kv head, dim] view), its new K/V."""
+    T = sum(q_lens)
+    fused = torch.zeros(T, (heads + 2 * kv_heads) * head_dim, dtype=dtype)
+    q = fused[:, :heads * head_dim].view(T, heads, head_dim)
+    k = fused[:, heads * head_dim:(heads + kv_heads) * head_dim].view(T, kv_heads, head_dim)
+    v = fused[:, (heads + kv_heads) * head_dim:].view(T, kv_heads, head_dim)
+    width = max(-(-c // block_size) for c in contexts) + 1
+    blocks = len(contexts) * width + 1
+    if layout == "head":
+        k_cache = torch.zeros(blocks, kv_heads, block_size, head_dim, dtype=dtype).transpose(1, 2)
+        v_cache = torch.zeros(blocks, kv_heads, block_size, head_dim, dtype=dtype).transpose(1, 2)
+    else:
+        k_cache = torch.zeros(blocks, block_size, kv_heads, head_dim, dtype=dtype)
+        v_cache = torch.zeros_like(k_cache)
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(T, dtype=torch.int64),
+        query_start_loc=torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32),
+        seq_lens=torch.tensor(contexts, dtype=torch.int32),
+        block_tables=torch.zeros(len(contexts), width, dtype=torch.int32),
+        max_query_len=max(q_lens),
+        split_counters=torch.zeros(4096, dtype=torch.int32),
+    )
+    return q, k, v, k_cache, v_cache, meta
+
+
+def _attend(step, fused_write=False, sinks=False, window=0, softcap=0.0):
+    q, k, v, kc, vc, meta = step
+    tpa.write_kv(k, v, kc, vc, meta.slot_mapping) if not fused_write else None
+    tpa.paged_attention(q, kc, vc, meta.block_tables, meta.seq_lens, meta.query_start_loc, meta.max_query_len, 0.125,
+                        sliding_window=window, softcap=softcap, split_counters=meta.split_counters,
+                        sinks=torch.zeros(q.shape[1], dtype=torch.float32) if sinks else None,
+                        new_kv=(k, v, meta.slot_mapping) if fused_write else None)
+
+
+def cases():
+    """(name, TUNING overrides, a call of the launch wrappers): the workloads' decode and prefill launches, the cache
+    layouts, the fused decode write, the tuning options, fp32, and the attention features of the tested models."""
+    bf16, f32 = torch.bfloat16, torch.float32
+    w1 = dict(heads=9, kv_heads=3, head_dim=64)
+    w7 = dict(heads=16, kv_heads=8, head_dim=128)
+    dec = lambda n, ctx: ([ctx] * n, [1] * n)  # noqa: E731
+    pre = lambda n, p: ([p] * n, [p] * n)  # noqa: E731
+    yield "W1 decode, 512 rows", {}, lambda: _attend(_step(*dec(512, 400), **w1, dtype=bf16))
+    yield "W1 decode, head-major blocks", {}, lambda: _attend(_step(*dec(512, 400), **w1, dtype=bf16, layout="head"))
+    yield "W1 decode, fused write", {}, lambda: _attend(_step(*dec(512, 400), **w1, dtype=bf16), fused_write=True)
+    yield "W1 decode, fused write, head-major", {}, lambda: _attend(
+        _step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True)
+    yield "W1 decode, blocks of 64", {}, lambda: _attend(_step(*dec(512, 400), **w1, dtype=bf16, block_size=64))
+    yield "W1 decode, one_loop", {"one_loop": True}, lambda: _attend(_step(*dec(512, 400), **w1, dtype=bf16))
+    yield "W1 prefill, 224 x 290", {}, lambda: _attend(_step(*pre(224, 290), **w1, dtype=bf16))
+    yield "W1 prefill, heavy_first", {"heavy_first": True}, lambda: _attend(_step(*pre(224, 290), **w1, dtype=bf16))
+    yield "W7 decode, 256 rows", {}, lambda: _attend(_step(*dec(256, 1100), **w7, dtype=bf16))
+    yield "W7 decode, head-major blocks", {}, lambda: _attend(_step(*dec(256, 1100), **w7, dtype=bf16, layout="head"))
+    yield "W7 decode tail, 8 rows (KV splits)", {}, lambda: _attend(_step(*dec(8, 1900), **w7, dtype=bf16))
+    yield "W7 prefill, 31 x 500", {}, lambda: _attend(_step(*pre(31, 500), **w7, dtype=bf16))
+    yield "W7 prefill, heavy_first", {"heavy_first": True}, lambda: _attend(_step(*pre(31, 500), **w7, dtype=bf16))
+    yield "mixed step: 448 decode rows + 4 prompts", {}, lambda: _attend(
+        _step([400] * 448 + [300] * 4, [1] * 448 + [300] * 4, **w1, dtype=bf16))
+    yield "fp32 decode and prefill", {}, lambda: (_attend(_step(*dec(8, 100), **w1, dtype=f32)),
+                                                  _attend(_step(*pre(4, 60), **w1, dtype=f32)))
+    yield "gemma2-like: window and soft-cap", {}, lambda: _attend(
+        _step(*pre(4, 300), heads=8, kv_heads=4, head_dim=256, dtype=bf16), window=128, softcap=50.0)
+    yield "gpt-oss-like: sinks and window", {}, lambda: _attend(
+        _step(*dec(64, 900), heads=64, kv_heads=8, head_dim=64, dtype=bf16), sinks=True, window=128)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    rows, failed = [], 0
+    print(f"Triton {triton.__version__}, target {TARGET.backend} sm_{TARGET.arch}\n")
+    print("| launch | kernel | constexprs | warps / stages | shared memory | K/V loads pipelined | compile s | status |")
+    print("|---|---|---|---|---|---|---|---|")
+    seen: dict = {}  # specialisation key -> the first launch that compiled it
+    for name, tuning, call in cases():
+        saved_tuning = tpa.TUNING
+        tpa.TUNING = dict(tuning)
+        try:
+            with caught_launches() as (attention, write):
+                call()
+            launches = [(attention.real, c) for c in attention.calls] + [(write.real, c) for c in write.calls]
+        finally:
+            tpa.TUNING = saved_tuning
+        for fn, (_grid, largs, lkw) in launches:
+            key, src, options = specialise(fn, largs, lkw)
+            short = {k: v for k, v in lkw.items() if k in ("BLOCK_Q", "BLOCK_M", "TILE_N", "BLOCK_SIZE", "ONE_LOOP",
+                                                            "HEAVY_FIRST", "WRITE_NEW", "BLOCK_STRIDES", "G", "HEAD_DIM")
+                     and v not in (False,)}
+            row = {"launch": name, "kernel": fn.__name__, "constexprs": short,
+                   "warps": lkw.get("num_warps"), "stages": lkw.get("num_stages")}
+            if key in seen:
+                row.update(status=f"ok (the binary of: {seen[key]})", compile_s=0.0, same_as=seen[key])
+                rows.append(row)
+                print(f"| {name} | `{row['kernel']}` | {short} | {row['warps']} / {row['stages']} | - | - | 0 | "
+                      f"{row['status']} |")
+                continue
+            seen[key] = name
+            t0 = time.perf_counter()
+            try:
+                k = triton_compile(src, target=TARGET, options=options.__dict__)
+                ttgir = k.asm["ttgir"]
+                row.update(status="ok", compile_s=time.perf_counter() - t0, shared=k.metadata.shared,
+                           async_copies=ttgir.count("async_copy_global_to_local"))
+            except Exception as e:  # noqa: BLE001 -- any lowering failure is this script's finding
+                failed += 1
+                row.update(status=f"FAILED: {type(e).__name__}: {' '.join(str(e).split())[:300]}",
+                           compile_s=time.perf_counter() - t0)
+            rows.append(row)
+            pipelined = "-" if row["kernel"] != "_paged_attention_kernel" or "async_copies" not in row else (
+                f"yes ({row['async_copies']} async copies)" if row["async_copies"] else "no")
+            print(f"| {name} | `{row['kernel']}` | {short} | {row['warps']} / {row['stages']} | "
+                  f"{row.get('shared', '-')} | {pipelined} | {row['compile_s']:.2f} | {row['status']} |")
+    print(f"\n{len(rows)} launches, {len(seen)} distinct binaries compiled, {failed} failed")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"triton": triton.__version__, "target": f"sm_{TARGET.arch}", "launches": rows}, f, indent=1)
+    shutil.rmtree(_CACHE, ignore_errors=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
