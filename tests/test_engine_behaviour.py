@@ -437,6 +437,49 @@ def test_compiled_layers_are_one_graph_each_shared_by_every_layer_and_only_insid
     assert all(m._compiled_call_impl is None for m in [*deep.model.layers, deep.model.norm, deep.model.rotary_emb])
 
 
+def test_size_oblivious_tracing_compiles_one_graph_per_module_that_serves_every_size(monkeypatch):
+    """``compiled_layers.SIZE_OBLIVIOUS``: the decoder layer, the final norm and the rotary embedding compile once each
+    (no graph specialised to one row or token; by default each compiles twice), and that one graph runs decode steps
+    of one row and more and prefill steps of one token and more: greedy tokens equal generate's with chunked prompts,
+    1-token prompts and a cache small enough to preempt, nothing compiles mid-run and no compiled kind is dropped."""
+    import async_batching.compiled_layers as cl
+    import async_batching.model_runner as mr
+    from torch._dynamo.utils import counters
+
+    if not hasattr(torch.fx.experimental._config, "backed_size_oblivious"):
+        pytest.skip(f"torch {torch.__version__} has no backed_size_oblivious")
+    monkeypatch.setattr(mr, "PREFILL_COMPILE_MIN_WORK", 1.0)
+    m = tiny_model("llama", num_hidden_layers=3)
+    graphs = {}
+    for oblivious in (False, True):
+        monkeypatch.setattr(cl, "SIZE_OBLIVIOUS", oblivious)
+        torch._dynamo.reset()
+        counters.clear()
+        b = ContinuousBatcher(m, compile=True, max_batch_tokens=48, num_blocks=24, block_size=8, max_num_seqs=6)
+        graphs[oblivious] = counters["stats"]["unique_graphs"]
+        calls = _count_compiled_calls(b, monkeypatch)
+        sizes, counted = set(), b.runner._logits
+
+        def sized(call, ids, pos, keep, kw):
+            sizes.add(ids.shape[1])
+            return counted(call, ids, pos, keep, kw)
+
+        monkeypatch.setattr(b.runner, "_logits", sized)
+        prompts = mixed_prompts(10, lo=1, hi=90, seed=7)
+        out = b.generate(prompts, SamplingParams(max_new_tokens=12))
+        assert [r.token_ids for r in out] == [reference(m, p, 12, eos=2) for p in prompts], oblivious
+        for alone in ([5], [7, 8, 9]):  # a one-token prefill step, then decode steps of one row
+            got = b.generate([alone], SamplingParams(max_new_tokens=4, ignore_eos=True))[0].token_ids
+            assert got == reference(m, alone, 4), (oblivious, alone)
+        assert 1 in sizes and max(sizes) > 6, sizes  # one-token and one-row steps ran compiled, as did large ones
+        assert b.stats["preemptions"] > 0 and calls["eager"] == 0 and calls["decode"] > 0 and calls["prefill"] > 0
+        assert counters["stats"]["unique_graphs"] == graphs[oblivious], "compiled during the run"
+        assert b.runner._compiled is not None and b.runner._compiled_prefill
+        b.close()
+    torch._dynamo.reset()
+    assert graphs == {False: 6, True: 3}, graphs  # layer, norm, rotary: twice each by default, once size-obliviously
+
+
 def _record_traces(monkeypatch) -> list[tuple[str, set]]:
     """torch.compile replaced by one whose backend records each graph it is given: (which compile: "prefill" for
     CompiledLayers' own frame, else "decode"; the token counts T of the graph's [1, T, ...] example inputs, i.e. the

@@ -69,6 +69,17 @@ def test_fp32_compiled_prefill_steps_match_generate(arch, monkeypatch):
     assert b.runner._compiled is not None and b.runner._compiled_prefill, "compiled prefill fell back"
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "gpt_oss"])
+def test_fp32_size_oblivious_compile_matches_generate_in_graphs(arch, monkeypatch):
+    """``compiled_layers.SIZE_OBLIVIOUS``: one compiled graph per module serves every size, captured in the decode
+    graphs from one row up; greedy tokens equal generate's and compiled decode and prefill stayed on."""
+    import async_batching.compiled_layers as cl
+
+    monkeypatch.setattr(cl, "SIZE_OBLIVIOUS", True)
+    b = _fp32_matches_generate(arch, True)
+    assert cl.size_oblivious() and b.runner._compiled is not None and b.runner._compiled_prefill
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_fp32_prefill_graphs_of_their_own_match_generate(arch, monkeypatch):
     """``PREFILL_OWN_COMPILE``: prefill steps through graphs of their own, first traced on a full-budget step under

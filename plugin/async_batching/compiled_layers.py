@@ -27,6 +27,23 @@ from torch import nn
 # q and k norms with their rotary embeddings), ``ours_async_coordinate_descent``, ``ours_async_pdl``,
 # ``ours_async_max_autotune``.
 COMPILE_OPTIONS: dict = {}
+# Trace sizes size-obliviously (torch.fx.experimental._config.backed_size_oblivious): a dimension first traced at 1
+# is not specialised, so the dynamic-shape graph traced on a large decode batch also serves one-row decode steps and
+# one-token prefill steps, and start-up compiles one graph per compiled module instead of two (the second, for size
+# 1, with kernels of its own). On the CPU all 17 tested architectures compile that way and their greedy tokens equal
+# generate's; unmeasured on a GPU, so off (variant ours_async_size_oblivious measures start-up and speed).
+SIZE_OBLIVIOUS = False
+
+
+def size_oblivious() -> bool:
+    """Whether the engine's compiles trace size-obliviously (``SIZE_OBLIVIOUS``, where torch has the option)."""
+    return SIZE_OBLIVIOUS and hasattr(_fx_config(), "backed_size_oblivious")
+
+
+def _fx_config():
+    import torch.fx.experimental._config as fx_config
+
+    return fx_config
 
 
 def _dynamo_settings():
@@ -46,7 +63,11 @@ def _dynamo_settings():
         patch["fail_on_recompile_limit_hit"] = True
     if hasattr(cfg, "skip_nnmodule_hook_guards"):
         patch["skip_nnmodule_hook_guards"] = False
-    return cfg.patch(**patch)
+    stack = contextlib.ExitStack()
+    stack.enter_context(cfg.patch(**patch))
+    if size_oblivious():
+        stack.enter_context(_fx_config().patch(backed_size_oblivious=True))
+    return stack
 
 
 def repeated_blocks(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:

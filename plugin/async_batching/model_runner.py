@@ -20,7 +20,7 @@ import torch
 
 from . import attention, fused_projections, gc_freeze
 from .attention import AttentionMetadata, StepContext
-from .compiled_layers import CompiledLayers
+from .compiled_layers import CompiledLayers, size_oblivious
 from .kv_cache import HIT_TABLE_ENTRIES, SCRATCH_ROW, LayerSpec, PagedKVCache, block_table_rows
 from .sampling import SAMPLING_INTS_PER_ROW, SamplingInputs, SamplingPlan, SamplingState, sampling_inputs, stage_sampling
 from .scheduler import StepPlan
@@ -599,7 +599,11 @@ class ModelRunner:
         CUDA graphs, ``compile`` never stops an engine from being built."""
         sizes = [1, 2, 3]
         if DECODE_TUNE_ROWS > 3:  # the dynamic-shape graph traced (and its kernels autotuned) on a large batch first
-            sizes.insert(1, min(DECODE_TUNE_ROWS, self.config.max_num_seqs, self.config.max_batch_tokens))
+            tune = min(DECODE_TUNE_ROWS, self.config.max_num_seqs, self.config.max_batch_tokens)
+            # size-oblivious tracing (compiled_layers.SIZE_OBLIVIOUS): traced on the large batch before one row, the
+            # dynamic graph serves one row too (traced on one row first, it would equate the batch dimension with
+            # the token count and be traced again)
+            sizes.insert(0 if size_oblivious() else 1, tune)
         try:
             for num_seqs in sizes:
                 self._scratch_forward(num_seqs, 1)

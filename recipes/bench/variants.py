@@ -561,6 +561,14 @@ class OursAsyncFewerKernels(_OursAsyncBuiltWith):
     patches = {("compiled_layers", "COMPILE_OPTIONS"): {"combo_kernels": True}, ("attention", "FUSED_DECODE_WRITE"): True}
 
 
+class OursAsyncSizeOblivious(_OursAsyncBuiltWith):
+    """``ours_async`` with size-oblivious tracing (``compiled_layers.SIZE_OBLIVIOUS``): one compiled graph per module
+    instead of two (none specialised to one row or token), so start-up compiles and autotunes half the graphs; one-row
+    steps run the dynamic graph's kernels. Measures start-up (startup_parts) and speed."""
+
+    patches = {("compiled_layers", "SIZE_OBLIVIOUS"): True}
+
+
 class OursAsyncStacked(_OursAsyncBuiltWith):
     """The untried small levers at once: prefill graphs of their own (``ours_async_prefill_own_compile``), head-major
     KV blocks (``_head_major``), the decode write inside the attention kernel and inductor's combo kernels
@@ -833,6 +841,7 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_cublaslt": OursAsyncCublasLt,
     "ours_async_prefill_own_compile": OursAsyncPrefillOwnCompile,
     "ours_async_stacked": OursAsyncStacked,
+    "ours_async_size_oblivious": OursAsyncSizeOblivious,
     "ours_async_no_decode_tune": OursAsyncNoDecodeTune,
     "ours_async_split_decode": OursAsyncSplitDecode,
     "ours_async_split_decode_256": OursAsyncSplitDecode256,
