@@ -60,3 +60,16 @@ def test_head_major_blocks_reuse_the_attention_binary_and_compile_their_own_writ
     assert rows[("W7 decode, head-major blocks", "_paged_attention_kernel")].get("same_as") == "W7 decode, 256 rows"
     write = rows[("W7 decode, head-major blocks", "_write_kv_kernel")]
     assert "same_as" not in write and write["constexprs"].get("BLOCK_STRIDES") is True
+
+
+def test_no_launch_spills_registers_and_the_register_cap_holds_on_w7_prefill(preflight):
+    """No compiled launch spills registers to local memory, the tuning sweep's ``maxnreg=128`` on W7's prefill
+    included; the capped launch takes at most 128 registers a thread and an SM holds at least as many of its programs
+    (with triton 3.6: 178 registers and 2 programs uncapped, 4 capped)."""
+    _, result = preflight
+    compiled = [r for r in result["launches"] if "same_as" not in r]
+    assert all(r.get("spill_bytes") == 0 for r in compiled), [(r["launch"], r.get("spill_bytes")) for r in compiled]
+    rows = {(r["launch"], r["kernel"]): r for r in compiled}
+    capped, default = rows[("W7 prefill, maxnreg=128", "_paged_attention_kernel")], rows[("W7 prefill, 31 x 500",
+                                                                                          "_paged_attention_kernel")]
+    assert capped["regs"] <= 128 and capped["programs_per_sm"] >= default["programs_per_sm"]

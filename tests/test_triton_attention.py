@@ -278,6 +278,14 @@ def test_heavy_first_query_blocks_give_the_same_attention_and_leave_counters_at_
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_register_cap_leaves_the_attention_unchanged(backend, monkeypatch):
+    """The sweep's ``maxnreg`` (a per-thread register cap for ptxas) changes how the kernel is compiled, not what it
+    computes: decode rows, chunks and prompts equal the reference, with and without KV splits."""
+    monkeypatch.setattr(tpa, "TUNING", dict(maxnreg=128))
+    _launches_match_and_leave_counters_at_zero(backend, [(150, 150), (3, 1), (90, 40), (70, 1)], (1, 2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_one_loop_over_every_key_tile_gives_the_same_attention_and_leaves_counters_at_zero(backend, monkeypatch):
     """The sweep's ``one_loop`` (every key tile through the masked loop): results equal the reference on decode rows,
     prefill chunks and whole prompts, with and without KV splits, with the split counters left at zero."""

@@ -291,8 +291,9 @@ def _paged_attention_kernel(
 
 
 # Launch-configuration overrides (``tile_n``, ``num_warps``, ``num_stages``, ``target_m``, ``num_kv_splits``, the
-# grid orders ``heads_first``, ``longest_first`` and ``heavy_first``, and ``one_loop``) for the tuning sweep only;
-# empty in use.
+# grid orders ``heads_first``, ``longest_first`` and ``heavy_first``, ``one_loop``, and ``maxnreg``: a register cap
+# per thread, which ptxas meets here without spilling and which doubles the programs an SM holds for W7's prefill
+# launch, 2 -> 4 at 128 registers; kernel_preflight.py) for the tuning sweep only; empty in use.
 TUNING: dict = {}
 
 
@@ -515,6 +516,7 @@ def paged_attention(
         HEAVY_FIRST=bool(TUNING.get("heavy_first")) if TUNING else False,
         num_warps=num_warps,
         num_stages=num_stages,
+        **({"maxnreg": TUNING["maxnreg"]} if TUNING and TUNING.get("maxnreg") else {}),
     )
     return out
 

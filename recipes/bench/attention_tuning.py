@@ -63,6 +63,9 @@ GRID_ORDERS = [dict(heads_first=True), dict(longest_first=True), dict(heads_firs
 DECODE_CONFIGS += GRID_ORDERS
 # Prefill and mixed steps: the query blocks last first (a causal step's heaviest programs start first, not last).
 PREFILL_CONFIGS += [dict(heavy_first=True), dict(heavy_first=True, target_m=128), dict(heavy_first=True, tile_n=64)]
+# Prefill and mixed steps: a register cap (ptxas, no spills; kernel_preflight.py): W7's launch at head_dim 128 takes
+# 178 registers a thread by default, 2 programs an SM; capped at 128 or 96, 4 programs. W1's (8 warps) stays at 2.
+PREFILL_CONFIGS += [dict(maxnreg=128), dict(maxnreg=96), dict(maxnreg=128, heavy_first=True), dict(maxnreg=128, num_stages=3)]
 # Decode: every key tile through one (masked) loop, one software pipeline over a short context's 3-4 tiles.
 ONE_LOOP = [dict(one_loop=True), dict(one_loop=True, num_stages=3), dict(one_loop=True, tile_n=64, num_stages=3),
             dict(one_loop=True, tile_n=64, num_stages=4)]
@@ -79,8 +82,8 @@ if os.environ.get("TUNING_DEFAULT_ONLY") == "1":  # time the launch configuratio
     DECODE_CONFIGS = PREFILL_CONFIGS = []
 if os.environ.get("TUNING_GRID_ONLY") == "1":  # the default launch against the grid orders alone (decode shapes)
     DECODE_CONFIGS, PREFILL_CONFIGS = list(GRID_ORDERS), []
-if os.environ.get("TUNING_HEAVY_FIRST_ONLY") == "1":  # the default launch against heavy_first alone (prefill shapes)
-    DECODE_CONFIGS, PREFILL_CONFIGS = [], [c for c in PREFILL_CONFIGS if c.get("heavy_first")]
+if os.environ.get("TUNING_HEAVY_FIRST_ONLY") == "1":  # the default launch against heavy_first and maxnreg (prefill)
+    DECODE_CONFIGS, PREFILL_CONFIGS = [], [c for c in PREFILL_CONFIGS if c.get("heavy_first") or c.get("maxnreg")]
 if os.environ.get("TUNING_ONE_LOOP_ONLY") == "1":  # the default launch against one_loop alone (decode shapes)
     DECODE_CONFIGS, PREFILL_CONFIGS = list(ONE_LOOP), []
 if os.environ.get("TUNING_SHAPES"):  # a substring per shape to keep, comma-separated (e.g. "decode")

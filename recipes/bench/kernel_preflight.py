@@ -7,8 +7,8 @@ shaped like the workloads' steps, catches each kernel launch, and compiles exact
 that call: the same binder (specialisation on 16-byte alignment and on integers equal to 1 or divisible by 16), the
 same options, an sm_90 target. The H200's SM count and shared memory per block stand in for the device queries.
 
-For each launch it prints the shared memory, whether the K/V loads are pipelined (async copies in the TTGIR),
-and the compile time. Launches that Triton's launcher would serve from one compiled kernel (equal specialisation
+For each launch it prints the shared memory, registers per thread and spills (from the cubin), the programs an SM
+can hold at once, whether the K/V loads are pipelined (async copies in the TTGIR), and the compile time. Launches that Triton's launcher would serve from one compiled kernel (equal specialisation
 keys) are compiled once. It compiles into an empty Triton cache of its own, so the times are cold. It exits
 non-zero if any launch fails to compile.
 
@@ -46,6 +46,30 @@ from async_batching.attention import AttentionMetadata  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)
 H200_SMS = 132
 H200_SMEM_PER_BLOCK = 232448  # bytes a block may opt into on sm_90
+SM90_SMEM_PER_SM = 233472  # shared memory of one SM (228 KiB), of which each resident block also takes 1 KiB
+SM90_REGS_PER_SM, SM90_THREADS_PER_SM, SM90_BLOCKS_PER_SM = 65536, 2048, 32
+
+
+def resources(kernel) -> dict:
+    """Registers per thread and local memory (spills) from the cubin (cuobjdump, bundled with triton), and the
+    programs an SM can hold at once by registers, shared memory and threads."""
+    import re
+    import subprocess
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        dump = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+).*?LOCAL:(\d+)", dump)
+    if not found:
+        return {}
+    regs, local = int(found.group(1)), int(found.group(2))
+    threads = 32 * kernel.metadata.num_warps
+    by_regs = SM90_REGS_PER_SM // (-(-regs // 8) * 8 * threads)
+    by_smem = SM90_SMEM_PER_SM // (kernel.metadata.shared + 1024)
+    return {"regs": regs, "spill_bytes": local,
+            "programs_per_sm": min(by_regs, by_smem, SM90_THREADS_PER_SM // threads, SM90_BLOCKS_PER_SM)}
 
 
 def specialise(fn, args: tuple, kwargs: dict):
@@ -145,6 +169,7 @@ def cases():
     yield "W7 decode tail, 8 rows (KV splits)", {}, lambda: _attend(_step(*dec(8, 1900), **w7, dtype=bf16))
     yield "W7 prefill, 31 x 500", {}, lambda: _attend(_step(*pre(31, 500), **w7, dtype=bf16))
     yield "W7 prefill, heavy_first", {"heavy_first": True}, lambda: _attend(_step(*pre(31, 500), **w7, dtype=bf16))
+    yield "W7 prefill, maxnreg=128", {"maxnreg": 128}, lambda: _attend(_step(*pre(31, 500), **w7, dtype=bf16))
     yield "mixed step: 448 decode rows + 4 prompts", {}, lambda: _attend(
         _step([400] * 448 + [300] * 4, [1] * 448 + [300] * 4, **w1, dtype=bf16))
     yield "fp32 decode and prefill", {}, lambda: (_attend(_step(*dec(8, 100), **w1, dtype=f32)),
@@ -161,8 +186,9 @@ def main() -> int:
     args = ap.parse_args()
     rows, failed = [], 0
     print(f"Triton {triton.__version__}, target {TARGET.backend} sm_{TARGET.arch}\n")
-    print("| launch | kernel | constexprs | warps / stages | shared memory | K/V loads pipelined | compile s | status |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| launch | kernel | constexprs | warps / stages | shared memory | registers (spilled B) | programs per SM "
+          "| K/V loads pipelined | compile s | status |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     seen: dict = {}  # specialisation key -> the first launch that compiled it
     for name, tuning, call in cases():
         saved_tuning = tpa.TUNING
@@ -176,14 +202,15 @@ def main() -> int:
         for fn, (_grid, largs, lkw) in launches:
             key, src, options = specialise(fn, largs, lkw)
             short = {k: v for k, v in lkw.items() if k in ("BLOCK_Q", "BLOCK_M", "TILE_N", "BLOCK_SIZE", "ONE_LOOP",
-                                                            "HEAVY_FIRST", "WRITE_NEW", "BLOCK_STRIDES", "G", "HEAD_DIM")
+                                                            "HEAVY_FIRST", "WRITE_NEW", "BLOCK_STRIDES", "G", "HEAD_DIM",
+                                                            "maxnreg")
                      and v not in (False,)}
             row = {"launch": name, "kernel": fn.__name__, "constexprs": short,
                    "warps": lkw.get("num_warps"), "stages": lkw.get("num_stages")}
             if key in seen:
                 row.update(status=f"ok (the binary of: {seen[key]})", compile_s=0.0, same_as=seen[key])
                 rows.append(row)
-                print(f"| {name} | `{row['kernel']}` | {short} | {row['warps']} / {row['stages']} | - | - | 0 | "
+                print(f"| {name} | `{row['kernel']}` | {short} | {row['warps']} / {row['stages']} | - | - | - | - | 0 | "
                       f"{row['status']} |")
                 continue
             seen[key] = name
@@ -192,7 +219,7 @@ def main() -> int:
                 k = triton_compile(src, target=TARGET, options=options.__dict__)
                 ttgir = k.asm["ttgir"]
                 row.update(status="ok", compile_s=time.perf_counter() - t0, shared=k.metadata.shared,
-                           async_copies=ttgir.count("async_copy_global_to_local"))
+                           async_copies=ttgir.count("async_copy_global_to_local"), **resources(k))
             except Exception as e:  # noqa: BLE001 -- any lowering failure is this script's finding
                 failed += 1
                 row.update(status=f"FAILED: {type(e).__name__}: {' '.join(str(e).split())[:300]}",
@@ -200,8 +227,10 @@ def main() -> int:
             rows.append(row)
             pipelined = "-" if row["kernel"] != "_paged_attention_kernel" or "async_copies" not in row else (
                 f"yes ({row['async_copies']} async copies)" if row["async_copies"] else "no")
+            regs = f"{row['regs']} ({row['spill_bytes']})" if "regs" in row else "-"
             print(f"| {name} | `{row['kernel']}` | {short} | {row['warps']} / {row['stages']} | "
-                  f"{row.get('shared', '-')} | {pipelined} | {row['compile_s']:.2f} | {row['status']} |")
+                  f"{row.get('shared', '-')} | {regs} | {row.get('programs_per_sm', '-')} | {pipelined} | "
+                  f"{row['compile_s']:.2f} | {row['status']} |")
     print(f"\n{len(rows)} launches, {len(seen)} distinct binaries compiled, {failed} failed")
     if args.json:
         with open(args.json, "w") as f:
