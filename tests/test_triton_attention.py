@@ -279,10 +279,14 @@ def test_heavy_first_query_blocks_give_the_same_attention_and_leave_counters_at_
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_register_cap_leaves_the_attention_unchanged(backend, monkeypatch):
-    """The sweep's ``maxnreg`` (a per-thread register cap for ptxas) changes how the kernel is compiled, not what it
-    computes: decode rows, chunks and prompts equal the reference, with and without KV splits."""
+    """The sweep's ``maxnreg`` and the engine's ``DECODE_MAXNREG`` (a per-thread register cap for ptxas) change how the
+    kernel is compiled, not what it computes: decode rows, chunks and prompts equal the reference, with and without
+    KV splits (the engine's cap applies to decode launches only)."""
     monkeypatch.setattr(tpa, "TUNING", dict(maxnreg=128))
     _launches_match_and_leave_counters_at_zero(backend, [(150, 150), (3, 1), (90, 40), (70, 1)], (1, 2))
+    monkeypatch.setattr(tpa, "TUNING", {})
+    monkeypatch.setattr(tpa, "DECODE_MAXNREG", 96)
+    _launches_match_and_leave_counters_at_zero(backend, [(150, 1), (3, 1), (70, 1)], (1, 2))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

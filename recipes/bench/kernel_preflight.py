@@ -160,6 +160,8 @@ def cases():
     yield "W1 decode, fused write", {}, lambda: _attend(_step(*dec(512, 400), **w1, dtype=bf16), fused_write=True)
     yield "W1 decode, fused write, head-major", {}, lambda: _attend(
         _step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True)
+    yield "W1 decode, fused write, capped at 96", {"_decode_maxnreg": 96}, lambda: _attend(
+        _step(*dec(512, 400), **w1, dtype=bf16), fused_write=True)
     yield "W1 decode, blocks of 64", {}, lambda: _attend(_step(*dec(512, 400), **w1, dtype=bf16, block_size=64))
     yield "W1 decode, one_loop", {"one_loop": True}, lambda: _attend(_step(*dec(512, 400), **w1, dtype=bf16))
     yield "W1 prefill, 224 x 290", {}, lambda: _attend(_step(*pre(224, 290), **w1, dtype=bf16))
@@ -191,14 +193,16 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|---|")
     seen: dict = {}  # specialisation key -> the first launch that compiled it
     for name, tuning, call in cases():
-        saved_tuning = tpa.TUNING
-        tpa.TUNING = dict(tuning)
+        saved_tuning, saved_cap = tpa.TUNING, tpa.DECODE_MAXNREG
+        tuning = dict(tuning)
+        tpa.DECODE_MAXNREG = tuning.pop("_decode_maxnreg", saved_cap)  # the engine's own cap, not a sweep override
+        tpa.TUNING = tuning
         try:
             with caught_launches() as (attention, write):
                 call()
             launches = [(attention.real, c) for c in attention.calls] + [(write.real, c) for c in write.calls]
         finally:
-            tpa.TUNING = saved_tuning
+            tpa.TUNING, tpa.DECODE_MAXNREG = saved_tuning, saved_cap
         for fn, (_grid, largs, lkw) in launches:
             key, src, options = specialise(fn, largs, lkw)
             short = {k: v for k, v in lkw.items() if k in ("BLOCK_Q", "BLOCK_M", "TILE_N", "BLOCK_SIZE", "ONE_LOOP",

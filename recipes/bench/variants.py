@@ -571,13 +571,23 @@ class OursAsyncSizeOblivious(_OursAsyncBuiltWith):
 
 class OursAsyncStacked(_OursAsyncBuiltWith):
     """The untried small levers at once: prefill graphs of their own (``ours_async_prefill_own_compile``), head-major
-    KV blocks (``_head_major``), the decode write inside the attention kernel and inductor's combo kernels
-    (``_fewer_kernels``). W1's run-to-run spread (4-7% between calls) is wider than any of them was or is expected
+    KV blocks (``_head_major``), the decode write inside the attention kernel, capped at 96 registers, and inductor's
+    combo kernels (``_fewer_kernels_capped``). W1's run-to-run spread (4-7% between calls) is wider than any of them was or is expected
     to be alone (0-4%); their sum can be told apart from it, and the single-lever variants then say which count."""
 
     patches = {("model_runner", "PREFILL_OWN_COMPILE"): True, ("kv_cache", "KV_LAYOUT"): "head",
-               ("attention", "FUSED_DECODE_WRITE"): True,
+               ("attention", "FUSED_DECODE_WRITE"): True, ("triton_paged_attention", "DECODE_MAXNREG"): 96,
                ("compiled_layers", "COMPILE_OPTIONS"): {"combo_kernels": True}}
+
+
+class OursAsyncFewerKernelsCapped(_OursAsyncBuiltWith):
+    """``ours_async_fewer_kernels`` with decode launches capped at 96 registers a thread
+    (``triton_paged_attention.DECODE_MAXNREG``): the fused write takes W1's decode kernel to 120 registers and 4
+    programs an SM instead of 5, which may be why it measured no faster; capped, it compiles without spills and
+    keeps 5 (kernel_preflight.py)."""
+
+    patches = {("compiled_layers", "COMPILE_OPTIONS"): {"combo_kernels": True}, ("attention", "FUSED_DECODE_WRITE"): True,
+               ("triton_paged_attention", "DECODE_MAXNREG"): 96}
 
 
 class OursAsyncPdl(_OursAsyncBuiltWith):
@@ -841,6 +851,7 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_cublaslt": OursAsyncCublasLt,
     "ours_async_prefill_own_compile": OursAsyncPrefillOwnCompile,
     "ours_async_stacked": OursAsyncStacked,
+    "ours_async_fewer_kernels_capped": OursAsyncFewerKernelsCapped,
     "ours_async_size_oblivious": OursAsyncSizeOblivious,
     "ours_async_no_decode_tune": OursAsyncNoDecodeTune,
     "ours_async_split_decode": OursAsyncSplitDecode,
