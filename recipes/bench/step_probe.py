@@ -7,8 +7,9 @@
    products' and the attention kernel's rates: the step's FLOPs of each (the roofline's counting, ``prefill_flops``:
    the LM head on one row a prompt) over their GPU ms, against the measured matmul rate.
    Then the host's side of that step by function: one more call under cProfile, the functions with the most own
-   time, and the cumulative time of the stack's layers (``HOST_LAYERS``: plan, staging, dynamo's entry to a compiled
-   layer, inductor's code, the attention op, Triton's and inductor's kernel launches, matrix products, allocation).
+   time, and the cumulative time of the stack's layers (``HOST_LAYERS``: plan, staging, the forward, dynamo's entry
+   to a compiled layer, inductor's code, the attention op and its launch wrappers, Triton's and inductor's kernel
+   launches, sampling).
 2. Decode: the largest decode graph replayed back to back. GPU ms per replay from CUDA events (kernels plus the gaps
    between them) beside the union of its kernels from the profiler, kernels per replay, GPU ms by kernel.
 
@@ -258,6 +259,7 @@ def main() -> None:
     compiled_layers.COMPILE_OPTIONS = json.loads(args.compile_options)
     wl = Workload.from_dict(yaml.safe_load(open(args.workload)))
     model = wl.build_model("cuda" if torch.cuda.is_available() else "cpu")
+    rates = measure_rates("cuda" if torch.cuda.is_available() else "cpu")  # before the KV cache takes the memory
     t0 = time.perf_counter()
     b = ContinuousBatcher(model, **json.loads(args.batcher))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
@@ -266,7 +268,6 @@ def main() -> None:
     budget = b.config.max_batch_tokens
     runner = b.runner
     shape = ModelShape.of(wl)
-    rates = measure_rates(str(b.device))
     out["rates"] = {"matmul_tflops": rates.matmul_tflops, "copy_tbps": rates.copy_tbps}
     print(f"## {wl.name} on {out['device']} (torch {out['torch']}): max_batch_tokens {budget}, "
           f"prefill compiled from {runner.prefill_compile_min_tokens} tokens "
