@@ -295,10 +295,11 @@ def _paged_attention_kernel(
 # per thread, which ptxas meets here without spilling and which doubles the programs an SM holds for W7's prefill
 # launch, 2 -> 4 at 128 registers; kernel_preflight.py) for the tuning sweep only; empty in use.
 TUNING: dict = {}
-# A register cap (ptxas ``maxnreg``) for decode launches; 0: none, as in use. The fused decode write (``new_kv``) and
-# ``one_loop`` raise W1's decode kernel from 96 registers a thread to 120-126, so an SM holds 4 of its programs
-# instead of 5; capped at 96 they compile without spills and keep 5 (kernel_preflight.py). Unmeasured on a GPU:
-# variant ours_async_fewer_kernels_capped.
+# A register cap (ptxas ``maxnreg``) for decode launches at head dims up to 64; 0: none, as in use. The fused decode
+# write (``new_kv``) and ``one_loop`` raise W1's decode kernel from 96 registers a thread to 120-126, so an SM holds 4
+# of its programs instead of 5; capped at 96 they compile without spills and keep 5 (kernel_preflight.py). At head
+# dim 128 the decode launch is bound by shared memory (3 programs an SM at 73,728 B), so a cap would buy nothing
+# there. Unmeasured on a GPU: variant ours_async_fewer_kernels_capped.
 DECODE_MAXNREG = 0
 
 
@@ -452,7 +453,8 @@ def paged_attention(
     num_q_blocks = triton.cdiv(max_query_len, block_q)
 
     num_kv_splits = TUNING.get("num_kv_splits", num_kv_splits) if TUNING else num_kv_splits
-    maxnreg = TUNING.get("maxnreg", 0) if TUNING else (DECODE_MAXNREG if max_query_len == 1 else 0)
+    maxnreg = TUNING.get("maxnreg", 0) if TUNING else (
+        DECODE_MAXNREG if max_query_len == 1 and head_dim_pad <= 64 else 0)
     programs = B * num_q_blocks * num_kv_heads
     if num_kv_splits:
         assert num_kv_splits & (num_kv_splits - 1) == 0 and num_kv_splits <= MAX_SPLITS, \
