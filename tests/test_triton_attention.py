@@ -269,6 +269,28 @@ def test_tuning_grid_orders_give_the_same_attention_and_leave_counters_at_zero(b
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_given_sequence_order_gives_the_same_attention(backend, monkeypatch):
+    """The sweep hands the kernel its longest-first order computed once (``TUNING["order"]``), as the engine would stage
+    it, instead of an argsort per launch: any permutation of the sequences maps each program to the same work, and the
+    programs follow the order they are given (all sent to one sequence, the other rows stay untouched)."""
+    dtype, tol = backend
+    specs = [(150, 1), (3, 1), (90, 1), (70, 1), (12, 1)]
+    args, max_q = make_batch(specs, dtype=dtype, group=4)
+    ref = paged_attention_reference(**args, max_query_len=max_q, scale=0.2)
+    for order in ([4, 3, 2, 1, 0], [2, 0, 4, 1, 3]):
+        monkeypatch.setattr(tpa, "TUNING", dict(order=torch.tensor(order, dtype=torch.int32, device=DEVICE)))
+        out = torch.full(args["q"].shape, float("nan"), dtype=dtype, device=DEVICE)
+        tpa.paged_attention(**args, max_query_len=max_q, scale=0.2, out=out)
+        torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    # the order is what the programs follow: every program sent to sequence 2 leaves the other rows untouched
+    monkeypatch.setattr(tpa, "TUNING", dict(order=torch.full((5,), 2, dtype=torch.int32, device=DEVICE)))
+    out = torch.full(args["q"].shape, float("nan"), dtype=dtype, device=DEVICE)
+    tpa.paged_attention(**args, max_query_len=max_q, scale=0.2, out=out, num_kv_splits=1)  # one program a (seq, head)
+    torch.testing.assert_close(out[2].float(), ref[2].float(), atol=tol, rtol=tol)
+    assert out[[0, 1, 3, 4]].isnan().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_heavy_first_query_blocks_give_the_same_attention_and_leave_counters_at_zero(backend, monkeypatch):
     """The sweep's ``heavy_first`` (the grid's query blocks last first): each program does the same (sequence, query
     block) work, so results equal the reference on prompts of several query blocks, chunks and decode rows, with and

