@@ -31,8 +31,11 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
-_CACHE = tempfile.mkdtemp(prefix="kernel_preflight_")
-os.environ["TRITON_CACHE_DIR"] = _CACHE  # before triton is imported: cold compiles, nothing left behind
+# Run as a script: an empty Triton cache of its own, set before triton is imported (cold compiles, nothing left
+# behind). Imported for its helpers: the process's usual cache.
+_CACHE = tempfile.mkdtemp(prefix="kernel_preflight_") if __name__ == "__main__" else None
+if _CACHE:
+    os.environ["TRITON_CACHE_DIR"] = _CACHE
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -239,7 +242,8 @@ def main() -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"triton": triton.__version__, "target": f"sm_{TARGET.arch}", "launches": rows}, f, indent=1)
-    shutil.rmtree(_CACHE, ignore_errors=True)
+    if _CACHE:
+        shutil.rmtree(_CACHE, ignore_errors=True)
     return 1 if failed else 0
 
 
