@@ -46,6 +46,7 @@ def _fx_config():
     return fx_config
 
 
+@contextlib.contextmanager
 def _dynamo_settings():
     """Dynamo's settings for the engine's compiled calls. Every module's compiled call shares the code object of
     ``nn.Module._call_impl``, so its cache holds an entry per module kind and shape, for every engine's model in the
@@ -55,7 +56,7 @@ def _dynamo_settings():
     The graphs guard on the modules' hooks (``skip_nnmodule_hook_guards`` off): by default dynamo does not, so a
     graph traced for one model ran for a second model of the same architecture without the hooks added to it (a
     forward pre-hook on an MLP never ran, found on the GPU machine). Decode steps replay CUDA graphs, so the extra
-    guards cost only the few uncompiled-graph steps."""
+    guards cost only the few uncompiled-graph steps. With ``SIZE_OBLIVIOUS`` the calls trace size-obliviously."""
     cfg = torch._dynamo.config
     patch = {name: max(getattr(cfg, name), value) for name, value in
              (("recompile_limit", 1024), ("accumulated_recompile_limit", 8192)) if hasattr(cfg, name)}
@@ -63,11 +64,9 @@ def _dynamo_settings():
         patch["fail_on_recompile_limit_hit"] = True
     if hasattr(cfg, "skip_nnmodule_hook_guards"):
         patch["skip_nnmodule_hook_guards"] = False
-    stack = contextlib.ExitStack()
-    stack.enter_context(cfg.patch(**patch))
-    if size_oblivious():
-        stack.enter_context(_fx_config().patch(backed_size_oblivious=True))
-    return stack
+    oblivious = _fx_config().patch(backed_size_oblivious=True) if size_oblivious() else contextlib.nullcontext()
+    with cfg.patch(**patch), oblivious:
+        yield
 
 
 def repeated_blocks(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
