@@ -480,6 +480,41 @@ def test_size_oblivious_tracing_compiles_one_graph_per_module_that_serves_every_
     assert graphs == {False: 6, True: 3}, graphs  # layer, norm, rotary: twice each by default, once size-obliviously
 
 
+def test_decode_steps_carry_a_longest_first_order_and_the_register_cap_into_attention(model, monkeypatch):
+    """``attention.DECODE_LONGEST_FIRST`` and ``DECODE_MAXNREG``, read when the engine is built: each decode step's
+    attention metadata holds its sequences longest context first (a permutation, context lengths non-increasing
+    along it) and the cap; prefill steps hold neither. (The CPU's torch path ignores both, so the tokens still equal
+    generate's; the Triton kernel follows the order: tests/test_triton_attention.py.)"""
+    import async_batching.attention as attention
+
+    monkeypatch.setattr(attention, "DECODE_LONGEST_FIRST", True)
+    monkeypatch.setattr(attention, "DECODE_MAXNREG", 96)
+    b = ContinuousBatcher(model, max_batch_tokens=64, num_blocks=60, max_num_seqs=8)
+    assert not b.runner.longest_first and b.runner.decode_maxnreg == 0  # the CPU's torch path: nothing to order
+    b.runner.longest_first, b.runner.decode_maxnreg = True, 96  # as the Triton backend would have read them
+    monkeypatch.setattr(attention, "DECODE_LONGEST_FIRST", False)  # read once: changing it now changes nothing
+    seen = {"decode": 0, "prefill": 0}
+    real = b.runner._metadata
+
+    def checked(buf, lay, *a, **k):
+        meta = real(buf, lay, *a, **k)
+        if lay.max_query_len == 1:
+            lens, order = meta.seq_lens.tolist(), meta.order.tolist()
+            assert sorted(order) == list(range(len(lens))) and meta.maxnreg == 96
+            assert all(lens[i] >= lens[j] for i, j in zip(order, order[1:])), (lens, order)
+            seen["decode"] += 1
+        else:
+            assert meta.order is None and meta.maxnreg == 0
+            seen["prefill"] += 1
+        return meta
+
+    monkeypatch.setattr(b.runner, "_metadata", checked)
+    prompts = mixed_prompts(8, lo=3, hi=50, seed=4)
+    out = b.generate(prompts, SamplingParams(max_new_tokens=6))
+    assert [r.token_ids for r in out] == [reference(model, p, 6, eos=2) for p in prompts]
+    assert seen["decode"] > 0 and seen["prefill"] > 0, seen
+
+
 def _record_traces(monkeypatch) -> list[tuple[str, set]]:
     """torch.compile replaced by one whose backend records each graph it is given: (which compile: "prefill" for
     CompiledLayers' own frame, else "decode"; the token counts T of the graph's [1, T, ...] example inputs, i.e. the

@@ -69,6 +69,21 @@ def test_fp32_compiled_prefill_steps_match_generate(arch, monkeypatch):
     assert b.runner._compiled is not None and b.runner._compiled_prefill, "compiled prefill fell back"
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2"])
+@pytest.mark.parametrize("fused_write", [False, True])
+def test_fp32_longest_first_decode_and_register_cap_match_generate_in_graphs(arch, fused_write, monkeypatch):
+    """``attention.DECODE_LONGEST_FIRST`` (an argsort of the context lengths per forward, captured in the decode
+    graphs; decode windows advance the lengths on the device) with ``DECODE_MAXNREG=96``, with and without the fused
+    write: greedy tokens equal generate's."""
+    import async_batching.attention as attention
+
+    monkeypatch.setattr(attention, "DECODE_LONGEST_FIRST", True)
+    monkeypatch.setattr(attention, "DECODE_MAXNREG", 96)
+    monkeypatch.setattr(attention, "FUSED_DECODE_WRITE", fused_write)
+    b = _fp32_matches_generate(arch, True)
+    assert b.runner.longest_first and b.runner.decode_maxnreg == 96
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "gpt_oss"])
 def test_fp32_size_oblivious_compile_matches_generate_in_graphs(arch, monkeypatch):
     """``compiled_layers.SIZE_OBLIVIOUS``: one compiled graph per module serves every size, captured in the decode

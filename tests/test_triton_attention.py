@@ -291,6 +291,32 @@ def test_a_given_sequence_order_gives_the_same_attention(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_the_engines_adapter_hands_the_kernel_the_steps_order_and_register_cap(backend):
+    """``attention.triton_paged_attention`` (what the engine calls) passes ``AttentionMetadata.order`` and ``.maxnreg``
+    to the kernel: the longest-first order of ``decode_order`` gives the reference, and an order that sends every
+    program to one sequence leaves the other rows untouched."""
+    from async_batching.attention import AttentionMetadata, decode_order, triton_paged_attention
+
+    dtype, tol = backend
+    specs = [(150, 1), (3, 1), (90, 1), (70, 1), (12, 1)]
+    args, max_q = make_batch(specs, dtype=dtype, group=4)
+    ref = paged_attention_reference(**args, max_query_len=max_q, scale=0.2)
+    meta = lambda order: AttentionMetadata(slot_mapping=None, query_start_loc=args["query_start_loc"],  # noqa: E731
+                                           seq_lens=args["seq_lens"], block_tables=args["block_tables"],
+                                           max_query_len=max_q, order=order, maxnreg=96)
+    assert decode_order(args["seq_lens"]).tolist() == [0, 2, 3, 4, 1]
+    out = triton_paged_attention(args["q"], args["k_cache"], args["v_cache"], meta(decode_order(args["seq_lens"])),
+                                 0.2, 0, 0.0)
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    one = torch.full((5,), 3, dtype=torch.int32, device=DEVICE)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tpa, "_auto_num_splits", lambda *a, **k: 1)  # one program a (sequence, head): no split merge
+        out = triton_paged_attention(args["q"], args["k_cache"], args["v_cache"], meta(one), 0.2, 0, 0.0)
+    torch.testing.assert_close(out[3].float(), ref[3].float(), atol=tol, rtol=tol)
+    assert out[[0, 1, 2, 4]].isnan().all() or not out[[0, 1, 2, 4]].float().allclose(ref[[0, 1, 2, 4]].float())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_heavy_first_query_blocks_give_the_same_attention_and_leave_counters_at_zero(backend, monkeypatch):
     """The sweep's ``heavy_first`` (the grid's query blocks last first): each program does the same (sequence, query
     block) work, so results equal the reference on prompts of several query blocks, chunks and decode rows, with and
@@ -301,14 +327,18 @@ def test_heavy_first_query_blocks_give_the_same_attention_and_leave_counters_at_
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_register_cap_leaves_the_attention_unchanged(backend, monkeypatch):
-    """The sweep's ``maxnreg`` and the engine's ``DECODE_MAXNREG`` (a per-thread register cap for ptxas) change how the
-    kernel is compiled, not what it computes: decode rows, chunks and prompts equal the reference, with and without
-    KV splits (the engine's cap applies to decode launches only)."""
+    """The sweep's ``maxnreg`` and the engine's decode cap (``paged_attention(maxnreg=)``, from
+    ``attention.DECODE_MAXNREG``) change how the kernel is compiled, not what it computes: decode rows, chunks and
+    prompts equal the reference, with and without KV splits."""
     monkeypatch.setattr(tpa, "TUNING", dict(maxnreg=128))
     _launches_match_and_leave_counters_at_zero(backend, [(150, 150), (3, 1), (90, 40), (70, 1)], (1, 2))
     monkeypatch.setattr(tpa, "TUNING", {})
-    monkeypatch.setattr(tpa, "DECODE_MAXNREG", 96)
-    _launches_match_and_leave_counters_at_zero(backend, [(150, 1), (3, 1), (70, 1)], (1, 2))
+    dtype, tol = backend
+    args, max_q = make_batch([(150, 1), (3, 1), (70, 1)], dtype=dtype, group=4)
+    ref = paged_attention_reference(**args, max_query_len=max_q, scale=0.2)
+    for splits in (1, 2):
+        out = tpa.paged_attention(**args, max_query_len=max_q, scale=0.2, num_kv_splits=splits, maxnreg=96)
+        torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -28,6 +28,8 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # int32 [B, W]
     max_query_len: int
     split_counters: Optional[torch.Tensor] = None  # int32 zeros the Triton kernel's KV-split merge counts in
+    order: Optional[torch.Tensor] = None  # int32 [B]: the order a decode launch visits its sequences in (see below)
+    maxnreg: int = 0  # a register cap for the Triton kernel's decode launches (DECODE_MAXNREG), 0: none
 
 
 class StepContext:
@@ -47,6 +49,24 @@ STEP_KWARG = "paged_step"  # the forward keyword that carries the StepContext do
 # Decode steps' K/V written by the attention kernel itself (one launch a layer fewer). Off until measured on a GPU;
 # the benchmark variant ``ours_async_fused_write`` turns it on.
 FUSED_DECODE_WRITE = False
+# Decode launches of the Triton kernel visit their sequences longest context first (``AttentionMetadata.order``, an
+# argsort of the step's context lengths made once a forward, inside the decode graphs): the GPU starts programs in
+# grid order, so the launch's last wave is short programs, not long ones. Off until measured on a GPU (variant
+# ours_async_longest_first); the attention sweep timed it with the argsort inside every launch until session 14.
+# Read when an engine is built.
+DECODE_LONGEST_FIRST = False
+# A register cap (ptxas ``maxnreg``) for decode launches of the Triton kernel at head dims up to 64; 0: none, as in
+# use. The fused decode write (FUSED_DECODE_WRITE) raises W1's decode kernel from 96 registers a thread to 120, so an
+# SM holds 4 of its programs instead of 5; capped at 96 it compiles without spills and keeps 5
+# (recipes/bench/kernel_preflight.py). At head dim 128 the decode launch is bound by shared memory (3 programs an SM
+# at 73,728 B), so the kernel ignores the cap there. Unmeasured on a GPU: variant ours_async_fewer_kernels_capped.
+# Like the two flags above, read when an engine is built.
+DECODE_MAXNREG = 0
+
+
+def decode_order(seq_lens: torch.Tensor) -> torch.Tensor:
+    """The sequences of a decode step, longest context first (int32 indices into ``seq_lens``)."""
+    return torch.argsort(seq_lens, descending=True, stable=True).to(torch.int32)
 LAYER_ATTR = "_async_batching_layer"  # on each attention module: its layer index, a CPU int64 tensor (compiled code)
 
 
@@ -173,7 +193,8 @@ def triton_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: 
 
     return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                            meta.max_query_len, scale, window, softcap, sinks=sinks,
-                           split_counters=meta.split_counters, new_kv=new_kv)
+                           split_counters=meta.split_counters, new_kv=new_kv, order=meta.order,
+                           maxnreg=meta.maxnreg)
 
 
 def torch_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int, softcap: float,

@@ -112,6 +112,9 @@ class ModelRunner:
         self.ctx = StepContext(self.cache.k, self.cache.v, self.kernel,
                                attention.triton_write_kv if self.backend == "triton" else attention.index_copy_kv)
         self.ctx.fused_write = self.backend == "triton" and attention.FUSED_DECODE_WRITE
+        # decode launches of the Triton kernel: longest context first, a register cap (read once, like fused_write)
+        self.longest_first = self.backend == "triton" and attention.DECODE_LONGEST_FIRST
+        self.decode_maxnreg = attention.DECODE_MAXNREG if self.backend == "triton" else 0
         # The attention kernel's KV-split merge counters: this runner's launches are ordered on one stream and each
         # leaves them at zero, so one buffer serves every step and every captured graph.
         self.split_counters = None
@@ -412,13 +415,17 @@ class ModelRunner:
         pos = seg("positions").long()
         blk = self.block_table[seg("token_rows").long(), pos // self.block_size].long()
         qsl = self._seg(buf, lay, "query_start_loc")[lo:None if hi is None else hi + 1]
+        seq_lens = seg("seq_lens")
+        decode = lay.max_query_len == 1
         return AttentionMetadata(
             slot_mapping=blk * self.block_size + pos % self.block_size,
             query_start_loc=qsl - lo if lo else qsl,
-            seq_lens=seg("seq_lens"),
+            seq_lens=seq_lens,
             block_tables=self.block_table.index_select(0, seg("seq_rows").long()),
             max_query_len=lay.max_query_len,
             split_counters=self.split_counters if counters is None else counters,
+            order=attention.decode_order(seq_lens) if decode and self.longest_first else None,
+            maxnreg=self.decode_maxnreg if decode else 0,
         )
 
     def _forward(self, buf: torch.Tensor, lay: StepLayout, lo: int = 0, hi: Optional[int] = None,

@@ -135,7 +135,7 @@ def _paged_attention_kernel(
 
     Grid (sequences, query blocks, kv heads x splits); HEADS_FIRST (tuning only): (kv heads x splits, sequences,
     query blocks), so the programs of one sequence's heads, whose K/V share cache lines' neighbourhood, start together.
-    USE_ORDER (tuning only): the i-th sequence of the grid is ``order[i]`` (e.g. longest context first).
+    USE_ORDER: the i-th sequence of the grid is ``order[i]`` (longest context first: attention.DECODE_LONGEST_FIRST).
     WRITE_NEW (decode launches only, one query a sequence): the program whose key range holds the sequence's last
     position first stores that token's K and V (``new_k``/``new_v`` row ``q_start``, kv head ``kv_head``) at cache slot
     ``slot[q_start]``, then a block barrier makes the stores visible to its own loads: no separate write kernel. No
@@ -295,12 +295,6 @@ def _paged_attention_kernel(
 # per thread, which ptxas meets here without spilling and which doubles the programs an SM holds for W7's prefill
 # launch, 2 -> 4 at 128 registers; kernel_preflight.py) for the tuning sweep only; empty in use.
 TUNING: dict = {}
-# A register cap (ptxas ``maxnreg``) for decode launches at head dims up to 64; 0: none, as in use. The fused decode
-# write (``new_kv``) and ``one_loop`` raise W1's decode kernel from 96 registers a thread to 120-126, so an SM holds 4
-# of its programs instead of 5; capped at 96 they compile without spills and keep 5 (kernel_preflight.py). At head
-# dim 128 the decode launch is bound by shared memory (3 programs an SM at 73,728 B), so a cap would buy nothing
-# there. Unmeasured on a GPU: variant ours_async_fewer_kernels_capped.
-DECODE_MAXNREG = 0
 
 
 @functools.lru_cache(maxsize=None)
@@ -381,6 +375,8 @@ def paged_attention(
     sinks: Optional[torch.Tensor] = None,
     split_counters: Optional[torch.Tensor] = None,
     new_kv: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+    order: Optional[torch.Tensor] = None,
+    maxnreg: int = 0,
 ) -> torch.Tensor:
     """Causal attention of the packed queries ``q`` [T, num_heads, head_dim] over the paged KV cache.
 
@@ -393,6 +389,10 @@ def paged_attention(
     ``new_kv``: ``(k, v, slot_mapping)`` of a decode launch (``max_query_len == 1``; k, v ``[T, kv_heads, head_dim]``
     with a contiguous last dim): the kernel writes them into the cache itself before attending (``write_kv``'s work,
     without its launch).
+    ``order``: int32 ``[B]``, a permutation of the sequences: the launch's i-th sequence is ``order[i]`` (the GPU starts
+    programs in grid order; ``attention.DECODE_LONGEST_FIRST`` passes the longest contexts first).
+    ``maxnreg``: a register cap for ptxas on decode launches at head dims up to 64 (``attention.DECODE_MAXNREG``; at
+    128 a decode launch is bound by shared memory and the cap is ignored).
     """
     T, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, head_dim_kv = k_cache.shape
@@ -453,8 +453,7 @@ def paged_attention(
     num_q_blocks = triton.cdiv(max_query_len, block_q)
 
     num_kv_splits = TUNING.get("num_kv_splits", num_kv_splits) if TUNING else num_kv_splits
-    maxnreg = TUNING.get("maxnreg", 0) if TUNING else (
-        DECODE_MAXNREG if max_query_len == 1 and head_dim_pad <= 64 else 0)
+    maxnreg = TUNING.get("maxnreg", 0) if TUNING else (maxnreg if max_query_len == 1 and head_dim_pad <= 64 else 0)
     programs = B * num_q_blocks * num_kv_heads
     if num_kv_splits:
         assert num_kv_splits & (num_kv_splits - 1) == 0 and num_kv_splits <= MAX_SPLITS, \
@@ -484,7 +483,8 @@ def paged_attention(
     else:
         new_k = new_v = new_slots = seq_lens  # never read
     heads_first = bool(TUNING.get("heads_first")) if TUNING else False
-    order = TUNING.get("order") if TUNING else None  # the sweep's longest-first order, computed once, outside timing
+    if order is None and TUNING:  # the sweep's longest-first order, computed once outside timing, or here
+        order = TUNING.get("order")
     if order is None and TUNING and TUNING.get("longest_first"):
         order = torch.argsort(seq_lens, descending=True).to(torch.int32)
     grid = ((num_kv_heads * num_splits, B, num_q_blocks) if heads_first

@@ -44,7 +44,7 @@ from triton.compiler import ASTSource, compile as triton_compile, make_backend  
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from async_batching import triton_paged_attention as tpa  # noqa: E402
-from async_batching.attention import AttentionMetadata  # noqa: E402
+from async_batching.attention import AttentionMetadata, decode_order  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 H200_SMS = 132
@@ -141,13 +141,14 @@ def _step(contexts, q_lens, heads, kv_heads, head_dim, dtype, block_size=16, lay
     return q, k, v, k_cache, v_cache, meta
 
 
-def _attend(step, fused_write=False, sinks=False, window=0, softcap=0.0):
+def _attend(step, fused_write=False, sinks=False, window=0, softcap=0.0, longest_first=False, maxnreg=0):
     q, k, v, kc, vc, meta = step
     tpa.write_kv(k, v, kc, vc, meta.slot_mapping) if not fused_write else None
     tpa.paged_attention(q, kc, vc, meta.block_tables, meta.seq_lens, meta.query_start_loc, meta.max_query_len, 0.125,
                         sliding_window=window, softcap=softcap, split_counters=meta.split_counters,
                         sinks=torch.zeros(q.shape[1], dtype=torch.float32) if sinks else None,
-                        new_kv=(k, v, meta.slot_mapping) if fused_write else None)
+                        new_kv=(k, v, meta.slot_mapping) if fused_write else None,
+                        order=decode_order(meta.seq_lens) if longest_first else None, maxnreg=maxnreg)
 
 
 def cases():
@@ -163,8 +164,9 @@ def cases():
     yield "W1 decode, fused write", {}, lambda: _attend(_step(*dec(512, 400), **w1, dtype=bf16), fused_write=True)
     yield "W1 decode, fused write, head-major", {}, lambda: _attend(
         _step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True)
-    yield "W1 decode, fused write, capped at 96", {"_decode_maxnreg": 96}, lambda: _attend(
-        _step(*dec(512, 400), **w1, dtype=bf16), fused_write=True)
+    yield "W1 decode, fused write, capped at 96", {}, lambda: _attend(
+        _step(*dec(512, 400), **w1, dtype=bf16), fused_write=True, maxnreg=96)
+    yield "W1 decode, longest first", {}, lambda: _attend(_step(*dec(512, 400), **w1, dtype=bf16), longest_first=True)
     yield "W1 decode, blocks of 64", {}, lambda: _attend(_step(*dec(512, 400), **w1, dtype=bf16, block_size=64))
     yield "W1 decode, one_loop", {"one_loop": True}, lambda: _attend(_step(*dec(512, 400), **w1, dtype=bf16))
     yield "W1 prefill, 224 x 290", {}, lambda: _attend(_step(*pre(224, 290), **w1, dtype=bf16))
@@ -196,21 +198,19 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|---|")
     seen: dict = {}  # specialisation key -> the first launch that compiled it
     for name, tuning, call in cases():
-        saved_tuning, saved_cap = tpa.TUNING, tpa.DECODE_MAXNREG
-        tuning = dict(tuning)
-        tpa.DECODE_MAXNREG = tuning.pop("_decode_maxnreg", saved_cap)  # the engine's own cap, not a sweep override
-        tpa.TUNING = tuning
+        saved_tuning = tpa.TUNING
+        tpa.TUNING = dict(tuning)
         try:
             with caught_launches() as (attention, write):
                 call()
             launches = [(attention.real, c) for c in attention.calls] + [(write.real, c) for c in write.calls]
         finally:
-            tpa.TUNING, tpa.DECODE_MAXNREG = saved_tuning, saved_cap
+            tpa.TUNING = saved_tuning
         for fn, (_grid, largs, lkw) in launches:
             key, src, options = specialise(fn, largs, lkw)
             short = {k: v for k, v in lkw.items() if k in ("BLOCK_Q", "BLOCK_M", "TILE_N", "BLOCK_SIZE", "ONE_LOOP",
                                                             "HEAVY_FIRST", "WRITE_NEW", "BLOCK_STRIDES", "G", "HEAD_DIM",
-                                                            "maxnreg")
+                                                            "USE_ORDER", "maxnreg")
                      and v not in (False,)}
             row = {"launch": name, "kernel": fn.__name__, "constexprs": short,
                    "warps": lkw.get("num_warps"), "stages": lkw.get("num_stages")}

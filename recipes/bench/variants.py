@@ -576,18 +576,27 @@ class OursAsyncStacked(_OursAsyncBuiltWith):
     to be alone (0-4%); their sum can be told apart from it, and the single-lever variants then say which count."""
 
     patches = {("model_runner", "PREFILL_OWN_COMPILE"): True, ("kv_cache", "KV_LAYOUT"): "head",
-               ("attention", "FUSED_DECODE_WRITE"): True, ("triton_paged_attention", "DECODE_MAXNREG"): 96,
+               ("attention", "FUSED_DECODE_WRITE"): True, ("attention", "DECODE_MAXNREG"): 96,
                ("compiled_layers", "COMPILE_OPTIONS"): {"combo_kernels": True}}
 
 
 class OursAsyncFewerKernelsCapped(_OursAsyncBuiltWith):
     """``ours_async_fewer_kernels`` with decode launches capped at 96 registers a thread
-    (``triton_paged_attention.DECODE_MAXNREG``): the fused write takes W1's decode kernel to 120 registers and 4
+    (``attention.DECODE_MAXNREG``): the fused write takes W1's decode kernel to 120 registers and 4
     programs an SM instead of 5, which may be why it measured no faster; capped, it compiles without spills and
     keeps 5 (kernel_preflight.py)."""
 
     patches = {("compiled_layers", "COMPILE_OPTIONS"): {"combo_kernels": True}, ("attention", "FUSED_DECODE_WRITE"): True,
-               ("triton_paged_attention", "DECODE_MAXNREG"): 96}
+               ("attention", "DECODE_MAXNREG"): 96}
+
+
+class OursAsyncLongestFirst(_OursAsyncBuiltWith):
+    """``ours_async`` with decode launches visiting their sequences longest context first
+    (``attention.DECODE_LONGEST_FIRST``: an argsort of the context lengths once a forward, inside the decode graphs),
+    so a launch's last wave is short programs. W1's decode launch is ~42 us over 1,536 programs of contexts 64-1,024:
+    its tail is a visible share. The sweep's verdict against it (0.67-0.94x) timed an argsort in every launch."""
+
+    patches = {("attention", "DECODE_LONGEST_FIRST"): True}
 
 
 class OursAsyncPdl(_OursAsyncBuiltWith):
@@ -852,6 +861,7 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_prefill_own_compile": OursAsyncPrefillOwnCompile,
     "ours_async_stacked": OursAsyncStacked,
     "ours_async_fewer_kernels_capped": OursAsyncFewerKernelsCapped,
+    "ours_async_longest_first": OursAsyncLongestFirst,
     "ours_async_size_oblivious": OursAsyncSizeOblivious,
     "ours_async_no_decode_tune": OursAsyncNoDecodeTune,
     "ours_async_split_decode": OursAsyncSplitDecode,
