@@ -580,6 +580,12 @@ class OursAsyncStacked(_OursAsyncBuiltWith):
                ("compiled_layers", "COMPILE_OPTIONS"): {"combo_kernels": True}}
 
 
+class OursAsyncStackedLongestFirst(_OursAsyncBuiltWith):
+    """``ours_async_stacked`` with decode launches longest context first (``ours_async_longest_first``)."""
+
+    patches = {**OursAsyncStacked.patches, ("attention", "DECODE_LONGEST_FIRST"): True}
+
+
 class OursAsyncFewerKernelsCapped(_OursAsyncBuiltWith):
     """``ours_async_fewer_kernels`` with decode launches capped at 96 registers a thread
     (``attention.DECODE_MAXNREG``): the fused write takes W1's decode kernel to 120 registers and 4
@@ -860,6 +866,7 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_cublaslt": OursAsyncCublasLt,
     "ours_async_prefill_own_compile": OursAsyncPrefillOwnCompile,
     "ours_async_stacked": OursAsyncStacked,
+    "ours_async_stacked_longest_first": OursAsyncStackedLongestFirst,
     "ours_async_fewer_kernels_capped": OursAsyncFewerKernelsCapped,
     "ours_async_longest_first": OursAsyncLongestFirst,
     "ours_async_size_oblivious": OursAsyncSizeOblivious,
