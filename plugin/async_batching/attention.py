@@ -51,8 +51,9 @@ STEP_KWARG = "paged_step"  # the forward keyword that carries the StepContext do
 FUSED_DECODE_WRITE = False
 # Decode launches of the Triton kernel visit their sequences longest context first (``AttentionMetadata.order``, an
 # argsort of the step's context lengths made once a forward, inside the decode graphs): the GPU starts programs in
-# grid order, so the launch's last wave is short programs, not long ones. Off until measured on a GPU (variant
-# ours_async_longest_first); the attention sweep timed it with the argsort inside every launch until session 14.
+# grid order, so the launch's last wave is short programs, not long ones. Off: on the H200 (session 14, variant
+# ours_async_longest_first) W7 ran +3.0% (medians of 3 calls, 24,523 vs 23,812) and W1 inside its spread, but it
+# added nothing to ours_async_stacked's levers on W7; one run each, to be repeated before it becomes the default.
 # Read when an engine is built.
 DECODE_LONGEST_FIRST = False
 # A register cap (ptxas ``maxnreg``) for decode launches of the Triton kernel at head dims up to 64; 0: none, as in

@@ -563,8 +563,8 @@ class OursAsyncFewerKernels(_OursAsyncBuiltWith):
 
 class OursAsyncSizeOblivious(_OursAsyncBuiltWith):
     """``ours_async`` with size-oblivious tracing (``compiled_layers.SIZE_OBLIVIOUS``): one compiled graph per module
-    instead of two (none specialised to one row or token), so start-up compiles and autotunes half the graphs; one-row
-    steps run the dynamic graph's kernels. Measures start-up (startup_parts) and speed."""
+    instead of two (none specialised to one row or token); one-row steps run the dynamic graph's kernels. On the H200
+    (session 14) W1's start-up was no shorter: 37.3 s against 32.1 s."""
 
     patches = {("compiled_layers", "SIZE_OBLIVIOUS"): True}
 
@@ -573,7 +573,9 @@ class OursAsyncStacked(_OursAsyncBuiltWith):
     """The untried small levers at once: prefill graphs of their own (``ours_async_prefill_own_compile``), head-major
     KV blocks (``_head_major``), the decode write inside the attention kernel, capped at 96 registers, and inductor's
     combo kernels (``_fewer_kernels_capped``). W1's run-to-run spread (4-7% between calls) is wider than any of them was or is expected
-    to be alone (0-4%); their sum can be told apart from it, and the single-lever variants then say which count."""
+    to be alone (0-4%); their sum can be told apart from it, and the single-lever variants then say which count. On
+    the H200 (session 14): W7 median 24,561 against 23,812 (+3.1%; spreads 0.6% and 1.0%), W1 148,889 against 142,268
+    (inside W1's spread); start-up on W7 52 s against 35 s."""
 
     patches = {("model_runner", "PREFILL_OWN_COMPILE"): True, ("kv_cache", "KV_LAYOUT"): "head",
                ("attention", "FUSED_DECODE_WRITE"): True, ("attention", "DECODE_MAXNREG"): 96,
@@ -600,7 +602,8 @@ class OursAsyncLongestFirst(_OursAsyncBuiltWith):
     """``ours_async`` with decode launches visiting their sequences longest context first
     (``attention.DECODE_LONGEST_FIRST``: an argsort of the context lengths once a forward, inside the decode graphs),
     so a launch's last wave is short programs. W1's decode launch is ~42 us over 1,536 programs of contexts 64-1,024:
-    its tail is a visible share. The sweep's verdict against it (0.67-0.94x) timed an argsort in every launch."""
+    its tail is a visible share. The sweep's verdict against it (0.67-0.94x) timed an argsort in every launch. On the
+    H200 (session 14): W7 median 24,523 against 23,812 (+3.0%), W1 148,129 against 142,268 (inside its spread)."""
 
     patches = {("attention", "DECODE_LONGEST_FIRST"): True}
 
