@@ -60,7 +60,8 @@ DECODE_LONGEST_FIRST = False
 # use. The fused decode write (FUSED_DECODE_WRITE) raises W1's decode kernel from 96 registers a thread to 120, so an
 # SM holds 4 of its programs instead of 5; capped at 96 it compiles without spills and keeps 5
 # (recipes/bench/kernel_preflight.py). At head dim 128 the decode launch is bound by shared memory (3 programs an SM
-# at 73,728 B), so the kernel ignores the cap there. Unmeasured on a GPU: variant ours_async_fewer_kernels_capped.
+# at 73,728 B), so the kernel ignores the cap there. Measured on the H200 (session 14) with the fused write and combo
+# kernels (variant ours_async_fewer_kernels_capped): W1 median 140,185 out tok/s against 142,268, no gain.
 # Like the two flags above, read when an engine is built.
 DECODE_MAXNREG = 0
 

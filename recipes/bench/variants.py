@@ -592,7 +592,7 @@ class OursAsyncFewerKernelsCapped(_OursAsyncBuiltWith):
     """``ours_async_fewer_kernels`` with decode launches capped at 96 registers a thread
     (``attention.DECODE_MAXNREG``): the fused write takes W1's decode kernel to 120 registers and 4
     programs an SM instead of 5, which may be why it measured no faster; capped, it compiles without spills and
-    keeps 5 (kernel_preflight.py)."""
+    keeps 5 (kernel_preflight.py). On the H200 (session 14): W1 median 140,185 against 142,268, no gain."""
 
     patches = {("compiled_layers", "COMPILE_OPTIONS"): {"combo_kernels": True}, ("attention", "FUSED_DECODE_WRITE"): True,
                ("attention", "DECODE_MAXNREG"): 96}
