@@ -558,34 +558,7 @@ class OursAsyncFewerKernels(_OursAsyncBuiltWith):
     forward. Alone each was within the run-to-run noise on the H200 (session 11, W7: +0.9% and +0.2%); W7's decode
     forwards carry ~14 kernels a layer, and the gap to its target is ~6%, so their sum is measured here."""
 
-    patches = {("compiled_layers", "COMPILE_OPTIONS"): {"combo_kernels": True}, ("attention", "FUSED_DECODE_WRITE"): True}
-
-
-class OursAsyncSizeOblivious(_OursAsyncBuiltWith):
-    """``ours_async`` with size-oblivious tracing (``compiled_layers.SIZE_OBLIVIOUS``): one compiled graph per module
-    instead of two (none specialised to one row or token); one-row steps run the dynamic graph's kernels. On the H200
-    (session 14) W1's start-up was no shorter: 37.3 s against 32.1 s."""
-
-    patches = {("compiled_layers", "SIZE_OBLIVIOUS"): True}
-
-
-class OursAsyncStacked(_OursAsyncBuiltWith):
-    """The untried small levers at once: prefill graphs of their own (``ours_async_prefill_own_compile``), head-major
-    KV blocks (``_head_major``), the decode write inside the attention kernel, capped at 96 registers, and inductor's
-    combo kernels (``_fewer_kernels_capped``). W1's run-to-run spread (4-7% between calls) is wider than any of them was or is expected
-    to be alone (0-4%); their sum can be told apart from it, and the single-lever variants then say which count. On
-    the H200 (session 14): W7 median 24,561 against 23,812 (+3.1%; spreads 0.6% and 1.0%), W1 148,889 against 142,268
-    (inside W1's spread); start-up on W7 52 s against 35 s."""
-
-    patches = {("model_runner", "PREFILL_OWN_COMPILE"): True, ("kv_cache", "KV_LAYOUT"): "head",
-               ("attention", "FUSED_DECODE_WRITE"): True, ("attention", "DECODE_MAXNREG"): 96,
-               ("compiled_layers", "COMPILE_OPTIONS"): {"combo_kernels": True}}
-
-
-class OursAsyncStackedLongestFirst(_OursAsyncBuiltWith):
-    """``ours_async_stacked`` with decode launches longest context first (``ours_async_longest_first``)."""
-
-    patches = {**OursAsyncStacked.patches, ("attention", "DECODE_LONGEST_FIRST"): True}
+    patches = {**OursAsyncComboKernels.patches, **OursAsyncFusedWrite.patches}
 
 
 class OursAsyncFewerKernelsCapped(_OursAsyncBuiltWith):
@@ -594,8 +567,15 @@ class OursAsyncFewerKernelsCapped(_OursAsyncBuiltWith):
     programs an SM instead of 5, which may be why it measured no faster; capped, it compiles without spills and
     keeps 5 (kernel_preflight.py). On the H200 (session 14): W1 median 140,185 against 142,268, no gain."""
 
-    patches = {("compiled_layers", "COMPILE_OPTIONS"): {"combo_kernels": True}, ("attention", "FUSED_DECODE_WRITE"): True,
-               ("attention", "DECODE_MAXNREG"): 96}
+    patches = {**OursAsyncFewerKernels.patches, ("attention", "DECODE_MAXNREG"): 96}
+
+
+class OursAsyncSizeOblivious(_OursAsyncBuiltWith):
+    """``ours_async`` with size-oblivious tracing (``compiled_layers.SIZE_OBLIVIOUS``): one compiled graph per module
+    instead of two (none specialised to one row or token); one-row steps run the dynamic graph's kernels. On the H200
+    (session 14) W1's start-up was no shorter: 37.3 s against 32.1 s."""
+
+    patches = {("compiled_layers", "SIZE_OBLIVIOUS"): True}
 
 
 class OursAsyncLongestFirst(_OursAsyncBuiltWith):
@@ -650,6 +630,24 @@ class OursAsyncPrefillOwnCompile(_OursAsyncBuiltWith):
     cache does not key on size hints), so session 12's run of this variant measured the decode kernels again."""
 
     patches = {("model_runner", "PREFILL_OWN_COMPILE"): True}
+
+
+class OursAsyncStacked(_OursAsyncBuiltWith):
+    """The untried small levers at once: prefill graphs of their own (``ours_async_prefill_own_compile``), head-major
+    KV blocks (``_head_major``), the decode write inside the attention kernel, capped at 96 registers, and inductor's
+    combo kernels (``_fewer_kernels_capped``). W1's run-to-run spread (4-7% between calls) is wider than any of them was or is expected
+    to be alone (0-4%); their sum can be told apart from it, and the single-lever variants then say which count. On
+    the H200 (session 14): W7 median 24,561 against 23,812 (+3.1%; spreads 0.6% and 1.0%), W1 148,889 against 142,268
+    (inside W1's spread); start-up on W7 52 s against 35 s."""
+
+    patches = {**OursAsyncPrefillOwnCompile.patches, **OursAsyncHeadMajor.patches,
+               **OursAsyncFewerKernelsCapped.patches}
+
+
+class OursAsyncStackedLongestFirst(_OursAsyncBuiltWith):
+    """``ours_async_stacked`` with decode launches longest context first (``ours_async_longest_first``)."""
+
+    patches = {**OursAsyncStacked.patches, **OursAsyncLongestFirst.patches}
 
 
 class OursAsyncNoDecodeTune(_OursAsyncBuiltWith):
