@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention import decode_order
+
 __all__ = ["paged_attention", "write_kv", "compiled_variants"]
 
 
@@ -486,7 +488,7 @@ def paged_attention(
     if order is None and TUNING:  # the sweep's longest-first order, computed once outside timing, or here
         order = TUNING.get("order")
     if order is None and TUNING and TUNING.get("longest_first"):
-        order = torch.argsort(seq_lens, descending=True).to(torch.int32)
+        order = decode_order(seq_lens)
     grid = ((num_kv_heads * num_splits, B, num_q_blocks) if heads_first
             else (B, num_q_blocks, num_kv_heads * num_splits))
     _paged_attention_kernel[grid](

@@ -26,6 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "plugin"))
 sys.path.insert(0, os.path.join(HERE, ".."))
 from async_batching import triton_paged_attention as tpa  # noqa: E402
+from async_batching.attention import decode_order  # noqa: E402
 from bench.attention_backends import case  # noqa: E402
 from bench.roofline import graph_ms, time_ms  # noqa: E402
 
@@ -156,7 +157,7 @@ def run(fn, cfg):
     if tpa.TUNING.get("longest_first"):
         # the order as the engine would stage it from the host, not an argsort timed with every launch (sessions
         # 10-13 timed the argsort and its cast in the graph: two small kernels more than the launch they ordered)
-        tpa.TUNING["order"] = torch.argsort(fn.seq_lens, descending=True).to(torch.int32)
+        tpa.TUNING["order"] = decode_order(fn.seq_lens)  # the engine's own order (attention.DECODE_LONGEST_FIRST)
     try:
         return fn()
     except Exception as e:  # e.g. out of shared memory for a large tile
