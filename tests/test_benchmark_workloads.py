@@ -218,7 +218,7 @@ def test_w4_first_call_and_start_up_are_reported(tmp_path):
     assert r["prompt_tokens"] == sum(len(p) for p in Workload.from_dict(wl).build().prompts)
 
 
-def test_repeats_time_the_same_call_again_from_an_empty_prefix_cache_and_report_each_rate(tmp_path):
+def test_repeats_time_the_same_call_again_from_an_empty_prefix_cache_and_report_each_rate_and_ttft(tmp_path):
     """``repeats=3``: two more timed calls of the whole workload on the same engine, each checked and each from an
     empty prefix cache (a repeat served from the first call's cache would count more cached tokens); the notes give
     every call's rate, their median and spread."""
@@ -232,6 +232,13 @@ def test_repeats_time_the_same_call_again_from_an_empty_prefix_cache_and_report_
     assert "repeat_out_tok_s" not in one
     text = report.repeats_text([100.0, 90.0, 120.0])
     assert text.startswith("3 timed calls: 100, 90, 120 out tok/s (median 100, spread 30.0%)")
+    # each timed call's own TTFT and prefill launch cost (the first is the table's), no allocator events on the CPU
+    facts = r["call_facts"]
+    assert len(facts) == 3 and facts[0]["ttft_p50_s"] == r["ttft_p50_s"] and len(one["call_facts"]) == 1
+    assert all(f["ttft_p50_s"] > 0 and f["other_launch_ms"] > 0 and "allocator" not in f for f in facts)
+    line = report.calls_text([{"ttft_p50_s": 0.1234, "other_launch_ms": 27.43,
+                               "allocator": {"num_device_alloc": 2, "num_device_free": 1, "num_alloc_retries": 0}}])
+    assert line == "per timed call: (1) TTFT 0.123 s, 27.4 ms a prefill/mixed launch, cudaMalloc 2, cudaFree 1, retries 0"
 
 
 def test_w5_runs_and_no_prefix_cache_needs_the_engines_key(tmp_path):

@@ -107,6 +107,20 @@ def repeats_text(rates: list[float]) -> str:
             + f" out tok/s (median {mid:,.0f}, spread {(max(rates) - min(rates)) / mid:.1%}); the table shows the first")
 
 
+def calls_text(facts: list[dict[str, Any]]) -> str:
+    """Each timed call's TTFT p50, host ms launching a non-graph step and allocator device events, in order."""
+    def one(f: dict[str, Any]) -> str:
+        bits = [f"TTFT {f['ttft_p50_s']:.3f} s" if f.get("ttft_p50_s") is not None else "TTFT -"]
+        if f.get("other_launch_ms") is not None:
+            bits.append(f"{f['other_launch_ms']:.1f} ms a prefill/mixed launch")
+        a = f.get("allocator")
+        if a:
+            bits.append(f"cudaMalloc {a['num_device_alloc']}, cudaFree {a['num_device_free']}, "
+                        f"retries {a['num_alloc_retries']}")
+        return ", ".join(bits)
+    return "per timed call: " + "; ".join(f"({i + 1}) {one(f)}" for i, f in enumerate(facts))
+
+
 def notes(summary: dict[str, Any], results: list[dict[str, Any]]) -> list[str]:
     """How each number was obtained, and what ran differently from the workload as specified."""
     wl, rates, limit = summary["workload"], summary["rates"], summary["roofline"]
@@ -203,6 +217,9 @@ def notes(summary: dict[str, Any], results: list[dict[str, Any]]) -> list[str]:
                         f"({first['requests']} requests)" + (f"; {'; '.join(first['problems'])}" if first.get("problems") else ""))
         if r.get("repeat_out_tok_s"):
             bits.append(repeats_text(r["repeat_out_tok_s"]))
+        facts = r.get("call_facts") or []
+        if facts:
+            bits.append(calls_text(facts))
         launch = r.get("launch_ms")
         if launch:
             per = [f"{launch[f'per_{k}_step']:.2f} ms for each of {launch[f'{k}_steps']} {what}"

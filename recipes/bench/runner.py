@@ -66,6 +66,28 @@ def _compile_counts() -> dict[str, int]:
     return {"triton_attention": triton_variants, "dynamo_graphs": int(counters["stats"]["unique_graphs"])}
 
 
+def _allocator_counts(device: str) -> dict[str, int]:
+    """The caching allocator's device-level events so far: cudaMalloc and cudaFree calls, and allocations that failed,
+    freed every cached block (a device-wide synchronisation) and retried. A timed call that grows or trims the pool
+    blocks its host where the step's launch should run ahead of the GPU."""
+    if not device.startswith("cuda"):
+        return {}
+    s = torch.cuda.memory_stats()
+    return {k: int(s.get(k, 0)) for k in ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")}
+
+
+def _call_facts(stats: Optional[dict], out: RunOutput, alloc0: dict[str, int], device: str) -> dict[str, Any]:
+    """What tells one timed call from another of the same engine: its TTFT, the host time launching each step that is
+    not a decode graph replay (prefill, mixed), and the allocator's device events inside it."""
+    facts: dict[str, Any] = {"ttft_p50_s": percentile(out.ttft_s, 50)}
+    if stats and "cpu_launch_graph_s" in stats:
+        other = stats["steps"] - stats["graph_steps"]
+        facts["other_launch_ms"] = (1e3 * (stats["cpu_launch_s"] - stats["cpu_launch_graph_s"]) / other) if other else None
+    if alloc0:
+        facts["allocator"] = {k: v - alloc0[k] for k, v in _allocator_counts(device).items()}
+    return facts
+
+
 def _stats_delta(before: Optional[dict], after: Optional[dict], out: RunOutput) -> Optional[dict]:
     """The engine's stats for one call, whether its counters are cumulative or start afresh (a new engine per call)."""
     if not after:
@@ -263,7 +285,7 @@ def run_job(job: dict[str, Any], checkpoint=lambda partial: None) -> dict[str, A
     before, setup0 = variant.stats(), variant.setup_s
     if sampler:
         sampler.start()
-    compiles0 = _compile_counts()
+    compiles0, alloc0 = _compile_counts(), _allocator_counts(device)
     t0 = time.perf_counter()
     with gc_pauses() as pauses:
         out = _call(variant, reqs)
@@ -316,17 +338,21 @@ def run_job(job: dict[str, Any], checkpoint=lambda partial: None) -> dict[str, A
     if first_call is not None:
         result["first_call"] = first_call
     repeats = int(job.get("repeats") or 1)
+    facts = [_call_facts(stats, out, alloc0, device)]
     if repeats > 1:  # the same call again, to tell a lever from run-to-run noise; the headline stays the first call
         walls, cached = [wall], [(stats or {}).get("cached_tokens", 0)]
         for _ in range(repeats - 1):
-            s0 = variant.stats()
+            s0, a0 = variant.stats(), _allocator_counts(device)
             again_s, again = _timed_call(variant, reqs, device)
             walls.append(again_s)
-            cached.append((_stats_delta(s0, variant.stats(), again) or {}).get("cached_tokens", 0))
+            delta = _stats_delta(s0, variant.stats(), again)
+            cached.append((delta or {}).get("cached_tokens", 0))
+            facts.append(_call_facts(delta, again, a0, device))
             result["problems"] += _check(again, reqs)
         result["repeat_wall_s"], result["repeat_cached_tokens"] = walls, cached
         if not reqs.scoring:
             result["repeat_out_tok_s"] = [output_tokens / w for w in walls]
+    result["call_facts"] = facts  # one per timed call, in order
     events = variant.gpu_busy()
     if events:  # the compute stream's occupancy in the timed run, from the engine's CUDA timing events
         result["gpu_busy_events_pct"] = events.get("busy_pct")
