@@ -239,6 +239,10 @@ def test_repeats_time_the_same_call_again_from_an_empty_prefix_cache_and_report_
     line = report.calls_text([{"ttft_p50_s": 0.1234, "other_launch_ms": 27.43,
                                "allocator": {"num_device_alloc": 2, "num_device_free": 1, "num_alloc_retries": 0}}])
     assert line == "per timed call: (1) TTFT 0.123 s, 27.4 ms a prefill/mixed launch, cudaMalloc 2, cudaFree 1, retries 0"
+    line = report.calls_text([{"ttft_p50_s": 0.2, "other_launch_ms": 41.0, "other_gpu_ms": 34.56, "before_decode_ms": 330.4,
+                               "busy_pct": 99.61}, {"ttft_p50_s": None}])
+    assert line == ("per timed call: (1) TTFT 0.200 s, 41.0 ms a prefill/mixed launch (GPU 34.6 ms), decode began after "
+                    "330 ms, busy 99.6%; (2) TTFT -")
 
 
 def test_w5_runs_and_no_prefix_cache_needs_the_engines_key(tmp_path):

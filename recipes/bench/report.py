@@ -108,11 +108,17 @@ def repeats_text(rates: list[float]) -> str:
 
 
 def calls_text(facts: list[dict[str, Any]]) -> str:
-    """Each timed call's TTFT p50, host ms launching a non-graph step and allocator device events, in order."""
+    """Each timed call's TTFT p50, host ms launching a non-graph step (and its GPU ms), when decode began, the compute
+    stream's busy share and the allocator's device events, in order."""
     def one(f: dict[str, Any]) -> str:
         bits = [f"TTFT {f['ttft_p50_s']:.3f} s" if f.get("ttft_p50_s") is not None else "TTFT -"]
         if f.get("other_launch_ms") is not None:
-            bits.append(f"{f['other_launch_ms']:.1f} ms a prefill/mixed launch")
+            gpu = f" (GPU {f['other_gpu_ms']:.1f} ms)" if f.get("other_gpu_ms") is not None else ""
+            bits.append(f"{f['other_launch_ms']:.1f} ms a prefill/mixed launch{gpu}")
+        if f.get("before_decode_ms") is not None:
+            bits.append(f"decode began after {f['before_decode_ms']:.0f} ms")
+        if f.get("busy_pct") is not None:
+            bits.append(f"busy {f['busy_pct']:.1f}%")
         a = f.get("allocator")
         if a:
             bits.append(f"cudaMalloc {a['num_device_alloc']}, cudaFree {a['num_device_free']}, "

@@ -76,10 +76,15 @@ def _allocator_counts(device: str) -> dict[str, int]:
     return {k: int(s.get(k, 0)) for k in ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")}
 
 
-def _call_facts(stats: Optional[dict], out: RunOutput, alloc0: dict[str, int], device: str) -> dict[str, Any]:
+def _call_facts(stats: Optional[dict], out: RunOutput, alloc0: dict[str, int], device: str,
+                busy: Optional[dict] = None) -> dict[str, Any]:
     """What tells one timed call from another of the same engine: its TTFT, the host time launching each step that is
-    not a decode graph replay (prefill, mixed), and the allocator's device events inside it."""
+    not a decode graph replay (prefill, mixed) beside its GPU time, the compute stream's busy share, and the
+    allocator's device events inside it."""
     facts: dict[str, Any] = {"ttft_p50_s": percentile(out.ttft_s, 50)}
+    for key in ("busy_pct", "other_gpu_ms", "before_decode_ms"):
+        if (busy or {}).get(key) is not None:
+            facts[key] = busy[key]
     if stats and "cpu_launch_graph_s" in stats:
         other = stats["steps"] - stats["graph_steps"]
         facts["other_launch_ms"] = (1e3 * (stats["cpu_launch_s"] - stats["cpu_launch_graph_s"]) / other) if other else None
@@ -338,7 +343,8 @@ def run_job(job: dict[str, Any], checkpoint=lambda partial: None) -> dict[str, A
     if first_call is not None:
         result["first_call"] = first_call
     repeats = int(job.get("repeats") or 1)
-    facts = [_call_facts(stats, out, alloc0, device)]
+    events = variant.gpu_busy()  # the first call's (each call times its own steps)
+    facts = [_call_facts(stats, out, alloc0, device, events)]
     if repeats > 1:  # the same call again, to tell a lever from run-to-run noise; the headline stays the first call
         walls, cached = [wall], [(stats or {}).get("cached_tokens", 0)]
         for _ in range(repeats - 1):
@@ -347,13 +353,12 @@ def run_job(job: dict[str, Any], checkpoint=lambda partial: None) -> dict[str, A
             walls.append(again_s)
             delta = _stats_delta(s0, variant.stats(), again)
             cached.append((delta or {}).get("cached_tokens", 0))
-            facts.append(_call_facts(delta, again, a0, device))
+            facts.append(_call_facts(delta, again, a0, device, variant.gpu_busy()))
             result["problems"] += _check(again, reqs)
         result["repeat_wall_s"], result["repeat_cached_tokens"] = walls, cached
         if not reqs.scoring:
             result["repeat_out_tok_s"] = [output_tokens / w for w in walls]
     result["call_facts"] = facts  # one per timed call, in order
-    events = variant.gpu_busy()
     if events:  # the compute stream's occupancy in the timed run, from the engine's CUDA timing events
         result["gpu_busy_events_pct"] = events.get("busy_pct")
         result["gpu_busy_decode_pct"] = events.get("decode_busy_pct")

@@ -44,4 +44,10 @@ class StepTimer:
         out = {"steps": len(events), "busy_pct": busy(events)}
         if len(longest) >= 2:
             out.update(decode_steps=len(longest), decode_busy_pct=busy(longest))
+        other = [(a, b) for a, b, graph in events if not graph]
+        if other:  # prefill and mixed steps: GPU ms each (an upper bound, as above), and the span before decode began
+            out["other_gpu_ms"] = sum(a.elapsed_time(b) for a, b in other) / len(other)
+            first_graph = next((a for a, _, graph in events if graph), None)
+            if first_graph is not None:
+                out["before_decode_ms"] = events[0][0].elapsed_time(first_graph)
         return out
