@@ -56,6 +56,64 @@ def test_a_head_major_kv_cache_gives_generates_tokens_under_chunking_preemption_
     b.close()
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_prefill_steps_padded_to_graph_buckets_give_generates_tokens(arch, monkeypatch):
+    """``model_runner.PREFILL_GRAPHS`` pads a prefill or mixed step to its token bucket: padding tokens on the scratch
+    row, empty sequences, kept rows beyond the sampled ones, and the flat attention launch's table. The CPU captures no
+    graph, so here each bucket's "graph" is the eager forward of the padded step (the capture itself runs on the GPU:
+    test_gpu.py). Greedy tokens equal ``generate``'s through chunked prefill, preemption and mixed steps, and steps of
+    several buckets did run padded."""
+    from async_batching import model_runner as mr
+
+    monkeypatch.setattr(mr, "PREFILL_GRAPH_ROUND", 8)
+    monkeypatch.setattr(mr, "PREFILL_GRAPH_MIN_TOKENS", 8)
+    padded = []
+    real_start, real_forward = mr.ModelRunner.start, mr.ModelRunner.forward
+
+    def start(self):
+        real_start(self)
+        self._flat_block_q = 4
+        cfg = self.config
+        for tb in mr.prefill_graph_buckets(cfg.max_batch_tokens, cfg.max_num_seqs, self.max_model_len):
+            bb = min(cfg.max_num_seqs, tb)
+            self.prefill_graphs[tb] = (None, None, None, None, bb, self._prefill_slots(tb))
+
+    def forward(self, buf, lay):
+        if not lay.prefill_graph:
+            return real_forward(self, buf, lay)
+        seg = lambda name: self._seg(buf, lay, name).cpu().numpy()  # noqa: E731
+        real = int(seg("query_start_loc")[-1])
+        padded.append((lay.prefill_graph, real))
+        assert lay.num_tokens == lay.prefill_graph == len(seg("input_ids"))
+        assert (seg("token_rows")[real:] == mr.SCRATCH_ROW).all()
+        blocks = -(-(seg("query_start_loc")[1:] - seg("query_start_loc")[:-1]) // 4)
+        assert (seg("qb_seq") >= 0).sum() == blocks.sum()  # every query block of every sequence has its slot
+        with self.installed():
+            return self._forward(buf, lay)[: lay.num_samples]
+
+    monkeypatch.setattr(mr.ModelRunner, "start", start)
+    monkeypatch.setattr(mr.ModelRunner, "forward", forward)
+    model, prompts, refs = _model_and_refs(arch)
+    b = ContinuousBatcher(model, mode="async", max_num_seqs=4, max_batch_tokens=48, block_size=8, num_blocks=40)
+    assert sorted(b.runner.prefill_graphs) == [8, 16, 24, 32, 48]
+    results = b.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
+    assert [r.token_ids for r in results] == refs
+    assert b.stats["preemptions"] > 0
+    assert len({tb for tb, _ in padded}) >= 2 and 48 in {tb for tb, _ in padded}, padded
+    assert any(real < tb for tb, real in padded)  # padding tokens were there
+    assert all(tb < 2 * real + 1 for tb, real in padded)  # at most twice the step's tokens
+    b.close()
+
+
+def test_prefill_graph_buckets_shrink_by_powers_of_the_square_root_of_two_down_to_the_minimum():
+    from async_batching import model_runner as mr
+
+    assert mr.prefill_graph_buckets(65536, 512, 2048) == [65536, 46336, 32768, 23040, 16384, 11520]
+    assert mr.prefill_graph_buckets(16384, 512, 4096) == [16384, 11520, 8192, 5632, 4096, 2816]
+    assert mr.prefill_graph_buckets(2048, 512, 4096) == [2048, 1280, 1024]
+    assert mr.prefill_graph_buckets(65536, 4, 1024) == [4096, 2816, 2048, 1280, 1024]  # 4 sequences fill 4,096
+
+
 def test_an_unknown_kv_layout_is_refused_by_name(monkeypatch):
     import async_batching.kv_cache as kv_cache
 

@@ -70,6 +70,21 @@ def test_fp32_compiled_prefill_steps_match_generate(arch, monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2"])
+def test_fp32_prefill_graphs_match_generate(arch, monkeypatch):
+    """``PREFILL_GRAPHS``: prefill and mixed steps padded to token buckets (64, 40, 32 and 16 tokens here) and replayed
+    from CUDA graphs whose attention is a flat launch: greedy tokens equal generate's in both modes (sliding windows
+    and soft-capping on gemma2), and prefill steps did replay graphs."""
+    import async_batching.model_runner as mr
+
+    monkeypatch.setattr(mr, "PREFILL_GRAPHS", True)
+    monkeypatch.setattr(mr, "PREFILL_GRAPH_ROUND", 8)
+    monkeypatch.setattr(mr, "PREFILL_GRAPH_MIN_TOKENS", 8)
+    b = _fp32_matches_generate(arch, True)
+    assert sorted(b.runner.prefill_graphs) == [16, 32, 40, 64]
+    assert b.stats["prefill_graph_steps"] > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2"])
 @pytest.mark.parametrize("fused_write", [False, True])
 def test_fp32_longest_first_decode_and_register_cap_match_generate_in_graphs(arch, fused_write, monkeypatch):
     """``attention.DECODE_LONGEST_FIRST`` (an argsort of the context lengths per forward, captured in the decode

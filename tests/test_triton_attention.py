@@ -401,6 +401,48 @@ def test_rows_outside_query_start_loc_and_empty_sequences_are_untouched(backend)
         assert out[5:].isnan().all()
 
 
+def _flat_table(args, slots_extra=3):
+    """The flat launch's (seq, blk) table of a batch, on the device, with ``slots_extra`` empty slots."""
+    from async_batching.attention import q_block_table
+
+    q = args["q"]
+    bq = tpa.flat_block_q(q.shape[1], args["k_cache"].shape[2], q.shape[2], q.dtype)
+    q_lens = (args["query_start_loc"][1:] - args["query_start_loc"][:-1]).tolist()
+    n = sum(-(-ql // bq) for ql in q_lens)
+    seq, blk = q_block_table(q_lens, bq, n + slots_extra)
+    return torch.from_numpy(seq).to(DEVICE), torch.from_numpy(blk).to(DEVICE)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("group", [1, 3, 4])
+def test_a_flat_launch_equals_the_grid_launch_bit_for_bit_and_leaves_padded_rows_untouched(backend, group):
+    """A flat launch (``q_blocks``: one program per query block from a host-made table, -1 slots empty) does each
+    (sequence, query block) the grid launch does with the same tile, so prompts, chunks on a context, decode rows and an
+    empty sequence give the same bits as the grid launch of a prefill step (and match the reference); rows past the
+    last sequence (padding) stay unwritten."""
+    dtype, tol = backend
+    specs = [(150, 150), (3, 1), (90, 40), (0, 0), (70, 70), (12, 12), (41, 1)]
+    args, max_q = make_batch(specs, dtype=dtype, group=group, extra_rows=5)
+    qb = _flat_table(args)
+    out = torch.full(args["q"].shape, float("nan"), dtype=dtype, device=DEVICE)
+    tpa.paged_attention(**args, max_query_len=1, scale=0.2, out=out, q_blocks=qb)
+    grid = torch.full_like(out, float("nan"))
+    tpa.paged_attention(**args, max_query_len=max_q, scale=0.2, out=grid)
+    n = int(args["query_start_loc"][-1])
+    assert torch.equal(out[:n], grid[:n]) and out[n:].isnan().all()
+    ref = paged_attention_reference(**args, max_query_len=max_q, scale=0.2)
+    torch.testing.assert_close(out[:n].float(), ref[:n].float(), atol=tol, rtol=tol)
+
+
+def test_q_block_table_lists_every_query_block_once_then_empty_slots():
+    from async_batching.attention import q_block_table
+
+    seq, blk = q_block_table([5, 0, 1, 8], 4, 8)
+    assert seq.tolist() == [0, 0, 2, 3, 3, -1, -1, -1] and blk.tolist() == [0, 1, 0, 0, 1, 0, 0, 0]
+    with pytest.raises(ValueError, match="5 query blocks do not fit a flat launch of 4 slots"):
+        q_block_table([5, 0, 1, 8], 4, 4)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_writes_into_a_strided_output_view(backend):
     dtype, tol = backend
@@ -522,6 +564,67 @@ def test_gpu_cuda_graph_replay_follows_new_metadata(splits):
         torch.cuda.synchronize()
         ref = paged_attention_reference(**static, max_query_len=max_q, scale=0.1)
         torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+def test_gpu_flat_launch_captured_once_serves_steps_of_other_shapes():
+    """The prefill graphs' premise: a flat launch captured in a CUDA graph for N slots, replayed after the step's
+    queries, contexts, block tables and table change in place (other sequence counts and query lengths, padded), gives
+    the reference's attention for each step."""
+    dtype = torch.bfloat16
+    steps = [[(300, 300), (17, 1), (90, 40), (1, 1)], [(41, 41), (250, 120), (2, 2), (129, 1)], [(700, 500)]]
+    batches = [make_batch(sp, dtype=dtype, num_kv_heads=2, group=3, head_dim=64, seed=i)[0] for i, sp in enumerate(steps)]
+    T = max(b["q"].shape[0] for b in batches) + 7
+    B = max(b["seq_lens"].shape[0] for b in batches) + 1
+    nb = max(b["k_cache"].shape[0] for b in batches)
+    width = max(b["block_tables"].shape[1] for b in batches)
+    bq = tpa.flat_block_q(6, 2, 64, dtype)
+    slots = -(-T // bq) + B
+    static = dict(q=torch.zeros(T, 6, 64, dtype=dtype, device=DEVICE),
+                  k_cache=torch.zeros(nb, 16, 2, 64, dtype=dtype, device=DEVICE),
+                  v_cache=torch.zeros(nb, 16, 2, 64, dtype=dtype, device=DEVICE),
+                  block_tables=torch.zeros(B, width, dtype=torch.int32, device=DEVICE),
+                  seq_lens=torch.zeros(B, dtype=torch.int32, device=DEVICE),
+                  query_start_loc=torch.zeros(B + 1, dtype=torch.int32, device=DEVICE))
+    seq = torch.full((slots,), -1, dtype=torch.int32, device=DEVICE)
+    blk = torch.zeros(slots, dtype=torch.int32, device=DEVICE)
+    out = torch.empty(T, 6, 64, dtype=dtype, device=DEVICE)
+
+    def step():
+        tpa.paged_attention(**static, max_query_len=1, scale=0.1, out=out, q_blocks=(seq, blk))
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()  # compiles outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    from async_batching.attention import q_block_table
+
+    for b in batches:
+        n, nseq = b["q"].shape[0], b["seq_lens"].shape[0]
+        for name in static:
+            static[name].zero_()
+        static["q"][:n] = b["q"]
+        static["k_cache"][: b["k_cache"].shape[0]] = b["k_cache"]
+        static["v_cache"][: b["v_cache"].shape[0]] = b["v_cache"]
+        static["block_tables"][:nseq, : b["block_tables"].shape[1]] = b["block_tables"]
+        static["seq_lens"][:nseq] = b["seq_lens"]
+        static["query_start_loc"][: nseq + 1] = b["query_start_loc"]
+        static["query_start_loc"][nseq + 1:] = n  # padded sequences: empty
+        q_lens = (b["query_start_loc"][1:] - b["query_start_loc"][:-1]).tolist()
+        t_seq, t_blk = q_block_table(q_lens, bq, slots)
+        seq.copy_(torch.from_numpy(t_seq))
+        blk.copy_(torch.from_numpy(t_blk))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = paged_attention_reference(**b, max_query_len=max(q_lens), scale=0.1)
+        torch.testing.assert_close(out[:n].float(), ref.float(), atol=2e-2, rtol=2e-2)
+        assert out[n:].isnan().all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 ATTN_NAME = "async_batching_paged"
@@ -30,6 +31,8 @@ class AttentionMetadata:
     split_counters: Optional[torch.Tensor] = None  # int32 zeros the Triton kernel's KV-split merge counts in
     order: Optional[torch.Tensor] = None  # int32 [B]: the order a decode launch visits its sequences in (see below)
     maxnreg: int = 0  # a register cap for the Triton kernel's decode launches (DECODE_MAXNREG), 0: none
+    # int32 (seq [N], blk [N]): a flat launch's query blocks (``q_block_table``; the prefill graphs' steps), else None
+    q_blocks: Optional[tuple] = None
 
 
 class StepContext:
@@ -69,6 +72,23 @@ DECODE_MAXNREG = 0
 def decode_order(seq_lens: torch.Tensor) -> torch.Tensor:
     """The sequences of a decode step, longest context first (int32 indices into ``seq_lens``)."""
     return torch.argsort(seq_lens, descending=True, stable=True).to(torch.int32)
+def q_block_table(q_lens, block_q: int, slots: int):
+    """The flat launch's table (numpy int32 ``seq``, ``blk`` of length ``slots``): every query block of every
+    sequence (``q_lens[i]`` queries in blocks of ``block_q``), in sequence order, then empty slots (-1, 0). Raises if
+    the blocks need more than ``slots``."""
+    q_lens = np.asarray(q_lens, np.int64)
+    per = -(-q_lens // block_q)
+    n = int(per.sum())
+    if n > slots:
+        raise ValueError(f"{n} query blocks do not fit a flat launch of {slots} slots")
+    seq = np.full(slots, -1, np.int32)
+    blk = np.zeros(slots, np.int32)
+    seq[:n] = np.repeat(np.arange(len(q_lens), dtype=np.int32), per)
+    starts = np.cumsum(per) - per
+    blk[:n] = np.arange(n, dtype=np.int32) - np.repeat(starts, per).astype(np.int32)
+    return seq, blk
+
+
 LAYER_ATTR = "_async_batching_layer"  # on each attention module: its layer index, a CPU int64 tensor (compiled code)
 
 
@@ -114,7 +134,8 @@ def _attend(ctx: StepContext, query, key, value, layer: int, scale: float, windo
     v = value[0].transpose(0, 1)
     kc, vc = ctx.k_cache[layer], ctx.v_cache[layer]
     meta = ctx.meta
-    if ctx.fused_write and meta.max_query_len == 1 and k.stride(-1) == 1 and v.stride(-1) == 1:
+    if (ctx.fused_write and meta.max_query_len == 1 and meta.q_blocks is None and k.stride(-1) == 1
+            and v.stride(-1) == 1):
         return ctx.kernel(q, kc, vc, meta, scale, window, softcap, sinks, new_kv=(k, v, meta.slot_mapping))
     ctx.write(k, v, kc, vc, meta.slot_mapping)
     return ctx.kernel(q, kc, vc, meta, scale, window, softcap, sinks)
@@ -196,7 +217,7 @@ def triton_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: 
     return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                            meta.max_query_len, scale, window, softcap, sinks=sinks,
                            split_counters=meta.split_counters, new_kv=new_kv, order=meta.order,
-                           maxnreg=meta.maxnreg)
+                           maxnreg=meta.maxnreg, q_blocks=meta.q_blocks)
 
 
 def torch_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int, softcap: float,

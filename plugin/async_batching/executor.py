@@ -74,8 +74,9 @@ class Executor:
             self.d2h = torch.cuda.Stream(self.device)
         self.step_in_flight: Optional[StepHandle] = None
         self.observers: list[StepObserver] = []
-        # cpu_launch_graph_s: the part of cpu_launch_s spent launching decode steps replayed from CUDA graphs.
-        self.stats = {"steps": 0, "graph_steps": 0, "scheduled_tokens": 0, "cpu_schedule_s": 0.0, "cpu_prepare_s": 0.0,
+        # cpu_launch_graph_s: the part of cpu_launch_s spent launching decode steps replayed from CUDA graphs;
+        # prefill_graph_steps: prefill and mixed steps replayed from the prefill graphs (model_runner.PREFILL_GRAPHS).
+        self.stats = {"steps": 0, "graph_steps": 0, "prefill_graph_steps": 0, "scheduled_tokens": 0, "cpu_schedule_s": 0.0, "cpu_prepare_s": 0.0,
                       "cpu_launch_s": 0.0, "cpu_launch_graph_s": 0.0, "cpu_wait_s": 0.0, "cpu_process_s": 0.0,
                       "oom_recoveries": 0, "windows": 0}
 
@@ -140,6 +141,7 @@ class Executor:
         self.scheduler.launched(plan, lay.sample_rows)
         self.stats["steps"] += lay.window  # forwards: a decode window counts each of its steps
         self.stats["graph_steps"] += lay.window if lay.graph_batch else 0
+        self.stats["prefill_graph_steps"] += 1 if lay.prefill_graph else 0
         self.stats["windows"] += lay.window > 1
         self.stats["scheduled_tokens"] += plan.num_tokens
         self.stats["cpu_prepare_s"] += t1 - t0

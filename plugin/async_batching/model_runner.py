@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import attention, fused_projections, gc_freeze
-from .attention import AttentionMetadata, StepContext
+from .attention import AttentionMetadata, StepContext, q_block_table
 from .compiled_layers import CompiledLayers, size_oblivious
 from .kv_cache import HIT_TABLE_ENTRIES, SCRATCH_ROW, LayerSpec, PagedKVCache, block_table_rows
 from .sampling import SAMPLING_INTS_PER_ROW, SamplingInputs, SamplingPlan, SamplingState, sampling_inputs, stage_sampling
@@ -45,6 +45,7 @@ class StepLayout:
     num_score_rows: int = 0  # scoring rows of logits (after the sampling rows)
     max_query_len: int = 1
     graph_batch: int = 0  # >0: replay the decode graph of this batch size
+    prefill_graph: int = 0  # >0: replay the prefill graph of this token bucket (PREFILL_GRAPHS)
     sampling: SamplingPlan = field(default_factory=SamplingPlan)
     logprobs_k: int = -1  # -1: no logprobs
     checked: bool = False  # tensor parallel: the step's CRC travels (``plan_crc``); a flag follows the tokens out
@@ -61,6 +62,21 @@ def graph_buckets(max_batch: int) -> list[int]:
     out = [b for b in (1, 2, 4, 8, 16) if b < max_batch]
     out += list(range(32, max_batch, 32))
     return out + [max_batch]
+
+
+def prefill_graph_buckets(max_batch_tokens: int, max_num_seqs: int, max_model_len: int) -> list[int]:
+    """Token counts that get a captured prefill graph (``PREFILL_GRAPHS``), largest first: the step budget, then
+    ``PREFILL_GRAPH_BUCKETS - 1`` more, the k-th about the budget / sqrt(2)^k (multiples of ``PREFILL_GRAPH_ROUND``, at least
+    ``PREFILL_GRAPH_MIN_TOKENS``), so a padded step does at most ~41% more work than it needs. Capped at what
+    ``max_num_seqs`` sequences of ``max_model_len`` tokens can fill."""
+    top = min(max_batch_tokens, max_num_seqs * max_model_len)
+    out = [top]
+    for k in range(1, PREFILL_GRAPH_BUCKETS):
+        nxt = int(top / 2 ** (k / 2)) // PREFILL_GRAPH_ROUND * PREFILL_GRAPH_ROUND
+        if nxt < PREFILL_GRAPH_MIN_TOKENS or nxt >= out[-1]:
+            break
+        out.append(nxt)
+    return out
 
 
 class ModelRunner:
@@ -124,6 +140,9 @@ class ModelRunner:
         self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.graphs: dict[int, tuple] = {}  # decode batch size -> (graph, static input, static logits, head size)
         self.graph_pool = None
+        # PREFILL_GRAPHS: token bucket -> (graph, static input, static logits, head size, sequences, table slots)
+        self.prefill_graphs: dict[int, tuple] = {}
+        self._flat_block_q = 0  # queries per block of the prefill graphs' flat attention launches
         self.compute_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         # DECODE_SPLIT_MIN_ROWS: the second half of a split decode graph runs on this stream, with its own counters
         self.side_stream = torch.cuda.Stream(device) if device.type == "cuda" and DECODE_SPLIT_MIN_ROWS else None
@@ -161,14 +180,34 @@ class ModelRunner:
         window = config.decode_window if config.decode_window is not None else (
             DECODE_WINDOW if self.want_graphs else 1)
         self.decode_window = 1 if tp is not None else window
+        # Prefill and mixed steps replayed from CUDA graphs of a few token buckets (read once, like the flags of
+        # attention.py); not under tensor parallelism, whose steps agree on their tokens outside the forward.
+        # Nor for mixture-of-experts models (their decode graphs pick an experts implementation that makes no host
+        # sync; prefill graphs do not, yet).
+        self.want_prefill_graphs = (self.want_graphs and PREFILL_GRAPHS and tp is None
+                                    and _experts_candidates(model) == [None])
+        if self.want_prefill_graphs:
+            from .triton_paged_attention import flat_block_q
+
+            heads = {(spec.num_kv_heads, spec.head_dim) for spec in self.layers.values()}
+            cfg = model.config
+            q_heads = getattr(cfg, "num_attention_heads", None)
+            if len(heads) != 1 or not q_heads:  # layers of several shapes: one table cannot serve every layer
+                self.want_prefill_graphs = False
+            else:
+                (kv_heads, head_dim), = heads
+                self._flat_block_q = flat_block_q(q_heads, kv_heads, head_dim, dtype)
         self._running = False
 
     def start(self) -> None:
-        """Compile and tune at start-up (kernel variants, ``compile``), then capture the decode graphs."""
+        """Compile and tune at start-up (kernel variants, ``compile``), then capture the decode graphs (and the prefill
+        graphs)."""
         if self.device.type == "cuda" or self.compile:
             self.warmup()
         if self.want_graphs:
             self.capture_graphs(min(self.config.max_num_seqs, self.config.cuda_graph_max_batch), self.compute_stream)
+        if self.want_prefill_graphs and self.graphs:
+            self.capture_prefill_graphs(self.compute_stream)
         self._running = True  # from here on, compiled code that would compile again is not called (``_forward``)
 
     def staging_ints(self) -> int:
@@ -176,14 +215,16 @@ class ModelRunner:
         the largest graph bucket), B sequences and R logits rows (sampling rows plus scored rows, at most T):
         head 3T + (B+1) + 2B + R; scored targets R; carry-over 2B; table updates 3 x (new blocks <= T/bs + B, plus
         prefix hits <= HIT_TABLE_ENTRIES); sampling: what ``stage_sampling`` stages per row; tensor parallel: one CRC
-        word (within the spare 64). A decode window of W steps adds up to 1 + W / bs blocks per sequence and two noise
+        word (within the spare 64); a prefill graph's step: its flat attention launch's table, two words a slot. A decode window of W steps adds up to 1 + W / bs blocks per sequence and two noise
         words per row for each draw after the first."""
         T = max(self.config.max_batch_tokens, max(self.graphs, default=0))
         B = self.config.max_num_seqs + 1
+        slots = max((g[5] for g in self.prefill_graphs.values()), default=0)  # captured at start-up, before this
         R = T + B
         W = self.decode_window
         table = T // self.block_size + B + HIT_TABLE_ENTRIES + B * (1 + W // self.block_size)
-        return 3 * T + 5 * B + 2 * R + 2 * B + 3 * table + SAMPLING_INTS_PER_ROW * B + 2 * (W - 1) * B + 64
+        return (3 * T + 5 * B + 2 * R + 2 * B + 3 * table + SAMPLING_INTS_PER_ROW * B + 2 * (W - 1) * B + 2 * slots
+                + 64)
 
     def release(self) -> None:
         """Drop the graphs and the KV cache (the batcher is closed); the last engine on the model unfuses it."""
@@ -347,6 +388,24 @@ class ModelRunner:
         if score_idx:
             logits_idx = np.concatenate([logits_idx, np.asarray(score_idx, np.int32)])
         lay.max_query_len = int(q_lens.max())
+        table = None
+        pg = (self._prefill_bucket(T, B) if self.prefill_graphs and not plan.is_decode_only and not score_idx
+              else None)
+        if pg is not None:  # padded to the bucket's graph: tokens on the scratch row, empty sequences, kept row 0
+            tb, bb, slots = pg
+            table = q_block_table(q_lens, self._flat_block_q, slots)
+            pad_t, pad_b = tb - T, bb - B
+            input_ids = np.concatenate([input_ids, np.zeros(pad_t, np.int32)])
+            positions = np.concatenate([positions, np.zeros(pad_t, np.int32)])
+            token_rows = np.concatenate([token_rows, np.full(pad_t, SCRATCH_ROW, np.int32)])
+            qsl = np.concatenate([qsl, np.full(pad_b, T, np.int32)])
+            seq_lens = np.concatenate([seq_lens, np.zeros(pad_b, np.int32)])
+            rows = np.concatenate([rows, np.full(pad_b, SCRATCH_ROW, np.int32)])
+            logits_idx = np.concatenate([logits_idx, np.zeros(bb - len(logits_idx), np.int32)])
+            B, T = bb, tb
+            lay.prefill_graph = tb
+            # the prefill path of the forward (compiled prefill code, no fused decode write), even for one-token rows
+            lay.max_query_len = max(lay.max_query_len, 2)
         gb = self._graph_batch(B) if self.graphs and plan.is_decode_only else 0
         if gb:
             pad = gb - B
@@ -363,6 +422,10 @@ class ModelRunner:
         parts = [input_ids, positions, token_rows, qsl, seq_lens, rows, logits_idx]
         for name, arr in zip(HEAD, parts):
             lay.add(name, arr)
+        if table is not None:  # inside the graph's head: copied into its static input with the rest
+            for name, arr in zip(("qb_seq", "qb_blk"), table):
+                parts.append(arr)
+                lay.add(name, arr)
         for name, arr in (("carry_dst", carry_dst), ("carry_src", carry_src), ("upd_rows", upd_r), ("upd_cols", upd_c),
                           ("upd_vals", upd_v), ("score_targets", score_targets)):
             arr = np.asarray(arr, dtype=np.int32)
@@ -379,6 +442,19 @@ class ModelRunner:
             raise RuntimeError(f"a step needs {len(total)} staging ints, the slots hold {len(slot.host_in_np)}")
         slot.host_in_np[: len(total)] = total
         return lay
+
+    def _prefill_slots(self, tokens: int) -> int:
+        """Query-block slots of a prefill graph of ``tokens`` tokens: its blocks, plus one ragged block a sequence."""
+        return -(-tokens // self._flat_block_q) + min(self.config.max_num_seqs, tokens)
+
+    def _prefill_bucket(self, T: int, B: int) -> Optional[tuple[int, int, int]]:
+        """(tokens, sequences, table slots) of the smallest prefill graph a step of ``T`` tokens and ``B`` sequences
+        fits, if padding it there at most doubles its tokens; None: the step runs outside the graphs."""
+        for tb in sorted(self.prefill_graphs):
+            bb, slots = self.prefill_graphs[tb][4:6]
+            if T <= tb and B <= bb:
+                return (tb, bb, slots) if 2 * T >= tb else None
+        return None
 
     def _graph_batch(self, B: int) -> int:
         for b in self.graphs:
@@ -426,6 +502,7 @@ class ModelRunner:
             split_counters=self.split_counters if counters is None else counters,
             order=attention.decode_order(seq_lens) if decode and self.longest_first else None,
             maxnreg=self.decode_maxnreg if decode else 0,
+            q_blocks=(seg("qb_seq"), seg("qb_blk")) if "qb_seq" in lay.offsets else None,
         )
 
     def _forward(self, buf: torch.Tensor, lay: StepLayout, lo: int = 0, hi: Optional[int] = None,
@@ -515,8 +592,9 @@ class ModelRunner:
     @torch.no_grad()
     def forward(self, buf: torch.Tensor, lay: StepLayout) -> torch.Tensor:
         """Logits ``[num_samples, V]`` of the step whose inputs sit in the device buffer ``buf``."""
-        if lay.graph_batch:
-            graph, static_in, static_logits, head = self.graphs[lay.graph_batch]
+        if lay.graph_batch or lay.prefill_graph:
+            graph, static_in, static_logits, head = (self.graphs[lay.graph_batch] if lay.graph_batch
+                                                     else self.prefill_graphs[lay.prefill_graph][:4])
             static_in[:head].copy_(buf[:head])
             graph.replay()
             return static_logits[: lay.num_samples]
@@ -558,6 +636,51 @@ class ModelRunner:
         for name, arr in zip(HEAD, parts):
             lay.add(name, arr)
         return lay, torch.from_numpy(np.concatenate(parts)).to(self.device)
+
+    def _scratch_prefill_step(self, tokens: int, seqs: int, slots: int) -> tuple[StepLayout, torch.Tensor]:
+        """A prefill graph's step at its full size: ``seqs`` sequences on the scratch row (their K/V go to the scratch
+        block) filling as many of ``tokens`` tokens as ``max_model_len`` lets them, the rest padding, as ``prepare``
+        pads a real step; one kept row a sequence."""
+        q_len = max(1, min(self.max_model_len, tokens // seqs))
+        real = seqs * q_len
+        lay = StepLayout(num_tokens=tokens, num_seqs=seqs, num_samples=seqs, max_query_len=max(2, q_len),
+                         prefill_graph=tokens)
+        qsl = np.arange(seqs + 1, dtype=np.int32) * q_len
+        positions = np.zeros(tokens, np.int32)
+        positions[:real] = np.tile(np.arange(q_len, dtype=np.int32), seqs)
+        parts = [np.zeros(tokens, np.int32), positions, np.full(tokens, SCRATCH_ROW, np.int32), qsl,
+                 np.full(seqs, q_len, np.int32), np.full(seqs, SCRATCH_ROW, np.int32), qsl[1:] - 1]
+        parts += list(q_block_table([q_len] * seqs, self._flat_block_q, slots))
+        for name, arr in zip(HEAD + ("qb_seq", "qb_blk"), parts):
+            lay.add(name, arr)
+        return lay, torch.from_numpy(np.concatenate(parts)).to(self.device)
+
+    def capture_prefill_graphs(self, stream: torch.cuda.Stream) -> None:
+        """Capture one graph of the prefill forward per token bucket (``prefill_graph_buckets``), largest first, in the
+        decode graphs' pool (one step runs at a time). Their attention is a flat launch whose grid depends only on the
+        bucket, so one graph serves every step that fits it. Failing that, prefill steps run as before, one line
+        logged."""
+        cfg = self.config
+        buckets = prefill_graph_buckets(cfg.max_batch_tokens, cfg.max_num_seqs, self.max_model_len)
+        try:
+            with gc_freeze.no_collection():
+                for tb in buckets:
+                    bb = min(cfg.max_num_seqs, tb)
+                    slots = self._prefill_slots(tb)
+                    lay, static_in = self._scratch_prefill_step(tb, bb, slots)
+                    with torch.cuda.stream(stream), self._untimed_mode(), self.installed():
+                        for _ in range(2):  # Triton's flat variant compiles, lazy initialisation, outside the graph
+                            self._forward(static_in, lay)
+                        stream.synchronize()
+                        graph = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(graph, pool=self.graph_pool, stream=stream):
+                            static_logits = self._forward(static_in, lay)
+                    self.prefill_graphs[tb] = (graph, static_in, static_logits, lay.offsets["qb_blk"][0] + slots,
+                                               bb, slots)
+        except Exception as e:  # noqa: BLE001 -- as capture_graphs: prefill steps still run outside graphs
+            self.prefill_graphs = {}
+            log.warning("%s: prefill CUDA graphs off, prefill steps run outside graphs: %s", type(self.model).__name__,
+                        _why(e))
 
     def _untimed_mode(self):
         """Grad mode of warm-up and capture: with ``compile``, inference mode as the steps run (compiled code is
@@ -728,6 +851,17 @@ PREFILL_COMPILE_MIN_WORK = 0.0
 # out tok/s; W7 23,629 vs 23,639; variant ours_async_prefill_own_compile), but that run's prefill graphs were the
 # decode graphs' compiled code, loaded from inductor's FX-graph cache; compiled apart since, not yet measured.
 PREFILL_OWN_COMPILE = False
+# Prefill and mixed steps replayed from CUDA graphs, one per token bucket (``prefill_graph_buckets``: the step budget and
+# up to PREFILL_GRAPH_BUCKETS - 1 smaller ones, each ~1/sqrt(2) of the last, none under PREFILL_GRAPH_MIN_TOKENS); a
+# step is padded to the smallest bucket it fits if that at most doubles its tokens, else it runs as before, as do
+# scoring steps. On an H200 (session 15, benchmark call facts) a prefill step's host launch took 30-43 ms on W1 and W7,
+# about as long as or longer than its GPU work (W7: 34 ms of kernels), so those steps ran at the host's pace and W1's
+# prefill phase varied by 40 ms from call to call; a replay costs the host one copy and one launch. Off until measured
+# (variant ours_async_prefill_graphs). Read when an engine is built.
+PREFILL_GRAPHS = False
+PREFILL_GRAPH_BUCKETS = 6
+PREFILL_GRAPH_MIN_TOKENS = 1024
+PREFILL_GRAPH_ROUND = 256
 # How they stay apart in torch's compile caches, which key on a graph but not on the size hints of its first trace:
 # compiled under a cache-key tag of their own (``torch.compiler.config.cache_key_tag``, joined to any the user set),
 # so the FX-graph and AOTAutograd caches hold their code apart from the decode graphs' (a later start-up loads both).

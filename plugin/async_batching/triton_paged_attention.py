@@ -101,12 +101,12 @@ def _attend_tile(q, k_ptr, v_ptr, bt_row, start, hi, q_pos, row_valid, offs_d, d
 # at its first step whose offset had the other alignment, about half a second inside a timed call).
 @triton.jit(do_not_specialize=["num_splits", "stride_nkt", "stride_nkh", "stride_nvt", "stride_nvh"],
             do_not_specialize_on_alignment=["seq_lens_ptr", "query_start_loc_ptr", "sinks_ptr", "order_ptr",
-                                            "new_k_ptr", "new_v_ptr", "slot_ptr"])
+                                            "new_k_ptr", "new_v_ptr", "slot_ptr", "qb_seq_ptr", "qb_blk_ptr"])
 def _paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr,
     part_acc_ptr, part_m_ptr, part_l_ptr, counters_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, sinks_ptr, order_ptr,
-    new_k_ptr, new_v_ptr, slot_ptr,
+    new_k_ptr, new_v_ptr, slot_ptr, qb_seq_ptr, qb_blk_ptr,
     stride_nkt, stride_nkh, stride_nvt, stride_nvh,
     qk_scale, softcap, sliding_window,
     stride_qt, stride_qh, stride_qd,
@@ -132,6 +132,7 @@ def _paged_attention_kernel(
     WRITE_NEW: tl.constexpr = False,
     ONE_LOOP: tl.constexpr = False,
     HEAVY_FIRST: tl.constexpr = False,
+    FLAT: tl.constexpr = False,
 ):
     """Attention of BLOCK_Q queries x G heads (one kv head) of one sequence over one KV split.
 
@@ -146,8 +147,21 @@ def _paged_attention_kernel(
     instead of two (a decode program on a short context has 3-4 tiles, and each loop's first loads wait unhidden).
     HEAVY_FIRST (tuning only): the grid's query blocks in reverse, last first. The GPU starts programs in grid order,
     and a causal query block's work grows with its position, so by default a prefill step's heaviest programs start
-    last and the launch ends on a tail of them; reversed, they start first and the light ones fill in behind."""
-    if HEADS_FIRST:
+    last and the launch ends on a tail of them; reversed, they start first and the light ones fill in behind.
+    FLAT (prefill graphs): grid (query-block slots, kv heads), one split; slot i is query block ``qb_blk[i]`` of
+    sequence ``qb_seq[i]``, staged by the host, and a slot whose sequence is -1 has nothing to do. The grid depends only
+    on the slots' count, not on the step's sequences or its longest query, so a CUDA graph captured once serves any
+    step that fits (``ModelRunner``'s prefill graphs)."""
+    if FLAT:
+        seq = tl.load(qb_seq_ptr + tl.program_id(0))
+        if seq < 0:
+            return
+        q_block = tl.load(qb_blk_ptr + tl.program_id(0))
+        kv_head = tl.program_id(1)
+        split = tl.program_id(1) * 0
+        num_q_blocks = 1  # only the split merge's counters use it, and a flat launch has one split
+        num_kv_heads = tl.num_programs(1)
+    elif HEADS_FIRST:
         seq = tl.program_id(1)
         q_block = tl.program_id(2)
         kv_head = tl.program_id(0) // num_splits
@@ -333,6 +347,24 @@ SPLIT_PROGRAMS_PER_SM = 1
 MAX_AUTO_SPLITS = 8
 
 
+def _target_rows(max_query_len: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Query rows (queries x GQA heads) a prefill or mixed launch aims its tile at. 64 (128 at head_dim <= 64) for
+    16-bit inputs: each K/V tile is amortised over many query rows; decode uses BLOCK_Q = 1 and only the GQA group
+    fills the rows. tl.dot needs >= 16 rows, hence the floor on BLOCK_M. fp32 dots run on FMA units ("ieee") and
+    spill registers with 64-row tiles on sm_90 (ptxas -v), so fp32 aims at 16 rows."""
+    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    target_m = 16 if dtype == torch.float32 else (128 if head_dim_pad <= 64 else 64)
+    if TUNING and max_query_len > 1:  # the sweep's query tile of prefill and mixed steps
+        target_m = TUNING.get("target_m", target_m)
+    return target_m
+
+
+def flat_block_q(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Queries per query block of a flat launch (``q_blocks``): a prefill launch's tile, whatever the step's queries."""
+    G = num_heads // num_kv_heads
+    return max(1, _target_rows(1 << 30, head_dim, dtype) // triton.next_power_of_2(G))
+
+
 def _split_target(device: torch.device) -> int:
     """Programs a launch should have before its KV range is split."""
     return SPLIT_PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
@@ -379,6 +411,7 @@ def paged_attention(
     new_kv: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
     order: Optional[torch.Tensor] = None,
     maxnreg: int = 0,
+    q_blocks: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Causal attention of the packed queries ``q`` [T, num_heads, head_dim] over the paged KV cache.
 
@@ -395,6 +428,10 @@ def paged_attention(
     programs in grid order; ``attention.DECODE_LONGEST_FIRST`` passes the longest contexts first).
     ``maxnreg``: a register cap for ptxas on decode launches at head dims up to 64 (``attention.DECODE_MAXNREG``; at
     128 a decode launch is bound by shared memory and the cap is ignored).
+    ``q_blocks``: ``(seq, blk)``, int32 vectors of one length N: a flat launch of N query-block slots, slot i being
+    query block ``blk[i]`` (of ``flat_block_q`` queries) of sequence ``seq[i]``, -1 for an empty slot
+    (``attention.q_block_table`` makes them). Its grid depends on N alone, so a CUDA graph captured once serves every
+    step whose table fits; one KV split; ``max_query_len`` then only has to be >= 1.
     """
     T, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, head_dim_kv = k_cache.shape
@@ -415,14 +452,15 @@ def paged_attention(
 
     G = num_heads // num_kv_heads
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
-    # Aim at a 64-row tile (128 at head_dim <= 64) for 16-bit prefill (amortises each K/V tile over many query rows);
-    # decode uses BLOCK_Q = 1 and only the GQA group fills the rows.  tl.dot needs >= 16 rows, hence the floor on
-    # BLOCK_M.  fp32 dots run on FMA units ("ieee") and spill registers with 64-row tiles on sm_90 (ptxas -v), so fp32
-    # aims at 16 rows.
-    target_m = 16 if q.dtype == torch.float32 else (128 if head_dim_pad <= 64 else 64)
-    if TUNING and max_query_len > 1:  # the sweep's query tile of prefill and mixed steps
-        target_m = TUNING.get("target_m", target_m)
-    block_q = min(triton.next_power_of_2(max_query_len), max(1, target_m // triton.next_power_of_2(G)))
+    target_m = _target_rows(max_query_len, head_dim, q.dtype)
+    if q_blocks is not None:  # a flat launch: the query tile its table was made for (any step length)
+        qb_seq, qb_blk = q_blocks
+        block_q = flat_block_q(num_heads, num_kv_heads, head_dim, q.dtype)
+        assert qb_seq.shape == qb_blk.shape and qb_seq.dim() == 1, "q_blocks: two int32 vectors of one length"
+        assert not num_kv_splits or num_kv_splits == 1, "a flat launch has one KV split"
+        max_query_len = max(max_query_len, 2)  # prefill tiles, even for a step of one-token rows
+    else:
+        block_q = min(triton.next_power_of_2(max_query_len), max(1, target_m // triton.next_power_of_2(G)))
     block_m = max(16, triton.next_power_of_2(block_q * G))
     tile_n = 32 if head_dim_pad >= 256 else 64
     # fp32: 8 warps from head_dim 128 (4 warps spill there). 16-bit: decode tiles (one query) take 4 warps (keys: below);
@@ -457,7 +495,9 @@ def paged_attention(
     num_kv_splits = TUNING.get("num_kv_splits", num_kv_splits) if TUNING else num_kv_splits
     maxnreg = TUNING.get("maxnreg", 0) if TUNING else (maxnreg if max_query_len == 1 and head_dim_pad <= 64 else 0)
     programs = B * num_q_blocks * num_kv_heads
-    if num_kv_splits:
+    if q_blocks is not None:
+        num_splits = 1
+    elif num_kv_splits:
         assert num_kv_splits & (num_kv_splits - 1) == 0 and num_kv_splits <= MAX_SPLITS, \
             f"num_kv_splits must be a power of two <= {MAX_SPLITS}"
         num_splits = num_kv_splits
@@ -489,14 +529,19 @@ def paged_attention(
         order = TUNING.get("order")
     if order is None and TUNING and TUNING.get("longest_first"):
         order = decode_order(seq_lens)
-    grid = ((num_kv_heads * num_splits, B, num_q_blocks) if heads_first
-            else (B, num_q_blocks, num_kv_heads * num_splits))
+    if q_blocks is not None:
+        grid = (qb_seq.shape[0], num_kv_heads)
+    elif heads_first:
+        grid = (num_kv_heads * num_splits, B, num_q_blocks)
+    else:
+        grid = (B, num_q_blocks, num_kv_heads * num_splits)
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out,
         part_acc, part_m, part_l, split_counters,
         block_tables, seq_lens, query_start_loc, sinks if sinks is not None else _unused_partials(q.device),
         order if order is not None else seq_lens,
         new_k, new_v, new_slots,
+        qb_seq if q_blocks is not None else seq_lens, qb_blk if q_blocks is not None else seq_lens,
         new_k.stride(0), new_k.stride(1) if new_kv is not None else 0,
         new_v.stride(0), new_v.stride(1) if new_kv is not None else 0,
         float(scale) * LOG2E, float(softcap) if softcap else 1.0, int(sliding_window),
@@ -523,7 +568,8 @@ def paged_attention(
         USE_ORDER=order is not None,
         WRITE_NEW=new_kv is not None,
         ONE_LOOP=bool(TUNING.get("one_loop")) if TUNING else False,
-        HEAVY_FIRST=bool(TUNING.get("heavy_first")) if TUNING else False,
+        HEAVY_FIRST=bool(TUNING.get("heavy_first")) and q_blocks is None if TUNING else False,
+        FLAT=q_blocks is not None,
         num_warps=num_warps,
         num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}),

@@ -141,6 +141,18 @@ def _step(contexts, q_lens, heads, kv_heads, head_dim, dtype, block_size=16, lay
     return q, k, v, k_cache, v_cache, meta
 
 
+def _flat(step, slots_extra=512):
+    """The step as a prefill graph launches it: a flat launch over its query blocks' table (``q_blocks``)."""
+    from async_batching.attention import q_block_table
+
+    q, k, v, kc, vc, meta = step
+    bq = tpa.flat_block_q(q.shape[1], kc.shape[2], q.shape[2], q.dtype)
+    q_lens = (meta.query_start_loc[1:] - meta.query_start_loc[:-1]).tolist()
+    seq, blk = q_block_table(q_lens, bq, sum(-(-n // bq) for n in q_lens) + slots_extra)
+    meta.q_blocks, meta.max_query_len = (torch.from_numpy(seq), torch.from_numpy(blk)), 1
+    return step
+
+
 def _attend(step, fused_write=False, sinks=False, window=0, softcap=0.0, longest_first=False, maxnreg=0):
     q, k, v, kc, vc, meta = step
     tpa.write_kv(k, v, kc, vc, meta.slot_mapping) if not fused_write else None
@@ -148,7 +160,8 @@ def _attend(step, fused_write=False, sinks=False, window=0, softcap=0.0, longest
                         sliding_window=window, softcap=softcap, split_counters=meta.split_counters,
                         sinks=torch.zeros(q.shape[1], dtype=torch.float32) if sinks else None,
                         new_kv=(k, v, meta.slot_mapping) if fused_write else None,
-                        order=decode_order(meta.seq_lens) if longest_first else None, maxnreg=maxnreg)
+                        order=decode_order(meta.seq_lens) if longest_first else None, maxnreg=maxnreg,
+                        q_blocks=meta.q_blocks)
 
 
 def cases():
@@ -171,12 +184,14 @@ def cases():
     yield "W1 decode, one_loop", {"one_loop": True}, lambda: _attend(_step(*dec(512, 400), **w1, dtype=bf16))
     yield "W1 prefill, 224 x 290", {}, lambda: _attend(_step(*pre(224, 290), **w1, dtype=bf16))
     yield "W1 prefill, heavy_first", {"heavy_first": True}, lambda: _attend(_step(*pre(224, 290), **w1, dtype=bf16))
+    yield "W1 prefill graph (flat launch), 224 x 290", {}, lambda: _attend(_flat(_step(*pre(224, 290), **w1, dtype=bf16)))
     yield "W7 decode, 256 rows", {}, lambda: _attend(_step(*dec(256, 1100), **w7, dtype=bf16))
     yield "W7 decode, head-major blocks", {}, lambda: _attend(_step(*dec(256, 1100), **w7, dtype=bf16, layout="head"))
     yield "W7 decode tail, 8 rows (KV splits)", {}, lambda: _attend(_step(*dec(8, 1900), **w7, dtype=bf16))
     yield "W7 prefill, 31 x 500", {}, lambda: _attend(_step(*pre(31, 500), **w7, dtype=bf16))
     yield "W7 prefill, heavy_first", {"heavy_first": True}, lambda: _attend(_step(*pre(31, 500), **w7, dtype=bf16))
     yield "W7 prefill, maxnreg=128", {"maxnreg": 128}, lambda: _attend(_step(*pre(31, 500), **w7, dtype=bf16))
+    yield "W7 prefill graph (flat launch), 31 x 500", {}, lambda: _attend(_flat(_step(*pre(31, 500), **w7, dtype=bf16)))
     yield "mixed step: 448 decode rows + 4 prompts", {}, lambda: _attend(
         _step([400] * 448 + [300] * 4, [1] * 448 + [300] * 4, **w1, dtype=bf16))
     yield "fp32 decode and prefill", {}, lambda: (_attend(_step(*dec(8, 100), **w1, dtype=f32)),

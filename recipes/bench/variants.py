@@ -650,6 +650,27 @@ class OursAsyncStackedLongestFirst(_OursAsyncBuiltWith):
     patches = {**OursAsyncStacked.patches, **OursAsyncLongestFirst.patches}
 
 
+class OursAsyncPrefillGraphs(_OursAsyncBuiltWith):
+    """``ours_async`` with prefill and mixed steps replayed from CUDA graphs of a few token buckets
+    (``model_runner.PREFILL_GRAPHS``; their attention a flat launch from a host-made table of query blocks). On the
+    H200 (session 15) a prefill step's host launch took 30-43 ms on W1 and W7, as long as its GPU work or longer."""
+
+    patches = {("model_runner", "PREFILL_GRAPHS"): True}
+
+
+class OursAsyncPrefillGraphsOwn(_OursAsyncBuiltWith):
+    """``ours_async_prefill_graphs`` with the prefill steps' compiled code of their own (``_prefill_own_compile``),
+    which the graphs then capture: W1's full prefill step ran 39.0 GPU ms against 43.7 (session 15 probe)."""
+
+    patches = {**OursAsyncPrefillGraphs.patches, **OursAsyncPrefillOwnCompile.patches}
+
+
+class OursAsyncStackedPrefillGraphs(_OursAsyncBuiltWith):
+    """``ours_async_stacked`` with prefill graphs (``ours_async_prefill_graphs``)."""
+
+    patches = {**OursAsyncStacked.patches, **OursAsyncPrefillGraphs.patches}
+
+
 class OursAsyncNoDecodeTune(_OursAsyncBuiltWith):
     """``ours_async`` with the decode steps' compiled code traced first on 1-3 rows (``model_runner.DECODE_TUNE_ROWS``
     = 0; sessions 5-11): the fused kernels' launches sized for a few rows, not for large decode batches (256, the
@@ -866,6 +887,9 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_max_autotune": OursAsyncMaxAutotune,
     "ours_async_cublaslt": OursAsyncCublasLt,
     "ours_async_prefill_own_compile": OursAsyncPrefillOwnCompile,
+    "ours_async_prefill_graphs": OursAsyncPrefillGraphs,
+    "ours_async_prefill_graphs_own": OursAsyncPrefillGraphsOwn,
+    "ours_async_stacked_prefill_graphs": OursAsyncStackedPrefillGraphs,
     "ours_async_stacked": OursAsyncStacked,
     "ours_async_stacked_longest_first": OursAsyncStackedLongestFirst,
     "ours_async_fewer_kernels_capped": OursAsyncFewerKernelsCapped,
