@@ -665,6 +665,13 @@ class OursAsyncPrefillGraphsOwn(_OursAsyncBuiltWith):
     patches = {**OursAsyncPrefillGraphs.patches, **OursAsyncPrefillOwnCompile.patches}
 
 
+class OursAsyncPrefillGraphsLongestFirst(_OursAsyncBuiltWith):
+    """``ours_async_prefill_graphs`` with decode launches longest context first (``ours_async_longest_first``), which
+    the session-15 sweep timed at 1.06x on W1's decode attention once its order was made outside the timed graph."""
+
+    patches = {**OursAsyncPrefillGraphs.patches, **OursAsyncLongestFirst.patches}
+
+
 class OursAsyncStackedPrefillGraphs(_OursAsyncBuiltWith):
     """``ours_async_stacked`` with prefill graphs (``ours_async_prefill_graphs``)."""
 
@@ -889,6 +896,7 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_prefill_own_compile": OursAsyncPrefillOwnCompile,
     "ours_async_prefill_graphs": OursAsyncPrefillGraphs,
     "ours_async_prefill_graphs_own": OursAsyncPrefillGraphsOwn,
+    "ours_async_prefill_graphs_longest_first": OursAsyncPrefillGraphsLongestFirst,
     "ours_async_stacked_prefill_graphs": OursAsyncStackedPrefillGraphs,
     "ours_async_stacked": OursAsyncStacked,
     "ours_async_stacked_longest_first": OursAsyncStackedLongestFirst,
