@@ -81,7 +81,7 @@ def test_mismatched_sampling_list_is_rejected(batcher):
     ("num_blocks", 0, "positive int"), ("block_size", 12, "power of two"), ("mode", "asnyc", "one of"),
     ("scheduler", "lifo", "one of"), ("max_batch_tokens", 0, "positive int"), ("max_num_seqs", -1, "positive int"),
     ("memory_fraction", 1.5, "fraction"), ("attention_backend", "flash", "one of"), ("dtype", "fp8", "one of"),
-    ("admit_threshold", 0, "positive int"),
+    ("admit_threshold", 0, "positive int"), ("prefill_graphs", "yes", "true, false or null"),
 ])
 def test_invalid_config_names_the_key_and_accepted_values(key, value, accepted):
     with pytest.raises(ValueError, match=rf"BatcherConfig\.{key}=.* is invalid: expected .*{accepted}"):
@@ -98,3 +98,7 @@ def test_cuda_only_options_on_cpu_are_refused():
         ContinuousBatcher(tiny_model("llama"), cuda_graphs=True)
     with pytest.raises(ValueError, match="attention_backend='triton' needs a CUDA device"):
         ContinuousBatcher(tiny_model("llama"), attention_backend="triton")
+    with pytest.raises(ValueError, match=r"prefill_graphs=True is not supported with decode steps do not run in CUDA "
+                                         r"graphs here .* use prefill_graphs=null \(auto\) or false"):
+        ContinuousBatcher(tiny_model("llama"), prefill_graphs=True)
+    assert not ContinuousBatcher(tiny_model("llama"), prefill_graphs=False).runner.want_prefill_graphs

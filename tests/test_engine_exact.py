@@ -105,6 +105,25 @@ def test_prefill_steps_padded_to_graph_buckets_give_generates_tokens(arch, monke
     b.close()
 
 
+def test_a_step_is_padded_to_a_bucket_only_within_twice_its_tokens_and_the_padding_work_limit(monkeypatch):
+    """``_prefill_bucket``: the smallest bucket that holds the step's tokens and sequences, unless padding would more
+    than double its tokens or exceed ``PREFILL_GRAPH_MAX_PAD_WORK`` tokens x parameters (a large model's partial step
+    then runs outside the graphs)."""
+    from async_batching import model_runner as mr
+
+    b = ContinuousBatcher(tiny_model("llama"), max_num_seqs=4, max_batch_tokens=48)
+    r = b.runner
+    r._flat_block_q = 4
+    r.prefill_graphs = {tb: (None, None, None, None, min(4, tb), r._prefill_slots(tb)) for tb in (16, 32, 48)}
+    assert r._prefill_bucket(30, 4) == (32, 4, r._prefill_slots(32))
+    assert r._prefill_bucket(17, 2)[0] == 32 and r._prefill_bucket(16, 2)[0] == 16
+    assert r._prefill_bucket(7, 1) is None  # 16 tokens would more than double 7
+    assert r._prefill_bucket(49, 1) is None  # past the largest bucket
+    monkeypatch.setattr(mr, "PREFILL_GRAPH_MAX_PAD_WORK", 2 * r._params)
+    assert r._prefill_bucket(30, 4)[0] == 32 and r._prefill_bucket(29, 4) is None  # 3 padding tokens: too much work
+    b.close()
+
+
 def test_prefill_graph_buckets_shrink_by_powers_of_the_square_root_of_two_down_to_the_minimum():
     from async_batching import model_runner as mr
 

@@ -410,7 +410,7 @@ def _flat_table(args, slots_extra=3):
     q_lens = (args["query_start_loc"][1:] - args["query_start_loc"][:-1]).tolist()
     n = sum(-(-ql // bq) for ql in q_lens)
     seq, blk = q_block_table(q_lens, bq, n + slots_extra)
-    return torch.from_numpy(seq).to(DEVICE), torch.from_numpy(blk).to(DEVICE)
+    return torch.from_numpy(seq).to(DEVICE), torch.from_numpy(blk).to(DEVICE), bq
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -432,6 +432,8 @@ def test_a_flat_launch_equals_the_grid_launch_bit_for_bit_and_leaves_padded_rows
     assert torch.equal(out[:n], grid[:n]) and out[n:].isnan().all()
     ref = paged_attention_reference(**args, max_query_len=max_q, scale=0.2)
     torch.testing.assert_close(out[:n].float(), ref[:n].float(), atol=tol, rtol=tol)
+    with pytest.raises(ValueError, match=f"a table of {qb[2] * 2}-query blocks for a launch whose query tile is"):
+        tpa.paged_attention(**args, max_query_len=1, scale=0.2, out=out, q_blocks=(qb[0], qb[1], qb[2] * 2))
 
 
 def test_q_block_table_lists_every_query_block_once_then_empty_slots():
@@ -592,7 +594,7 @@ def test_gpu_flat_launch_captured_once_serves_steps_of_other_shapes():
     out = torch.empty(T, 6, 64, dtype=dtype, device=DEVICE)
 
     def step():
-        tpa.paged_attention(**static, max_query_len=1, scale=0.1, out=out, q_blocks=(seq, blk))
+        tpa.paged_attention(**static, max_query_len=1, scale=0.1, out=out, q_blocks=(seq, blk, bq))
 
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())

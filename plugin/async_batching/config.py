@@ -41,6 +41,11 @@ class BatcherConfig:
     admit_threshold: Optional[int] = None
     cuda_graphs: Optional[bool] = None  # None: on for CUDA, off elsewhere
     cuda_graph_max_batch: int = 512
+    # Prefill and mixed steps padded to a few token buckets and replayed from CUDA graphs (their host launch, 20-45 ms
+    # on the H200 machine, becomes ~1.5 ms). Needs the decode graphs; not under tensor parallelism nor for
+    # mixture-of-experts models. None (auto): model_runner.PREFILL_GRAPHS (off until the whole GPU suite has run with
+    # it on).
+    prefill_graphs: Optional[bool] = None
     # torch.compile the model's layers (dynamic shapes, compiled at start-up) for decode steps (the decode graphs
     # capture them) and for prefill/mixed steps (model_runner.PREFILL_COMPILE_MIN_WORK: all of them since session 11).
     # None: on where decode steps run in CUDA graphs (CUDA with the Triton kernel), off elsewhere.
@@ -85,6 +90,8 @@ class BatcherConfig:
             bad("dtype", f"one of {DTYPES} or None")
         if self.cuda_graphs not in (None, True, False):
             bad("cuda_graphs", "true, false or null (auto)")
+        if self.prefill_graphs not in (None, True, False):
+            bad("prefill_graphs", "true, false or null (auto)")
         if self.prefix_caching not in (True, False):
             bad("prefix_caching", "true or false")
         if self.compile not in (None, True, False):

@@ -164,7 +164,8 @@ class ModelRunner:
         # cost; uncompiled decode steps on the CPU are host-bound, and compiling would only add start-up time.
         self.compile = self.want_graphs if config.compile is None else bool(config.compile)
         self._compiled = CompiledLayers(model, dynamic=True) if self.compile else None
-        self.prefill_compile_min_tokens = max(1, int(min(PREFILL_COMPILE_MIN_WORK / _param_count(model), 2 ** 62)))
+        self._params = _param_count(model)
+        self.prefill_compile_min_tokens = max(1, int(min(PREFILL_COMPILE_MIN_WORK / self._params, 2 ** 62)))
         # Off for good if a prefill step would compile during a run; never on where no step reaches the threshold
         # (nothing to compile at start-up then).
         self._compiled_prefill = self.compile and self.prefill_compile_min_tokens <= config.max_batch_tokens
@@ -184,7 +185,14 @@ class ModelRunner:
         # attention.py); not under tensor parallelism, whose steps agree on their tokens outside the forward.
         # Nor for mixture-of-experts models (their decode graphs pick an experts implementation that makes no host
         # sync; prefill graphs do not, yet).
-        self.want_prefill_graphs = (self.want_graphs and PREFILL_GRAPHS and tp is None
+        wanted = PREFILL_GRAPHS if config.prefill_graphs is None else config.prefill_graphs
+        if config.prefill_graphs and not (self.want_graphs and tp is None and _experts_candidates(model) == [None]):
+            why = ("decode steps do not run in CUDA graphs here (cuda_graphs, a CUDA device and the Triton kernel)"
+                   if not self.want_graphs else "tensor parallelism" if tp is not None else
+                   "a mixture-of-experts model")
+            raise ValueError(f"BatcherConfig.prefill_graphs=True is not supported with {why}; use prefill_graphs=null "
+                             "(auto) or false")
+        self.want_prefill_graphs = (self.want_graphs and wanted and tp is None
                                     and _experts_candidates(model) == [None])
         if self.want_prefill_graphs:
             from .triton_paged_attention import flat_block_q
@@ -229,6 +237,7 @@ class ModelRunner:
     def release(self) -> None:
         """Drop the graphs and the KV cache (the batcher is closed); the last engine on the model unfuses it."""
         self.graphs.clear()
+        self.prefill_graphs.clear()
         self.graph_pool = None
         self.cache.release()
         if self._unfuse is not None:
@@ -449,11 +458,13 @@ class ModelRunner:
 
     def _prefill_bucket(self, T: int, B: int) -> Optional[tuple[int, int, int]]:
         """(tokens, sequences, table slots) of the smallest prefill graph a step of ``T`` tokens and ``B`` sequences
-        fits, if padding it there at most doubles its tokens; None: the step runs outside the graphs."""
+        fits, if padding it there at most doubles its tokens and adds at most ``PREFILL_GRAPH_MAX_PAD_WORK`` tokens x
+        parameters; None: the step runs outside the graphs."""
         for tb in sorted(self.prefill_graphs):
             bb, slots = self.prefill_graphs[tb][4:6]
             if T <= tb and B <= bb:
-                return (tb, bb, slots) if 2 * T >= tb else None
+                ok = 2 * T >= tb and (tb - T) * self._params <= PREFILL_GRAPH_MAX_PAD_WORK
+                return (tb, bb, slots) if ok else None
         return None
 
     def _graph_batch(self, B: int) -> int:
@@ -502,7 +513,7 @@ class ModelRunner:
             split_counters=self.split_counters if counters is None else counters,
             order=attention.decode_order(seq_lens) if decode and self.longest_first else None,
             maxnreg=self.decode_maxnreg if decode else 0,
-            q_blocks=(seg("qb_seq"), seg("qb_blk")) if "qb_seq" in lay.offsets else None,
+            q_blocks=(seg("qb_seq"), seg("qb_blk"), self._flat_block_q) if "qb_seq" in lay.offsets else None,
         )
 
     def _forward(self, buf: torch.Tensor, lay: StepLayout, lo: int = 0, hi: Optional[int] = None,
@@ -856,12 +867,19 @@ PREFILL_OWN_COMPILE = False
 # step is padded to the smallest bucket it fits if that at most doubles its tokens, else it runs as before, as do
 # scoring steps. On an H200 (session 15, benchmark call facts) a prefill step's host launch took 30-43 ms on W1 and W7,
 # about as long as or longer than its GPU work (W7: 34 ms of kernels), so those steps ran at the host's pace and W1's
-# prefill phase varied by 40 ms from call to call; a replay costs the host one copy and one launch. Off until measured
-# (variant ours_async_prefill_graphs). Read when an engine is built.
+# prefill phase varied by 40 ms from call to call; a replay costs the host one copy and one launch. Measured on the H200
+# (session 15, 3 timed calls each): W7 24,377 out tok/s against 23,963 (medians 24,360 and 23,963, spreads 0.2% and
+# 0.8%), host 1.8 ms a prefill launch against 21-40, TTFT 0.197 s against 0.254; W1, with longest-first decode, 149,055
+# (median 147,065, spread 1.4%) against 141,308 (141,120). Off by default until the whole GPU suite has run with it on;
+# BatcherConfig.prefill_graphs overrides it. Read when an engine is built.
 PREFILL_GRAPHS = False
 PREFILL_GRAPH_BUCKETS = 6
 PREFILL_GRAPH_MIN_TOKENS = 1024
 PREFILL_GRAPH_ROUND = 256
+# A step is padded to a bucket only if the padding is at most this many tokens x parameters (2x that in FLOPs of
+# matrix products: about 10 ms of an H200): on a small model a padded step still costs the GPU less than an eager one
+# costs the host; on a large one (8B: 500 padding tokens) a step that fills no bucket runs outside the graphs.
+PREFILL_GRAPH_MAX_PAD_WORK = 4e12
 # How they stay apart in torch's compile caches, which key on a graph but not on the size hints of its first trace:
 # compiled under a cache-key tag of their own (``torch.compiler.config.cache_key_tag``, joined to any the user set),
 # so the FX-graph and AOTAutograd caches hold their code apart from the decode graphs' (a later start-up loads both).

@@ -411,7 +411,7 @@ def paged_attention(
     new_kv: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
     order: Optional[torch.Tensor] = None,
     maxnreg: int = 0,
-    q_blocks: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    q_blocks: Optional[tuple[torch.Tensor, torch.Tensor, int]] = None,
 ) -> torch.Tensor:
     """Causal attention of the packed queries ``q`` [T, num_heads, head_dim] over the paged KV cache.
 
@@ -428,8 +428,9 @@ def paged_attention(
     programs in grid order; ``attention.DECODE_LONGEST_FIRST`` passes the longest contexts first).
     ``maxnreg``: a register cap for ptxas on decode launches at head dims up to 64 (``attention.DECODE_MAXNREG``; at
     128 a decode launch is bound by shared memory and the cap is ignored).
-    ``q_blocks``: ``(seq, blk)``, int32 vectors of one length N: a flat launch of N query-block slots, slot i being
-    query block ``blk[i]`` (of ``flat_block_q`` queries) of sequence ``seq[i]``, -1 for an empty slot
+    ``q_blocks``: ``(seq, blk, block_q)``, int32 vectors of one length N and the query tile their table was made for
+    (``flat_block_q``; checked): a flat launch of N query-block slots, slot i being query block ``blk[i]`` of sequence
+    ``seq[i]``, -1 for an empty slot
     (``attention.q_block_table`` makes them). Its grid depends on N alone, so a CUDA graph captured once serves every
     step whose table fits; one KV split; ``max_query_len`` then only has to be >= 1.
     """
@@ -454,8 +455,11 @@ def paged_attention(
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
     target_m = _target_rows(max_query_len, head_dim, q.dtype)
     if q_blocks is not None:  # a flat launch: the query tile its table was made for (any step length)
-        qb_seq, qb_blk = q_blocks
+        qb_seq, qb_blk, table_block_q = q_blocks
         block_q = flat_block_q(num_heads, num_kv_heads, head_dim, q.dtype)
+        if table_block_q != block_q:
+            raise ValueError(f"q_blocks: a table of {table_block_q}-query blocks for a launch whose query tile is "
+                             f"{block_q} queries ({num_heads} heads, {num_kv_heads} kv heads, head_dim {head_dim})")
         assert qb_seq.shape == qb_blk.shape and qb_seq.dim() == 1, "q_blocks: two int32 vectors of one length"
         assert not num_kv_splits or num_kv_splits == 1, "a flat launch has one KV split"
         max_query_len = max(max_query_len, 2)  # prefill tiles, even for a step of one-token rows

@@ -149,7 +149,7 @@ def _flat(step, slots_extra=512):
     bq = tpa.flat_block_q(q.shape[1], kc.shape[2], q.shape[2], q.dtype)
     q_lens = (meta.query_start_loc[1:] - meta.query_start_loc[:-1]).tolist()
     seq, blk = q_block_table(q_lens, bq, sum(-(-n // bq) for n in q_lens) + slots_extra)
-    meta.q_blocks, meta.max_query_len = (torch.from_numpy(seq), torch.from_numpy(blk)), 1
+    meta.q_blocks, meta.max_query_len = (torch.from_numpy(seq), torch.from_numpy(blk), bq), 1
     return step
 
 
