@@ -56,13 +56,10 @@ def test_a_head_major_kv_cache_gives_generates_tokens_under_chunking_preemption_
     b.close()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_prefill_steps_padded_to_graph_buckets_give_generates_tokens(arch, monkeypatch):
-    """``model_runner.PREFILL_GRAPHS`` pads a prefill or mixed step to its token bucket: padding tokens on the scratch
-    row, empty sequences, kept rows beyond the sampled ones, and the flat attention launch's table. The CPU captures no
-    graph, so here each bucket's "graph" is the eager forward of the padded step (the capture itself runs on the GPU:
-    test_gpu.py). Greedy tokens equal ``generate``'s through chunked prefill, preemption and mixed steps, and steps of
-    several buckets did run padded."""
+def _eager_prefill_graphs(monkeypatch) -> list:
+    """Prefill graphs on the CPU, where nothing is captured: each bucket's "graph" is the eager forward of the padded
+    step (``PREFILL_GRAPH_ROUND`` and ``PREFILL_GRAPH_MIN_TOKENS`` of 8, so small budgets get several buckets). Checks
+    each padded step's layout; returns the list of (bucket, real tokens) of the steps that ran padded."""
     from async_batching import model_runner as mr
 
     monkeypatch.setattr(mr, "PREFILL_GRAPH_ROUND", 8)
@@ -93,6 +90,17 @@ def test_prefill_steps_padded_to_graph_buckets_give_generates_tokens(arch, monke
 
     monkeypatch.setattr(mr.ModelRunner, "start", start)
     monkeypatch.setattr(mr.ModelRunner, "forward", forward)
+    return padded
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_prefill_steps_padded_to_graph_buckets_give_generates_tokens(arch, monkeypatch):
+    """``model_runner.PREFILL_GRAPHS`` pads a prefill or mixed step to its token bucket: padding tokens on the scratch
+    row, empty sequences, kept rows beyond the sampled ones, and the flat attention launch's table. The CPU captures no
+    graph, so here each bucket's "graph" is the eager forward of the padded step (the capture itself runs on the GPU:
+    test_gpu.py). Greedy tokens equal ``generate``'s through chunked prefill, preemption and mixed steps, and steps of
+    several buckets did run padded."""
+    padded = _eager_prefill_graphs(monkeypatch)
     model, prompts, refs = _model_and_refs(arch)
     b = ContinuousBatcher(model, mode="async", max_num_seqs=4, max_batch_tokens=48, block_size=8, num_blocks=40)
     assert sorted(b.runner.prefill_graphs) == [8, 16, 24, 32, 48]
@@ -103,6 +111,37 @@ def test_prefill_steps_padded_to_graph_buckets_give_generates_tokens(arch, monke
     assert any(real < tb for tb, real in padded)  # padding tokens were there
     assert all(tb < 2 * real + 1 for tb, real in padded)  # at most twice the step's tokens
     b.close()
+
+
+def test_padded_prefill_steps_keep_samples_logprobs_penalties_and_prefix_hits_as_unpadded_ones(monkeypatch):
+    """The sampling paths through padded prefill steps: n=3 samples of each prompt (seeded, temperature, top-p,
+    repetition penalty), logprobs with 2 alternatives, and prompts sharing a prefix (served from the cache on the second
+    call). The same engine settings without the padding give the same tokens, and logprobs equal to 1e-5."""
+    from async_batching.models import tiny_model as tm
+
+    model = tm("llama")
+    base = mixed_prompts(1, lo=40, hi=41, seed=3)[0]
+    prompts = [base + p for p in mixed_prompts(6, lo=2, hi=30, seed=4)]
+    sp = SamplingParams(max_new_tokens=6, temperature=0.8, top_p=0.9, repetition_penalty=1.2, n=3, seed=5,
+                        logprobs=2, ignore_eos=True)
+    kw = dict(mode="async", max_num_seqs=8, max_batch_tokens=64, block_size=8, num_blocks=120)
+
+    def run():
+        b = ContinuousBatcher(model, **kw)
+        out = [b.generate(prompts, sp), b.generate(prompts, sp)]
+        hits = b.stats["cached_tokens"]
+        b.close()
+        return out, hits
+
+    plain, plain_hits = run()
+    padded = _eager_prefill_graphs(monkeypatch)
+    graphs, hits = run()
+    assert padded and hits == plain_hits > 0
+    for call_p, call_g in zip(plain, graphs):
+        for rp, rg in zip(call_p, call_g):
+            assert [s.token_ids for s in rp.samples] == [s.token_ids for s in rg.samples]
+            for sp_, sg in zip(rp.samples, rg.samples):
+                assert sg.logprobs == pytest.approx(sp_.logprobs, abs=1e-5)
 
 
 def test_a_step_is_padded_to_a_bucket_only_within_twice_its_tokens_and_the_padding_work_limit(monkeypatch):
