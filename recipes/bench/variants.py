@@ -678,6 +678,14 @@ class OursAsyncStackedPrefillGraphs(_OursAsyncBuiltWith):
     patches = {**OursAsyncStacked.patches, **OursAsyncPrefillGraphs.patches}
 
 
+class OursAsyncStackedPrefillGraphsLongestFirst(_OursAsyncBuiltWith):
+    """Every lever that gained on W7 so far at once: ``ours_async_stacked_prefill_graphs`` (24,802 out tok/s on the
+    H200, session 15, 0.8% short of 25,000) with decode launches longest context first (1.02x on W7's decode attention
+    and 1.06x on W1's in session 15's sweep)."""
+
+    patches = {**OursAsyncStackedPrefillGraphs.patches, **OursAsyncLongestFirst.patches}
+
+
 class OursAsyncNoDecodeTune(_OursAsyncBuiltWith):
     """``ours_async`` with the decode steps' compiled code traced first on 1-3 rows (``model_runner.DECODE_TUNE_ROWS``
     = 0; sessions 5-11): the fused kernels' launches sized for a few rows, not for large decode batches (256, the
@@ -897,6 +905,7 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_prefill_graphs": OursAsyncPrefillGraphs,
     "ours_async_prefill_graphs_own": OursAsyncPrefillGraphsOwn,
     "ours_async_prefill_graphs_longest_first": OursAsyncPrefillGraphsLongestFirst,
+    "ours_async_stacked_prefill_graphs_longest_first": OursAsyncStackedPrefillGraphsLongestFirst,
     "ours_async_stacked_prefill_graphs": OursAsyncStackedPrefillGraphs,
     "ours_async_stacked": OursAsyncStacked,
     "ours_async_stacked_longest_first": OursAsyncStackedLongestFirst,
