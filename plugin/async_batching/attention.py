@@ -31,7 +31,7 @@ class AttentionMetadata:
     split_counters: Optional[torch.Tensor] = None  # int32 zeros the Triton kernel's KV-split merge counts in
     order: Optional[torch.Tensor] = None  # int32 [B]: the order a decode launch visits its sequences in (see below)
     maxnreg: int = 0  # a register cap for the Triton kernel's decode launches (DECODE_MAXNREG), 0: none
-    # (seq [N], blk [N], block_q): a flat launch's query blocks (``q_block_table``; the prefill graphs' steps), else None
+    # (seq [N], blk [N], block_q): a flat launch's query blocks (``q_block_table``; prefill graph steps), else None
     q_blocks: Optional[tuple] = None
 
 

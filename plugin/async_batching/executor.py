@@ -76,7 +76,8 @@ class Executor:
         self.observers: list[StepObserver] = []
         # cpu_launch_graph_s: the part of cpu_launch_s spent launching decode steps replayed from CUDA graphs;
         # prefill_graph_steps: prefill and mixed steps replayed from the prefill graphs (model_runner.PREFILL_GRAPHS).
-        self.stats = {"steps": 0, "graph_steps": 0, "prefill_graph_steps": 0, "scheduled_tokens": 0, "cpu_schedule_s": 0.0, "cpu_prepare_s": 0.0,
+        self.stats = {"steps": 0, "graph_steps": 0, "prefill_graph_steps": 0, "scheduled_tokens": 0,
+                      "cpu_schedule_s": 0.0, "cpu_prepare_s": 0.0,
                       "cpu_launch_s": 0.0, "cpu_launch_graph_s": 0.0, "cpu_wait_s": 0.0, "cpu_process_s": 0.0,
                       "oom_recoveries": 0, "windows": 0}
 

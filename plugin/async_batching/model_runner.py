@@ -65,10 +65,10 @@ def graph_buckets(max_batch: int) -> list[int]:
 
 
 def prefill_graph_buckets(max_batch_tokens: int, max_num_seqs: int, max_model_len: int) -> list[int]:
-    """Token counts that get a captured prefill graph (``PREFILL_GRAPHS``), largest first: the step budget, then
-    ``PREFILL_GRAPH_BUCKETS - 1`` more, the k-th about the budget / sqrt(2)^k (multiples of ``PREFILL_GRAPH_ROUND``, at least
-    ``PREFILL_GRAPH_MIN_TOKENS``), so a padded step does at most ~41% more work than it needs. Capped at what
-    ``max_num_seqs`` sequences of ``max_model_len`` tokens can fill."""
+    """Token counts that get a captured prefill graph (``PREFILL_GRAPHS``), largest first: the step budget, then up
+    to ``PREFILL_GRAPH_BUCKETS - 1`` more, the k-th about the budget / sqrt(2)^k (multiples of ``PREFILL_GRAPH_ROUND``,
+    at least ``PREFILL_GRAPH_MIN_TOKENS``), so a step padded to the next bucket up does at most ~41% more work than it
+    needs. The budget is capped at what ``max_num_seqs`` sequences of ``max_model_len`` tokens can fill."""
     top = min(max_batch_tokens, max_num_seqs * max_model_len)
     out = [top]
     for k in range(1, PREFILL_GRAPH_BUCKETS):
@@ -202,6 +202,8 @@ class ModelRunner:
             q_heads = getattr(cfg, "num_attention_heads", None)
             if len(heads) != 1 or not q_heads:  # layers of several shapes: one table cannot serve every layer
                 self.want_prefill_graphs = False
+                log.warning("%s: prefill CUDA graphs off: its attention layers are not all of one shape (kv heads, "
+                            "head dim: %s; query heads: %s)", type(model).__name__, sorted(heads), q_heads)
             else:
                 (kv_heads, head_dim), = heads
                 self._flat_block_q = flat_block_q(q_heads, kv_heads, head_dim, dtype)
@@ -223,8 +225,9 @@ class ModelRunner:
         the largest graph bucket), B sequences and R logits rows (sampling rows plus scored rows, at most T):
         head 3T + (B+1) + 2B + R; scored targets R; carry-over 2B; table updates 3 x (new blocks <= T/bs + B, plus
         prefix hits <= HIT_TABLE_ENTRIES); sampling: what ``stage_sampling`` stages per row; tensor parallel: one CRC
-        word (within the spare 64); a prefill graph's step: its flat attention launch's table, two words a slot. A decode window of W steps adds up to 1 + W / bs blocks per sequence and two noise
-        words per row for each draw after the first."""
+        word (within the spare 64); a prefill graph's step: its flat attention launch's table, two words a slot. A
+        decode window of W steps adds up to 1 + W / bs blocks per sequence and two noise words per row for each draw
+        after the first."""
         T = max(self.config.max_batch_tokens, max(self.graphs, default=0))
         B = self.config.max_num_seqs + 1
         slots = max((g[5] for g in self.prefill_graphs.values()), default=0)  # captured at start-up, before this
@@ -862,15 +865,16 @@ PREFILL_COMPILE_MIN_WORK = 0.0
 # out tok/s; W7 23,629 vs 23,639; variant ours_async_prefill_own_compile), but that run's prefill graphs were the
 # decode graphs' compiled code, loaded from inductor's FX-graph cache; compiled apart since, not yet measured.
 PREFILL_OWN_COMPILE = False
-# Prefill and mixed steps replayed from CUDA graphs, one per token bucket (``prefill_graph_buckets``: the step budget and
-# up to PREFILL_GRAPH_BUCKETS - 1 smaller ones, each ~1/sqrt(2) of the last, none under PREFILL_GRAPH_MIN_TOKENS); a
-# step is padded to the smallest bucket it fits if that at most doubles its tokens, else it runs as before, as do
-# scoring steps. On an H200 (session 15, benchmark call facts) a prefill step's host launch took 30-43 ms on W1 and W7,
-# about as long as or longer than its GPU work (W7: 34 ms of kernels), so those steps ran at the host's pace and W1's
-# prefill phase varied by 40 ms from call to call; a replay costs the host one copy and one launch. Measured on the H200
-# (session 15, 3 timed calls each): W7 24,377 out tok/s against 23,963 (medians 24,360 and 23,963, spreads 0.2% and
-# 0.8%), host 1.8 ms a prefill launch against 21-40, TTFT 0.197 s against 0.254; W1, with longest-first decode, 149,055
-# (median 147,065, spread 1.4%) against 141,308 (141,120). Off by default until the whole GPU suite has run with it on;
+# Prefill and mixed steps replayed from CUDA graphs, one per token bucket (``prefill_graph_buckets``: the step budget
+# and up to PREFILL_GRAPH_BUCKETS - 1 smaller ones, the k-th ~ budget / sqrt(2)^k, none under
+# PREFILL_GRAPH_MIN_TOKENS); a step is padded to the smallest bucket it fits if that at most doubles its tokens and
+# stays within PREFILL_GRAPH_MAX_PAD_WORK, else it runs as before, as do scoring steps. On an H200 (session 15,
+# benchmark call facts) a prefill step's host launch took 30-43 ms on W1 and W7, about as long as or longer than its
+# GPU work (W7: 34 ms of kernels), so those steps ran at the host's pace and W1's prefill phase varied by 40 ms from
+# call to call; a replay costs the host one copy and one launch. Measured on the H200 (session 15, 3 timed calls
+# each): W7 24,377 out tok/s against 23,963 (medians 24,360 and 23,963, spreads 0.2% and 0.8%), host 1.8 ms a prefill
+# launch against 21-40, TTFT 0.197 s against 0.254; W1, with longest-first decode, 149,055 (median 147,065, spread
+# 1.4%) against 141,308 (141,120). Off by default until the whole GPU suite has run with it on;
 # BatcherConfig.prefill_graphs overrides it. Read when an engine is built.
 PREFILL_GRAPHS = False
 PREFILL_GRAPH_BUCKETS = 6

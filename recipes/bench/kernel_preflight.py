@@ -184,14 +184,16 @@ def cases():
     yield "W1 decode, one_loop", {"one_loop": True}, lambda: _attend(_step(*dec(512, 400), **w1, dtype=bf16))
     yield "W1 prefill, 224 x 290", {}, lambda: _attend(_step(*pre(224, 290), **w1, dtype=bf16))
     yield "W1 prefill, heavy_first", {"heavy_first": True}, lambda: _attend(_step(*pre(224, 290), **w1, dtype=bf16))
-    yield "W1 prefill graph (flat launch), 224 x 290", {}, lambda: _attend(_flat(_step(*pre(224, 290), **w1, dtype=bf16)))
+    yield "W1 prefill graph (flat launch), 224 x 290", {}, lambda: _attend(
+        _flat(_step(*pre(224, 290), **w1, dtype=bf16)))
     yield "W7 decode, 256 rows", {}, lambda: _attend(_step(*dec(256, 1100), **w7, dtype=bf16))
     yield "W7 decode, head-major blocks", {}, lambda: _attend(_step(*dec(256, 1100), **w7, dtype=bf16, layout="head"))
     yield "W7 decode tail, 8 rows (KV splits)", {}, lambda: _attend(_step(*dec(8, 1900), **w7, dtype=bf16))
     yield "W7 prefill, 31 x 500", {}, lambda: _attend(_step(*pre(31, 500), **w7, dtype=bf16))
     yield "W7 prefill, heavy_first", {"heavy_first": True}, lambda: _attend(_step(*pre(31, 500), **w7, dtype=bf16))
     yield "W7 prefill, maxnreg=128", {"maxnreg": 128}, lambda: _attend(_step(*pre(31, 500), **w7, dtype=bf16))
-    yield "W7 prefill graph (flat launch), 31 x 500", {}, lambda: _attend(_flat(_step(*pre(31, 500), **w7, dtype=bf16)))
+    yield "W7 prefill graph (flat launch), 31 x 500", {}, lambda: _attend(
+        _flat(_step(*pre(31, 500), **w7, dtype=bf16)))
     yield "mixed step: 448 decode rows + 4 prompts", {}, lambda: _attend(
         _step([400] * 448 + [300] * 4, [1] * 448 + [300] * 4, **w1, dtype=bf16))
     yield "fp32 decode and prefill", {}, lambda: (_attend(_step(*dec(8, 100), **w1, dtype=f32)),

@@ -73,7 +73,8 @@ def _allocator_counts(device: str) -> dict[str, int]:
     if not device.startswith("cuda"):
         return {}
     s = torch.cuda.memory_stats()
-    return {k: int(s.get(k, 0)) for k in ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")}
+    keys = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
+    return {k: int(s.get(k, 0)) for k in keys}
 
 
 def _call_facts(stats: Optional[dict], out: RunOutput, alloc0: dict[str, int], device: str,
@@ -87,7 +88,8 @@ def _call_facts(stats: Optional[dict], out: RunOutput, alloc0: dict[str, int], d
             facts[key] = busy[key]
     if stats and "cpu_launch_graph_s" in stats:
         other = stats["steps"] - stats["graph_steps"]
-        facts["other_launch_ms"] = (1e3 * (stats["cpu_launch_s"] - stats["cpu_launch_graph_s"]) / other) if other else None
+        launch_s = stats["cpu_launch_s"] - stats["cpu_launch_graph_s"]
+        facts["other_launch_ms"] = 1e3 * launch_s / other if other else None
     if alloc0:
         facts["allocator"] = {k: v - alloc0[k] for k, v in _allocator_counts(device).items()}
     return facts
