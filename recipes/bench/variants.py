@@ -672,6 +672,15 @@ class OursAsyncPrefillGraphsLongestFirst(_OursAsyncBuiltWith):
     patches = {**OursAsyncPrefillGraphs.patches, **OursAsyncLongestFirst.patches}
 
 
+class OursAsyncPrefillGraphsLongestFirstHead64(_OursAsyncBuiltWith):
+    """``ours_async_prefill_graphs_longest_first`` with head-major KV blocks of 64 slots (``_head_major`` and
+    ``_block64``): W1's decode attention levers together. In session 15's sweep, head-major 64-slot blocks ran W1's
+    decode launch 1.04x and longest-first 1.06x, each alone."""
+
+    block_size = 64
+    patches = {**OursAsyncPrefillGraphsLongestFirst.patches, **OursAsyncHeadMajor.patches}
+
+
 class OursAsyncStackedPrefillGraphs(_OursAsyncBuiltWith):
     """``ours_async_stacked`` with prefill graphs (``ours_async_prefill_graphs``)."""
 
@@ -905,6 +914,7 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_prefill_graphs": OursAsyncPrefillGraphs,
     "ours_async_prefill_graphs_own": OursAsyncPrefillGraphsOwn,
     "ours_async_prefill_graphs_longest_first": OursAsyncPrefillGraphsLongestFirst,
+    "ours_async_prefill_graphs_longest_first_head64": OursAsyncPrefillGraphsLongestFirstHead64,
     "ours_async_stacked_prefill_graphs_longest_first": OursAsyncStackedPrefillGraphsLongestFirst,
     "ours_async_stacked_prefill_graphs": OursAsyncStackedPrefillGraphs,
     "ours_async_stacked": OursAsyncStacked,
