@@ -166,10 +166,12 @@ def test_a_step_is_padded_to_a_bucket_only_within_twice_its_tokens_and_the_paddi
 def test_prefill_graph_buckets_shrink_by_powers_of_the_square_root_of_two_down_to_the_minimum():
     from async_batching import model_runner as mr
 
-    assert mr.prefill_graph_buckets(65536, 512, 2048) == [65536, 46336, 32768, 23040, 16384, 11520]
-    assert mr.prefill_graph_buckets(16384, 512, 4096) == [16384, 11520, 8192, 5632, 4096, 2816]
-    assert mr.prefill_graph_buckets(2048, 512, 4096) == [2048, 1280, 1024]
-    assert mr.prefill_graph_buckets(65536, 4, 1024) == [4096, 2816, 2048, 1280, 1024]  # 4 sequences fill 4,096
+    assert mr.prefill_graph_buckets(65536, 512, 2048) == [65536, 46336, 32768, 23040, 16384, 11520, 8192, 5632, 4096,
+                                                          2816, 2048, 1280, 1024, 512]
+    assert mr.prefill_graph_buckets(16384, 512, 4096) == [16384, 11520, 8192, 5632, 4096, 2816, 2048, 1280, 1024, 512]
+    assert mr.prefill_graph_buckets(2048, 512, 4096) == [2048, 1280, 1024, 512]
+    assert mr.prefill_graph_buckets(4096, 4, 1024) == [4096, 2816, 2048, 1280, 1024, 512]  # 4 sequences fill 4,096
+    assert mr.prefill_graph_buckets(65536, 4, 1024) == [4096, 2816, 2048, 1280, 1024, 512]
 
 
 def test_an_unknown_kv_layout_is_refused_by_name(monkeypatch):

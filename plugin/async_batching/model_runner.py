@@ -877,8 +877,12 @@ PREFILL_OWN_COMPILE = False
 # 1.4%) against 141,308 (141,120). Off by default until the whole GPU suite has run with it on;
 # BatcherConfig.prefill_graphs overrides it. Read when an engine is built.
 PREFILL_GRAPHS = False
-PREFILL_GRAPH_BUCKETS = 6
-PREFILL_GRAPH_MIN_TOKENS = 1024
+# Buckets down to 512 tokens: a job with turnover admits requests in mixed steps of a few prompts and the running
+# decode rows (512 rows and a 300-token prompt: 812 tokens), which paid a prefill step's whole host launch too. Each
+# bucket costs ~0.15 s of start-up (session 15: 6 buckets and the decode graphs captured in 2.4 s, 1.6 s without);
+# the buckets share one pool, so the largest sets the memory.
+PREFILL_GRAPH_BUCKETS = 16
+PREFILL_GRAPH_MIN_TOKENS = 512
 PREFILL_GRAPH_ROUND = 256
 # A step is padded to a bucket only if the padding is at most this many tokens x parameters (2x that in FLOPs of
 # matrix products: about 10 ms of an H200): on a small model a padded step still costs the GPU less than an eager one
