@@ -87,12 +87,19 @@ def _call_facts(stats: Optional[dict], out: RunOutput, alloc0: dict[str, int], d
         if (busy or {}).get(key) is not None:
             facts[key] = busy[key]
     if stats and "cpu_launch_graph_s" in stats:
-        other = stats["steps"] - stats["graph_steps"]
-        launch_s = stats["cpu_launch_s"] - stats["cpu_launch_graph_s"]
-        facts["other_launch_ms"] = 1e3 * launch_s / other if other else None
+        facts["other_launch_ms"] = _launch_ms(stats)["per_other_step"]
     if alloc0:
         facts["allocator"] = {k: v - alloc0[k] for k, v in _allocator_counts(device).items()}
     return facts
+
+
+def _launch_ms(stats: dict) -> dict[str, Any]:
+    """Host ms launching a decode step replayed from graphs vs any other step (prefill, mixed, eager), and their
+    counts, from the engine's stats of one call."""
+    graph, other = stats["graph_steps"], stats["steps"] - stats["graph_steps"]
+    return {"graph_steps": graph, "per_graph_step": 1e3 * stats["cpu_launch_graph_s"] / graph if graph else None,
+            "other_steps": other,
+            "per_other_step": 1e3 * (stats["cpu_launch_s"] - stats["cpu_launch_graph_s"]) / other if other else None}
 
 
 def _stats_delta(before: Optional[dict], after: Optional[dict], out: RunOutput) -> Optional[dict]:
@@ -372,11 +379,7 @@ def run_job(job: dict[str, Any], checkpoint=lambda partial: None) -> dict[str, A
             result["cpu_ms_per_step"] = 1e3 * sum(busy.values()) / stats["steps"]
             result["cpu_ms_per_step_parts"] = {k[4:-2]: 1e3 * v / stats["steps"] for k, v in busy.items()}
         if "cpu_launch_graph_s" in stats:  # launching a decode graph step vs any other step (prefill, mixed, eager)
-            graph, other = stats["graph_steps"], stats["steps"] - stats["graph_steps"]
-            result["launch_ms"] = {
-                "graph_steps": graph, "per_graph_step": 1e3 * stats["cpu_launch_graph_s"] / graph if graph else None,
-                "other_steps": other,
-                "per_other_step": 1e3 * (stats["cpu_launch_s"] - stats["cpu_launch_graph_s"]) / other if other else None}
+            result["launch_ms"] = _launch_ms(stats)
 
     prof = job.get("profile") or {}
     if prof.get("enabled", True) and name not in (prof.get("skip") or []):
