@@ -71,9 +71,9 @@ def _eager_prefill_graphs(monkeypatch) -> list:
         real_start(self)
         self._flat_block_q = 4
         cfg = self.config
-        for tb in mr.prefill_graph_buckets(cfg.max_batch_tokens, cfg.max_num_seqs, self.max_model_len):
+        for tb in sorted(mr.prefill_graph_buckets(cfg.max_batch_tokens, cfg.max_num_seqs, self.max_model_len)):
             bb = min(cfg.max_num_seqs, tb)
-            self.prefill_graphs[tb] = (None, None, None, None, bb, self._prefill_slots(tb))
+            self.prefill_graphs[tb] = mr.PrefillGraph(None, None, None, 0, bb, self._prefill_slots(tb))
 
     def forward(self, buf, lay):
         if not lay.prefill_graph:
@@ -153,7 +153,8 @@ def test_a_step_is_padded_to_a_bucket_only_within_twice_its_tokens_and_the_paddi
     b = ContinuousBatcher(tiny_model("llama"), max_num_seqs=4, max_batch_tokens=48)
     r = b.runner
     r._flat_block_q = 4
-    r.prefill_graphs = {tb: (None, None, None, None, min(4, tb), r._prefill_slots(tb)) for tb in (16, 32, 48)}
+    r.prefill_graphs = {tb: mr.PrefillGraph(None, None, None, 0, min(4, tb), r._prefill_slots(tb))
+                        for tb in (16, 32, 48)}
     assert r._prefill_bucket(30, 4) == (32, 4, r._prefill_slots(32))
     assert r._prefill_bucket(17, 2)[0] == 32 and r._prefill_bucket(16, 2)[0] == 16
     assert r._prefill_bucket(7, 1) is None  # 16 tokens would more than double 7

@@ -13,7 +13,7 @@ import traceback
 import weakref
 import zlib
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -62,6 +62,18 @@ def graph_buckets(max_batch: int) -> list[int]:
     out = [b for b in (1, 2, 4, 8, 16) if b < max_batch]
     out += list(range(32, max_batch, 32))
     return out + [max_batch]
+
+
+class PrefillGraph(NamedTuple):
+    """One captured prefill graph: replayed after its head (``head`` ints, the flat launch's table included) is copied
+    into ``static_in``; it holds up to ``seqs`` sequences and a table of ``slots`` query blocks."""
+
+    graph: "torch.cuda.CUDAGraph"
+    static_in: torch.Tensor
+    static_logits: torch.Tensor
+    head: int
+    seqs: int
+    slots: int
 
 
 def prefill_graph_buckets(max_batch_tokens: int, max_num_seqs: int, max_model_len: int) -> list[int]:
@@ -140,8 +152,7 @@ class ModelRunner:
         self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.graphs: dict[int, tuple] = {}  # decode batch size -> (graph, static input, static logits, head size)
         self.graph_pool = None
-        # PREFILL_GRAPHS: token bucket -> (graph, static input, static logits, head size, sequences, table slots)
-        self.prefill_graphs: dict[int, tuple] = {}
+        self.prefill_graphs: dict[int, PrefillGraph] = {}  # PREFILL_GRAPHS: token bucket -> its graph, smallest first
         self._flat_block_q = 0  # queries per block of the prefill graphs' flat attention launches
         self.compute_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         # DECODE_SPLIT_MIN_ROWS: the second half of a split decode graph runs on this stream, with its own counters
@@ -173,7 +184,8 @@ class ModelRunner:
         # inductor sizes their kernels' launches for prefill shapes (see CompiledLayers' own_frame); else they share
         # the decode steps' graphs, whose kernels were sized for DECODE_TUNE_ROWS rows. Under a cache key of their own
         # (PREFILL_CACHE_TAG): a layer's graph is the same for both, and inductor's FX-graph cache, which does not key
-        # on size hints, returned the decode graph's compiled code (and its kernels) for it (found on the CPU, session 13).
+        # on size hints, returned the decode graph's compiled code (and its kernels) for it (found on the CPU, session
+        # 13).
         self._compiled_pf = (CompiledLayers(model, own_frame=True, dynamic=True, options=PREFILL_OWN_OPTIONS)
                              if self._compiled_prefill and PREFILL_OWN_COMPILE else None)
         # Decode windows (BatcherConfig.decode_window): auto where decode steps replay graphs, whose host cost is
@@ -185,15 +197,15 @@ class ModelRunner:
         # attention.py); not under tensor parallelism, whose steps agree on their tokens outside the forward.
         # Nor for mixture-of-experts models (their decode graphs pick an experts implementation that makes no host
         # sync; prefill graphs do not, yet).
-        wanted = PREFILL_GRAPHS if config.prefill_graphs is None else config.prefill_graphs
-        if config.prefill_graphs and not (self.want_graphs and tp is None and _experts_candidates(model) == [None]):
+        possible = self.want_graphs and tp is None and _experts_candidates(model) == [None]
+        if config.prefill_graphs and not possible:
             why = ("decode steps do not run in CUDA graphs here (cuda_graphs, a CUDA device and the Triton kernel)"
                    if not self.want_graphs else "tensor parallelism" if tp is not None else
                    "a mixture-of-experts model")
             raise ValueError(f"BatcherConfig.prefill_graphs=True is not supported with {why}; use prefill_graphs=null "
                              "(auto) or false")
-        self.want_prefill_graphs = (self.want_graphs and wanted and tp is None
-                                    and _experts_candidates(model) == [None])
+        self.want_prefill_graphs = possible and (PREFILL_GRAPHS if config.prefill_graphs is None
+                                                 else config.prefill_graphs)
         if self.want_prefill_graphs:
             from .triton_paged_attention import flat_block_q
 
@@ -230,7 +242,7 @@ class ModelRunner:
         after the first."""
         T = max(self.config.max_batch_tokens, max(self.graphs, default=0))
         B = self.config.max_num_seqs + 1
-        slots = max((g[5] for g in self.prefill_graphs.values()), default=0)  # captured at start-up, before this
+        slots = max((g.slots for g in self.prefill_graphs.values()), default=0)  # captured at start-up, before this
         R = T + B
         W = self.decode_window
         table = T // self.block_size + B + HIT_TABLE_ENTRIES + B * (1 + W // self.block_size)
@@ -463,11 +475,10 @@ class ModelRunner:
         """(tokens, sequences, table slots) of the smallest prefill graph a step of ``T`` tokens and ``B`` sequences
         fits, if padding it there at most doubles its tokens and adds at most ``PREFILL_GRAPH_MAX_PAD_WORK`` tokens x
         parameters; None: the step runs outside the graphs."""
-        for tb in sorted(self.prefill_graphs):
-            bb, slots = self.prefill_graphs[tb][4:6]
-            if T <= tb and B <= bb:
+        for tb, g in self.prefill_graphs.items():  # smallest first
+            if T <= tb and B <= g.seqs:
                 ok = 2 * T >= tb and (tb - T) * self._params <= PREFILL_GRAPH_MAX_PAD_WORK
-                return (tb, bb, slots) if ok else None
+                return (tb, g.seqs, g.slots) if ok else None
         return None
 
     def _graph_batch(self, B: int) -> int:
@@ -689,12 +700,14 @@ class ModelRunner:
                         graph = torch.cuda.CUDAGraph()
                         with torch.cuda.graph(graph, pool=self.graph_pool, stream=stream):
                             static_logits = self._forward(static_in, lay)
-                    self.prefill_graphs[tb] = (graph, static_in, static_logits, lay.offsets["qb_blk"][0] + slots,
-                                               bb, slots)
+                    self.prefill_graphs[tb] = PrefillGraph(graph, static_in, static_logits,
+                                                           lay.offsets["qb_blk"][0] + slots, bb, slots)
         except Exception as e:  # noqa: BLE001 -- as capture_graphs: prefill steps still run outside graphs
             self.prefill_graphs = {}
             log.warning("%s: prefill CUDA graphs off, prefill steps run outside graphs: %s", type(self.model).__name__,
                         _why(e))
+            return
+        self.prefill_graphs = dict(sorted(self.prefill_graphs.items()))
 
     def _untimed_mode(self):
         """Grad mode of warm-up and capture: with ``compile``, inference mode as the steps run (compiled code is
