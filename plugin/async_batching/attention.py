@@ -74,6 +74,8 @@ DECODE_MAXNREG = 0
 def decode_order(seq_lens: torch.Tensor) -> torch.Tensor:
     """The sequences of a decode step, longest context first (int32 indices into ``seq_lens``)."""
     return torch.argsort(seq_lens, descending=True, stable=True).to(torch.int32)
+
+
 def q_block_table(q_lens, block_q: int, slots: int):
     """The flat launch's table (numpy int32 ``seq``, ``blk`` of length ``slots``): every query block of every
     sequence (``q_lens[i]`` queries in blocks of ``block_q``), in sequence order, then empty slots (-1, 0). Raises if

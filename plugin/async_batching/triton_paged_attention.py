@@ -430,9 +430,8 @@ def paged_attention(
     128 a decode launch is bound by shared memory and the cap is ignored).
     ``q_blocks``: ``(seq, blk, block_q)``, int32 vectors of one length N and the query tile their table was made for
     (``flat_block_q``; checked): a flat launch of N query-block slots, slot i being query block ``blk[i]`` of sequence
-    ``seq[i]``, -1 for an empty slot
-    (``attention.q_block_table`` makes them). Its grid depends on N alone, so a CUDA graph captured once serves every
-    step whose table fits; one KV split; ``max_query_len`` then only has to be >= 1.
+    ``seq[i]``, -1 for an empty slot (``attention.q_block_table`` makes them). Its grid depends on N alone, so a CUDA
+    graph captured once serves every step whose table fits; one KV split; ``max_query_len`` then only has to be >= 1.
     """
     T, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, head_dim_kv = k_cache.shape
@@ -453,8 +452,10 @@ def paged_attention(
 
     G = num_heads // num_kv_heads
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    if q_blocks is not None:  # a flat launch: prefill tiles, even for a step of one-token rows
+        max_query_len = max(max_query_len, 2)
     target_m = _target_rows(max_query_len, head_dim, q.dtype)
-    if q_blocks is not None:  # a flat launch: the query tile its table was made for (any step length)
+    if q_blocks is not None:  # the query tile its table was made for (any step length)
         qb_seq, qb_blk, table_block_q = q_blocks
         block_q = flat_block_q(num_heads, num_kv_heads, head_dim, q.dtype)
         if table_block_q != block_q:
@@ -462,7 +463,6 @@ def paged_attention(
                              f"{block_q} queries ({num_heads} heads, {num_kv_heads} kv heads, head_dim {head_dim})")
         assert qb_seq.shape == qb_blk.shape and qb_seq.dim() == 1, "q_blocks: two int32 vectors of one length"
         assert not num_kv_splits or num_kv_splits == 1, "a flat launch has one KV split"
-        max_query_len = max(max_query_len, 2)  # prefill tiles, even for a step of one-token rows
     else:
         block_q = min(triton.next_power_of_2(max_query_len), max(1, target_m // triton.next_power_of_2(G)))
     block_m = max(16, triton.next_power_of_2(block_q * G))
