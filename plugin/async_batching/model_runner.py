@@ -693,13 +693,7 @@ class ModelRunner:
                     bb = min(cfg.max_num_seqs, tb)
                     slots = self._prefill_slots(tb)
                     lay, static_in = self._scratch_prefill_step(tb, bb, slots)
-                    with torch.cuda.stream(stream), self._untimed_mode(), self.installed():
-                        for _ in range(2):  # Triton's flat variant compiles, lazy initialisation, outside the graph
-                            self._forward(static_in, lay)
-                        stream.synchronize()
-                        graph = torch.cuda.CUDAGraph()
-                        with torch.cuda.graph(graph, pool=self.graph_pool, stream=stream):
-                            static_logits = self._forward(static_in, lay)
+                    graph, static_logits = self._capture(self._forward, static_in, lay, stream)
                     self.prefill_graphs[tb] = PrefillGraph(graph, static_in, static_logits,
                                                            lay.offsets["qb_blk"][0] + slots, bb, slots)
         except Exception as e:  # noqa: BLE001 -- as capture_graphs: prefill steps still run outside graphs
@@ -810,13 +804,7 @@ class ModelRunner:
                     lay.graph_batch = b
                     half = self._split_rows(b)
                     step = functools.partial(self._forward_split, half=half) if half else self._forward
-                    with torch.cuda.stream(stream), self._untimed_mode(), self.installed():
-                        for _ in range(2):  # warm-up: lazy initialisation and Triton compilation stay out of the graph
-                            step(static_in, lay)  # (and the side stream's cuBLAS workspace)
-                        stream.synchronize()
-                        graph = torch.cuda.CUDAGraph()
-                        with torch.cuda.graph(graph, pool=self.graph_pool, stream=stream):
-                            static_logits = step(static_in, lay)
+                    graph, static_logits = self._capture(step, static_in, lay, stream)
                     self.graphs[b] = (graph, static_in, static_logits, lay.size)
         except Exception as e:  # noqa: BLE001 -- whatever stops the capture, eager decode steps still run the model
             # Dropping the graphs releases their pool. The stream contexts above have restored the current stream.
@@ -826,6 +814,19 @@ class ModelRunner:
             log.warning("%s: CUDA graphs off, decode steps run eagerly: %s", type(self.model).__name__, _why(e))
             return
         self.graphs = dict(sorted(self.graphs.items()))
+
+    def _capture(self, step, static_in: torch.Tensor, lay: StepLayout, stream: torch.cuda.Stream):
+        """``step(static_in, lay)`` captured in a CUDA graph in the runner's pool: (graph, its static logits). Two
+        warm-up calls first keep lazy initialisation and Triton compilation (and a split forward's side-stream cuBLAS
+        workspace) out of the graph."""
+        with torch.cuda.stream(stream), self._untimed_mode(), self.installed():
+            for _ in range(2):
+                step(static_in, lay)
+            stream.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.graph_pool, stream=stream):
+                static_logits = step(static_in, lay)
+        return graph, static_logits
 
     def _capturable_experts(self, stream: torch.cuda.Stream, batch: int) -> Optional[str]:
         """The experts implementation (None: the model's own) whose decode step makes no host sync; raises the model's
