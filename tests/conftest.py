@@ -74,3 +74,16 @@ def lm_eval_templates_as_released():
     utils = sys.modules.get("lm_eval.utils")
     if utils is not None:
         utils.apply_template = getattr(utils.apply_template, "__wrapped__", utils.apply_template)
+
+
+@pytest.fixture(autouse=True)
+def prefill_graphs_at_test_sizes(request, monkeypatch):
+    """GPU tests: prefill graphs (on by default on CUDA) get buckets down to 8 tokens, in steps of 8, so the test
+    engines' budgets of 32-256 tokens replay their prefill and mixed steps from graphs as a real job's do (the default
+    smallest bucket, 512 tokens, is larger than most of them)."""
+    if request.node.get_closest_marker("gpu") is not None:
+        import async_batching.model_runner as mr
+
+        monkeypatch.setattr(mr, "PREFILL_GRAPH_ROUND", 8)
+        monkeypatch.setattr(mr, "PREFILL_GRAPH_MIN_TOKENS", 8)
+    yield

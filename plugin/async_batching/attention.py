@@ -54,13 +54,12 @@ STEP_KWARG = "paged_step"  # the forward keyword that carries the StepContext do
 FUSED_DECODE_WRITE = False
 # Decode launches of the Triton kernel visit their sequences longest context first (``AttentionMetadata.order``, an
 # argsort of the step's context lengths made once a forward, inside the decode graphs): the GPU starts programs in
-# grid order, so the launch's last wave is short programs, not long ones. Off: on the H200 (session 14, variant
-# ours_async_longest_first) W7 ran +3.0% (medians of 3 calls, 24,523 vs 23,812) and W1 inside its spread, but it
-# added nothing to ours_async_stacked's levers on W7; one run each, to be repeated before it becomes the default.
-# Session 15's sweep, with the order made outside the timed graph, gave W1's decode attention 1.06x and W2's and W7's
-# 1.01-1.02x (attention_tuning_h200.md); with prefill graphs, W1 ran 149,055 out tok/s (42.5% of roofline). Read when
-# an engine is built.
-DECODE_LONGEST_FIRST = False
+# grid order, so the launch's last wave is short programs, not long ones. On the H200: session 14 (variant
+# ours_async_longest_first) W7 +3.0% (medians of 3 calls, 24,523 vs 23,812), W1 inside its spread; session 15's
+# sweep, with the order made outside the timed graph, W1's decode attention 1.06x and W2's and W7's 1.01-1.02x
+# (attention_tuning_h200.md); with prefill graphs, W1 149,055 out tok/s (42.5% of roofline). On by default since
+# session 16, with PREFILL_GRAPHS (the whole GPU suite run with both on). Read when an engine is built.
+DECODE_LONGEST_FIRST = True
 # A register cap (ptxas ``maxnreg``) for decode launches of the Triton kernel at head dims up to 64; 0: none, as in
 # use. The fused decode write (FUSED_DECODE_WRITE) raises W1's decode kernel from 96 registers a thread to 120, so an
 # SM holds 4 of its programs instead of 5; capped at 96 it compiles without spills and keeps 5

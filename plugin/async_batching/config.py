@@ -43,8 +43,8 @@ class BatcherConfig:
     cuda_graph_max_batch: int = 512
     # Prefill and mixed steps padded to a few token buckets and replayed from CUDA graphs (their host launch, 20-45 ms
     # on the H200 machine, becomes ~1.5 ms). Needs the decode graphs; not under tensor parallelism nor for
-    # mixture-of-experts models. None (auto): model_runner.PREFILL_GRAPHS (off until the whole GPU suite has run with
-    # it on).
+    # mixture-of-experts models. None (auto): on wherever that is possible (model_runner.PREFILL_GRAPHS); false
+    # keeps every prefill and mixed step eager-launched.
     prefill_graphs: Optional[bool] = None
     # torch.compile the model's layers (dynamic shapes, compiled at start-up) for decode steps (the decode graphs
     # capture them) and for prefill/mixed steps (model_runner.PREFILL_COMPILE_MIN_WORK: all of them since session 11).

@@ -888,9 +888,9 @@ PREFILL_OWN_COMPILE = False
 # call to call; a replay costs the host one copy and one launch. Measured on the H200 (session 15, 3 timed calls
 # each): W7 24,377 out tok/s against 23,963 (medians 24,360 and 23,963, spreads 0.2% and 0.8%), host 1.8 ms a prefill
 # launch against 21-40, TTFT 0.197 s against 0.254; W1, with longest-first decode, 149,055 (median 147,065, spread
-# 1.4%) against 141,308 (141,120). Off by default until the whole GPU suite has run with it on;
+# 1.4%) against 141,308 (141,120). On by default since session 16 (the whole GPU suite run with it on);
 # BatcherConfig.prefill_graphs overrides it. Read when an engine is built.
-PREFILL_GRAPHS = False
+PREFILL_GRAPHS = True
 # Buckets down to 512 tokens: a job with turnover admits requests in mixed steps of a few prompts and the running
 # decode rows (512 rows and a 300-token prompt: 812 tokens), which paid a prefill step's whole host launch too. Each
 # bucket costs ~0.15 s of start-up (session 15: 6 buckets and the decode graphs captured in 2.4 s, 1.6 s without);

@@ -638,7 +638,9 @@ class OursAsyncStacked(_OursAsyncBuiltWith):
     combo kernels (``_fewer_kernels_capped``). W1's run-to-run spread (4-7% between calls) is wider than any of them was or is expected
     to be alone (0-4%); their sum can be told apart from it, and the single-lever variants then say which count. On
     the H200 (session 14): W7 median 24,561 against 23,812 (+3.1%; spreads 0.6% and 1.0%), W1 148,889 against 142,268
-    (inside W1's spread); start-up on W7 52 s against 35 s."""
+    (inside W1's spread); start-up on W7 52 s against 35 s. Session 16, on today's defaults (prefill graphs,
+    longest-first decode): W7 25,060 out tok/s (median 25,047, spread 0.2%) against ours_async's 24,572 (24,553),
+    70.3% of roofline; start-up 50.2 s against 43.7."""
 
     patches = {**OursAsyncPrefillOwnCompile.patches, **OursAsyncHeadMajor.patches,
                **OursAsyncFewerKernelsCapped.patches}
@@ -693,6 +695,36 @@ class OursAsyncStackedPrefillGraphsLongestFirst(_OursAsyncBuiltWith):
     and 1.06x on W1's in session 15's sweep)."""
 
     patches = {**OursAsyncStackedPrefillGraphs.patches, **OursAsyncLongestFirst.patches}
+
+
+class OursAsyncNoPrefillGraphs(_OursAsyncBuiltWith):
+    """``ours_async`` with prefill and mixed steps launched eagerly (``model_runner.PREFILL_GRAPHS`` off, the default
+    until session 15): what the prefill graphs give, alone, against today's default."""
+
+    patches = {("model_runner", "PREFILL_GRAPHS"): False}
+
+
+class OursAsyncNoLongestFirst(_OursAsyncBuiltWith):
+    """``ours_async`` with decode launches in the step's own sequence order (``attention.DECODE_LONGEST_FIRST`` off,
+    the default until session 15): what longest-first decode launches give, alone, against today's default."""
+
+    patches = {("attention", "DECODE_LONGEST_FIRST"): False}
+
+
+class OursAsyncPreviousDefaults(_OursAsyncBuiltWith):
+    """``ours_async`` as it was until session 15: no prefill graphs and decode launches in sequence order."""
+
+    patches = {**OursAsyncNoPrefillGraphs.patches, **OursAsyncNoLongestFirst.patches}
+
+
+class OursAsyncOwnHead64(_OursAsyncBuiltWith):
+    """``ours_async`` (prefill graphs, longest-first decode) with the prefill steps' compiled code of their own
+    (``_prefill_own_compile``; W1's full prefill step 39.0 GPU ms against 43.7 in session 15's probe) and head-major
+    KV blocks of 64 slots (``_head_major`` and ``_block64``; W1's decode attention 1.04x in session 15's sweep): the
+    levers left for W1, whose decode is mostly attention over short contexts."""
+
+    block_size = 64
+    patches = {**OursAsyncPrefillOwnCompile.patches, **OursAsyncHeadMajor.patches}
 
 
 class OursAsyncNoDecodeTune(_OursAsyncBuiltWith):
@@ -878,6 +910,10 @@ class OursLightning(Variant):
         return self._stats
 
 
+# Since session 16 ``ours_async`` replays prefill and mixed steps from graphs and launches decode attention longest
+# context first (both defaults now): the variants that turn either on (``_prefill_graphs``, ``_longest_first`` and
+# their combinations) equal ``ours_async`` or its other levers there; ``_no_prefill_graphs``, ``_no_longest_first``
+# and ``_previous_defaults`` show what each gives against today's default.
 VARIANTS: dict[str, type[Variant]] = {
     "static": StaticGenerate,
     "hf_cb": HfContinuousBatchingSync,
@@ -921,6 +957,10 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_stacked_longest_first": OursAsyncStackedLongestFirst,
     "ours_async_fewer_kernels_capped": OursAsyncFewerKernelsCapped,
     "ours_async_longest_first": OursAsyncLongestFirst,
+    "ours_async_no_prefill_graphs": OursAsyncNoPrefillGraphs,
+    "ours_async_no_longest_first": OursAsyncNoLongestFirst,
+    "ours_async_previous_defaults": OursAsyncPreviousDefaults,
+    "ours_async_own_head64": OursAsyncOwnHead64,
     "ours_async_size_oblivious": OursAsyncSizeOblivious,
     "ours_async_no_decode_tune": OursAsyncNoDecodeTune,
     "ours_async_split_decode": OursAsyncSplitDecode,
