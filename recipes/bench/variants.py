@@ -578,16 +578,6 @@ class OursAsyncSizeOblivious(_OursAsyncBuiltWith):
     patches = {("compiled_layers", "SIZE_OBLIVIOUS"): True}
 
 
-class OursAsyncLongestFirst(_OursAsyncBuiltWith):
-    """``ours_async`` with decode launches visiting their sequences longest context first
-    (``attention.DECODE_LONGEST_FIRST``: an argsort of the context lengths once a forward, inside the decode graphs),
-    so a launch's last wave is short programs. W1's decode launch is ~42 us over 1,536 programs of contexts 64-1,024:
-    its tail is a visible share. The sweep's verdict against it (0.67-0.94x) timed an argsort in every launch. On the
-    H200 (session 14): W7 median 24,523 against 23,812 (+3.0%), W1 148,129 against 142,268 (inside its spread)."""
-
-    patches = {("attention", "DECODE_LONGEST_FIRST"): True}
-
-
 class OursAsyncPdl(_OursAsyncBuiltWith):
     """``ours_async`` with inductor's programmatic dependent launch (``triton.enable_pdl``) in the engine's compiles:
     on Hopper, each generated kernel is launched to start while the kernel before it drains and waits
@@ -646,57 +636,6 @@ class OursAsyncStacked(_OursAsyncBuiltWith):
                **OursAsyncFewerKernelsCapped.patches}
 
 
-class OursAsyncStackedLongestFirst(_OursAsyncBuiltWith):
-    """``ours_async_stacked`` with decode launches longest context first (``ours_async_longest_first``)."""
-
-    patches = {**OursAsyncStacked.patches, **OursAsyncLongestFirst.patches}
-
-
-class OursAsyncPrefillGraphs(_OursAsyncBuiltWith):
-    """``ours_async`` with prefill and mixed steps replayed from CUDA graphs of a few token buckets
-    (``model_runner.PREFILL_GRAPHS``; their attention a flat launch from a host-made table of query blocks). On the
-    H200 (session 15) a prefill step's host launch took 30-43 ms on W1 and W7, as long as its GPU work or longer."""
-
-    patches = {("model_runner", "PREFILL_GRAPHS"): True}
-
-
-class OursAsyncPrefillGraphsOwn(_OursAsyncBuiltWith):
-    """``ours_async_prefill_graphs`` with the prefill steps' compiled code of their own (``_prefill_own_compile``),
-    which the graphs then capture: W1's full prefill step ran 39.0 GPU ms against 43.7 (session 15 probe)."""
-
-    patches = {**OursAsyncPrefillGraphs.patches, **OursAsyncPrefillOwnCompile.patches}
-
-
-class OursAsyncPrefillGraphsLongestFirst(_OursAsyncBuiltWith):
-    """``ours_async_prefill_graphs`` with decode launches longest context first (``ours_async_longest_first``), which
-    the session-15 sweep timed at 1.06x on W1's decode attention once its order was made outside the timed graph."""
-
-    patches = {**OursAsyncPrefillGraphs.patches, **OursAsyncLongestFirst.patches}
-
-
-class OursAsyncPrefillGraphsLongestFirstHead64(_OursAsyncBuiltWith):
-    """``ours_async_prefill_graphs_longest_first`` with head-major KV blocks of 64 slots (``_head_major`` and
-    ``_block64``): W1's decode attention levers together. In session 15's sweep, head-major 64-slot blocks ran W1's
-    decode launch 1.04x and longest-first 1.06x, each alone."""
-
-    block_size = 64
-    patches = {**OursAsyncPrefillGraphsLongestFirst.patches, **OursAsyncHeadMajor.patches}
-
-
-class OursAsyncStackedPrefillGraphs(_OursAsyncBuiltWith):
-    """``ours_async_stacked`` with prefill graphs (``ours_async_prefill_graphs``)."""
-
-    patches = {**OursAsyncStacked.patches, **OursAsyncPrefillGraphs.patches}
-
-
-class OursAsyncStackedPrefillGraphsLongestFirst(_OursAsyncBuiltWith):
-    """Every lever that gained on W7 so far at once: ``ours_async_stacked_prefill_graphs`` (24,802 out tok/s on the
-    H200, session 15, 0.8% short of 25,000) with decode launches longest context first (1.02x on W7's decode attention
-    and 1.06x on W1's in session 15's sweep)."""
-
-    patches = {**OursAsyncStackedPrefillGraphs.patches, **OursAsyncLongestFirst.patches}
-
-
 class OursAsyncNoPrefillGraphs(_OursAsyncBuiltWith):
     """``ours_async`` with prefill and mixed steps launched eagerly (``model_runner.PREFILL_GRAPHS`` off, the default
     until session 15): what the prefill graphs give, alone, against today's default."""
@@ -717,6 +656,14 @@ class OursAsyncPreviousDefaults(_OursAsyncBuiltWith):
     patches = {**OursAsyncNoPrefillGraphs.patches, **OursAsyncNoLongestFirst.patches}
 
 
+class OursAsyncHead64(_OursAsyncBuiltWith):
+    """``ours_async`` with head-major KV blocks of 64 slots (``_head_major`` and ``_block64``): W1's decode attention
+    1.04x in session 15's sweep."""
+
+    block_size = 64
+    patches = dict(OursAsyncHeadMajor.patches)
+
+
 class OursAsyncOwnHead64(_OursAsyncBuiltWith):
     """``ours_async`` (prefill graphs, longest-first decode) with the prefill steps' compiled code of their own
     (``_prefill_own_compile``; W1's full prefill step 39.0 GPU ms against 43.7 in session 15's probe) and head-major
@@ -724,7 +671,7 @@ class OursAsyncOwnHead64(_OursAsyncBuiltWith):
     levers left for W1, whose decode is mostly attention over short contexts."""
 
     block_size = 64
-    patches = {**OursAsyncPrefillOwnCompile.patches, **OursAsyncHeadMajor.patches}
+    patches = {**OursAsyncPrefillOwnCompile.patches, **OursAsyncHead64.patches}
 
 
 class OursAsyncNoDecodeTune(_OursAsyncBuiltWith):
@@ -911,9 +858,9 @@ class OursLightning(Variant):
 
 
 # Since session 16 ``ours_async`` replays prefill and mixed steps from graphs and launches decode attention longest
-# context first (both defaults now): the variants that turn either on (``_prefill_graphs``, ``_longest_first`` and
-# their combinations) equal ``ours_async`` or its other levers there; ``_no_prefill_graphs``, ``_no_longest_first``
-# and ``_previous_defaults`` show what each gives against today's default.
+# context first (both defaults now). The variants that turned either on (``ours_async_prefill_graphs``,
+# ``_longest_first`` and their combinations with the other levers, sessions 14-15) are gone, being ``ours_async`` or
+# another variant now; ``_no_prefill_graphs``, ``_no_longest_first`` and ``_previous_defaults`` show what each gives.
 VARIANTS: dict[str, type[Variant]] = {
     "static": StaticGenerate,
     "hf_cb": HfContinuousBatchingSync,
@@ -947,19 +894,12 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_max_autotune": OursAsyncMaxAutotune,
     "ours_async_cublaslt": OursAsyncCublasLt,
     "ours_async_prefill_own_compile": OursAsyncPrefillOwnCompile,
-    "ours_async_prefill_graphs": OursAsyncPrefillGraphs,
-    "ours_async_prefill_graphs_own": OursAsyncPrefillGraphsOwn,
-    "ours_async_prefill_graphs_longest_first": OursAsyncPrefillGraphsLongestFirst,
-    "ours_async_prefill_graphs_longest_first_head64": OursAsyncPrefillGraphsLongestFirstHead64,
-    "ours_async_stacked_prefill_graphs_longest_first": OursAsyncStackedPrefillGraphsLongestFirst,
-    "ours_async_stacked_prefill_graphs": OursAsyncStackedPrefillGraphs,
     "ours_async_stacked": OursAsyncStacked,
-    "ours_async_stacked_longest_first": OursAsyncStackedLongestFirst,
     "ours_async_fewer_kernels_capped": OursAsyncFewerKernelsCapped,
-    "ours_async_longest_first": OursAsyncLongestFirst,
     "ours_async_no_prefill_graphs": OursAsyncNoPrefillGraphs,
     "ours_async_no_longest_first": OursAsyncNoLongestFirst,
     "ours_async_previous_defaults": OursAsyncPreviousDefaults,
+    "ours_async_head64": OursAsyncHead64,
     "ours_async_own_head64": OursAsyncOwnHead64,
     "ours_async_size_oblivious": OursAsyncSizeOblivious,
     "ours_async_no_decode_tune": OursAsyncNoDecodeTune,
