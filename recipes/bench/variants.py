@@ -636,6 +636,23 @@ class OursAsyncStacked(_OursAsyncBuiltWith):
                **OursAsyncFewerKernelsCapped.patches}
 
 
+class OursAsyncOwnMaxAutotune(_OursAsyncBuiltWith):
+    """``ours_async_max_autotune`` with prefill steps compiled on their own (``ours_async_prefill_own_compile``): the
+    decode code's products tuned on 256 decode rows, the prefill code's on a full-budget prefill step, each winner
+    (cuBLAS or a Triton template, which can take the pointwise work before or after it as its prologue or epilogue:
+    the MLP's silu-mul, the residual add) kept for its own steps only."""
+
+    patches = {**OursAsyncPrefillOwnCompile.patches, ("compiled_layers", "COMPILE_OPTIONS"): {"max_autotune": True}}
+
+
+class OursAsyncStackedMaxAutotune(_OursAsyncBuiltWith):
+    """``ours_async_stacked`` with inductor's ``max_autotune`` added to its combo kernels (``ours_async_own_max_autotune``
+    on top of the stacked levers)."""
+
+    patches = {**OursAsyncStacked.patches,
+               ("compiled_layers", "COMPILE_OPTIONS"): {"combo_kernels": True, "max_autotune": True}}
+
+
 class OursAsyncNoPrefillGraphs(_OursAsyncBuiltWith):
     """``ours_async`` with prefill and mixed steps launched eagerly (``model_runner.PREFILL_GRAPHS`` off, the default
     until session 15): what the prefill graphs give, alone, against today's default."""
@@ -892,6 +909,8 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_fewer_kernels": OursAsyncFewerKernels,
     "ours_async_pdl": OursAsyncPdl,
     "ours_async_max_autotune": OursAsyncMaxAutotune,
+    "ours_async_own_max_autotune": OursAsyncOwnMaxAutotune,
+    "ours_async_stacked_max_autotune": OursAsyncStackedMaxAutotune,
     "ours_async_cublaslt": OursAsyncCublasLt,
     "ours_async_prefill_own_compile": OursAsyncPrefillOwnCompile,
     "ours_async_stacked": OursAsyncStacked,
