@@ -70,10 +70,8 @@ def _eager_prefill_graphs(monkeypatch) -> list:
     def start(self):
         real_start(self)
         self._flat_block_q = 4
-        cfg = self.config
-        for tb in sorted(mr.prefill_graph_buckets(cfg.max_batch_tokens, cfg.max_num_seqs, self.max_model_len)):
-            bb = min(cfg.max_num_seqs, tb)
-            self.prefill_graphs[tb] = mr.PrefillGraph(None, None, None, 0, bb, self._prefill_slots(tb))
+        for tb, bb, slots in sorted(self._prefill_graph_sizes()):
+            self.prefill_graphs[tb] = mr.PrefillGraph(None, None, None, 0, bb, slots)
 
     def forward(self, buf, lay):
         if not lay.prefill_graph:

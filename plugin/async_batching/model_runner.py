@@ -617,14 +617,17 @@ class ModelRunner:
     @torch.no_grad()
     def forward(self, buf: torch.Tensor, lay: StepLayout) -> torch.Tensor:
         """Logits ``[num_samples, V]`` of the step whose inputs sit in the device buffer ``buf``."""
-        if lay.graph_batch or lay.prefill_graph:
-            graph, static_in, static_logits, head = (self.graphs[lay.graph_batch] if lay.graph_batch
-                                                     else self.prefill_graphs[lay.prefill_graph][:4])
-            static_in[:head].copy_(buf[:head])
-            graph.replay()
-            return static_logits[: lay.num_samples]
-        with self.installed():
-            return self._forward(buf, lay)
+        if lay.graph_batch:
+            graph, static_in, static_logits, head = self.graphs[lay.graph_batch]
+        elif lay.prefill_graph:
+            pg = self.prefill_graphs[lay.prefill_graph]
+            graph, static_in, static_logits, head = pg.graph, pg.static_in, pg.static_logits, pg.head
+        else:
+            with self.installed():
+                return self._forward(buf, lay)
+        static_in[:head].copy_(buf[:head])
+        graph.replay()
+        return static_logits[: lay.num_samples]
 
     def score_rows(self, logits: torch.Tensor, buf: torch.Tensor, lay: StepLayout, out: torch.Tensor) -> None:
         """For each scored row: the log-probability of its target token and whether the target was the argmax."""
@@ -680,18 +683,20 @@ class ModelRunner:
             lay.add(name, arr)
         return lay, torch.from_numpy(np.concatenate(parts)).to(self.device)
 
+    def _prefill_graph_sizes(self) -> list[tuple[int, int, int]]:
+        """(token bucket, most sequences, query-block slots) of each prefill graph to capture, largest bucket first."""
+        cfg = self.config
+        return [(tb, min(cfg.max_num_seqs, tb), self._prefill_slots(tb))
+                for tb in prefill_graph_buckets(cfg.max_batch_tokens, cfg.max_num_seqs, self.max_model_len)]
+
     def capture_prefill_graphs(self, stream: torch.cuda.Stream) -> None:
         """Capture one graph of the prefill forward per token bucket (``prefill_graph_buckets``), largest first, in the
         decode graphs' pool (one step runs at a time). Their attention is a flat launch whose grid depends only on the
         bucket, so one graph serves every step that fits it. Failing that, prefill steps run as before, one line
         logged."""
-        cfg = self.config
-        buckets = prefill_graph_buckets(cfg.max_batch_tokens, cfg.max_num_seqs, self.max_model_len)
         try:
             with gc_freeze.no_collection():
-                for tb in buckets:
-                    bb = min(cfg.max_num_seqs, tb)
-                    slots = self._prefill_slots(tb)
+                for tb, bb, slots in self._prefill_graph_sizes():
                     lay, static_in = self._scratch_prefill_step(tb, bb, slots)
                     graph, static_logits = self._capture(self._forward, static_in, lay, stream)
                     self.prefill_graphs[tb] = PrefillGraph(graph, static_in, static_logits,
