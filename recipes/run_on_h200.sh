@@ -19,7 +19,6 @@
 #               .bench_tokenizer from 'eval_bench.py --save-tokenizer .bench_tokenizer')
 #   atune (~4) the Triton attention kernel's tests natively, then recipes/bench/attention_tuning.py's launch sweep
 #   gtune (~5)  recipes/bench/gemm_tuning.py: the decode products, cuBLAS vs triton_matmul's split-K launches (GTUNE_S, GTUNE_ARGS)
-#   mlptune (~4) recipes/bench/fused_mlp_tuning.py: the fused MLP tail kernel vs silu-mul + cuBLAS + add (MLPTUNE_S, MLPTUNE_ARGS)
 #   gemm (~2)   recipes/bench/gemm_shapes.py: the decode steps' matrix products in CUDA graphs vs the copy/matmul bounds;
 #               recipes/bench/graph_launch.py: host cost of a graph replay by node count, and of W1's decode graph
 #   probe (~3)  recipes/bench/step_probe.py on PROBE_WORKLOADS (w1 w7): a full and a small prefill step (compiled and
@@ -93,7 +92,7 @@ for what in "$@"; do
         ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} tests/ > "$OUT/gpu_tests.log" 2>&1; tail -15 "$OUT/gpu_tests.log"
       SUMMARIES+=("$OUT/gpu_tests.log")
       if [ "${TRITON_TESTS:-1}" = 1 ]; then
-        timeout -k 15 300 python3 -m pytest -q -p no:cacheprovider -m "not gpu" tests/test_triton_attention.py tests/test_triton_fused_mlp.py \
+        timeout -k 15 300 python3 -m pytest -q -p no:cacheprovider -m "not gpu" tests/test_triton_attention.py \
           > "$OUT/triton_tests.log" 2>&1; tail -5 "$OUT/triton_tests.log"
         SUMMARIES+=("$OUT/triton_tests.log")
       fi ;;
@@ -138,10 +137,6 @@ for what in "$@"; do
       timeout -k 15 "${GTUNE_S:-400}" python3 recipes/bench/gemm_tuning.py --out "$OUT/gemm_tuning.json" ${GTUNE_ARGS:-} \
         > "$OUT/gemm_tuning.md" 2> "$OUT/gemm_tuning.err" || echo "gtune: exited with status $?"
       SUMMARIES+=("$OUT/gemm_tuning.md") ;;
-    mlptune) # the fused MLP tail kernel against silu-mul + cuBLAS + add, over a sweep of launches (MLPTUNE_ARGS)
-      timeout -k 15 "${MLPTUNE_S:-300}" python3 recipes/bench/fused_mlp_tuning.py --out "$OUT/fused_mlp_tuning.json" \
-        ${MLPTUNE_ARGS:-} > "$OUT/fused_mlp_tuning.md" 2> "$OUT/fused_mlp_tuning.err" || echo "mlptune: exited with status $?"
-      SUMMARIES+=("$OUT/fused_mlp_tuning.md") ;;
     gemm) # the decode steps' matrix products alone in CUDA graphs, against the copy and matmul bounds
       timeout -k 15 120 python3 recipes/bench/gemm_shapes.py --out "$OUT/gemm_shapes.json" > "$OUT/gemm_shapes.md" \
         2> "$OUT/gemm_shapes.err" || echo "gemm: exited with status $?"

@@ -21,8 +21,6 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import fused_mlp
-
 
 # Extra inductor options of the engine's compiles (torch.compile's ``options``); empty in use. Benchmark variants set
 # them to measure them: ``ours_async_combo_kernels`` (independent small kernels of a layer launched as one, e.g. the
@@ -108,9 +106,8 @@ class CompiledLayers:
     key (``PREFILL_CACHE_TAG``), so that their kernels are tuned on a prefill step's shapes, not the decode rows'."""
 
     def __init__(self, model: nn.Module, own_frame: bool = False, **compile_kwargs):
-        extra = {**fused_mlp.compile_options(), **COMPILE_OPTIONS}
-        if extra:
-            compile_kwargs = {**compile_kwargs, "options": {**compile_kwargs.get("options", {}), **extra}}
+        if COMPILE_OPTIONS:
+            compile_kwargs = {**compile_kwargs, "options": {**compile_kwargs.get("options", {}), **COMPILE_OPTIONS}}
         self.model = model
         self.blocks, self.once = repeated_blocks(model)
         if self.blocks:

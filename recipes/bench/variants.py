@@ -653,20 +653,6 @@ class OursAsyncStackedMaxAutotune(_OursAsyncBuiltWith):
                ("compiled_layers", "COMPILE_OPTIONS"): {"combo_kernels": True, "max_autotune": True}}
 
 
-class OursAsyncFusedMlp(_OursAsyncBuiltWith):
-    """``ours_async`` with the gated MLP's tail fused by a compiler pass (``fused_mlp.FUSE_MLP_TAIL``): the silu-mul,
-    the down product and the residual add after it as one Triton kernel (``triton_fused_mlp``), in decode and prefill
-    steps alike: two launches a layer fewer, and the activation never written to memory."""
-
-    patches = {("fused_mlp", "FUSE_MLP_TAIL"): True}
-
-
-class OursAsyncStackedFusedMlp(_OursAsyncBuiltWith):
-    """``ours_async_stacked`` with the fused MLP tail (``ours_async_fused_mlp``)."""
-
-    patches = {**OursAsyncStacked.patches, ("fused_mlp", "FUSE_MLP_TAIL"): True}
-
-
 class OursAsyncNoPrefillGraphs(_OursAsyncBuiltWith):
     """``ours_async`` with prefill and mixed steps launched eagerly (``model_runner.PREFILL_GRAPHS`` off, the default
     until session 15): what the prefill graphs give, alone, against today's default."""
@@ -924,8 +910,6 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_pdl": OursAsyncPdl,
     "ours_async_max_autotune": OursAsyncMaxAutotune,
     "ours_async_own_max_autotune": OursAsyncOwnMaxAutotune,
-    "ours_async_fused_mlp": OursAsyncFusedMlp,
-    "ours_async_stacked_fused_mlp": OursAsyncStackedFusedMlp,
     "ours_async_stacked_max_autotune": OursAsyncStackedMaxAutotune,
     "ours_async_cublaslt": OursAsyncCublasLt,
     "ours_async_prefill_own_compile": OursAsyncPrefillOwnCompile,
