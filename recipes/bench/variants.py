@@ -601,7 +601,9 @@ class OursAsyncMaxAutotune(_OursAsyncBuiltWith):
     at start-up against inductor's Triton templates on the first trace's shapes (256 decode rows), and the winner
     kept for every size; a Triton product can take the pointwise work after it as its epilogue (the residual add
     after the MLP's down product is a kernel of its own in the decode probe). cuBLAS stays where it wins. Start-up
-    grows by the candidates' compiles and timings. Not yet measured."""
+    grows by the candidates' compiles and timings. On the H200 (session 17, W1): 123,407 out tok/s against 146,230
+    (-16%), start-up 95 s against 36: the templates tuned on decode rows doubled the prefill phase (208 ms against
+    110), and decode lost too (``ours_async_own_max_autotune``)."""
 
     patches = {("compiled_layers", "COMPILE_OPTIONS"): {"max_autotune": True}}
 
@@ -640,14 +642,15 @@ class OursAsyncOwnMaxAutotune(_OursAsyncBuiltWith):
     """``ours_async_max_autotune`` with prefill steps compiled on their own (``ours_async_prefill_own_compile``): the
     decode code's products tuned on 256 decode rows, the prefill code's on a full-budget prefill step, each winner
     (cuBLAS or a Triton template, which can take the pointwise work before or after it as its prologue or epilogue:
-    the MLP's silu-mul, the residual add) kept for its own steps only."""
+    the MLP's silu-mul, the residual add) kept for its own steps only. On the H200 (session 17, W1): 135,077 out
+    tok/s against 146,230 (-8%; the prefill phase as fast, decode about 0.27 ms a step slower), start-up 102 s."""
 
     patches = {**OursAsyncPrefillOwnCompile.patches, ("compiled_layers", "COMPILE_OPTIONS"): {"max_autotune": True}}
 
 
 class OursAsyncStackedMaxAutotune(_OursAsyncBuiltWith):
     """``ours_async_stacked`` with inductor's ``max_autotune`` added to its combo kernels (``ours_async_own_max_autotune``
-    on top of the stacked levers)."""
+    on top of the stacked levers). On the H200 (session 17, W1): 135,544 out tok/s against 146,230, start-up 119 s."""
 
     patches = {**OursAsyncStacked.patches,
                ("compiled_layers", "COMPILE_OPTIONS"): {"combo_kernels": True, "max_autotune": True}}
