@@ -656,6 +656,23 @@ class OursAsyncStackedMaxAutotune(_OursAsyncBuiltWith):
                ("compiled_layers", "COMPILE_OPTIONS"): {"combo_kernels": True, "max_autotune": True}}
 
 
+class OursAsyncWholeModel(_OursAsyncBuiltWith):
+    """``ours_async`` with the whole model compiled as one graph (``compiled_layers.REGIONAL`` off), not one layer at a
+    time: inductor fuses across layer boundaries (the residual add that ends a layer with the next layer's input
+    norm: on W1's decode step about 2 us a layer of 30, and a pass over the hidden states in prefill). Start-up grows
+    with the depth (every layer unrolled into the graph)."""
+
+    patches = {("compiled_layers", "REGIONAL"): False}
+
+
+class OursAsyncAggressiveFusion(_OursAsyncBuiltWith):
+    """``ours_async`` with inductor's ``aggressive_fusion`` in the engine's compiles: nodes fused even where they
+    share no input (inductor's default fuses only kernels that read a common buffer), fewer launches a layer where
+    the scheduler finds them compatible."""
+
+    patches = {("compiled_layers", "COMPILE_OPTIONS"): {"aggressive_fusion": True}}
+
+
 class OursAsyncNoPrefillGraphs(_OursAsyncBuiltWith):
     """``ours_async`` with prefill and mixed steps launched eagerly (``model_runner.PREFILL_GRAPHS`` off, the default
     until session 15): what the prefill graphs give, alone, against today's default."""
@@ -914,6 +931,8 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_max_autotune": OursAsyncMaxAutotune,
     "ours_async_own_max_autotune": OursAsyncOwnMaxAutotune,
     "ours_async_stacked_max_autotune": OursAsyncStackedMaxAutotune,
+    "ours_async_whole_model": OursAsyncWholeModel,
+    "ours_async_aggressive_fusion": OursAsyncAggressiveFusion,
     "ours_async_cublaslt": OursAsyncCublasLt,
     "ours_async_prefill_own_compile": OursAsyncPrefillOwnCompile,
     "ours_async_stacked": OursAsyncStacked,
