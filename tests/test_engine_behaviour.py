@@ -437,6 +437,33 @@ def test_compiled_layers_are_one_graph_each_shared_by_every_layer_and_only_insid
     assert all(m._compiled_call_impl is None for m in [*deep.model.layers, deep.model.norm, deep.model.rotary_emb])
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_the_whole_model_compiled_as_one_graph_gives_generates_tokens(arch, monkeypatch):
+    """``compiled_layers.REGIONAL`` off: the whole model compiles as one graph (every layer unrolled in it, attention
+    the opaque op), not one layer at a time; greedy tokens equal generate's with chunked prompts and preemption,
+    decode and prefill steps ran compiled, and nothing compiled mid-run."""
+    import async_batching.compiled_layers as cl
+    import async_batching.model_runner as mr
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(cl, "REGIONAL", False)
+    monkeypatch.setattr(mr, "PREFILL_COMPILE_MIN_WORK", 1.0)
+    torch._dynamo.reset()
+    m = tiny_model(arch, num_hidden_layers=3)
+    b = ContinuousBatcher(m, compile=True, max_batch_tokens=48, num_blocks=24, block_size=8, max_num_seqs=6)
+    assert b.runner._compiled._whole is not None and not b.runner._compiled.blocks
+    compiled = counters["stats"]["unique_graphs"]
+    calls = _count_compiled_calls(b, monkeypatch)
+    prompts = mixed_prompts(10, lo=1, hi=90, seed=7)
+    out = b.generate(prompts, SamplingParams(max_new_tokens=12))
+    assert [r.token_ids for r in out] == [reference(m, p, 12, eos=2) for p in prompts]
+    assert b.stats["preemptions"] > 0 and calls["eager"] == 0 and calls["decode"] > 0 and calls["prefill"] > 0
+    assert counters["stats"]["unique_graphs"] == compiled, "compiled during the run"
+    assert b.runner._compiled is not None and b.runner._compiled_prefill
+    b.close()
+    torch._dynamo.reset()
+
+
 def test_size_oblivious_tracing_compiles_one_graph_per_module_that_serves_every_size(monkeypatch):
     """``compiled_layers.SIZE_OBLIVIOUS``: the decoder layer, the final norm and the rotary embedding compile once each
     (no graph specialised to one row or token; by default each compiles twice), and that one graph runs decode steps

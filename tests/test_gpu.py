@@ -123,6 +123,19 @@ def test_fp32_prefill_graphs_of_their_own_match_generate(arch, monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2"])
+def test_fp32_whole_model_compile_matches_generate_in_graphs(arch, monkeypatch):
+    """``compiled_layers.REGIONAL`` off: the whole model as one compiled graph (layers unrolled, fused across their
+    boundaries), decode and prefill steps in CUDA graphs: greedy tokens equal generate's, nothing fell back."""
+    import async_batching.compiled_layers as cl
+
+    monkeypatch.setattr(cl, "REGIONAL", False)
+    torch._dynamo.reset()
+    b = _fp32_matches_generate(arch, True)
+    assert b.runner._compiled._whole is not None and b.runner._compiled_prefill
+    assert b.stats["prefill_graph_steps"] > 0 and b.stats["graph_steps"] > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2"])
 @pytest.mark.parametrize("fused_write", [False, True])
 def test_fp32_head_major_kv_cache_matches_generate(arch, fused_write, monkeypatch):
     """``kv_cache.KV_LAYOUT = "head"`` on the Triton path, compiled, in CUDA graphs: the write kernel, the attention

@@ -34,6 +34,12 @@ COMPILE_OPTIONS: dict = {"combo_kernels": True}
 # (CPU; llama, qwen3, gemma2, gpt_oss on the H200). Off: on the H200 (session 14) W1's start-up was no shorter, 37.3
 # s against 32.1 (warm-up compile 30.1 against 26.9 s; variant ours_async_size_oblivious).
 SIZE_OBLIVIOUS = False
+# Compile the layers one at a time (regional compilation, see the module docstring). Off: the whole model as one graph,
+# every layer unrolled into it, so inductor can fuse across layer boundaries (the residual add that ends a layer with
+# the next layer's input norm: one kernel a layer fewer, and one pass over the hidden states fewer in prefill). Since
+# session 16 decode and prefill steps replay CUDA graphs, so the whole graph's guards cost the host only outside them;
+# start-up grows with the depth. Benchmark variant ``ours_async_whole_model``; read when an engine is built.
+REGIONAL = True
 
 
 def size_oblivious() -> bool:
@@ -109,7 +115,7 @@ class CompiledLayers:
         if COMPILE_OPTIONS:
             compile_kwargs = {**compile_kwargs, "options": {**compile_kwargs.get("options", {}), **COMPILE_OPTIONS}}
         self.model = model
-        self.blocks, self.once = repeated_blocks(model)
+        self.blocks, self.once = repeated_blocks(model) if REGIONAL else ([], [])
         if self.blocks:
             self._whole = None
         else:
@@ -122,7 +128,8 @@ class CompiledLayers:
 
     def __call__(self, *args, **kwargs):
         if self._whole is not None:
-            return self._whole(*args, **kwargs)
+            with _dynamo_settings():
+                return self._whole(*args, **kwargs)
         previous: list[Optional[object]] = []
         for block, fn in zip(self._targets, self._fns):
             previous.append(block.__dict__.get("_compiled_call_impl"))

@@ -621,6 +621,23 @@ class OursAsyncCoordinateDescent(_OursAsyncBuiltWith):
     patches = {("compiled_layers", "COMPILE_OPTIONS"): {**_COMBO, "coordinate_descent_tuning": True}}
 
 
+class OursAsyncWholeModel(_OursAsyncBuiltWith):
+    """``ours_async`` with the whole model compiled as one graph (``compiled_layers.REGIONAL`` off), not one layer at a
+    time: inductor fuses across layer boundaries (the residual add that ends a layer with the next layer's input
+    norm: on W1's decode step about 2 us a layer of 30, and a pass over the hidden states in prefill). Start-up grows
+    with the depth (every layer unrolled into the graph)."""
+
+    patches = {("compiled_layers", "REGIONAL"): False}
+
+
+class OursAsyncAggressiveFusion(_OursAsyncBuiltWith):
+    """``ours_async`` with inductor's ``aggressive_fusion`` in the engine's compiles: nodes fused even where they
+    share no input (inductor's default fuses only kernels that read a common buffer), fewer launches a layer where
+    the scheduler finds them compatible."""
+
+    patches = {("compiled_layers", "COMPILE_OPTIONS"): {**_COMBO, "aggressive_fusion": True}}
+
+
 class OursAsyncNoPrefillGraphs(_OursAsyncBuiltWith):
     """``ours_async`` with prefill and mixed steps launched eagerly (``model_runner.PREFILL_GRAPHS`` off, the default
     until session 15): what the prefill graphs give, alone, against today's default."""
@@ -861,6 +878,8 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_token_major": OursAsyncTokenMajor,
     "ours_async_no_prefill_own_compile": OursAsyncNoPrefillOwnCompile,
     "ours_async_session17_defaults": OursAsyncSession17Defaults,
+    "ours_async_whole_model": OursAsyncWholeModel,
+    "ours_async_aggressive_fusion": OursAsyncAggressiveFusion,
     "ours_async_cublaslt": OursAsyncCublasLt,
     "ours_async_no_prefill_graphs": OursAsyncNoPrefillGraphs,
     "ours_async_no_longest_first": OursAsyncNoLongestFirst,
