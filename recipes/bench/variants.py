@@ -645,15 +645,16 @@ class OursAsyncOwnMaxAutotune(_OursAsyncBuiltWith):
     the MLP's silu-mul, the residual add) kept for its own steps only. On the H200 (session 17, W1): 135,077 out
     tok/s against 146,230 (-8%; the prefill phase as fast, decode about 0.27 ms a step slower), start-up 102 s."""
 
-    patches = {**OursAsyncPrefillOwnCompile.patches, ("compiled_layers", "COMPILE_OPTIONS"): {"max_autotune": True}}
+    patches = {**OursAsyncPrefillOwnCompile.patches, **OursAsyncMaxAutotune.patches}
 
 
 class OursAsyncStackedMaxAutotune(_OursAsyncBuiltWith):
     """``ours_async_stacked`` with inductor's ``max_autotune`` added to its combo kernels (``ours_async_own_max_autotune``
     on top of the stacked levers). On the H200 (session 17, W1): 135,544 out tok/s against 146,230, start-up 119 s."""
 
+    _options = ("compiled_layers", "COMPILE_OPTIONS")
     patches = {**OursAsyncStacked.patches,
-               ("compiled_layers", "COMPILE_OPTIONS"): {"combo_kernels": True, "max_autotune": True}}
+               _options: {**OursAsyncStacked.patches[_options], **OursAsyncMaxAutotune.patches[_options]}}
 
 
 class OursAsyncWholeModel(_OursAsyncBuiltWith):
