@@ -101,7 +101,8 @@ def _own_frame(module: nn.Module, *args, **kwargs):
 class CompiledLayers:
     """Calls the model with each of its repeated blocks' calls compiled (``torch.compile(dynamic=True)`` of the
     block's ``_call_impl``, what ``nn.Module.compile`` does), and those of the blocks' siblings, for the duration of
-    the call only. A model without repeated blocks is compiled whole.
+    the call only. A model without repeated blocks, or any model with ``REGIONAL`` off, is compiled whole (under the
+    same ``_dynamo_settings``).
 
     ``own_frame``: compile through ``_own_frame`` instead. Dynamo keeps its graphs per code object, and every module's
     ``_call_impl`` shares one, so without it all compiles of a layer kind share their graphs; the graph compiled first
