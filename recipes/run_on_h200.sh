@@ -37,7 +37,7 @@
 # (add `eval` for lm_eval's) downloads them into .whl/ once, on a machine with a registry; this script installs them
 # once per machine into /tmp/site.
 # Knobs: GPU_TESTS_K (tests: a pytest -k filter), GPU_TESTS_S (tests: time limit, 560 s), GPU_TESTS_SHARD=i/n (tests: every
-# n-th test from the i-th; the whole GPU suite takes more than one call since session 10: run 1/2 and 2/2), GPU_TESTS_WORKERS=2 (tests:
+# n-th test from the i-th; GPU_TESTS_RESUME=k then drops its first k, to finish a shard a limit cut; the whole GPU suite takes more than one call since session 10: run 1/2 and 2/2), GPU_TESTS_WORKERS=2 (tests:
 # one pytest-xdist worker per GPU of the nvidia-h200-x2 kind; the TP tests then skip: step tp runs them), TRITON_TESTS=0 (tests: skip
 # the native run of the kernel tests), BENCH_ARGS (extra Hydra overrides for every benchmark step), FIRST_CALL=1 (first vs repeated call in every
 # step, not just w4 and w7), STEP_S (hard limit of one benchmark step, 560 s), EVAL_ARGS (more eval_bench.py arguments),
@@ -86,7 +86,7 @@ for what in "$@"; do
       workers=${GPU_TESTS_WORKERS:-1}  # > 1: one pytest-xdist worker per GPU (AB_TEST_GPUS, tests/conftest.py)
       [ "$workers" -gt 1 ] && xdist=(-n "$workers" --dist load) || xdist=()
       # failures printed as they happen and a stack dump of a test past 240 s: a limit may cut the summary off
-      AB_INSTAFAIL=1 AB_TEST_SHARD=${GPU_TESTS_SHARD:-} AB_TEST_GPUS=$([ "$workers" -gt 1 ] && echo "$workers") \
+      AB_INSTAFAIL=1 AB_TEST_SHARD=${GPU_TESTS_SHARD:-} AB_TEST_RESUME=${GPU_TESTS_RESUME:-} AB_TEST_GPUS=$([ "$workers" -gt 1 ] && echo "$workers") \
         timeout -k 15 "${GPU_TESTS_S:-560}" python3 -m pytest -q -o faulthandler_timeout=240 --durations=30 \
         -p no:cacheprovider --continue-on-collection-errors "${xdist[@]}" -m "gpu and not slow" \
         ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} tests/ > "$OUT/gpu_tests.log" 2>&1; tail -15 "$OUT/gpu_tests.log"

@@ -40,6 +40,22 @@ def pytest_collection_modifyitems(config, items):
     items[:] = kept
 
 
+class _Resume:
+    """AB_TEST_RESUME=k (run_on_h200.sh tests, GPU_TESTS_RESUME): drop the first k tests left after every other
+    selection (the shard, -m, -k), to finish a shard that a time limit cut after its k-th test."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config, items):
+        k = int(os.environ.get("AB_TEST_RESUME") or 0)
+        if k:
+            config.hook.pytest_deselected(items=items[:k])
+            items[:] = items[k:]
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(_Resume(), "ab_test_resume")
+
+
 def pytest_runtest_logreport(report):
     """AB_INSTAFAIL=1: a failure's traceback is printed as soon as it happens, not in the summary at the end, which a
     device call's time limit may never reach."""

@@ -476,6 +476,7 @@ def test_size_oblivious_tracing_compiles_one_graph_per_module_that_serves_every_
     if not hasattr(torch.fx.experimental._config, "backed_size_oblivious"):
         pytest.skip(f"torch {torch.__version__} has no backed_size_oblivious")
     monkeypatch.setattr(mr, "PREFILL_COMPILE_MIN_WORK", 1.0)
+    monkeypatch.setattr(mr, "PREFILL_OWN_COMPILE", False)  # one compiled code for both kinds: counted below
     m = tiny_model("llama", num_hidden_layers=3)
     graphs = {}
     for oblivious in (False, True):

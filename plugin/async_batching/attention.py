@@ -49,9 +49,10 @@ class StepContext:
         self.fused_write = False
 
 STEP_KWARG = "paged_step"  # the forward keyword that carries the StepContext down to the attention function
-# Decode steps' K/V written by the attention kernel itself (one launch a layer fewer). Off until measured on a GPU;
-# the benchmark variant ``ours_async_fused_write`` turns it on.
-FUSED_DECODE_WRITE = False
+# Decode steps' K/V written by the attention kernel itself (one launch a layer fewer), with DECODE_MAXNREG's cap. On by
+# default since session 18, as one of ``ours_async_stacked``'s levers (with PREFILL_OWN_COMPILE, head-major KV blocks
+# and combo kernels): W7 25,060 out tok/s against 24,572 on the H200 (session 16). Read when an engine is built.
+FUSED_DECODE_WRITE = True
 # Decode launches of the Triton kernel visit their sequences longest context first (``AttentionMetadata.order``, an
 # argsort of the step's context lengths made once a forward, inside the decode graphs): the GPU starts programs in
 # grid order, so the launch's last wave is short programs, not long ones. On the H200: session 14 (variant
@@ -65,9 +66,10 @@ DECODE_LONGEST_FIRST = True
 # SM holds 4 of its programs instead of 5; capped at 96 it compiles without spills and keeps 5
 # (recipes/bench/kernel_preflight.py). At head dim 128 the decode launch is bound by shared memory (3 programs an SM
 # at 73,728 B), so the kernel ignores the cap there. Measured on the H200 (session 14) with the fused write and combo
-# kernels (variant ours_async_fewer_kernels_capped): W1 median 140,185 out tok/s against 142,268, no gain.
-# Like the two flags above, read when an engine is built.
-DECODE_MAXNREG = 0
+# kernels (variant ours_async_fewer_kernels_capped): W1 median 140,185 out tok/s against 142,268, no gain; 96 by
+# default since session 18, with the fused write (see FUSED_DECODE_WRITE). Like the two flags above, read when an
+# engine is built.
+DECODE_MAXNREG = 96
 
 
 def decode_order(seq_lens: torch.Tensor) -> torch.Tensor:

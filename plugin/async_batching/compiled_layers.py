@@ -22,11 +22,11 @@ import torch
 from torch import nn
 
 
-# Extra inductor options of the engine's compiles (torch.compile's ``options``); empty in use. Benchmark variants set
-# them to measure them: ``ours_async_combo_kernels`` (independent small kernels of a layer launched as one, e.g. the
-# q and k norms with their rotary embeddings), ``ours_async_coordinate_descent``, ``ours_async_pdl``,
-# ``ours_async_max_autotune``.
-COMPILE_OPTIONS: dict = {}
+# Extra inductor options of the engine's compiles (torch.compile's ``options``). In use since session 18: inductor's
+# ``combo_kernels`` (independent small kernels of a layer launched as one, e.g. the q and k norms with their rotary
+# embeddings), one of ``ours_async_stacked``'s levers. Benchmark variants set others to measure them:
+# ``ours_async_coordinate_descent``, ``ours_async_pdl``, ``ours_async_max_autotune``.
+COMPILE_OPTIONS: dict = {"combo_kernels": True}
 # Trace sizes size-obliviously (torch.fx.experimental._config.backed_size_oblivious): a dimension first traced at 1
 # is not specialised, so the dynamic-shape graph traced on a large decode batch also serves one-row decode steps and
 # one-token prefill steps, and start-up compiles one graph per compiled module instead of two (the second, for size

@@ -185,9 +185,10 @@ class LayerSpec:
 # "head": each block head-major in memory ([block, kv head, slot, dim]) and handed out as a [block, slot, kv head,
 # dim] view, so a kv head's keys of a block are contiguous: at head_dim 64 a decode program reads one key of its head
 # every 128 B instead of every kv_heads x 128 B. The kernels read and write through strides, the torch path through
-# (block, slot) indices. "token" until measured (W1's decode attention reads K/V at 64-73% of the copy rate on short
-# contexts; attention_tuning.py times both, TUNING_CACHE_LAYOUTS; benchmark variant ours_async_head_major).
-KV_LAYOUT = "token"
+# (block, slot) indices. "head" by default since session 18, one of ``ours_async_stacked``'s levers (the decode
+# attention 1.02-1.04x on the H200's W1, W2 and W7 shapes, attention_tuning_h200.md session 15; with the others, W7
+# 25,060 out tok/s against 24,572, session 16).
+KV_LAYOUT = "head"
 KV_LAYOUTS = ("token", "head")
 
 

@@ -531,51 +531,49 @@ class OursAsyncGc(_OursAsyncBuiltWith):
     patches = {("gc_freeze", "FREEZE"): False}
 
 
-class OursAsyncFusedWrite(_OursAsyncBuiltWith):
-    """``ours_async`` with decode steps' K/V written by the attention kernel itself (``attention.FUSED_DECODE_WRITE``,
-    read when the engine is built): one write launch a layer fewer in every decode forward."""
-
-    patches = {("attention", "FUSED_DECODE_WRITE"): True}
-
-
-class OursAsyncComboKernels(_OursAsyncBuiltWith):
-    """``ours_async`` with inductor's ``combo_kernels`` in the engine's compiles (``compiled_layers.COMPILE_OPTIONS``):
-    independent small kernels of a layer (the q and k norms with their rotary embeddings) launched as one."""
-
-    patches = {("compiled_layers", "COMPILE_OPTIONS"): {"combo_kernels": True}}
+# ``ours_async_stacked``'s levers, the default since session 18 (W7 on the H200, session 16: 25,060 out tok/s against
+# 24,572 without them; session 14: +3.1%): each one's value when it is off, then all of them off.
+_COMBO = {"combo_kernels": True}  # compiled_layers.COMPILE_OPTIONS in use
+STACKED_OFF = {("model_runner", "PREFILL_OWN_COMPILE"): False, ("kv_cache", "KV_LAYOUT"): "token",
+               ("attention", "FUSED_DECODE_WRITE"): False, ("attention", "DECODE_MAXNREG"): 0,
+               ("compiled_layers", "COMPILE_OPTIONS"): {}}
 
 
-class OursAsyncHeadMajor(_OursAsyncBuiltWith):
-    """``ours_async`` with each KV block stored head-major (``kv_cache.KV_LAYOUT = "head"``): a kv head's keys of a
-    block contiguous, so a decode program reads 128 B rows next to each other instead of kv_heads x 128 B apart (W1:
-    3 kv heads of 64 dims)."""
+class OursAsyncNoFusedWrite(_OursAsyncBuiltWith):
+    """``ours_async`` with decode steps' K/V written by a launch of its own, before attention
+    (``attention.FUSED_DECODE_WRITE`` off, no register cap): the default until session 17."""
 
-    patches = {("kv_cache", "KV_LAYOUT"): "head"}
-
-
-class OursAsyncFewerKernels(_OursAsyncBuiltWith):
-    """``ours_async_combo_kernels`` and ``ours_async_fused_write`` together: two launches a layer fewer in every decode
-    forward. Alone each was within the run-to-run noise on the H200 (session 11, W7: +0.9% and +0.2%); W7's decode
-    forwards carry ~14 kernels a layer, and the gap to its target is ~6%, so their sum is measured here."""
-
-    patches = {**OursAsyncComboKernels.patches, **OursAsyncFusedWrite.patches}
+    patches = {("attention", "FUSED_DECODE_WRITE"): False, ("attention", "DECODE_MAXNREG"): 0}
 
 
-class OursAsyncFewerKernelsCapped(_OursAsyncBuiltWith):
-    """``ours_async_fewer_kernels`` with decode launches capped at 96 registers a thread
-    (``attention.DECODE_MAXNREG``): the fused write takes W1's decode kernel to 120 registers and 4
-    programs an SM instead of 5, which may be why it measured no faster; capped, it compiles without spills and
-    keeps 5 (kernel_preflight.py). On the H200 (session 14): W1 median 140,185 against 142,268, no gain."""
+class OursAsyncNoComboKernels(_OursAsyncBuiltWith):
+    """``ours_async`` without inductor's ``combo_kernels`` (``compiled_layers.COMPILE_OPTIONS`` empty, as until
+    session 17): the q and k norms and rotary embeddings of a layer as separate launches."""
 
-    patches = {**OursAsyncFewerKernels.patches, ("attention", "DECODE_MAXNREG"): 96}
+    patches = {("compiled_layers", "COMPILE_OPTIONS"): {}}
 
 
-class OursAsyncSizeOblivious(_OursAsyncBuiltWith):
-    """``ours_async`` with size-oblivious tracing (``compiled_layers.SIZE_OBLIVIOUS``): one compiled graph per module
-    instead of two (none specialised to one row or token); one-row steps run the dynamic graph's kernels. On the H200
-    (session 14) W1's start-up was no shorter: 37.3 s against 32.1 s."""
+class OursAsyncTokenMajor(_OursAsyncBuiltWith):
+    """``ours_async`` with each KV block token-major (``kv_cache.KV_LAYOUT = "token"``, the default until session 17):
+    a kv head's keys of a block kv_heads x 128 B apart (W1: 3 kv heads of 64 dims) instead of next to each other."""
 
-    patches = {("compiled_layers", "SIZE_OBLIVIOUS"): True}
+    patches = {("kv_cache", "KV_LAYOUT"): "token"}
+
+
+class OursAsyncNoPrefillOwnCompile(_OursAsyncBuiltWith):
+    """``ours_async`` with prefill steps running the decode steps' compiled code (``model_runner.PREFILL_OWN_COMPILE``
+    off, the default until session 17): its fused kernels' launches sized for 256 decode rows, one compile fewer at
+    start-up. Until session 13 inductor's FX-graph cache handed the prefill compiles the decode graphs' code anyway
+    (the cache does not key on size hints)."""
+
+    patches = {("model_runner", "PREFILL_OWN_COMPILE"): False}
+
+
+class OursAsyncSession17Defaults(_OursAsyncBuiltWith):
+    """``ours_async`` as it was until session 17: none of ``ours_async_stacked``'s levers (prefill code of its own,
+    head-major KV blocks, the decode write in the attention kernel under a register cap, combo kernels)."""
+
+    patches = dict(STACKED_OFF)
 
 
 class OursAsyncPdl(_OursAsyncBuiltWith):
@@ -586,7 +584,7 @@ class OursAsyncPdl(_OursAsyncBuiltWith):
     (session 13, 3 calls each): W1 135,055 vs 146,985 out tok/s (medians 138,699 vs 146,985), W7 23,529 vs 23,500:
     not turned on."""
 
-    patches = {("compiled_layers", "COMPILE_OPTIONS"): {"triton.enable_pdl": True}}
+    patches = {("compiled_layers", "COMPILE_OPTIONS"): {**_COMBO, "triton.enable_pdl": True}}
 
     def __init__(self, model, job) -> None:
         import torch._inductor.config as inductor_config
@@ -596,65 +594,31 @@ class OursAsyncPdl(_OursAsyncBuiltWith):
         super().__init__(model, job)
 
 
+class OursAsyncSizeOblivious(_OursAsyncBuiltWith):
+    """``ours_async`` with size-oblivious tracing (``compiled_layers.SIZE_OBLIVIOUS``): one compiled graph per module
+    instead of two (none specialised to one row or token); one-row steps run the dynamic graph's kernels. On the H200
+    (session 14) W1's start-up was no shorter: 37.3 s against 32.1 s."""
+
+    patches = {("compiled_layers", "SIZE_OBLIVIOUS"): True}
+
+
 class OursAsyncMaxAutotune(_OursAsyncBuiltWith):
     """``ours_async`` with inductor's ``max_autotune`` in the engine's compiles: each matrix product of a layer timed
-    at start-up against inductor's Triton templates on the first trace's shapes (256 decode rows), and the winner
-    kept for every size; a Triton product can take the pointwise work after it as its epilogue (the residual add
-    after the MLP's down product is a kernel of its own in the decode probe). cuBLAS stays where it wins. Start-up
-    grows by the candidates' compiles and timings. On the H200 (session 17, W1): 123,407 out tok/s against 146,230
-    (-16%), start-up 95 s against 36: the templates tuned on decode rows doubled the prefill phase (208 ms against
-    110), and decode lost too (``ours_async_own_max_autotune``)."""
+    at start-up against inductor's Triton templates (decode code on 256 rows, prefill code on a full-budget step),
+    the winner kept for its steps; a Triton product can take the pointwise work before or after it as its prologue or
+    epilogue (the MLP's silu-mul, the residual add). On the H200 (session 17, W1, ours_async then without prefill code
+    of its own): 123,407 out tok/s against 146,230 (-16%; the templates tuned on decode rows doubled the prefill
+    phase); with prefill code of its own 135,077 (-8%; decode about 0.27 ms a step slower), with all of
+    ``ours_async_stacked``'s levers 135,544; start-up 95-119 s against 36."""
 
-    patches = {("compiled_layers", "COMPILE_OPTIONS"): {"max_autotune": True}}
+    patches = {("compiled_layers", "COMPILE_OPTIONS"): {**_COMBO, "max_autotune": True}}
 
 
 class OursAsyncCoordinateDescent(_OursAsyncBuiltWith):
     """``ours_async`` with inductor's ``coordinate_descent_tuning`` in the engine's compiles: each generated pointwise
     and reduction kernel's launch (block sizes, warps) tuned at start-up on its first shapes."""
 
-    patches = {("compiled_layers", "COMPILE_OPTIONS"): {"coordinate_descent_tuning": True}}
-
-
-class OursAsyncPrefillOwnCompile(_OursAsyncBuiltWith):
-    """``ours_async`` with prefill steps compiled in graphs of their own, first on a full-budget step
-    (``model_runner.PREFILL_OWN_COMPILE``): their fused kernels' launches sized for prefill shapes, not decode rows.
-    Until session 13 inductor's FX-graph cache handed these compiles the decode graphs' code (the same graph; the
-    cache does not key on size hints), so session 12's run of this variant measured the decode kernels again."""
-
-    patches = {("model_runner", "PREFILL_OWN_COMPILE"): True}
-
-
-class OursAsyncStacked(_OursAsyncBuiltWith):
-    """The untried small levers at once: prefill graphs of their own (``ours_async_prefill_own_compile``), head-major
-    KV blocks (``_head_major``), the decode write inside the attention kernel, capped at 96 registers, and inductor's
-    combo kernels (``_fewer_kernels_capped``). W1's run-to-run spread (4-7% between calls) is wider than any of them was or is expected
-    to be alone (0-4%); their sum can be told apart from it, and the single-lever variants then say which count. On
-    the H200 (session 14): W7 median 24,561 against 23,812 (+3.1%; spreads 0.6% and 1.0%), W1 148,889 against 142,268
-    (inside W1's spread); start-up on W7 52 s against 35 s. Session 16, on today's defaults (prefill graphs,
-    longest-first decode): W7 25,060 out tok/s (median 25,047, spread 0.2%) against ours_async's 24,572 (24,553),
-    70.3% of roofline; start-up 50.2 s against 43.7."""
-
-    patches = {**OursAsyncPrefillOwnCompile.patches, **OursAsyncHeadMajor.patches,
-               **OursAsyncFewerKernelsCapped.patches}
-
-
-class OursAsyncOwnMaxAutotune(_OursAsyncBuiltWith):
-    """``ours_async_max_autotune`` with prefill steps compiled on their own (``ours_async_prefill_own_compile``): the
-    decode code's products tuned on 256 decode rows, the prefill code's on a full-budget prefill step, each winner
-    (cuBLAS or a Triton template, which can take the pointwise work before or after it as its prologue or epilogue:
-    the MLP's silu-mul, the residual add) kept for its own steps only. On the H200 (session 17, W1): 135,077 out
-    tok/s against 146,230 (-8%; the prefill phase as fast, decode about 0.27 ms a step slower), start-up 102 s."""
-
-    patches = {**OursAsyncPrefillOwnCompile.patches, **OursAsyncMaxAutotune.patches}
-
-
-class OursAsyncStackedMaxAutotune(_OursAsyncBuiltWith):
-    """``ours_async_stacked`` with inductor's ``max_autotune`` added to its combo kernels (``ours_async_own_max_autotune``
-    on top of the stacked levers). On the H200 (session 17, W1): 135,544 out tok/s against 146,230, start-up 119 s."""
-
-    _options = ("compiled_layers", "COMPILE_OPTIONS")
-    patches = {**OursAsyncStacked.patches,
-               _options: {**OursAsyncStacked.patches[_options], **OursAsyncMaxAutotune.patches[_options]}}
+    patches = {("compiled_layers", "COMPILE_OPTIONS"): {**_COMBO, "coordinate_descent_tuning": True}}
 
 
 class OursAsyncWholeModel(_OursAsyncBuiltWith):
@@ -671,7 +635,7 @@ class OursAsyncAggressiveFusion(_OursAsyncBuiltWith):
     share no input (inductor's default fuses only kernels that read a common buffer), fewer launches a layer where
     the scheduler finds them compatible."""
 
-    patches = {("compiled_layers", "COMPILE_OPTIONS"): {"aggressive_fusion": True}}
+    patches = {("compiled_layers", "COMPILE_OPTIONS"): {**_COMBO, "aggressive_fusion": True}}
 
 
 class OursAsyncNoPrefillGraphs(_OursAsyncBuiltWith):
@@ -689,27 +653,10 @@ class OursAsyncNoLongestFirst(_OursAsyncBuiltWith):
 
 
 class OursAsyncPreviousDefaults(_OursAsyncBuiltWith):
-    """``ours_async`` as it was until session 15: no prefill graphs and decode launches in sequence order."""
+    """``ours_async`` as it was until session 15: no prefill graphs, decode launches in sequence order, and none of
+    the levers of session 18 (``ours_async_session17_defaults``)."""
 
-    patches = {**OursAsyncNoPrefillGraphs.patches, **OursAsyncNoLongestFirst.patches}
-
-
-class OursAsyncHead64(_OursAsyncBuiltWith):
-    """``ours_async`` with head-major KV blocks of 64 slots (``_head_major`` and ``_block64``): W1's decode attention
-    1.04x in session 15's sweep."""
-
-    block_size = 64
-    patches = dict(OursAsyncHeadMajor.patches)
-
-
-class OursAsyncOwnHead64(_OursAsyncBuiltWith):
-    """``ours_async`` (prefill graphs, longest-first decode) with the prefill steps' compiled code of their own
-    (``_prefill_own_compile``; W1's full prefill step 39.0 GPU ms against 43.7 in session 15's probe) and head-major
-    KV blocks of 64 slots (``_head_major`` and ``_block64``; W1's decode attention 1.04x in session 15's sweep): the
-    levers left for W1, whose decode is mostly attention over short contexts."""
-
-    block_size = 64
-    patches = {**OursAsyncPrefillOwnCompile.patches, **OursAsyncHead64.patches}
+    patches = {**STACKED_OFF, ("model_runner", "PREFILL_GRAPHS"): False, ("attention", "DECODE_LONGEST_FIRST"): False}
 
 
 class OursAsyncNoDecodeTune(_OursAsyncBuiltWith):
@@ -923,26 +870,20 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_admit_auto": OursAsyncAdmitAuto,
     "ours_async_admit_16": OursAsyncAdmit16,
     "ours_async_admit_128": OursAsyncAdmit128,
-    "ours_async_head_major": OursAsyncHeadMajor,
-    "ours_async_fused_write": OursAsyncFusedWrite,
-    "ours_async_combo_kernels": OursAsyncComboKernels,
     "ours_async_coordinate_descent": OursAsyncCoordinateDescent,
-    "ours_async_fewer_kernels": OursAsyncFewerKernels,
     "ours_async_pdl": OursAsyncPdl,
     "ours_async_max_autotune": OursAsyncMaxAutotune,
-    "ours_async_own_max_autotune": OursAsyncOwnMaxAutotune,
-    "ours_async_stacked_max_autotune": OursAsyncStackedMaxAutotune,
+    "ours_async_no_fused_write": OursAsyncNoFusedWrite,
+    "ours_async_no_combo_kernels": OursAsyncNoComboKernels,
+    "ours_async_token_major": OursAsyncTokenMajor,
+    "ours_async_no_prefill_own_compile": OursAsyncNoPrefillOwnCompile,
+    "ours_async_session17_defaults": OursAsyncSession17Defaults,
     "ours_async_whole_model": OursAsyncWholeModel,
     "ours_async_aggressive_fusion": OursAsyncAggressiveFusion,
     "ours_async_cublaslt": OursAsyncCublasLt,
-    "ours_async_prefill_own_compile": OursAsyncPrefillOwnCompile,
-    "ours_async_stacked": OursAsyncStacked,
-    "ours_async_fewer_kernels_capped": OursAsyncFewerKernelsCapped,
     "ours_async_no_prefill_graphs": OursAsyncNoPrefillGraphs,
     "ours_async_no_longest_first": OursAsyncNoLongestFirst,
     "ours_async_previous_defaults": OursAsyncPreviousDefaults,
-    "ours_async_head64": OursAsyncHead64,
-    "ours_async_own_head64": OursAsyncOwnHead64,
     "ours_async_size_oblivious": OursAsyncSizeOblivious,
     "ours_async_no_decode_tune": OursAsyncNoDecodeTune,
     "ours_async_split_decode": OursAsyncSplitDecode,
