@@ -37,7 +37,8 @@
 # (add `eval` for lm_eval's) downloads them into .whl/ once, on a machine with a registry; this script installs them
 # once per machine into /tmp/site.
 # Knobs: GPU_TESTS_K (tests: a pytest -k filter), GPU_TESTS_S (tests: time limit, 560 s), GPU_TESTS_SHARD=i/n (tests: every
-# n-th test from the i-th; GPU_TESTS_RESUME=k then drops its first k, to finish a shard a limit cut; the whole GPU suite takes more than one call since session 10: run 1/2 and 2/2), GPU_TESTS_WORKERS=2 (tests:
+# n-th test from the i-th; GPU_TESTS_RESUME=k then drops its first k, to finish a shard a limit cut; two shards at once on one card
+# race for memory, since some tests size their KV cache from free memory: session 18 lost one test to it; the whole GPU suite takes more than one call since session 10: run 1/2 and 2/2), GPU_TESTS_WORKERS=2 (tests:
 # one pytest-xdist worker per GPU of the nvidia-h200-x2 kind; the TP tests then skip: step tp runs them), TRITON_TESTS=0 (tests: skip
 # the native run of the kernel tests), BENCH_ARGS (extra Hydra overrides for every benchmark step), FIRST_CALL=1 (first vs repeated call in every
 # step, not just w4 and w7), STEP_S (hard limit of one benchmark step, 560 s), EVAL_ARGS (more eval_bench.py arguments),
