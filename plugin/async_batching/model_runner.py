@@ -884,7 +884,7 @@ PREFILL_COMPILE_MIN_WORK = 0.0
 # out tok/s; W7 23,629 vs 23,639; variant ours_async_prefill_own_compile), but that run's prefill graphs were the
 # decode graphs' compiled code, loaded from inductor's FX-graph cache; compiled apart since (session 13). On by default
 # since session 18, one of ``ours_async_stacked``'s levers (W7 25,060 out tok/s against 24,572 on the H200, session
-# 16), at 5-10 s more start-up (a second compile of the layers).
+# 16), at 7-17 s more start-up (a second compile of the layers; session 18: W1 49 s against 39, W7 61 against 44).
 PREFILL_OWN_COMPILE = True
 # Prefill and mixed steps replayed from CUDA graphs, one per token bucket (``prefill_graph_buckets``: the step budget
 # and up to PREFILL_GRAPH_BUCKETS - 1 smaller ones, the k-th ~ budget / sqrt(2)^k, none under
