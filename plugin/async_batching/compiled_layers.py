@@ -109,8 +109,9 @@ class CompiledLayers:
     fixes its kernels' launch configurations (inductor takes its size hints from the first shapes, and autotunes at the
     first call). Inductor's FX-graph cache does not key on size hints either: an own-frame compile of the same graph
     gets the first compile's code from it unless it compiles under a cache key of its own. With
-    ``model_runner.PREFILL_OWN_COMPILE`` (off, see there) the model runner's prefill steps use their own frame and
-    key (``PREFILL_CACHE_TAG``), so that their kernels are tuned on a prefill step's shapes, not the decode rows'."""
+    ``model_runner.PREFILL_OWN_COMPILE`` (on since session 18, see there) the model runner's prefill steps use their
+    own frame and key (``PREFILL_CACHE_TAG``), so that their kernels are tuned on a prefill step's shapes, not the
+    decode rows'."""
 
     def __init__(self, model: nn.Module, own_frame: bool = False, **compile_kwargs):
         if COMPILE_OPTIONS:

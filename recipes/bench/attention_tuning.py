@@ -26,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "plugin"))
 sys.path.insert(0, os.path.join(HERE, ".."))
 from async_batching import triton_paged_attention as tpa  # noqa: E402
-from async_batching.attention import decode_order  # noqa: E402
+from async_batching.attention import DECODE_MAXNREG, decode_order  # noqa: E402
 from bench.attention_backends import case  # noqa: E402
 from bench.roofline import graph_ms, time_ms  # noqa: E402
 
@@ -71,6 +71,14 @@ PREFILL_CONFIGS += [dict(maxnreg=128), dict(maxnreg=96), dict(maxnreg=128, heavy
 ONE_LOOP = [dict(one_loop=True), dict(one_loop=True, num_stages=3), dict(one_loop=True, tile_n=64, num_stages=3),
             dict(one_loop=True, tile_n=64, num_stages=4)]
 DECODE_CONFIGS += ONE_LOOP
+# Decode: 2 warps a program (half the threads of the 4-warp default, so up to twice the programs an SM holds), with
+# no register cap (2 warps hold a tile in half the threads: 96 registers would spill).
+WARPS2 = [dict(tile_n=t, num_warps=2, num_stages=s, maxnreg=0) for t in (64, 128) for s in (2, 3, 4)]
+DECODE_CONFIGS += WARPS2
+# TUNING_ENGINE_BASE=1: every decode launch, the "default" row too, as the engine launches it since session 18:
+# head-major blocks of 16 slots, longest context first, the register cap DECODE_MAXNREG at head dims up to 64 (a row's
+# own keys override these). Without it, the rows start from the kernel's plain launch on a token-major cache.
+ENGINE_BASE = os.environ.get("TUNING_ENGINE_BASE") == "1"
 # Decode: the cache's block size and layout under the default launch, e.g. TUNING_CACHE_LAYOUTS=16,64,head16,head64:
 # N is the engine's [block, slot, kv head, dim] with N slots a block; headN stores each block head-major ([block, kv
 # head, slot, dim]: a kv head's keys of a block contiguous, 128 B rows apart at head_dim 64 instead of kv_heads x 128 B)
@@ -87,6 +95,8 @@ if os.environ.get("TUNING_HEAVY_FIRST_ONLY") == "1":  # the default launch again
     DECODE_CONFIGS, PREFILL_CONFIGS = [], [c for c in PREFILL_CONFIGS if c.get("heavy_first") or c.get("maxnreg")]
 if os.environ.get("TUNING_ONE_LOOP_ONLY") == "1":  # the default launch against one_loop alone (decode shapes)
     DECODE_CONFIGS, PREFILL_CONFIGS = list(ONE_LOOP), []
+if os.environ.get("TUNING_WARPS2_ONLY") == "1":  # the default launch against 2-warp decode programs alone
+    DECODE_CONFIGS, PREFILL_CONFIGS = list(WARPS2), []
 if os.environ.get("TUNING_SHAPES"):  # a substring per shape to keep, comma-separated (e.g. "decode")
     SHAPES = {n: v for n, v in SHAPES.items() if any(k in n for k in os.environ["TUNING_SHAPES"].split(","))}
 
@@ -130,10 +140,13 @@ def dense_flash_ms(name) -> float:
         return float("nan")
 
 
-def build(name, layout="16"):
+def build(name, layout=None):
     """The shape's call of the kernel (and whether it is decode, and its work), its cache as ``layout`` says (see
-    CACHE_LAYOUTS)."""
+    CACHE_LAYOUTS; None: the engine's, head16, for decode shapes under ENGINE_BASE, else 16). ``fn.base``: the TUNING
+    keys every launch of it starts from (ENGINE_BASE's order and register cap, for decode shapes)."""
     ql, cl, h, kvh, d = SHAPES[name]
+    engine = ENGINE_BASE and max(ql) == 1
+    layout = layout or ("head16" if engine else "16")
     torch.manual_seed(0)
     q, k, v, m = case(ql, cl, heads=h, kv_heads=kvh, dim=d, bs=int(layout.removeprefix("head")))
     if layout.startswith("head"):
@@ -143,6 +156,7 @@ def build(name, layout="16"):
         return tpa.paged_attention(q, k, v, m.block_tables, m.seq_lens, m.query_start_loc, m.max_query_len, scale)
 
     fn.seq_lens = m.seq_lens
+    fn.base = dict(longest_first=True, maxnreg=DECODE_MAXNREG if d <= 64 else 0) if engine else {}
     decode = max(ql) == 1
     if decode:
         work = sum(cl) * kvh * d * 2 * q.element_size()  # bytes of K and V read
@@ -153,6 +167,7 @@ def build(name, layout="16"):
 
 def run(fn, cfg):
     tpa.TUNING.clear()
+    tpa.TUNING.update(getattr(fn, "base", {}))
     tpa.TUNING.update(cfg or {})
     if tpa.TUNING.get("longest_first"):
         # the order as the engine would stage it from the host, not an argsort timed with every launch (sessions
