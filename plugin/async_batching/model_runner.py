@@ -880,11 +880,12 @@ PREFILL_COMPILE_MIN_WORK = 0.0
 # Prefill steps compiled apart from decode steps, first on a full-budget step (CompiledLayers' own_frame): on an H200
 # (session 11, step_probe.py), the fused pointwise and norm kernels of a compiled prefill step ran at 1.3-2.5 TB/s
 # (W7: 16 of 43 GPU ms a 16k-token step; W1: 21 of 50 ms a 65k-token step), having been sized for the decode
-# steps' few rows. Off until session 18. Measured on the H200 (session 12) at the same speed as DECODE_TUNE_ROWS (W1 141,828 vs 141,842
-# out tok/s; W7 23,629 vs 23,639; variant ours_async_prefill_own_compile), but that run's prefill graphs were the
-# decode graphs' compiled code, loaded from inductor's FX-graph cache; compiled apart since (session 13). On by default
-# since session 18, one of ``ours_async_stacked``'s levers (W7 25,060 out tok/s against 24,572 on the H200, session
-# 16), at 7-17 s more start-up (a second compile of the layers; session 18: W1 49 s against 39, W7 61 against 44).
+# steps' few rows. Off until session 18. Measured on the H200 (session 12) at the same speed as DECODE_TUNE_ROWS
+# (W1 141,828 vs 141,842 out tok/s; W7 23,629 vs 23,639; variant ours_async_prefill_own_compile), but that run's
+# prefill graphs were the decode graphs' compiled code, loaded from inductor's FX-graph cache; compiled apart since
+# (session 13). On by default since session 18, one of ``ours_async_stacked``'s levers (W7 25,060 out tok/s against
+# 24,572 on the H200, session 16), at 7-17 s more start-up (a second compile of the layers; session 18: W1 49 s
+# against 39, W7 61 against 44).
 PREFILL_OWN_COMPILE = True
 # Prefill and mixed steps replayed from CUDA graphs, one per token bucket (``prefill_graph_buckets``: the step budget
 # and up to PREFILL_GRAPH_BUCKETS - 1 smaller ones, the k-th ~ budget / sqrt(2)^k, none under

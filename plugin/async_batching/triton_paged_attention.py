@@ -497,7 +497,8 @@ def paged_attention(
     num_q_blocks = triton.cdiv(max_query_len, block_q)
 
     num_kv_splits = TUNING.get("num_kv_splits", num_kv_splits) if TUNING else num_kv_splits
-    maxnreg = TUNING.get("maxnreg", 0) if TUNING else (maxnreg if max_query_len == 1 and head_dim_pad <= 64 else 0)
+    maxnreg = maxnreg if max_query_len == 1 and head_dim_pad <= 64 else 0
+    maxnreg = TUNING.get("maxnreg", maxnreg) if TUNING else maxnreg  # the sweep's own cap overrides, any launch
     programs = B * num_q_blocks * num_kv_heads
     if q_blocks is not None:
         num_splits = 1

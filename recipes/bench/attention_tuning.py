@@ -76,8 +76,9 @@ DECODE_CONFIGS += ONE_LOOP
 WARPS2 = [dict(tile_n=t, num_warps=2, num_stages=s, maxnreg=0) for t in (64, 128) for s in (2, 3, 4)]
 DECODE_CONFIGS += WARPS2
 # TUNING_ENGINE_BASE=1: every decode launch, the "default" row too, as the engine launches it since session 18:
-# head-major blocks of 16 slots, longest context first, the register cap DECODE_MAXNREG at head dims up to 64 (a row's
-# own keys override these). Without it, the rows start from the kernel's plain launch on a token-major cache.
+# head-major blocks of 16 slots, longest context first, the register cap DECODE_MAXNREG passed as the engine passes it
+# (the kernel applies it at head dims up to 64; a row's own keys override these). Without it, the rows start from the
+# kernel's plain launch on a token-major cache.
 ENGINE_BASE = os.environ.get("TUNING_ENGINE_BASE") == "1"
 # Decode: the cache's block size and layout under the default launch, e.g. TUNING_CACHE_LAYOUTS=16,64,head16,head64:
 # N is the engine's [block, slot, kv head, dim] with N slots a block; headN stores each block head-major ([block, kv
@@ -143,9 +144,10 @@ def dense_flash_ms(name) -> float:
 def build(name, layout=None):
     """The shape's call of the kernel (and whether it is decode, and its work), its cache as ``layout`` says (see
     CACHE_LAYOUTS; None: the engine's, head16, for decode shapes under ENGINE_BASE, else 16). ``fn.base``: the TUNING
-    keys every launch of it starts from (ENGINE_BASE's order and register cap, for decode shapes)."""
+    keys every launch of it starts from (ENGINE_BASE's order, for decode shapes)."""
     ql, cl, h, kvh, d = SHAPES[name]
-    engine = ENGINE_BASE and max(ql) == 1
+    decode = max(ql) == 1
+    engine = ENGINE_BASE and decode
     layout = layout or ("head16" if engine else "16")
     torch.manual_seed(0)
     q, k, v, m = case(ql, cl, heads=h, kv_heads=kvh, dim=d, bs=int(layout.removeprefix("head")))
@@ -153,11 +155,11 @@ def build(name, layout=None):
         k, v = (c.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3) for c in (k, v))
     scale = d ** -0.5
     def fn():
-        return tpa.paged_attention(q, k, v, m.block_tables, m.seq_lens, m.query_start_loc, m.max_query_len, scale)
+        return tpa.paged_attention(q, k, v, m.block_tables, m.seq_lens, m.query_start_loc, m.max_query_len, scale,
+                                   maxnreg=DECODE_MAXNREG if engine else 0)
 
     fn.seq_lens = m.seq_lens
-    fn.base = dict(longest_first=True, maxnreg=DECODE_MAXNREG if d <= 64 else 0) if engine else {}
-    decode = max(ql) == 1
+    fn.base = dict(longest_first=True) if engine else {}
     if decode:
         work = sum(cl) * kvh * d * 2 * q.element_size()  # bytes of K and V read
     else:
