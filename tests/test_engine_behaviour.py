@@ -518,8 +518,8 @@ def test_decode_steps_carry_a_longest_first_order_and_the_register_cap_into_atte
     monkeypatch.setattr(attention, "DECODE_LONGEST_FIRST", True)
     monkeypatch.setattr(attention, "DECODE_MAXNREG", 96)
     b = ContinuousBatcher(model, max_batch_tokens=64, num_blocks=60, max_num_seqs=8)
-    assert not b.runner.longest_first and b.runner.decode_maxnreg == 0  # the CPU's torch path: nothing to order
-    b.runner.longest_first, b.runner.decode_maxnreg = True, 96  # as the Triton backend would have read them
+    assert not b.runner.longest_first and b.runner.decode_maxnreg == b.runner.decode_warps == 0  # CPU: torch path
+    b.runner.longest_first, b.runner.decode_maxnreg, b.runner.decode_warps = True, 96, 2  # as the Triton backend reads
     monkeypatch.setattr(attention, "DECODE_LONGEST_FIRST", False)  # read once: changing it now changes nothing
     seen = {"decode": 0, "prefill": 0}
     real = b.runner._metadata
@@ -528,11 +528,11 @@ def test_decode_steps_carry_a_longest_first_order_and_the_register_cap_into_atte
         meta = real(buf, lay, *a, **k)
         if lay.max_query_len == 1:
             lens, order = meta.seq_lens.tolist(), meta.order.tolist()
-            assert sorted(order) == list(range(len(lens))) and meta.maxnreg == 96
+            assert sorted(order) == list(range(len(lens))) and meta.maxnreg == 96 and meta.decode_warps == 2
             assert all(lens[i] >= lens[j] for i, j in zip(order, order[1:])), (lens, order)
             seen["decode"] += 1
         else:
-            assert meta.order is None and meta.maxnreg == 0
+            assert meta.order is None and meta.maxnreg == meta.decode_warps == 0
             seen["prefill"] += 1
         return meta
 

@@ -31,6 +31,7 @@ class AttentionMetadata:
     split_counters: Optional[torch.Tensor] = None  # int32 zeros the Triton kernel's KV-split merge counts in
     order: Optional[torch.Tensor] = None  # int32 [B]: the order a decode launch visits its sequences in (see below)
     maxnreg: int = 0  # a register cap for the Triton kernel's decode launches (DECODE_MAXNREG), 0: none
+    decode_warps: int = 0  # warps of the Triton kernel's decode programs at head dims <= 64 (DECODE_WARPS), 0: its 4
     # (seq [N], blk [N], block_q): a flat launch's query blocks (``q_block_table``; prefill graph steps), else None
     q_blocks: Optional[tuple] = None
 
@@ -70,6 +71,11 @@ DECODE_LONGEST_FIRST = True
 # default since session 18, with the fused write (see FUSED_DECODE_WRITE). Like the two flags above, read when an
 # engine is built.
 DECODE_MAXNREG = 96
+# Warps of a decode program of the Triton kernel at 16-bit head dims up to 64, with 64-key tiles and no register cap
+# (``paged_attention(decode_warps=)``); 0: the kernel's 4 warps over 128-key tiles, capped at DECODE_MAXNREG. Short
+# contexts (W1's 64..768 keys) are a few tiles a program, and smaller programs keep more of them in flight an SM: on
+# the H200 W1's decode attention ran 1.07x faster with 2 (session 19's sweep). Read when an engine is built.
+DECODE_WARPS = 2
 
 
 def decode_order(seq_lens: torch.Tensor) -> torch.Tensor:
@@ -222,7 +228,7 @@ def triton_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: 
     return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                            meta.max_query_len, scale, window, softcap, sinks=sinks,
                            split_counters=meta.split_counters, new_kv=new_kv, order=meta.order,
-                           maxnreg=meta.maxnreg, q_blocks=meta.q_blocks)
+                           maxnreg=meta.maxnreg, q_blocks=meta.q_blocks, decode_warps=meta.decode_warps)
 
 
 def torch_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int, softcap: float,

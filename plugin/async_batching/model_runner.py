@@ -143,6 +143,7 @@ class ModelRunner:
         # decode launches of the Triton kernel: longest context first, a register cap (read once, like fused_write)
         self.longest_first = self.backend == "triton" and attention.DECODE_LONGEST_FIRST
         self.decode_maxnreg = attention.DECODE_MAXNREG if self.backend == "triton" else 0
+        self.decode_warps = attention.DECODE_WARPS if self.backend == "triton" else 0
         # The attention kernel's KV-split merge counters: this runner's launches are ordered on one stream and each
         # leaves them at zero, so one buffer serves every step and every captured graph.
         self.split_counters = None
@@ -527,6 +528,7 @@ class ModelRunner:
             split_counters=self.split_counters if counters is None else counters,
             order=attention.decode_order(seq_lens) if decode and self.longest_first else None,
             maxnreg=self.decode_maxnreg if decode else 0,
+            decode_warps=self.decode_warps if decode else 0,
             q_blocks=(seg("qb_seq"), seg("qb_blk"), self._flat_block_q) if "qb_seq" in lay.offsets else None,
         )
 

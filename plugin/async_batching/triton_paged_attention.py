@@ -412,6 +412,7 @@ def paged_attention(
     order: Optional[torch.Tensor] = None,
     maxnreg: int = 0,
     q_blocks: Optional[tuple[torch.Tensor, torch.Tensor, int]] = None,
+    decode_warps: int = 0,
 ) -> torch.Tensor:
     """Causal attention of the packed queries ``q`` [T, num_heads, head_dim] over the paged KV cache.
 
@@ -428,6 +429,9 @@ def paged_attention(
     programs in grid order; ``attention.DECODE_LONGEST_FIRST`` passes the longest contexts first).
     ``maxnreg``: a register cap for ptxas on decode launches at head dims up to 64 (``attention.DECODE_MAXNREG``; at
     128 a decode launch is bound by shared memory and the cap is ignored).
+    ``decode_warps``: warps of a decode program at 16-bit head dims up to 64 (``attention.DECODE_WARPS``); 0 keeps the
+    kernel's 4 warps over 128-key tiles. 2 and 1 take 64-key tiles and no register cap (half the threads hold a tile:
+    a cap of 96 would spill).
     ``q_blocks``: ``(seq, blk, block_q)``, int32 vectors of one length N and the query tile their table was made for
     (``flat_block_q``; checked): a flat launch of N query-block slots, slot i being query block ``blk[i]`` of sequence
     ``seq[i]``, -1 for an empty slot (``attention.q_block_table`` makes them). Its grid depends on N alone, so a CUDA
@@ -489,6 +493,13 @@ def paged_attention(
         # (session 8, docs/results/attention_tuning_h200.md).
         if max_query_len == 1 and head_dim_pad <= 128 and _smem_per_block(q.device) >= 2 * 2 * 128 * head_dim_pad * 2 + 8192:
             tile_n = 128
+    # Decode at head dims up to 64 with small programs (``decode_warps``, 2 from attention.DECODE_WARPS): short
+    # contexts are a few key tiles a program, so a launch's speed is how many programs an SM keeps in flight. 2 warps
+    # and 64-key tiles ran W1's decode shape 1.07x faster than 4 warps and 128 keys on an H200 (session 19,
+    # attention_tuning_h200.md); W7's head dim 128 lost (0.95x) and keeps 4 warps.
+    small_decode = bool(decode_warps) and max_query_len == 1 and head_dim_pad <= 64 and q.element_size() == 2
+    if small_decode:
+        tile_n, num_warps = 64, decode_warps
     num_stages = 2
     if TUNING:  # recipes/bench/attention_tuning.py's sweep
         tile_n = TUNING.get("tile_n", tile_n)
@@ -497,7 +508,7 @@ def paged_attention(
     num_q_blocks = triton.cdiv(max_query_len, block_q)
 
     num_kv_splits = TUNING.get("num_kv_splits", num_kv_splits) if TUNING else num_kv_splits
-    maxnreg = maxnreg if max_query_len == 1 and head_dim_pad <= 64 else 0
+    maxnreg = maxnreg if max_query_len == 1 and head_dim_pad <= 64 and not small_decode else 0
     maxnreg = TUNING.get("maxnreg", maxnreg) if TUNING else maxnreg  # the sweep's own cap overrides, any launch
     programs = B * num_q_blocks * num_kv_heads
     if q_blocks is not None:

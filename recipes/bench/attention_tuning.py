@@ -26,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "plugin"))
 sys.path.insert(0, os.path.join(HERE, ".."))
 from async_batching import triton_paged_attention as tpa  # noqa: E402
-from async_batching.attention import DECODE_MAXNREG, decode_order  # noqa: E402
+from async_batching.attention import DECODE_MAXNREG, DECODE_WARPS, decode_order  # noqa: E402
 from bench.attention_backends import case  # noqa: E402
 from bench.roofline import graph_ms, time_ms  # noqa: E402
 
@@ -74,10 +74,14 @@ DECODE_CONFIGS += ONE_LOOP
 # Decode: 2 warps a program (half the threads of the 4-warp default, so up to twice the programs an SM holds), with
 # no register cap (2 warps hold a tile in half the threads: 96 registers would spill).
 WARPS2 = [dict(tile_n=t, num_warps=2, num_stages=s, maxnreg=0) for t in (64, 128) for s in (2, 3, 4)]
+# ... 1 warp a program over 32- and 64-key tiles, and the 4-warp launch of 128-key tiles capped at DECODE_MAXNREG
+# registers (the engine's decode launch at head dims up to 64 until session 19, before attention.DECODE_WARPS).
+WARPS2 += [dict(tile_n=t, num_warps=1, num_stages=s, maxnreg=0) for t in (32, 64) for s in (2, 3)]
+WARPS2 += [dict(tile_n=128, num_warps=4, num_stages=2, maxnreg=DECODE_MAXNREG)]
 DECODE_CONFIGS += WARPS2
-# TUNING_ENGINE_BASE=1: every decode launch, the "default" row too, as the engine launches it since session 18:
-# head-major blocks of 16 slots, longest context first, the register cap DECODE_MAXNREG passed as the engine passes it
-# (the kernel applies it at head dims up to 64; a row's own keys override these). Without it, the rows start from the
+# TUNING_ENGINE_BASE=1: every decode launch, the "default" row too, as the engine launches it: head-major blocks of 16
+# slots, longest context first, DECODE_MAXNREG and DECODE_WARPS passed as the engine passes them (the kernel applies
+# them at head dims up to 64; a row's own keys override these). Without it, the rows start from the
 # kernel's plain launch on a token-major cache.
 ENGINE_BASE = os.environ.get("TUNING_ENGINE_BASE") == "1"
 # Decode: the cache's block size and layout under the default launch, e.g. TUNING_CACHE_LAYOUTS=16,64,head16,head64:
@@ -115,7 +119,8 @@ def _label(cfg) -> str:
     if "num_kv_splits" in cfg:
         return f"{cfg['num_kv_splits']} KV splits, tile {cfg['tile_n']}"
     rows = f"{cfg['target_m']} rows, " if "target_m" in cfg else ""
-    return rows + f"tile {cfg['tile_n']}, {cfg['num_warps']} warps, {cfg['num_stages']} stages"
+    cap = f", {cfg['maxnreg']} registers" if cfg.get("maxnreg") else ""
+    return rows + f"tile {cfg['tile_n']}, {cfg['num_warps']} warps, {cfg['num_stages']} stages" + cap
 
 
 def dense_flash_ms(name) -> float:
@@ -156,7 +161,7 @@ def build(name, layout=None):
     scale = d ** -0.5
     def fn():
         return tpa.paged_attention(q, k, v, m.block_tables, m.seq_lens, m.query_start_loc, m.max_query_len, scale,
-                                   maxnreg=DECODE_MAXNREG if engine else 0)
+                                   maxnreg=DECODE_MAXNREG if engine else 0, decode_warps=DECODE_WARPS if engine else 0)
 
     fn.seq_lens = m.seq_lens
     fn.base = dict(longest_first=True) if engine else {}

@@ -536,7 +536,7 @@ class OursAsyncGc(_OursAsyncBuiltWith):
 _COMBO = {"combo_kernels": True}  # compiled_layers.COMPILE_OPTIONS in use
 STACKED_OFF = {("model_runner", "PREFILL_OWN_COMPILE"): False, ("kv_cache", "KV_LAYOUT"): "token",
                ("attention", "FUSED_DECODE_WRITE"): False, ("attention", "DECODE_MAXNREG"): 0,
-               ("compiled_layers", "COMPILE_OPTIONS"): {}}
+               ("compiled_layers", "COMPILE_OPTIONS"): {}, ("attention", "DECODE_WARPS"): 0}
 
 
 class OursAsyncNoFusedWrite(_OursAsyncBuiltWith):
@@ -544,6 +544,14 @@ class OursAsyncNoFusedWrite(_OursAsyncBuiltWith):
     (``attention.FUSED_DECODE_WRITE`` off, no register cap): the default until session 17."""
 
     patches = {("attention", "FUSED_DECODE_WRITE"): False, ("attention", "DECODE_MAXNREG"): 0}
+
+
+class OursAsyncDecode4Warps(_OursAsyncBuiltWith):
+    """``ours_async`` with the Triton kernel's decode programs at head dims up to 64 as until session 19: 4 warps over
+    128-key tiles, capped at ``DECODE_MAXNREG`` registers (``attention.DECODE_WARPS`` 0, instead of 2 warps over 64
+    keys)."""
+
+    patches = {("attention", "DECODE_WARPS"): 0}
 
 
 class OursAsyncNoComboKernels(_OursAsyncBuiltWith):
@@ -874,6 +882,7 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_pdl": OursAsyncPdl,
     "ours_async_max_autotune": OursAsyncMaxAutotune,
     "ours_async_no_fused_write": OursAsyncNoFusedWrite,
+    "ours_async_decode_4warps": OursAsyncDecode4Warps,
     "ours_async_no_combo_kernels": OursAsyncNoComboKernels,
     "ours_async_token_major": OursAsyncTokenMajor,
     "ours_async_no_prefill_own_compile": OursAsyncNoPrefillOwnCompile,
