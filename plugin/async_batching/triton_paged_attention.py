@@ -493,10 +493,10 @@ def paged_attention(
         # (session 8, docs/results/attention_tuning_h200.md).
         if max_query_len == 1 and head_dim_pad <= 128 and _smem_per_block(q.device) >= 2 * 2 * 128 * head_dim_pad * 2 + 8192:
             tile_n = 128
-    # Decode at head dims up to 64 with small programs (``decode_warps``, 2 from attention.DECODE_WARPS): short
-    # contexts are a few key tiles a program, so a launch's speed is how many programs an SM keeps in flight. 2 warps
-    # and 64-key tiles ran W1's decode shape 1.07x faster than 4 warps and 128 keys on an H200 (session 19,
-    # attention_tuning_h200.md); W7's head dim 128 lost (0.95x) and keeps 4 warps.
+    # Decode at head dims up to 64 with small programs (``decode_warps``; attention.DECODE_WARPS, off): short contexts
+    # are a few key tiles a program, so a launch's speed is how many programs an SM keeps in flight. 2 warps and
+    # 64-key tiles ran W1's decode shape 1.07x faster than 4 warps and 128 keys on an H200, W7's head dim 128 0.95x
+    # (session 19, attention_tuning_h200.md); end to end W1 measured equal.
     small_decode = bool(decode_warps) and max_query_len == 1 and head_dim_pad <= 64 and q.element_size() == 2
     if small_decode:
         tile_n, num_warps = 64, decode_warps

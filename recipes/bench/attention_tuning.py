@@ -75,7 +75,7 @@ DECODE_CONFIGS += ONE_LOOP
 # no register cap (2 warps hold a tile in half the threads: 96 registers would spill).
 WARPS2 = [dict(tile_n=t, num_warps=2, num_stages=s, maxnreg=0) for t in (64, 128) for s in (2, 3, 4)]
 # ... 1 warp a program over 32- and 64-key tiles, and the 4-warp launch of 128-key tiles capped at DECODE_MAXNREG
-# registers (the engine's decode launch at head dims up to 64 until session 19, before attention.DECODE_WARPS).
+# registers (the engine's decode launch at head dims up to 64 while attention.DECODE_WARPS is 0, the default).
 WARPS2 += [dict(tile_n=t, num_warps=1, num_stages=s, maxnreg=0) for t in (32, 64) for s in (2, 3)]
 WARPS2 += [dict(tile_n=128, num_warps=4, num_stages=2, maxnreg=DECODE_MAXNREG)]
 DECODE_CONFIGS += WARPS2

@@ -536,7 +536,7 @@ class OursAsyncGc(_OursAsyncBuiltWith):
 _COMBO = {"combo_kernels": True}  # compiled_layers.COMPILE_OPTIONS in use
 STACKED_OFF = {("model_runner", "PREFILL_OWN_COMPILE"): False, ("kv_cache", "KV_LAYOUT"): "token",
                ("attention", "FUSED_DECODE_WRITE"): False, ("attention", "DECODE_MAXNREG"): 0,
-               ("compiled_layers", "COMPILE_OPTIONS"): {}, ("attention", "DECODE_WARPS"): 0}
+               ("compiled_layers", "COMPILE_OPTIONS"): {}}
 
 
 class OursAsyncNoFusedWrite(_OursAsyncBuiltWith):
@@ -546,12 +546,11 @@ class OursAsyncNoFusedWrite(_OursAsyncBuiltWith):
     patches = {("attention", "FUSED_DECODE_WRITE"): False, ("attention", "DECODE_MAXNREG"): 0}
 
 
-class OursAsyncDecode4Warps(_OursAsyncBuiltWith):
-    """``ours_async`` with the Triton kernel's decode programs at head dims up to 64 as until session 19: 4 warps over
-    128-key tiles, capped at ``DECODE_MAXNREG`` registers (``attention.DECODE_WARPS`` 0, instead of 2 warps over 64
-    keys)."""
+class OursAsyncDecode2Warps(_OursAsyncBuiltWith):
+    """``ours_async`` with the Triton kernel's decode programs at 16-bit head dims up to 64 of 2 warps over 64-key
+    tiles, uncapped (``attention.DECODE_WARPS`` 2), instead of 4 warps over 128 keys capped at ``DECODE_MAXNREG``."""
 
-    patches = {("attention", "DECODE_WARPS"): 0}
+    patches = {("attention", "DECODE_WARPS"): 2}
 
 
 class OursAsyncNoComboKernels(_OursAsyncBuiltWith):
@@ -882,7 +881,7 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_pdl": OursAsyncPdl,
     "ours_async_max_autotune": OursAsyncMaxAutotune,
     "ours_async_no_fused_write": OursAsyncNoFusedWrite,
-    "ours_async_decode_4warps": OursAsyncDecode4Warps,
+    "ours_async_decode_2warps": OursAsyncDecode2Warps,
     "ours_async_no_combo_kernels": OursAsyncNoComboKernels,
     "ours_async_token_major": OursAsyncTokenMajor,
     "ours_async_no_prefill_own_compile": OursAsyncNoPrefillOwnCompile,
