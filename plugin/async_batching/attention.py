@@ -74,7 +74,7 @@ DECODE_MAXNREG = 96
 # Warps of a decode program of the Triton kernel at 16-bit head dims up to 64, with 64-key tiles and no register cap
 # (``paged_attention(decode_warps=)``); 0: the kernel's 4 warps over 128-key tiles, capped at DECODE_MAXNREG. Short
 # contexts (W1's 64..768 keys) are a few tiles a program, and smaller programs keep more of them in flight an SM: on
-# the H200 (session 19) 2 warps ran W1's decode attention alone 1.07x faster (W2's 1.01x, E1's 1.00x; the sweep's
+# the H200 (session 19) 2 warps ran W1's decode attention alone 1.07x faster (W2's 1.04x, E1's >= 1.02x; the sweep's
 # launch without the fused write), but end to end W1 measured equal (medians of 3 calls 151,182 out tok/s with 2
 # against 151,539 without; W2 53,580 against 53,389), and in bf16 3 of 40 sequences parted between graph replays and
 # eager steps against 2 (a rounding difference: more KV split counts are possible with 64-key tiles; the cause was
