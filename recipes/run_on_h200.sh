@@ -23,7 +23,8 @@
 #               recipes/bench/graph_launch.py: host cost of a graph replay by node count, and of W1's decode graph
 #   probe (~3)  recipes/bench/step_probe.py on PROBE_WORKLOADS (w1 w7): a full and a small prefill step (compiled and
 #               not) and decode graph replays, GPU ms by kernel, kernels and the gaps between them (PROBE_ARGS: more
-#               arguments, e.g. --decode-sizes 8,32,128,256 --no-prefill; PROBE_S: each workload's limit, 200 s)
+#               arguments, e.g. --decode-sizes 8,32,128,256 --no-prefill --variant ours_async_decode_2warps; PROBE_S: each
+#               workload's limit, 200 s)
 #   host (~1)   recipes/bench/host_step.py: the engine's host work per step by phase, model and sampler stubbed (W1's requests)
 #   attention, ddp   as in recipes/run_on_h100.sh (ddp needs the nvidia-h200-x2 kind)
 #   tp (~9)     nvidia-h200-x2 kind: the tensor-parallel GPU tests; all-reduce latency (recipes/bench/allreduce_latency.py);

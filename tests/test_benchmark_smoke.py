@@ -206,7 +206,9 @@ def test_step_probe_splits_a_compiled_prefill_steps_host_time_by_layer_of_the_st
     subprocess.run([sys.executable, str(ROOT / "recipes/bench/step_probe.py"), "--workload", str(spec), "--batcher",
                     json.dumps({"max_batch_tokens": 256, "max_num_seqs": 16, "compile": True}), "--top", "5",
                     "--out", str(out)], check=True, env=env, capture_output=True, timeout=600)
-    sections = json.loads(out.read_text())["prefill"]
+    report = json.loads(out.read_text())
+    assert report["variant"] is None  # the engine's own settings
+    sections = report["prefill"]
     rec = sections["256 budget, compiled"]["host_profile"]
     layers = {what: (ms, calls) for what, ms, calls in rec["layers"]}
     fwd, dyn, ind, att = (layers[k] for k in ("forward (ModelRunner.forward)", "dynamo: entry to compiled code",
@@ -215,6 +217,17 @@ def test_step_probe_splits_a_compiled_prefill_steps_host_time_by_layer_of_the_st
     assert att[1] == 4 and fwd[1] == 1  # one attention call per layer of the one step
     assert len(rec["own"]) == 15 and "attention op (our custom op)" not in dict(
         (w, 0) for w, _, _ in sections["256 budget, uncompiled"]["host_profile"]["layers"])
+
+
+def test_step_probe_refuses_a_variant_that_is_not_module_settings_and_names_those_that_are(tmp_path):
+    """step_probe.py --variant takes the benchmark's variants of module settings (``_OursAsyncBuiltWith``); any other
+    name stops it before a model is built, with the names it takes."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "plugin"))
+    for bad in ("ours_async_no_such_lever", "static"):
+        r = subprocess.run([sys.executable, str(ROOT / "recipes/bench/step_probe.py"), "--workload", "unused.yaml",
+                            "--variant", bad], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode != 0 and f"--variant {bad!r}: not a variant of module settings" in r.stderr
+        assert "ours_async_decode_2warps" in r.stderr and "'static'" not in r.stderr.split("one of")[1]
 
 
 def test_step_probe_rates_are_the_steps_product_and_attention_flops_over_their_gpu_time():

@@ -26,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "plugin"))
 sys.path.insert(0, os.path.join(HERE, ".."))
 from async_batching import triton_paged_attention as tpa  # noqa: E402
-from async_batching.attention import DECODE_MAXNREG, DECODE_WARPS, decode_order  # noqa: E402
+from async_batching.attention import DECODE_MAXNREG, DECODE_WARPS, FUSED_DECODE_WRITE, decode_order  # noqa: E402
 from bench.attention_backends import case  # noqa: E402
 from bench.roofline import graph_ms, time_ms  # noqa: E402
 
@@ -81,7 +81,8 @@ WARPS2 += [dict(tile_n=128, num_warps=4, num_stages=2, maxnreg=DECODE_MAXNREG)]
 DECODE_CONFIGS += WARPS2
 # TUNING_ENGINE_BASE=1: every decode launch, the "default" row too, as the engine launches it: head-major blocks of 16
 # slots, longest context first, DECODE_MAXNREG and DECODE_WARPS passed as the engine passes them (the kernel applies
-# them at head dims up to 64; a row's own keys override these). Without it, the rows start from the
+# them at head dims up to 64; a row's own keys override these), and with FUSED_DECODE_WRITE the step's K/V written by
+# the launch (since session 19: until then the sweep timed a launch that writes nothing, unlike the engine's). Without it, the rows start from the
 # kernel's plain launch on a token-major cache.
 ENGINE_BASE = os.environ.get("TUNING_ENGINE_BASE") == "1"
 # Decode: the cache's block size and layout under the default launch, e.g. TUNING_CACHE_LAYOUTS=16,64,head16,head64:
@@ -159,9 +160,18 @@ def build(name, layout=None):
     if layout.startswith("head"):
         k, v = (c.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3) for c in (k, v))
     scale = d ** -0.5
+    new_kv = None
+    if engine and FUSED_DECODE_WRITE:  # the engine's decode launch writes the step's K/V into the cache first
+        bs = k.shape[1]
+        pos = m.seq_lens.long() - 1
+        slots = m.block_tables[torch.arange(len(ql), device=q.device), pos // bs].long() * bs + pos % bs
+        new_kv = (torch.randn(len(ql), kvh, d, device=q.device, dtype=q.dtype),
+                  torch.randn(len(ql), kvh, d, device=q.device, dtype=q.dtype), slots)
+
     def fn():
         return tpa.paged_attention(q, k, v, m.block_tables, m.seq_lens, m.query_start_loc, m.max_query_len, scale,
-                                   maxnreg=DECODE_MAXNREG if engine else 0, decode_warps=DECODE_WARPS if engine else 0)
+                                   maxnreg=DECODE_MAXNREG if engine else 0, decode_warps=DECODE_WARPS if engine else 0,
+                                   new_kv=new_kv)
 
     fn.seq_lens = m.seq_lens
     fn.base = dict(longest_first=True) if engine else {}

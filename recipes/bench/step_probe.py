@@ -14,7 +14,10 @@
    between them) beside the union of its kernels from the profiler, kernels per replay, GPU ms by kernel.
 
     python recipes/bench/step_probe.py --workload conf/workload/w1.yaml [--batcher '{"max_batch_tokens": 131072}']
-        [--decode-sizes 8,32,128,256] [--no-prefill] [--prefill-own-compile] [--compile-options '{"max_autotune": true}']
+        [--decode-sizes 8,32,128,256] [--no-prefill] [--variant ours_async_decode_2warps]
+
+``--variant``: one of the benchmark's ``ours_async_*`` variants that replace module settings while the engine is built
+(``variants._OursAsyncBuiltWith.patches``); the engine's defaults without it.
 """
 
 from __future__ import annotations
@@ -246,17 +249,23 @@ def main() -> None:
     ap.add_argument("--decode-sizes", default="", help="comma-separated sequence counts of the decode replays "
                     "(default: the workload's requests, up to the largest graph)")
     ap.add_argument("--no-prefill", action="store_true", help="decode replays only")
-    ap.add_argument("--prefill-own-compile", action="store_true",
-                    help="prefill steps in compiled graphs of their own (model_runner.PREFILL_OWN_COMPILE)")
-    ap.add_argument("--compile-options", default="{}",
-                    help="inductor options of the engine's compiles as JSON (compiled_layers.COMPILE_OPTIONS)")
+    ap.add_argument("--variant", default=None,
+                    help="a benchmark variant whose module settings the engine is built with (variants.py's "
+                         "_OursAsyncBuiltWith patches, e.g. ours_async_decode_2warps); default: the engine's own")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    import async_batching.compiled_layers as compiled_layers
-    import async_batching.model_runner as model_runner
+    import importlib
 
-    model_runner.PREFILL_OWN_COMPILE = args.prefill_own_compile  # read when the engine is built
-    compiled_layers.COMPILE_OPTIONS = json.loads(args.compile_options)
+    import async_batching.compiled_layers as compiled_layers
+    from bench.variants import VARIANTS, _OursAsyncBuiltWith
+
+    if args.variant is not None:  # read when the engine is built; this process builds one engine
+        cls = VARIANTS.get(args.variant)
+        if cls is None or not issubclass(cls, _OursAsyncBuiltWith):
+            names = sorted(n for n, c in VARIANTS.items() if issubclass(c, _OursAsyncBuiltWith))
+            raise SystemExit(f"--variant {args.variant!r}: not a variant of module settings; one of {names}")
+        for (module, name), value in cls.patches.items():
+            setattr(importlib.import_module(f"async_batching.{module}"), name, value)
     wl = Workload.from_dict(yaml.safe_load(open(args.workload)))
     model = wl.build_model("cuda" if torch.cuda.is_available() else "cpu")
     rates = measure_rates("cuda" if torch.cuda.is_available() else "cpu")  # before the KV cache takes the memory
@@ -269,7 +278,9 @@ def main() -> None:
     runner = b.runner
     shape = ModelShape.of(wl)
     out["rates"] = {"matmul_tflops": rates.matmul_tflops, "copy_tbps": rates.copy_tbps}
-    print(f"## {wl.name} on {out['device']} (torch {out['torch']}): max_batch_tokens {budget}, "
+    out["variant"] = args.variant
+    print(f"## {wl.name}{f' ({args.variant})' if args.variant else ''} on {out['device']} (torch {out['torch']}): "
+          f"max_batch_tokens {budget}, "
           f"prefill compiled from {runner.prefill_compile_min_tokens} tokens "
           f"({'on' if runner._compiled_prefill else 'off'}"
           f"{', in graphs of their own' if runner._compiled_pf is not None else ''}), "
