@@ -82,8 +82,8 @@ DECODE_CONFIGS += WARPS2
 # TUNING_ENGINE_BASE=1: every decode launch, the "default" row too, as the engine launches it: head-major blocks of 16
 # slots, longest context first, DECODE_MAXNREG and DECODE_WARPS passed as the engine passes them (the kernel applies
 # them at head dims up to 64; a row's own keys override these), and with FUSED_DECODE_WRITE the step's K/V written by
-# the launch (since session 19: until then the sweep timed a launch that writes nothing, unlike the engine's). Without it, the rows start from the
-# kernel's plain launch on a token-major cache.
+# the launch (since session 19: until then the sweep timed a launch that writes nothing, unlike the engine's). Without
+# it, the rows start from the kernel's plain launch on a token-major cache.
 ENGINE_BASE = os.environ.get("TUNING_ENGINE_BASE") == "1"
 # Decode: the cache's block size and layout under the default launch, e.g. TUNING_CACHE_LAYOUTS=16,64,head16,head64:
 # N is the engine's [block, slot, kv head, dim] with N slots a block; headN stores each block head-major ([block, kv

@@ -254,23 +254,25 @@ def main() -> None:
                          "_OursAsyncBuiltWith patches, e.g. ours_async_decode_2warps); default: the engine's own")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    import importlib
+    import contextlib
 
     import async_batching.compiled_layers as compiled_layers
     from bench.variants import VARIANTS, _OursAsyncBuiltWith
 
-    if args.variant is not None:  # read when the engine is built; this process builds one engine
+    settings = contextlib.nullcontext()
+    if args.variant is not None:  # in place while the engine is built, which reads them, as in a benchmark run
         cls = VARIANTS.get(args.variant)
         if cls is None or not issubclass(cls, _OursAsyncBuiltWith):
             names = sorted(n for n, c in VARIANTS.items() if issubclass(c, _OursAsyncBuiltWith))
             raise SystemExit(f"--variant {args.variant!r}: not a variant of module settings; one of {names}")
-        for (module, name), value in cls.patches.items():
-            setattr(importlib.import_module(f"async_batching.{module}"), name, value)
+        settings = cls.settings()
     wl = Workload.from_dict(yaml.safe_load(open(args.workload)))
     model = wl.build_model("cuda" if torch.cuda.is_available() else "cpu")
     rates = measure_rates("cuda" if torch.cuda.is_available() else "cpu")  # before the KV cache takes the memory
     t0 = time.perf_counter()
-    b = ContinuousBatcher(model, **json.loads(args.batcher))
+    with settings:
+        b = ContinuousBatcher(model, **json.loads(args.batcher))
+        compile_options = dict(compiled_layers.COMPILE_OPTIONS)  # what this engine compiled with
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     out: dict = {"workload": wl.name, "device": device, "torch": torch.__version__,
                  "build_s": time.perf_counter() - t0, "config": {k: v for k, v in vars(b.config).items()}}
@@ -284,7 +286,7 @@ def main() -> None:
           f"prefill compiled from {runner.prefill_compile_min_tokens} tokens "
           f"({'on' if runner._compiled_prefill else 'off'}"
           f"{', in graphs of their own' if runner._compiled_pf is not None else ''}), "
-          f"compile options {compiled_layers.COMPILE_OPTIONS or 'none'}")
+          f"compile options {compile_options or 'none'}")
     threshold, compiled = runner.prefill_compile_min_tokens, runner._compiled_prefill
     for size in () if args.no_prefill else (budget, budget // 8):  # a full step and a small one
         prompts, total = [], 0

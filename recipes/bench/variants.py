@@ -7,6 +7,7 @@ one per request; the workload's ``sampling`` (temperature, top_p, top_k) applies
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import inspect
@@ -509,19 +510,26 @@ class _OursAsyncBuiltWith(Ours):
     mode = "async"
     patches: dict = {}
 
-    def __init__(self, model, job) -> None:
+    @classmethod
+    @contextlib.contextmanager
+    def settings(cls):
+        """``patches`` in place for the duration of the block (an engine built inside it reads them), then restored."""
         import importlib
 
         saved = []
         try:
-            for (module, name), value in self.patches.items():
+            for (module, name), value in cls.patches.items():
                 mod = importlib.import_module(f"async_batching.{module}")
                 saved.append((mod, name, getattr(mod, name)))
                 setattr(mod, name, value)
-            super().__init__(model, job)
+            yield
         finally:
             for mod, name, value in reversed(saved):
                 setattr(mod, name, value)
+
+    def __init__(self, model, job) -> None:
+        with self.settings():
+            super().__init__(model, job)
 
 
 class OursAsyncGc(_OursAsyncBuiltWith):
