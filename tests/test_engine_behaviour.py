@@ -508,20 +508,23 @@ def test_size_oblivious_tracing_compiles_one_graph_per_module_that_serves_every_
     assert graphs == {False: 6, True: 3}, graphs  # layer, norm, rotary: twice each by default, once size-obliviously
 
 
-def test_decode_steps_carry_a_longest_first_order_and_the_register_cap_into_attention(model, monkeypatch):
-    """``attention.DECODE_LONGEST_FIRST`` and ``DECODE_MAXNREG``, read when the engine is built: each decode step's
+@pytest.mark.parametrize("window", [1, 3], ids=["one-forward-a-step", "decode-windows"])
+def test_decode_steps_carry_a_longest_first_order_and_the_register_cap_into_attention(model, monkeypatch, window):
+    """``attention.DECODE_LONGEST_FIRST`` and ``DECODE_MAXNREG``, read when the engine is built: each decode forward's
     attention metadata holds its sequences longest context first (a permutation, context lengths non-increasing
-    along it) and the cap; prefill steps hold neither. (The CPU's torch path ignores both, so the tokens still equal
-    generate's; the Triton kernel follows the order: tests/test_triton_attention.py.)"""
+    along it; staged by the host once a step, so in decode windows it must still hold for the window's later
+    forwards, whose context lengths the device advanced) and the cap; prefill steps hold neither. (The CPU's torch
+    path ignores both, so the tokens still equal generate's; the Triton kernel follows the order:
+    tests/test_triton_attention.py.)"""
     import async_batching.attention as attention
 
     monkeypatch.setattr(attention, "DECODE_LONGEST_FIRST", True)
     monkeypatch.setattr(attention, "DECODE_MAXNREG", 96)
-    b = ContinuousBatcher(model, max_batch_tokens=64, num_blocks=60, max_num_seqs=8)
+    b = ContinuousBatcher(model, max_batch_tokens=64, num_blocks=60, max_num_seqs=8, decode_window=window)
     assert not b.runner.longest_first and b.runner.decode_maxnreg == b.runner.decode_warps == 0  # CPU: torch path
     b.runner.longest_first, b.runner.decode_maxnreg, b.runner.decode_warps = True, 96, 2  # as the Triton backend reads
     monkeypatch.setattr(attention, "DECODE_LONGEST_FIRST", False)  # read once: changing it now changes nothing
-    seen = {"decode": 0, "prefill": 0}
+    seen = {"decode": 0, "prefill": 0, "windowed": 0}
     real = b.runner._metadata
 
     def checked(buf, lay, *a, **k):
@@ -530,7 +533,9 @@ def test_decode_steps_carry_a_longest_first_order_and_the_register_cap_into_atte
             lens, order = meta.seq_lens.tolist(), meta.order.tolist()
             assert sorted(order) == list(range(len(lens))) and meta.maxnreg == 96 and meta.decode_warps == 2
             assert all(lens[i] >= lens[j] for i, j in zip(order, order[1:])), (lens, order)
+            assert "order" in lay.offsets  # staged by prepare, not sorted on the device
             seen["decode"] += 1
+            seen["windowed"] += lay.window > 1
         else:
             assert meta.order is None and meta.maxnreg == meta.decode_warps == 0
             seen["prefill"] += 1
@@ -540,7 +545,29 @@ def test_decode_steps_carry_a_longest_first_order_and_the_register_cap_into_atte
     prompts = mixed_prompts(8, lo=3, hi=50, seed=4)
     out = b.generate(prompts, SamplingParams(max_new_tokens=6))
     assert [r.token_ids for r in out] == [reference(model, p, 6, eos=2) for p in prompts]
-    assert seen["decode"] > 0 and seen["prefill"] > 0, seen
+    assert seen["decode"] > 0 and seen["prefill"] > 0 and (seen["windowed"] > 0) == (window > 1), seen
+
+
+def test_draws_written_into_the_token_buffer_give_the_tokens_of_copied_draws(model, monkeypatch):
+    """``sampling.TRITON_ARGMAX``, read when the engine is built: its executor has ``sample`` write each forward's
+    tokens into the step's token buffer (``out=``; on CUDA greedy steps take Triton's argmax) instead of copying them
+    there. Greedy and seeded sampled requests, in decode windows, give the same tokens either way, greedy ones
+    ``generate``'s."""
+    import async_batching.sampling as sampling
+
+    prompts = mixed_prompts(6, lo=3, hi=40, seed=9)
+    params = [SamplingParams(max_new_tokens=7) if i % 2 else SamplingParams(max_new_tokens=7, temperature=0.8,
+                                                                            top_k=20, seed=i) for i in range(6)]
+    runs = {}
+    for into in (False, True):
+        monkeypatch.setattr(sampling, "TRITON_ARGMAX", into)
+        b = ContinuousBatcher(model, max_batch_tokens=64, num_blocks=60, max_num_seqs=8, decode_window=3)
+        monkeypatch.setattr(sampling, "TRITON_ARGMAX", not into)  # read once: changing it now changes nothing
+        assert b.executor.draw_into is into
+        runs[into] = [r.token_ids for r in b.generate(prompts, params)]
+        b.close()
+    assert runs[True] == runs[False]
+    assert [runs[True][i] for i in (1, 3, 5)] == [reference(model, prompts[i], 7, eos=2) for i in (1, 3, 5)]
 
 
 def _record_traces(monkeypatch) -> list[tuple[str, set]]:

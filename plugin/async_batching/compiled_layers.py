@@ -128,6 +128,11 @@ class CompiledLayers:
         self._fns = [torch.compile(functools.partial(_own_frame, m) if own_frame else m._call_impl, **compile_kwargs)
                      for m in self._targets]
 
+    @property
+    def whole(self) -> bool:
+        """The model compiled as one graph: its inputs (token ids, kept rows) are the graph's inputs too."""
+        return self._whole is not None
+
     def __call__(self, *args, **kwargs):
         if self._whole is not None:
             with _dynamo_settings():

@@ -57,6 +57,11 @@ class StepLayout:
         self.size += len(arr)
 
 
+def _longest_first(seq_lens: np.ndarray) -> np.ndarray:
+    """``attention.decode_order`` on the host: indices of ``seq_lens`` longest first, ties in their order (int32)."""
+    return np.argsort(-seq_lens.astype(np.int64), kind="stable").astype(np.int32)
+
+
 def graph_buckets(max_batch: int) -> list[int]:
     """Batch sizes that get a captured decode graph: powers of two to 32, then steps of 32."""
     out = [b for b in (1, 2, 4, 8, 16) if b < max_batch]
@@ -142,6 +147,7 @@ class ModelRunner:
         self.ctx.fused_write = self.backend == "triton" and attention.FUSED_DECODE_WRITE
         # decode launches of the Triton kernel: longest context first, a register cap (read once, like fused_write)
         self.longest_first = self.backend == "triton" and attention.DECODE_LONGEST_FIRST
+        self.host_order = HOST_DECODE_ORDER
         self.decode_maxnreg = attention.DECODE_MAXNREG if self.backend == "triton" else 0
         self.decode_warps = attention.DECODE_WARPS if self.backend == "triton" else 0
         # The attention kernel's KV-split merge counters: this runner's launches are ordered on one stream and each
@@ -176,6 +182,10 @@ class ModelRunner:
         # cost; uncompiled decode steps on the CPU are host-bound, and compiling would only add start-up time.
         self.compile = self.want_graphs if config.compile is None else bool(config.compile)
         self._compiled = CompiledLayers(model, dynamic=True) if self.compile else None
+        # Token ids and kept rows reach the model as int32 views of the step's buffer (in a decode graph every cast is
+        # a kernel), except into a model compiled whole, whose graph guards on them as it saw them at warm-up: fresh
+        # int64 tensors (a view of the buffer carries another dispatch key set, and would compile again).
+        self._fresh_inputs = self._compiled is not None and self._compiled.whole
         self._params = _param_count(model)
         self.prefill_compile_min_tokens = max(1, int(min(PREFILL_COMPILE_MIN_WORK / self._params, 2 ** 62)))
         # Off for good if a prefill step would compile during a run; never on where no step reaches the threshold
@@ -240,14 +250,14 @@ class ModelRunner:
         prefix hits <= HIT_TABLE_ENTRIES); sampling: what ``stage_sampling`` stages per row; tensor parallel: one CRC
         word (within the spare 64); a prefill graph's step: its flat attention launch's table, two words a slot. A
         decode window of W steps adds up to 1 + W / bs blocks per sequence and two noise words per row for each draw
-        after the first."""
+        after the first; a decode step its launches' longest-first order, B words."""
         T = max(self.config.max_batch_tokens, max(self.graphs, default=0))
         B = self.config.max_num_seqs + 1
         slots = max((g.slots for g in self.prefill_graphs.values()), default=0)  # captured at start-up, before this
         R = T + B
         W = self.decode_window
         table = T // self.block_size + B + HIT_TABLE_ENTRIES + B * (1 + W // self.block_size)
-        return (3 * T + 5 * B + 2 * R + 2 * B + 3 * table + SAMPLING_INTS_PER_ROW * B + 2 * (W - 1) * B + 2 * slots
+        return (3 * T + 6 * B + 2 * R + 2 * B + 3 * table + SAMPLING_INTS_PER_ROW * B + 2 * (W - 1) * B + 2 * slots
                 + 64)
 
     def release(self) -> None:
@@ -447,6 +457,10 @@ class ModelRunner:
         parts = [input_ids, positions, token_rows, qsl, seq_lens, rows, logits_idx]
         for name, arr in zip(HEAD, parts):
             lay.add(name, arr)
+        if lay.max_query_len == 1 and self.longest_first and self.host_order:  # in a decode graph's head, as the table
+            order = _longest_first(seq_lens)
+            parts.append(order)
+            lay.add("order", order)
         if table is not None:  # inside the graph's head: copied into its static input with the rest
             for name, arr in zip(("qb_seq", "qb_blk"), table):
                 parts.append(arr)
@@ -511,11 +525,13 @@ class ModelRunner:
             self.block_table[seg("upd_rows").long(), seg("upd_cols").long()] = seg("upd_vals")
 
     def _metadata(self, buf: torch.Tensor, lay: StepLayout, lo: int = 0, hi: Optional[int] = None,
-                  counters: Optional[torch.Tensor] = None) -> AttentionMetadata:
-        """The step's attention metadata; with ``lo``/``hi``, that of decode rows ``lo:hi`` alone (one token a row)."""
+                  counters: Optional[torch.Tensor] = None, pos: Optional[torch.Tensor] = None) -> AttentionMetadata:
+        """The step's attention metadata; with ``lo``/``hi``, that of decode rows ``lo:hi`` alone (one token a row).
+        ``pos``: the rows' positions as int64, where the caller has them. Indices stay int32 where torch takes them
+        (advanced indexing, ``index_select``): in a decode graph every cast is a kernel."""
         seg = lambda n: self._seg(buf, lay, n)[lo:hi]  # noqa: E731
-        pos = seg("positions").long()
-        blk = self.block_table[seg("token_rows").long(), pos // self.block_size].long()
+        pos = seg("positions").long() if pos is None else pos
+        blk = self.block_table[seg("token_rows"), pos // self.block_size].long()
         qsl = self._seg(buf, lay, "query_start_loc")[lo:None if hi is None else hi + 1]
         seq_lens = seg("seq_lens")
         decode = lay.max_query_len == 1
@@ -523,24 +539,36 @@ class ModelRunner:
             slot_mapping=blk * self.block_size + pos % self.block_size,
             query_start_loc=qsl - lo if lo else qsl,
             seq_lens=seq_lens,
-            block_tables=self.block_table.index_select(0, seg("seq_rows").long()),
+            block_tables=self.block_table.index_select(0, seg("seq_rows")),
             max_query_len=lay.max_query_len,
             split_counters=self.split_counters if counters is None else counters,
-            order=attention.decode_order(seq_lens) if decode and self.longest_first else None,
+            order=self._decode_order(buf, lay, seq_lens, lo, hi) if decode and self.longest_first else None,
             maxnreg=self.decode_maxnreg if decode else 0,
             decode_warps=self.decode_warps if decode else 0,
             q_blocks=(seg("qb_seq"), seg("qb_blk"), self._flat_block_q) if "qb_seq" in lay.offsets else None,
         )
+
+    def _decode_order(self, buf: torch.Tensor, lay: StepLayout, seq_lens: torch.Tensor, lo: int,
+                      hi: Optional[int]) -> torch.Tensor:
+        """A decode launch's longest-first order: the one ``prepare`` staged (made on the host, once a decode window:
+        every sequence of a window gains one position a forward, so the order holds for all its forwards; a sort in
+        the decode graph cost W1's forward 20 us on the H200), or for a row range of a split forward, sorted here."""
+        if "order" in lay.offsets and lo == 0 and hi is None:
+            return self._seg(buf, lay, "order")
+        return attention.decode_order(seq_lens)
 
     def _forward(self, buf: torch.Tensor, lay: StepLayout, lo: int = 0, hi: Optional[int] = None,
                  counters: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The step's forward: logits of its kept rows. ``lo``/``hi``: decode rows ``lo:hi`` alone (``_forward_split``);
         ``counters``: the attention kernel's split counters of a launch that may run beside the runner's own."""
         assert (lo, hi) == (0, None) or lay.max_query_len == 1, "a row range needs a decode step (one token a row)"
-        self.ctx.meta = self._metadata(buf, lay, lo, hi, counters)
-        ids = self._seg(buf, lay, "input_ids")[lo:hi].long()[None]
-        pos = self._seg(buf, lay, "positions")[lo:hi].long()[None]
-        keep = self._seg(buf, lay, "logits_idx")[lo:hi].long()
+        pos = self._seg(buf, lay, "positions")[lo:hi].long()  # int64: the compiled rotary embedding was traced so
+        self.ctx.meta = self._metadata(buf, lay, lo, hi, counters, pos=pos)
+        ids = self._seg(buf, lay, "input_ids")[lo:hi][None]  # int32: the embedding lookup takes them as they are
+        pos = pos[None]
+        keep = self._seg(buf, lay, "logits_idx")[lo:hi]  # int32 row indices
+        if self._fresh_inputs:
+            ids, keep = ids.long(), keep.long()
         if lo:
             keep = keep - lo
         kw = {attention.STEP_KWARG: self.ctx}
@@ -665,6 +693,9 @@ class ModelRunner:
                  qsl, np.full(b, q_len, np.int32), np.full(b, SCRATCH_ROW, np.int32), qsl[1:] - 1]
         for name, arr in zip(HEAD, parts):
             lay.add(name, arr)
+        if q_len == 1 and self.longest_first and self.host_order:  # as ``prepare`` stages a decode step
+            parts.append(_longest_first(parts[4]))
+            lay.add("order", parts[-1])
         return lay, torch.from_numpy(np.concatenate(parts)).to(self.device)
 
     def _scratch_prefill_step(self, tokens: int, seqs: int, slots: int) -> tuple[StepLayout, torch.Tensor]:
@@ -785,9 +816,11 @@ class ModelRunner:
             # inputs made inside too: compiled code checks inference mode
             with self._untimed_mode(), self.installed(), tag:
                 lay, buf = self._scratch_step(num_seqs, q_len)
-                ids = self._seg(buf, lay, "input_ids").long()[None]
+                ids = self._seg(buf, lay, "input_ids")[None]
                 pos = self._seg(buf, lay, "positions").long()[None]
-                keep = self._seg(buf, lay, "logits_idx").long()
+                keep = self._seg(buf, lay, "logits_idx")
+                if self._fresh_inputs:
+                    ids, keep = ids.long(), keep.long()
                 self.ctx.meta = self._metadata(buf, lay)
                 for kept in (0, 1, 3):
                     self._logits(model, ids, pos, keep[:kept], {attention.STEP_KWARG: self.ctx})
@@ -940,6 +973,11 @@ DECODE_TUNE_ROWS = 256
 # on the H200 (session 12, from 64 rows: W1 129,313 vs 131,953 out tok/s, W7 22,971 vs 23,661; variant
 # ours_async_split_decode). Never under tensor parallelism (collectives on two streams).
 DECODE_SPLIT_MIN_ROWS = 0
+# Decode launches' longest-first order (attention.DECODE_LONGEST_FIRST) made by the host as it stages a decode step
+# (``_longest_first``, once a decode window) and copied into the graph with the step's inputs, instead of an argsort
+# inside every decode forward (on the H200, session 20: the sort's 20 us left W1's profiled decode forward, whose
+# tokens over the whole run stayed identical). Off: variant ``ours_async_device_order``. Read when an engine is built.
+HOST_DECODE_ORDER = True
 DECODE_WINDOW = 4  # BatcherConfig.decode_window's default where decode steps replay CUDA graphs
 # The step token budget's default (BatcherConfig.max_batch_tokens=None). A prefill step's host cost is the model's
 # layers called once (eager: about 30-40 ms for a 30-layer model on the H200 machine's host) whatever its tokens;
