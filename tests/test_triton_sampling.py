@@ -68,3 +68,29 @@ def test_fused_bucket_of_ties_draws_members_outside_the_candidates(sp):
     candidates = torch.topk(logits, sp.top_k).indices
     assert any(int(t) not in c.tolist() for t, c in zip(got, candidates)), "the tie bucket never won"
     assert bool((logits.gather(1, got[:, None]) == logits.max(-1, keepdim=True).values).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("V", [1000, 9000], ids=["one-chunk", "three-chunks"])
+def test_triton_argmax_equals_torch_argmax_with_ties_infinities_and_nans(dtype, V):
+    """``argmax_into`` (greedy steps' tokens, written as int32 into a buffer, from logits with a row stride) gives
+    torch.argmax's index on every row: the first of tied maxima wherever they fall (one chunk, chunks apart), rows of
+    -inf only, +inf, and NaN (torch's largest: the first NaN wins, even over +inf, in any chunk)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(-50, 50, (12, V + 7), generator=g).float()
+    x[0, 3] = x[0, 5000 % V] = x[0, V - 1] = 99  # ties: the first
+    x[1, :] = 7.0  # every value tied: index 0
+    x[2, :] = float("-inf")
+    x[3, V // 2] = float("inf")
+    x[4, V // 3] = float("nan")
+    x[4, 5] = float("inf")  # NaN beats +inf
+    x[5, [V - 2, 11, V // 2]] = float("nan")  # the first NaN
+    x[6, 4096 % V] = x[6, V - 3] = 120  # the same value in two chunks (V > 4096), or in one
+    x[7, V - 1] = float("nan")  # a NaN in the last chunk beats every number before it
+    x[8, :] = float("-inf")
+    x[8, V - 1] = -1e30  # the only finite value, in the last chunk
+    x = x.to(dtype).to(DEVICE)[:, :V]  # a row stride longer than the row
+    out = torch.full((16,), -1, dtype=torch.int32, device=DEVICE)
+    got = triton_sampling.argmax_into(x, out)
+    assert got.dtype == torch.int32 and got.data_ptr() == out.data_ptr() and out[12:].tolist() == [-1] * 4
+    assert got.tolist() == x.argmax(dim=-1).tolist()

@@ -18,6 +18,7 @@ from torch.profiler import record_function
 
 from .buffers import BufferSlot, PinnedBufferPool
 from .model_runner import ModelRunner, StepLayout
+from . import sampling
 from .sampling import sample, token_logprobs
 from .scheduler import Scheduler, StepPlan
 from .tensor_parallel import PlanDisagreement
@@ -73,6 +74,7 @@ class Executor:
             self.compute = runner.compute_stream
             self.d2h = torch.cuda.Stream(self.device)
         self.step_in_flight: Optional[StepHandle] = None
+        self.draw_into = sampling.TRITON_ARGMAX  # draws written into the token buffer (greedy: one Triton launch)
         self.observers: list[StepObserver] = []
         # cpu_launch_graph_s: the part of cpu_launch_s spent launching decode steps replayed from CUDA graphs;
         # prefill_graph_steps: prefill and mixed steps replayed from the prefill graphs (model_runner.PREFILL_GRAPHS).
@@ -171,7 +173,10 @@ class Executor:
             tokens = slot.dev_tokens[j * k:(j + 1) * k]
             if k:
                 with record_function("ab.launch.sample"):
-                    tokens.copy_(sample(logits[:k], runner.sampling_inputs(slot.dev_in, lay, j)))
+                    if self.draw_into:
+                        sample(logits[:k], runner.sampling_inputs(slot.dev_in, lay, j), out=tokens)
+                    else:
+                        tokens.copy_(sample(logits[:k], runner.sampling_inputs(slot.dev_in, lay, j)))
         lp = scores = None
         if lay.checked:  # tensor parallel: rank 0's tokens on every rank, before anything reads them
             runner.agree(slot.dev_in, lay, slot.dev_tokens)

@@ -369,14 +369,34 @@ def sampling_inputs(plan: SamplingPlan, seg: Callable[[str], torch.Tensor], sub:
     return out
 
 
-def sample(logits: torch.Tensor, params: Optional[SamplingInputs]) -> torch.Tensor:
+# All-greedy steps on CUDA take their argmax from Triton (``sample(out=)``, ``triton_sampling.argmax_into``), which
+# writes the int32 tokens where the step keeps them, instead of torch's argmax, a cast and a copy. Off: on the H200
+# (session 20) its first kernel, one program per row, took 43 us of a W1 decode forward against torch's 37 us (the
+# tokens of the whole W1 run identical); the chunked kernel that replaced it is not timed there yet (variant
+# ``ours_async_triton_argmax``). Read when an engine is built (its executor passes ``out`` or not).
+TRITON_ARGMAX = False
+
+
+def sample(logits: torch.Tensor, params: Optional[SamplingInputs],
+           out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Next tokens (int32 ``[B]``) from logits ``[B, V]``; ``params=None`` means every row is greedy.
 
     Rows past ``params.num_rows`` (scoring rows) get the argmax. No host synchronization: every shape and branch is
-    known on the host.
+    known on the host. ``out``: an int32 ``[B]`` tensor the tokens are written into (and returned); on CUDA an
+    all-greedy step's argmax is written there by one Triton launch (``triton_sampling.argmax_into``).
     """
     if params is None:
-        return logits.argmax(dim=-1).to(torch.int32)
+        fused = _fused_draws() if logits.is_cuda and out is not None and logits.stride(-1) == 1 else None
+        if fused is not None:
+            fused.argmax_into(logits, out)
+            return out
+        tokens = logits.argmax(dim=-1).to(torch.int32)
+        return tokens if out is None else out.copy_(tokens)
+    tokens = _sample(logits, params)
+    return tokens if out is None else out.copy_(tokens)
+
+
+def _sample(logits: torch.Tensor, params: SamplingInputs) -> torch.Tensor:
     x = logits
     if params.penalty is not None:
         x = _penalised(logits, params.penalty)

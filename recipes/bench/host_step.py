@@ -55,8 +55,9 @@ def main() -> None:
     def stub_forward(self, buf, lay):  # the model's logits, free: every step's time is the engine's own work
         return logits[: lay.num_samples + lay.num_score_rows]
 
-    def stub_sample(rows, params):  # token 0 for every row (EOS is ignored)
-        return torch.zeros(rows.shape[0], dtype=torch.int32)
+    def stub_sample(rows, params, out=None):  # token 0 for every row (EOS is ignored)
+        tokens = torch.zeros(rows.shape[0], dtype=torch.int32)
+        return tokens if out is None else out.copy_(tokens)
 
     executor_module.sample = stub_sample
 

@@ -61,10 +61,10 @@ def install() -> None:
         setattr(R, name, timed(f"runner.{name}", getattr(R, name)))
     real_sample = executor_mod.sample
 
-    def sample_with_events(logits, params):
+    def sample_with_events(logits, params, out=None):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        out = real_sample(logits, params)
+        out = real_sample(logits, params, out=out)
         end.record()
         EVENTS.append((start, end))
         return out
@@ -73,6 +73,7 @@ def install() -> None:
     triton_sampling._topk_draw_kernel = TimedKernel("triton topk_draw launch", triton_sampling._topk_draw_kernel)
     triton_sampling._chunk_mass_kernel = TimedKernel("triton chunk_mass launch", triton_sampling._chunk_mass_kernel)
     triton_sampling._chunk_draw_kernel = TimedKernel("triton chunk_draw launch", triton_sampling._chunk_draw_kernel)
+    triton_sampling._argmax_kernel = TimedKernel("triton argmax launch", triton_sampling._argmax_kernel)
     triton_sampling.torch = TorchProxy()
     E = executor_mod.Executor
     E.wait = timed("executor.wait", E.wait)

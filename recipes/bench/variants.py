@@ -561,6 +561,20 @@ class OursAsyncDecode2Warps(_OursAsyncBuiltWith):
     patches = {("attention", "DECODE_WARPS"): 2}
 
 
+class OursAsyncDeviceOrder(_OursAsyncBuiltWith):
+    """``ours_async`` with the decode launches' longest-first order sorted inside each decode graph, as until session
+    19, not staged by the host (``model_runner.HOST_DECODE_ORDER``)."""
+
+    patches = {("model_runner", "HOST_DECODE_ORDER"): False}
+
+
+class OursAsyncTritonArgmax(_OursAsyncBuiltWith):
+    """``ours_async`` with greedy tokens from the chunked Triton argmax, written into the token buffer
+    (``sampling.TRITON_ARGMAX``), instead of torch's argmax, a cast and a copy."""
+
+    patches = {("sampling", "TRITON_ARGMAX"): True}
+
+
 class OursAsyncNoComboKernels(_OursAsyncBuiltWith):
     """``ours_async`` without inductor's ``combo_kernels`` (``compiled_layers.COMPILE_OPTIONS`` empty, as until
     session 17): the q and k norms and rotary embeddings of a layer as separate launches."""
@@ -735,6 +749,13 @@ class OursAsyncBlock64(Ours):
     mode, block_size = "async", 64
 
 
+class OursAsyncBlock32(Ours):
+    """``ours_async`` with KV blocks of 32 slots: a 128-key decode tile spans 4 blocks, not 8 (each kv head's run of a
+    block 4 KB at head dim 64); prefix sharing in whole 32-token blocks."""
+
+    mode, block_size = "async", 32
+
+
 class OursAsyncAdmitEach(Ours):
     """``ours_async`` admitting each waiting request as soon as it fits (``admit_threshold=1``, the default until
     admission in batches is measured): with requests finishing at different steps, most steps become prefill/mixed
@@ -881,6 +902,9 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_no_window": OursAsyncNoWindow,
     "ours_async_window8": OursAsyncWindow8,
     "ours_async_block64": OursAsyncBlock64,
+    "ours_async_block32": OursAsyncBlock32,
+    "ours_async_device_order": OursAsyncDeviceOrder,
+    "ours_async_triton_argmax": OursAsyncTritonArgmax,
     "ours_async_admit_each": OursAsyncAdmitEach,
     "ours_async_admit_auto": OursAsyncAdmitAuto,
     "ours_async_admit_16": OursAsyncAdmit16,
