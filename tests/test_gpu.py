@@ -87,9 +87,9 @@ def test_fp32_prefill_graphs_match_generate(arch, monkeypatch):
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2"])
 @pytest.mark.parametrize("fused_write", [False, True])
 def test_fp32_longest_first_decode_and_register_cap_match_generate_in_graphs(arch, fused_write, monkeypatch):
-    """``attention.DECODE_LONGEST_FIRST`` (an argsort of the context lengths per forward, captured in the decode
-    graphs; decode windows advance the lengths on the device) with ``DECODE_MAXNREG=96``, with and without the fused
-    write: greedy tokens equal generate's."""
+    """``attention.DECODE_LONGEST_FIRST`` (the order staged by the host once a decode window and copied into the
+    decode graphs; decode windows advance the lengths on the device) with ``DECODE_MAXNREG=96``, with and without the
+    fused write: greedy tokens equal generate's."""
     import async_batching.attention as attention
 
     monkeypatch.setattr(attention, "DECODE_LONGEST_FIRST", True)
@@ -97,6 +97,31 @@ def test_fp32_longest_first_decode_and_register_cap_match_generate_in_graphs(arc
     monkeypatch.setattr(attention, "FUSED_DECODE_WRITE", fused_write)
     b = _fp32_matches_generate(arch, True)
     assert b.runner.longest_first and b.runner.decode_maxnreg == 96
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "gpt_oss"])
+@pytest.mark.parametrize("fused_write", [False, True])
+def test_fp32_decode_programs_over_all_kv_heads_match_generate_in_graphs(arch, fused_write, monkeypatch):
+    """``attention.DECODE_ALL_HEADS`` (one decode program per sequence over all its kv heads, where a launch does not
+    split), in decode graphs with the longest-first order and the register cap, with and without the fused write, on
+    models with soft-capping and windows (gemma2) and sinks (gpt_oss): greedy tokens equal generate's."""
+    import async_batching.attention as attention
+    import async_batching.triton_paged_attention as tpa
+
+    monkeypatch.setattr(attention, "DECODE_ALL_HEADS", True)
+    monkeypatch.setattr(attention, "FUSED_DECODE_WRITE", fused_write)
+    monkeypatch.setattr(tpa, "SPLIT_PROGRAMS_PER_SM", 0)  # the test's 4 sequences would split their KV range
+    launched = []
+    real = tpa._paged_decode_all_heads_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(tpa, "_paged_decode_all_heads_kernel", Counting())
+    b = _fp32_matches_generate(arch, True)
+    assert b.runner.decode_all_heads and launched
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "gpt_oss"])

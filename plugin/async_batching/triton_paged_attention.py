@@ -306,6 +306,104 @@ def _paged_attention_kernel(
             )
 
 
+# A decode launch with one program per sequence over all its kv heads (``paged_attention(all_heads=True)``; the
+# sweep's ``all_heads``). Short contexts make short programs: on the H200 the default launch read K/V at 3.1-3.2 TB/s
+# for W1's and W2's decode (contexts of 64..768 keys, 1,536 and 2,048 programs) and at 4.2 TB/s for E1's (800..1,060
+# keys, 4,096 programs), which a fixed cost of about 300 keys' worth a program would explain (session 20). One
+# program walks (kv head, key tile) pairs in one loop, one software pipeline over the sequence's heads, instead of a
+# program and a pipeline's start per head.
+@triton.jit(do_not_specialize=["stride_nkt", "stride_nkh", "stride_nvt", "stride_nvh"],
+            do_not_specialize_on_alignment=["seq_lens_ptr", "query_start_loc_ptr", "sinks_ptr", "order_ptr",
+                                            "new_k_ptr", "new_v_ptr", "slot_ptr"])
+def _paged_decode_all_heads_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr,
+    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, sinks_ptr, order_ptr,
+    new_k_ptr, new_v_ptr, slot_ptr,
+    stride_nkt, stride_nkh, stride_nvt, stride_nvh,
+    qk_scale, softcap, sliding_window,
+    stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_ot, stride_oh, stride_od,
+    stride_bt,
+    num_kv_heads,
+    G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    TILE_N: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    USE_SINKS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    USE_ORDER: tl.constexpr = False,
+    WRITE_NEW: tl.constexpr = False,
+):
+    """Decode attention of one sequence's query (one token) for every head: grid (sequences,). The loop visits kv
+    head h's key tiles in order, then h + 1's: the running softmax state starts afresh at a head's first tile and the
+    head's rows are stored after its last; every tile goes through ``_attend_tile``'s masked path, whose valid keys
+    give the unmasked path's values. WRITE_NEW: the step's K and V of every kv head are stored first, then a block
+    barrier, as in ``_paged_attention_kernel``."""
+    seq = tl.program_id(0)
+    if USE_ORDER:
+        seq = tl.load(order_ptr + seq)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    if tl.load(query_start_loc_ptr + seq + 1) == q_start:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    token = q_start.to(tl.int64)
+    rows = tl.arange(0, BLOCK_M)
+    row_valid = rows < G
+    q_pos = tl.zeros([BLOCK_M], dtype=tl.int32) + (seq_len - 1)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_valid = offs_d < HEAD_DIM
+    if USE_WINDOW:
+        kv_begin = tl.maximum(seq_len - sliding_window, 0)
+    else:
+        kv_begin = seq_len * 0
+    n_tiles = tl.cdiv(seq_len - kv_begin, TILE_N)
+    if WRITE_NEW:
+        slot = tl.load(slot_ptr + token).to(tl.int64)
+        for h in range(0, num_kv_heads):
+            dst = (slot // BLOCK_SIZE) * stride_kb + (slot % BLOCK_SIZE) * stride_ks + h * stride_kh
+            k_new = tl.load(new_k_ptr + token * stride_nkt + h * stride_nkh + offs_d, mask=d_valid)
+            tl.store(k_ptr + dst + offs_d * stride_kd, k_new.to(k_ptr.dtype.element_ty), mask=d_valid)
+            dst_v = (slot // BLOCK_SIZE) * stride_vb + (slot % BLOCK_SIZE) * stride_vs + h * stride_vh
+            v_new = tl.load(new_v_ptr + token * stride_nvt + h * stride_nvh + offs_d, mask=d_valid)
+            tl.store(v_ptr + dst_v + offs_d * stride_vd, v_new.to(v_ptr.dtype.element_ty), mask=d_valid)
+        tl.debug_barrier()
+
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    for it in range(0, num_kv_heads * n_tiles):
+        kv_head = it // n_tiles
+        t = it - kv_head * n_tiles
+        head = kv_head * G + rows % G
+        if USE_SINKS:  # as _paged_attention_kernel's first split: the sink as a key already seen
+            m0 = tl.load(sinks_ptr + head, mask=row_valid, other=-1.0e30).to(tl.float32) * 1.4426950408889634
+            l0 = tl.where(row_valid, 1.0, 0.0)
+        else:
+            m0 = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+            l0 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        m_i = tl.where(t == 0, m0, m_i)
+        l_i = tl.where(t == 0, l0, l_i)
+        acc = tl.where(t == 0, 0.0, acc)
+        q = tl.load(q_ptr + token * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                    mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+        m_i, l_i, acc = _attend_tile(q, k_ptr, v_ptr, bt_row, kv_begin + t * TILE_N, seq_len, q_pos, row_valid,
+                                     offs_d, d_valid, kv_head, m_i, l_i, acc, qk_scale, softcap, sliding_window,
+                                     stride_kb, stride_ks, stride_kh, stride_kd,
+                                     stride_vb, stride_vs, stride_vh, stride_vd,
+                                     BLOCK_SIZE, TILE_N, True, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION)
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + token * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
+                 out.to(out_ptr.dtype.element_ty),
+                 mask=row_valid[:, None] & d_valid[None, :] & (t == n_tiles - 1))
+
+
 # Launch-configuration overrides (``tile_n``, ``num_warps``, ``num_stages``, ``target_m``, ``num_kv_splits``, the
 # grid orders ``heads_first``, ``longest_first`` and ``heavy_first``, ``one_loop``, and ``maxnreg``: a register cap
 # per thread, which ptxas meets here without spilling and which doubles the programs an SM holds for W7's prefill
@@ -413,6 +511,7 @@ def paged_attention(
     maxnreg: int = 0,
     q_blocks: Optional[tuple[torch.Tensor, torch.Tensor, int]] = None,
     decode_warps: int = 0,
+    all_heads: bool = False,
 ) -> torch.Tensor:
     """Causal attention of the packed queries ``q`` [T, num_heads, head_dim] over the paged KV cache.
 
@@ -432,6 +531,8 @@ def paged_attention(
     ``decode_warps``: warps of a decode program at 16-bit head dims up to 64 (``attention.DECODE_WARPS``); 0 keeps the
     kernel's 4 warps over 128-key tiles. 2 and 1 take 64-key tiles and no register cap (half the threads hold a tile:
     a cap of 96 would spill).
+    ``all_heads``: a decode launch that would not split its KV range gets one program per sequence over all its kv
+    heads (``_paged_decode_all_heads_kernel``) instead of one per (sequence, kv head); the same values.
     ``q_blocks``: ``(seq, blk, block_q)``, int32 vectors of one length N and the query tile their table was made for
     (``flat_block_q``; checked): a flat launch of N query-block slots, slot i being query block ``blk[i]`` of sequence
     ``seq[i]``, -1 for an empty slot (``attention.q_block_table`` makes them). Its grid depends on N alone, so a CUDA
@@ -540,11 +641,35 @@ def paged_attention(
         assert new_k.stride(2) == 1 and new_v.stride(2) == 1, "new_kv: k and v need a contiguous last dim"
     else:
         new_k = new_v = new_slots = seq_lens  # never read
+    all_heads = bool(TUNING.get("all_heads", all_heads)) if TUNING else all_heads
+    all_heads = all_heads and max_query_len == 1 and q_blocks is None and num_splits == 1
     heads_first = bool(TUNING.get("heads_first")) if TUNING else False
     if order is None and TUNING:  # the sweep's longest-first order, computed once outside timing, or here
         order = TUNING.get("order")
     if order is None and TUNING and TUNING.get("longest_first"):
         order = decode_order(seq_lens)
+    launch = dict(num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}))
+    if all_heads:
+        _paged_decode_all_heads_kernel[(B,)](
+            q, k_cache, v_cache, out,
+            block_tables, seq_lens, query_start_loc, sinks if sinks is not None else _unused_partials(q.device),
+            order if order is not None else seq_lens,
+            new_k, new_v, new_slots,
+            new_k.stride(0), new_k.stride(1) if new_kv is not None else 0,
+            new_v.stride(0), new_v.stride(1) if new_kv is not None else 0,
+            float(scale) * LOG2E, float(softcap) if softcap else 1.0, int(sliding_window),
+            q.stride(0), q.stride(1), q.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
+            out.stride(0), out.stride(1), out.stride(2),
+            block_tables.stride(0),
+            num_kv_heads,
+            G=G, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size, BLOCK_M=block_m, TILE_N=tile_n,
+            USE_WINDOW=sliding_window > 0, USE_SOFTCAP=softcap > 0, USE_SINKS=sinks is not None,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            USE_ORDER=order is not None, WRITE_NEW=new_kv is not None, **launch,
+        )
+        return out
     if q_blocks is not None:
         grid = (qb_seq.shape[0], num_kv_heads)
     elif heads_first:
@@ -586,9 +711,7 @@ def paged_attention(
         ONE_LOOP=bool(TUNING.get("one_loop")) if TUNING else False,
         HEAVY_FIRST=bool(TUNING.get("heavy_first")) and q_blocks is None if TUNING else False,
         FLAT=q_blocks is not None,
-        num_warps=num_warps,
-        num_stages=num_stages,
-        **({"maxnreg": maxnreg} if maxnreg else {}),
+        **launch,
     )
     return out
 
@@ -650,7 +773,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     )
 
 
-KERNELS = (_paged_attention_kernel, _write_kv_kernel)
+KERNELS = (_paged_attention_kernel, _paged_decode_all_heads_kernel, _write_kv_kernel)
 
 
 def compiled_variants() -> int:

@@ -41,6 +41,10 @@ SHAPES = {  # name: (query lengths, context lengths, heads, kv heads, head_dim)
     "W3 decode at step 2048: 32 seqs, ctx 2304, 32/8 heads, dim 128": ([1] * 32, [2304] * 32, 32, 8, 128),
     "W7 tail decode: 48 seqs, ctx 1000..2000, 16/8 heads, dim 128": ([1] * 48, [_R.randint(1000, 2000) for _ in range(48)], 16, 8, 128),
     "E1 decode: 512 seqs, ctx 800..1060, 32/8 heads, dim 64": ([1] * 512, [_R.randint(800, 1060) for _ in range(512)], 32, 8, 64),
+    # W1's decode shape at one context length each (TUNING_SHAPES="W1 decode at"): a launch's time against its K/V
+    # bytes, for the fixed cost a program pays whatever its context (session 20)
+    **{f"W1 decode at ctx {c}: 512 seqs, 9/3 heads, dim 64": ([1] * 512, [c] * 512, 9, 3, 64)
+       for c in (128, 256, 512, 1024, 2048)},
     "W2 prefill: 16 x 512": ([512] * 16, [512] * 16, 32, 8, 64),
     "W4 prefill: 2 chunks of 4096, ctx 4096 and 6144": ([4096, 4096], [4096, 6144], 32, 8, 64),
     "W7 prefill: 8 x 1024, dim 128": ([1024] * 8, [1024] * 8, 16, 8, 128),
@@ -79,6 +83,12 @@ WARPS2 = [dict(tile_n=t, num_warps=2, num_stages=s, maxnreg=0) for t in (64, 128
 WARPS2 += [dict(tile_n=t, num_warps=1, num_stages=s, maxnreg=0) for t in (32, 64) for s in (2, 3)]
 WARPS2 += [dict(tile_n=128, num_warps=4, num_stages=2, maxnreg=DECODE_MAXNREG)]
 DECODE_CONFIGS += WARPS2
+# Decode: one program per sequence over all its kv heads (``paged_attention(all_heads=True)``, session 20), against a
+# program per (sequence, kv head) through the same masked loop (``one_loop``): a short context's program pays its
+# start once for all heads. With 3 pipeline stages, and with 2-warp programs over 64-key tiles.
+ALL_HEADS = [dict(one_loop=True), dict(all_heads=True), dict(all_heads=True, num_stages=3),
+             dict(all_heads=True, tile_n=64, num_warps=2, maxnreg=0)]
+DECODE_CONFIGS += ALL_HEADS[1:]
 # TUNING_ENGINE_BASE=1: every decode launch, the "default" row too, as the engine launches it: head-major blocks of 16
 # slots, longest context first, DECODE_MAXNREG and DECODE_WARPS passed as the engine passes them (the kernel applies
 # them at head dims up to 64; a row's own keys override these), and with FUSED_DECODE_WRITE the step's K/V written by
@@ -103,6 +113,8 @@ if os.environ.get("TUNING_ONE_LOOP_ONLY") == "1":  # the default launch against 
     DECODE_CONFIGS, PREFILL_CONFIGS = list(ONE_LOOP), []
 if os.environ.get("TUNING_WARPS2_ONLY") == "1":  # the default launch against 2-warp decode programs alone
     DECODE_CONFIGS, PREFILL_CONFIGS = list(WARPS2), []
+if os.environ.get("TUNING_ALL_HEADS_ONLY") == "1":  # the default launch against all-heads decode programs alone
+    DECODE_CONFIGS, PREFILL_CONFIGS = list(ALL_HEADS), []
 if os.environ.get("TUNING_SHAPES"):  # a substring per shape to keep, comma-separated (e.g. "decode")
     SHAPES = {n: v for n, v in SHAPES.items() if any(k in n for k in os.environ["TUNING_SHAPES"].split(","))}
 
@@ -114,6 +126,10 @@ def configs(name):
 def _label(cfg) -> str:
     if cfg in GRID_ORDERS:
         return "grid: " + " + ".join(k.replace("_", " ") for k in cfg)
+    if cfg.get("all_heads"):
+        rest = {k: v for k, v in cfg.items() if k != "all_heads"}
+        return "all kv heads a program" + (", " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in rest.items())
+                                           if rest else "")
     if cfg.get("one_loop"):
         rest = {k: v for k, v in cfg.items() if k != "one_loop"}
         return "one loop" + (", " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in rest.items()) if rest else "")

@@ -561,6 +561,13 @@ class OursAsyncDecode2Warps(_OursAsyncBuiltWith):
     patches = {("attention", "DECODE_WARPS"): 2}
 
 
+class OursAsyncDecodeAllHeads(_OursAsyncBuiltWith):
+    """``ours_async`` with decode launches of one program per sequence over all its kv heads
+    (``attention.DECODE_ALL_HEADS``), where the launch does not split its KV range."""
+
+    patches = {("attention", "DECODE_ALL_HEADS"): True}
+
+
 class OursAsyncDeviceOrder(_OursAsyncBuiltWith):
     """``ours_async`` with the decode launches' longest-first order sorted inside each decode graph, as until session
     19, not staged by the host (``model_runner.HOST_DECODE_ORDER``)."""
@@ -904,6 +911,7 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_block64": OursAsyncBlock64,
     "ours_async_block32": OursAsyncBlock32,
     "ours_async_device_order": OursAsyncDeviceOrder,
+    "ours_async_decode_all_heads": OursAsyncDecodeAllHeads,
     "ours_async_triton_argmax": OursAsyncTritonArgmax,
     "ours_async_admit_each": OursAsyncAdmitEach,
     "ours_async_admit_auto": OursAsyncAdmitAuto,
