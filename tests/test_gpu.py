@@ -101,27 +101,29 @@ def test_fp32_longest_first_decode_and_register_cap_match_generate_in_graphs(arc
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "gpt_oss"])
 @pytest.mark.parametrize("fused_write", [False, True])
-def test_fp32_decode_programs_over_all_kv_heads_match_generate_in_graphs(arch, fused_write, monkeypatch):
-    """``attention.DECODE_ALL_HEADS`` (one decode program per sequence over all its kv heads, where a launch does not
-    split), in decode graphs with the longest-first order and the register cap, with and without the fused write, on
-    models with soft-capping and windows (gemma2) and sinks (gpt_oss): greedy tokens equal generate's."""
+@pytest.mark.parametrize("heads", [2, 64], ids=["pairs", "all"])
+def test_fp32_decode_programs_over_kv_head_groups_match_generate_in_graphs(arch, fused_write, heads, monkeypatch):
+    """``attention.DECODE_HEADS_PER_PROGRAM`` (one decode program per sequence and group of kv heads, or all of them,
+    where a launch does not split), in decode graphs with the longest-first order and the register cap, with and
+    without the fused write, on models with soft-capping and windows (gemma2) and sinks (gpt_oss): greedy tokens equal
+    generate's."""
     import async_batching.attention as attention
     import async_batching.triton_paged_attention as tpa
 
-    monkeypatch.setattr(attention, "DECODE_ALL_HEADS", True)
+    monkeypatch.setattr(attention, "DECODE_HEADS_PER_PROGRAM", heads)
     monkeypatch.setattr(attention, "FUSED_DECODE_WRITE", fused_write)
     monkeypatch.setattr(tpa, "SPLIT_PROGRAMS_PER_SM", 0)  # the test's 4 sequences would split their KV range
     launched = []
-    real = tpa._paged_decode_all_heads_kernel
+    real = tpa._paged_decode_heads_kernel
 
     class Counting:
         def __getitem__(self, grid):
             launched.append(grid)
             return real[grid]
 
-    monkeypatch.setattr(tpa, "_paged_decode_all_heads_kernel", Counting())
+    monkeypatch.setattr(tpa, "_paged_decode_heads_kernel", Counting())
     b = _fp32_matches_generate(arch, True)
-    assert b.runner.decode_all_heads and launched
+    assert b.runner.decode_heads == heads and launched
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "gpt_oss"])

@@ -314,9 +314,10 @@ def test_the_engines_adapter_hands_the_kernel_the_steps_order_and_register_cap(b
         out = triton_paged_attention(args["q"], args["k_cache"], args["v_cache"], meta(one), 0.2, 0, 0.0)
     torch.testing.assert_close(out[3].float(), ref[3].float(), atol=tol, rtol=tol)
     assert out[[0, 1, 2, 4]].isnan().all() or not out[[0, 1, 2, 4]].float().allclose(ref[[0, 1, 2, 4]].float())
-    # ``AttentionMetadata.all_heads`` (attention.DECODE_ALL_HEADS): the launch goes to the all-heads kernel
+    # ``AttentionMetadata.heads_per_program`` (attention.DECODE_HEADS_PER_PROGRAM): the launch goes to the kernel
+    # of kv-head groups, a program per sequence and pair of the batch's 4 kv heads
     launched = []
-    real = tpa._paged_decode_all_heads_kernel
+    real = tpa._paged_decode_heads_kernel
 
     class Counting:
         def __getitem__(self, grid):
@@ -324,13 +325,13 @@ def test_the_engines_adapter_hands_the_kernel_the_steps_order_and_register_cap(b
             return real[grid]
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tpa, "_paged_decode_all_heads_kernel", Counting())
+        mp.setattr(tpa, "_paged_decode_heads_kernel", Counting())
         mp.setattr(tpa, "_auto_num_splits", lambda *a, **k: 1)
-        all_heads = AttentionMetadata(slot_mapping=None, query_start_loc=args["query_start_loc"],
-                                      seq_lens=args["seq_lens"], block_tables=args["block_tables"],
-                                      max_query_len=max_q, order=decode_order(args["seq_lens"]), all_heads=True)
-        out = triton_paged_attention(args["q"], args["k_cache"], args["v_cache"], all_heads, 0.2, 0, 0.0)
-    assert launched == [(5,)]
+        grouped = AttentionMetadata(slot_mapping=None, query_start_loc=args["query_start_loc"],
+                                    seq_lens=args["seq_lens"], block_tables=args["block_tables"],
+                                    max_query_len=max_q, order=decode_order(args["seq_lens"]), heads_per_program=2)
+        out = triton_paged_attention(args["q"], args["k_cache"], args["v_cache"], grouped, 0.2, 0, 0.0)
+    assert launched == [(5, args["k_cache"].shape[2] // 2)]
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
 
 
@@ -741,28 +742,42 @@ def test_decode_launch_writing_its_own_kv_equals_write_kv_then_attention(backend
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("window,softcap,with_sinks,fused,head_dim",
-                         [(0, 0.0, False, False, 32), (0, 0.0, False, True, 64), (20, 0.0, False, True, 32),
-                          (0, 30.0, True, False, 80)], ids=["plain", "fused-write", "window", "softcap-sinks-dim80"])
-def test_one_decode_program_over_all_kv_heads_equals_a_program_per_head(backend, window, softcap, with_sinks, fused,
-                                                                         head_dim, monkeypatch):
-    """``all_heads``: one decode program per sequence walks every kv head's key tiles in one loop. Output (and, with
-    ``new_kv``, both caches) equal the launch of a program per (sequence, kv head) with every tile through the masked
-    loop (``one_loop``) bit for bit, under a window, soft-capping, sinks and a longest-first order, and the reference
-    within the backend's tolerance; with splits asked for, the launch keeps its split programs."""
+@pytest.mark.parametrize("window,softcap,with_sinks,fused,head_dim,kv_heads,per_program",
+                         [(0, 0.0, False, False, 32, 3, 3), (0, 0.0, False, True, 64, 3, 3),
+                          (20, 0.0, False, True, 32, 4, 2), (0, 30.0, True, False, 80, 4, 4),
+                          (0, 0.0, False, True, 32, 3, 2)],
+                         ids=["all-3", "all-3-fused-write", "pairs-of-4-window", "all-4-softcap-sinks-dim80",
+                              "pairs-of-3-means-all"])
+def test_decode_programs_over_kv_head_groups_equal_a_program_per_head(backend, window, softcap, with_sinks, fused,
+                                                                       head_dim, kv_heads, per_program, monkeypatch):
+    """``heads_per_program``: one decode program per sequence and group of kv heads walks the group's key tiles in one
+    loop (a group size that does not divide the kv heads takes all of them). Output (and, with ``new_kv``, both
+    caches) equal the launch of a program per (sequence, kv head) with every tile through the masked loop
+    (``one_loop``) bit for bit, under a window, soft-capping, sinks and a longest-first order, and the reference within
+    the backend's tolerance; with splits asked for, the launch keeps its split programs."""
     dtype, tol = backend
     specs = [(1, 1), (9, 1), (16, 1), (70, 1), (150, 1), (33, 1)]
-    args, _ = make_batch(specs, dtype=dtype, group=3, num_kv_heads=3, head_dim=head_dim, seed=head_dim + window)
-    kv_heads, T = 3, len(specs)
+    args, _ = make_batch(specs, dtype=dtype, group=3, num_kv_heads=kv_heads, head_dim=head_dim,
+                         seed=head_dim + window + kv_heads)
+    T = len(specs)
     g = torch.Generator().manual_seed(11)
     k = torch.randn(T, kv_heads, head_dim, generator=g).to(DEVICE, dtype)
     v = torch.randn(T, kv_heads, head_dim, generator=g).to(DEVICE, dtype)
     last = (args["seq_lens"] - 1).long()
     slots = args["block_tables"].long().gather(1, (last // 16)[:, None])[:, 0] * 16 + last % 16
-    sinks = sink_logits(9, seed=4).to(DEVICE) if with_sinks else None
+    sinks = sink_logits(3 * kv_heads, seed=4).to(DEVICE) if with_sinks else None
     order = torch.tensor([4, 3, 5, 2, 1, 0], dtype=torch.int32, device=DEVICE)
+    launched = []
+    real = tpa._paged_decode_heads_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(tpa, "_paged_decode_heads_kernel", Counting())
     runs = []
-    for tuning in (dict(one_loop=True, order=order), dict(all_heads=True, order=order)):
+    for tuning in (dict(one_loop=True, order=order), dict(heads_per_program=per_program, order=order)):
         monkeypatch.setattr(tpa, "TUNING", tuning)
         kc, vc = args["k_cache"].clone(), args["v_cache"].clone()
         out = torch.full(args["q"].shape, float("nan"), dtype=dtype, device=DEVICE)
@@ -770,6 +785,8 @@ def test_one_decode_program_over_all_kv_heads_equals_a_program_per_head(backend,
                             0.2, sliding_window=window, softcap=softcap, out=out, num_kv_splits=1, sinks=sinks,
                             new_kv=(k, v, slots) if fused else None)
         runs.append((out, kc, vc))
+    group = per_program if kv_heads % per_program == 0 else kv_heads
+    assert launched == [(T, kv_heads // group)]
     (want, want_k, want_v), (got, got_k, got_v) = runs
     assert not got.isnan().any(), "some output rows were not written"
     for a, b in ((got, want), (got_k, want_k), (got_v, want_v)):
@@ -779,11 +796,12 @@ def test_one_decode_program_over_all_kv_heads_equals_a_program_per_head(backend,
                                     sinks=sinks)
     torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
     # splits asked for: the split launch (a program per (sequence, head, split)), with its merge, still the reference
-    monkeypatch.setattr(tpa, "TUNING", dict(all_heads=True))
+    monkeypatch.setattr(tpa, "TUNING", dict(heads_per_program=per_program))
     kc, vc = args["k_cache"].clone(), args["v_cache"].clone()
     split = tpa.paged_attention(args["q"], kc, vc, args["block_tables"], args["seq_lens"], args["query_start_loc"], 1,
                                 0.2, sliding_window=window, softcap=softcap, num_kv_splits=2, sinks=sinks,
                                 new_kv=(k, v, slots) if fused else None)
+    assert len(launched) == 1
     torch.testing.assert_close(split.float(), ref.float(), atol=tol, rtol=tol)
 
 

@@ -32,7 +32,7 @@ class AttentionMetadata:
     order: Optional[torch.Tensor] = None  # int32 [B]: the order a decode launch visits its sequences in (see below)
     maxnreg: int = 0  # a register cap for the Triton kernel's decode launches (DECODE_MAXNREG), 0: none
     decode_warps: int = 0  # warps of the Triton kernel's decode programs at head dims <= 64 (DECODE_WARPS), 0: its 4
-    all_heads: bool = False  # decode launches: one Triton program per sequence over all its kv heads (DECODE_ALL_HEADS)
+    heads_per_program: int = 0  # decode launches: Triton programs over groups of kv heads (DECODE_HEADS_PER_PROGRAM)
     # (seq [N], blk [N], block_q): a flat launch's query blocks (``q_block_table``; prefill graph steps), else None
     q_blocks: Optional[tuple] = None
 
@@ -81,14 +81,15 @@ DECODE_MAXNREG = 96
 # eager steps against 2 (a rounding difference: more KV split counts are possible with 64-key tiles; the cause was
 # not isolated). Off; variant ours_async_decode_2warps. Read when an engine is built.
 DECODE_WARPS = 0
-# Decode launches of the Triton kernel that do not split their KV range run one program per sequence over all its kv
-# heads (``paged_attention(all_heads=)``, ``_paged_decode_all_heads_kernel``) instead of one per (sequence, kv head).
-# The default launch read W1's and W2's K/V at 3.1-3.2 TB/s (contexts of 64..768 keys) and E1's at 4.2 (800..1,060
-# keys) on the H200, as if each program paid a fixed cost of about 300 keys (session 20's reading of session 19's
-# sweep); a program over all heads pays it once. Same values as the per-head launch through its masked loop (the
-# interpreter's tests, bit for bit). Not yet timed on the GPU: off; the sweep's ``all_heads`` rows
-# (TUNING_ALL_HEADS_ONLY=1) and variant ``ours_async_decode_all_heads``. Read when an engine is built.
-DECODE_ALL_HEADS = False
+# Decode launches of the Triton kernel that do not split their KV range run one program per sequence and group of this
+# many kv heads (all of them where it does not divide the kv heads; ``paged_attention(heads_per_program=)``,
+# ``_paged_decode_heads_kernel``) instead of one per (sequence, kv head); 0: off. The default launch read W1's and
+# W2's K/V at 3.1-3.2 TB/s (contexts of 64..768 keys) and E1's at 4.2 (800..1,060 keys) on the H200, as if each
+# program paid a fixed cost of about 300 keys (session 20's reading of session 19's sweep); a program over several
+# heads pays it once, with fewer programs to fill the GPU. Same values as the per-head launch through its masked loop
+# (the interpreter's tests, bit for bit). Not yet timed on the GPU: off; the sweep's ``heads_per_program`` rows
+# (TUNING_HEADS_ONLY=1) and variants ``ours_async_decode_heads2`` / ``_decode_all_heads``. Read when an engine is built.
+DECODE_HEADS_PER_PROGRAM = 0
 
 
 def decode_order(seq_lens: torch.Tensor) -> torch.Tensor:
@@ -242,7 +243,7 @@ def triton_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: 
                            meta.max_query_len, scale, window, softcap, sinks=sinks,
                            split_counters=meta.split_counters, new_kv=new_kv, order=meta.order,
                            maxnreg=meta.maxnreg, q_blocks=meta.q_blocks, decode_warps=meta.decode_warps,
-                           all_heads=meta.all_heads)
+                           heads_per_program=meta.heads_per_program)
 
 
 def torch_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int, softcap: float,

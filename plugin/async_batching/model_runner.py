@@ -150,7 +150,7 @@ class ModelRunner:
         self.host_order = HOST_DECODE_ORDER
         self.decode_maxnreg = attention.DECODE_MAXNREG if self.backend == "triton" else 0
         self.decode_warps = attention.DECODE_WARPS if self.backend == "triton" else 0
-        self.decode_all_heads = self.backend == "triton" and attention.DECODE_ALL_HEADS
+        self.decode_heads = attention.DECODE_HEADS_PER_PROGRAM if self.backend == "triton" else 0
         # The attention kernel's KV-split merge counters: this runner's launches are ordered on one stream and each
         # leaves them at zero, so one buffer serves every step and every captured graph.
         self.split_counters = None
@@ -546,7 +546,7 @@ class ModelRunner:
             order=self._decode_order(buf, lay, seq_lens, lo, hi) if decode and self.longest_first else None,
             maxnreg=self.decode_maxnreg if decode else 0,
             decode_warps=self.decode_warps if decode else 0,
-            all_heads=self.decode_all_heads and decode,
+            heads_per_program=self.decode_heads if decode else 0,
             q_blocks=(seg("qb_seq"), seg("qb_blk"), self._flat_block_q) if "qb_seq" in lay.offsets else None,
         )
 

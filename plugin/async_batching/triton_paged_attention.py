@@ -306,16 +306,16 @@ def _paged_attention_kernel(
             )
 
 
-# A decode launch with one program per sequence over all its kv heads (``paged_attention(all_heads=True)``; the
-# sweep's ``all_heads``). Short contexts make short programs: on the H200 the default launch read K/V at 3.1-3.2 TB/s
+# A decode launch with one program per sequence over a group of its kv heads, or all of them
+# (``paged_attention(heads_per_program=)``; the sweep's ``heads_per_program``). Short contexts make short programs: on the H200 the default launch read K/V at 3.1-3.2 TB/s
 # for W1's and W2's decode (contexts of 64..768 keys, 1,536 and 2,048 programs) and at 4.2 TB/s for E1's (800..1,060
 # keys, 4,096 programs), which a fixed cost of about 300 keys' worth a program would explain (session 20). One
-# program walks (kv head, key tile) pairs in one loop, one software pipeline over the sequence's heads, instead of a
-# program and a pipeline's start per head.
+# program walks (kv head, key tile) pairs in one loop, one software pipeline over its heads, instead of a program and
+# a pipeline's start per head.
 @triton.jit(do_not_specialize=["stride_nkt", "stride_nkh", "stride_nvt", "stride_nvh"],
             do_not_specialize_on_alignment=["seq_lens_ptr", "query_start_loc_ptr", "sinks_ptr", "order_ptr",
                                             "new_k_ptr", "new_v_ptr", "slot_ptr"])
-def _paged_decode_all_heads_kernel(
+def _paged_decode_heads_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, sinks_ptr, order_ptr,
     new_k_ptr, new_v_ptr, slot_ptr,
@@ -326,7 +326,7 @@ def _paged_decode_all_heads_kernel(
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_ot, stride_oh, stride_od,
     stride_bt,
-    num_kv_heads,
+    heads,
     G: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
@@ -340,12 +340,14 @@ def _paged_decode_all_heads_kernel(
     USE_ORDER: tl.constexpr = False,
     WRITE_NEW: tl.constexpr = False,
 ):
-    """Decode attention of one sequence's query (one token) for every head: grid (sequences,). The loop visits kv
-    head h's key tiles in order, then h + 1's: the running softmax state starts afresh at a head's first tile and the
-    head's rows are stored after its last; every tile goes through ``_attend_tile``'s masked path, whose valid keys
-    give the unmasked path's values. WRITE_NEW: the step's K and V of every kv head are stored first, then a block
-    barrier, as in ``_paged_attention_kernel``."""
+    """Decode attention of one sequence's query (one token) for a group of ``heads`` kv heads (and their query
+    heads): grid (sequences, kv heads / heads). The loop visits the group's first kv head's key tiles in order, then
+    the next head's: the running softmax state starts afresh at a head's first tile and the head's rows are stored
+    after its last; every tile goes through ``_attend_tile``'s masked path, whose valid keys give the unmasked path's
+    values. WRITE_NEW: the step's K and V of the group's kv heads are stored first, then a block barrier, as in
+    ``_paged_attention_kernel``."""
     seq = tl.program_id(0)
+    head0 = tl.program_id(1) * heads
     if USE_ORDER:
         seq = tl.load(order_ptr + seq)
     q_start = tl.load(query_start_loc_ptr + seq)
@@ -365,7 +367,7 @@ def _paged_decode_all_heads_kernel(
     n_tiles = tl.cdiv(seq_len - kv_begin, TILE_N)
     if WRITE_NEW:
         slot = tl.load(slot_ptr + token).to(tl.int64)
-        for h in range(0, num_kv_heads):
+        for h in range(head0, head0 + heads):
             dst = (slot // BLOCK_SIZE) * stride_kb + (slot % BLOCK_SIZE) * stride_ks + h * stride_kh
             k_new = tl.load(new_k_ptr + token * stride_nkt + h * stride_nkh + offs_d, mask=d_valid)
             tl.store(k_ptr + dst + offs_d * stride_kd, k_new.to(k_ptr.dtype.element_ty), mask=d_valid)
@@ -378,9 +380,9 @@ def _paged_decode_all_heads_kernel(
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    for it in range(0, num_kv_heads * n_tiles):
-        kv_head = it // n_tiles
-        t = it - kv_head * n_tiles
+    for it in range(0, heads * n_tiles):
+        kv_head = head0 + it // n_tiles
+        t = it - (kv_head - head0) * n_tiles
         head = kv_head * G + rows % G
         if USE_SINKS:  # as _paged_attention_kernel's first split: the sink as a key already seen
             m0 = tl.load(sinks_ptr + head, mask=row_valid, other=-1.0e30).to(tl.float32) * 1.4426950408889634
@@ -511,7 +513,7 @@ def paged_attention(
     maxnreg: int = 0,
     q_blocks: Optional[tuple[torch.Tensor, torch.Tensor, int]] = None,
     decode_warps: int = 0,
-    all_heads: bool = False,
+    heads_per_program: int = 0,
 ) -> torch.Tensor:
     """Causal attention of the packed queries ``q`` [T, num_heads, head_dim] over the paged KV cache.
 
@@ -531,8 +533,9 @@ def paged_attention(
     ``decode_warps``: warps of a decode program at 16-bit head dims up to 64 (``attention.DECODE_WARPS``); 0 keeps the
     kernel's 4 warps over 128-key tiles. 2 and 1 take 64-key tiles and no register cap (half the threads hold a tile:
     a cap of 96 would spill).
-    ``all_heads``: a decode launch that would not split its KV range gets one program per sequence over all its kv
-    heads (``_paged_decode_all_heads_kernel``) instead of one per (sequence, kv head); the same values.
+    ``heads_per_program``: 2 or more: a decode launch that would not split its KV range gets one program per
+    sequence and group of that many kv heads (all of them where that does not divide the kv heads;
+    ``_paged_decode_heads_kernel``) instead of one per (sequence, kv head); the same values.
     ``q_blocks``: ``(seq, blk, block_q)``, int32 vectors of one length N and the query tile their table was made for
     (``flat_block_q``; checked): a flat launch of N query-block slots, slot i being query block ``blk[i]`` of sequence
     ``seq[i]``, -1 for an empty slot (``attention.q_block_table`` makes them). Its grid depends on N alone, so a CUDA
@@ -641,16 +644,17 @@ def paged_attention(
         assert new_k.stride(2) == 1 and new_v.stride(2) == 1, "new_kv: k and v need a contiguous last dim"
     else:
         new_k = new_v = new_slots = seq_lens  # never read
-    all_heads = bool(TUNING.get("all_heads", all_heads)) if TUNING else all_heads
-    all_heads = all_heads and max_query_len == 1 and q_blocks is None and num_splits == 1
+    heads = int(TUNING.get("heads_per_program", heads_per_program)) if TUNING else heads_per_program
+    heads = heads if num_kv_heads % max(heads, 1) == 0 else num_kv_heads
+    grouped = heads > 1 and max_query_len == 1 and q_blocks is None and num_splits == 1
     heads_first = bool(TUNING.get("heads_first")) if TUNING else False
     if order is None and TUNING:  # the sweep's longest-first order, computed once outside timing, or here
         order = TUNING.get("order")
     if order is None and TUNING and TUNING.get("longest_first"):
         order = decode_order(seq_lens)
     launch = dict(num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}))
-    if all_heads:
-        _paged_decode_all_heads_kernel[(B,)](
+    if grouped:
+        _paged_decode_heads_kernel[(B, num_kv_heads // heads)](
             q, k_cache, v_cache, out,
             block_tables, seq_lens, query_start_loc, sinks if sinks is not None else _unused_partials(q.device),
             order if order is not None else seq_lens,
@@ -663,7 +667,7 @@ def paged_attention(
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
             out.stride(0), out.stride(1), out.stride(2),
             block_tables.stride(0),
-            num_kv_heads,
+            heads,
             G=G, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size, BLOCK_M=block_m, TILE_N=tile_n,
             USE_WINDOW=sliding_window > 0, USE_SOFTCAP=softcap > 0, USE_SINKS=sinks is not None,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
@@ -773,7 +777,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     )
 
 
-KERNELS = (_paged_attention_kernel, _paged_decode_all_heads_kernel, _write_kv_kernel)
+KERNELS = (_paged_attention_kernel, _paged_decode_heads_kernel, _write_kv_kernel)
 
 
 def compiled_variants() -> int:

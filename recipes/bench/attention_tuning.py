@@ -83,12 +83,13 @@ WARPS2 = [dict(tile_n=t, num_warps=2, num_stages=s, maxnreg=0) for t in (64, 128
 WARPS2 += [dict(tile_n=t, num_warps=1, num_stages=s, maxnreg=0) for t in (32, 64) for s in (2, 3)]
 WARPS2 += [dict(tile_n=128, num_warps=4, num_stages=2, maxnreg=DECODE_MAXNREG)]
 DECODE_CONFIGS += WARPS2
-# Decode: one program per sequence over all its kv heads (``paged_attention(all_heads=True)``, session 20), against a
-# program per (sequence, kv head) through the same masked loop (``one_loop``): a short context's program pays its
-# start once for all heads. With 3 pipeline stages, and with 2-warp programs over 64-key tiles.
-ALL_HEADS = [dict(one_loop=True), dict(all_heads=True), dict(all_heads=True, num_stages=3),
-             dict(all_heads=True, tile_n=64, num_warps=2, maxnreg=0)]
-DECODE_CONFIGS += ALL_HEADS[1:]
+# Decode: one program per sequence over a group of its kv heads (``paged_attention(heads_per_program=)``, session 20;
+# 64: all of them), against a program per (sequence, kv head) through the same masked loop (``one_loop``): a short
+# context's program pays its start once for the group. All heads with 3 pipeline stages, and with 2-warp programs over
+# 64-key tiles.
+HEADS = [dict(one_loop=True), dict(heads_per_program=2), dict(heads_per_program=4), dict(heads_per_program=64),
+         dict(heads_per_program=64, num_stages=3), dict(heads_per_program=64, tile_n=64, num_warps=2, maxnreg=0)]
+DECODE_CONFIGS += HEADS[1:]
 # TUNING_ENGINE_BASE=1: every decode launch, the "default" row too, as the engine launches it: head-major blocks of 16
 # slots, longest context first, DECODE_MAXNREG and DECODE_WARPS passed as the engine passes them (the kernel applies
 # them at head dims up to 64; a row's own keys override these), and with FUSED_DECODE_WRITE the step's K/V written by
@@ -113,8 +114,8 @@ if os.environ.get("TUNING_ONE_LOOP_ONLY") == "1":  # the default launch against 
     DECODE_CONFIGS, PREFILL_CONFIGS = list(ONE_LOOP), []
 if os.environ.get("TUNING_WARPS2_ONLY") == "1":  # the default launch against 2-warp decode programs alone
     DECODE_CONFIGS, PREFILL_CONFIGS = list(WARPS2), []
-if os.environ.get("TUNING_ALL_HEADS_ONLY") == "1":  # the default launch against all-heads decode programs alone
-    DECODE_CONFIGS, PREFILL_CONFIGS = list(ALL_HEADS), []
+if os.environ.get("TUNING_HEADS_ONLY") == "1":  # the default launch against decode programs over kv-head groups alone
+    DECODE_CONFIGS, PREFILL_CONFIGS = list(HEADS), []
 if os.environ.get("TUNING_SHAPES"):  # a substring per shape to keep, comma-separated (e.g. "decode")
     SHAPES = {n: v for n, v in SHAPES.items() if any(k in n for k in os.environ["TUNING_SHAPES"].split(","))}
 
@@ -126,10 +127,11 @@ def configs(name):
 def _label(cfg) -> str:
     if cfg in GRID_ORDERS:
         return "grid: " + " + ".join(k.replace("_", " ") for k in cfg)
-    if cfg.get("all_heads"):
-        rest = {k: v for k, v in cfg.items() if k != "all_heads"}
-        return "all kv heads a program" + (", " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in rest.items())
-                                           if rest else "")
+    if cfg.get("heads_per_program"):
+        n = cfg["heads_per_program"]
+        rest = {k: v for k, v in cfg.items() if k != "heads_per_program"}
+        return (f"{'all' if n >= 64 else n} kv heads a program"
+                + (", " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in rest.items()) if rest else ""))
     if cfg.get("one_loop"):
         rest = {k: v for k, v in cfg.items() if k != "one_loop"}
         return "one loop" + (", " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in rest.items()) if rest else "")

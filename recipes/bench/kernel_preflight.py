@@ -100,17 +100,17 @@ class _Caught:
 @contextlib.contextmanager
 def caught_launches():
     """The launch wrappers' kernels caught, and the device queries answered as an H200 would."""
-    saved = {n: getattr(tpa, n) for n in ("_paged_attention_kernel", "_paged_decode_all_heads_kernel",
+    saved = {n: getattr(tpa, n) for n in ("_paged_attention_kernel", "_paged_decode_heads_kernel",
                                           "_write_kv_kernel", "_sm_count", "_smem_per_block", "_split_target")}
     attention, write = _Caught(saved["_paged_attention_kernel"]), _Caught(saved["_write_kv_kernel"])
-    all_heads = _Caught(saved["_paged_decode_all_heads_kernel"])
+    heads = _Caught(saved["_paged_decode_heads_kernel"])
     tpa._paged_attention_kernel, tpa._write_kv_kernel = attention, write
-    tpa._paged_decode_all_heads_kernel = all_heads
+    tpa._paged_decode_heads_kernel = heads
     tpa._sm_count = lambda _index: H200_SMS
     tpa._smem_per_block = lambda _device: H200_SMEM_PER_BLOCK
     tpa._split_target = lambda _device: tpa.SPLIT_PROGRAMS_PER_SM * H200_SMS
     try:
-        yield attention, write, all_heads
+        yield attention, write, heads
     finally:
         for name, value in saved.items():
             setattr(tpa, name, value)
@@ -186,11 +186,13 @@ def cases():
     yield "W1 decode, one_loop", {"one_loop": True}, lambda: _attend(_step(*dec(512, 400), **w1, dtype=bf16))
     yield "W1 decode as the engine launches it", {}, lambda: _attend(
         _step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True, longest_first=True, maxnreg=96)
-    yield "W1 decode, all kv heads a program, as the engine", {"all_heads": True}, lambda: _attend(
+    yield "W1 decode, all kv heads a program, as the engine", {"heads_per_program": 64}, lambda: _attend(
         _step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True, longest_first=True, maxnreg=96)
-    yield "W1 decode, all kv heads a program, 3 stages", {"all_heads": True, "num_stages": 3}, lambda: _attend(
+    yield "W1 decode, all kv heads a program, 3 stages", {"heads_per_program": 64, "num_stages": 3}, lambda: _attend(
         _step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True, longest_first=True, maxnreg=96)
-    yield "W7 decode, all kv heads a program", {"all_heads": True}, lambda: _attend(
+    yield "W7 decode, all kv heads a program", {"heads_per_program": 64}, lambda: _attend(
+        _step(*dec(256, 1100), **w7, dtype=bf16, layout="head"), fused_write=True, longest_first=True)
+    yield "W7 decode, pairs of kv heads a program", {"heads_per_program": 2}, lambda: _attend(
         _step(*dec(256, 1100), **w7, dtype=bf16, layout="head"), fused_write=True, longest_first=True)
     yield "W1 prefill, 224 x 290", {}, lambda: _attend(_step(*pre(224, 290), **w1, dtype=bf16))
     yield "W1 prefill, heavy_first", {"heavy_first": True}, lambda: _attend(_step(*pre(224, 290), **w1, dtype=bf16))
@@ -228,10 +230,10 @@ def main() -> int:
         saved_tuning = tpa.TUNING
         tpa.TUNING = dict(tuning)
         try:
-            with caught_launches() as (attention, write, all_heads):
+            with caught_launches() as (attention, write, heads):
                 call()
             launches = ([(attention.real, c) for c in attention.calls]
-                        + [(all_heads.real, c) for c in all_heads.calls]
+                        + [(heads.real, c) for c in heads.calls]
                         + [(write.real, c) for c in write.calls])
         finally:
             tpa.TUNING = saved_tuning

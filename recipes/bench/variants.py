@@ -563,9 +563,16 @@ class OursAsyncDecode2Warps(_OursAsyncBuiltWith):
 
 class OursAsyncDecodeAllHeads(_OursAsyncBuiltWith):
     """``ours_async`` with decode launches of one program per sequence over all its kv heads
-    (``attention.DECODE_ALL_HEADS``), where the launch does not split its KV range."""
+    (``attention.DECODE_HEADS_PER_PROGRAM``), where the launch does not split its KV range."""
 
-    patches = {("attention", "DECODE_ALL_HEADS"): True}
+    patches = {("attention", "DECODE_HEADS_PER_PROGRAM"): 1 << 16}  # more than any model's kv heads: all of them
+
+
+class OursAsyncDecodeHeads2(_OursAsyncBuiltWith):
+    """``ours_async`` with decode launches of one program per sequence and pair of kv heads (all of them where 2 does
+    not divide them: W1's 3)."""
+
+    patches = {("attention", "DECODE_HEADS_PER_PROGRAM"): 2}
 
 
 class OursAsyncDeviceOrder(_OursAsyncBuiltWith):
@@ -912,6 +919,7 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_block32": OursAsyncBlock32,
     "ours_async_device_order": OursAsyncDeviceOrder,
     "ours_async_decode_all_heads": OursAsyncDecodeAllHeads,
+    "ours_async_decode_heads2": OursAsyncDecodeHeads2,
     "ours_async_triton_argmax": OursAsyncTritonArgmax,
     "ours_async_admit_each": OursAsyncAdmitEach,
     "ours_async_admit_auto": OursAsyncAdmitAuto,
