@@ -84,7 +84,7 @@ DECODE_WARPS = 0
 # Decode launches of the Triton kernel that do not split their KV range run one program per sequence and group of this
 # many kv heads (all of them where it does not divide the kv heads; ``paged_attention(heads_per_program=)``,
 # ``_paged_decode_heads_kernel``) instead of one per (sequence, kv head); 0: off. The default launch read W1's and
-# W2's K/V at 3.1-3.2 TB/s (contexts of 64..768 keys) and E1's at 4.2 (800..1,060 keys) on the H200, as if each
+# W2's K/V at 3.1-3.2 TB/s (contexts of 64..768 keys) and E1's at 4.1 (800..1,060 keys) on the H200, as if each
 # program paid a fixed cost of about 300 keys (session 20's reading of session 19's sweep); a program over several
 # heads pays it once, with fewer programs to fill the GPU. Same values as the per-head launch through its masked loop
 # (the interpreter's tests, bit for bit). Not yet timed on the GPU: off; the sweep's ``heads_per_program`` rows

@@ -307,11 +307,11 @@ def _paged_attention_kernel(
 
 
 # A decode launch with one program per sequence over a group of its kv heads, or all of them
-# (``paged_attention(heads_per_program=)``; the sweep's ``heads_per_program``). Short contexts make short programs: on the H200 the default launch read K/V at 3.1-3.2 TB/s
-# for W1's and W2's decode (contexts of 64..768 keys, 1,536 and 2,048 programs) and at 4.2 TB/s for E1's (800..1,060
-# keys, 4,096 programs), which a fixed cost of about 300 keys' worth a program would explain (session 20). One
-# program walks (kv head, key tile) pairs in one loop, one software pipeline over its heads, instead of a program and
-# a pipeline's start per head.
+# (``paged_attention(heads_per_program=)``; the sweep's ``heads_per_program``). Short contexts make short programs: on
+# the H200 the default launch read K/V at 3.1-3.2 TB/s for W1's and W2's decode (contexts of 64..768 keys, 1,536 and
+# 2,048 programs) and at 4.1 TB/s for E1's (800..1,060 keys, 4,096 programs), which a fixed cost of about 300 keys'
+# worth a program would explain (session 20). One program walks (kv head, key tile) pairs in one loop, one software
+# pipeline over its heads, instead of a program and a pipeline's start per head.
 @triton.jit(do_not_specialize=["stride_nkt", "stride_nkh", "stride_nvt", "stride_nvh"],
             do_not_specialize_on_alignment=["seq_lens_ptr", "query_start_loc_ptr", "sinks_ptr", "order_ptr",
                                             "new_k_ptr", "new_v_ptr", "slot_ptr"])
