@@ -33,3 +33,18 @@ def word_tokenizer(vocab: int = 384):
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", pad_token="w0", eos_token="w2")
+
+
+def record_launches(monkeypatch, module, name: str) -> list:
+    """Replace the Triton kernel ``module.name`` (for the test) with one that records the grid of every launch, in
+    order, and launches the real kernel: the list it returns."""
+    grids: list = []
+    real = getattr(module, name)
+
+    class Recording:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(module, name, Recording())
+    return grids

@@ -8,7 +8,7 @@ import torch
 
 from async_batching import ContinuousBatcher, SamplingParams
 from async_batching.models import TINY_CONFIGS, tiny_model
-from engine_helpers import mixed_prompts, reference
+from engine_helpers import mixed_prompts, record_launches, reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -113,15 +113,7 @@ def test_fp32_decode_programs_over_kv_head_groups_match_generate_in_graphs(arch,
     monkeypatch.setattr(attention, "DECODE_HEADS_PER_PROGRAM", heads)
     monkeypatch.setattr(attention, "FUSED_DECODE_WRITE", fused_write)
     monkeypatch.setattr(tpa, "SPLIT_PROGRAMS_PER_SM", 0)  # the test's 4 sequences would split their KV range
-    launched = []
-    real = tpa._paged_decode_heads_kernel
-
-    class Counting:
-        def __getitem__(self, grid):
-            launched.append(grid)
-            return real[grid]
-
-    monkeypatch.setattr(tpa, "_paged_decode_heads_kernel", Counting())
+    launched = record_launches(monkeypatch, tpa, "_paged_decode_heads_kernel")
     b = _fp32_matches_generate(arch, True)
     assert b.runner.decode_heads == heads and launched
 

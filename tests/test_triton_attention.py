@@ -24,6 +24,7 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from async_batching import triton_paged_attention as tpa  # noqa: E402
+from engine_helpers import record_launches  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # In a full CPU run another test module (e.g. via lightning -> torch) may import triton first; triton's own @jit
@@ -316,16 +317,8 @@ def test_the_engines_adapter_hands_the_kernel_the_steps_order_and_register_cap(b
     assert out[[0, 1, 2, 4]].isnan().all() or not out[[0, 1, 2, 4]].float().allclose(ref[[0, 1, 2, 4]].float())
     # ``AttentionMetadata.heads_per_program`` (attention.DECODE_HEADS_PER_PROGRAM): the launch goes to the kernel
     # of kv-head groups, a program per sequence and pair of the batch's 4 kv heads
-    launched = []
-    real = tpa._paged_decode_heads_kernel
-
-    class Counting:
-        def __getitem__(self, grid):
-            launched.append(grid)
-            return real[grid]
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tpa, "_paged_decode_heads_kernel", Counting())
+        launched = record_launches(mp, tpa, "_paged_decode_heads_kernel")
         mp.setattr(tpa, "_auto_num_splits", lambda *a, **k: 1)
         grouped = AttentionMetadata(slot_mapping=None, query_start_loc=args["query_start_loc"],
                                     seq_lens=args["seq_lens"], block_tables=args["block_tables"],
@@ -767,15 +760,7 @@ def test_decode_programs_over_kv_head_groups_equal_a_program_per_head(backend, w
     slots = args["block_tables"].long().gather(1, (last // 16)[:, None])[:, 0] * 16 + last % 16
     sinks = sink_logits(3 * kv_heads, seed=4).to(DEVICE) if with_sinks else None
     order = torch.tensor([4, 3, 5, 2, 1, 0], dtype=torch.int32, device=DEVICE)
-    launched = []
-    real = tpa._paged_decode_heads_kernel
-
-    class Counting:
-        def __getitem__(self, grid):
-            launched.append(grid)
-            return real[grid]
-
-    monkeypatch.setattr(tpa, "_paged_decode_heads_kernel", Counting())
+    launched = record_launches(monkeypatch, tpa, "_paged_decode_heads_kernel")
     runs = []
     for tuning in (dict(one_loop=True, order=order), dict(heads_per_program=per_program, order=order)):
         monkeypatch.setattr(tpa, "TUNING", tuning)

@@ -653,25 +653,26 @@ def paged_attention(
     if order is None and TUNING and TUNING.get("longest_first"):
         order = decode_order(seq_lens)
     launch = dict(num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}))
+    # the two kernels' shared arguments: the step's tensors, then scalars and strides
+    tensors = (block_tables, seq_lens, query_start_loc, sinks if sinks is not None else _unused_partials(q.device),
+               order if order is not None else seq_lens, new_k, new_v, new_slots)
+    strides = (new_k.stride(0), new_k.stride(1) if new_kv is not None else 0,
+               new_v.stride(0), new_v.stride(1) if new_kv is not None else 0,
+               float(scale) * LOG2E, float(softcap) if softcap else 1.0, int(sliding_window),
+               q.stride(0), q.stride(1), q.stride(2),
+               k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
+               v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
+               out.stride(0), out.stride(1), out.stride(2),
+               block_tables.stride(0))
+    flags = dict(USE_WINDOW=sliding_window > 0, USE_SOFTCAP=softcap > 0, USE_SINKS=sinks is not None,
+                 # fp32 models want fp32 accuracy (TF32 would miss the reference by ~1e-3); 16-bit inputs ignore this.
+                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                 USE_ORDER=order is not None, WRITE_NEW=new_kv is not None)
     if grouped:
         _paged_decode_heads_kernel[(B, num_kv_heads // heads)](
-            q, k_cache, v_cache, out,
-            block_tables, seq_lens, query_start_loc, sinks if sinks is not None else _unused_partials(q.device),
-            order if order is not None else seq_lens,
-            new_k, new_v, new_slots,
-            new_k.stride(0), new_k.stride(1) if new_kv is not None else 0,
-            new_v.stride(0), new_v.stride(1) if new_kv is not None else 0,
-            float(scale) * LOG2E, float(softcap) if softcap else 1.0, int(sliding_window),
-            q.stride(0), q.stride(1), q.stride(2),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
-            out.stride(0), out.stride(1), out.stride(2),
-            block_tables.stride(0),
-            heads,
+            q, k_cache, v_cache, out, *tensors, *strides, heads,
             G=G, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size, BLOCK_M=block_m, TILE_N=tile_n,
-            USE_WINDOW=sliding_window > 0, USE_SOFTCAP=softcap > 0, USE_SINKS=sinks is not None,
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            USE_ORDER=order is not None, WRITE_NEW=new_kv is not None, **launch,
+            **flags, **launch,
         )
         return out
     if q_blocks is not None:
@@ -683,18 +684,9 @@ def paged_attention(
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out,
         part_acc, part_m, part_l, split_counters,
-        block_tables, seq_lens, query_start_loc, sinks if sinks is not None else _unused_partials(q.device),
-        order if order is not None else seq_lens,
-        new_k, new_v, new_slots,
+        *tensors,
         qb_seq if q_blocks is not None else seq_lens, qb_blk if q_blocks is not None else seq_lens,
-        new_k.stride(0), new_k.stride(1) if new_kv is not None else 0,
-        new_v.stride(0), new_v.stride(1) if new_kv is not None else 0,
-        float(scale) * LOG2E, float(softcap) if softcap else 1.0, int(sliding_window),
-        q.stride(0), q.stride(1), q.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
-        out.stride(0), out.stride(1), out.stride(2),
-        block_tables.stride(0),
+        *strides,
         num_heads,
         num_splits,
         G=G,
@@ -704,17 +696,11 @@ def paged_attention(
         BLOCK_Q=block_q,
         BLOCK_M=block_m,
         TILE_N=tile_n,
-        USE_WINDOW=sliding_window > 0,
-        USE_SOFTCAP=softcap > 0,
-        USE_SINKS=sinks is not None,
-        # fp32 models want fp32 accuracy (TF32 would miss the reference by ~1e-3); 16-bit inputs ignore this.
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         HEADS_FIRST=heads_first,
-        USE_ORDER=order is not None,
-        WRITE_NEW=new_kv is not None,
         ONE_LOOP=bool(TUNING.get("one_loop")) if TUNING else False,
         HEAVY_FIRST=bool(TUNING.get("heavy_first")) and q_blocks is None if TUNING else False,
         FLAT=q_blocks is not None,
+        **flags,
         **launch,
     )
     return out
