@@ -287,10 +287,39 @@ def main():
             print(f"| {label} | {ms:.4f} | {rate:,.0f} | {default[0] / ms:.2f}x | {diff:.3g} |", flush=True)
         results.setdefault(name, {}).update(sdpa_flash_ms=ref_ms, rows=[dict(ms=ms, cfg=cfg, rate=rate, diff=diff)
                                                          for ms, cfg, rate, diff in rows])
+    print(context_fit(results))
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, "attention_tuning.json"), "w") as f:
             json.dump(results, f, indent=1)
+
+
+def context_fit(results: dict, prefix: str = "W1 decode at ctx ") -> str:
+    """A line through each configuration's GPU ms against the K/V bytes of the shapes at one context each (``prefix``):
+    the intercept is what a launch costs whatever its contexts (programs' starts, the launch's ramp and tail), the slope
+    the marginal read rate. Empty without two such shapes."""
+    shapes = [n for n in results if n.startswith(prefix) and results[n].get("rows")]
+    if len(shapes) < 2:
+        return ""
+    by_cfg: dict = {}
+    for name in shapes:
+        ql, cl, h, kvh, d = SHAPES[name]
+        work = sum(cl) * kvh * d * 2 * 2  # bytes of K and V at 16 bits
+        for row in results[name]["rows"]:
+            by_cfg.setdefault(json.dumps(row["cfg"], sort_keys=True, default=str), []).append((work, row["ms"]))
+    lines = [f"\n## {prefix.strip()}: GPU ms = intercept + K/V bytes / rate\n",
+             "| config | intercept us | marginal TB/s | shapes |", "|---|---|---|---|"]
+    for key, pts in by_cfg.items():
+        if len(pts) < 2:
+            continue
+        n = len(pts)
+        mx, my = sum(x for x, _ in pts) / n, sum(y for _, y in pts) / n
+        slope = sum((x - mx) * (y - my) for x, y in pts) / max(sum((x - mx) ** 2 for x, _ in pts), 1e-30)
+        cfg = json.loads(key)
+        label = "default" if cfg is None else _label(cfg)
+        rate = f"{1e-9 / slope:.2f}" if slope > 0 else "-"  # ms per byte -> TB/s
+        lines.append(f"| {label} | {1e3 * (my - slope * mx):.1f} | {rate} | {n} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
