@@ -437,6 +437,38 @@ def test_compiled_layers_are_one_graph_each_shared_by_every_layer_and_only_insid
     assert all(m._compiled_call_impl is None for m in [*deep.model.layers, deep.model.norm, deep.model.rotary_emb])
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
+def test_layers_compiled_in_groups_give_generates_tokens_with_one_graph_for_every_group(arch, monkeypatch):
+    """``compiled_layers.LAYER_GROUP=2``: consecutive layers compile as one graph a pair (the last layer of an odd
+    count alone), every pair running the same graph: seven layers compile no more graphs than five. Greedy tokens equal
+    generate's with chunked prompts and preemption (gemma2: the layers' own masks, sliding and global, reach each
+    layer of a pair), decode and prefill steps ran compiled, and nothing compiled mid-run."""
+    import async_batching.compiled_layers as cl
+    import async_batching.model_runner as mr
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(cl, "LAYER_GROUP", 2)
+    monkeypatch.setattr(mr, "PREFILL_COMPILE_MIN_WORK", 1.0)
+    graphs = {}
+    for layers in (5, 7):
+        torch._dynamo.reset()
+        counters.clear()
+        m = tiny_model(arch, num_hidden_layers=layers)
+        b = ContinuousBatcher(m, compile=True, max_batch_tokens=48, num_blocks=24, block_size=8, max_num_seqs=6)
+        assert b.runner._compiled.group == 2 and len(b.runner._compiled.blocks) == layers
+        graphs[layers] = compiled = counters["stats"]["unique_graphs"]
+        calls = _count_compiled_calls(b, monkeypatch)
+        prompts = mixed_prompts(10, lo=1, hi=90, seed=7)
+        out = b.generate(prompts, SamplingParams(max_new_tokens=12))
+        assert [r.token_ids for r in out] == [reference(m, p, 12, eos=2) for p in prompts]
+        assert b.stats["preemptions"] > 0 and calls["eager"] == 0 and calls["decode"] > 0 and calls["prefill"] > 0
+        assert counters["stats"]["unique_graphs"] == compiled, "compiled during the run"
+        assert b.runner._compiled is not None and b.runner._compiled_prefill
+        b.close()
+    assert graphs[7] == graphs[5], graphs
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_the_whole_model_compiled_as_one_graph_gives_generates_tokens(arch, monkeypatch):
     """``compiled_layers.REGIONAL`` off: the whole model compiles as one graph (every layer unrolled in it, attention

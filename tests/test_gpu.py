@@ -154,6 +154,19 @@ def test_fp32_whole_model_compile_matches_generate_in_graphs(arch, monkeypatch):
     assert b.stats["prefill_graph_steps"] > 0 and b.stats["graph_steps"] > 0
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "gpt_oss"])
+def test_fp32_layers_compiled_in_pairs_match_generate_in_graphs(arch, monkeypatch):
+    """``compiled_layers.LAYER_GROUP=2``: each pair of consecutive layers one compiled graph (fused across the pair's
+    boundary), decode and prefill steps in CUDA graphs: greedy tokens equal generate's, nothing fell back."""
+    import async_batching.compiled_layers as cl
+
+    monkeypatch.setattr(cl, "LAYER_GROUP", 2)
+    torch._dynamo.reset()
+    b = _fp32_matches_generate(arch, True)
+    assert b.runner._compiled.group == 2 and b.runner._compiled_prefill
+    assert b.stats["prefill_graph_steps"] > 0 and b.stats["graph_steps"] > 0
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2"])
 @pytest.mark.parametrize("fused_write", [False, True])
 def test_fp32_head_major_kv_cache_matches_generate(arch, fused_write, monkeypatch):

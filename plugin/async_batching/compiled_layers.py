@@ -42,6 +42,36 @@ SIZE_OBLIVIOUS = False
 REGIONAL = True
 
 
+# Regional compilation in groups of this many consecutive layers, each group one graph (the last group may be shorter:
+# a second graph); 1: a graph a layer. Within a group inductor can fuse across the layers' boundaries (the residual
+# add that ends a layer with the next layer's input norm: on W1's decode forward two kernels of 1.4 and 1.7 us a
+# boundary, session 20), which ``REGIONAL`` off does for every boundary at a start-up that grows with the depth.
+# Every group runs the same code (the layers and their calls are the graph's inputs), so a model compiles one or two
+# graphs. Off: not timed on the GPU yet (variants ``ours_async_layer_pairs``, ``_layer_groups5``). Read when an engine
+# is built.
+LAYER_GROUP = 1
+
+
+def _group_call(layers: tuple, calls: tuple):
+    """Consecutive decoder layers as one function: layer i's call with its own ``(args, kwargs)`` (recorded as the
+    model called it), its hidden states (the first positional argument, or ``hidden_states``) the previous layer's
+    output; returns the last layer's output."""
+    out = None
+    for layer, (args, kwargs) in zip(layers, calls):
+        if out is not None:
+            if args:
+                args = (out,) + tuple(args[1:])
+            else:
+                kwargs = {**kwargs, "hidden_states": out}
+        out = layer._call_impl(*args, **kwargs)
+    return out
+
+
+def _group_call_own(layers: tuple, calls: tuple):
+    """``_group_call`` through a code object of its own (``CompiledLayers``' ``own_frame``)."""
+    return _group_call(layers, calls)
+
+
 def size_oblivious() -> bool:
     """Whether the engine's compiles trace size-obliviously (``SIZE_OBLIVIOUS``, where torch has the option)."""
     return SIZE_OBLIVIOUS and hasattr(_fx_config(), "backed_size_oblivious")
@@ -111,7 +141,13 @@ class CompiledLayers:
     gets the first compile's code from it unless it compiles under a cache key of its own. With
     ``model_runner.PREFILL_OWN_COMPILE`` (on since session 18, see there) the model runner's prefill steps use their
     own frame and key (``PREFILL_CACHE_TAG``), so that their kernels are tuned on a prefill step's shapes, not the
-    decode rows'."""
+    decode rows'.
+
+    ``LAYER_GROUP`` above 1: the layers' calls go, a group of consecutive layers at a time, through one compiled
+    function (``_group_call``); a group's earlier layers only record how the model called them and hand their input on,
+    and its last layer runs the group over the recorded calls. The model's loop sees each layer called once, in order;
+    between the layers of a group it passes the group's input along, which nothing but the next layer reads (the engine
+    asks for no per-layer hidden states)."""
 
     def __init__(self, model: nn.Module, own_frame: bool = False, **compile_kwargs):
         if COMPILE_OPTIONS:
@@ -127,6 +163,29 @@ class CompiledLayers:
         self._targets = self.blocks + self.once
         self._fns = [torch.compile(functools.partial(_own_frame, m) if own_frame else m._call_impl, **compile_kwargs)
                      for m in self._targets]
+        # LAYER_GROUP: each group's layers but its last only record their call (and hand their input on unchanged);
+        # the last runs the group's compiled function over the recorded calls and its own
+        self.group = max(1, int(LAYER_GROUP)) if self.blocks else 1
+        if self.group > 1:
+            group_fn = torch.compile(_group_call_own if own_frame else _group_call, **compile_kwargs)
+            pending: list = []
+
+            def deferred(block):
+                def call(*args, **kwargs):
+                    pending.append((block, args, kwargs))
+                    return args[0] if args else kwargs["hidden_states"]
+                return call
+
+            def last(block):
+                def call(*args, **kwargs):
+                    calls = pending + [(block, args, kwargs)]
+                    pending.clear()
+                    return group_fn(tuple(c[0] for c in calls), tuple((c[1], c[2]) for c in calls))
+                return call
+
+            n = len(self.blocks)
+            self._fns[:n] = [last(b) if i % self.group == self.group - 1 or i == n - 1 else deferred(b)
+                             for i, b in enumerate(self.blocks)]
 
     @property
     def whole(self) -> bool:

@@ -575,6 +575,19 @@ class OursAsyncDecodeHeads2(_OursAsyncBuiltWith):
     patches = {("attention", "DECODE_HEADS_PER_PROGRAM"): 2}
 
 
+class OursAsyncLayerPairs(_OursAsyncBuiltWith):
+    """``ours_async`` with each pair of consecutive decoder layers compiled as one graph (``compiled_layers.LAYER_GROUP``
+    2: fused across the pair's boundary)."""
+
+    patches = {("compiled_layers", "LAYER_GROUP"): 2}
+
+
+class OursAsyncLayerGroups5(_OursAsyncBuiltWith):
+    """``ours_async`` with groups of five consecutive decoder layers compiled as one graph."""
+
+    patches = {("compiled_layers", "LAYER_GROUP"): 5}
+
+
 class OursAsyncDeviceOrder(_OursAsyncBuiltWith):
     """``ours_async`` with the decode launches' longest-first order sorted inside each decode graph, as until session
     19, not staged by the host (``model_runner.HOST_DECODE_ORDER``)."""
@@ -918,6 +931,8 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_block64": OursAsyncBlock64,
     "ours_async_block32": OursAsyncBlock32,
     "ours_async_device_order": OursAsyncDeviceOrder,
+    "ours_async_layer_pairs": OursAsyncLayerPairs,
+    "ours_async_layer_groups5": OursAsyncLayerGroups5,
     "ours_async_decode_all_heads": OursAsyncDecodeAllHeads,
     "ours_async_decode_heads2": OursAsyncDecodeHeads2,
     "ours_async_triton_argmax": OursAsyncTritonArgmax,
