@@ -456,15 +456,7 @@ def test_layers_compiled_in_groups_give_generates_tokens_with_one_graph_for_ever
         m = tiny_model(arch, num_hidden_layers=layers)
         b = ContinuousBatcher(m, compile=True, max_batch_tokens=48, num_blocks=24, block_size=8, max_num_seqs=6)
         assert b.runner._compiled.group == 2 and len(b.runner._compiled.blocks) == layers
-        graphs[layers] = compiled = counters["stats"]["unique_graphs"]
-        calls = _count_compiled_calls(b, monkeypatch)
-        prompts = mixed_prompts(10, lo=1, hi=90, seed=7)
-        out = b.generate(prompts, SamplingParams(max_new_tokens=12))
-        assert [r.token_ids for r in out] == [reference(m, p, 12, eos=2) for p in prompts]
-        assert b.stats["preemptions"] > 0 and calls["eager"] == 0 and calls["decode"] > 0 and calls["prefill"] > 0
-        assert counters["stats"]["unique_graphs"] == compiled, "compiled during the run"
-        assert b.runner._compiled is not None and b.runner._compiled_prefill
-        b.close()
+        graphs[layers] = _compiled_run_gives_generates_tokens(m, b, monkeypatch)
     assert graphs[7] == graphs[5], graphs
     torch._dynamo.reset()
 
@@ -476,7 +468,6 @@ def test_the_whole_model_compiled_as_one_graph_gives_generates_tokens(arch, monk
     decode and prefill steps ran compiled, and nothing compiled mid-run."""
     import async_batching.compiled_layers as cl
     import async_batching.model_runner as mr
-    from torch._dynamo.utils import counters
 
     monkeypatch.setattr(cl, "REGIONAL", False)
     monkeypatch.setattr(mr, "PREFILL_COMPILE_MIN_WORK", 1.0)
@@ -484,6 +475,16 @@ def test_the_whole_model_compiled_as_one_graph_gives_generates_tokens(arch, monk
     m = tiny_model(arch, num_hidden_layers=3)
     b = ContinuousBatcher(m, compile=True, max_batch_tokens=48, num_blocks=24, block_size=8, max_num_seqs=6)
     assert b.runner._compiled._whole is not None and not b.runner._compiled.blocks
+    _compiled_run_gives_generates_tokens(m, b, monkeypatch)
+    torch._dynamo.reset()
+
+
+def _compiled_run_gives_generates_tokens(m, b, monkeypatch) -> int:
+    """A run of chunked prompts with preemption on the compiled engine ``b``: greedy tokens equal generate's, decode and
+    prefill steps ran compiled, nothing compiled mid-run and no compiled step fell back. Closes ``b``; returns the
+    graphs dynamo had compiled."""
+    from torch._dynamo.utils import counters
+
     compiled = counters["stats"]["unique_graphs"]
     calls = _count_compiled_calls(b, monkeypatch)
     prompts = mixed_prompts(10, lo=1, hi=90, seed=7)
@@ -493,7 +494,7 @@ def test_the_whole_model_compiled_as_one_graph_gives_generates_tokens(arch, monk
     assert counters["stats"]["unique_graphs"] == compiled, "compiled during the run"
     assert b.runner._compiled is not None and b.runner._compiled_prefill
     b.close()
-    torch._dynamo.reset()
+    return compiled
 
 
 def test_size_oblivious_tracing_compiles_one_graph_per_module_that_serves_every_size(monkeypatch):
