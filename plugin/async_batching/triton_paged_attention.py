@@ -95,6 +95,20 @@ def _attend_tile(q, k_ptr, v_ptr, bt_row, start, hi, q_pos, row_valid, offs_d, d
     return m_new, l_i, acc
 
 
+@triton.jit
+def _store_new_kv(k_ptr, v_ptr, new_k_ptr, new_v_ptr, token, slot, kv_head, offs_d, d_valid,
+                  stride_nkt, stride_nkh, stride_nvt, stride_nvh,
+                  stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
+                  BLOCK_SIZE: tl.constexpr):
+    """A decode launch's own K/V write (WRITE_NEW): row ``token``'s new K and V of ``kv_head`` into cache ``slot``."""
+    dst = (slot // BLOCK_SIZE) * stride_kb + (slot % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
+    k_new = tl.load(new_k_ptr + token * stride_nkt + kv_head * stride_nkh + offs_d, mask=d_valid)
+    tl.store(k_ptr + dst + offs_d * stride_kd, k_new.to(k_ptr.dtype.element_ty), mask=d_valid)
+    dst_v = (slot // BLOCK_SIZE) * stride_vb + (slot % BLOCK_SIZE) * stride_vs + kv_head * stride_vh
+    v_new = tl.load(new_v_ptr + token * stride_nvt + kv_head * stride_nvh + offs_d, mask=d_valid)
+    tl.store(v_ptr + dst_v + offs_d * stride_vd, v_new.to(v_ptr.dtype.element_ty), mask=d_valid)
+
+
 # The step's query starts and sequence lengths are slices of its staging buffer, at offsets of any alignment: left
 # unspecialised, so an offset does not compile a second variant in the middle of a run. Without sinks, ``sinks_ptr``
 # gets a fixed dummy (it once got ``seq_lens``, whose offset changes with the step: a run compiled a second variant
@@ -219,13 +233,10 @@ def _paged_attention_kernel(
     if WRITE_NEW:
         if (lo <= seq_len - 1) & (seq_len - 1 < hi):
             t_new = q_start.to(tl.int64)
-            slot = tl.load(slot_ptr + t_new).to(tl.int64)
-            dst = (slot // BLOCK_SIZE) * stride_kb + (slot % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
-            k_new = tl.load(new_k_ptr + t_new * stride_nkt + kv_head * stride_nkh + offs_d, mask=d_valid)
-            tl.store(k_ptr + dst + offs_d * stride_kd, k_new.to(k_ptr.dtype.element_ty), mask=d_valid)
-            dst_v = (slot // BLOCK_SIZE) * stride_vb + (slot % BLOCK_SIZE) * stride_vs + kv_head * stride_vh
-            v_new = tl.load(new_v_ptr + t_new * stride_nvt + kv_head * stride_nvh + offs_d, mask=d_valid)
-            tl.store(v_ptr + dst_v + offs_d * stride_vd, v_new.to(v_ptr.dtype.element_ty), mask=d_valid)
+            _store_new_kv(k_ptr, v_ptr, new_k_ptr, new_v_ptr, t_new, tl.load(slot_ptr + t_new).to(tl.int64), kv_head,
+                          offs_d, d_valid, stride_nkt, stride_nkh, stride_nvt, stride_nvh,
+                          stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
+                          BLOCK_SIZE)
         tl.debug_barrier()
 
     # Running max starts finite (not -inf) so a fully masked tile gives exp(-1e30 - -1e30) = 1, not exp(nan);
@@ -368,12 +379,10 @@ def _paged_decode_heads_kernel(
     if WRITE_NEW:
         slot = tl.load(slot_ptr + token).to(tl.int64)
         for h in range(head0, head0 + heads):
-            dst = (slot // BLOCK_SIZE) * stride_kb + (slot % BLOCK_SIZE) * stride_ks + h * stride_kh
-            k_new = tl.load(new_k_ptr + token * stride_nkt + h * stride_nkh + offs_d, mask=d_valid)
-            tl.store(k_ptr + dst + offs_d * stride_kd, k_new.to(k_ptr.dtype.element_ty), mask=d_valid)
-            dst_v = (slot // BLOCK_SIZE) * stride_vb + (slot % BLOCK_SIZE) * stride_vs + h * stride_vh
-            v_new = tl.load(new_v_ptr + token * stride_nvt + h * stride_nvh + offs_d, mask=d_valid)
-            tl.store(v_ptr + dst_v + offs_d * stride_vd, v_new.to(v_ptr.dtype.element_ty), mask=d_valid)
+            _store_new_kv(k_ptr, v_ptr, new_k_ptr, new_v_ptr, token, slot, h, offs_d, d_valid,
+                          stride_nkt, stride_nkh, stride_nvt, stride_nvh,
+                          stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
+                          BLOCK_SIZE)
         tl.debug_barrier()
 
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
