@@ -559,18 +559,26 @@ class ModelRunner:
             return self._seg(buf, lay, "order")
         return attention.decode_order(seq_lens)
 
+    def _inputs(self, buf: torch.Tensor, lay: StepLayout, lo: int = 0, hi: Optional[int] = None,
+                counters: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The model's inputs of rows ``lo:hi`` (token ids ``[1, T]``, positions ``[1, T]``, kept rows ``[R]``, the
+        latter not yet shifted by ``lo``), with the step's attention metadata put in place. Token ids and kept rows
+        are int32 views of the buffer (in a decode graph every cast is a kernel), or int64 copies into a model compiled
+        whole (``_fresh_inputs``); positions are int64, as the compiled rotary embedding was traced on them."""
+        pos = self._seg(buf, lay, "positions")[lo:hi].long()
+        self.ctx.meta = self._metadata(buf, lay, lo, hi, counters, pos=pos)
+        ids = self._seg(buf, lay, "input_ids")[lo:hi][None]
+        keep = self._seg(buf, lay, "logits_idx")[lo:hi]
+        if self._fresh_inputs:
+            ids, keep = ids.long(), keep.long()
+        return ids, pos[None], keep
+
     def _forward(self, buf: torch.Tensor, lay: StepLayout, lo: int = 0, hi: Optional[int] = None,
                  counters: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The step's forward: logits of its kept rows. ``lo``/``hi``: decode rows ``lo:hi`` alone (``_forward_split``);
         ``counters``: the attention kernel's split counters of a launch that may run beside the runner's own."""
         assert (lo, hi) == (0, None) or lay.max_query_len == 1, "a row range needs a decode step (one token a row)"
-        pos = self._seg(buf, lay, "positions")[lo:hi].long()  # int64: the compiled rotary embedding was traced so
-        self.ctx.meta = self._metadata(buf, lay, lo, hi, counters, pos=pos)
-        ids = self._seg(buf, lay, "input_ids")[lo:hi][None]  # int32: the embedding lookup takes them as they are
-        pos = pos[None]
-        keep = self._seg(buf, lay, "logits_idx")[lo:hi]  # int32 row indices
-        if self._fresh_inputs:
-            ids, keep = ids.long(), keep.long()
+        ids, pos, keep = self._inputs(buf, lay, lo, hi, counters)
         if lo:
             keep = keep - lo
         kw = {attention.STEP_KWARG: self.ctx}
@@ -818,12 +826,7 @@ class ModelRunner:
             # inputs made inside too: compiled code checks inference mode
             with self._untimed_mode(), self.installed(), tag:
                 lay, buf = self._scratch_step(num_seqs, q_len)
-                ids = self._seg(buf, lay, "input_ids")[None]
-                pos = self._seg(buf, lay, "positions").long()[None]
-                keep = self._seg(buf, lay, "logits_idx")
-                if self._fresh_inputs:
-                    ids, keep = ids.long(), keep.long()
-                self.ctx.meta = self._metadata(buf, lay)
+                ids, pos, keep = self._inputs(buf, lay)
                 for kept in (0, 1, 3):
                     self._logits(model, ids, pos, keep[:kept], {attention.STEP_KWARG: self.ctx})
         except Exception as e:  # noqa: BLE001 -- as _compile_decode
