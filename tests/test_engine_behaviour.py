@@ -391,10 +391,12 @@ def test_graph_capture_runs_with_no_collection_after_a_full_one(model):
     live.close()
 
 
-def test_default_token_budget_grows_for_small_models_on_cuda_only(model):
-    """max_batch_tokens=None: 16,384, doubled on CUDA until a step holds AUTO_BATCH_WORK tokens x parameters, at
-    most 65,536 (W1's 135M model: 65,536; W7's 596M: 16,384); the engine reports the value it chose."""
+def test_default_token_budget_grows_for_small_models_only_on_cuda_with_eager_prefill_steps(model):
+    """max_batch_tokens=None: 16,384; on CUDA with prefill steps launched eagerly, doubled until a step holds
+    AUTO_BATCH_WORK tokens x parameters, at most 65,536 (W1's 135M model: 65,536; W7's 596M: 16,384); with prefill
+    graphs 16,384 whatever the model. The engine reports the value it chose."""
     import async_batching.model_runner as mr
+    from async_batching.config import BatcherConfig
     from torch import nn
 
     def params(n):  # a module of n parameters, on the meta device: nothing allocated
@@ -407,6 +409,14 @@ def test_default_token_budget_grows_for_small_models_on_cuda_only(model):
     assert mr.auto_max_batch_tokens(params(8_000_000_000), cuda) == 16384
     assert mr.auto_max_batch_tokens(params(1000), cuda) == 65536
     assert mr.auto_max_batch_tokens(params(1000), cpu) == 16384
+    assert mr.auto_max_batch_tokens(params(134_500_000), cuda, prefill_graphs=True) == 16384
+    assert mr.auto_max_batch_tokens(params(1000), cuda, prefill_graphs=True) == 16384
+    # prefill graphs are expected on CUDA unless turned off (graphs or prefill graphs), under TP, or off the GPU
+    assert mr.expects_prefill_graphs(model, BatcherConfig(), cuda)
+    assert not mr.expects_prefill_graphs(model, BatcherConfig(), cpu)
+    assert not mr.expects_prefill_graphs(model, BatcherConfig(prefill_graphs=False), cuda)
+    assert not mr.expects_prefill_graphs(model, BatcherConfig(cuda_graphs=False), cuda)
+    assert not mr.expects_prefill_graphs(model, BatcherConfig(), cuda, tp=object())
     b = ContinuousBatcher(model)
     assert b.config.max_batch_tokens == b.scheduler.max_batch_tokens == 16384  # CPU
     assert ContinuousBatcher(model, max_batch_tokens=96).scheduler.max_batch_tokens == 96

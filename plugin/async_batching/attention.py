@@ -87,8 +87,10 @@ DECODE_WARPS = 0
 # W2's K/V at 3.1-3.2 TB/s (contexts of 64..768 keys) and E1's at 4.1 (800..1,060 keys) on the H200, as if each
 # program paid a fixed cost of about 300 keys (session 20's reading of session 19's sweep); a program over several
 # heads pays it once, with fewer programs to fill the GPU. Same values as the per-head launch through its masked loop
-# (the interpreter's tests, bit for bit). Not yet timed on the GPU: off; the sweep's ``heads_per_program`` rows
-# (TUNING_HEADS_ONLY=1) and variants ``ours_async_decode_heads2`` / ``_decode_all_heads``. Read when an engine is built.
+# (the interpreter's tests, bit for bit; fp32 == ``generate`` in decode graphs on the H200, session 21). Off: slower on
+# the H200 (session 21, W1 profiled, one call): attention 1.582 ms a steady decode forward against 1.513 over all 3
+# kv heads (512 programs, fewer than the 660 the GPU holds at once), W1 150,121 against 154,081 out tok/s (medians
+# of 2). Variants ``ours_async_decode_heads2`` / ``_decode_all_heads``. Read when an engine is built.
 DECODE_HEADS_PER_PROGRAM = 0
 
 

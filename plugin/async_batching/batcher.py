@@ -14,7 +14,7 @@ from . import gc_freeze
 from .config import BatcherConfig
 from .detokenize import IncrementalDetokenizer
 from .executor import AsyncExecutor, StepHandle, StepOutput, SyncExecutor
-from .model_runner import ModelRunner, auto_max_batch_tokens
+from .model_runner import ModelRunner, auto_max_batch_tokens, expects_prefill_graphs
 from .request import GenerationResult, Request, RequestStatus, SamplingParams, ScoreResult, generation_result
 from .sampling import request_seed
 from .scheduler import Scheduler, admit_threshold
@@ -44,7 +44,8 @@ class ContinuousBatcher:
         self.tp = (TensorParallelGroup.shard(model, cfg.tensor_parallel_size, self.device, cfg.tp_all_reduce)
                    if cfg.tensor_parallel_size > 1 or is_sharded(model) else None)
         if cfg.max_batch_tokens is None:
-            cfg.max_batch_tokens = auto_max_batch_tokens(model, self.device)
+            cfg.max_batch_tokens = auto_max_batch_tokens(
+                model, self.device, expects_prefill_graphs(model, cfg, self.device, self.tp))
         self.runner = ModelRunner(model, cfg, self.device, self.dtype, self.tp)
         self.runner.start()
         self.scheduler = Scheduler(self.runner.cache, cfg.max_batch_tokens, cfg.max_num_seqs, cfg.scheduler,

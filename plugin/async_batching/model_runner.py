@@ -209,7 +209,7 @@ class ModelRunner:
         # attention.py); not under tensor parallelism, whose steps agree on their tokens outside the forward.
         # Nor for mixture-of-experts models (their decode graphs pick an experts implementation that makes no host
         # sync; prefill graphs do not, yet).
-        possible = self.want_graphs and tp is None and _experts_candidates(model) == [None]
+        possible = self.want_graphs and _prefill_graphs_supported(model, tp)
         if config.prefill_graphs and not possible:
             why = ("decode steps do not run in CUDA graphs here (cuda_graphs, a CUDA device and the Triton kernel)"
                    if not self.want_graphs else "tensor parallelism" if tp is not None else
@@ -976,7 +976,8 @@ DECODE_TUNE_ROWS = 256
 # a fraction of the GPU (a W7 product at 256 rows: 4-7 us, ~20-40% of its bound; ~12 kernels a layer), so the two
 # halves' kernels can run side by side; each half reads the weights again (the LM head too). Off: measured slower
 # on the H200 (session 12, from 64 rows: W1 129,313 vs 131,953 out tok/s, W7 22,971 vs 23,661; variant
-# ours_async_split_decode). Never under tensor parallelism (collectives on two streams).
+# ours_async_split_decode); session 21, from 256 rows: W1 140,390 against 150,397 (medians of 2; a steady forward
+# 4.53 ms of wall, 646 kernels, against 2.67 ms). Never under tensor parallelism (collectives on two streams).
 DECODE_SPLIT_MIN_ROWS = 0
 # Decode launches' longest-first order (attention.DECODE_LONGEST_FIRST) made by the host as it stages a decode step
 # (``_longest_first``, once a decode window) and copied into the graph with the step's inputs, instead of an argsort
@@ -984,27 +985,46 @@ DECODE_SPLIT_MIN_ROWS = 0
 # tokens over the whole run stayed identical). Off: variant ``ours_async_device_order``. Read when an engine is built.
 HOST_DECODE_ORDER = True
 DECODE_WINDOW = 4  # BatcherConfig.decode_window's default where decode steps replay CUDA graphs
-# The step token budget's default (BatcherConfig.max_batch_tokens=None). A prefill step's host cost is the model's
-# layers called once (eager: about 30-40 ms for a 30-layer model on the H200 machine's host) whatever its tokens;
-# its GPU work is tokens x parameters. Below about 0.5B parameters, 16,384 tokens leave the GPU waiting on the host:
-# W1 (135M) did 10 host-bound prefill steps of ~40 ms each, and ran 1.22x faster end to end with a 65,536-token
-# budget (3 such steps; one H200, session 9). So the budget is raised until a step holds about this many
-# tokens x parameters, up to AUTO_MAX_BATCH_TOKENS.
+# The step token budget's default (BatcherConfig.max_batch_tokens=None): 16,384. A prefill step launched eagerly
+# costs the host the model's layers called once (about 30-40 ms for a 30-layer model on the H200 machine's host)
+# whatever its tokens, while its GPU work is tokens x parameters: below about 0.5B parameters, 16,384 tokens left
+# the GPU waiting on the host (W1, 135M, session 9: 10 host-bound prefill steps of ~40 ms; 1.22x faster end to end
+# with 65,536 tokens). So where prefill steps run eagerly the budget is raised until a step holds about
+# AUTO_BATCH_WORK tokens x parameters, up to AUTO_MAX_BATCH_TOKENS. Where they replay prefill graphs (about 1 ms of
+# host a step) it stays at 16,384: W1 on the H200 (session 21, one call, medians of 2 timed calls) 154,280 out tok/s
+# against 149,283 with 65,536 (8,192: 152,034), TTFT p50 0.061 against 0.106 s: smaller steps let the first
+# requests decode beside the later prefill chunks.
 AUTO_BATCH_TOKENS = 16384
 AUTO_MAX_BATCH_TOKENS = 65536
 AUTO_BATCH_WORK = 8e12
 
 
-def auto_max_batch_tokens(model, device: torch.device) -> int:
-    """``max_batch_tokens`` when the config leaves it None: 16,384; on CUDA, the power of two reaching
-    AUTO_BATCH_WORK / parameters (this process's share under TP), capped at 65,536."""
-    if device.type != "cuda":
+def auto_max_batch_tokens(model, device: torch.device, prefill_graphs: bool = False) -> int:
+    """``max_batch_tokens`` when the config leaves it None: 16,384; on CUDA with eager prefill steps
+    (``prefill_graphs`` False), the power of two reaching AUTO_BATCH_WORK / parameters (this process's share under
+    TP), capped at 65,536."""
+    if device.type != "cuda" or prefill_graphs:
         return AUTO_BATCH_TOKENS
     want = AUTO_BATCH_WORK / max(1, _param_count(model))
     tokens = AUTO_BATCH_TOKENS
     while tokens < want and tokens < AUTO_MAX_BATCH_TOKENS:
         tokens *= 2
     return tokens
+
+
+def expects_prefill_graphs(model, config, device: torch.device, tp=None) -> bool:
+    """Whether prefill steps will replay prefill graphs, as far as is known before a runner exists (the token budget
+    is chosen first): the runner may still turn them off (no Triton kernel; attention layers of several shapes), and
+    then a small model's eager prefill steps run on the 16,384-token budget, slower but the same tokens."""
+    wanted = PREFILL_GRAPHS if config.prefill_graphs is None else config.prefill_graphs
+    return (device.type == "cuda" and config.cuda_graphs is not False and bool(wanted)
+            and _prefill_graphs_supported(model, tp))
+
+
+def _prefill_graphs_supported(model, tp) -> bool:
+    """Prefill graphs are never captured under tensor parallelism (its steps agree on their tokens outside the
+    forward) nor for mixture-of-experts models (no experts implementation there is known to make no host sync)."""
+    return tp is None and _experts_candidates(model) == [None]
 
 
 def _param_count(model) -> int:

@@ -588,6 +588,26 @@ class OursAsyncLayerGroups5(_OursAsyncBuiltWith):
     patches = {("compiled_layers", "LAYER_GROUP"): 5}
 
 
+class OursAsyncLayerGroups15(_OursAsyncBuiltWith):
+    """``ours_async`` with groups of fifteen consecutive decoder layers compiled as one graph (W1's 30 layers: two
+    calls of one graph)."""
+
+    patches = {("compiled_layers", "LAYER_GROUP"): 15}
+
+
+class OursAsyncTokens64k(_OursAsyncBuiltWith):
+    """``ours_async`` with a step token budget of 65,536 (``model_runner.AUTO_BATCH_TOKENS``): W1's default until
+    session 21 (a budget raised for small models whatever the prefill steps' launch), three prefill steps."""
+
+    patches = {("model_runner", "AUTO_BATCH_TOKENS"): 65536}
+
+
+class OursAsyncTokens8k(_OursAsyncBuiltWith):
+    """``ours_async`` with a step token budget of 8,192 (``model_runner.AUTO_BATCH_TOKENS``)."""
+
+    patches = {("model_runner", "AUTO_BATCH_TOKENS"): 8192}
+
+
 class OursAsyncDeviceOrder(_OursAsyncBuiltWith):
     """``ours_async`` with the decode launches' longest-first order sorted inside each decode graph, as until session
     19, not staged by the host (``model_runner.HOST_DECODE_ORDER``)."""
@@ -933,6 +953,9 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_device_order": OursAsyncDeviceOrder,
     "ours_async_layer_pairs": OursAsyncLayerPairs,
     "ours_async_layer_groups5": OursAsyncLayerGroups5,
+    "ours_async_layer_groups15": OursAsyncLayerGroups15,
+    "ours_async_tokens64k": OursAsyncTokens64k,
+    "ours_async_tokens8k": OursAsyncTokens8k,
     "ours_async_decode_all_heads": OursAsyncDecodeAllHeads,
     "ours_async_decode_heads2": OursAsyncDecodeHeads2,
     "ours_async_triton_argmax": OursAsyncTritonArgmax,
