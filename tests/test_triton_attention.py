@@ -790,6 +790,86 @@ def test_decode_programs_over_kv_head_groups_equal_a_program_per_head(backend, w
     torch.testing.assert_close(split.float(), ref.float(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("softcap,with_sinks,head_dim,tile_n",
+                         [(0.0, False, 64, 32), (30.0, True, 48, 32), (0.0, False, 32, 128)],
+                         ids=["dim64-tile32", "softcap-sinks-dim48", "dim32-tile128"])
+def test_decode_reading_the_new_kv_directly_equals_the_fused_write_bit_for_bit(
+        backend, softcap, with_sinks, head_dim, tile_n, monkeypatch):
+    """``new_kv_direct`` (``NEW_KV_DIRECT``): a decode launch with ``new_kv``, one split and no window takes row i as
+    sequence i's query and reads the new token's K/V from ``new_kv`` itself, with no barrier behind its write. To
+    show the values come from there and not from the cache, that launch stores them elsewhere (slots of blocks nobody
+    owns) while the cache at each sequence's last position holds NaN: its output still equals the fused-write
+    launch's (which stores them at the last positions and reads them back) bit for bit, and the stores land where
+    asked. Contexts end a key tile exactly (the new key's tile then goes through the masked path whole) or one past
+    it, under soft-capping, sinks and a longest-first order. Splits, a window or a head dim past 64 keep the barrier
+    path (the flag is dropped), with the same values."""
+    from async_batching.attention import decode_order
+
+    dtype, tol = backend
+    specs = [(1, 1), (tile_n, 1), (tile_n + 1, 1), (2 * tile_n, 1), (150, 1), (33, 1), (3 * tile_n - 1, 1)]
+    args, _ = make_batch(specs, dtype=dtype, group=3, num_kv_heads=2, head_dim=head_dim, seed=head_dim + tile_n)
+    T = len(specs)
+    g = torch.Generator().manual_seed(5)
+    k = torch.randn(T, 2, head_dim, generator=g).to(DEVICE, dtype)
+    v = torch.randn(T, 2, head_dim, generator=g).to(DEVICE, dtype)
+    last = (args["seq_lens"] - 1).long()
+    slots = args["block_tables"].long().gather(1, (last // 16)[:, None])[:, 0] * 16 + last % 16
+    owned = set(args["block_tables"].flatten().tolist())
+    spare = [blk for blk in range(1, args["k_cache"].shape[0]) if blk not in owned][0]
+    elsewhere = spare * 16 + torch.arange(T, device=DEVICE)
+    for cache in (args["k_cache"], args["v_cache"]):
+        cache.view(-1, 2, head_dim)[slots] = float("nan")
+    sinks = sink_logits(6, seed=2).to(DEVICE) if with_sinks else None
+    order = decode_order(args["seq_lens"])
+    flags = []
+    real = tpa._paged_attention_kernel
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(*a, **kw):
+                flags.append(kw.get("NEW_KV_DIRECT"))
+                return real[grid](*a, **kw)
+            return launch
+
+    monkeypatch.setattr(tpa, "_paged_attention_kernel", Recording())
+
+    def run(new_kv_direct, to, splits=1, window=0):
+        monkeypatch.setattr(tpa, "TUNING", dict(tile_n=tile_n))
+        kc, vc = args["k_cache"].clone(), args["v_cache"].clone()
+        out = torch.full(args["q"].shape, float("nan"), dtype=dtype, device=DEVICE)
+        tpa.paged_attention(args["q"], kc, vc, args["block_tables"], args["seq_lens"], args["query_start_loc"], 1,
+                            0.2, sliding_window=window, softcap=softcap, out=out, num_kv_splits=splits, sinks=sinks,
+                            new_kv=(k, v, to), order=order, new_kv_direct=new_kv_direct)
+        return out, kc.view(-1, 2, head_dim), vc.view(-1, 2, head_dim)
+
+    want, got = run(False, slots), run(True, elsewhere)
+    assert flags == [False, True]
+    assert not got[0].isnan().any(), "some output rows were not written or read the cache's NaN"
+    torch.testing.assert_close(got[0], want[0], atol=0, rtol=0)
+    for got_cache, want_cache, new in ((got[1], want[1], k), (got[2], want[2], v)):
+        torch.testing.assert_close(got_cache[elsewhere], new, atol=0, rtol=0)
+        torch.testing.assert_close(want_cache[slots], new, atol=0, rtol=0)
+        assert got_cache[slots].isnan().all()
+    ref = paged_attention_reference(args["q"], want[1].view(args["k_cache"].shape), want[2].view(args["v_cache"].shape),
+                                    args["block_tables"], args["seq_lens"], args["query_start_loc"], 1, 0.2,
+                                    softcap=softcap, sinks=sinks)
+    torch.testing.assert_close(got[0].float(), ref.float(), atol=tol, rtol=tol)
+    for splits, window in ((2, 0), (1, 17)):  # not for this path: the flag is dropped, the barrier path runs
+        flags.clear()
+        a, b = run(True, slots, splits, window), run(False, slots, splits, window)
+        assert flags == [False, False]
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, atol=0, rtol=0, equal_nan=True)
+    wide, _ = make_batch(specs[:2], dtype=dtype, group=1, num_kv_heads=1, head_dim=80)
+    kw = torch.randn(2, 1, 80, generator=g).to(DEVICE, dtype)
+    flags.clear()
+    monkeypatch.setattr(tpa, "TUNING", {})
+    tpa.paged_attention(wide["q"], wide["k_cache"], wide["v_cache"], wide["block_tables"], wide["seq_lens"],
+                        wide["query_start_loc"], 1, 0.2, new_kv=(kw, kw, slots[:2] * 0), new_kv_direct=True)
+    assert flags == [False]  # head dim 80 (padded to 128): the barrier path
+
+
 def test_cases_pass_in_a_fresh_interpreter_process():
     """Only when triton was imported before TRITON_INTERPRET=1 took effect: rerun this file where it is set first."""
     if not DELEGATED:

@@ -33,6 +33,7 @@ class AttentionMetadata:
     maxnreg: int = 0  # a register cap for the Triton kernel's decode launches (DECODE_MAXNREG), 0: none
     decode_warps: int = 0  # warps of the Triton kernel's decode programs at head dims <= 64 (DECODE_WARPS), 0: its 4
     heads_per_program: int = 0  # decode launches: Triton programs over groups of kv heads (DECODE_HEADS_PER_PROGRAM)
+    new_kv_direct: bool = False  # decode launches with the fused write: the new K/V read from the step's own
     # (seq [N], blk [N], block_q): a flat launch's query blocks (``q_block_table``; prefill graph steps), else None
     q_blocks: Optional[tuple] = None
 
@@ -92,6 +93,16 @@ DECODE_WARPS = 0
 # kv heads (512 programs, fewer than the 660 the GPU holds at once), W1 150,121 against 154,081 out tok/s (medians
 # of 2). Variants ``ours_async_decode_heads2`` / ``_decode_all_heads``. Read when an engine is built.
 DECODE_HEADS_PER_PROGRAM = 0
+# Decode launches with the fused write (FUSED_DECODE_WRITE) at head dims up to 64 (beyond, the peeled last tile
+# costs registers: W7's 255 a thread on sm_90) that do not split their KV range and have no window read
+# the new token's K and V, in their last key tile, from the step's own K/V (``paged_attention(new_kv_direct=)``), not
+# from the cache behind a block barrier that waits for their stores, and take a decode row's query start as its index:
+# a program waits on its sequence, then its length and block-table row, before its first key tile, instead of two
+# more dependent round trips (the query start, then the new K/V ahead of the barrier). A fixed cost of about 300 keys'
+# worth a program (session 20's reading of the decode sweeps) would be partly such waits. The same values (the
+# interpreter's tests, bit for bit). Not yet timed on the GPU: off; variant ``ours_async_decode_new_kv_direct``. Read
+# when an engine is built.
+DECODE_NEW_KV_DIRECT = False
 
 
 def decode_order(seq_lens: torch.Tensor) -> torch.Tensor:
@@ -245,7 +256,7 @@ def triton_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: 
                            meta.max_query_len, scale, window, softcap, sinks=sinks,
                            split_counters=meta.split_counters, new_kv=new_kv, order=meta.order,
                            maxnreg=meta.maxnreg, q_blocks=meta.q_blocks, decode_warps=meta.decode_warps,
-                           heads_per_program=meta.heads_per_program)
+                           heads_per_program=meta.heads_per_program, new_kv_direct=meta.new_kv_direct)
 
 
 def torch_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int, softcap: float,

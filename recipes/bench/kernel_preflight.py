@@ -186,6 +186,12 @@ def cases():
     yield "W1 decode, one_loop", {"one_loop": True}, lambda: _attend(_step(*dec(512, 400), **w1, dtype=bf16))
     yield "W1 decode as the engine launches it", {}, lambda: _attend(
         _step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True, longest_first=True, maxnreg=96)
+    yield "W1 decode as the engine, new K/V read directly", {"new_kv_direct": True}, lambda: _attend(
+        _step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True, longest_first=True, maxnreg=96)
+    yield "W7 decode as the engine launches it", {}, lambda: _attend(
+        _step(*dec(256, 1100), **w7, dtype=bf16, layout="head"), fused_write=True, longest_first=True)
+    yield "W7 decode as the engine, new K/V read directly", {"new_kv_direct": True}, lambda: _attend(
+        _step(*dec(256, 1100), **w7, dtype=bf16, layout="head"), fused_write=True, longest_first=True)
     yield "W1 decode, all kv heads a program, as the engine", {"heads_per_program": 64}, lambda: _attend(
         _step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True, longest_first=True, maxnreg=96)
     yield "W1 decode, all kv heads a program, 3 stages", {"heads_per_program": 64, "num_stages": 3}, lambda: _attend(

@@ -615,6 +615,13 @@ class OursAsyncDeviceOrder(_OursAsyncBuiltWith):
     patches = {("model_runner", "HOST_DECODE_ORDER"): False}
 
 
+class OursAsyncDecodeNewKvDirect(_OursAsyncBuiltWith):
+    """``ours_async`` with decode launches reading the new token's K/V from the step's own, no barrier behind the
+    fused write, query starts taken as row indices (``attention.DECODE_NEW_KV_DIRECT``)."""
+
+    patches = {("attention", "DECODE_NEW_KV_DIRECT"): True}
+
+
 class OursAsyncTritonArgmax(_OursAsyncBuiltWith):
     """``ours_async`` with greedy tokens from the chunked Triton argmax, written into the token buffer
     (``sampling.TRITON_ARGMAX``), instead of torch's argmax, a cast and a copy."""
@@ -959,6 +966,7 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_decode_all_heads": OursAsyncDecodeAllHeads,
     "ours_async_decode_heads2": OursAsyncDecodeHeads2,
     "ours_async_triton_argmax": OursAsyncTritonArgmax,
+    "ours_async_decode_new_kv_direct": OursAsyncDecodeNewKvDirect,
     "ours_async_admit_each": OursAsyncAdmitEach,
     "ours_async_admit_auto": OursAsyncAdmitAuto,
     "ours_async_admit_16": OursAsyncAdmit16,
