@@ -391,12 +391,12 @@ def test_graph_capture_runs_with_no_collection_after_a_full_one(model):
     live.close()
 
 
-def test_default_token_budget_grows_for_small_models_only_on_cuda_with_eager_prefill_steps(model):
-    """max_batch_tokens=None: 16,384; on CUDA with prefill steps launched eagerly, doubled until a step holds
-    AUTO_BATCH_WORK tokens x parameters, at most 65,536 (W1's 135M model: 65,536; W7's 596M: 16,384); with prefill
-    graphs 16,384 whatever the model. The engine reports the value it chose."""
+def test_default_token_budget_grows_for_small_models_on_cuda_only(model):
+    """max_batch_tokens=None: 16,384, doubled on CUDA until a step holds AUTO_BATCH_WORK tokens x parameters, at
+    most 65,536 (W1's 135M model: 65,536; W7's 596M: 16,384); generation steps are then capped at 16,384 where
+    prefill graphs replay them (``graph_step_tokens``), never for a budget the user set, nor without chunked prefill.
+    The engine reports the value it chose."""
     import async_batching.model_runner as mr
-    from async_batching.config import BatcherConfig
     from torch import nn
 
     def params(n):  # a module of n parameters, on the meta device: nothing allocated
@@ -409,17 +409,50 @@ def test_default_token_budget_grows_for_small_models_only_on_cuda_with_eager_pre
     assert mr.auto_max_batch_tokens(params(8_000_000_000), cuda) == 16384
     assert mr.auto_max_batch_tokens(params(1000), cuda) == 65536
     assert mr.auto_max_batch_tokens(params(1000), cpu) == 16384
-    assert mr.auto_max_batch_tokens(params(134_500_000), cuda, prefill_graphs=True) == 16384
-    assert mr.auto_max_batch_tokens(params(1000), cuda, prefill_graphs=True) == 16384
-    # prefill graphs are expected on CUDA unless turned off (graphs or prefill graphs), under TP, or off the GPU
-    assert mr.expects_prefill_graphs(model, BatcherConfig(), cuda)
-    assert not mr.expects_prefill_graphs(model, BatcherConfig(), cpu)
-    assert not mr.expects_prefill_graphs(model, BatcherConfig(prefill_graphs=False), cuda)
-    assert not mr.expects_prefill_graphs(model, BatcherConfig(cuda_graphs=False), cuda)
-    assert not mr.expects_prefill_graphs(model, BatcherConfig(), cuda, tp=object())
+    assert mr.graph_step_tokens(True, 65536, True, True) == 16384
+    assert mr.graph_step_tokens(True, 16384, True, True) is None  # nothing to cap
+    assert mr.graph_step_tokens(False, 65536, True, True) is None  # the user's budget
+    assert mr.graph_step_tokens(True, 65536, False, True) is None  # steps launched from the host
+    assert mr.graph_step_tokens(True, 65536, True, False) is None  # a prompt must fit one step
     b = ContinuousBatcher(model)
     assert b.config.max_batch_tokens == b.scheduler.max_batch_tokens == 16384  # CPU
     assert ContinuousBatcher(model, max_batch_tokens=96).scheduler.max_batch_tokens == 96
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_generation_steps_keep_to_the_graph_cap_and_scoring_steps_take_the_whole_budget(model, mode):
+    """``Scheduler.graph_step_tokens`` (the auto budget's cap where prefill graphs replay generation steps): while only
+    generation requests are queued every step holds at most the cap, and the tokens equal an uncapped engine's;
+    while a scoring request waits or runs, steps may take the whole budget (scored steps are launched from the host)
+    and the scores equal an uncapped engine's; the cap is back once the scoring requests are done. Running out of
+    memory halves both."""
+    prompts = mixed_prompts(6, lo=20, hi=60, seed=7)
+    pairs = [(p[:-8], p[-8:]) for p in mixed_prompts(6, lo=40, hi=60, seed=8)]
+    want = ContinuousBatcher(model, mode=mode, max_batch_tokens=96)
+    want_tokens = [r.token_ids for r in want.generate(prompts, SamplingParams(max_new_tokens=4))]
+    want_scores = [r.logprob for r in want.score(pairs)]
+    b = ContinuousBatcher(model, mode=mode, max_batch_tokens=96)
+    assert b.scheduler.graph_step_tokens is None  # a budget the user set: no cap
+    b.scheduler.graph_step_tokens = 24
+    sizes = []
+    real = b.scheduler.schedule
+
+    def recorded():
+        plan = real()
+        sizes.append((plan.num_tokens, b.scheduler._scoring))
+        return plan
+
+    b.scheduler.schedule = recorded
+    got = [r.token_ids for r in b.generate(prompts, SamplingParams(max_new_tokens=4))]
+    assert got == want_tokens
+    assert sizes and max(n for n, _ in sizes) <= 24 and all(k == 0 for _, k in sizes)
+    sizes.clear()
+    scores = [r.logprob for r in b.score(pairs)]
+    assert scores == pytest.approx(want_scores, abs=1e-5)
+    assert max(n for n, k in sizes if k) > 24  # the whole budget while scoring
+    assert b.scheduler._scoring == 0 and b.scheduler.step_tokens() == 24
+    assert b.scheduler.roll_back(type("Plan", (), {"registered": [], "seqs": []})()) == (24, 12)
+    assert (b.scheduler.max_batch_tokens, b.scheduler.graph_step_tokens) == (48, 12)
 
 
 def test_compiled_layers_are_one_graph_each_shared_by_every_layer_and_only_inside_the_engine(monkeypatch):

@@ -14,7 +14,7 @@ from . import gc_freeze
 from .config import BatcherConfig
 from .detokenize import IncrementalDetokenizer
 from .executor import AsyncExecutor, StepHandle, StepOutput, SyncExecutor
-from .model_runner import ModelRunner, auto_max_batch_tokens, expects_prefill_graphs
+from .model_runner import ModelRunner, auto_max_batch_tokens, graph_step_tokens
 from .request import GenerationResult, Request, RequestStatus, SamplingParams, ScoreResult, generation_result
 from .sampling import request_seed
 from .scheduler import Scheduler, admit_threshold
@@ -43,15 +43,19 @@ class ContinuousBatcher:
         # Tensor parallelism: the model is sharded in place (or already was); every rank of the group runs this engine.
         self.tp = (TensorParallelGroup.shard(model, cfg.tensor_parallel_size, self.device, cfg.tp_all_reduce)
                    if cfg.tensor_parallel_size > 1 or is_sharded(model) else None)
-        if cfg.max_batch_tokens is None:
-            cfg.max_batch_tokens = auto_max_batch_tokens(
-                model, self.device, expects_prefill_graphs(model, cfg, self.device, self.tp))
+        auto_budget = cfg.max_batch_tokens is None
+        if auto_budget:
+            cfg.max_batch_tokens = auto_max_batch_tokens(model, self.device)
         self.runner = ModelRunner(model, cfg, self.device, self.dtype, self.tp)
+        self.runner.graph_step_tokens = graph_step_tokens(auto_budget, cfg.max_batch_tokens,
+                                                          self.runner.want_prefill_graphs, cfg.chunked_prefill)
         self.runner.start()
+        if not self.runner.prefill_graphs:  # none captured after all: every step is launched from the host
+            self.runner.graph_step_tokens = None
         self.scheduler = Scheduler(self.runner.cache, cfg.max_batch_tokens, cfg.max_num_seqs, cfg.scheduler,
                                    cfg.chunked_prefill, self.runner.max_logit_rows, cfg.prefix_caching,
                                    self.runner.decode_window, self.runner.max_model_len,
-                                   admit_threshold(cfg, self.runner.want_graphs))
+                                   admit_threshold(cfg, self.runner.want_graphs), self.runner.graph_step_tokens)
         executor_cls = AsyncExecutor if cfg.mode == "async" else SyncExecutor
         self.executor = executor_cls(self.runner, self.scheduler)
         self.validator = RequestValidator(tokenizer, self.runner.vocab_size, self.runner.max_model_len, cfg.block_size,

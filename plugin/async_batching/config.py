@@ -19,9 +19,9 @@ class BatcherConfig:
     block_size: int = 16
     num_blocks: Optional[int] = None  # None: sized from memory_fraction of free device memory
     memory_fraction: float = 0.85
-    # Token budget of one step (prefill chunks + decodes). None: 16384; where prefill steps run eagerly on CUDA (no
-    # prefill graphs), raised for models small enough that a step's GPU work would not cover its host cost
-    # (model_runner.auto_max_batch_tokens: up to 65536).
+    # Token budget of one step (prefill chunks + decodes). None: 16384, raised on CUDA for models small enough that
+    # a step's GPU work would not cover its host cost (model_runner.auto_max_batch_tokens: up to 65536); generation
+    # steps replayed from prefill graphs then hold at most 16384 (model_runner.GRAPH_STEP_TOKENS).
     max_batch_tokens: Optional[int] = None
     max_num_seqs: int = 512
     scheduler: str = "decode_first"

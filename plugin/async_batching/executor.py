@@ -95,7 +95,7 @@ class Executor:
             return self._launch(plan, prev)
         except torch.OutOfMemoryError:
             # Under tensor parallelism the other ranks of the group are inside this step's collectives: no roll-back.
-            if self.scheduler.max_batch_tokens // 2 < MIN_BATCH_TOKENS or self.runner.tp is not None:
+            if self.scheduler.step_tokens() // 2 < MIN_BATCH_TOKENS or self.runner.tp is not None:
                 raise
             old, new = self.scheduler.roll_back(plan)
             self.stats["oom_recoveries"] += 1

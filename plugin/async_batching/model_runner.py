@@ -162,6 +162,9 @@ class ModelRunner:
         self.graphs: dict[int, tuple] = {}  # decode batch size -> (graph, static input, static logits, head size)
         self.graph_pool = None
         self.prefill_graphs: dict[int, PrefillGraph] = {}  # PREFILL_GRAPHS: token bucket -> its graph, smallest first
+        # the scheduler's cap on generation steps (graph_step_tokens; set by the engine before ``start``): no prefill
+        # graph is captured past it
+        self.graph_step_tokens: Optional[int] = None
         self._flat_block_q = 0  # queries per block of the prefill graphs' flat attention launches
         self.compute_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         # DECODE_SPLIT_MIN_ROWS: the second half of a split decode graph runs on this stream, with its own counters
@@ -210,7 +213,7 @@ class ModelRunner:
         # attention.py); not under tensor parallelism, whose steps agree on their tokens outside the forward.
         # Nor for mixture-of-experts models (their decode graphs pick an experts implementation that makes no host
         # sync; prefill graphs do not, yet).
-        possible = self.want_graphs and _prefill_graphs_supported(model, tp)
+        possible = self.want_graphs and tp is None and _experts_candidates(model) == [None]
         if config.prefill_graphs and not possible:
             why = ("decode steps do not run in CUDA graphs here (cuda_graphs, a CUDA device and the Triton kernel)"
                    if not self.want_graphs else "tensor parallelism" if tp is not None else
@@ -731,8 +734,9 @@ class ModelRunner:
     def _prefill_graph_sizes(self) -> list[tuple[int, int, int]]:
         """(token bucket, most sequences, query-block slots) of each prefill graph to capture, largest bucket first."""
         cfg = self.config
+        top = min(cfg.max_batch_tokens, self.graph_step_tokens or cfg.max_batch_tokens)
         return [(tb, min(cfg.max_num_seqs, tb), self._prefill_slots(tb))
-                for tb in prefill_graph_buckets(cfg.max_batch_tokens, cfg.max_num_seqs, self.max_model_len)]
+                for tb in prefill_graph_buckets(top, cfg.max_num_seqs, self.max_model_len)]
 
     def capture_prefill_graphs(self, stream: torch.cuda.Stream) -> None:
         """Capture one graph of the prefill forward per token bucket (``prefill_graph_buckets``), largest first, in the
@@ -987,25 +991,28 @@ DECODE_SPLIT_MIN_ROWS = 0
 # tokens over the whole run stayed identical). Off: variant ``ours_async_device_order``. Read when an engine is built.
 HOST_DECODE_ORDER = True
 DECODE_WINDOW = 4  # BatcherConfig.decode_window's default where decode steps replay CUDA graphs
-# The step token budget's default (BatcherConfig.max_batch_tokens=None): 16,384. A prefill step launched eagerly
-# costs the host the model's layers called once (about 30-40 ms for a 30-layer model on the H200 machine's host)
-# whatever its tokens, while its GPU work is tokens x parameters: below about 0.5B parameters, 16,384 tokens left
-# the GPU waiting on the host (W1, 135M, session 9: 10 host-bound prefill steps of ~40 ms; 1.22x faster end to end
-# with 65,536 tokens). So where prefill steps run eagerly the budget is raised until a step holds about
-# AUTO_BATCH_WORK tokens x parameters, up to AUTO_MAX_BATCH_TOKENS. Where they replay prefill graphs (about 1 ms of
-# host a step) it stays at 16,384: W1 on the H200 (session 21, one call, medians of 2 timed calls) 154,280 out tok/s
-# against 149,283 with 65,536 (8,192: 152,034), TTFT p50 0.061 against 0.106 s: smaller steps let the first
-# requests decode beside the later prefill chunks.
+# The step token budget's default (BatcherConfig.max_batch_tokens=None). A prefill step launched from the host
+# costs it the model's layers called once (eager: about 30-40 ms for a 30-layer model on the H200 machine's host;
+# compiled, about 30 ms) whatever its tokens; its GPU work is tokens x parameters. Below about 0.5B parameters,
+# 16,384 tokens leave the GPU waiting on the host: W1 (135M) did 10 host-bound prefill steps of ~40 ms each, and ran
+# 1.22x faster end to end with a 65,536-token budget (3 such steps; one H200, session 9). So the budget is raised
+# until a step holds about this many tokens x parameters, up to AUTO_MAX_BATCH_TOKENS. Steps that replay prefill
+# graphs (about 1 ms of host a step) are held to GRAPH_STEP_TOKENS instead (``graph_step_tokens``).
 AUTO_BATCH_TOKENS = 16384
 AUTO_MAX_BATCH_TOKENS = 65536
 AUTO_BATCH_WORK = 8e12
+# With the auto budget and prefill graphs, steps of generation requests hold at most this many tokens; steps while
+# scoring requests wait or run (launched from the host: no prefill graph holds scored rows) keep the raised budget.
+# W1 on the H200 (session 21, one call, medians of 2 timed calls): 154,280 out tok/s against 149,283 with 65,536-token
+# steps (8,192: 152,034), TTFT p50 0.061 against 0.106 s: the first requests decode beside the later prefill chunks.
+# A second call: 155,041 against 154,440. None: off.
+GRAPH_STEP_TOKENS: Optional[int] = 16384
 
 
-def auto_max_batch_tokens(model, device: torch.device, prefill_graphs: bool = False) -> int:
-    """``max_batch_tokens`` when the config leaves it None: 16,384; on CUDA with eager prefill steps
-    (``prefill_graphs`` False), the power of two reaching AUTO_BATCH_WORK / parameters (this process's share under
-    TP), capped at 65,536."""
-    if device.type != "cuda" or prefill_graphs:
+def auto_max_batch_tokens(model, device: torch.device) -> int:
+    """``max_batch_tokens`` when the config leaves it None: 16,384; on CUDA, the power of two reaching
+    AUTO_BATCH_WORK / parameters (this process's share under TP), capped at 65,536."""
+    if device.type != "cuda":
         return AUTO_BATCH_TOKENS
     want = AUTO_BATCH_WORK / max(1, _param_count(model))
     tokens = AUTO_BATCH_TOKENS
@@ -1014,19 +1021,15 @@ def auto_max_batch_tokens(model, device: torch.device, prefill_graphs: bool = Fa
     return tokens
 
 
-def expects_prefill_graphs(model, config, device: torch.device, tp=None) -> bool:
-    """Whether prefill steps will replay prefill graphs, as far as is known before a runner exists (the token budget
-    is chosen first): the runner may still turn them off (no Triton kernel; attention layers of several shapes), and
-    then a small model's eager prefill steps run on the 16,384-token budget, slower but the same tokens."""
-    wanted = PREFILL_GRAPHS if config.prefill_graphs is None else config.prefill_graphs
-    return (device.type == "cuda" and config.cuda_graphs is not False and bool(wanted)
-            and _prefill_graphs_supported(model, tp))
-
-
-def _prefill_graphs_supported(model, tp) -> bool:
-    """Prefill graphs are never captured under tensor parallelism (its steps agree on their tokens outside the
-    forward) nor for mixture-of-experts models (no experts implementation there is known to make no host sync)."""
-    return tp is None and _experts_candidates(model) == [None]
+def graph_step_tokens(auto_budget: bool, max_batch_tokens: int, prefill_graphs: bool, chunked_prefill: bool
+                      ) -> Optional[int]:
+    """The token cap of generation steps (``Scheduler(graph_step_tokens=)``): GRAPH_STEP_TOKENS where the budget was
+    chosen automatically above it and prefill steps replay graphs; None (no cap) elsewhere, and without chunked
+    prefill (a prompt must then fit one step of the whole budget)."""
+    cap = GRAPH_STEP_TOKENS
+    if not (auto_budget and prefill_graphs and chunked_prefill and cap) or cap >= max_batch_tokens:
+        return None
+    return cap
 
 
 def _param_count(model) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
+from typing import Optional
 from dataclasses import dataclass, field
 
 from .kv_cache import HIT_TABLE_ENTRIES, PagedKVCache, TableRows, block_table_rows
@@ -77,10 +78,15 @@ class Scheduler:
 
     def __init__(self, cache: PagedKVCache, max_batch_tokens: int, max_num_seqs: int, policy: str,
                  chunked_prefill: bool, max_logit_rows: int, prefix_caching: bool, decode_window: int = 1,
-                 max_model_len: int = 2 ** 62, admit_threshold: int = 1):
+                 max_model_len: int = 2 ** 62, admit_threshold: int = 1, graph_step_tokens: Optional[int] = None):
         self.allocator = cache.allocator
         self.block_size = cache.block_size
         self.max_batch_tokens = max_batch_tokens
+        # Generation steps hold at most this many tokens (model_runner.graph_step_tokens: they replay prefill graphs,
+        # whose host cost does not need the larger budget); while any scoring request waits or runs, every step may
+        # take max_batch_tokens (scored steps are launched from the host). None: no cap.
+        self.graph_step_tokens = graph_step_tokens
+        self._scoring = 0  # unfinished scoring requests in the queues
         self.max_num_seqs = max_num_seqs
         self.max_logit_rows = max(max_logit_rows, max_num_seqs)  # every sampling row of a step always fits
         self.policy = policy
@@ -100,6 +106,7 @@ class Scheduler:
 
     # --- queues -------------------------------------------------------------------------------------------
     def add(self, req: Request) -> None:
+        self._scoring += req.is_score
         if self.policy == "shortest_first":
             keys = [len(r.prompt_ids) for r in self.waiting]
             self.waiting.insert(bisect.bisect_right(keys, len(req.prompt_ids)), req)
@@ -111,6 +118,8 @@ class Scheduler:
 
     def finish(self, req: Request) -> None:
         """Take a request out of the queues and release its blocks once no step in flight reads them."""
+        if req.status is not RequestStatus.FINISHED:
+            self._scoring -= req.is_score
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
         elif req.status is RequestStatus.WAITING and req in self.waiting:
@@ -179,15 +188,24 @@ class Scheduler:
         for s in plan.seqs:
             if s.req.status is RequestStatus.RUNNING:
                 self._preempt(s.req, keep_computed=False)  # its num_computed counts positions never written
-        old = self.max_batch_tokens
-        self.max_batch_tokens = old // 2
-        return old, self.max_batch_tokens
+        old = self.step_tokens()
+        self.max_batch_tokens //= 2
+        if self.graph_step_tokens:
+            self.graph_step_tokens //= 2
+        return old, self.step_tokens()
+
+    def step_tokens(self) -> int:
+        """The token budget of the next step: ``max_batch_tokens``, or the generation steps' cap while no scoring
+        request waits or runs."""
+        if self.graph_step_tokens and not self._scoring:
+            return min(self.max_batch_tokens, self.graph_step_tokens)
+        return self.max_batch_tokens
 
     # --- the step -----------------------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
         self._plan_id += 1
         plan = StepPlan()
-        budget = [self.max_batch_tokens, self.max_logit_rows, HIT_TABLE_ENTRIES]  # tokens, logits rows, hit entries
+        budget = [self.step_tokens(), self.max_logit_rows, HIT_TABLE_ENTRIES]  # tokens, logits rows, hit entries
         if self.policy == "prefill_first":
             self._admit(plan, budget)
             self._schedule_running(plan, budget)

@@ -596,16 +596,16 @@ class OursAsyncLayerGroups15(_OursAsyncBuiltWith):
 
 
 class OursAsyncTokens64k(_OursAsyncBuiltWith):
-    """``ours_async`` with a step token budget of 65,536 (``model_runner.AUTO_BATCH_TOKENS``): W1's default until
-    session 21 (a budget raised for small models whatever the prefill steps' launch), three prefill steps."""
+    """``ours_async`` without the generation steps' cap (``model_runner.GRAPH_STEP_TOKENS`` None): every step may take
+    the auto budget, 65,536 tokens for W1's 135M model (the default until session 21: three prefill steps)."""
 
-    patches = {("model_runner", "AUTO_BATCH_TOKENS"): 65536}
+    patches = {("model_runner", "GRAPH_STEP_TOKENS"): None}
 
 
 class OursAsyncTokens8k(_OursAsyncBuiltWith):
-    """``ours_async`` with a step token budget of 8,192 (``model_runner.AUTO_BATCH_TOKENS``)."""
+    """``ours_async`` with generation steps capped at 8,192 tokens (``model_runner.GRAPH_STEP_TOKENS``)."""
 
-    patches = {("model_runner", "AUTO_BATCH_TOKENS"): 8192}
+    patches = {("model_runner", "GRAPH_STEP_TOKENS"): 8192}
 
 
 class OursAsyncDeviceOrder(_OursAsyncBuiltWith):
