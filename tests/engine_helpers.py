@@ -48,3 +48,21 @@ def record_launches(monkeypatch, module, name: str) -> list:
 
     monkeypatch.setattr(module, name, Recording())
     return grids
+
+
+def record_launch_flag(monkeypatch, module, name: str, flag: str) -> list:
+    """Replace the Triton kernel ``module.name`` (for the test) with one that records the keyword argument ``flag``
+    (a constexpr; None where not passed) of every launch, in order, and launches the real kernel: the list it
+    returns."""
+    flags: list = []
+    real = getattr(module, name)
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                flags.append(kwargs.get(flag))
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(module, name, Recording())
+    return flags
