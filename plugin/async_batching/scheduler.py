@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
-from typing import Optional
 from dataclasses import dataclass, field
+from typing import Optional
 
 from .kv_cache import HIT_TABLE_ENTRIES, PagedKVCache, TableRows, block_table_rows
 from .prefix_cache import PrefixCache
