@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Optional
 
 import torch
 
@@ -35,34 +36,23 @@ def word_tokenizer(vocab: int = 384):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", pad_token="w0", eos_token="w2")
 
 
-def record_launches(monkeypatch, module, name: str) -> list:
-    """Replace the Triton kernel ``module.name`` (for the test) with one that records the grid of every launch, in
-    order, and launches the real kernel: the list it returns."""
-    grids: list = []
+def record_launches(monkeypatch, module, name: str, flag: Optional[str] = None) -> list:
+    """Replace the Triton kernel ``module.name`` (for the test) with one that records the grid of every launch, or
+    with ``flag`` that keyword argument (a constexpr; None where not passed), in order, and launches the real kernel:
+    the list it returns."""
+    seen: list = []
     real = getattr(module, name)
 
     class Recording:
         def __getitem__(self, grid):
-            grids.append(grid)
-            return real[grid]
+            if flag is None:
+                seen.append(grid)
+                return real[grid]
 
-    monkeypatch.setattr(module, name, Recording())
-    return grids
-
-
-def record_launch_flag(monkeypatch, module, name: str, flag: str) -> list:
-    """Replace the Triton kernel ``module.name`` (for the test) with one that records the keyword argument ``flag``
-    (a constexpr; None where not passed) of every launch, in order, and launches the real kernel: the list it
-    returns."""
-    flags: list = []
-    real = getattr(module, name)
-
-    class Recording:
-        def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                flags.append(kwargs.get(flag))
+                seen.append(kwargs.get(flag))
                 return real[grid](*args, **kwargs)
             return launch
 
     monkeypatch.setattr(module, name, Recording())
-    return flags
+    return seen

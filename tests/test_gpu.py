@@ -8,7 +8,7 @@ import torch
 
 from async_batching import ContinuousBatcher, SamplingParams
 from async_batching.models import TINY_CONFIGS, tiny_model
-from engine_helpers import mixed_prompts, record_launch_flag, record_launches, reference
+from engine_helpers import mixed_prompts, record_launches, reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -129,7 +129,7 @@ def test_fp32_decode_reading_the_new_kv_directly_matches_generate_in_graphs(arch
 
     monkeypatch.setattr(attention, "DECODE_NEW_KV_DIRECT", True)
     monkeypatch.setattr(tpa, "SPLIT_PROGRAMS_PER_SM", 0)  # the test's 4 sequences would split their KV range
-    flags = record_launch_flag(monkeypatch, tpa, "_paged_attention_kernel", "NEW_KV_DIRECT")
+    flags = record_launches(monkeypatch, tpa, "_paged_attention_kernel", flag="NEW_KV_DIRECT")
     b = _fp32_matches_generate(arch, True)
     assert b.runner.new_kv_direct and True in flags
 

@@ -24,7 +24,7 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from async_batching import triton_paged_attention as tpa  # noqa: E402
-from engine_helpers import record_launch_flag, record_launches  # noqa: E402
+from engine_helpers import record_launches  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # In a full CPU run another test module (e.g. via lightning -> torch) may import triton first; triton's own @jit
@@ -822,7 +822,7 @@ def test_decode_reading_the_new_kv_directly_equals_the_fused_write_bit_for_bit(
         cache.view(-1, 2, head_dim)[slots] = float("nan")
     sinks = sink_logits(6, seed=2).to(DEVICE) if with_sinks else None
     order = decode_order(args["seq_lens"])
-    flags = record_launch_flag(monkeypatch, tpa, "_paged_attention_kernel", "NEW_KV_DIRECT")
+    flags = record_launches(monkeypatch, tpa, "_paged_attention_kernel", flag="NEW_KV_DIRECT")
 
     def run(new_kv_direct, to, splits=1, window=0):
         monkeypatch.setattr(tpa, "TUNING", dict(tile_n=tile_n))

@@ -734,7 +734,7 @@ class ModelRunner:
     def _prefill_graph_sizes(self) -> list[tuple[int, int, int]]:
         """(token bucket, most sequences, query-block slots) of each prefill graph to capture, largest bucket first."""
         cfg = self.config
-        top = min(cfg.max_batch_tokens, self.graph_step_tokens or cfg.max_batch_tokens)
+        top = self.graph_step_tokens or cfg.max_batch_tokens  # the cap, where set, is below the budget
         return [(tb, min(cfg.max_num_seqs, tb), self._prefill_slots(tb))
                 for tb in prefill_graph_buckets(top, cfg.max_num_seqs, self.max_model_len)]
 

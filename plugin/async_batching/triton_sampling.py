@@ -15,7 +15,7 @@ launches).
   maxima; a NaN counts as the largest, the first NaN wins) written as int32 into the step's token buffer: one program
   per (row, chunk of 4,096 ids), then one per row over its chunks. Off by default (``sampling.TRITON_ARGMAX``): its
   first form, one program per row over the whole row, took 43 us of a W1 decode forward on the H200 (512 rows of
-  49,152 bf16 logits) against torch's 37 us; this form has not been timed there yet.
+  49,152 bf16 logits) against torch's 37 us, and this form 47 us against 39 (session 21).
 """
 
 from __future__ import annotations

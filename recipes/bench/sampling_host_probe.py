@@ -73,7 +73,10 @@ def install() -> None:
     triton_sampling._topk_draw_kernel = TimedKernel("triton topk_draw launch", triton_sampling._topk_draw_kernel)
     triton_sampling._chunk_mass_kernel = TimedKernel("triton chunk_mass launch", triton_sampling._chunk_mass_kernel)
     triton_sampling._chunk_draw_kernel = TimedKernel("triton chunk_draw launch", triton_sampling._chunk_draw_kernel)
-    triton_sampling._argmax_kernel = TimedKernel("triton argmax launch", triton_sampling._argmax_kernel)
+    triton_sampling._argmax_chunk_kernel = TimedKernel("triton argmax_chunk launch",
+                                                       triton_sampling._argmax_chunk_kernel)
+    triton_sampling._argmax_merge_kernel = TimedKernel("triton argmax_merge launch",
+                                                       triton_sampling._argmax_merge_kernel)
     triton_sampling.torch = TorchProxy()
     E = executor_mod.Executor
     E.wait = timed("executor.wait", E.wait)
