@@ -203,6 +203,7 @@ def _profile(variant: Variant, reqs: Requests, device: str, job: dict) -> dict[s
         result["kernel_ms_per_step"] = {name: round(ns / 1e6 / steps, 4) for name, ns in top.items()}
     if has_gpu:  # the same, over the steady second half only (decode steps, for ours: CUDA-graph replays)
         result["steady"] = trace.steady(0.5, 0.95)
+        result["early"] = trace.steady(0.0, 0.25)  # the first quarter: prefill and mixed steps, for most workloads
     fig = job.get("figures") or {}
     window = trace.steady_window(float(fig.get("window_ms", 30)), float(fig.get("window_at", 0.7)))
     _write_json(job["timeline_path"], {"variant": job["variant"], **trace.window(window)})
