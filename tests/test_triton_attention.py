@@ -357,9 +357,10 @@ def test_a_register_cap_leaves_the_attention_unchanged(backend, monkeypatch):
 @pytest.mark.parametrize("warps", [1, 2])
 def test_small_decode_programs_give_the_same_attention_as_their_forced_tile(backend, warps, monkeypatch):
     """``paged_attention(decode_warps=)`` (``attention.DECODE_WARPS``): at 16-bit head dims up to 64 a decode launch
-    takes that many warps over 64-key tiles, uncapped, and equals both the reference and the sweep's launch forced to
-    that configuration bit for bit, with and without KV splits; fp32 and steps with several queries a sequence keep
-    the kernel's own launch (the same bits as without it)."""
+    takes that many warps over 64-key tiles, capped by ``maxnreg`` where given (``attention.DECODE_WARPS_MAXNREG``)
+    and uncapped where not, and equals both the reference and the sweep's launch forced to that configuration bit for
+    bit, with and without KV splits; fp32 and steps with several queries a sequence keep the kernel's own launch (the
+    same bits as without it)."""
     dtype, tol = backend
     for specs in ([(150, 1), (3, 1), (90, 1), (200, 1)], [(150, 150), (3, 1), (90, 40)]):
         args, max_q = make_batch(specs, dtype=dtype, group=4)
@@ -368,7 +369,11 @@ def test_small_decode_programs_give_the_same_attention_as_their_forced_tile(back
         for splits in (1, 2):
             run = lambda **kw: tpa.paged_attention(**args, max_query_len=max_q, scale=0.2,  # noqa: E731
                                                    num_kv_splits=splits, **kw)
-            out = run(decode_warps=warps, maxnreg=96)
+            with pytest.MonkeyPatch.context() as mp:
+                caps = record_launches(mp, tpa, "_paged_attention_kernel", flag="maxnreg")
+                out = run(decode_warps=warps, maxnreg=96)
+                run(decode_warps=warps)
+            assert caps == ([96, None] if max_q == 1 else [None, None]), (specs, caps)
             torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
             if small:
                 monkeypatch.setattr(tpa, "TUNING", dict(tile_n=64, num_warps=warps, maxnreg=0))

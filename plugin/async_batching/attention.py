@@ -82,6 +82,12 @@ DECODE_MAXNREG = 96
 # eager steps against 2 (a rounding difference: more KV split counts are possible with 64-key tiles; the cause was
 # not isolated). Off; variant ours_async_decode_2warps. Read when an engine is built.
 DECODE_WARPS = 0
+# A register cap for those small decode programs (DECODE_WARPS); 0: none. With the fused write W1's 2-warp program
+# takes 154 registers a thread, 6 programs an SM (64 threads each); capped at 96 it compiles without spills and an SM
+# holds 10, twice the 4-warp launch's 5 (sm_90, recipes/bench/kernel_preflight.py), and so twice the programs that
+# wait on their first key tile at once. Not yet timed on the GPU: off; variant ``ours_async_decode_2warps_capped``.
+# Read when an engine is built.
+DECODE_WARPS_MAXNREG = 0
 # Decode launches of the Triton kernel that do not split their KV range run one program per sequence and group of this
 # many kv heads (all of them where it does not divide the kv heads; ``paged_attention(heads_per_program=)``,
 # ``_paged_decode_heads_kernel``) instead of one per (sequence, kv head); 0: off. The default launch read W1's and

@@ -148,8 +148,9 @@ class ModelRunner:
         # decode launches of the Triton kernel: longest context first, a register cap (read once, like fused_write)
         self.longest_first = self.backend == "triton" and attention.DECODE_LONGEST_FIRST
         self.host_order = HOST_DECODE_ORDER
-        self.decode_maxnreg = attention.DECODE_MAXNREG if self.backend == "triton" else 0
         self.decode_warps = attention.DECODE_WARPS if self.backend == "triton" else 0
+        cap = attention.DECODE_WARPS_MAXNREG if self.decode_warps else attention.DECODE_MAXNREG
+        self.decode_maxnreg = cap if self.backend == "triton" else 0
         self.decode_heads = attention.DECODE_HEADS_PER_PROGRAM if self.backend == "triton" else 0
         self.new_kv_direct = self.ctx.fused_write and attention.DECODE_NEW_KV_DIRECT
         # The attention kernel's KV-split merge counters: this runner's launches are ordered on one stream and each

@@ -588,8 +588,9 @@ def paged_attention(
     ``maxnreg``: a register cap for ptxas on decode launches at head dims up to 64 (``attention.DECODE_MAXNREG``; at
     128 a decode launch is bound by shared memory and the cap is ignored).
     ``decode_warps``: warps of a decode program at 16-bit head dims up to 64 (``attention.DECODE_WARPS``); 0 keeps the
-    kernel's 4 warps over 128-key tiles. 2 and 1 take 64-key tiles and no register cap (half the threads hold a tile:
-    a cap of 96 would spill).
+    kernel's 4 warps over 128-key tiles. 2 and 1 take 64-key tiles; ``maxnreg`` caps them too where given
+    (``attention.DECODE_WARPS_MAXNREG``: W1's 2-warp program with the fused write compiles to 96 registers without
+    spills on sm_90).
     ``new_kv_direct``: a decode launch with ``new_kv`` at a head dim up to 64 that does not split its KV range and has
     no window reads the new token's K and V from ``new_kv`` itself, not from the cache it writes them to
     (``NEW_KV_DIRECT``: no barrier behind the write; the same values).
@@ -672,7 +673,7 @@ def paged_attention(
     num_q_blocks = triton.cdiv(max_query_len, block_q)
 
     num_kv_splits = TUNING.get("num_kv_splits", num_kv_splits) if TUNING else num_kv_splits
-    maxnreg = maxnreg if max_query_len == 1 and head_dim_pad <= 64 and not small_decode else 0
+    maxnreg = maxnreg if max_query_len == 1 and head_dim_pad <= 64 else 0
     maxnreg = TUNING.get("maxnreg", maxnreg) if TUNING else maxnreg  # the sweep's own cap overrides, any launch
     programs = B * num_q_blocks * num_kv_heads
     if q_blocks is not None:

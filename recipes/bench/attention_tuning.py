@@ -26,7 +26,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "plugin"))
 sys.path.insert(0, os.path.join(HERE, ".."))
 from async_batching import triton_paged_attention as tpa  # noqa: E402
-from async_batching.attention import DECODE_MAXNREG, DECODE_WARPS, FUSED_DECODE_WRITE, decode_order  # noqa: E402
+from async_batching.attention import (DECODE_MAXNREG, DECODE_WARPS, DECODE_WARPS_MAXNREG, FUSED_DECODE_WRITE,  # noqa: E402
+                                      decode_order)
 from bench.attention_backends import case  # noqa: E402
 from bench.roofline import graph_ms, time_ms  # noqa: E402
 
@@ -94,6 +95,8 @@ DECODE_CONFIGS += HEADS[1:]
 # indices (``paged_attention(new_kv_direct=)``, session 21; head dims up to 64). Only with the fused write, i.e. with
 # TUNING_ENGINE_BASE=1 (otherwise the launch writes nothing and the flag is dropped: the default's time).
 NEW_KV = [dict(new_kv_direct=True), dict(new_kv_direct=True, num_stages=3)]
+# the engine's decode cap (model_runner): DECODE_WARPS_MAXNREG for small programs, else DECODE_MAXNREG
+ENGINE_MAXNREG = DECODE_WARPS_MAXNREG if DECODE_WARPS else DECODE_MAXNREG
 DECODE_CONFIGS += NEW_KV
 # TUNING_ENGINE_BASE=1: every decode launch, the "default" row too, as the engine launches it: head-major blocks of 16
 # slots, longest context first, DECODE_MAXNREG and DECODE_WARPS passed as the engine passes them (the kernel applies
@@ -198,7 +201,7 @@ def build(name, layout=None):
 
     def fn():
         return tpa.paged_attention(q, k, v, m.block_tables, m.seq_lens, m.query_start_loc, m.max_query_len, scale,
-                                   maxnreg=DECODE_MAXNREG if engine else 0, decode_warps=DECODE_WARPS if engine else 0,
+                                   maxnreg=ENGINE_MAXNREG if engine else 0, decode_warps=DECODE_WARPS if engine else 0,
                                    new_kv=new_kv)
 
     fn.seq_lens = m.seq_lens

@@ -188,6 +188,17 @@ def cases():
         _step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True, longest_first=True, maxnreg=96)
     yield "W1 decode as the engine, new K/V read directly", {"new_kv_direct": True}, lambda: _attend(
         _step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True, longest_first=True, maxnreg=96)
+    two_warps = {"tile_n": 64, "num_warps": 2, "maxnreg": 0}  # attention.DECODE_WARPS=2's launch
+    yield "W1 decode as the engine, 2 warps", two_warps, lambda: _attend(
+        _step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True, longest_first=True)
+    yield "W1 decode as the engine, 2 warps, new K/V read directly", {**two_warps, "new_kv_direct": True}, lambda: _attend(
+        _step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True, longest_first=True)
+    for cap in (128, 96):
+        yield f"W1 decode as the engine, 2 warps capped at {cap}", {**two_warps, "maxnreg": cap}, lambda: _attend(
+            _step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True, longest_first=True)
+        yield f"W1 decode as the engine, 2 warps capped at {cap}, new K/V read directly", {
+            **two_warps, "maxnreg": cap, "new_kv_direct": True}, lambda: _attend(
+            _step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True, longest_first=True)
     yield "W7 decode as the engine launches it", {}, lambda: _attend(
         _step(*dec(256, 1100), **w7, dtype=bf16, layout="head"), fused_write=True, longest_first=True)
     yield "W7 decode as the engine, new K/V read directly", {"new_kv_direct": True}, lambda: _attend(

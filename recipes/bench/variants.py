@@ -561,6 +561,19 @@ class OursAsyncDecode2Warps(_OursAsyncBuiltWith):
     patches = {("attention", "DECODE_WARPS"): 2}
 
 
+class OursAsyncDecode2WarpsCapped(_OursAsyncBuiltWith):
+    """``ours_async`` with 2-warp decode programs over 64-key tiles (``attention.DECODE_WARPS``) capped at 96 registers
+    (``attention.DECODE_WARPS_MAXNREG``): 10 programs an SM on sm_90 against the 4-warp launch's 5."""
+
+    patches = {("attention", "DECODE_WARPS"): 2, ("attention", "DECODE_WARPS_MAXNREG"): 96}
+
+
+class OursAsyncDecode2WarpsCappedDirect(_OursAsyncBuiltWith):
+    """``ours_async_decode_2warps_capped`` reading the new K/V directly (``attention.DECODE_NEW_KV_DIRECT``)."""
+
+    patches = {**OursAsyncDecode2WarpsCapped.patches, ("attention", "DECODE_NEW_KV_DIRECT"): True}
+
+
 class OursAsyncDecodeAllHeads(_OursAsyncBuiltWith):
     """``ours_async`` with decode launches of one program per sequence over all its kv heads
     (``attention.DECODE_HEADS_PER_PROGRAM``), where the launch does not split its KV range."""
@@ -976,6 +989,8 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_max_autotune": OursAsyncMaxAutotune,
     "ours_async_no_fused_write": OursAsyncNoFusedWrite,
     "ours_async_decode_2warps": OursAsyncDecode2Warps,
+    "ours_async_decode_2warps_capped": OursAsyncDecode2WarpsCapped,
+    "ours_async_decode_2warps_capped_direct": OursAsyncDecode2WarpsCappedDirect,
     "ours_async_no_combo_kernels": OursAsyncNoComboKernels,
     "ours_async_token_major": OursAsyncTokenMajor,
     "ours_async_no_prefill_own_compile": OursAsyncNoPrefillOwnCompile,
