@@ -357,8 +357,8 @@ def test_a_register_cap_leaves_the_attention_unchanged(backend, monkeypatch):
 @pytest.mark.parametrize("warps", [1, 2])
 def test_small_decode_programs_give_the_same_attention_as_their_forced_tile(backend, warps, monkeypatch):
     """``paged_attention(decode_warps=)`` (``attention.DECODE_WARPS``): at 16-bit head dims up to 64 a decode launch
-    takes that many warps over 64-key tiles, capped by ``maxnreg`` where given (``attention.DECODE_WARPS_MAXNREG``)
-    and uncapped where not, and equals both the reference and the sweep's launch forced to that configuration bit for
+    takes that many warps over 64-key tiles, capped by ``decode_warps_maxnreg`` where given
+    (``attention.DECODE_WARPS_MAXNREG``) and uncapped where not (``maxnreg`` caps the kernel's own launch), and equals both the reference and the sweep's launch forced to that configuration bit for
     bit, with and without KV splits; fp32 and steps with several queries a sequence keep the kernel's own launch (the
     same bits as without it)."""
     dtype, tol = backend
@@ -371,9 +371,11 @@ def test_small_decode_programs_give_the_same_attention_as_their_forced_tile(back
                                                    num_kv_splits=splits, **kw)
             with pytest.MonkeyPatch.context() as mp:
                 caps = record_launches(mp, tpa, "_paged_attention_kernel", flag="maxnreg")
-                out = run(decode_warps=warps, maxnreg=96)
-                run(decode_warps=warps)
-            assert caps == ([96, None] if max_q == 1 else [None, None]), (specs, caps)
+                out = run(decode_warps=warps, maxnreg=80, decode_warps_maxnreg=96)
+                run(decode_warps=warps, maxnreg=80)
+            # small programs take their own cap (or none); fp32 keeps the kernel's launch and ``maxnreg``
+            want = ([96, None] if small else [80, 80]) if max_q == 1 else [None, None]
+            assert caps == want, (specs, caps)
             torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
             if small:
                 monkeypatch.setattr(tpa, "TUNING", dict(tile_n=64, num_warps=warps, maxnreg=0))

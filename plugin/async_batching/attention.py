@@ -32,6 +32,7 @@ class AttentionMetadata:
     order: Optional[torch.Tensor] = None  # int32 [B]: the order a decode launch visits its sequences in (see below)
     maxnreg: int = 0  # a register cap for the Triton kernel's decode launches (DECODE_MAXNREG), 0: none
     decode_warps: int = 0  # warps of the Triton kernel's decode programs at head dims <= 64 (DECODE_WARPS), 0: its 4
+    decode_warps_maxnreg: int = 0  # those small programs' register cap (DECODE_WARPS_MAXNREG), 0: none
     heads_per_program: int = 0  # decode launches: Triton programs over groups of kv heads (DECODE_HEADS_PER_PROGRAM)
     new_kv_direct: bool = False  # decode launches with the fused write: the new K/V read from the step's own
     # (seq [N], blk [N], block_q): a flat launch's query blocks (``q_block_table``; prefill graph steps), else None
@@ -73,21 +74,21 @@ DECODE_LONGEST_FIRST = True
 # default since session 18, with the fused write (see FUSED_DECODE_WRITE). Like the two flags above, read when an
 # engine is built.
 DECODE_MAXNREG = 96
-# Warps of a decode program of the Triton kernel at 16-bit head dims up to 64, with 64-key tiles and no register cap
-# (``paged_attention(decode_warps=)``); 0: the kernel's 4 warps over 128-key tiles, capped at DECODE_MAXNREG. Short
-# contexts (W1's 64..768 keys) are a few tiles a program, and smaller programs keep more of them in flight an SM: on
-# the H200 (session 19) 2 warps ran W1's decode attention alone 1.07x faster (W2's 1.04x, E1's >= 1.02x; the sweep's
-# launch without the fused write), but end to end W1 measured equal (medians of 3 calls 151,182 out tok/s with 2
-# against 151,539 without; W2 53,580 against 53,389), and in bf16 3 of 40 sequences parted between graph replays and
-# eager steps against 2 (a rounding difference: more KV split counts are possible with 64-key tiles; the cause was
-# not isolated). Off; variant ours_async_decode_2warps. Read when an engine is built.
-DECODE_WARPS = 0
-# A register cap for those small decode programs (DECODE_WARPS); 0: none. With the fused write W1's 2-warp program
-# takes 154 registers a thread, 6 programs an SM (64 threads each); capped at 96 it compiles without spills and an SM
-# holds 10, twice the 4-warp launch's 5 (sm_90, recipes/bench/kernel_preflight.py), and so twice the programs that
-# wait on their first key tile at once. Not yet timed on the GPU: off; variant ``ours_async_decode_2warps_capped``.
-# Read when an engine is built.
-DECODE_WARPS_MAXNREG = 0
+# Warps of a decode program of the Triton kernel at 16-bit head dims up to 64, with 64-key tiles
+# (``paged_attention(decode_warps=)``), capped at DECODE_WARPS_MAXNREG registers; 0: the kernel's 4 warps over
+# 128-key tiles, capped at DECODE_MAXNREG. Short contexts (W1's 64..768 keys) are a few tiles a program, and smaller
+# programs keep more of them in flight an SM. Uncapped (session 19), 2 warps ran W1's decode attention alone 1.07x
+# faster (W2's 1.04x) but with the fused write they take 154 registers a thread, 6 programs an SM, and W1 measured
+# equal end to end. Capped at 96 (session 22) an SM holds 10 (twice the 4-warp launch's 5; sm_90, no spills,
+# recipes/bench/kernel_preflight.py): on the H200 W1's steady decode attention took 1.341 against 1.500 ms a forward
+# (-10.6%), W1 157,220 against 155,495 out tok/s (medians of 3: 156,170 against 154,504), 45.5% of roofline
+# (docs/results/bench_w1_h200_s22.md). In bf16 more KV split counts are possible with 64-key tiles, so eager steps
+# and graph replays (padded rows, other split counts) round apart more often (session 19: 3 of 40 sequences against
+# 2). Head dims past 64 and fp32 keep the 4-warp launch. The default since session 22; variant
+# ``ours_async_decode_4warps`` runs the old launch. Read when an engine is built.
+DECODE_WARPS = 2
+# The register cap of those small decode programs; 0: none (variant ``ours_async_decode_2warps``, session 19's launch).
+DECODE_WARPS_MAXNREG = 96
 # Decode launches of the Triton kernel that do not split their KV range run one program per sequence and group of this
 # many kv heads (all of them where it does not divide the kv heads; ``paged_attention(heads_per_program=)``,
 # ``_paged_decode_heads_kernel``) instead of one per (sequence, kv head); 0: off. The default launch read W1's and
@@ -262,6 +263,7 @@ def triton_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: 
                            meta.max_query_len, scale, window, softcap, sinks=sinks,
                            split_counters=meta.split_counters, new_kv=new_kv, order=meta.order,
                            maxnreg=meta.maxnreg, q_blocks=meta.q_blocks, decode_warps=meta.decode_warps,
+                           decode_warps_maxnreg=meta.decode_warps_maxnreg,
                            heads_per_program=meta.heads_per_program, new_kv_direct=meta.new_kv_direct)
 
 

@@ -148,9 +148,9 @@ class ModelRunner:
         # decode launches of the Triton kernel: longest context first, a register cap (read once, like fused_write)
         self.longest_first = self.backend == "triton" and attention.DECODE_LONGEST_FIRST
         self.host_order = HOST_DECODE_ORDER
+        self.decode_maxnreg = attention.DECODE_MAXNREG if self.backend == "triton" else 0
         self.decode_warps = attention.DECODE_WARPS if self.backend == "triton" else 0
-        cap = attention.DECODE_WARPS_MAXNREG if self.decode_warps else attention.DECODE_MAXNREG
-        self.decode_maxnreg = cap if self.backend == "triton" else 0
+        self.decode_warps_maxnreg = attention.DECODE_WARPS_MAXNREG if self.decode_warps else 0
         self.decode_heads = attention.DECODE_HEADS_PER_PROGRAM if self.backend == "triton" else 0
         self.new_kv_direct = self.ctx.fused_write and attention.DECODE_NEW_KV_DIRECT
         # The attention kernel's KV-split merge counters: this runner's launches are ordered on one stream and each
@@ -551,6 +551,7 @@ class ModelRunner:
             order=self._decode_order(buf, lay, seq_lens, lo, hi) if decode and self.longest_first else None,
             maxnreg=self.decode_maxnreg if decode else 0,
             decode_warps=self.decode_warps if decode else 0,
+            decode_warps_maxnreg=self.decode_warps_maxnreg if decode else 0,
             heads_per_program=self.decode_heads if decode else 0,
             new_kv_direct=self.new_kv_direct and decode,
             q_blocks=(seg("qb_seq"), seg("qb_blk"), self._flat_block_q) if "qb_seq" in lay.offsets else None,

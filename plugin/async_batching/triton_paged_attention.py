@@ -569,6 +569,7 @@ def paged_attention(
     maxnreg: int = 0,
     q_blocks: Optional[tuple[torch.Tensor, torch.Tensor, int]] = None,
     decode_warps: int = 0,
+    decode_warps_maxnreg: int = 0,
     heads_per_program: int = 0,
     new_kv_direct: bool = False,
 ) -> torch.Tensor:
@@ -588,9 +589,9 @@ def paged_attention(
     ``maxnreg``: a register cap for ptxas on decode launches at head dims up to 64 (``attention.DECODE_MAXNREG``; at
     128 a decode launch is bound by shared memory and the cap is ignored).
     ``decode_warps``: warps of a decode program at 16-bit head dims up to 64 (``attention.DECODE_WARPS``); 0 keeps the
-    kernel's 4 warps over 128-key tiles. 2 and 1 take 64-key tiles; ``maxnreg`` caps them too where given
-    (``attention.DECODE_WARPS_MAXNREG``: W1's 2-warp program with the fused write compiles to 96 registers without
-    spills on sm_90).
+    kernel's 4 warps over 128-key tiles. 2 and 1 take 64-key tiles, capped at ``decode_warps_maxnreg`` registers where
+    given (``attention.DECODE_WARPS_MAXNREG``: W1's 2-warp program with the fused write compiles to 96 without spills
+    on sm_90), not at ``maxnreg``, which caps the launches that keep the kernel's own tile (fp32, head dims past 64).
     ``new_kv_direct``: a decode launch with ``new_kv`` at a head dim up to 64 that does not split its KV range and has
     no window reads the new token's K and V from ``new_kv`` itself, not from the cache it writes them to
     (``NEW_KV_DIRECT``: no barrier behind the write; the same values).
@@ -658,10 +659,11 @@ def paged_attention(
         # (session 8, docs/results/attention_tuning_h200.md).
         if max_query_len == 1 and head_dim_pad <= 128 and _smem_per_block(q.device) >= 2 * 2 * 128 * head_dim_pad * 2 + 8192:
             tile_n = 128
-    # Decode at head dims up to 64 with small programs (``decode_warps``; attention.DECODE_WARPS, off): short contexts
-    # are a few key tiles a program, so a launch's speed is how many programs an SM keeps in flight. 2 warps and
-    # 64-key tiles ran W1's decode shape 1.07x faster than 4 warps and 128 keys on an H200, W7's head dim 128 0.95x
-    # (session 19, attention_tuning_h200.md); end to end W1 measured equal.
+    # Decode at head dims up to 64 with small programs (``decode_warps``; attention.DECODE_WARPS, 2 by default since
+    # session 22): short contexts are a few key tiles a program, so a launch's speed is how many programs an SM keeps
+    # in flight. 2 warps and 64-key tiles ran W1's decode shape 1.07x faster than 4 warps and 128 keys on an H200,
+    # W7's head dim 128 0.95x (session 19, attention_tuning_h200.md); capped at 96 registers (10 programs an SM), W1's
+    # steady decode attention in the engine 1.12x (session 22).
     small_decode = bool(decode_warps) and max_query_len == 1 and head_dim_pad <= 64 and q.element_size() == 2
     if small_decode:
         tile_n, num_warps = 64, decode_warps
@@ -673,7 +675,7 @@ def paged_attention(
     num_q_blocks = triton.cdiv(max_query_len, block_q)
 
     num_kv_splits = TUNING.get("num_kv_splits", num_kv_splits) if TUNING else num_kv_splits
-    maxnreg = maxnreg if max_query_len == 1 and head_dim_pad <= 64 else 0
+    maxnreg = (decode_warps_maxnreg if small_decode else maxnreg) if max_query_len == 1 and head_dim_pad <= 64 else 0
     maxnreg = TUNING.get("maxnreg", maxnreg) if TUNING else maxnreg  # the sweep's own cap overrides, any launch
     programs = B * num_q_blocks * num_kv_heads
     if q_blocks is not None:

@@ -95,11 +95,9 @@ DECODE_CONFIGS += HEADS[1:]
 # indices (``paged_attention(new_kv_direct=)``, session 21; head dims up to 64). Only with the fused write, i.e. with
 # TUNING_ENGINE_BASE=1 (otherwise the launch writes nothing and the flag is dropped: the default's time).
 NEW_KV = [dict(new_kv_direct=True), dict(new_kv_direct=True, num_stages=3)]
-# the engine's decode cap (model_runner): DECODE_WARPS_MAXNREG for small programs, else DECODE_MAXNREG
-ENGINE_MAXNREG = DECODE_WARPS_MAXNREG if DECODE_WARPS else DECODE_MAXNREG
 DECODE_CONFIGS += NEW_KV
 # TUNING_ENGINE_BASE=1: every decode launch, the "default" row too, as the engine launches it: head-major blocks of 16
-# slots, longest context first, DECODE_MAXNREG and DECODE_WARPS passed as the engine passes them (the kernel applies
+# slots, longest context first, DECODE_MAXNREG, DECODE_WARPS and DECODE_WARPS_MAXNREG passed as the engine passes them (the kernel applies
 # them at head dims up to 64; a row's own keys override these), and with FUSED_DECODE_WRITE the step's K/V written by
 # the launch (since session 19: until then the sweep timed a launch that writes nothing, unlike the engine's). Without
 # it, the rows start from the kernel's plain launch on a token-major cache.
@@ -201,7 +199,8 @@ def build(name, layout=None):
 
     def fn():
         return tpa.paged_attention(q, k, v, m.block_tables, m.seq_lens, m.query_start_loc, m.max_query_len, scale,
-                                   maxnreg=ENGINE_MAXNREG if engine else 0, decode_warps=DECODE_WARPS if engine else 0,
+                                   maxnreg=DECODE_MAXNREG if engine else 0, decode_warps=DECODE_WARPS if engine else 0,
+                                   decode_warps_maxnreg=DECODE_WARPS_MAXNREG if engine else 0,
                                    new_kv=new_kv)
 
     fn.seq_lens = m.seq_lens

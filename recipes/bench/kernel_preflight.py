@@ -155,7 +155,8 @@ def _flat(step, slots_extra=512):
     return step
 
 
-def _attend(step, fused_write=False, sinks=False, window=0, softcap=0.0, longest_first=False, maxnreg=0):
+def _attend(step, fused_write=False, sinks=False, window=0, softcap=0.0, longest_first=False, maxnreg=0,
+            decode_warps=0, decode_warps_maxnreg=0):
     q, k, v, kc, vc, meta = step
     tpa.write_kv(k, v, kc, vc, meta.slot_mapping) if not fused_write else None
     tpa.paged_attention(q, kc, vc, meta.block_tables, meta.seq_lens, meta.query_start_loc, meta.max_query_len, 0.125,
@@ -163,6 +164,7 @@ def _attend(step, fused_write=False, sinks=False, window=0, softcap=0.0, longest
                         sinks=torch.zeros(q.shape[1], dtype=torch.float32) if sinks else None,
                         new_kv=(k, v, meta.slot_mapping) if fused_write else None,
                         order=decode_order(meta.seq_lens) if longest_first else None, maxnreg=maxnreg,
+                        decode_warps=decode_warps, decode_warps_maxnreg=decode_warps_maxnreg,
                         q_blocks=meta.q_blocks)
 
 
@@ -185,20 +187,20 @@ def cases():
     yield "W1 decode, blocks of 64", {}, lambda: _attend(_step(*dec(512, 400), **w1, dtype=bf16, block_size=64))
     yield "W1 decode, one_loop", {"one_loop": True}, lambda: _attend(_step(*dec(512, 400), **w1, dtype=bf16))
     yield "W1 decode as the engine launches it", {}, lambda: _attend(
+        _step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True, longest_first=True, maxnreg=96,
+        decode_warps=2, decode_warps_maxnreg=96)
+    yield "W1 decode, 4 warps capped at 96 (the engine's launch until session 22)", {}, lambda: _attend(
         _step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True, longest_first=True, maxnreg=96)
+    yield "W1 decode, 4 warps, new K/V read directly", {"new_kv_direct": True}, lambda: _attend(
+        _step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True, longest_first=True, maxnreg=96)
+    two_warps = {"tile_n": 64, "num_warps": 2, "maxnreg": 0}  # attention.DECODE_WARPS=2 uncapped (session 19)
+    for cap in (0, 128):  # the engine's cap is 96 (its row above)
+        name = f"capped at {cap}" if cap else "uncapped"
+        yield f"W1 decode, 2 warps {name}", {**two_warps, "maxnreg": cap}, lambda: _attend(
+            _step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True, longest_first=True)
     yield "W1 decode as the engine, new K/V read directly", {"new_kv_direct": True}, lambda: _attend(
-        _step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True, longest_first=True, maxnreg=96)
-    two_warps = {"tile_n": 64, "num_warps": 2, "maxnreg": 0}  # attention.DECODE_WARPS=2's launch
-    yield "W1 decode as the engine, 2 warps", two_warps, lambda: _attend(
-        _step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True, longest_first=True)
-    yield "W1 decode as the engine, 2 warps, new K/V read directly", {**two_warps, "new_kv_direct": True}, lambda: _attend(
-        _step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True, longest_first=True)
-    for cap in (128, 96):
-        yield f"W1 decode as the engine, 2 warps capped at {cap}", {**two_warps, "maxnreg": cap}, lambda: _attend(
-            _step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True, longest_first=True)
-        yield f"W1 decode as the engine, 2 warps capped at {cap}, new K/V read directly", {
-            **two_warps, "maxnreg": cap, "new_kv_direct": True}, lambda: _attend(
-            _step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True, longest_first=True)
+        _step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True, longest_first=True, maxnreg=96,
+        decode_warps=2, decode_warps_maxnreg=96)
     yield "W7 decode as the engine launches it", {}, lambda: _attend(
         _step(*dec(256, 1100), **w7, dtype=bf16, layout="head"), fused_write=True, longest_first=True)
     yield "W7 decode as the engine, new K/V read directly", {"new_kv_direct": True}, lambda: _attend(

@@ -556,14 +556,23 @@ class OursAsyncNoFusedWrite(_OursAsyncBuiltWith):
 
 class OursAsyncDecode2Warps(_OursAsyncBuiltWith):
     """``ours_async`` with the Triton kernel's decode programs at 16-bit head dims up to 64 of 2 warps over 64-key
-    tiles, uncapped (``attention.DECODE_WARPS`` 2), instead of 4 warps over 128 keys capped at ``DECODE_MAXNREG``."""
+    tiles, uncapped (``attention.DECODE_WARPS`` 2, ``DECODE_WARPS_MAXNREG`` 0: session 19's launch), instead of
+    capped at 96 registers (the default since session 22)."""
 
-    patches = {("attention", "DECODE_WARPS"): 2}
+    patches = {("attention", "DECODE_WARPS"): 2, ("attention", "DECODE_WARPS_MAXNREG"): 0}
+
+
+class OursAsyncDecode4Warps(_OursAsyncBuiltWith):
+    """``ours_async`` with the decode launch before session 22: 4 warps over 128-key tiles capped at
+    ``DECODE_MAXNREG`` (``attention.DECODE_WARPS`` 0), not 2 warps over 64 keys capped at ``DECODE_WARPS_MAXNREG``."""
+
+    patches = {("attention", "DECODE_WARPS"): 0}
 
 
 class OursAsyncDecode2WarpsCapped(_OursAsyncBuiltWith):
     """``ours_async`` with 2-warp decode programs over 64-key tiles (``attention.DECODE_WARPS``) capped at 96 registers
-    (``attention.DECODE_WARPS_MAXNREG``): 10 programs an SM on sm_90 against the 4-warp launch's 5."""
+    (``attention.DECODE_WARPS_MAXNREG``): 10 programs an SM on sm_90 against the 4-warp launch's 5 (the default since
+    session 22, which it timed against session 21's)."""
 
     patches = {("attention", "DECODE_WARPS"): 2, ("attention", "DECODE_WARPS_MAXNREG"): 96}
 
@@ -990,6 +999,7 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_no_fused_write": OursAsyncNoFusedWrite,
     "ours_async_decode_2warps": OursAsyncDecode2Warps,
     "ours_async_decode_2warps_capped": OursAsyncDecode2WarpsCapped,
+    "ours_async_decode_4warps": OursAsyncDecode4Warps,
     "ours_async_decode_2warps_capped_direct": OursAsyncDecode2WarpsCappedDirect,
     "ours_async_no_combo_kernels": OursAsyncNoComboKernels,
     "ours_async_token_major": OursAsyncTokenMajor,
