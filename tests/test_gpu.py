@@ -119,22 +119,6 @@ def test_fp32_decode_programs_over_kv_head_groups_match_generate_in_graphs(arch,
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "gpt_oss"])
-def test_fp32_decode_reading_the_new_kv_directly_matches_generate_in_graphs(arch, monkeypatch):
-    """``attention.DECODE_NEW_KV_DIRECT`` (decode launches read the new token's K/V from the step's own, with no
-    barrier behind the fused write; a row's query start taken as its index), in decode graphs with the longest-first
-    order and the register cap, on models with soft-capping and windows (gemma2: its windowed layers keep the barrier
-    path) and sinks (gpt_oss): greedy tokens equal generate's, and the launches took the path."""
-    import async_batching.attention as attention
-    import async_batching.triton_paged_attention as tpa
-
-    monkeypatch.setattr(attention, "DECODE_NEW_KV_DIRECT", True)
-    monkeypatch.setattr(tpa, "SPLIT_PROGRAMS_PER_SM", 0)  # the test's 4 sequences would split their KV range
-    flags = record_launches(monkeypatch, tpa, "_paged_attention_kernel", flag="NEW_KV_DIRECT")
-    b = _fp32_matches_generate(arch, True)
-    assert b.runner.new_kv_direct and True in flags
-
-
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "gpt_oss"])
 def test_fp32_size_oblivious_compile_matches_generate_in_graphs(arch, monkeypatch):
     """``compiled_layers.SIZE_OBLIVIOUS``: one compiled graph per module serves every size, captured in the decode
     graphs from one row up; greedy tokens equal generate's and compiled decode and prefill stayed on."""

@@ -34,7 +34,6 @@ class AttentionMetadata:
     decode_warps: int = 0  # warps of the Triton kernel's decode programs at head dims <= 64 (DECODE_WARPS), 0: its 4
     decode_warps_maxnreg: int = 0  # those small programs' register cap (DECODE_WARPS_MAXNREG), 0: none
     heads_per_program: int = 0  # decode launches: Triton programs over groups of kv heads (DECODE_HEADS_PER_PROGRAM)
-    new_kv_direct: bool = False  # decode launches with the fused write: the new K/V read from the step's own
     # (seq [N], blk [N], block_q): a flat launch's query blocks (``q_block_table``; prefill graph steps), else None
     q_blocks: Optional[tuple] = None
 
@@ -78,15 +77,15 @@ DECODE_MAXNREG = 96
 # (``paged_attention(decode_warps=)``), capped at DECODE_WARPS_MAXNREG registers; 0: the kernel's 4 warps over
 # 128-key tiles, capped at DECODE_MAXNREG. Short contexts (W1's 64..768 keys) are a few tiles a program, and smaller
 # programs keep more of them in flight an SM. Uncapped (session 19), 2 warps ran W1's decode attention alone 1.07x
-# faster (W2's 1.04x) but with the fused write they take 154 registers a thread, 6 programs an SM, and W1 measured
-# equal end to end. Capped at 96 (session 22) an SM holds 10 (twice the 4-warp launch's 5; sm_90, no spills,
-# recipes/bench/kernel_preflight.py): on the H200 W1's steady decode attention took 1.341 against 1.500 ms a forward
-# (-10.6%), W1 157,220 against 155,495 out tok/s (medians of 3: 156,170 against 154,504), 45.5% of roofline
-# (docs/results/bench_w1_h200_s22.md). In bf16 more KV split counts are possible with 64-key tiles, so eager steps
-# and graph replays (padded rows, other split counts) round apart more often (session 19: 3 of 40 sequences against
-# 2). Head dims past 64 and fp32 keep the 4-warp launch. The default since session 22; variant
-# ``ours_async_decode_4warps`` runs the old launch. Read when an engine is built.
-DECODE_WARPS = 2
+# faster (W2's 1.04x), but with the fused write they take 154 registers a thread, 6 programs an SM, and W1 measured
+# equal end to end. Capped at 96 (session 22) an SM holds 10 (sm_90, no spills, recipes/bench/kernel_preflight.py):
+# on the H200 W1's steady decode attention took 1.341 against 1.500 ms a profiled forward, yet end to end W1 gained
+# 1.1% by medians of 3 in two calls (156,170 against 154,504; 159,815 against 158,063 out tok/s: inside the spread)
+# and W2 lost 1.7% (53,389 against 54,314), and in bf16 eager steps and graph replays parted on 3 of 40 sequences
+# (test_graphs_vs_eager_match_rate_bf16's bound is 2): more KV split counts are possible with 64-key tiles, so
+# replays of padded rows round apart more often. Off (docs/results/bench_w1_w2_w7_h200_s22.md); variants
+# ``ours_async_decode_2warps_capped`` and ``ours_async_decode_2warps`` (uncapped). Read when an engine is built.
+DECODE_WARPS = 0
 # The register cap of those small decode programs; 0: none (variant ``ours_async_decode_2warps``, session 19's launch).
 DECODE_WARPS_MAXNREG = 96
 # Decode launches of the Triton kernel that do not split their KV range run one program per sequence and group of this
@@ -100,16 +99,6 @@ DECODE_WARPS_MAXNREG = 96
 # kv heads (512 programs, fewer than the 660 the GPU holds at once), W1 150,121 against 154,081 out tok/s (medians
 # of 2). Variants ``ours_async_decode_heads2`` / ``_decode_all_heads``. Read when an engine is built.
 DECODE_HEADS_PER_PROGRAM = 0
-# Decode launches with the fused write (FUSED_DECODE_WRITE) at head dims up to 64 (beyond, the peeled last tile
-# costs registers: W7's 255 a thread on sm_90) that do not split their KV range and have no window read
-# the new token's K and V, in their last key tile, from the step's own K/V (``paged_attention(new_kv_direct=)``), not
-# from the cache behind a block barrier that waits for their stores, and take a decode row's query start as its index:
-# a program waits on its sequence, then its length and block-table row, before its first key tile, instead of two
-# more dependent round trips (the query start, then the new K/V ahead of the barrier). A fixed cost of about 300 keys'
-# worth a program (session 20's reading of the decode sweeps) would be partly such waits. The same values (the
-# interpreter's tests, bit for bit). Not yet timed on the GPU: off; variant ``ours_async_decode_new_kv_direct``. Read
-# when an engine is built.
-DECODE_NEW_KV_DIRECT = False
 
 
 def decode_order(seq_lens: torch.Tensor) -> torch.Tensor:
@@ -264,7 +253,7 @@ def triton_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: 
                            split_counters=meta.split_counters, new_kv=new_kv, order=meta.order,
                            maxnreg=meta.maxnreg, q_blocks=meta.q_blocks, decode_warps=meta.decode_warps,
                            decode_warps_maxnreg=meta.decode_warps_maxnreg,
-                           heads_per_program=meta.heads_per_program, new_kv_direct=meta.new_kv_direct)
+                           heads_per_program=meta.heads_per_program)
 
 
 def torch_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int, softcap: float,

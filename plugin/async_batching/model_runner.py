@@ -152,7 +152,6 @@ class ModelRunner:
         self.decode_warps = attention.DECODE_WARPS if self.backend == "triton" else 0
         self.decode_warps_maxnreg = attention.DECODE_WARPS_MAXNREG if self.decode_warps else 0
         self.decode_heads = attention.DECODE_HEADS_PER_PROGRAM if self.backend == "triton" else 0
-        self.new_kv_direct = self.ctx.fused_write and attention.DECODE_NEW_KV_DIRECT
         # The attention kernel's KV-split merge counters: this runner's launches are ordered on one stream and each
         # leaves them at zero, so one buffer serves every step and every captured graph.
         self.split_counters = None
@@ -553,7 +552,6 @@ class ModelRunner:
             decode_warps=self.decode_warps if decode else 0,
             decode_warps_maxnreg=self.decode_warps_maxnreg if decode else 0,
             heads_per_program=self.decode_heads if decode else 0,
-            new_kv_direct=self.new_kv_direct and decode,
             q_blocks=(seg("qb_seq"), seg("qb_blk"), self._flat_block_q) if "qb_seq" in lay.offsets else None,
         )
 

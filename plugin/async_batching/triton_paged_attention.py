@@ -49,15 +49,10 @@ def _attend_tile(q, k_ptr, v_ptr, bt_row, start, hi, q_pos, row_valid, offs_d, d
                  m_i, l_i, acc, qk_scale, softcap, sliding_window,
                  stride_kb, stride_ks, stride_kh, stride_kd,
                  stride_vb, stride_vs, stride_vh, stride_vd,
-                 new_pos, new_k_row, new_v_row,
                  BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, MASKED: tl.constexpr,
-                 USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 SUB_NEW: tl.constexpr):
+                 USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One tile of TILE_N keys from ``start`` into the running softmax state (log2 units: exp2 of scaled logits).
-    MASKED=False: every key of the tile is below ``hi`` and visible to every row (no masks, no masked loads).
-    SUB_NEW (with MASKED): key ``new_pos`` is taken from the step's own K and V (``new_k_row``/``new_v_row``: pointers
-    to its row of this kv head, contiguous over the head dim), whatever the cache holds there yet: the values it is
-    being written with, read in the tile's layout by a load masked to that one key."""
+    MASKED=False: every key of the tile is below ``hi`` and visible to every row (no masks, no masked loads)."""
     offs_n = tl.arange(0, TILE_N)
     k_pos = start + offs_n
     if MASKED:
@@ -73,11 +68,6 @@ def _attend_tile(q, k_ptr, v_ptr, bt_row, start, hi, q_pos, row_valid, offs_d, d
     if MASKED:
         k = tl.load(k_ptr + k_off[None, :] + offs_d[:, None] * stride_kd,
                     mask=k_valid[None, :] & d_valid[:, None], other=0.0)
-        if SUB_NEW:
-            is_new = k_pos == new_pos
-            k_step = tl.load(new_k_row + offs_d[:, None] + k_pos[None, :] * 0, mask=is_new[None, :] & d_valid[:, None],
-                             other=0.0)
-            k = tl.where(is_new[None, :], k_step.to(k.dtype), k)
     else:
         k = tl.load(k_ptr + k_off[None, :] + offs_d[:, None] * stride_kd, mask=d_valid[:, None], other=0.0)
     s = tl.dot(q, k, input_precision=DOT_PRECISION)
@@ -99,10 +89,6 @@ def _attend_tile(q, k_ptr, v_ptr, bt_row, start, hi, q_pos, row_valid, offs_d, d
     if MASKED:
         v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :] * stride_vd,
                     mask=k_valid[:, None] & d_valid[None, :], other=0.0)
-        if SUB_NEW:
-            v_step = tl.load(new_v_row + k_pos[:, None] * 0 + offs_d[None, :], mask=is_new[:, None] & d_valid[None, :],
-                             other=0.0)
-            v = tl.where(is_new[:, None], v_step.to(v.dtype), v)
     else:
         v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :] * stride_vd, mask=d_valid[None, :], other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -161,7 +147,6 @@ def _paged_attention_kernel(
     ONE_LOOP: tl.constexpr = False,
     HEAVY_FIRST: tl.constexpr = False,
     FLAT: tl.constexpr = False,
-    NEW_KV_DIRECT: tl.constexpr = False,
 ):
     """Attention of BLOCK_Q queries x G heads (one kv head) of one sequence over one KV split.
 
@@ -180,13 +165,7 @@ def _paged_attention_kernel(
     FLAT (prefill graphs): grid (query-block slots, kv heads), one split; slot i is query block ``qb_blk[i]`` of
     sequence ``qb_seq[i]``, staged by the host, and a slot whose sequence is -1 has nothing to do. The grid depends only
     on the slots' count, not on the step's sequences or its longest query, so a CUDA graph captured once serves any
-    step that fits (``ModelRunner``'s prefill graphs).
-    NEW_KV_DIRECT (with WRITE_NEW; a decode launch of one split and no window, which the host checks): sequence i's one
-    query is row i (no query-start loads), its keys are [0, seq_len), and the new token's K and V are read in the last
-    key tile (through the masked path, also when it is whole: the same values) from the step's own K/V, not from the
-    cache, so no barrier waits for the stores before the loads. What a program waits on before its first key tile:
-    its sequence (the order), then its length and block-table row together, instead of a further round trip for the
-    query start and one for the new K/V ahead of the barrier."""
+    step that fits (``ModelRunner``'s prefill graphs)."""
     if FLAT:
         seq = tl.load(qb_seq_ptr + tl.program_id(0))
         if seq < 0:
@@ -215,12 +194,8 @@ def _paged_attention_kernel(
     if USE_ORDER:
         seq = tl.load(order_ptr + seq)
 
-    if NEW_KV_DIRECT:
-        q_start = seq
-        q_len = 1
-    else:
-        q_start = tl.load(query_start_loc_ptr + seq)
-        q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     # The grid is sized for max_query_len; shorter sequences leave programs with nothing to do.
     if q_block * BLOCK_Q >= q_len:
         return
@@ -253,17 +228,9 @@ def _paged_attention_kernel(
         kv_begin = seq_len * 0
     # Splits are TILE_N-aligned chunks of [kv_begin, kv_end); trailing splits may be empty. One split: the whole range.
     chunk = tl.cdiv(tl.cdiv(kv_end - kv_begin, num_splits), TILE_N) * TILE_N
-    if NEW_KV_DIRECT:
-        lo = kv_begin
-        hi = seq_len
-        t_new = q_start.to(tl.int64)
-        _store_new_kv(k_ptr, v_ptr, new_k_ptr, new_v_ptr, t_new, tl.load(slot_ptr + t_new).to(tl.int64), kv_head,
-                      offs_d, d_valid, stride_nkt, stride_nkh, stride_nvt, stride_nvh,
-                      stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd, BLOCK_SIZE)
-    else:
-        lo = kv_begin + split * chunk
-        hi = tl.minimum(lo + chunk, kv_end)
-    if WRITE_NEW and not NEW_KV_DIRECT:
+    lo = kv_begin + split * chunk
+    hi = tl.minimum(lo + chunk, kv_end)
+    if WRITE_NEW:
         if (lo <= seq_len - 1) & (seq_len - 1 < hi):
             t_new = q_start.to(tl.int64)
             _store_new_kv(k_ptr, v_ptr, new_k_ptr, new_v_ptr, t_new, tl.load(slot_ptr + t_new).to(tl.int64), kv_head,
@@ -289,8 +256,6 @@ def _paged_attention_kernel(
     # causal, range or window test, no masked loads). The rest (the diagonal, a split's ragged end, any window) does.
     if USE_WINDOW or ONE_LOOP:
         mid = lo
-    elif NEW_KV_DIRECT:  # the tile holding the new key goes through the masked path, alone
-        mid = (seq_len - 1) // TILE_N * TILE_N
     else:
         mid = lo + tl.maximum(tl.minimum(hi, ctx_start + q_block * BLOCK_Q + 1) - lo, 0) // TILE_N * TILE_N
     for start in range(lo, mid, TILE_N):
@@ -298,24 +263,13 @@ def _paged_attention_kernel(
                                      m_i, l_i, acc, qk_scale, softcap, sliding_window,
                                      stride_kb, stride_ks, stride_kh, stride_kd,
                                      stride_vb, stride_vs, stride_vh, stride_vd,
-                                     -1, new_k_ptr, new_v_ptr,
-                                     BLOCK_SIZE, TILE_N, False, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION, False)
-    if NEW_KV_DIRECT:
-        m_i, l_i, acc = _attend_tile(q, k_ptr, v_ptr, bt_row, mid, hi, q_pos, row_valid, offs_d, d_valid, kv_head,
+                                     BLOCK_SIZE, TILE_N, False, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION)
+    for start in range(mid, hi, TILE_N):
+        m_i, l_i, acc = _attend_tile(q, k_ptr, v_ptr, bt_row, start, hi, q_pos, row_valid, offs_d, d_valid, kv_head,
                                      m_i, l_i, acc, qk_scale, softcap, sliding_window,
                                      stride_kb, stride_ks, stride_kh, stride_kd,
                                      stride_vb, stride_vs, stride_vh, stride_vd,
-                                     seq_len - 1, new_k_ptr + q_start.to(tl.int64) * stride_nkt + kv_head * stride_nkh,
-                                     new_v_ptr + q_start.to(tl.int64) * stride_nvt + kv_head * stride_nvh,
-                                     BLOCK_SIZE, TILE_N, True, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION, True)
-    else:
-        for start in range(mid, hi, TILE_N):
-            m_i, l_i, acc = _attend_tile(q, k_ptr, v_ptr, bt_row, start, hi, q_pos, row_valid, offs_d, d_valid,
-                                         kv_head, m_i, l_i, acc, qk_scale, softcap, sliding_window,
-                                         stride_kb, stride_ks, stride_kh, stride_kd,
-                                         stride_vb, stride_vs, stride_vh, stride_vd,
-                                         -1, new_k_ptr, new_v_ptr,
-                                         BLOCK_SIZE, TILE_N, True, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION, False)
+                                     BLOCK_SIZE, TILE_N, True, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION)
 
     if num_splits == 1:
         # Every valid row saw at least its own key, so l_i > 0 there; the guard only keeps padded rows finite.
@@ -454,8 +408,7 @@ def _paged_decode_heads_kernel(
                                      offs_d, d_valid, kv_head, m_i, l_i, acc, qk_scale, softcap, sliding_window,
                                      stride_kb, stride_ks, stride_kh, stride_kd,
                                      stride_vb, stride_vs, stride_vh, stride_vd,
-                                     -1, new_k_ptr, new_v_ptr,
-                                     BLOCK_SIZE, TILE_N, True, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION, False)
+                                     BLOCK_SIZE, TILE_N, True, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION)
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         tl.store(out_ptr + token * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
                  out.to(out_ptr.dtype.element_ty),
@@ -571,7 +524,6 @@ def paged_attention(
     decode_warps: int = 0,
     decode_warps_maxnreg: int = 0,
     heads_per_program: int = 0,
-    new_kv_direct: bool = False,
 ) -> torch.Tensor:
     """Causal attention of the packed queries ``q`` [T, num_heads, head_dim] over the paged KV cache.
 
@@ -592,9 +544,6 @@ def paged_attention(
     kernel's 4 warps over 128-key tiles. 2 and 1 take 64-key tiles, capped at ``decode_warps_maxnreg`` registers where
     given (``attention.DECODE_WARPS_MAXNREG``: W1's 2-warp program with the fused write compiles to 96 without spills
     on sm_90), not at ``maxnreg``, which caps the launches that keep the kernel's own tile (fp32, head dims past 64).
-    ``new_kv_direct``: a decode launch with ``new_kv`` at a head dim up to 64 that does not split its KV range and has
-    no window reads the new token's K and V from ``new_kv`` itself, not from the cache it writes them to
-    (``NEW_KV_DIRECT``: no barrier behind the write; the same values).
     ``heads_per_program``: 2 or more: a decode launch that would not split its KV range gets one program per
     sequence and group of that many kv heads (all of them where that does not divide the kv heads;
     ``_paged_decode_heads_kernel``) instead of one per (sequence, kv head); the same values.
@@ -659,11 +608,11 @@ def paged_attention(
         # (session 8, docs/results/attention_tuning_h200.md).
         if max_query_len == 1 and head_dim_pad <= 128 and _smem_per_block(q.device) >= 2 * 2 * 128 * head_dim_pad * 2 + 8192:
             tile_n = 128
-    # Decode at head dims up to 64 with small programs (``decode_warps``; attention.DECODE_WARPS, 2 by default since
-    # session 22): short contexts are a few key tiles a program, so a launch's speed is how many programs an SM keeps
-    # in flight. 2 warps and 64-key tiles ran W1's decode shape 1.07x faster than 4 warps and 128 keys on an H200,
-    # W7's head dim 128 0.95x (session 19, attention_tuning_h200.md); capped at 96 registers (10 programs an SM), W1's
-    # steady decode attention in the engine 1.12x (session 22).
+    # Decode at head dims up to 64 with small programs (``decode_warps``; attention.DECODE_WARPS, off): short contexts
+    # are a few key tiles a program, so a launch's speed is how many programs an SM keeps in flight. 2 warps and
+    # 64-key tiles ran W1's decode shape 1.07x faster than 4 warps and 128 keys on an H200, W7's head dim 128 0.95x
+    # (session 19, attention_tuning_h200.md); capped at 96 registers (10 programs an SM), W1's steady decode
+    # attention in the engine 1.12x, end to end inside the spread (session 22).
     small_decode = bool(decode_warps) and max_query_len == 1 and head_dim_pad <= 64 and q.element_size() == 2
     if small_decode:
         tile_n, num_warps = 64, decode_warps
@@ -711,12 +660,6 @@ def paged_attention(
     heads = heads if num_kv_heads % max(heads, 1) == 0 else num_kv_heads
     grouped = heads > 1 and max_query_len == 1 and q_blocks is None and num_splits == 1
     heads_first = bool(TUNING.get("heads_first")) if TUNING else False
-    one_loop = bool(TUNING.get("one_loop")) if TUNING else False
-    new_kv_direct = bool(TUNING.get("new_kv_direct", new_kv_direct)) if TUNING else new_kv_direct
-    # head dims past 64: the new key's tile, peeled out of the loops, loads K and V into registers unpipelined (W7's
-    # head dim 128 on sm_90: 255 registers a thread, 2 programs an SM against 168 and 3; kernel_preflight.py)
-    new_kv_direct = (new_kv_direct and new_kv is not None and num_splits == 1 and not sliding_window and not grouped
-                     and q_blocks is None and not heads_first and not one_loop and head_dim_pad <= 64)
     if order is None and TUNING:  # the sweep's longest-first order, computed once outside timing, or here
         order = TUNING.get("order")
     if order is None and TUNING and TUNING.get("longest_first"):
@@ -766,10 +709,9 @@ def paged_attention(
         BLOCK_M=block_m,
         TILE_N=tile_n,
         HEADS_FIRST=heads_first,
-        ONE_LOOP=one_loop,
+        ONE_LOOP=bool(TUNING.get("one_loop")) if TUNING else False,
         HEAVY_FIRST=bool(TUNING.get("heavy_first")) and q_blocks is None if TUNING else False,
         FLAT=q_blocks is not None,
-        NEW_KV_DIRECT=new_kv_direct,
         **flags,
         **launch,
     )

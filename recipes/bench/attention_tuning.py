@@ -91,11 +91,6 @@ DECODE_CONFIGS += WARPS2
 HEADS = [dict(one_loop=True), dict(heads_per_program=2), dict(heads_per_program=4), dict(heads_per_program=64),
          dict(heads_per_program=64, num_stages=3), dict(heads_per_program=64, tile_n=64, num_warps=2, maxnreg=0)]
 DECODE_CONFIGS += HEADS[1:]
-# Decode: the new token's K/V read from the step's own, no barrier behind the fused write, query starts taken as row
-# indices (``paged_attention(new_kv_direct=)``, session 21; head dims up to 64). Only with the fused write, i.e. with
-# TUNING_ENGINE_BASE=1 (otherwise the launch writes nothing and the flag is dropped: the default's time).
-NEW_KV = [dict(new_kv_direct=True), dict(new_kv_direct=True, num_stages=3)]
-DECODE_CONFIGS += NEW_KV
 # TUNING_ENGINE_BASE=1: every decode launch, the "default" row too, as the engine launches it: head-major blocks of 16
 # slots, longest context first, DECODE_MAXNREG, DECODE_WARPS and DECODE_WARPS_MAXNREG passed as the engine passes them (the kernel applies
 # them at head dims up to 64; a row's own keys override these), and with FUSED_DECODE_WRITE the step's K/V written by
@@ -122,8 +117,6 @@ if os.environ.get("TUNING_WARPS2_ONLY") == "1":  # the default launch against 2-
     DECODE_CONFIGS, PREFILL_CONFIGS = list(WARPS2), []
 if os.environ.get("TUNING_HEADS_ONLY") == "1":  # the default launch against decode programs over kv-head groups alone
     DECODE_CONFIGS, PREFILL_CONFIGS = list(HEADS), []
-if os.environ.get("TUNING_NEW_KV_ONLY") == "1":  # the default launch against the direct new-K/V path alone
-    DECODE_CONFIGS, PREFILL_CONFIGS = list(NEW_KV), []
 if os.environ.get("TUNING_SHAPES"):  # a substring per shape to keep, comma-separated (e.g. "decode")
     SHAPES = {n: v for n, v in SHAPES.items() if any(k in n for k in os.environ["TUNING_SHAPES"].split(","))}
 
@@ -140,9 +133,6 @@ def _label(cfg) -> str:
         rest = {k: v for k, v in cfg.items() if k != "heads_per_program"}
         return (f"{'all' if n >= 64 else n} kv heads a program"
                 + (", " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in rest.items()) if rest else ""))
-    if cfg.get("new_kv_direct"):
-        rest = {k: v for k, v in cfg.items() if k != "new_kv_direct"}
-        return "new K/V direct" + (", " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in rest.items()) if rest else "")
     if cfg.get("one_loop"):
         rest = {k: v for k, v in cfg.items() if k != "one_loop"}
         return "one loop" + (", " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in rest.items()) if rest else "")

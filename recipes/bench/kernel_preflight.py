@@ -187,23 +187,16 @@ def cases():
     yield "W1 decode, blocks of 64", {}, lambda: _attend(_step(*dec(512, 400), **w1, dtype=bf16, block_size=64))
     yield "W1 decode, one_loop", {"one_loop": True}, lambda: _attend(_step(*dec(512, 400), **w1, dtype=bf16))
     yield "W1 decode as the engine launches it", {}, lambda: _attend(
+        _step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True, longest_first=True, maxnreg=96)
+    yield "W1 decode, 2 warps capped at 96 (attention.DECODE_WARPS=2)", {}, lambda: _attend(
         _step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True, longest_first=True, maxnreg=96,
         decode_warps=2, decode_warps_maxnreg=96)
-    yield "W1 decode, 4 warps capped at 96 (the engine's launch until session 22)", {}, lambda: _attend(
-        _step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True, longest_first=True, maxnreg=96)
-    yield "W1 decode, 4 warps, new K/V read directly", {"new_kv_direct": True}, lambda: _attend(
-        _step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True, longest_first=True, maxnreg=96)
     two_warps = {"tile_n": 64, "num_warps": 2, "maxnreg": 0}  # attention.DECODE_WARPS=2 uncapped (session 19)
-    for cap in (0, 128):  # the engine's cap is 96 (its row above)
+    for cap in (0, 128):  # attention.DECODE_WARPS_MAXNREG is 96 (the row above)
         name = f"capped at {cap}" if cap else "uncapped"
         yield f"W1 decode, 2 warps {name}", {**two_warps, "maxnreg": cap}, lambda: _attend(
             _step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True, longest_first=True)
-    yield "W1 decode as the engine, new K/V read directly", {"new_kv_direct": True}, lambda: _attend(
-        _step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True, longest_first=True, maxnreg=96,
-        decode_warps=2, decode_warps_maxnreg=96)
     yield "W7 decode as the engine launches it", {}, lambda: _attend(
-        _step(*dec(256, 1100), **w7, dtype=bf16, layout="head"), fused_write=True, longest_first=True)
-    yield "W7 decode as the engine, new K/V read directly", {"new_kv_direct": True}, lambda: _attend(
         _step(*dec(256, 1100), **w7, dtype=bf16, layout="head"), fused_write=True, longest_first=True)
     yield "W1 decode, all kv heads a program, as the engine", {"heads_per_program": 64}, lambda: _attend(
         _step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True, longest_first=True, maxnreg=96)

@@ -556,31 +556,24 @@ class OursAsyncNoFusedWrite(_OursAsyncBuiltWith):
 
 class OursAsyncDecode2Warps(_OursAsyncBuiltWith):
     """``ours_async`` with the Triton kernel's decode programs at 16-bit head dims up to 64 of 2 warps over 64-key
-    tiles, uncapped (``attention.DECODE_WARPS`` 2, ``DECODE_WARPS_MAXNREG`` 0: session 19's launch), instead of
-    capped at 96 registers (the default since session 22)."""
+    tiles, uncapped (``attention.DECODE_WARPS`` 2, ``DECODE_WARPS_MAXNREG`` 0: session 19's launch), instead of 4
+    warps over 128 keys capped at ``DECODE_MAXNREG``."""
 
     patches = {("attention", "DECODE_WARPS"): 2, ("attention", "DECODE_WARPS_MAXNREG"): 0}
 
 
 class OursAsyncDecode4Warps(_OursAsyncBuiltWith):
-    """``ours_async`` with the decode launch before session 22: 4 warps over 128-key tiles capped at
-    ``DECODE_MAXNREG`` (``attention.DECODE_WARPS`` 0), not 2 warps over 64 keys capped at ``DECODE_WARPS_MAXNREG``."""
+    """``ours_async`` with 4-warp decode programs over 128-key tiles capped at ``DECODE_MAXNREG``
+    (``attention.DECODE_WARPS`` 0: the default; session 22 timed it as the baseline while 2 warps were on)."""
 
     patches = {("attention", "DECODE_WARPS"): 0}
 
 
 class OursAsyncDecode2WarpsCapped(_OursAsyncBuiltWith):
     """``ours_async`` with 2-warp decode programs over 64-key tiles (``attention.DECODE_WARPS``) capped at 96 registers
-    (``attention.DECODE_WARPS_MAXNREG``): 10 programs an SM on sm_90 against the 4-warp launch's 5 (the default since
-    session 22, which it timed against session 21's)."""
+    (``attention.DECODE_WARPS_MAXNREG``): 10 programs an SM on sm_90 against the 4-warp launch's 5."""
 
     patches = {("attention", "DECODE_WARPS"): 2, ("attention", "DECODE_WARPS_MAXNREG"): 96}
-
-
-class OursAsyncDecode2WarpsCappedDirect(_OursAsyncBuiltWith):
-    """``ours_async_decode_2warps_capped`` reading the new K/V directly (``attention.DECODE_NEW_KV_DIRECT``)."""
-
-    patches = {**OursAsyncDecode2WarpsCapped.patches, ("attention", "DECODE_NEW_KV_DIRECT"): True}
 
 
 class OursAsyncDecodeAllHeads(_OursAsyncBuiltWith):
@@ -635,13 +628,6 @@ class OursAsyncDeviceOrder(_OursAsyncBuiltWith):
     19, not staged by the host (``model_runner.HOST_DECODE_ORDER``)."""
 
     patches = {("model_runner", "HOST_DECODE_ORDER"): False}
-
-
-class OursAsyncDecodeNewKvDirect(_OursAsyncBuiltWith):
-    """``ours_async`` with decode launches reading the new token's K/V from the step's own, no barrier behind the
-    fused write, query starts taken as row indices (``attention.DECODE_NEW_KV_DIRECT``)."""
-
-    patches = {("attention", "DECODE_NEW_KV_DIRECT"): True}
 
 
 class OursAsyncTritonArgmax(_OursAsyncBuiltWith):
@@ -988,7 +974,6 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_decode_all_heads": OursAsyncDecodeAllHeads,
     "ours_async_decode_heads2": OursAsyncDecodeHeads2,
     "ours_async_triton_argmax": OursAsyncTritonArgmax,
-    "ours_async_decode_new_kv_direct": OursAsyncDecodeNewKvDirect,
     "ours_async_admit_each": OursAsyncAdmitEach,
     "ours_async_admit_auto": OursAsyncAdmitAuto,
     "ours_async_admit_16": OursAsyncAdmit16,
@@ -1000,7 +985,6 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_decode_2warps": OursAsyncDecode2Warps,
     "ours_async_decode_2warps_capped": OursAsyncDecode2WarpsCapped,
     "ours_async_decode_4warps": OursAsyncDecode4Warps,
-    "ours_async_decode_2warps_capped_direct": OursAsyncDecode2WarpsCappedDirect,
     "ours_async_no_combo_kernels": OursAsyncNoComboKernels,
     "ours_async_token_major": OursAsyncTokenMajor,
     "ours_async_no_prefill_own_compile": OursAsyncNoPrefillOwnCompile,
