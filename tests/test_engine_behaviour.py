@@ -591,7 +591,8 @@ def test_decode_steps_carry_a_longest_first_order_and_the_register_cap_into_atte
     sequences longest context first (a permutation, context lengths non-increasing along it; staged by the host once a
     step, so in decode windows it must still hold for the window's later forwards, whose context lengths the device
     advanced), the caps, the warps and the kv-head groups; prefill steps hold none of them. (The CPU's torch path
-    ignores them, so the tokens still equal generate's; the Triton kernel follows them: tests/test_triton_attention.py.)"""
+    ignores them, so the tokens still equal generate's; the Triton kernel follows them:
+    tests/test_triton_attention.py.)"""
     import async_batching.attention as attention
 
     monkeypatch.setattr(attention, "DECODE_LONGEST_FIRST", True)

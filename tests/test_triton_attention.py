@@ -358,9 +358,9 @@ def test_a_register_cap_leaves_the_attention_unchanged(backend, monkeypatch):
 def test_small_decode_programs_give_the_same_attention_as_their_forced_tile(backend, warps, monkeypatch):
     """``paged_attention(decode_warps=)`` (``attention.DECODE_WARPS``): at 16-bit head dims up to 64 a decode launch
     takes that many warps over 64-key tiles, capped by ``decode_warps_maxnreg`` where given
-    (``attention.DECODE_WARPS_MAXNREG``) and uncapped where not (``maxnreg`` caps the kernel's own launch), and equals both the reference and the sweep's launch forced to that configuration bit for
-    bit, with and without KV splits; fp32 and steps with several queries a sequence keep the kernel's own launch (the
-    same bits as without it)."""
+    (``attention.DECODE_WARPS_MAXNREG``) and uncapped where not (``maxnreg`` caps the kernel's own launch), and equals
+    both the reference and the sweep's launch forced to that configuration bit for bit, with and without KV splits;
+    fp32 and steps with several queries a sequence keep the kernel's own launch (the same bits as without it)."""
     dtype, tol = backend
     for specs in ([(150, 1), (3, 1), (90, 1), (200, 1)], [(150, 150), (3, 1), (90, 40)]):
         args, max_q = make_batch(specs, dtype=dtype, group=4)

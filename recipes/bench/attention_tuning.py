@@ -26,8 +26,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "plugin"))
 sys.path.insert(0, os.path.join(HERE, ".."))
 from async_batching import triton_paged_attention as tpa  # noqa: E402
-from async_batching.attention import (DECODE_MAXNREG, DECODE_WARPS, DECODE_WARPS_MAXNREG, FUSED_DECODE_WRITE,  # noqa: E402
-                                      decode_order)
+from async_batching.attention import (  # noqa: E402
+    DECODE_MAXNREG, DECODE_WARPS, DECODE_WARPS_MAXNREG, FUSED_DECODE_WRITE, decode_order)
 from bench.attention_backends import case  # noqa: E402
 from bench.roofline import graph_ms, time_ms  # noqa: E402
 
@@ -92,10 +92,10 @@ HEADS = [dict(one_loop=True), dict(heads_per_program=2), dict(heads_per_program=
          dict(heads_per_program=64, num_stages=3), dict(heads_per_program=64, tile_n=64, num_warps=2, maxnreg=0)]
 DECODE_CONFIGS += HEADS[1:]
 # TUNING_ENGINE_BASE=1: every decode launch, the "default" row too, as the engine launches it: head-major blocks of 16
-# slots, longest context first, DECODE_MAXNREG, DECODE_WARPS and DECODE_WARPS_MAXNREG passed as the engine passes them (the kernel applies
-# them at head dims up to 64; a row's own keys override these), and with FUSED_DECODE_WRITE the step's K/V written by
-# the launch (since session 19: until then the sweep timed a launch that writes nothing, unlike the engine's). Without
-# it, the rows start from the kernel's plain launch on a token-major cache.
+# slots, longest context first, DECODE_MAXNREG, DECODE_WARPS and DECODE_WARPS_MAXNREG passed as the engine passes
+# them (the kernel applies them at head dims up to 64; a row's own keys override these), and with FUSED_DECODE_WRITE
+# the step's K/V written by the launch (since session 19: until then the sweep timed a launch that writes nothing,
+# unlike the engine's). Without it, the rows start from the kernel's plain launch on a token-major cache.
 ENGINE_BASE = os.environ.get("TUNING_ENGINE_BASE") == "1"
 # Decode: the cache's block size and layout under the default launch, e.g. TUNING_CACHE_LAYOUTS=16,64,head16,head64:
 # N is the engine's [block, slot, kv head, dim] with N slots a block; headN stores each block head-major ([block, kv
