@@ -23,6 +23,7 @@ import pytest  # noqa: E402
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
+from async_batching import attention  # noqa: E402
 from async_batching import triton_paged_attention as tpa  # noqa: E402
 from engine_helpers import record_launches  # noqa: E402
 
@@ -325,6 +326,16 @@ def test_the_engines_adapter_hands_the_kernel_the_steps_order_and_register_cap(b
                                     max_query_len=max_q, order=decode_order(args["seq_lens"]), heads_per_program=2)
         out = triton_paged_attention(args["q"], args["k_cache"], args["v_cache"], grouped, 0.2, 0, 0.0)
     assert launched == [(5, args["k_cache"].shape[2] // 2)]
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    # ``AttentionMetadata.heads_first`` (attention.DECODE_HEADS_FIRST): the grid puts a sequence's kv heads first
+    with pytest.MonkeyPatch.context() as mp:
+        launched = record_launches(mp, tpa, "_paged_attention_kernel")
+        mp.setattr(tpa, "_auto_num_splits", lambda *a, **k: 1)
+        first = AttentionMetadata(slot_mapping=None, query_start_loc=args["query_start_loc"],
+                                  seq_lens=args["seq_lens"], block_tables=args["block_tables"],
+                                  max_query_len=max_q, order=decode_order(args["seq_lens"]), heads_first=True)
+        out = triton_paged_attention(args["q"], args["k_cache"], args["v_cache"], first, 0.2, 0, 0.0)
+    assert launched == [(args["k_cache"].shape[2], 5, 1)]
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
 
 
@@ -707,12 +718,16 @@ def test_write_kv_puts_each_token_in_its_slot_and_leaves_the_rest(backend, kv_he
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("splits,window,head_dim", [(0, 0, 32), (1, 0, 80), (2, 0, 32), (4, 5, 32), (4, 0, 64)])
-def test_decode_launch_writing_its_own_kv_equals_write_kv_then_attention(backend, splits, window, head_dim):
+@pytest.mark.parametrize("splits,window,head_dim,heads_first", [(0, 0, 32, False), (1, 0, 80, False), (2, 0, 32, False),
+                                                                (4, 5, 32, False), (4, 0, 64, False), (1, 0, 64, True),
+                                                                (2, 0, 32, True)])
+def test_decode_launch_writing_its_own_kv_equals_write_kv_then_attention(backend, splits, window, head_dim,
+                                                                         heads_first):
     """``new_kv``: the decode launch stores each sequence's new K/V (at the slot of its last position) itself before
     attending. Output and both caches equal ``write_kv`` followed by the plain launch, bit for bit, with KV splits
     (only the split holding the last position writes) and a sliding window; K/V come as the strided [T, heads, dim]
-    views of [1, heads, T, dim] that the attention function receives."""
+    views of [1, heads, T, dim] that the attention function receives. ``heads_first`` (attention.DECODE_HEADS_FIRST,
+    the fused launch's grid with a sequence's kv heads side by side, under a longest-first order) changes neither."""
     dtype, _ = backend
     specs = [(1, 1), (9, 1), (16, 1), (17, 1), (70, 1), (130, 1)]
     args, _ = make_batch(specs, dtype=dtype, head_dim=head_dim, block_size=16, seed=head_dim + splits)
@@ -731,9 +746,11 @@ def test_decode_launch_writing_its_own_kv_equals_write_kv_then_attention(backend
         kc, vc = args["k_cache"].clone(), args["v_cache"].clone()
         if not fused:
             tpa.write_kv(k, v, kc, vc, slots)
+        order = attention.decode_order(args["seq_lens"]) if fused and heads_first else None
         out = tpa.paged_attention(args["q"], kc, vc, args["block_tables"], args["seq_lens"],
                                   args["query_start_loc"], 1, scale, sliding_window=window, num_kv_splits=splits,
-                                  new_kv=(k, v, slots) if fused else None)
+                                  new_kv=(k, v, slots) if fused else None, order=order,
+                                  heads_first=fused and heads_first)
         runs.append((out, kc, vc))
     (want, want_k, want_v), (got, got_k, got_v) = runs
     assert not got.isnan().any()

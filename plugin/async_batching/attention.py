@@ -34,6 +34,7 @@ class AttentionMetadata:
     decode_warps: int = 0  # warps of the Triton kernel's decode programs at head dims <= 64 (DECODE_WARPS), 0: its 4
     decode_warps_maxnreg: int = 0  # those small programs' register cap (DECODE_WARPS_MAXNREG), 0: none
     heads_per_program: int = 0  # decode launches: Triton programs over groups of kv heads (DECODE_HEADS_PER_PROGRAM)
+    heads_first: bool = False  # decode launches: a sequence's kv heads side by side in the grid (DECODE_HEADS_FIRST)
     # (seq [N], blk [N], block_q): a flat launch's query blocks (``q_block_table``; prefill graph steps), else None
     q_blocks: Optional[tuple] = None
 
@@ -99,6 +100,14 @@ DECODE_WARPS_MAXNREG = 96
 # kv heads (512 programs, fewer than the 660 the GPU holds at once), W1 150,121 against 154,081 out tok/s (medians
 # of 2). Variants ``ours_async_decode_heads2`` / ``_decode_all_heads``. Read when an engine is built.
 DECODE_HEADS_PER_PROGRAM = 0
+# Decode launches of the Triton kernel with a sequence's kv heads side by side in the grid (``paged_attention(
+# heads_first=)``: grid (kv heads x splits, sequences, 1)) instead of one kv head's sequences after another. With the
+# longest-first order the GPU then starts every (sequence, kv head) program longest context first over the whole
+# launch, not once per kv head (a sawtooth of 3 passes from long to short for W1, 8 for W7), and the programs running
+# together read neighbouring K/V (a block's kv heads sit side by side in head-major blocks). Session 10's sweep timed
+# the two orders together only with the argsort inside the timed graph. Same values: each program's work is unchanged.
+# Read when an engine is built.
+DECODE_HEADS_FIRST = False
 
 
 def decode_order(seq_lens: torch.Tensor) -> torch.Tensor:
@@ -252,7 +261,7 @@ def triton_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: 
                            meta.max_query_len, scale, window, softcap, sinks=sinks,
                            split_counters=meta.split_counters, new_kv=new_kv, order=meta.order,
                            maxnreg=meta.maxnreg, q_blocks=meta.q_blocks, decode_warps=meta.decode_warps,
-                           decode_warps_maxnreg=meta.decode_warps_maxnreg,
+                           decode_warps_maxnreg=meta.decode_warps_maxnreg, heads_first=meta.heads_first,
                            heads_per_program=meta.heads_per_program)
 
 

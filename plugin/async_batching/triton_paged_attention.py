@@ -524,6 +524,7 @@ def paged_attention(
     decode_warps: int = 0,
     decode_warps_maxnreg: int = 0,
     heads_per_program: int = 0,
+    heads_first: bool = False,
 ) -> torch.Tensor:
     """Causal attention of the packed queries ``q`` [T, num_heads, head_dim] over the paged KV cache.
 
@@ -547,6 +548,9 @@ def paged_attention(
     ``heads_per_program``: 2 or more: a decode launch that would not split its KV range gets one program per
     sequence and group of that many kv heads (all of them where that does not divide the kv heads;
     ``_paged_decode_heads_kernel``) instead of one per (sequence, kv head); the same values.
+    ``heads_first``: a grid of (kv heads x splits, sequences, query blocks), a sequence's kv heads side by side in the
+    order the GPU starts programs, instead of (sequences, query blocks, kv heads x splits) (``attention.
+    DECODE_HEADS_FIRST``); not for flat launches or programs over groups of heads. The same values.
     ``q_blocks``: ``(seq, blk, block_q)``, int32 vectors of one length N and the query tile their table was made for
     (``flat_block_q``; checked): a flat launch of N query-block slots, slot i being query block ``blk[i]`` of sequence
     ``seq[i]``, -1 for an empty slot (``attention.q_block_table`` makes them). Its grid depends on N alone, so a CUDA
@@ -659,7 +663,7 @@ def paged_attention(
     heads = int(TUNING.get("heads_per_program", heads_per_program)) if TUNING else heads_per_program
     heads = heads if num_kv_heads % max(heads, 1) == 0 else num_kv_heads
     grouped = heads > 1 and max_query_len == 1 and q_blocks is None and num_splits == 1
-    heads_first = bool(TUNING.get("heads_first")) if TUNING else False
+    heads_first = bool(TUNING.get("heads_first", heads_first)) if TUNING else heads_first
     if order is None and TUNING:  # the sweep's longest-first order, computed once outside timing, or here
         order = TUNING.get("order")
     if order is None and TUNING and TUNING.get("longest_first"):

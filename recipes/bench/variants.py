@@ -576,6 +576,20 @@ class OursAsyncDecode2WarpsCapped(_OursAsyncBuiltWith):
     patches = {("attention", "DECODE_WARPS"): 2, ("attention", "DECODE_WARPS_MAXNREG"): 96}
 
 
+class OursAsyncDecodeHeadsFirst(_OursAsyncBuiltWith):
+    """``ours_async`` with decode launches whose grid puts a sequence's kv heads side by side
+    (``attention.DECODE_HEADS_FIRST``): with the longest-first order, longest context first over the whole launch."""
+
+    patches = {("attention", "DECODE_HEADS_FIRST"): True}
+
+
+class OursAsyncDecodeHeadsFirst2WarpsCapped(_OursAsyncBuiltWith):
+    """``ours_async_decode_heads_first`` with ``ours_async_decode_2warps_capped``'s small decode programs."""
+
+    patches = {("attention", "DECODE_HEADS_FIRST"): True, ("attention", "DECODE_WARPS"): 2,
+               ("attention", "DECODE_WARPS_MAXNREG"): 96}
+
+
 class OursAsyncDecodeAllHeads(_OursAsyncBuiltWith):
     """``ours_async`` with decode launches of one program per sequence over all its kv heads
     (``attention.DECODE_HEADS_PER_PROGRAM``), where the launch does not split its KV range."""
@@ -972,6 +986,8 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_tokens64k": OursAsyncTokens64k,
     "ours_async_tokens8k": OursAsyncTokens8k,
     "ours_async_decode_all_heads": OursAsyncDecodeAllHeads,
+    "ours_async_decode_heads_first": OursAsyncDecodeHeadsFirst,
+    "ours_async_decode_heads_first_2warps_capped": OursAsyncDecodeHeadsFirst2WarpsCapped,
     "ours_async_decode_heads2": OursAsyncDecodeHeads2,
     "ours_async_triton_argmax": OursAsyncTritonArgmax,
     "ours_async_admit_each": OursAsyncAdmitEach,
