@@ -468,6 +468,43 @@ def _flat_table(args, slots_extra=3):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("group", [3, 5, 4])
+def test_exact_gqa_row_tiles_give_the_same_attention_in_grid_and_flat_launches(backend, group):
+    """``exact_gqa_rows`` (attention.PREFILL_EXACT_GQA_ROWS): a prefill tile of ``target // G`` queries (42 of G = 3
+    in 126 of 128 rows for 16-bit, 5 in 15 of 16 for fp32; powers of two unchanged) gives the reference on prompts of
+    several query blocks, chunks on a context, decode rows and an empty sequence, with and without KV splits; its flat
+    launch (a table made for its tile) equals its grid launch bit for bit, and a table made for the padded tile is
+    refused."""
+    dtype, tol = backend
+    padded, exact = (tpa.flat_block_q(group * 2, 2, 32, dtype, exact=e) for e in (False, True))
+    target = 16 if dtype == torch.float32 else 128
+    assert exact == target // group and padded == target // (1 << (group - 1).bit_length())
+    assert tpa.flat_block_q(9, 3, 64, torch.bfloat16, exact=True) == 42
+    specs = [(150, 150), (3, 1), (90, 40), (0, 0), (70, 70), (12, 12), (41, 1)]
+    args, max_q = make_batch(specs, dtype=dtype, group=group, extra_rows=5)
+    ref = paged_attention_reference(**args, max_query_len=max_q, scale=0.2)
+    n = int(args["query_start_loc"][-1])
+    grid = {}
+    for splits in (1, 2):
+        grid[splits] = torch.full(args["q"].shape, float("nan"), dtype=dtype, device=DEVICE)
+        tpa.paged_attention(**args, max_query_len=max_q, scale=0.2, out=grid[splits], num_kv_splits=splits,
+                            exact_gqa_rows=True)
+        torch.testing.assert_close(grid[splits][:n].float(), ref[:n].float(), atol=tol, rtol=tol)
+    from async_batching.attention import q_block_table
+
+    q_lens = (args["query_start_loc"][1:] - args["query_start_loc"][:-1]).tolist()
+    seq, blk = q_block_table(q_lens, exact, sum(-(-ql // exact) for ql in q_lens) + 3)
+    qb = (torch.from_numpy(seq).to(DEVICE), torch.from_numpy(blk).to(DEVICE), exact)
+    out = torch.full(args["q"].shape, float("nan"), dtype=dtype, device=DEVICE)
+    tpa.paged_attention(**args, max_query_len=1, scale=0.2, out=out, q_blocks=qb, exact_gqa_rows=True)
+    assert torch.equal(out[:n], grid[1][:n]) and out[n:].isnan().all()
+    if exact != padded:
+        with pytest.raises(ValueError, match=f"a table of {padded}-query blocks for a launch whose query tile is"):
+            tpa.paged_attention(**args, max_query_len=1, scale=0.2, out=out, q_blocks=(qb[0], qb[1], padded),
+                                exact_gqa_rows=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("group", [1, 3, 4])
 def test_a_flat_launch_equals_the_grid_launch_bit_for_bit_and_leaves_padded_rows_untouched(backend, group):
     """A flat launch (``q_blocks``: one program per query block from a host-made table, -1 slots empty) does each

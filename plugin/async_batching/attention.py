@@ -35,6 +35,7 @@ class AttentionMetadata:
     decode_warps_maxnreg: int = 0  # those small programs' register cap (DECODE_WARPS_MAXNREG), 0: none
     heads_per_program: int = 0  # decode launches: Triton programs over groups of kv heads (DECODE_HEADS_PER_PROGRAM)
     heads_first: bool = False  # decode launches: a sequence's kv heads side by side in the grid (DECODE_HEADS_FIRST)
+    exact_gqa_rows: bool = False  # prefill/mixed launches: tiles of exactly G rows a query (PREFILL_EXACT_GQA_ROWS)
     # (seq [N], blk [N], block_q): a flat launch's query blocks (``q_block_table``; prefill graph steps), else None
     q_blocks: Optional[tuple] = None
 
@@ -108,6 +109,13 @@ DECODE_HEADS_PER_PROGRAM = 0
 # the two orders together only with the argsort inside the timed graph. Same values: each program's work is unchanged.
 # Read when an engine is built.
 DECODE_HEADS_FIRST = False
+# Prefill and mixed launches of the Triton kernel whose query tile gives each query exactly its G query heads' rows
+# (``paged_attention(exact_gqa_rows=)``): W1's G = 3 fills 126 of a 128-row tile with 42 queries instead of 96 rows
+# with 32 (the 4th row of every query padded), so a prompt takes a quarter fewer programs for the same key tiles. The
+# prefill attention of W1's short prompts ran at about 60 TFLOP/s on the H200 (session 22, the profile's ``early``
+# part), 2.36 of a 16,384-token step's ~10 ms. Powers of two (W2's 4, W7's 2) are unchanged. Same values. Read when
+# an engine is built (the prefill graphs' query-block tables are made for its tile).
+PREFILL_EXACT_GQA_ROWS = False
 
 
 def decode_order(seq_lens: torch.Tensor) -> torch.Tensor:
@@ -262,6 +270,7 @@ def triton_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: 
                            split_counters=meta.split_counters, new_kv=new_kv, order=meta.order,
                            maxnreg=meta.maxnreg, q_blocks=meta.q_blocks, decode_warps=meta.decode_warps,
                            decode_warps_maxnreg=meta.decode_warps_maxnreg, heads_first=meta.heads_first,
+                           exact_gqa_rows=meta.exact_gqa_rows,
                            heads_per_program=meta.heads_per_program)
 
 

@@ -153,6 +153,7 @@ class ModelRunner:
         self.decode_warps_maxnreg = attention.DECODE_WARPS_MAXNREG if self.decode_warps else 0
         self.decode_heads = attention.DECODE_HEADS_PER_PROGRAM if self.backend == "triton" else 0
         self.decode_heads_first = self.backend == "triton" and attention.DECODE_HEADS_FIRST
+        self.exact_gqa_rows = self.backend == "triton" and attention.PREFILL_EXACT_GQA_ROWS
         # The attention kernel's KV-split merge counters: this runner's launches are ordered on one stream and each
         # leaves them at zero, so one buffer serves every step and every captured graph.
         self.split_counters = None
@@ -235,7 +236,7 @@ class ModelRunner:
                             "head dim: %s; query heads: %s)", type(model).__name__, sorted(heads), q_heads)
             else:
                 (kv_heads, head_dim), = heads
-                self._flat_block_q = flat_block_q(q_heads, kv_heads, head_dim, dtype)
+                self._flat_block_q = flat_block_q(q_heads, kv_heads, head_dim, dtype, self.exact_gqa_rows)
         self._running = False
 
     def start(self) -> None:
@@ -554,6 +555,7 @@ class ModelRunner:
             decode_warps_maxnreg=self.decode_warps_maxnreg if decode else 0,
             heads_per_program=self.decode_heads if decode else 0,
             heads_first=self.decode_heads_first and decode,
+            exact_gqa_rows=self.exact_gqa_rows and not decode,
             q_blocks=(seg("qb_seq"), seg("qb_blk"), self._flat_block_q) if "qb_seq" in lay.offsets else None,
         )
 

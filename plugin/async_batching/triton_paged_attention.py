@@ -468,10 +468,16 @@ def _target_rows(max_query_len: int, head_dim: int, dtype: torch.dtype) -> int:
     return target_m
 
 
-def flat_block_q(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-    """Queries per query block of a flat launch (``q_blocks``): a prefill launch's tile, whatever the step's queries."""
+def _gqa_rows(G: int, exact: bool) -> int:
+    """Rows a query takes in a prefill tile: its G query heads, padded to a power of two unless ``exact``."""
+    return G if exact else triton.next_power_of_2(G)
+
+
+def flat_block_q(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, exact: bool = False) -> int:
+    """Queries per query block of a flat launch (``q_blocks``): a prefill launch's tile, whatever the step's queries.
+    ``exact``: the launches' ``exact_gqa_rows``."""
     G = num_heads // num_kv_heads
-    return max(1, _target_rows(1 << 30, head_dim, dtype) // triton.next_power_of_2(G))
+    return max(1, _target_rows(1 << 30, head_dim, dtype) // _gqa_rows(G, exact))
 
 
 def _split_target(device: torch.device) -> int:
@@ -525,6 +531,7 @@ def paged_attention(
     decode_warps_maxnreg: int = 0,
     heads_per_program: int = 0,
     heads_first: bool = False,
+    exact_gqa_rows: bool = False,
 ) -> torch.Tensor:
     """Causal attention of the packed queries ``q`` [T, num_heads, head_dim] over the paged KV cache.
 
@@ -551,6 +558,9 @@ def paged_attention(
     ``heads_first``: a grid of (kv heads x splits, sequences, query blocks), a sequence's kv heads side by side in the
     order the GPU starts programs, instead of (sequences, query blocks, kv heads x splits) (``attention.
     DECODE_HEADS_FIRST``); not for flat launches or programs over groups of heads. The same values.
+    ``exact_gqa_rows``: a prefill or mixed launch's query tile holds ``target // G`` queries of G query heads each,
+    not ``target // next_power_of_2(G)`` (``attention.PREFILL_EXACT_GQA_ROWS``): at G = 3, 42 queries fill 126 of
+    the tile's 128 rows instead of 32 queries 96 of them. The same values; decode launches (one query) are unchanged.
     ``q_blocks``: ``(seq, blk, block_q)``, int32 vectors of one length N and the query tile their table was made for
     (``flat_block_q``; checked): a flat launch of N query-block slots, slot i being query block ``blk[i]`` of sequence
     ``seq[i]``, -1 for an empty slot (``attention.q_block_table`` makes them). Its grid depends on N alone, so a CUDA
@@ -580,14 +590,14 @@ def paged_attention(
     target_m = _target_rows(max_query_len, head_dim, q.dtype)
     if q_blocks is not None:  # the query tile its table was made for (any step length)
         qb_seq, qb_blk, table_block_q = q_blocks
-        block_q = flat_block_q(num_heads, num_kv_heads, head_dim, q.dtype)
+        block_q = flat_block_q(num_heads, num_kv_heads, head_dim, q.dtype, exact_gqa_rows)
         if table_block_q != block_q:
             raise ValueError(f"q_blocks: a table of {table_block_q}-query blocks for a launch whose query tile is "
                              f"{block_q} queries ({num_heads} heads, {num_kv_heads} kv heads, head_dim {head_dim})")
         assert qb_seq.shape == qb_blk.shape and qb_seq.dim() == 1, "q_blocks: two int32 vectors of one length"
         assert not num_kv_splits or num_kv_splits == 1, "a flat launch has one KV split"
     else:
-        block_q = min(triton.next_power_of_2(max_query_len), max(1, target_m // triton.next_power_of_2(G)))
+        block_q = min(triton.next_power_of_2(max_query_len), max(1, target_m // _gqa_rows(G, exact_gqa_rows)))
     block_m = max(16, triton.next_power_of_2(block_q * G))
     tile_n = 32 if head_dim_pad >= 256 else 64
     # fp32: 8 warps from head_dim 128 (4 warps spill there). 16-bit: decode tiles (one query) take 4 warps (keys: below);

@@ -590,6 +590,13 @@ class OursAsyncDecodeHeadsFirst2WarpsCapped(_OursAsyncBuiltWith):
                ("attention", "DECODE_WARPS_MAXNREG"): 96}
 
 
+class OursAsyncExactGqaRows(_OursAsyncBuiltWith):
+    """``ours_async`` with prefill tiles of exactly G rows a query (``attention.PREFILL_EXACT_GQA_ROWS``: W1's G = 3
+    takes 42 queries a 128-row tile, not 32)."""
+
+    patches = {("attention", "PREFILL_EXACT_GQA_ROWS"): True}
+
+
 class OursAsyncDecodeAllHeads(_OursAsyncBuiltWith):
     """``ours_async`` with decode launches of one program per sequence over all its kv heads
     (``attention.DECODE_HEADS_PER_PROGRAM``), where the launch does not split its KV range."""
@@ -987,6 +994,7 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_tokens8k": OursAsyncTokens8k,
     "ours_async_decode_all_heads": OursAsyncDecodeAllHeads,
     "ours_async_decode_heads_first": OursAsyncDecodeHeadsFirst,
+    "ours_async_exact_gqa_rows": OursAsyncExactGqaRows,
     "ours_async_decode_heads_first_2warps_capped": OursAsyncDecodeHeadsFirst2WarpsCapped,
     "ours_async_decode_heads2": OursAsyncDecodeHeads2,
     "ours_async_triton_argmax": OursAsyncTritonArgmax,
