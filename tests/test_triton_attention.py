@@ -796,6 +796,54 @@ def test_decode_launch_writing_its_own_kv_equals_write_kv_then_attention(backend
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("splits,window,softcap,with_sinks,head_dim,group",
+                         [(1, 0, 0.0, False, 32, 2), (2, 0, 0.0, False, 64, 3), (4, 5, 0.0, False, 32, 2),
+                          (1, 0, 30.0, True, 80, 4), (8, 0, 0.0, False, 32, 1)],
+                         ids=["one-split", "two-splits-gqa3", "window", "softcap-sinks-dim80", "eight-splits-mha"])
+def test_decode_launch_adding_the_new_key_from_registers_equals_write_then_attention(backend, splits, window, softcap,
+                                                                                     with_sinks, head_dim, group):
+    """``new_key_last`` (attention.DECODE_NEW_KEY_LAST) with ``new_kv``: no barrier behind the write, the key tiles
+    stop before the last position and its K/V are added from registers. Both caches equal ``write_kv``'s bit for bit;
+    the output equals ``write_kv`` followed by the plain launch within the backend's tolerance (the last logit is a
+    sum of products, not a tile's dot), under KV splits (8: some splits hold only the new key, or nothing), a window,
+    soft-capping and sinks, for contexts of 1 key (only the new one) to several tiles and block boundaries."""
+    dtype, tol = backend
+    specs = [(1, 1), (2, 1), (9, 1), (16, 1), (17, 1), (65, 1), (130, 1), (200, 1)]
+    args, _ = make_batch(specs, dtype=dtype, head_dim=head_dim, block_size=16, group=group, seed=head_dim + splits)
+    kv_heads, heads = args["k_cache"].shape[2], args["q"].shape[1]
+    T = len(specs)
+    g = torch.Generator().manual_seed(11)
+    key = torch.randn(1, kv_heads, T, head_dim, generator=g).to(DEVICE, dtype)
+    value = torch.randn(1, kv_heads, T, head_dim, generator=g).to(DEVICE, dtype)
+    k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)
+    sinks = torch.randn(heads, generator=g).to(DEVICE) if with_sinks else None
+    last = (args["seq_lens"] - 1).long()
+    blocks = args["block_tables"].long().gather(1, (last // 16)[:, None])[:, 0]
+    slots = blocks * 16 + last % 16
+    runs = []
+    for last_in_registers in (False, True):
+        kc, vc = args["k_cache"].clone(), args["v_cache"].clone()
+        if not last_in_registers:
+            tpa.write_kv(k, v, kc, vc, slots)
+        out = tpa.paged_attention(args["q"], kc, vc, args["block_tables"], args["seq_lens"],
+                                  args["query_start_loc"], 1, head_dim ** -0.5, sliding_window=window,
+                                  softcap=softcap, num_kv_splits=splits, sinks=sinks,
+                                  new_kv=(k, v, slots) if last_in_registers else None,
+                                  new_key_last=last_in_registers)
+        runs.append((out, kc, vc))
+    (want, want_k, want_v), (got, got_k, got_v) = runs
+    assert not got.isnan().any()
+    assert torch.equal(got_k.nan_to_num(7.0), want_k.nan_to_num(7.0))
+    assert torch.equal(got_v.nan_to_num(7.0), want_v.nan_to_num(7.0))
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    ref = paged_attention_reference(q=args["q"], k_cache=want_k, v_cache=want_v, block_tables=args["block_tables"],
+                                    seq_lens=args["seq_lens"], query_start_loc=args["query_start_loc"],
+                                    max_query_len=1, scale=head_dim ** -0.5, sliding_window=window, softcap=softcap,
+                                    sinks=sinks)
+    torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("window,softcap,with_sinks,fused,head_dim,kv_heads,per_program",
                          [(0, 0.0, False, False, 32, 3, 3), (0, 0.0, False, True, 64, 3, 3),
                           (20, 0.0, False, True, 32, 4, 2), (0, 30.0, True, False, 80, 4, 4),

@@ -36,6 +36,7 @@ class AttentionMetadata:
     heads_per_program: int = 0  # decode launches: Triton programs over groups of kv heads (DECODE_HEADS_PER_PROGRAM)
     heads_first: bool = False  # decode launches: a sequence's kv heads side by side in the grid (DECODE_HEADS_FIRST)
     exact_gqa_rows: bool = False  # prefill/mixed launches: tiles of exactly G rows a query (PREFILL_EXACT_GQA_ROWS)
+    new_key_last: bool = False  # fused-write decode launches: the last key from registers (DECODE_NEW_KEY_LAST)
     # (seq [N], blk [N], block_q): a flat launch's query blocks (``q_block_table``; prefill graph steps), else None
     q_blocks: Optional[tuple] = None
 
@@ -116,6 +117,16 @@ DECODE_HEADS_FIRST = False
 # part), 2.36 of a 16,384-token step's ~10 ms. Powers of two (W2's 4, W7's 2) are unchanged. Same values. Read when
 # an engine is built (the prefill graphs' query-block tables are made for its tile).
 PREFILL_EXACT_GQA_ROWS = False
+# Decode launches that write their own K/V (FUSED_DECODE_WRITE) without the block barrier behind the write: a
+# program's key tiles stop before the sequence's last position, and the K/V it loaded for the store are added to its
+# softmax state from registers after the tiles (``paged_attention(new_key_last=)``). A program's first K/V loads then
+# wait on its block table only, not on the new K/V's load, the store and the barrier: on the H200 the fused write
+# saved about the separate write kernel's time and no more (sessions 14-18), as if the barrier's wait cost what the
+# launch saved. Session 21's direct path instead peeled the last key tile out of the pipelined loop (-13% on W1). The
+# same values up to rounding (the last key's logit is a sum of products, not part of a tile's dot); the caches get
+# the same bits. The kernel groups over kv heads (DECODE_HEADS_PER_PROGRAM) keep the barrier. Read when an engine is
+# built.
+DECODE_NEW_KEY_LAST = False
 
 
 def decode_order(seq_lens: torch.Tensor) -> torch.Tensor:
@@ -270,7 +281,7 @@ def triton_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: 
                            split_counters=meta.split_counters, new_kv=new_kv, order=meta.order,
                            maxnreg=meta.maxnreg, q_blocks=meta.q_blocks, decode_warps=meta.decode_warps,
                            decode_warps_maxnreg=meta.decode_warps_maxnreg, heads_first=meta.heads_first,
-                           exact_gqa_rows=meta.exact_gqa_rows,
+                           exact_gqa_rows=meta.exact_gqa_rows, new_key_last=meta.new_key_last,
                            heads_per_program=meta.heads_per_program)
 
 

@@ -154,6 +154,7 @@ class ModelRunner:
         self.decode_heads = attention.DECODE_HEADS_PER_PROGRAM if self.backend == "triton" else 0
         self.decode_heads_first = self.backend == "triton" and attention.DECODE_HEADS_FIRST
         self.exact_gqa_rows = self.backend == "triton" and attention.PREFILL_EXACT_GQA_ROWS
+        self.decode_new_key_last = self.backend == "triton" and attention.DECODE_NEW_KEY_LAST
         # The attention kernel's KV-split merge counters: this runner's launches are ordered on one stream and each
         # leaves them at zero, so one buffer serves every step and every captured graph.
         self.split_counters = None
@@ -556,6 +557,7 @@ class ModelRunner:
             heads_per_program=self.decode_heads if decode else 0,
             heads_first=self.decode_heads_first and decode,
             exact_gqa_rows=self.exact_gqa_rows and not decode,
+            new_key_last=self.decode_new_key_last and decode,
             q_blocks=(seg("qb_seq"), seg("qb_blk"), self._flat_block_q) if "qb_seq" in lay.offsets else None,
         )
 

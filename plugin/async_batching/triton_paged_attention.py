@@ -147,6 +147,7 @@ def _paged_attention_kernel(
     ONE_LOOP: tl.constexpr = False,
     HEAVY_FIRST: tl.constexpr = False,
     FLAT: tl.constexpr = False,
+    NEW_KEY_LAST: tl.constexpr = False,
 ):
     """Attention of BLOCK_Q queries x G heads (one kv head) of one sequence over one KV split.
 
@@ -157,6 +158,10 @@ def _paged_attention_kernel(
     position first stores that token's K and V (``new_k``/``new_v`` row ``q_start``, kv head ``kv_head``) at cache slot
     ``slot[q_start]``, then a block barrier makes the stores visible to its own loads: no separate write kernel. No
     other program reads that position (other splits cover earlier keys, other kv heads other heads).
+    NEW_KEY_LAST (with WRITE_NEW): no barrier; the key tiles stop before the last position, whose K and V the program
+    loaded for the store and adds to the softmax state itself after the tiles (one key, in registers). A program's
+    first K/V loads then wait only on its block table, not on the new K/V's load, store and the barrier. The same
+    values up to rounding (the last key's logit is a sum of products, not a tile's dot).
     ONE_LOOP (tuning only): every key tile through the masked loop, one software pipeline over the whole range
     instead of two (a decode program on a short context has 3-4 tiles, and each loop's first loads wait unhidden).
     HEAVY_FIRST (tuning only): the grid's query blocks in reverse, last first. The GPU starts programs in grid order,
@@ -230,14 +235,33 @@ def _paged_attention_kernel(
     chunk = tl.cdiv(tl.cdiv(kv_end - kv_begin, num_splits), TILE_N) * TILE_N
     lo = kv_begin + split * chunk
     hi = tl.minimum(lo + chunk, kv_end)
-    if WRITE_NEW:
-        if (lo <= seq_len - 1) & (seq_len - 1 < hi):
+    has_new = (lo <= seq_len - 1) & (seq_len - 1 < hi)  # this program's range holds the sequence's last position
+    if WRITE_NEW and NEW_KEY_LAST:
+        t_new = q_start.to(tl.int64)
+        k_last = tl.load(new_k_ptr + t_new * stride_nkt + kv_head * stride_nkh + offs_d, mask=d_valid & has_new,
+                         other=0.0)
+        k_last = k_last.to(k_ptr.dtype.element_ty)
+        v_last = tl.load(new_v_ptr + t_new * stride_nvt + kv_head * stride_nvh + offs_d, mask=d_valid & has_new,
+                         other=0.0)
+        v_last = v_last.to(v_ptr.dtype.element_ty)
+        if has_new:
+            slot_new = tl.load(slot_ptr + t_new).to(tl.int64)
+            dst = (slot_new // BLOCK_SIZE) * stride_kb + (slot_new % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
+            tl.store(k_ptr + dst + offs_d * stride_kd, k_last, mask=d_valid)
+            dst_v = (slot_new // BLOCK_SIZE) * stride_vb + (slot_new % BLOCK_SIZE) * stride_vs + kv_head * stride_vh
+            tl.store(v_ptr + dst_v + offs_d * stride_vd, v_last, mask=d_valid)
+        hi_tiles = tl.minimum(hi, seq_len - 1)  # the last key comes after the tiles, from registers
+    elif WRITE_NEW:
+        if has_new:
             t_new = q_start.to(tl.int64)
             _store_new_kv(k_ptr, v_ptr, new_k_ptr, new_v_ptr, t_new, tl.load(slot_ptr + t_new).to(tl.int64), kv_head,
                           offs_d, d_valid, stride_nkt, stride_nkh, stride_nvt, stride_nvh,
                           stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
                           BLOCK_SIZE)
         tl.debug_barrier()
+        hi_tiles = hi
+    else:
+        hi_tiles = hi
 
     # Running max starts finite (not -inf) so a fully masked tile gives exp(-1e30 - -1e30) = 1, not exp(nan);
     # it is far below any real logit, so the first real key rescales the empty state by exp(-huge) = 0.
@@ -257,19 +281,36 @@ def _paged_attention_kernel(
     if USE_WINDOW or ONE_LOOP:
         mid = lo
     else:
-        mid = lo + tl.maximum(tl.minimum(hi, ctx_start + q_block * BLOCK_Q + 1) - lo, 0) // TILE_N * TILE_N
+        mid = lo + tl.maximum(tl.minimum(hi_tiles, ctx_start + q_block * BLOCK_Q + 1) - lo, 0) // TILE_N * TILE_N
     for start in range(lo, mid, TILE_N):
-        m_i, l_i, acc = _attend_tile(q, k_ptr, v_ptr, bt_row, start, hi, q_pos, row_valid, offs_d, d_valid, kv_head,
-                                     m_i, l_i, acc, qk_scale, softcap, sliding_window,
+        m_i, l_i, acc = _attend_tile(q, k_ptr, v_ptr, bt_row, start, hi_tiles, q_pos, row_valid, offs_d, d_valid,
+                                     kv_head, m_i, l_i, acc, qk_scale, softcap, sliding_window,
                                      stride_kb, stride_ks, stride_kh, stride_kd,
                                      stride_vb, stride_vs, stride_vh, stride_vd,
                                      BLOCK_SIZE, TILE_N, False, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION)
-    for start in range(mid, hi, TILE_N):
-        m_i, l_i, acc = _attend_tile(q, k_ptr, v_ptr, bt_row, start, hi, q_pos, row_valid, offs_d, d_valid, kv_head,
-                                     m_i, l_i, acc, qk_scale, softcap, sliding_window,
+    for start in range(mid, hi_tiles, TILE_N):
+        m_i, l_i, acc = _attend_tile(q, k_ptr, v_ptr, bt_row, start, hi_tiles, q_pos, row_valid, offs_d, d_valid,
+                                     kv_head, m_i, l_i, acc, qk_scale, softcap, sliding_window,
                                      stride_kb, stride_ks, stride_kh, stride_kd,
                                      stride_vb, stride_vs, stride_vh, stride_vd,
                                      BLOCK_SIZE, TILE_N, True, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION)
+    if WRITE_NEW and NEW_KEY_LAST:
+        # The last position's key, seen by every row (each row is the sequence's one query, at that position; inside
+        # any window): the tile's online-softmax update for one key. Its weight is rounded to the cache dtype before
+        # weighting V, as a tile's p is before its dot.
+        s_last = tl.sum(q.to(tl.float32) * k_last.to(tl.float32)[None, :], 1)
+        if USE_SOFTCAP:
+            s_last = softcap * _tanh(s_last * (qk_scale / 1.4426950408889634) / softcap) * 1.4426950408889634
+        else:
+            s_last = s_last * qk_scale
+        s_last = tl.where(row_valid & has_new, s_last, float("-inf"))
+        m_new = tl.maximum(m_i, s_last)
+        alpha = tl.exp2(m_i - m_new)
+        p_last = tl.exp2(s_last - m_new)
+        l_i = l_i * alpha + p_last
+        p_w = p_last.to(v_ptr.dtype.element_ty).to(tl.float32)
+        acc = acc * alpha[:, None] + p_w[:, None] * v_last.to(tl.float32)[None, :]
+        m_i = m_new
 
     if num_splits == 1:
         # Every valid row saw at least its own key, so l_i > 0 there; the guard only keeps padded rows finite.
@@ -532,6 +573,7 @@ def paged_attention(
     heads_per_program: int = 0,
     heads_first: bool = False,
     exact_gqa_rows: bool = False,
+    new_key_last: bool = False,
 ) -> torch.Tensor:
     """Causal attention of the packed queries ``q`` [T, num_heads, head_dim] over the paged KV cache.
 
@@ -561,6 +603,9 @@ def paged_attention(
     ``exact_gqa_rows``: a prefill or mixed launch's query tile holds ``target // G`` queries of G query heads each,
     not ``target // next_power_of_2(G)`` (``attention.PREFILL_EXACT_GQA_ROWS``): at G = 3, 42 queries fill 126 of
     the tile's 128 rows instead of 32 queries 96 of them. The same values; decode launches (one query) are unchanged.
+    ``new_key_last`` (with ``new_kv``; ``attention.DECODE_NEW_KEY_LAST``): no barrier after the write; each program's
+    key tiles stop before the last position, whose K/V it adds from registers (the kernel's NEW_KEY_LAST). Equal up
+    to rounding; the caches' contents are the same bits.
     ``q_blocks``: ``(seq, blk, block_q)``, int32 vectors of one length N and the query tile their table was made for
     (``flat_block_q``; checked): a flat launch of N query-block slots, slot i being query block ``blk[i]`` of sequence
     ``seq[i]``, -1 for an empty slot (``attention.q_block_table`` makes them). Its grid depends on N alone, so a CUDA
@@ -726,6 +771,7 @@ def paged_attention(
         ONE_LOOP=bool(TUNING.get("one_loop")) if TUNING else False,
         HEAVY_FIRST=bool(TUNING.get("heavy_first")) and q_blocks is None if TUNING else False,
         FLAT=q_blocks is not None,
+        NEW_KEY_LAST=new_key_last and new_kv is not None,
         **flags,
         **launch,
     )

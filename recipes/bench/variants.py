@@ -597,6 +597,13 @@ class OursAsyncExactGqaRows(_OursAsyncBuiltWith):
     patches = {("attention", "PREFILL_EXACT_GQA_ROWS"): True}
 
 
+class OursAsyncNewKeyLast(_OursAsyncBuiltWith):
+    """``ours_async`` with decode launches that add the new key from registers after their tiles, no barrier behind
+    their K/V write (``attention.DECODE_NEW_KEY_LAST``)."""
+
+    patches = {("attention", "DECODE_NEW_KEY_LAST"): True}
+
+
 class OursAsyncDecodeAllHeads(_OursAsyncBuiltWith):
     """``ours_async`` with decode launches of one program per sequence over all its kv heads
     (``attention.DECODE_HEADS_PER_PROGRAM``), where the launch does not split its KV range."""
@@ -995,6 +1002,7 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_decode_all_heads": OursAsyncDecodeAllHeads,
     "ours_async_decode_heads_first": OursAsyncDecodeHeadsFirst,
     "ours_async_exact_gqa_rows": OursAsyncExactGqaRows,
+    "ours_async_new_key_last": OursAsyncNewKeyLast,
     "ours_async_decode_heads_first_2warps_capped": OursAsyncDecodeHeadsFirst2WarpsCapped,
     "ours_async_decode_heads2": OursAsyncDecodeHeads2,
     "ours_async_triton_argmax": OursAsyncTritonArgmax,
