@@ -844,6 +844,47 @@ def test_decode_launch_adding_the_new_key_from_registers_equals_write_then_atten
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("splits,fused,new_key_last,heads_first",
+                         [(1, False, False, False), (2, True, False, False), (1, True, True, False),
+                          (4, True, True, True), (1, False, False, True)],
+                         ids=["plain", "fused-write-splits", "new-key-last", "all-splits-heads-first", "heads-first"])
+def test_decode_launch_with_lengths_and_tables_in_order_equals_the_plain_launch(backend, splits, fused, new_key_last,
+                                                                                heads_first):
+    """``lens_in_order`` (attention.DECODE_IN_ORDER): with the longest-first order, the context lengths
+    ``seq_lens[order]`` and the block-table rows in that order; each program still attends for sequence ``order[i]``
+    and writes its row. Output and caches equal the launch with lengths and tables in sequence order, bit for bit,
+    with KV splits, the fused write (with and without the new key from registers) and kv heads first; a program given
+    another sequence's table reads that table (the tables are used in grid order)."""
+    from async_batching.attention import decode_order
+
+    dtype, tol = backend
+    specs = [(1, 1), (9, 1), (150, 1), (17, 1), (70, 1), (130, 1), (33, 1)]
+    args, _ = make_batch(specs, dtype=dtype, head_dim=32, block_size=16, group=3, seed=splits)
+    kv_heads, T = args["k_cache"].shape[2], len(specs)
+    g = torch.Generator().manual_seed(5)
+    k = torch.randn(T, kv_heads, 32, generator=g).to(DEVICE, dtype)
+    v = torch.randn(T, kv_heads, 32, generator=g).to(DEVICE, dtype)
+    last = (args["seq_lens"] - 1).long()
+    slots = args["block_tables"].long().gather(1, (last // 16)[:, None])[:, 0] * 16 + last % 16
+    order = decode_order(args["seq_lens"])
+    assert order.tolist() == [2, 5, 4, 6, 3, 1, 0]
+    runs = []
+    for in_order in (False, True):
+        kc, vc = args["k_cache"].clone(), args["v_cache"].clone()
+        tables = args["block_tables"].index_select(0, order) if in_order else args["block_tables"]
+        out = tpa.paged_attention(args["q"], kc, vc, tables, args["seq_lens"], args["query_start_loc"], 1, 0.2,
+                                  num_kv_splits=splits, order=order, new_kv=(k, v, slots) if fused else None,
+                                  new_key_last=new_key_last, heads_first=heads_first,
+                                  lens_in_order=args["seq_lens"].index_select(0, order) if in_order else None)
+        runs.append((out, kc, vc))
+    for a, b in zip(*runs):
+        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+    if not fused:
+        ref = paged_attention_reference(**args, max_query_len=1, scale=0.2)
+        torch.testing.assert_close(runs[1][0].float(), ref.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("window,softcap,with_sinks,fused,head_dim,kv_heads,per_program",
                          [(0, 0.0, False, False, 32, 3, 3), (0, 0.0, False, True, 64, 3, 3),
                           (20, 0.0, False, True, 32, 4, 2), (0, 30.0, True, False, 80, 4, 4),

@@ -37,6 +37,7 @@ class AttentionMetadata:
     heads_first: bool = False  # decode launches: a sequence's kv heads side by side in the grid (DECODE_HEADS_FIRST)
     exact_gqa_rows: bool = False  # prefill/mixed launches: tiles of exactly G rows a query (PREFILL_EXACT_GQA_ROWS)
     new_key_last: bool = False  # fused-write decode launches: the last key from registers (DECODE_NEW_KEY_LAST)
+    lens_in_order: Optional[torch.Tensor] = None  # decode: seq_lens[order], tables in that order (DECODE_IN_ORDER)
     # (seq [N], blk [N], block_q): a flat launch's query blocks (``q_block_table``; prefill graph steps), else None
     q_blocks: Optional[tuple] = None
 
@@ -127,6 +128,14 @@ PREFILL_EXACT_GQA_ROWS = False
 # the same bits. The kernel groups over kv heads (DECODE_HEADS_PER_PROGRAM) keep the barrier. Read when an engine is
 # built.
 DECODE_NEW_KEY_LAST = False
+# Decode launches with the longest-first order whose context lengths and block-table rows come in that order
+# (``AttentionMetadata.lens_in_order``, ``paged_attention(lens_in_order=)``): a program's chain of dependent loads
+# before its first K/V tile was order -> query_start_loc -> (exit test) -> seq_lens -> block table -> K/V, each a
+# trip to memory; in order it is lens and block table at once -> K/V (its query at row = sequence, as in every decode
+# step). A W1 decode launch holds 1,536 short programs (64..768 keys) that start in waves of ~660, so each wave waits
+# out that chain. Two small gathers more a forward (the lengths and the block-table rows in order). Same values.
+# Read when an engine is built.
+DECODE_IN_ORDER = False
 
 
 def decode_order(seq_lens: torch.Tensor) -> torch.Tensor:
@@ -282,6 +291,7 @@ def triton_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: 
                            maxnreg=meta.maxnreg, q_blocks=meta.q_blocks, decode_warps=meta.decode_warps,
                            decode_warps_maxnreg=meta.decode_warps_maxnreg, heads_first=meta.heads_first,
                            exact_gqa_rows=meta.exact_gqa_rows, new_key_last=meta.new_key_last,
+                           lens_in_order=meta.lens_in_order,
                            heads_per_program=meta.heads_per_program)
 
 

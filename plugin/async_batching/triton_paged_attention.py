@@ -115,12 +115,13 @@ def _store_new_kv(k_ptr, v_ptr, new_k_ptr, new_v_ptr, token, slot, kv_head, offs
 # at its first step whose offset had the other alignment, about half a second inside a timed call).
 @triton.jit(do_not_specialize=["num_splits", "stride_nkt", "stride_nkh", "stride_nvt", "stride_nvh"],
             do_not_specialize_on_alignment=["seq_lens_ptr", "query_start_loc_ptr", "sinks_ptr", "order_ptr",
-                                            "new_k_ptr", "new_v_ptr", "slot_ptr", "qb_seq_ptr", "qb_blk_ptr"])
+                                            "new_k_ptr", "new_v_ptr", "slot_ptr", "qb_seq_ptr", "qb_blk_ptr",
+                                            "lens_in_order_ptr"])
 def _paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr,
     part_acc_ptr, part_m_ptr, part_l_ptr, counters_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, sinks_ptr, order_ptr,
-    new_k_ptr, new_v_ptr, slot_ptr, qb_seq_ptr, qb_blk_ptr,
+    new_k_ptr, new_v_ptr, slot_ptr, qb_seq_ptr, qb_blk_ptr, lens_in_order_ptr,
     stride_nkt, stride_nkh, stride_nvt, stride_nvh,
     qk_scale, softcap, sliding_window,
     stride_qt, stride_qh, stride_qd,
@@ -148,6 +149,7 @@ def _paged_attention_kernel(
     HEAVY_FIRST: tl.constexpr = False,
     FLAT: tl.constexpr = False,
     NEW_KEY_LAST: tl.constexpr = False,
+    IN_ORDER: tl.constexpr = False,
 ):
     """Attention of BLOCK_Q queries x G heads (one kv head) of one sequence over one KV split.
 
@@ -162,6 +164,8 @@ def _paged_attention_kernel(
     loaded for the store and adds to the softmax state itself after the tiles (one key, in registers). A program's
     first K/V loads then wait only on its block table, not on the new K/V's load, store and the barrier. The same
     values up to rounding (the last key's logit is a sum of products, not a tile's dot).
+    IN_ORDER (decode launches with USE_ORDER, one query a sequence at row ``seq``): the context lengths
+    (``lens_in_order``) and block-table rows come in the grid's order, so they load at the program's start.
     ONE_LOOP (tuning only): every key tile through the masked loop, one software pipeline over the whole range
     instead of two (a decode program on a short context has 3-4 tiles, and each loop's first loads wait unhidden).
     HEAVY_FIRST (tuning only): the grid's query blocks in reverse, last first. The GPU starts programs in grid order,
@@ -196,15 +200,24 @@ def _paged_attention_kernel(
         num_kv_heads = tl.num_programs(2) // num_splits
     if HEAVY_FIRST:
         q_block = num_q_blocks - 1 - q_block
+    rank = seq  # the sequence's place in the grid
     if USE_ORDER:
         seq = tl.load(order_ptr + seq)
 
-    q_start = tl.load(query_start_loc_ptr + seq)
-    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    # The grid is sized for max_query_len; shorter sequences leave programs with nothing to do.
-    if q_block * BLOCK_Q >= q_len:
-        return
-    seq_len = tl.load(seq_lens_ptr + seq)
+    if IN_ORDER:
+        # A decode launch whose sequence i has its one query at row i, its context length at lens_in_order[rank] and
+        # its block-table row at ``rank``: the range and the first block-table entries load without waiting on the
+        # order, and nothing waits on query_start_loc.
+        q_start = seq
+        q_len = 1
+        seq_len = tl.load(lens_in_order_ptr + rank)
+    else:
+        q_start = tl.load(query_start_loc_ptr + seq)
+        q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+        # The grid is sized for max_query_len; shorter sequences leave programs with nothing to do.
+        if q_block * BLOCK_Q >= q_len:
+            return
+        seq_len = tl.load(seq_lens_ptr + seq)
     ctx_start = seq_len - q_len  # absolute position of the sequence's first query
 
     # Row r of the tile is query (r // G) of this block, query head kv_head * G + r % G.  BLOCK_M may exceed
@@ -275,7 +288,7 @@ def _paged_attention_kernel(
             m_i = tl.load(sinks_ptr + head, mask=row_valid, other=-1.0e30).to(tl.float32) * 1.4426950408889634
             l_i = tl.where(row_valid, 1.0, 0.0)
 
-    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    bt_row = block_tables_ptr + (rank if IN_ORDER else seq).to(tl.int64) * stride_bt
     # Keys up to the block's first query position are visible to every row: whole tiles of them need no mask (no
     # causal, range or window test, no masked loads). The rest (the diagonal, a split's ragged end, any window) does.
     if USE_WINDOW or ONE_LOOP:
@@ -574,6 +587,7 @@ def paged_attention(
     heads_first: bool = False,
     exact_gqa_rows: bool = False,
     new_key_last: bool = False,
+    lens_in_order: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Causal attention of the packed queries ``q`` [T, num_heads, head_dim] over the paged KV cache.
 
@@ -606,6 +620,11 @@ def paged_attention(
     ``new_key_last`` (with ``new_kv``; ``attention.DECODE_NEW_KEY_LAST``): no barrier after the write; each program's
     key tiles stop before the last position, whose K/V it adds from registers (the kernel's NEW_KEY_LAST). Equal up
     to rounding; the caches' contents are the same bits.
+    ``lens_in_order`` (with ``order``; ``attention.DECODE_IN_ORDER``): int32 ``[B]``, the context lengths in the order's
+    order (``seq_lens[order]``), and ``block_tables``' rows in that order too (row i: sequence ``order[i]``'s); a decode
+    launch (``max_query_len == 1``) whose sequence i has its one query at row i (``query_start_loc`` is ``arange``, as
+    in the engine's decode steps; not read). Each program then loads its range and block table at once, not after the
+    order. The same values.
     ``q_blocks``: ``(seq, blk, block_q)``, int32 vectors of one length N and the query tile their table was made for
     (``flat_block_q``; checked): a flat launch of N query-block slots, slot i being query block ``blk[i]`` of sequence
     ``seq[i]``, -1 for an empty slot (``attention.q_block_table`` makes them). Its grid depends on N alone, so a CUDA
@@ -708,6 +727,10 @@ def paged_attention(
     if split_counters is None:
         split_counters = _unused_counters(q.device)
 
+    if lens_in_order is not None:
+        assert order is not None and max_query_len == 1 and q_blocks is None, \
+            "lens_in_order: decode launches with an order only"
+        assert lens_in_order.shape == (B,) and lens_in_order.dtype == torch.int32
     if new_kv is not None:
         new_k, new_v, new_slots = new_kv
         assert max_query_len == 1, "new_kv: decode launches only (one query a sequence)"
@@ -717,7 +740,7 @@ def paged_attention(
         new_k = new_v = new_slots = seq_lens  # never read
     heads = int(TUNING.get("heads_per_program", heads_per_program)) if TUNING else heads_per_program
     heads = heads if num_kv_heads % max(heads, 1) == 0 else num_kv_heads
-    grouped = heads > 1 and max_query_len == 1 and q_blocks is None and num_splits == 1
+    grouped = heads > 1 and max_query_len == 1 and q_blocks is None and num_splits == 1 and lens_in_order is None
     heads_first = bool(TUNING.get("heads_first", heads_first)) if TUNING else heads_first
     if order is None and TUNING:  # the sweep's longest-first order, computed once outside timing, or here
         order = TUNING.get("order")
@@ -757,6 +780,7 @@ def paged_attention(
         part_acc, part_m, part_l, split_counters,
         *tensors,
         qb_seq if q_blocks is not None else seq_lens, qb_blk if q_blocks is not None else seq_lens,
+        lens_in_order if lens_in_order is not None else seq_lens,
         *strides,
         num_heads,
         num_splits,
@@ -772,6 +796,7 @@ def paged_attention(
         HEAVY_FIRST=bool(TUNING.get("heavy_first")) and q_blocks is None if TUNING else False,
         FLAT=q_blocks is not None,
         NEW_KEY_LAST=new_key_last and new_kv is not None,
+        IN_ORDER=lens_in_order is not None,
         **flags,
         **launch,
     )

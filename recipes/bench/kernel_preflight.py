@@ -157,17 +157,20 @@ def _flat(step, slots_extra=512, exact=False):
 
 
 def _attend(step, fused_write=False, sinks=False, window=0, softcap=0.0, longest_first=False, maxnreg=0,
-            decode_warps=0, decode_warps_maxnreg=0, heads_first=False, exact_gqa_rows=False, new_key_last=False):
+            decode_warps=0, decode_warps_maxnreg=0, heads_first=False, exact_gqa_rows=False, new_key_last=False,
+            in_order=False):
     q, k, v, kc, vc, meta = step
+    order = decode_order(meta.seq_lens) if longest_first else None
     tpa.write_kv(k, v, kc, vc, meta.slot_mapping) if not fused_write else None
     tpa.paged_attention(q, kc, vc, meta.block_tables, meta.seq_lens, meta.query_start_loc, meta.max_query_len, 0.125,
                         sliding_window=window, softcap=softcap, split_counters=meta.split_counters,
                         sinks=torch.zeros(q.shape[1], dtype=torch.float32) if sinks else None,
                         new_kv=(k, v, meta.slot_mapping) if fused_write else None,
-                        order=decode_order(meta.seq_lens) if longest_first else None, maxnreg=maxnreg,
+                        order=order, maxnreg=maxnreg,
                         decode_warps=decode_warps, decode_warps_maxnreg=decode_warps_maxnreg,
                         q_blocks=meta.q_blocks, heads_first=heads_first, exact_gqa_rows=exact_gqa_rows,
-                        new_key_last=new_key_last)
+                        new_key_last=new_key_last,
+                        lens_in_order=meta.seq_lens.index_select(0, order) if in_order else None)
 
 
 def cases():
@@ -206,6 +209,9 @@ def cases():
     yield "W1 decode, new key from registers (attention.DECODE_NEW_KEY_LAST)", {}, lambda: _attend(
         _step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True, longest_first=True, maxnreg=96,
         new_key_last=True)
+    yield "W1 decode, lengths and tables in order, new key from registers (attention.DECODE_IN_ORDER)", {}, lambda: (
+        _attend(_step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True, longest_first=True,
+                maxnreg=96, new_key_last=True, in_order=True))
     yield "W7 decode, new key from registers", {}, lambda: _attend(
         _step(*dec(256, 1100), **w7, dtype=bf16, layout="head"), fused_write=True, longest_first=True,
         new_key_last=True)
@@ -275,7 +281,7 @@ def main() -> int:
             short = {k: v for k, v in lkw.items() if k in ("BLOCK_Q", "BLOCK_M", "TILE_N", "BLOCK_SIZE", "ONE_LOOP",
                                                             "HEAVY_FIRST", "WRITE_NEW", "BLOCK_STRIDES", "G", "HEAD_DIM",
                                                             "USE_ORDER", "maxnreg", "HEADS_FIRST",
-                                                            "NEW_KEY_LAST")
+                                                            "NEW_KEY_LAST", "IN_ORDER")
                      and v not in (False,)}
             row = {"launch": name, "kernel": fn.__name__, "constexprs": short,
                    "warps": lkw.get("num_warps"), "stages": lkw.get("num_stages")}

@@ -604,6 +604,20 @@ class OursAsyncNewKeyLast(_OursAsyncBuiltWith):
     patches = {("attention", "DECODE_NEW_KEY_LAST"): True}
 
 
+class OursAsyncDecodeInOrder(_OursAsyncBuiltWith):
+    """``ours_async`` with decode launches whose context lengths and block-table rows come in the longest-first order
+    (``attention.DECODE_IN_ORDER``)."""
+
+    patches = {("attention", "DECODE_IN_ORDER"): True}
+
+
+class OursAsyncDecodeInOrderNewKeyLast(_OursAsyncBuiltWith):
+    """``ours_async_decode_in_order`` with ``ours_async_new_key_last``: the shortest chain of loads before a decode
+    program's first K/V tile."""
+
+    patches = {("attention", "DECODE_IN_ORDER"): True, ("attention", "DECODE_NEW_KEY_LAST"): True}
+
+
 class OursAsyncDecodeAllHeads(_OursAsyncBuiltWith):
     """``ours_async`` with decode launches of one program per sequence over all its kv heads
     (``attention.DECODE_HEADS_PER_PROGRAM``), where the launch does not split its KV range."""
@@ -1003,6 +1017,8 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_decode_heads_first": OursAsyncDecodeHeadsFirst,
     "ours_async_exact_gqa_rows": OursAsyncExactGqaRows,
     "ours_async_new_key_last": OursAsyncNewKeyLast,
+    "ours_async_decode_in_order": OursAsyncDecodeInOrder,
+    "ours_async_decode_in_order_new_key_last": OursAsyncDecodeInOrderNewKeyLast,
     "ours_async_decode_heads_first_2warps_capped": OursAsyncDecodeHeadsFirst2WarpsCapped,
     "ours_async_decode_heads2": OursAsyncDecodeHeads2,
     "ours_async_triton_argmax": OursAsyncTritonArgmax,
