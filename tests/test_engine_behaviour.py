@@ -591,8 +591,9 @@ def test_decode_steps_carry_a_longest_first_order_and_the_register_cap_into_atte
     attention metadata holds its
     sequences longest context first (a permutation, context lengths non-increasing along it; staged by the host once a
     step, so in decode windows it must still hold for the window's later forwards, whose context lengths the device
-    advanced), the caps, the warps, the kv-head groups and the grid order; prefill steps hold none of them, but hold
-    ``PREFILL_EXACT_GQA_ROWS``'s tile, which decode steps do not. (The CPU's torch path
+    advanced), the caps, the warps, the kv-head groups, the grid order and (``DECODE_IN_ORDER``) the lengths and
+    block-table rows in the order; prefill steps hold none of them, but hold ``PREFILL_EXACT_GQA_ROWS``'s tile, which
+    decode steps do not. (The CPU's torch path
     ignores them, so the tokens still equal generate's; the Triton kernel follows them:
     tests/test_triton_attention.py.)"""
     import async_batching.attention as attention
@@ -606,6 +607,7 @@ def test_decode_steps_carry_a_longest_first_order_and_the_register_cap_into_atte
     b.runner.decode_warps_maxnreg, b.runner.decode_heads, b.runner.decode_heads_first = 80, 3, True
     assert not b.runner.exact_gqa_rows
     b.runner.exact_gqa_rows = True  # attention.PREFILL_EXACT_GQA_ROWS: prefill and mixed launches only
+    b.runner.decode_in_order = True  # attention.DECODE_IN_ORDER: lengths and block-table rows in the order
     monkeypatch.setattr(attention, "DECODE_LONGEST_FIRST", False)  # read once: changing it now changes nothing
     seen = {"decode": 0, "prefill": 0, "windowed": 0}
     real = b.runner._metadata
@@ -617,6 +619,9 @@ def test_decode_steps_carry_a_longest_first_order_and_the_register_cap_into_atte
             assert sorted(order) == list(range(len(lens))) and meta.maxnreg == 96 and meta.decode_warps == 2
             assert meta.decode_warps_maxnreg == 80 and meta.heads_per_program == 3 and meta.heads_first
             assert not meta.exact_gqa_rows
+            assert meta.lens_in_order.tolist() == [lens[i] for i in order]
+            rows = b.runner._seg(buf, lay, "seq_rows").tolist()
+            assert torch.equal(meta.block_tables, b.runner.block_table[[rows[i] for i in order]])
             assert all(lens[i] >= lens[j] for i, j in zip(order, order[1:])), (lens, order)
             assert "order" in lay.offsets  # staged by prepare, not sorted on the device
             seen["decode"] += 1
@@ -624,6 +629,7 @@ def test_decode_steps_carry_a_longest_first_order_and_the_register_cap_into_atte
         else:
             assert meta.order is None and meta.maxnreg == meta.decode_warps == meta.heads_per_program == 0
             assert meta.decode_warps_maxnreg == 0 and not meta.heads_first and meta.exact_gqa_rows
+            assert meta.lens_in_order is None
             seen["prefill"] += 1
         return meta
 

@@ -304,10 +304,13 @@ def torch_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: f
     out = q.new_empty(T, H, v_cache.shape[-1])
     starts = meta.query_start_loc.tolist()
     lens = meta.seq_lens.tolist()
+    block_tables = meta.block_tables  # row i: sequence i's, or sequence order[i]'s with lens_in_order
+    if meta.lens_in_order is not None:
+        block_tables = block_tables.index_select(0, torch.argsort(meta.order))
 
     def kv(rows: torch.Tensor, length: int):
         nb = -(-length // bs)
-        tables = meta.block_tables[rows, :nb].long()
+        tables = block_tables[rows, :nb].long()
         k = k_cache[tables].reshape(len(rows), nb * bs, kvh, -1)
         v = v_cache[tables].reshape(len(rows), nb * bs, kvh, -1)
         if kvh != H:
