@@ -86,23 +86,30 @@ def test_fp32_prefill_graphs_match_generate(arch, monkeypatch):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2"])
 @pytest.mark.parametrize("fused_write", [False, True])
-@pytest.mark.parametrize("heads_first", [False, True], ids=["seqs-first", "heads-first"])
-def test_fp32_longest_first_decode_and_register_cap_match_generate_in_graphs(arch, fused_write, heads_first,
-                                                                             monkeypatch):
+@pytest.mark.parametrize("launch", [{}, {"DECODE_HEADS_FIRST": True},
+                                    {"DECODE_IN_ORDER": True, "DECODE_NEW_KEY_LAST": True}],
+                         ids=["seqs-first", "heads-first", "in-order-new-key-last"])
+def test_fp32_longest_first_decode_and_register_cap_match_generate_in_graphs(arch, fused_write, launch, monkeypatch):
     """``attention.DECODE_LONGEST_FIRST`` (the order staged by the host once a decode window and copied into the
     decode graphs; decode windows advance the lengths on the device) with ``DECODE_MAXNREG=96``, with and without the
-    fused write, and with the grid's kv heads first (``DECODE_HEADS_FIRST``) or not: greedy tokens equal generate's."""
+    fused write, and with the grid's kv heads first (``DECODE_HEADS_FIRST``), or the lengths and block tables in the
+    order with the new key added from registers (``DECODE_IN_ORDER``, ``DECODE_NEW_KEY_LAST``; the latter only with
+    the fused write): greedy tokens equal generate's, and the launches took the flags."""
     import async_batching.attention as attention
     import async_batching.triton_paged_attention as tpa
 
     monkeypatch.setattr(attention, "DECODE_LONGEST_FIRST", True)
     monkeypatch.setattr(attention, "DECODE_MAXNREG", 96)
     monkeypatch.setattr(attention, "FUSED_DECODE_WRITE", fused_write)
-    monkeypatch.setattr(attention, "DECODE_HEADS_FIRST", heads_first)
-    flags = record_launches(monkeypatch, tpa, "_paged_attention_kernel", flag="HEADS_FIRST")
+    for name, value in launch.items():
+        monkeypatch.setattr(attention, name, value)
+    flags = {f: record_launches(monkeypatch, tpa, "_paged_attention_kernel", flag=f)
+             for f in ("HEADS_FIRST", "IN_ORDER", "NEW_KEY_LAST")}
     b = _fp32_matches_generate(arch, True)
-    assert b.runner.longest_first and b.runner.decode_maxnreg == 96 and b.runner.decode_heads_first == heads_first
-    assert (True in flags) == heads_first
+    assert b.runner.longest_first and b.runner.decode_maxnreg == 96
+    assert (True in flags["HEADS_FIRST"]) == ("DECODE_HEADS_FIRST" in launch)
+    assert (True in flags["IN_ORDER"]) == ("DECODE_IN_ORDER" in launch)
+    assert (True in flags["NEW_KEY_LAST"]) == ("DECODE_NEW_KEY_LAST" in launch and fused_write)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "gpt_oss"])
