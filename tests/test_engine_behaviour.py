@@ -587,13 +587,10 @@ def test_size_oblivious_tracing_compiles_one_graph_per_module_that_serves_every_
 @pytest.mark.parametrize("window", [1, 3], ids=["one-forward-a-step", "decode-windows"])
 def test_decode_steps_carry_a_longest_first_order_and_the_register_cap_into_attention(model, monkeypatch, window):
     """``attention.DECODE_LONGEST_FIRST``, ``DECODE_MAXNREG``, ``DECODE_WARPS`` with ``DECODE_WARPS_MAXNREG``, and
-    ``DECODE_HEADS_PER_PROGRAM`` and ``DECODE_HEADS_FIRST``, read when the engine is built: each decode forward's
-    attention metadata holds its
+    ``DECODE_HEADS_PER_PROGRAM``, read when the engine is built: each decode forward's attention metadata holds its
     sequences longest context first (a permutation, context lengths non-increasing along it; staged by the host once a
     step, so in decode windows it must still hold for the window's later forwards, whose context lengths the device
-    advanced), the caps, the warps, the kv-head groups, the grid order and (``DECODE_IN_ORDER``) the lengths and
-    block-table rows in the order; prefill steps hold none of them, but hold ``PREFILL_EXACT_GQA_ROWS``'s tile, which
-    decode steps do not. (The CPU's torch path
+    advanced), the caps, the warps and the kv-head groups; prefill steps hold none of them. (The CPU's torch path
     ignores them, so the tokens still equal generate's; the Triton kernel follows them:
     tests/test_triton_attention.py.)"""
     import async_batching.attention as attention
@@ -602,12 +599,9 @@ def test_decode_steps_carry_a_longest_first_order_and_the_register_cap_into_atte
     monkeypatch.setattr(attention, "DECODE_MAXNREG", 96)
     b = ContinuousBatcher(model, max_batch_tokens=64, num_blocks=60, max_num_seqs=8, decode_window=window)
     assert not b.runner.longest_first and b.runner.decode_maxnreg == b.runner.decode_warps == 0  # CPU: torch path
-    assert b.runner.decode_heads == b.runner.decode_warps_maxnreg == 0 and not b.runner.decode_heads_first
+    assert b.runner.decode_heads == b.runner.decode_warps_maxnreg == 0
     b.runner.longest_first, b.runner.decode_maxnreg, b.runner.decode_warps = True, 96, 2  # as the Triton backend reads
-    b.runner.decode_warps_maxnreg, b.runner.decode_heads, b.runner.decode_heads_first = 80, 3, True
-    assert not b.runner.exact_gqa_rows
-    b.runner.exact_gqa_rows = True  # attention.PREFILL_EXACT_GQA_ROWS: prefill and mixed launches only
-    b.runner.decode_in_order = True  # attention.DECODE_IN_ORDER: lengths and block-table rows in the order
+    b.runner.decode_warps_maxnreg, b.runner.decode_heads = 80, 3
     monkeypatch.setattr(attention, "DECODE_LONGEST_FIRST", False)  # read once: changing it now changes nothing
     seen = {"decode": 0, "prefill": 0, "windowed": 0}
     real = b.runner._metadata
@@ -617,19 +611,14 @@ def test_decode_steps_carry_a_longest_first_order_and_the_register_cap_into_atte
         if lay.max_query_len == 1:
             lens, order = meta.seq_lens.tolist(), meta.order.tolist()
             assert sorted(order) == list(range(len(lens))) and meta.maxnreg == 96 and meta.decode_warps == 2
-            assert meta.decode_warps_maxnreg == 80 and meta.heads_per_program == 3 and meta.heads_first
-            assert not meta.exact_gqa_rows
-            assert meta.lens_in_order.tolist() == [lens[i] for i in order]
-            rows = b.runner._seg(buf, lay, "seq_rows").tolist()
-            assert torch.equal(meta.block_tables, b.runner.block_table[[rows[i] for i in order]])
+            assert meta.decode_warps_maxnreg == 80 and meta.heads_per_program == 3
             assert all(lens[i] >= lens[j] for i, j in zip(order, order[1:])), (lens, order)
             assert "order" in lay.offsets  # staged by prepare, not sorted on the device
             seen["decode"] += 1
             seen["windowed"] += lay.window > 1
         else:
             assert meta.order is None and meta.maxnreg == meta.decode_warps == meta.heads_per_program == 0
-            assert meta.decode_warps_maxnreg == 0 and not meta.heads_first and meta.exact_gqa_rows
-            assert meta.lens_in_order is None
+            assert meta.decode_warps_maxnreg == 0
             seen["prefill"] += 1
         return meta
 

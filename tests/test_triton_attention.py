@@ -23,7 +23,6 @@ import pytest  # noqa: E402
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-from async_batching import attention  # noqa: E402
 from async_batching import triton_paged_attention as tpa  # noqa: E402
 from engine_helpers import record_launches  # noqa: E402
 
@@ -327,16 +326,6 @@ def test_the_engines_adapter_hands_the_kernel_the_steps_order_and_register_cap(b
         out = triton_paged_attention(args["q"], args["k_cache"], args["v_cache"], grouped, 0.2, 0, 0.0)
     assert launched == [(5, args["k_cache"].shape[2] // 2)]
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
-    # ``AttentionMetadata.heads_first`` (attention.DECODE_HEADS_FIRST): the grid puts a sequence's kv heads first
-    with pytest.MonkeyPatch.context() as mp:
-        launched = record_launches(mp, tpa, "_paged_attention_kernel")
-        mp.setattr(tpa, "_auto_num_splits", lambda *a, **k: 1)
-        first = AttentionMetadata(slot_mapping=None, query_start_loc=args["query_start_loc"],
-                                  seq_lens=args["seq_lens"], block_tables=args["block_tables"],
-                                  max_query_len=max_q, order=decode_order(args["seq_lens"]), heads_first=True)
-        out = triton_paged_attention(args["q"], args["k_cache"], args["v_cache"], first, 0.2, 0, 0.0)
-    assert launched == [(args["k_cache"].shape[2], 5, 1)]
-    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -465,43 +454,6 @@ def _flat_table(args, slots_extra=3):
     n = sum(-(-ql // bq) for ql in q_lens)
     seq, blk = q_block_table(q_lens, bq, n + slots_extra)
     return torch.from_numpy(seq).to(DEVICE), torch.from_numpy(blk).to(DEVICE), bq
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("group", [3, 5, 4])
-def test_exact_gqa_row_tiles_give_the_same_attention_in_grid_and_flat_launches(backend, group):
-    """``exact_gqa_rows`` (attention.PREFILL_EXACT_GQA_ROWS): a prefill tile of ``target // G`` queries (42 of G = 3
-    in 126 of 128 rows for 16-bit, 5 in 15 of 16 for fp32; powers of two unchanged) gives the reference on prompts of
-    several query blocks, chunks on a context, decode rows and an empty sequence, with and without KV splits; its flat
-    launch (a table made for its tile) equals its grid launch bit for bit, and a table made for the padded tile is
-    refused."""
-    dtype, tol = backend
-    padded, exact = (tpa.flat_block_q(group * 2, 2, 32, dtype, exact=e) for e in (False, True))
-    target = 16 if dtype == torch.float32 else 128
-    assert exact == target // group and padded == target // (1 << (group - 1).bit_length())
-    assert tpa.flat_block_q(9, 3, 64, torch.bfloat16, exact=True) == 42
-    specs = [(150, 150), (3, 1), (90, 40), (0, 0), (70, 70), (12, 12), (41, 1)]
-    args, max_q = make_batch(specs, dtype=dtype, group=group, extra_rows=5)
-    ref = paged_attention_reference(**args, max_query_len=max_q, scale=0.2)
-    n = int(args["query_start_loc"][-1])
-    grid = {}
-    for splits in (1, 2):
-        grid[splits] = torch.full(args["q"].shape, float("nan"), dtype=dtype, device=DEVICE)
-        tpa.paged_attention(**args, max_query_len=max_q, scale=0.2, out=grid[splits], num_kv_splits=splits,
-                            exact_gqa_rows=True)
-        torch.testing.assert_close(grid[splits][:n].float(), ref[:n].float(), atol=tol, rtol=tol)
-    from async_batching.attention import q_block_table
-
-    q_lens = (args["query_start_loc"][1:] - args["query_start_loc"][:-1]).tolist()
-    seq, blk = q_block_table(q_lens, exact, sum(-(-ql // exact) for ql in q_lens) + 3)
-    qb = (torch.from_numpy(seq).to(DEVICE), torch.from_numpy(blk).to(DEVICE), exact)
-    out = torch.full(args["q"].shape, float("nan"), dtype=dtype, device=DEVICE)
-    tpa.paged_attention(**args, max_query_len=1, scale=0.2, out=out, q_blocks=qb, exact_gqa_rows=True)
-    assert torch.equal(out[:n], grid[1][:n]) and out[n:].isnan().all()
-    if exact != padded:
-        with pytest.raises(ValueError, match=f"a table of {padded}-query blocks for a launch whose query tile is"):
-            tpa.paged_attention(**args, max_query_len=1, scale=0.2, out=out, q_blocks=(qb[0], qb[1], padded),
-                                exact_gqa_rows=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -755,16 +707,12 @@ def test_write_kv_puts_each_token_in_its_slot_and_leaves_the_rest(backend, kv_he
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("splits,window,head_dim,heads_first", [(0, 0, 32, False), (1, 0, 80, False), (2, 0, 32, False),
-                                                                (4, 5, 32, False), (4, 0, 64, False), (1, 0, 64, True),
-                                                                (2, 0, 32, True)])
-def test_decode_launch_writing_its_own_kv_equals_write_kv_then_attention(backend, splits, window, head_dim,
-                                                                         heads_first):
+@pytest.mark.parametrize("splits,window,head_dim", [(0, 0, 32), (1, 0, 80), (2, 0, 32), (4, 5, 32), (4, 0, 64)])
+def test_decode_launch_writing_its_own_kv_equals_write_kv_then_attention(backend, splits, window, head_dim):
     """``new_kv``: the decode launch stores each sequence's new K/V (at the slot of its last position) itself before
     attending. Output and both caches equal ``write_kv`` followed by the plain launch, bit for bit, with KV splits
     (only the split holding the last position writes) and a sliding window; K/V come as the strided [T, heads, dim]
-    views of [1, heads, T, dim] that the attention function receives. ``heads_first`` (attention.DECODE_HEADS_FIRST,
-    the fused launch's grid with a sequence's kv heads side by side, under a longest-first order) changes neither."""
+    views of [1, heads, T, dim] that the attention function receives."""
     dtype, _ = backend
     specs = [(1, 1), (9, 1), (16, 1), (17, 1), (70, 1), (130, 1)]
     args, _ = make_batch(specs, dtype=dtype, head_dim=head_dim, block_size=16, seed=head_dim + splits)
@@ -783,105 +731,14 @@ def test_decode_launch_writing_its_own_kv_equals_write_kv_then_attention(backend
         kc, vc = args["k_cache"].clone(), args["v_cache"].clone()
         if not fused:
             tpa.write_kv(k, v, kc, vc, slots)
-        order = attention.decode_order(args["seq_lens"]) if fused and heads_first else None
         out = tpa.paged_attention(args["q"], kc, vc, args["block_tables"], args["seq_lens"],
                                   args["query_start_loc"], 1, scale, sliding_window=window, num_kv_splits=splits,
-                                  new_kv=(k, v, slots) if fused else None, order=order,
-                                  heads_first=fused and heads_first)
+                                  new_kv=(k, v, slots) if fused else None)
         runs.append((out, kc, vc))
     (want, want_k, want_v), (got, got_k, got_v) = runs
     assert not got.isnan().any()
     for a, b in ((got, want), (got_k, want_k), (got_v, want_v)):
         torch.testing.assert_close(a, b, atol=0, rtol=0, equal_nan=True)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("splits,window,softcap,with_sinks,head_dim,group",
-                         [(1, 0, 0.0, False, 32, 2), (2, 0, 0.0, False, 64, 3), (4, 5, 0.0, False, 32, 2),
-                          (1, 0, 30.0, True, 80, 4), (8, 0, 0.0, False, 32, 1)],
-                         ids=["one-split", "two-splits-gqa3", "window", "softcap-sinks-dim80", "eight-splits-mha"])
-def test_decode_launch_adding_the_new_key_from_registers_equals_write_then_attention(backend, splits, window, softcap,
-                                                                                     with_sinks, head_dim, group):
-    """``new_key_last`` (attention.DECODE_NEW_KEY_LAST) with ``new_kv``: no barrier behind the write, the key tiles
-    stop before the last position and its K/V are added from registers. Both caches equal ``write_kv``'s bit for bit;
-    the output equals ``write_kv`` followed by the plain launch within the backend's tolerance (the last logit is a
-    sum of products, not a tile's dot), under KV splits (8: some splits hold only the new key, or nothing), a window,
-    soft-capping and sinks, for contexts of 1 key (only the new one) to several tiles and block boundaries."""
-    dtype, tol = backend
-    specs = [(1, 1), (2, 1), (9, 1), (16, 1), (17, 1), (65, 1), (130, 1), (200, 1)]
-    args, _ = make_batch(specs, dtype=dtype, head_dim=head_dim, block_size=16, group=group, seed=head_dim + splits)
-    kv_heads, heads = args["k_cache"].shape[2], args["q"].shape[1]
-    T = len(specs)
-    g = torch.Generator().manual_seed(11)
-    key = torch.randn(1, kv_heads, T, head_dim, generator=g).to(DEVICE, dtype)
-    value = torch.randn(1, kv_heads, T, head_dim, generator=g).to(DEVICE, dtype)
-    k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)
-    sinks = torch.randn(heads, generator=g).to(DEVICE) if with_sinks else None
-    last = (args["seq_lens"] - 1).long()
-    blocks = args["block_tables"].long().gather(1, (last // 16)[:, None])[:, 0]
-    slots = blocks * 16 + last % 16
-    runs = []
-    for last_in_registers in (False, True):
-        kc, vc = args["k_cache"].clone(), args["v_cache"].clone()
-        if not last_in_registers:
-            tpa.write_kv(k, v, kc, vc, slots)
-        out = tpa.paged_attention(args["q"], kc, vc, args["block_tables"], args["seq_lens"],
-                                  args["query_start_loc"], 1, head_dim ** -0.5, sliding_window=window,
-                                  softcap=softcap, num_kv_splits=splits, sinks=sinks,
-                                  new_kv=(k, v, slots) if last_in_registers else None,
-                                  new_key_last=last_in_registers)
-        runs.append((out, kc, vc))
-    (want, want_k, want_v), (got, got_k, got_v) = runs
-    assert not got.isnan().any()
-    assert torch.equal(got_k.nan_to_num(7.0), want_k.nan_to_num(7.0))
-    assert torch.equal(got_v.nan_to_num(7.0), want_v.nan_to_num(7.0))
-    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
-    ref = paged_attention_reference(q=args["q"], k_cache=want_k, v_cache=want_v, block_tables=args["block_tables"],
-                                    seq_lens=args["seq_lens"], query_start_loc=args["query_start_loc"],
-                                    max_query_len=1, scale=head_dim ** -0.5, sliding_window=window, softcap=softcap,
-                                    sinks=sinks)
-    torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("splits,fused,new_key_last,heads_first",
-                         [(1, False, False, False), (2, True, False, False), (1, True, True, False),
-                          (4, True, True, True), (1, False, False, True)],
-                         ids=["plain", "fused-write-splits", "new-key-last", "all-splits-heads-first", "heads-first"])
-def test_decode_launch_with_lengths_and_tables_in_order_equals_the_plain_launch(backend, splits, fused, new_key_last,
-                                                                                heads_first):
-    """``lens_in_order`` (attention.DECODE_IN_ORDER): with the longest-first order, the context lengths
-    ``seq_lens[order]`` and the block-table rows in that order; each program still attends for sequence ``order[i]``
-    and writes its row. Output and caches equal the launch with lengths and tables in sequence order, bit for bit,
-    with KV splits, the fused write (with and without the new key from registers) and kv heads first; a program given
-    another sequence's table reads that table (the tables are used in grid order)."""
-    from async_batching.attention import decode_order
-
-    dtype, tol = backend
-    specs = [(1, 1), (9, 1), (150, 1), (17, 1), (70, 1), (130, 1), (33, 1)]
-    args, _ = make_batch(specs, dtype=dtype, head_dim=32, block_size=16, group=3, seed=splits)
-    kv_heads, T = args["k_cache"].shape[2], len(specs)
-    g = torch.Generator().manual_seed(5)
-    k = torch.randn(T, kv_heads, 32, generator=g).to(DEVICE, dtype)
-    v = torch.randn(T, kv_heads, 32, generator=g).to(DEVICE, dtype)
-    last = (args["seq_lens"] - 1).long()
-    slots = args["block_tables"].long().gather(1, (last // 16)[:, None])[:, 0] * 16 + last % 16
-    order = decode_order(args["seq_lens"])
-    assert order.tolist() == [2, 5, 4, 6, 3, 1, 0]
-    runs = []
-    for in_order in (False, True):
-        kc, vc = args["k_cache"].clone(), args["v_cache"].clone()
-        tables = args["block_tables"].index_select(0, order) if in_order else args["block_tables"]
-        out = tpa.paged_attention(args["q"], kc, vc, tables, args["seq_lens"], args["query_start_loc"], 1, 0.2,
-                                  num_kv_splits=splits, order=order, new_kv=(k, v, slots) if fused else None,
-                                  new_key_last=new_key_last, heads_first=heads_first,
-                                  lens_in_order=args["seq_lens"].index_select(0, order) if in_order else None)
-        runs.append((out, kc, vc))
-    for a, b in zip(*runs):
-        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
-    if not fused:
-        ref = paged_attention_reference(**args, max_query_len=1, scale=0.2)
-        torch.testing.assert_close(runs[1][0].float(), ref.float(), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

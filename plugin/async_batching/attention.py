@@ -34,10 +34,6 @@ class AttentionMetadata:
     decode_warps: int = 0  # warps of the Triton kernel's decode programs at head dims <= 64 (DECODE_WARPS), 0: its 4
     decode_warps_maxnreg: int = 0  # those small programs' register cap (DECODE_WARPS_MAXNREG), 0: none
     heads_per_program: int = 0  # decode launches: Triton programs over groups of kv heads (DECODE_HEADS_PER_PROGRAM)
-    heads_first: bool = False  # decode launches: a sequence's kv heads side by side in the grid (DECODE_HEADS_FIRST)
-    exact_gqa_rows: bool = False  # prefill/mixed launches: tiles of exactly G rows a query (PREFILL_EXACT_GQA_ROWS)
-    new_key_last: bool = False  # fused-write decode launches: the last key from registers (DECODE_NEW_KEY_LAST)
-    lens_in_order: Optional[torch.Tensor] = None  # decode: seq_lens[order], tables in that order (DECODE_IN_ORDER)
     # (seq [N], blk [N], block_q): a flat launch's query blocks (``q_block_table``; prefill graph steps), else None
     q_blocks: Optional[tuple] = None
 
@@ -103,39 +99,6 @@ DECODE_WARPS_MAXNREG = 96
 # kv heads (512 programs, fewer than the 660 the GPU holds at once), W1 150,121 against 154,081 out tok/s (medians
 # of 2). Variants ``ours_async_decode_heads2`` / ``_decode_all_heads``. Read when an engine is built.
 DECODE_HEADS_PER_PROGRAM = 0
-# Decode launches of the Triton kernel with a sequence's kv heads side by side in the grid (``paged_attention(
-# heads_first=)``: grid (kv heads x splits, sequences, 1)) instead of one kv head's sequences after another. With the
-# longest-first order the GPU then starts every (sequence, kv head) program longest context first over the whole
-# launch, not once per kv head (a sawtooth of 3 passes from long to short for W1, 8 for W7), and the programs running
-# together read neighbouring K/V (a block's kv heads sit side by side in head-major blocks). Session 10's sweep timed
-# the two orders together only with the argsort inside the timed graph. Same values: each program's work is unchanged.
-# Read when an engine is built.
-DECODE_HEADS_FIRST = False
-# Prefill and mixed launches of the Triton kernel whose query tile gives each query exactly its G query heads' rows
-# (``paged_attention(exact_gqa_rows=)``): W1's G = 3 fills 126 of a 128-row tile with 42 queries instead of 96 rows
-# with 32 (the 4th row of every query padded), so a prompt takes a quarter fewer programs for the same key tiles. The
-# prefill attention of W1's short prompts ran at about 60 TFLOP/s on the H200 (session 22, the profile's ``early``
-# part), 2.36 of a 16,384-token step's ~10 ms. Powers of two (W2's 4, W7's 2) are unchanged. Same values. Read when
-# an engine is built (the prefill graphs' query-block tables are made for its tile).
-PREFILL_EXACT_GQA_ROWS = False
-# Decode launches that write their own K/V (FUSED_DECODE_WRITE) without the block barrier behind the write: a
-# program's key tiles stop before the sequence's last position, and the K/V it loaded for the store are added to its
-# softmax state from registers after the tiles (``paged_attention(new_key_last=)``). A program's first K/V loads then
-# wait on its block table only, not on the new K/V's load, the store and the barrier: on the H200 the fused write
-# saved about the separate write kernel's time and no more (sessions 14-18), as if the barrier's wait cost what the
-# launch saved. Session 21's direct path instead peeled the last key tile out of the pipelined loop (-13% on W1). The
-# same values up to rounding (the last key's logit is a sum of products, not part of a tile's dot); the caches get
-# the same bits. The kernel groups over kv heads (DECODE_HEADS_PER_PROGRAM) keep the barrier. Read when an engine is
-# built.
-DECODE_NEW_KEY_LAST = False
-# Decode launches with the longest-first order whose context lengths and block-table rows come in that order
-# (``AttentionMetadata.lens_in_order``, ``paged_attention(lens_in_order=)``): a program's chain of dependent loads
-# before its first K/V tile was order -> query_start_loc -> (exit test) -> seq_lens -> block table -> K/V, each a
-# trip to memory; in order it is lens and block table at once -> K/V (its query at row = sequence, as in every decode
-# step). A W1 decode launch holds 1,536 short programs (64..768 keys) that start in waves of ~660, so each wave waits
-# out that chain. Two small gathers more a forward (the lengths and the block-table rows in order). Same values.
-# Read when an engine is built.
-DECODE_IN_ORDER = False
 
 
 def decode_order(seq_lens: torch.Tensor) -> torch.Tensor:
@@ -289,9 +252,7 @@ def triton_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: 
                            meta.max_query_len, scale, window, softcap, sinks=sinks,
                            split_counters=meta.split_counters, new_kv=new_kv, order=meta.order,
                            maxnreg=meta.maxnreg, q_blocks=meta.q_blocks, decode_warps=meta.decode_warps,
-                           decode_warps_maxnreg=meta.decode_warps_maxnreg, heads_first=meta.heads_first,
-                           exact_gqa_rows=meta.exact_gqa_rows, new_key_last=meta.new_key_last,
-                           lens_in_order=meta.lens_in_order,
+                           decode_warps_maxnreg=meta.decode_warps_maxnreg,
                            heads_per_program=meta.heads_per_program)
 
 
@@ -304,13 +265,10 @@ def torch_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: f
     out = q.new_empty(T, H, v_cache.shape[-1])
     starts = meta.query_start_loc.tolist()
     lens = meta.seq_lens.tolist()
-    block_tables = meta.block_tables  # row i: sequence i's, or sequence order[i]'s with lens_in_order
-    if meta.lens_in_order is not None:
-        block_tables = block_tables.index_select(0, torch.argsort(meta.order))
 
     def kv(rows: torch.Tensor, length: int):
         nb = -(-length // bs)
-        tables = block_tables[rows, :nb].long()
+        tables = meta.block_tables[rows, :nb].long()
         k = k_cache[tables].reshape(len(rows), nb * bs, kvh, -1)
         v = v_cache[tables].reshape(len(rows), nb * bs, kvh, -1)
         if kvh != H:

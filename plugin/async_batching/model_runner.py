@@ -152,10 +152,6 @@ class ModelRunner:
         self.decode_warps = attention.DECODE_WARPS if self.backend == "triton" else 0
         self.decode_warps_maxnreg = attention.DECODE_WARPS_MAXNREG if self.decode_warps else 0
         self.decode_heads = attention.DECODE_HEADS_PER_PROGRAM if self.backend == "triton" else 0
-        self.decode_heads_first = self.backend == "triton" and attention.DECODE_HEADS_FIRST
-        self.exact_gqa_rows = self.backend == "triton" and attention.PREFILL_EXACT_GQA_ROWS
-        self.decode_new_key_last = self.backend == "triton" and attention.DECODE_NEW_KEY_LAST
-        self.decode_in_order = self.longest_first and attention.DECODE_IN_ORDER
         # The attention kernel's KV-split merge counters: this runner's launches are ordered on one stream and each
         # leaves them at zero, so one buffer serves every step and every captured graph.
         self.split_counters = None
@@ -238,7 +234,7 @@ class ModelRunner:
                             "head dim: %s; query heads: %s)", type(model).__name__, sorted(heads), q_heads)
             else:
                 (kv_heads, head_dim), = heads
-                self._flat_block_q = flat_block_q(q_heads, kv_heads, head_dim, dtype, self.exact_gqa_rows)
+                self._flat_block_q = flat_block_q(q_heads, kv_heads, head_dim, dtype)
         self._running = False
 
     def start(self) -> None:
@@ -544,27 +540,18 @@ class ModelRunner:
         qsl = self._seg(buf, lay, "query_start_loc")[lo:None if hi is None else hi + 1]
         seq_lens = seg("seq_lens")
         decode = lay.max_query_len == 1
-        order = self._decode_order(buf, lay, seq_lens, lo, hi) if decode and self.longest_first else None
-        table_rows = seg("seq_rows")
-        lens_in_order = None
-        if order is not None and self.decode_in_order:  # attention.DECODE_IN_ORDER: lengths and tables in the order
-            lens_in_order, table_rows = seq_lens.index_select(0, order), table_rows.index_select(0, order)
         return AttentionMetadata(
             slot_mapping=blk * self.block_size + pos % self.block_size,
             query_start_loc=qsl - lo if lo else qsl,
             seq_lens=seq_lens,
-            block_tables=self.block_table.index_select(0, table_rows),
+            block_tables=self.block_table.index_select(0, seg("seq_rows")),
             max_query_len=lay.max_query_len,
             split_counters=self.split_counters if counters is None else counters,
-            order=order,
-            lens_in_order=lens_in_order,
+            order=self._decode_order(buf, lay, seq_lens, lo, hi) if decode and self.longest_first else None,
             maxnreg=self.decode_maxnreg if decode else 0,
             decode_warps=self.decode_warps if decode else 0,
             decode_warps_maxnreg=self.decode_warps_maxnreg if decode else 0,
             heads_per_program=self.decode_heads if decode else 0,
-            heads_first=self.decode_heads_first and decode,
-            exact_gqa_rows=self.exact_gqa_rows and not decode,
-            new_key_last=self.decode_new_key_last and decode,
             q_blocks=(seg("qb_seq"), seg("qb_blk"), self._flat_block_q) if "qb_seq" in lay.offsets else None,
         )
 

@@ -115,13 +115,12 @@ def _store_new_kv(k_ptr, v_ptr, new_k_ptr, new_v_ptr, token, slot, kv_head, offs
 # at its first step whose offset had the other alignment, about half a second inside a timed call).
 @triton.jit(do_not_specialize=["num_splits", "stride_nkt", "stride_nkh", "stride_nvt", "stride_nvh"],
             do_not_specialize_on_alignment=["seq_lens_ptr", "query_start_loc_ptr", "sinks_ptr", "order_ptr",
-                                            "new_k_ptr", "new_v_ptr", "slot_ptr", "qb_seq_ptr", "qb_blk_ptr",
-                                            "lens_in_order_ptr"])
+                                            "new_k_ptr", "new_v_ptr", "slot_ptr", "qb_seq_ptr", "qb_blk_ptr"])
 def _paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr,
     part_acc_ptr, part_m_ptr, part_l_ptr, counters_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, sinks_ptr, order_ptr,
-    new_k_ptr, new_v_ptr, slot_ptr, qb_seq_ptr, qb_blk_ptr, lens_in_order_ptr,
+    new_k_ptr, new_v_ptr, slot_ptr, qb_seq_ptr, qb_blk_ptr,
     stride_nkt, stride_nkh, stride_nvt, stride_nvh,
     qk_scale, softcap, sliding_window,
     stride_qt, stride_qh, stride_qd,
@@ -148,8 +147,6 @@ def _paged_attention_kernel(
     ONE_LOOP: tl.constexpr = False,
     HEAVY_FIRST: tl.constexpr = False,
     FLAT: tl.constexpr = False,
-    NEW_KEY_LAST: tl.constexpr = False,
-    IN_ORDER: tl.constexpr = False,
 ):
     """Attention of BLOCK_Q queries x G heads (one kv head) of one sequence over one KV split.
 
@@ -160,12 +157,6 @@ def _paged_attention_kernel(
     position first stores that token's K and V (``new_k``/``new_v`` row ``q_start``, kv head ``kv_head``) at cache slot
     ``slot[q_start]``, then a block barrier makes the stores visible to its own loads: no separate write kernel. No
     other program reads that position (other splits cover earlier keys, other kv heads other heads).
-    NEW_KEY_LAST (with WRITE_NEW): no barrier; the key tiles stop before the last position, whose K and V the program
-    loaded for the store and adds to the softmax state itself after the tiles (one key, in registers). A program's
-    first K/V loads then wait only on its block table, not on the new K/V's load, store and the barrier. The same
-    values up to rounding (the last key's logit is a sum of products, not a tile's dot).
-    IN_ORDER (decode launches with USE_ORDER, one query a sequence at row ``seq``): the context lengths
-    (``lens_in_order``) and block-table rows come in the grid's order, so they load at the program's start.
     ONE_LOOP (tuning only): every key tile through the masked loop, one software pipeline over the whole range
     instead of two (a decode program on a short context has 3-4 tiles, and each loop's first loads wait unhidden).
     HEAVY_FIRST (tuning only): the grid's query blocks in reverse, last first. The GPU starts programs in grid order,
@@ -200,24 +191,15 @@ def _paged_attention_kernel(
         num_kv_heads = tl.num_programs(2) // num_splits
     if HEAVY_FIRST:
         q_block = num_q_blocks - 1 - q_block
-    rank = seq  # the sequence's place in the grid
     if USE_ORDER:
         seq = tl.load(order_ptr + seq)
 
-    if IN_ORDER:
-        # A decode launch whose sequence i has its one query at row i, its context length at lens_in_order[rank] and
-        # its block-table row at ``rank``: the range and the first block-table entries load without waiting on the
-        # order, and nothing waits on query_start_loc.
-        q_start = seq
-        q_len = 1
-        seq_len = tl.load(lens_in_order_ptr + rank)
-    else:
-        q_start = tl.load(query_start_loc_ptr + seq)
-        q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-        # The grid is sized for max_query_len; shorter sequences leave programs with nothing to do.
-        if q_block * BLOCK_Q >= q_len:
-            return
-        seq_len = tl.load(seq_lens_ptr + seq)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    # The grid is sized for max_query_len; shorter sequences leave programs with nothing to do.
+    if q_block * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
     ctx_start = seq_len - q_len  # absolute position of the sequence's first query
 
     # Row r of the tile is query (r // G) of this block, query head kv_head * G + r % G.  BLOCK_M may exceed
@@ -248,33 +230,14 @@ def _paged_attention_kernel(
     chunk = tl.cdiv(tl.cdiv(kv_end - kv_begin, num_splits), TILE_N) * TILE_N
     lo = kv_begin + split * chunk
     hi = tl.minimum(lo + chunk, kv_end)
-    has_new = (lo <= seq_len - 1) & (seq_len - 1 < hi)  # this program's range holds the sequence's last position
-    if WRITE_NEW and NEW_KEY_LAST:
-        t_new = q_start.to(tl.int64)
-        k_last = tl.load(new_k_ptr + t_new * stride_nkt + kv_head * stride_nkh + offs_d, mask=d_valid & has_new,
-                         other=0.0)
-        k_last = k_last.to(k_ptr.dtype.element_ty)
-        v_last = tl.load(new_v_ptr + t_new * stride_nvt + kv_head * stride_nvh + offs_d, mask=d_valid & has_new,
-                         other=0.0)
-        v_last = v_last.to(v_ptr.dtype.element_ty)
-        if has_new:
-            slot_new = tl.load(slot_ptr + t_new).to(tl.int64)
-            dst = (slot_new // BLOCK_SIZE) * stride_kb + (slot_new % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
-            tl.store(k_ptr + dst + offs_d * stride_kd, k_last, mask=d_valid)
-            dst_v = (slot_new // BLOCK_SIZE) * stride_vb + (slot_new % BLOCK_SIZE) * stride_vs + kv_head * stride_vh
-            tl.store(v_ptr + dst_v + offs_d * stride_vd, v_last, mask=d_valid)
-        hi_tiles = tl.minimum(hi, seq_len - 1)  # the last key comes after the tiles, from registers
-    elif WRITE_NEW:
-        if has_new:
+    if WRITE_NEW:
+        if (lo <= seq_len - 1) & (seq_len - 1 < hi):
             t_new = q_start.to(tl.int64)
             _store_new_kv(k_ptr, v_ptr, new_k_ptr, new_v_ptr, t_new, tl.load(slot_ptr + t_new).to(tl.int64), kv_head,
                           offs_d, d_valid, stride_nkt, stride_nkh, stride_nvt, stride_nvh,
                           stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
                           BLOCK_SIZE)
         tl.debug_barrier()
-        hi_tiles = hi
-    else:
-        hi_tiles = hi
 
     # Running max starts finite (not -inf) so a fully masked tile gives exp(-1e30 - -1e30) = 1, not exp(nan);
     # it is far below any real logit, so the first real key rescales the empty state by exp(-huge) = 0.
@@ -288,42 +251,25 @@ def _paged_attention_kernel(
             m_i = tl.load(sinks_ptr + head, mask=row_valid, other=-1.0e30).to(tl.float32) * 1.4426950408889634
             l_i = tl.where(row_valid, 1.0, 0.0)
 
-    bt_row = block_tables_ptr + (rank if IN_ORDER else seq).to(tl.int64) * stride_bt
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     # Keys up to the block's first query position are visible to every row: whole tiles of them need no mask (no
     # causal, range or window test, no masked loads). The rest (the diagonal, a split's ragged end, any window) does.
     if USE_WINDOW or ONE_LOOP:
         mid = lo
     else:
-        mid = lo + tl.maximum(tl.minimum(hi_tiles, ctx_start + q_block * BLOCK_Q + 1) - lo, 0) // TILE_N * TILE_N
+        mid = lo + tl.maximum(tl.minimum(hi, ctx_start + q_block * BLOCK_Q + 1) - lo, 0) // TILE_N * TILE_N
     for start in range(lo, mid, TILE_N):
-        m_i, l_i, acc = _attend_tile(q, k_ptr, v_ptr, bt_row, start, hi_tiles, q_pos, row_valid, offs_d, d_valid,
-                                     kv_head, m_i, l_i, acc, qk_scale, softcap, sliding_window,
+        m_i, l_i, acc = _attend_tile(q, k_ptr, v_ptr, bt_row, start, hi, q_pos, row_valid, offs_d, d_valid, kv_head,
+                                     m_i, l_i, acc, qk_scale, softcap, sliding_window,
                                      stride_kb, stride_ks, stride_kh, stride_kd,
                                      stride_vb, stride_vs, stride_vh, stride_vd,
                                      BLOCK_SIZE, TILE_N, False, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION)
-    for start in range(mid, hi_tiles, TILE_N):
-        m_i, l_i, acc = _attend_tile(q, k_ptr, v_ptr, bt_row, start, hi_tiles, q_pos, row_valid, offs_d, d_valid,
-                                     kv_head, m_i, l_i, acc, qk_scale, softcap, sliding_window,
+    for start in range(mid, hi, TILE_N):
+        m_i, l_i, acc = _attend_tile(q, k_ptr, v_ptr, bt_row, start, hi, q_pos, row_valid, offs_d, d_valid, kv_head,
+                                     m_i, l_i, acc, qk_scale, softcap, sliding_window,
                                      stride_kb, stride_ks, stride_kh, stride_kd,
                                      stride_vb, stride_vs, stride_vh, stride_vd,
                                      BLOCK_SIZE, TILE_N, True, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION)
-    if WRITE_NEW and NEW_KEY_LAST:
-        # The last position's key, seen by every row (each row is the sequence's one query, at that position; inside
-        # any window): the tile's online-softmax update for one key. Its weight is rounded to the cache dtype before
-        # weighting V, as a tile's p is before its dot.
-        s_last = tl.sum(q.to(tl.float32) * k_last.to(tl.float32)[None, :], 1)
-        if USE_SOFTCAP:
-            s_last = softcap * _tanh(s_last * (qk_scale / 1.4426950408889634) / softcap) * 1.4426950408889634
-        else:
-            s_last = s_last * qk_scale
-        s_last = tl.where(row_valid & has_new, s_last, float("-inf"))
-        m_new = tl.maximum(m_i, s_last)
-        alpha = tl.exp2(m_i - m_new)
-        p_last = tl.exp2(s_last - m_new)
-        l_i = l_i * alpha + p_last
-        p_w = p_last.to(v_ptr.dtype.element_ty).to(tl.float32)
-        acc = acc * alpha[:, None] + p_w[:, None] * v_last.to(tl.float32)[None, :]
-        m_i = m_new
 
     if num_splits == 1:
         # Every valid row saw at least its own key, so l_i > 0 there; the guard only keeps padded rows finite.
@@ -522,16 +468,10 @@ def _target_rows(max_query_len: int, head_dim: int, dtype: torch.dtype) -> int:
     return target_m
 
 
-def _gqa_rows(G: int, exact: bool) -> int:
-    """Rows a query takes in a prefill tile: its G query heads, padded to a power of two unless ``exact``."""
-    return G if exact else triton.next_power_of_2(G)
-
-
-def flat_block_q(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, exact: bool = False) -> int:
-    """Queries per query block of a flat launch (``q_blocks``): a prefill launch's tile, whatever the step's queries.
-    ``exact``: the launches' ``exact_gqa_rows``."""
+def flat_block_q(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Queries per query block of a flat launch (``q_blocks``): a prefill launch's tile, whatever the step's queries."""
     G = num_heads // num_kv_heads
-    return max(1, _target_rows(1 << 30, head_dim, dtype) // _gqa_rows(G, exact))
+    return max(1, _target_rows(1 << 30, head_dim, dtype) // triton.next_power_of_2(G))
 
 
 def _split_target(device: torch.device) -> int:
@@ -584,10 +524,6 @@ def paged_attention(
     decode_warps: int = 0,
     decode_warps_maxnreg: int = 0,
     heads_per_program: int = 0,
-    heads_first: bool = False,
-    exact_gqa_rows: bool = False,
-    new_key_last: bool = False,
-    lens_in_order: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Causal attention of the packed queries ``q`` [T, num_heads, head_dim] over the paged KV cache.
 
@@ -611,20 +547,6 @@ def paged_attention(
     ``heads_per_program``: 2 or more: a decode launch that would not split its KV range gets one program per
     sequence and group of that many kv heads (all of them where that does not divide the kv heads;
     ``_paged_decode_heads_kernel``) instead of one per (sequence, kv head); the same values.
-    ``heads_first``: a grid of (kv heads x splits, sequences, query blocks), a sequence's kv heads side by side in the
-    order the GPU starts programs, instead of (sequences, query blocks, kv heads x splits) (``attention.
-    DECODE_HEADS_FIRST``); not for flat launches or programs over groups of heads. The same values.
-    ``exact_gqa_rows``: a prefill or mixed launch's query tile holds ``target // G`` queries of G query heads each,
-    not ``target // next_power_of_2(G)`` (``attention.PREFILL_EXACT_GQA_ROWS``): at G = 3, 42 queries fill 126 of
-    the tile's 128 rows instead of 32 queries 96 of them. The same values; decode launches (one query) are unchanged.
-    ``new_key_last`` (with ``new_kv``; ``attention.DECODE_NEW_KEY_LAST``): no barrier after the write; each program's
-    key tiles stop before the last position, whose K/V it adds from registers (the kernel's NEW_KEY_LAST). Equal up
-    to rounding; the caches' contents are the same bits.
-    ``lens_in_order`` (with ``order``; ``attention.DECODE_IN_ORDER``): int32 ``[B]``, the context lengths in the order's
-    order (``seq_lens[order]``), and ``block_tables``' rows in that order too (row i: sequence ``order[i]``'s); a decode
-    launch (``max_query_len == 1``) whose sequence i has its one query at row i (``query_start_loc`` is ``arange``, as
-    in the engine's decode steps; not read). Each program then loads its range and block table at once, not after the
-    order. The same values.
     ``q_blocks``: ``(seq, blk, block_q)``, int32 vectors of one length N and the query tile their table was made for
     (``flat_block_q``; checked): a flat launch of N query-block slots, slot i being query block ``blk[i]`` of sequence
     ``seq[i]``, -1 for an empty slot (``attention.q_block_table`` makes them). Its grid depends on N alone, so a CUDA
@@ -654,14 +576,14 @@ def paged_attention(
     target_m = _target_rows(max_query_len, head_dim, q.dtype)
     if q_blocks is not None:  # the query tile its table was made for (any step length)
         qb_seq, qb_blk, table_block_q = q_blocks
-        block_q = flat_block_q(num_heads, num_kv_heads, head_dim, q.dtype, exact_gqa_rows)
+        block_q = flat_block_q(num_heads, num_kv_heads, head_dim, q.dtype)
         if table_block_q != block_q:
             raise ValueError(f"q_blocks: a table of {table_block_q}-query blocks for a launch whose query tile is "
                              f"{block_q} queries ({num_heads} heads, {num_kv_heads} kv heads, head_dim {head_dim})")
         assert qb_seq.shape == qb_blk.shape and qb_seq.dim() == 1, "q_blocks: two int32 vectors of one length"
         assert not num_kv_splits or num_kv_splits == 1, "a flat launch has one KV split"
     else:
-        block_q = min(triton.next_power_of_2(max_query_len), max(1, target_m // _gqa_rows(G, exact_gqa_rows)))
+        block_q = min(triton.next_power_of_2(max_query_len), max(1, target_m // triton.next_power_of_2(G)))
     block_m = max(16, triton.next_power_of_2(block_q * G))
     tile_n = 32 if head_dim_pad >= 256 else 64
     # fp32: 8 warps from head_dim 128 (4 warps spill there). 16-bit: decode tiles (one query) take 4 warps (keys: below);
@@ -727,10 +649,6 @@ def paged_attention(
     if split_counters is None:
         split_counters = _unused_counters(q.device)
 
-    if lens_in_order is not None:
-        assert order is not None and max_query_len == 1 and q_blocks is None, \
-            "lens_in_order: decode launches with an order only"
-        assert lens_in_order.shape == (B,) and lens_in_order.dtype == torch.int32
     if new_kv is not None:
         new_k, new_v, new_slots = new_kv
         assert max_query_len == 1, "new_kv: decode launches only (one query a sequence)"
@@ -740,8 +658,8 @@ def paged_attention(
         new_k = new_v = new_slots = seq_lens  # never read
     heads = int(TUNING.get("heads_per_program", heads_per_program)) if TUNING else heads_per_program
     heads = heads if num_kv_heads % max(heads, 1) == 0 else num_kv_heads
-    grouped = heads > 1 and max_query_len == 1 and q_blocks is None and num_splits == 1 and lens_in_order is None
-    heads_first = bool(TUNING.get("heads_first", heads_first)) if TUNING else heads_first
+    grouped = heads > 1 and max_query_len == 1 and q_blocks is None and num_splits == 1
+    heads_first = bool(TUNING.get("heads_first")) if TUNING else False
     if order is None and TUNING:  # the sweep's longest-first order, computed once outside timing, or here
         order = TUNING.get("order")
     if order is None and TUNING and TUNING.get("longest_first"):
@@ -780,7 +698,6 @@ def paged_attention(
         part_acc, part_m, part_l, split_counters,
         *tensors,
         qb_seq if q_blocks is not None else seq_lens, qb_blk if q_blocks is not None else seq_lens,
-        lens_in_order if lens_in_order is not None else seq_lens,
         *strides,
         num_heads,
         num_splits,
@@ -795,8 +712,6 @@ def paged_attention(
         ONE_LOOP=bool(TUNING.get("one_loop")) if TUNING else False,
         HEAVY_FIRST=bool(TUNING.get("heavy_first")) and q_blocks is None if TUNING else False,
         FLAT=q_blocks is not None,
-        NEW_KEY_LAST=new_key_last and new_kv is not None,
-        IN_ORDER=lens_in_order is not None,
         **flags,
         **launch,
     )

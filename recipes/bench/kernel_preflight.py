@@ -12,7 +12,7 @@ can hold at once, whether the K/V loads are pipelined (async copies in the TTGIR
 keys) are compiled once. It compiles into an empty Triton cache of its own, so the times are cold. It exits
 non-zero if any launch fails to compile.
 
-    python recipes/bench/kernel_preflight.py [--json out.json]
+    python recipes/bench/kernel_preflight.py [--json out.json] [--only "W1 decode|W7 prefill"]
 
 Needs triton (with its bundled ptxas) and TRITON_INTERPRET unset.
 """
@@ -143,13 +143,12 @@ def _step(contexts, q_lens, heads, kv_heads, head_dim, dtype, block_size=16, lay
     return q, k, v, k_cache, v_cache, meta
 
 
-def _flat(step, slots_extra=512, exact=False):
-    """The step as a prefill graph launches it: a flat launch over its query blocks' table (``q_blocks``; ``exact``:
-    a table for tiles of exactly G rows a query)."""
+def _flat(step, slots_extra=512):
+    """The step as a prefill graph launches it: a flat launch over its query blocks' table (``q_blocks``)."""
     from async_batching.attention import q_block_table
 
     q, k, v, kc, vc, meta = step
-    bq = tpa.flat_block_q(q.shape[1], kc.shape[2], q.shape[2], q.dtype, exact)
+    bq = tpa.flat_block_q(q.shape[1], kc.shape[2], q.shape[2], q.dtype)
     q_lens = (meta.query_start_loc[1:] - meta.query_start_loc[:-1]).tolist()
     seq, blk = q_block_table(q_lens, bq, sum(-(-n // bq) for n in q_lens) + slots_extra)
     meta.q_blocks, meta.max_query_len = (torch.from_numpy(seq), torch.from_numpy(blk), bq), 1
@@ -157,20 +156,16 @@ def _flat(step, slots_extra=512, exact=False):
 
 
 def _attend(step, fused_write=False, sinks=False, window=0, softcap=0.0, longest_first=False, maxnreg=0,
-            decode_warps=0, decode_warps_maxnreg=0, heads_first=False, exact_gqa_rows=False, new_key_last=False,
-            in_order=False):
+            decode_warps=0, decode_warps_maxnreg=0):
     q, k, v, kc, vc, meta = step
-    order = decode_order(meta.seq_lens) if longest_first else None
     tpa.write_kv(k, v, kc, vc, meta.slot_mapping) if not fused_write else None
     tpa.paged_attention(q, kc, vc, meta.block_tables, meta.seq_lens, meta.query_start_loc, meta.max_query_len, 0.125,
                         sliding_window=window, softcap=softcap, split_counters=meta.split_counters,
                         sinks=torch.zeros(q.shape[1], dtype=torch.float32) if sinks else None,
                         new_kv=(k, v, meta.slot_mapping) if fused_write else None,
-                        order=order, maxnreg=maxnreg,
+                        order=decode_order(meta.seq_lens) if longest_first else None, maxnreg=maxnreg,
                         decode_warps=decode_warps, decode_warps_maxnreg=decode_warps_maxnreg,
-                        q_blocks=meta.q_blocks, heads_first=heads_first, exact_gqa_rows=exact_gqa_rows,
-                        new_key_last=new_key_last,
-                        lens_in_order=meta.seq_lens.index_select(0, order) if in_order else None)
+                        q_blocks=meta.q_blocks)
 
 
 def cases():
@@ -203,25 +198,6 @@ def cases():
             _step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True, longest_first=True)
     yield "W7 decode as the engine launches it", {}, lambda: _attend(
         _step(*dec(256, 1100), **w7, dtype=bf16, layout="head"), fused_write=True, longest_first=True)
-    yield "W1 decode, kv heads first (attention.DECODE_HEADS_FIRST)", {}, lambda: _attend(
-        _step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True, longest_first=True, maxnreg=96,
-        heads_first=True)
-    yield "W1 decode, new key from registers (attention.DECODE_NEW_KEY_LAST)", {}, lambda: _attend(
-        _step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True, longest_first=True, maxnreg=96,
-        new_key_last=True)
-    yield "W1 decode, lengths and tables in order, new key from registers (attention.DECODE_IN_ORDER)", {}, lambda: (
-        _attend(_step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True, longest_first=True,
-                maxnreg=96, new_key_last=True, in_order=True))
-    yield "W7 decode, new key from registers", {}, lambda: _attend(
-        _step(*dec(256, 1100), **w7, dtype=bf16, layout="head"), fused_write=True, longest_first=True,
-        new_key_last=True)
-    yield "W7 decode tail, new key from registers, KV splits", {}, lambda: _attend(
-        _step(*dec(8, 1900), **w7, dtype=bf16, layout="head"), fused_write=True, longest_first=True,
-        new_key_last=True)
-    yield "W1 prefill graph, exact GQA rows (attention.PREFILL_EXACT_GQA_ROWS)", {}, lambda: _attend(
-        _flat(_step(*pre(224, 290), **w1, dtype=bf16), exact=True), exact_gqa_rows=True)
-    yield "W1 prefill, exact GQA rows", {}, lambda: _attend(_step(*pre(224, 290), **w1, dtype=bf16),
-                                                             exact_gqa_rows=True)
     yield "W1 decode, all kv heads a program, as the engine", {"heads_per_program": 64}, lambda: _attend(
         _step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True, longest_first=True, maxnreg=96)
     yield "W1 decode, all kv heads a program, 3 stages", {"heads_per_program": 64, "num_stages": 3}, lambda: _attend(
@@ -280,8 +256,7 @@ def main() -> int:
             key, src, options = specialise(fn, largs, lkw)
             short = {k: v for k, v in lkw.items() if k in ("BLOCK_Q", "BLOCK_M", "TILE_N", "BLOCK_SIZE", "ONE_LOOP",
                                                             "HEAVY_FIRST", "WRITE_NEW", "BLOCK_STRIDES", "G", "HEAD_DIM",
-                                                            "USE_ORDER", "maxnreg", "HEADS_FIRST",
-                                                            "NEW_KEY_LAST", "IN_ORDER")
+                                                            "USE_ORDER", "maxnreg")
                      and v not in (False,)}
             row = {"launch": name, "kernel": fn.__name__, "constexprs": short,
                    "warps": lkw.get("num_warps"), "stages": lkw.get("num_stages")}

@@ -576,48 +576,6 @@ class OursAsyncDecode2WarpsCapped(_OursAsyncBuiltWith):
     patches = {("attention", "DECODE_WARPS"): 2, ("attention", "DECODE_WARPS_MAXNREG"): 96}
 
 
-class OursAsyncDecodeHeadsFirst(_OursAsyncBuiltWith):
-    """``ours_async`` with decode launches whose grid puts a sequence's kv heads side by side
-    (``attention.DECODE_HEADS_FIRST``): with the longest-first order, longest context first over the whole launch."""
-
-    patches = {("attention", "DECODE_HEADS_FIRST"): True}
-
-
-class OursAsyncDecodeHeadsFirst2WarpsCapped(_OursAsyncBuiltWith):
-    """``ours_async_decode_heads_first`` with ``ours_async_decode_2warps_capped``'s small decode programs."""
-
-    patches = {("attention", "DECODE_HEADS_FIRST"): True, ("attention", "DECODE_WARPS"): 2,
-               ("attention", "DECODE_WARPS_MAXNREG"): 96}
-
-
-class OursAsyncExactGqaRows(_OursAsyncBuiltWith):
-    """``ours_async`` with prefill tiles of exactly G rows a query (``attention.PREFILL_EXACT_GQA_ROWS``: W1's G = 3
-    takes 42 queries a 128-row tile, not 32)."""
-
-    patches = {("attention", "PREFILL_EXACT_GQA_ROWS"): True}
-
-
-class OursAsyncNewKeyLast(_OursAsyncBuiltWith):
-    """``ours_async`` with decode launches that add the new key from registers after their tiles, no barrier behind
-    their K/V write (``attention.DECODE_NEW_KEY_LAST``)."""
-
-    patches = {("attention", "DECODE_NEW_KEY_LAST"): True}
-
-
-class OursAsyncDecodeInOrder(_OursAsyncBuiltWith):
-    """``ours_async`` with decode launches whose context lengths and block-table rows come in the longest-first order
-    (``attention.DECODE_IN_ORDER``)."""
-
-    patches = {("attention", "DECODE_IN_ORDER"): True}
-
-
-class OursAsyncDecodeInOrderNewKeyLast(_OursAsyncBuiltWith):
-    """``ours_async_decode_in_order`` with ``ours_async_new_key_last``: the shortest chain of loads before a decode
-    program's first K/V tile."""
-
-    patches = {("attention", "DECODE_IN_ORDER"): True, ("attention", "DECODE_NEW_KEY_LAST"): True}
-
-
 class OursAsyncDecodeAllHeads(_OursAsyncBuiltWith):
     """``ours_async`` with decode launches of one program per sequence over all its kv heads
     (``attention.DECODE_HEADS_PER_PROGRAM``), where the launch does not split its KV range."""
@@ -1014,12 +972,6 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_tokens64k": OursAsyncTokens64k,
     "ours_async_tokens8k": OursAsyncTokens8k,
     "ours_async_decode_all_heads": OursAsyncDecodeAllHeads,
-    "ours_async_decode_heads_first": OursAsyncDecodeHeadsFirst,
-    "ours_async_exact_gqa_rows": OursAsyncExactGqaRows,
-    "ours_async_new_key_last": OursAsyncNewKeyLast,
-    "ours_async_decode_in_order": OursAsyncDecodeInOrder,
-    "ours_async_decode_in_order_new_key_last": OursAsyncDecodeInOrderNewKeyLast,
-    "ours_async_decode_heads_first_2warps_capped": OursAsyncDecodeHeadsFirst2WarpsCapped,
     "ours_async_decode_heads2": OursAsyncDecodeHeads2,
     "ours_async_triton_argmax": OursAsyncTritonArgmax,
     "ours_async_admit_each": OursAsyncAdmitEach,
