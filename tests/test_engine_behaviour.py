@@ -394,8 +394,9 @@ def test_graph_capture_runs_with_no_collection_after_a_full_one(model):
 def test_default_token_budget_grows_for_small_models_on_cuda_only(model):
     """max_batch_tokens=None: 16,384, doubled on CUDA until a step holds AUTO_BATCH_WORK tokens x parameters, at
     most 65,536 (W1's 135M model: 65,536; W7's 596M: 16,384); generation steps are then capped at 16,384 where
-    prefill graphs replay them (``graph_step_tokens``), never for a budget the user set, nor without chunked prefill.
-    The engine reports the value it chose."""
+    prefill graphs replay them (``graph_step_tokens``), never for a budget the user set, nor without chunked prefill,
+    and ``ModelRunner.start`` drops that cap where it captured no prefill graph. The engine reports the value it
+    chose."""
     import async_batching.model_runner as mr
     from torch import nn
 
@@ -417,6 +418,10 @@ def test_default_token_budget_grows_for_small_models_on_cuda_only(model):
     b = ContinuousBatcher(model)
     assert b.config.max_batch_tokens == b.scheduler.max_batch_tokens == 16384  # CPU
     assert ContinuousBatcher(model, max_batch_tokens=96).scheduler.max_batch_tokens == 96
+    # a cap the engine set before start-up is dropped where no prefill graph was captured (the CPU captures none)
+    b.runner.graph_step_tokens = 24
+    b.runner.start()
+    assert not b.runner.prefill_graphs and b.runner.graph_step_tokens is None
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])

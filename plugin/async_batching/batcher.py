@@ -49,9 +49,7 @@ class ContinuousBatcher:
         self.runner = ModelRunner(model, cfg, self.device, self.dtype, self.tp)
         self.runner.graph_step_tokens = graph_step_tokens(auto_budget, cfg.max_batch_tokens,
                                                           self.runner.want_prefill_graphs, cfg.chunked_prefill)
-        self.runner.start()
-        if not self.runner.prefill_graphs:  # none captured after all: every step is launched from the host
-            self.runner.graph_step_tokens = None
+        self.runner.start()  # keeps the cap only where prefill graphs were captured
         self.scheduler = Scheduler(self.runner.cache, cfg.max_batch_tokens, cfg.max_num_seqs, cfg.scheduler,
                                    cfg.chunked_prefill, self.runner.max_logit_rows, cfg.prefix_caching,
                                    self.runner.decode_window, self.runner.max_model_len,

@@ -163,7 +163,7 @@ class ModelRunner:
         self.graph_pool = None
         self.prefill_graphs: dict[int, PrefillGraph] = {}  # PREFILL_GRAPHS: token bucket -> its graph, smallest first
         # the scheduler's cap on generation steps (graph_step_tokens; set by the engine before ``start``): no prefill
-        # graph is captured past it
+        # graph is captured past it, and ``start`` drops it where no prefill graph was captured
         self.graph_step_tokens: Optional[int] = None
         self._flat_block_q = 0  # queries per block of the prefill graphs' flat attention launches
         self.compute_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -246,6 +246,8 @@ class ModelRunner:
             self.capture_graphs(min(self.config.max_num_seqs, self.config.cuda_graph_max_batch), self.compute_stream)
         if self.want_prefill_graphs and self.graphs:
             self.capture_prefill_graphs(self.compute_stream)
+        if not self.prefill_graphs:  # none captured after all: every step is launched from the host, uncapped
+            self.graph_step_tokens = None
         self._running = True  # from here on, compiled code that would compile again is not called (``_forward``)
 
     def staging_ints(self) -> int:
