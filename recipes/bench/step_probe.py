@@ -229,6 +229,33 @@ def decode(b, prompts: list[list[int]], top: int, out: dict, reps: int = 50) -> 
           f"{rec['gap_us_per_kernel']:.2f} us between kernels on average\n")
     print("GPU ms by family: " + ", ".join(f"{k} {v:.3f}" for k, v in list(rec["by_family"].items())[:12]) + "\n")
     print(_table(rec["by_name"], reps, f"top {top}, per replay"))
+    if SEQUENCE:
+        print("\nOne replay's kernels in order (its first and last ones):\n")
+        print(_sequence(tr, reps, *SEQUENCE))
+
+
+def _sequence(trace, reps: int, head: int, tail: int) -> str:
+    """One replay's kernels in launch order (the middle replay): its first ``head`` and last ``tail`` kernels, each
+    with its GPU us and the idle us since the previous kernel ended: which small kernels a layer runs, and the gaps."""
+    order = sorted(range(len(trace.kernels)), key=lambda i: trace.kernels[i][0])
+    n = len(order) // max(reps, 1)
+    if n == 0:
+        return "(no kernels)"
+    mid = order[(reps // 2) * n:(reps // 2 + 1) * n]
+    lines = ["| # | kernel | us | idle us before |", "|---|---|---|---|"]
+    prev_end = None
+    for k, i in enumerate(mid):
+        s, e = trace.kernels[i]
+        if k < head or k >= len(mid) - tail:
+            idle = "" if prev_end is None else f"{(s - prev_end) / 1e3:.2f}"
+            lines.append(f"| {k} | `{trace.names[i][:90]}` | {(e - s) / 1e3:.2f} | {idle} |")
+        elif k == head:
+            lines.append("| ... | | | |")
+        prev_end = e
+    return "\n".join(lines)
+
+
+SEQUENCE: tuple[int, int] = ()  # (head, tail) from --sequence: print one replay's kernels in order
 
 
 def runner_batch(b) -> int:
@@ -252,8 +279,13 @@ def main() -> None:
     ap.add_argument("--variant", default=None,
                     help="a benchmark variant whose module settings the engine is built with (variants.py's "
                          "_OursAsyncBuiltWith patches, e.g. ours_async_decode_2warps); default: the engine's own")
+    ap.add_argument("--sequence", default="", help="HEAD,TAIL: list one decode replay's first HEAD and last TAIL "
+                    "kernels in launch order, with their times and the idle time between them")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    global SEQUENCE
+    if args.sequence:
+        SEQUENCE = tuple(int(x) for x in args.sequence.split(","))
     import contextlib
 
     import async_batching.compiled_layers as compiled_layers
