@@ -41,7 +41,11 @@ def group(sp, n, V):
 ], ids=["topk+topp", "topk", "topk+minp", "temperature", "minp"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("V", [3000, 10000], ids=["one-chunk", "three-chunks"])
-def test_fused_draws_equal_the_torch_draws(sp, dtype, V):
+@pytest.mark.parametrize("one_pass", [True, False], ids=["one-pass-mass", "two-pass-mass"])
+def test_fused_draws_equal_the_torch_draws(sp, dtype, V, one_pass, monkeypatch):
+    if one_pass is False and (sp.top_k or sp.min_p):
+        pytest.skip("the mass kernel's form matters only to rows without top-k and min-p")
+    monkeypatch.setattr(triton_sampling, "ONE_PASS_MASS", one_pass)
     logits = (torch.randn(16, V, generator=torch.Generator().manual_seed(1)) * 2.5).to(dtype)
     logits[:, :40] = logits[:, 40:80]  # equal logits
     logits = logits.to(DEVICE)

@@ -161,6 +161,11 @@ def _tile_weights(x_row, v, V, temp, z0, min_p, HAS_MIN_P: tl.constexpr):
 
 
 _CHUNK = 2 * _TILE  # vocab ids per program of the full draw's first pass
+# Rows without min-p: each mass program loads its chunk once (a tile of the whole chunk: its largest logit, then its
+# weights from registers) instead of one pass for the largest logit and a second for the weights. The draw kernel
+# recomputes the chosen chunk's weights with the same expression, so the tokens drawn are the same up to the float64
+# sum's rounding at a chunk's edge (which the draw already tolerates). False: the two-pass form.
+ONE_PASS_MASS = True
 
 
 @triton.jit(do_not_specialize=["V", "C"], do_not_specialize_on_alignment=["rows_ptr", "temp_ptr", "min_p_ptr"])
@@ -177,6 +182,14 @@ def _chunk_mass_kernel(
     row = tl.load(rows_ptr + r).to(tl.int64) if HAS_ROWS else r.to(tl.int64)
     x_row = x_ptr + row * stride_x
     temp = tl.load(temp_ptr + r)
+    if PHASE == 0 and TILE == CHUNK:  # one load of the chunk: its largest logit and its weights from registers
+        v = c * CHUNK + tl.arange(0, TILE)
+        xv = tl.load(x_row + v, mask=v < V, other=float("-inf")).to(tl.float32)
+        m = tl.max(xv, 0)
+        w = tl.exp(xv / temp - m / temp)  # as _tile_weights (no min-p in phase 0)
+        tl.store(s_ptr + r * C + c + tl.arange(0, 1), tl.zeros([1], dtype=tl.float64) + tl.sum(w.to(tl.float64), 0))
+        tl.store(m_ptr + r * C + c, m)
+        return
     if PHASE == 2:
         lanes = tl.arange(0, CP)
         m = tl.max(tl.load(m_ptr + r * C + lanes, mask=lanes < C, other=float("-inf")), 0)
@@ -284,8 +297,9 @@ def draw_full(x: torch.Tensor, rows, temperature, min_p, lo, hi) -> torch.Tensor
     common = dict(HAS_ROWS=rows is not None, HAS_MIN_P=min_p is not None, CP=max(16, triton.next_power_of_2(C)),
                   TILE=_TILE, CHUNK=_CHUNK)
     for phase in ((1, 2) if min_p is not None else (0,)):
+        tile = _CHUNK if phase == 0 and ONE_PASS_MASS else _TILE
         _chunk_mass_kernel[(R, C)](x, x.stride(0), rows_arg, temperature, min_p_arg, m, s, V, C, PHASE=phase,
-                                   num_warps=8, **common)
+                                   num_warps=8, **{**common, "TILE": tile})
     _chunk_draw_kernel[(R,)](x, x.stride(0), rows_arg, temperature, min_p_arg, lo, hi, m, s, out, V, C,
                              num_warps=8, **common)
     return out

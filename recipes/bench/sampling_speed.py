@@ -154,6 +154,45 @@ def measure(fn, reps: int, device, sleep_cycles: int) -> tuple[float, float]:
     return statistics.median(gpu), statistics.median(host)
 
 
+def draw_full_forms(batches, V: int, reps: int = 50) -> None:
+    """The full draw (rows without top-k) with the mass kernel's two forms, ``triton_sampling.ONE_PASS_MASS`` on and
+    off, timed as CUDA-graph replays of the draw alone: us a draw and the logits' read rate. Same tokens both ways."""
+    from async_batching import triton_sampling as ts
+
+    def time_ms(fn, iters, warmup):
+        for _ in range(warmup):
+            fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / iters
+
+    print(f"\n| rows | V | two-pass mass us | one-pass mass us | speed-up | one-pass logits read TB/s | same tokens |")
+    print("|---|---|---|---|---|---|---|")
+    for B in batches:
+        x = (torch.randn(B, V, device="cuda") * 2.5).to(torch.bfloat16)
+        temp = torch.full((B,), 0.6, device="cuda")
+        lo = torch.arange(B, device="cuda", dtype=torch.int64) * 7919
+        hi = lo + 104729
+        us, toks = {}, {}
+        for form in (False, True):
+            ts.ONE_PASS_MASS = form
+            out = ts.draw_full(x, None, temp, None, lo, hi)  # compiles
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                out = ts.draw_full(x, None, temp, None, lo, hi)
+            us[form] = 1e3 * time_ms(g.replay, reps, warmup=3)
+            toks[form] = out.clone()
+        ts.ONE_PASS_MASS = True
+        rate = B * V * 2 / (us[True] * 1e-6) / 1e12
+        print(f"| {B} | {V} | {us[False]:.1f} | {us[True]:.1f} | {us[False] / us[True]:.2f}x | {rate:.2f} | "
+              f"{bool(torch.equal(toks[False], toks[True]))} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON file to write")
@@ -164,7 +203,12 @@ def main() -> None:
     ap.add_argument("--sleep-cycles", type=int, default=20_000_000, help="GPU sleep before each timed step")
     ap.add_argument("--no-old", action="store_true", help="skip the previous implementation")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--draw-full-forms", action="store_true",
+                    help="only time the full draw's two mass-kernel forms (CUDA graphs, --batches, the last vocab)")
     args = ap.parse_args()
+    if args.draw_full_forms:
+        draw_full_forms(args.batches, args.vocabs[-1])
+        return
     device = torch.device(args.device)
     rng = np.random.default_rng(0)
     results = []

@@ -637,6 +637,14 @@ class OursAsyncTritonArgmax(_OursAsyncBuiltWith):
     patches = {("sampling", "TRITON_ARGMAX"): True}
 
 
+class OursAsyncTwoPassMass(_OursAsyncBuiltWith):
+    """``ours_async`` with the full draw's mass kernel in its two-pass form (``triton_sampling.ONE_PASS_MASS`` off,
+    the default until session 24): each chunk read once for its largest logit and again for its weights. The graphs
+    captured at start-up keep the form; draws outside them after start-up take the default."""
+
+    patches = {("triton_sampling", "ONE_PASS_MASS"): False}
+
+
 class OursAsyncNoComboKernels(_OursAsyncBuiltWith):
     """``ours_async`` without inductor's ``combo_kernels`` (``compiled_layers.COMPILE_OPTIONS`` empty, as until
     session 17): the q and k norms and rotary embeddings of a layer as separate launches."""
@@ -974,6 +982,7 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_decode_all_heads": OursAsyncDecodeAllHeads,
     "ours_async_decode_heads2": OursAsyncDecodeHeads2,
     "ours_async_triton_argmax": OursAsyncTritonArgmax,
+    "ours_async_two_pass_mass": OursAsyncTwoPassMass,
     "ours_async_admit_each": OursAsyncAdmitEach,
     "ours_async_admit_auto": OursAsyncAdmitAuto,
     "ours_async_admit_16": OursAsyncAdmit16,
