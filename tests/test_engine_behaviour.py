@@ -634,6 +634,65 @@ def test_decode_steps_carry_a_longest_first_order_and_the_register_cap_into_atte
     assert seen["decode"] > 0 and seen["prefill"] > 0 and (seen["windowed"] > 0) == (window > 1), seen
 
 
+def test_decode_steps_staged_without_slots_make_them_only_where_needed_and_equal_generate(model, monkeypatch):
+    """``attention.DECODE_SLOTS_IN_KERNEL``, read when the engine is built (with the Triton kernel's fused write): a
+    decode forward's attention metadata comes without a slot mapping (the fused write reads each row's slot from its
+    block-table row), and ``slots()`` makes the mapping the eager path made: each token's block in its row's table at
+    its position, times the block size, plus the offset. The CPU's torch path writes the cache with ``slots()``, so
+    greedy tokens, in decode windows too, still equal ``generate``'s; prefill steps keep their eager mapping."""
+    b = ContinuousBatcher(model, max_batch_tokens=64, num_blocks=60, max_num_seqs=8, decode_window=3)
+    assert b.runner.slots_in_kernel is False  # CPU: the torch path has no fused write
+    b.runner.slots_in_kernel = True  # as the Triton backend reads it
+    seen = {"lazy": 0, "eager": 0}
+    real = b.runner._metadata
+
+    def checked(buf, lay, *a, **k):
+        meta = real(buf, lay, *a, **k)
+        if lay.max_query_len == 1:
+            assert meta.slot_mapping is None and meta.slot_fn is not None
+            seg = lambda n: b.runner._seg(buf, lay, n).long()  # noqa: E731
+            pos, rows = seg("positions"), seg("token_rows")
+            want = b.runner.block_table[rows, pos // b.runner.block_size].long() * b.runner.block_size + pos % b.runner.block_size
+            assert torch.equal(meta.slots(), want) and meta.slots() is meta.slot_mapping  # made once
+            meta.slot_mapping = None  # as staged: the forward makes it where it needs it
+            seen["lazy"] += 1
+        else:
+            assert meta.slot_mapping is not None and meta.slot_mapping.dtype == torch.int64
+            seen["eager"] += 1
+        return meta
+
+    monkeypatch.setattr(b.runner, "_metadata", checked)
+    prompts = mixed_prompts(6, lo=3, hi=40, seed=5)
+    out = b.generate(prompts, SamplingParams(max_new_tokens=8))
+    assert [r.token_ids for r in out] == [reference(model, p, 8, eos=2) for p in prompts]
+    assert seen["lazy"] > 0 and seen["eager"] > 0, seen
+
+
+def test_a_decode_graphs_forward_keeps_every_row_without_a_gather(model, monkeypatch):
+    """``model_runner.GRAPH_KEEP_ALL``: a decode graph's forward (``lay.graph_batch`` set, its kept rows staged as
+    0..batch-1) asks the model for every row's logits (``logits_to_keep=0``) instead of gathering the kept rows: the
+    same logits, bit for bit, as the gather of every row, and the model saw an int, not an index tensor."""
+    import async_batching.model_runner as model_runner
+
+    b = ContinuousBatcher(model, max_batch_tokens=64, num_blocks=60, max_num_seqs=8)
+    runner = b.runner
+    keeps = []
+    real_forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: keeps.append(k.get("logits_to_keep")) or real_forward(*a, **k))
+    logits = {}
+    for keep_all in (False, True):
+        monkeypatch.setattr(model_runner, "GRAPH_KEEP_ALL", keep_all)
+        lay, buf = runner._scratch_step(5, 1)
+        lay.graph_batch = 5
+        with torch.no_grad(), runner.installed():
+            logits[keep_all] = runner._forward(buf, lay)
+    assert torch.is_tensor(keeps[0]) and keeps[0].tolist() == list(range(5))
+    assert keeps[-1] == 0
+    assert logits[True].shape == (5, model.config.vocab_size)
+    assert torch.equal(logits[True], logits[False])
+    b.close()
+
+
 def test_draws_written_into_the_token_buffer_give_the_tokens_of_copied_draws(model, monkeypatch):
     """``sampling.TRITON_ARGMAX``, read when the engine is built: its executor has ``sample`` write each forward's
     tokens into the step's token buffer (``out=``; on CUDA greedy steps take Triton's argmax) instead of copying them

@@ -711,8 +711,9 @@ def test_write_kv_puts_each_token_in_its_slot_and_leaves_the_rest(backend, kv_he
 def test_decode_launch_writing_its_own_kv_equals_write_kv_then_attention(backend, splits, window, head_dim):
     """``new_kv``: the decode launch stores each sequence's new K/V (at the slot of its last position) itself before
     attending. Output and both caches equal ``write_kv`` followed by the plain launch, bit for bit, with KV splits
-    (only the split holding the last position writes) and a sliding window; K/V come as the strided [T, heads, dim]
-    views of [1, heads, T, dim] that the attention function receives."""
+    (only the split holding the last position writes) and a sliding window, whether the slots are given or (slots
+    None) read from each sequence's block-table row at position ``seq_lens - 1``; K/V come as the strided
+    [T, heads, dim] views of [1, heads, T, dim] that the attention function receives."""
     dtype, _ = backend
     specs = [(1, 1), (9, 1), (16, 1), (17, 1), (70, 1), (130, 1)]
     args, _ = make_batch(specs, dtype=dtype, head_dim=head_dim, block_size=16, seed=head_dim + splits)
@@ -727,18 +728,21 @@ def test_decode_launch_writing_its_own_kv_equals_write_kv_then_attention(backend
     slots = blocks * 16 + last % 16
     scale = head_dim ** -0.5
     runs = []
-    for fused in (False, True):
+    for mode in ("write_kv", "given slots", "slots from the table"):
         kc, vc = args["k_cache"].clone(), args["v_cache"].clone()
-        if not fused:
+        if mode == "write_kv":
             tpa.write_kv(k, v, kc, vc, slots)
+        new_kv = None if mode == "write_kv" else (k, v, slots if mode == "given slots" else None)
         out = tpa.paged_attention(args["q"], kc, vc, args["block_tables"], args["seq_lens"],
                                   args["query_start_loc"], 1, scale, sliding_window=window, num_kv_splits=splits,
-                                  new_kv=(k, v, slots) if fused else None)
+                                  new_kv=new_kv)
         runs.append((out, kc, vc))
-    (want, want_k, want_v), (got, got_k, got_v) = runs
-    assert not got.isnan().any()
-    for a, b in ((got, want), (got_k, want_k), (got_v, want_v)):
-        torch.testing.assert_close(a, b, atol=0, rtol=0, equal_nan=True)
+    want, want_k, want_v = runs[0]
+    assert not torch.equal(want_k, args["k_cache"])  # the new keys landed somewhere
+    for got, got_k, got_v in runs[1:]:
+        assert not got.isnan().any()
+        for a, b in ((got, want), (got_k, want_k), (got_v, want_v)):
+            torch.testing.assert_close(a, b, atol=0, rtol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -752,7 +756,8 @@ def test_decode_programs_over_kv_head_groups_equal_a_program_per_head(backend, w
                                                                        head_dim, kv_heads, per_program, monkeypatch):
     """``heads_per_program``: one decode program per sequence and group of kv heads walks the group's key tiles in one
     loop (a group size that does not divide the kv heads takes all of them). Output (and, with ``new_kv``, both
-    caches) equal the launch of a program per (sequence, kv head) with every tile through the masked loop
+    caches, the grouped launch reading its slots from the block table) equal the launch of a program per (sequence,
+    kv head), given the slots, with every tile through the masked loop
     (``one_loop``) bit for bit, under a window, soft-capping, sinks and a longest-first order, and the reference within
     the backend's tolerance; with splits asked for, the launch keeps its split programs."""
     dtype, tol = backend
@@ -775,7 +780,7 @@ def test_decode_programs_over_kv_head_groups_equal_a_program_per_head(backend, w
         out = torch.full(args["q"].shape, float("nan"), dtype=dtype, device=DEVICE)
         tpa.paged_attention(args["q"], kc, vc, args["block_tables"], args["seq_lens"], args["query_start_loc"], 1,
                             0.2, sliding_window=window, softcap=softcap, out=out, num_kv_splits=1, sinks=sinks,
-                            new_kv=(k, v, slots) if fused else None)
+                            new_kv=(k, v, slots if tuning.get("one_loop") else None) if fused else None)
         runs.append((out, kc, vc))
     group = per_program if kv_heads % per_program == 0 else kv_heads
     assert launched == [(T, kv_heads // group)]

@@ -23,7 +23,9 @@ ATTN_NAME = "async_batching_paged"
 class AttentionMetadata:
     """Device tensors describing one packed step (see the Triton kernel for their meaning)."""
 
-    slot_mapping: torch.Tensor  # int64 [T]: flat cache slot of each token's K/V
+    # int64 [T]: flat cache slot of each token's K/V; None: made by ``slot_fn`` where first needed (``slots()``), and
+    # a decode launch with the fused write reads each row's slot from its block-table row instead (DECODE_SLOTS_IN_KERNEL)
+    slot_mapping: Optional[torch.Tensor]
     query_start_loc: torch.Tensor  # int32 [B+1]
     seq_lens: torch.Tensor  # int32 [B]: context length after this step
     block_tables: torch.Tensor  # int32 [B, W]
@@ -36,6 +38,13 @@ class AttentionMetadata:
     heads_per_program: int = 0  # decode launches: Triton programs over groups of kv heads (DECODE_HEADS_PER_PROGRAM)
     # (seq [N], blk [N], block_q): a flat launch's query blocks (``q_block_table``; prefill graph steps), else None
     q_blocks: Optional[tuple] = None
+    slot_fn: Optional[Callable[[], torch.Tensor]] = None  # makes ``slot_mapping`` where it is None (``slots()``)
+
+    def slots(self) -> torch.Tensor:
+        """The step's slot mapping, made (once) by ``slot_fn`` if the step was staged without one."""
+        if self.slot_mapping is None and self.slot_fn is not None:
+            self.slot_mapping = self.slot_fn()
+        return self.slot_mapping
 
 
 class StepContext:
@@ -73,6 +82,13 @@ DECODE_LONGEST_FIRST = True
 # default since session 18, with the fused write (see FUSED_DECODE_WRITE). Like the two flags above, read when an
 # engine is built.
 DECODE_MAXNREG = 96
+# Decode steps staged without a slot mapping: the attention kernel's fused write finds each row's cache slot in its
+# block-table row at position ``seq_lens - 1`` (``paged_attention``'s ``new_kv`` with slots None), and the slot mapping
+# is made only where something else needs it (``AttentionMetadata.slots()``: the unfused write). A decode graph made
+# it with seven small kernels before the first layer (an int64 cast of the rows, the table lookup and its cast, the
+# block and offset arithmetic: about 19 us of W1's 512-row forward on the H200, session 24's probe). Off: variant
+# ``ours_async_graph_slots``. Read when an engine is built.
+DECODE_SLOTS_IN_KERNEL = True
 # Warps of a decode program of the Triton kernel at 16-bit head dims up to 64, with 64-key tiles
 # (``paged_attention(decode_warps=)``), capped at DECODE_WARPS_MAXNREG registers; 0: the kernel's 4 warps over
 # 128-key tiles, capped at DECODE_MAXNREG. Short contexts (W1's 64..768 keys) are a few tiles a program, and smaller
@@ -170,8 +186,9 @@ def _attend(ctx: StepContext, query, key, value, layer: int, scale: float, windo
     meta = ctx.meta
     if (ctx.fused_write and meta.max_query_len == 1 and meta.q_blocks is None and k.stride(-1) == 1
             and v.stride(-1) == 1):
+        # slot_mapping None (a decode step staged without one): the kernel reads each row's slot from its table row
         return ctx.kernel(q, kc, vc, meta, scale, window, softcap, sinks, new_kv=(k, v, meta.slot_mapping))
-    ctx.write(k, v, kc, vc, meta.slot_mapping)
+    ctx.write(k, v, kc, vc, meta.slots())
     return ctx.kernel(q, kc, vc, meta, scale, window, softcap, sinks)
 
 

@@ -152,6 +152,8 @@ class ModelRunner:
         self.decode_warps = attention.DECODE_WARPS if self.backend == "triton" else 0
         self.decode_warps_maxnreg = attention.DECODE_WARPS_MAXNREG if self.decode_warps else 0
         self.decode_heads = attention.DECODE_HEADS_PER_PROGRAM if self.backend == "triton" else 0
+        # decode steps' slot mapping left to the fused write, made only where something else needs it
+        self.slots_in_kernel = self.ctx.fused_write and attention.DECODE_SLOTS_IN_KERNEL
         # The attention kernel's KV-split merge counters: this runner's launches are ordered on one stream and each
         # leaves them at zero, so one buffer serves every step and every captured graph.
         self.split_counters = None
@@ -538,12 +540,18 @@ class ModelRunner:
         (advanced indexing, ``index_select``): in a decode graph every cast is a kernel."""
         seg = lambda n: self._seg(buf, lay, n)[lo:hi]  # noqa: E731
         pos = seg("positions").long() if pos is None else pos
-        blk = self.block_table[seg("token_rows"), pos // self.block_size].long()
+
+        def slots() -> torch.Tensor:
+            blk = self.block_table[seg("token_rows"), pos // self.block_size].long()
+            return blk * self.block_size + pos % self.block_size
+
         qsl = self._seg(buf, lay, "query_start_loc")[lo:None if hi is None else hi + 1]
         seq_lens = seg("seq_lens")
         decode = lay.max_query_len == 1
+        lazy = decode and self.slots_in_kernel and "qb_seq" not in lay.offsets
         return AttentionMetadata(
-            slot_mapping=blk * self.block_size + pos % self.block_size,
+            slot_mapping=None if lazy else slots(),
+            slot_fn=slots if lazy else None,
             query_start_loc=qsl - lo if lo else qsl,
             seq_lens=seq_lens,
             block_tables=self.block_table.index_select(0, seg("seq_rows")),
@@ -586,7 +594,9 @@ class ModelRunner:
         ``counters``: the attention kernel's split counters of a launch that may run beside the runner's own."""
         assert (lo, hi) == (0, None) or lay.max_query_len == 1, "a row range needs a decode step (one token a row)"
         ids, pos, keep = self._inputs(buf, lay, lo, hi, counters)
-        if lo:
+        if lay.graph_batch and GRAPH_KEEP_ALL:  # a decode graph keeps every row, in order (staged as 0..batch-1)
+            keep = None
+        elif lo:
             keep = keep - lo
         kw = {attention.STEP_KWARG: self.ctx}
         if self._compiled is not None:
@@ -655,6 +665,9 @@ class ModelRunner:
         # views of the device buffers) stays referenced from the thread once it returns
         attention.activate(kw.get(attention.STEP_KWARG))
         try:
+            if keep is None:  # every row (logits_to_keep=0: all of them, no gather)
+                kw = {**kw, "logits_to_keep": 0} if self._keep_arg else kw
+                return call(input_ids=ids, position_ids=pos, use_cache=False, **kw).logits[0]
             if self._keep_arg:
                 return call(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep, **kw).logits[0]
             return call(input_ids=ids, position_ids=pos, use_cache=False, **kw).logits[0].index_select(0, keep)
@@ -935,6 +948,11 @@ PREFILL_COMPILE_MIN_WORK = 0.0
 # 24,572 on the H200, session 16), at 7-17 s more start-up (a second compile of the layers; session 18: W1 49 s
 # against 39, W7 61 against 44).
 PREFILL_OWN_COMPILE = True
+# Decode graphs keep every row's logits (``logits_to_keep=0``): their kept rows are staged as 0..batch-1, so the gather
+# of the kept rows' hidden states (and its index cast) did nothing but cost two kernels before the LM head (about 5
+# us of W1's 512-row forward on the H200, session 24's probe). Off: variant ``ours_async_graph_slots``. Read when a
+# forward is traced or captured.
+GRAPH_KEEP_ALL = True
 # Prefill and mixed steps replayed from CUDA graphs, one per token bucket (``prefill_graph_buckets``: the step budget
 # and up to PREFILL_GRAPH_BUCKETS - 1 smaller ones, the k-th ~ budget / sqrt(2)^k, none under
 # PREFILL_GRAPH_MIN_TOKENS); a step is padded to the smallest bucket it fits if that at most doubles its tokens and

@@ -96,6 +96,21 @@ def _attend_tile(q, k_ptr, v_ptr, bt_row, start, hi, q_pos, row_valid, offs_d, d
 
 
 @triton.jit
+def _new_slot(slot_ptr, block_tables_ptr, stride_bt, seq, token, seq_len, BLOCK_SIZE: tl.constexpr,
+              SLOT_FROM_TABLE: tl.constexpr):
+    """Cache slot of a decode row's new token: ``slot[token]``, or (SLOT_FROM_TABLE) from the sequence's block-table
+    row at the token's position ``seq_len - 1``, as ``ModelRunner`` would compute the slot mapping (no kernels of its
+    own in the decode graph)."""
+    if SLOT_FROM_TABLE:
+        p = seq_len - 1
+        phys = tl.load(block_tables_ptr + seq.to(tl.int64) * stride_bt + p // BLOCK_SIZE).to(tl.int64)
+        slot = phys * BLOCK_SIZE + p % BLOCK_SIZE
+    else:
+        slot = tl.load(slot_ptr + token).to(tl.int64)
+    return slot
+
+
+@triton.jit
 def _store_new_kv(k_ptr, v_ptr, new_k_ptr, new_v_ptr, token, slot, kv_head, offs_d, d_valid,
                   stride_nkt, stride_nkh, stride_nvt, stride_nvh,
                   stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
@@ -144,6 +159,7 @@ def _paged_attention_kernel(
     HEADS_FIRST: tl.constexpr = False,
     USE_ORDER: tl.constexpr = False,
     WRITE_NEW: tl.constexpr = False,
+    SLOT_FROM_TABLE: tl.constexpr = False,
     ONE_LOOP: tl.constexpr = False,
     HEAVY_FIRST: tl.constexpr = False,
     FLAT: tl.constexpr = False,
@@ -233,7 +249,9 @@ def _paged_attention_kernel(
     if WRITE_NEW:
         if (lo <= seq_len - 1) & (seq_len - 1 < hi):
             t_new = q_start.to(tl.int64)
-            _store_new_kv(k_ptr, v_ptr, new_k_ptr, new_v_ptr, t_new, tl.load(slot_ptr + t_new).to(tl.int64), kv_head,
+            slot_new = _new_slot(slot_ptr, block_tables_ptr, stride_bt, seq, t_new, seq_len, BLOCK_SIZE,
+                                 SLOT_FROM_TABLE)
+            _store_new_kv(k_ptr, v_ptr, new_k_ptr, new_v_ptr, t_new, slot_new, kv_head,
                           offs_d, d_valid, stride_nkt, stride_nkh, stride_nvt, stride_nvh,
                           stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
                           BLOCK_SIZE)
@@ -350,6 +368,7 @@ def _paged_decode_heads_kernel(
     DOT_PRECISION: tl.constexpr,
     USE_ORDER: tl.constexpr = False,
     WRITE_NEW: tl.constexpr = False,
+    SLOT_FROM_TABLE: tl.constexpr = False,
 ):
     """Decode attention of one sequence's query (one token) for a group of ``heads`` kv heads (and their query
     heads): grid (sequences, kv heads / heads). The loop visits the group's first kv head's key tiles in order, then
@@ -377,7 +396,7 @@ def _paged_decode_heads_kernel(
         kv_begin = seq_len * 0
     n_tiles = tl.cdiv(seq_len - kv_begin, TILE_N)
     if WRITE_NEW:
-        slot = tl.load(slot_ptr + token).to(tl.int64)
+        slot = _new_slot(slot_ptr, block_tables_ptr, stride_bt, seq, token, seq_len, BLOCK_SIZE, SLOT_FROM_TABLE)
         for h in range(head0, head0 + heads):
             _store_new_kv(k_ptr, v_ptr, new_k_ptr, new_v_ptr, token, slot, h, offs_d, d_valid,
                           stride_nkt, stride_nkh, stride_nvt, stride_nvh,
@@ -535,7 +554,9 @@ def paged_attention(
     None, or too few for this launch: a zeroed buffer is made for the call.
     ``new_kv``: ``(k, v, slot_mapping)`` of a decode launch (``max_query_len == 1``; k, v ``[T, kv_heads, head_dim]``
     with a contiguous last dim): the kernel writes them into the cache itself before attending (``write_kv``'s work,
-    without its launch).
+    without its launch). ``slot_mapping`` None: row i's slot is the one its block-table row holds for its new token's
+    position ``seq_lens[i] - 1`` (``block_tables[i, p // block_size] * block_size + p % block_size``), so a decode
+    step needs no slot mapping of its own.
     ``order``: int32 ``[B]``, a permutation of the sequences: the launch's i-th sequence is ``order[i]`` (the GPU starts
     programs in grid order; ``attention.DECODE_LONGEST_FIRST`` passes the longest contexts first).
     ``maxnreg``: a register cap for ptxas on decode launches at head dims up to 64 (``attention.DECODE_MAXNREG``; at
@@ -649,11 +670,15 @@ def paged_attention(
     if split_counters is None:
         split_counters = _unused_counters(q.device)
 
+    slot_from_table = False
     if new_kv is not None:
         new_k, new_v, new_slots = new_kv
         assert max_query_len == 1, "new_kv: decode launches only (one query a sequence)"
-        assert new_k.shape == new_v.shape == (T, num_kv_heads, head_dim) and new_slots.shape == (T,)
+        assert new_k.shape == new_v.shape == (T, num_kv_heads, head_dim)
+        assert new_slots is None or new_slots.shape == (T,)
         assert new_k.stride(2) == 1 and new_v.stride(2) == 1, "new_kv: k and v need a contiguous last dim"
+        if new_slots is None:  # each row's slot from its block-table row at position seq_len - 1
+            slot_from_table, new_slots = True, seq_lens
     else:
         new_k = new_v = new_slots = seq_lens  # never read
     heads = int(TUNING.get("heads_per_program", heads_per_program)) if TUNING else heads_per_program
@@ -679,7 +704,7 @@ def paged_attention(
     flags = dict(USE_WINDOW=sliding_window > 0, USE_SOFTCAP=softcap > 0, USE_SINKS=sinks is not None,
                  # fp32 models want fp32 accuracy (TF32 would miss the reference by ~1e-3); 16-bit inputs ignore this.
                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                 USE_ORDER=order is not None, WRITE_NEW=new_kv is not None)
+                 USE_ORDER=order is not None, WRITE_NEW=new_kv is not None, SLOT_FROM_TABLE=slot_from_table)
     if grouped:
         _paged_decode_heads_kernel[(B, num_kv_heads // heads)](
             q, k_cache, v_cache, out, *tensors, *strides, heads,

@@ -44,6 +44,7 @@ from triton.compiler import ASTSource, compile as triton_compile, make_backend  
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from async_batching import triton_paged_attention as tpa  # noqa: E402
+from async_batching import attention  # noqa: E402
 from async_batching.attention import AttentionMetadata, decode_order  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -162,7 +163,9 @@ def _attend(step, fused_write=False, sinks=False, window=0, softcap=0.0, longest
     tpa.paged_attention(q, kc, vc, meta.block_tables, meta.seq_lens, meta.query_start_loc, meta.max_query_len, 0.125,
                         sliding_window=window, softcap=softcap, split_counters=meta.split_counters,
                         sinks=torch.zeros(q.shape[1], dtype=torch.float32) if sinks else None,
-                        new_kv=(k, v, meta.slot_mapping) if fused_write else None,
+                        # the engine's decode steps leave the slots to the kernel (attention.DECODE_SLOTS_IN_KERNEL)
+                        new_kv=(k, v, None if attention.DECODE_SLOTS_IN_KERNEL else meta.slot_mapping)
+                        if fused_write else None,
                         order=decode_order(meta.seq_lens) if longest_first else None, maxnreg=maxnreg,
                         decode_warps=decode_warps, decode_warps_maxnreg=decode_warps_maxnreg,
                         q_blocks=meta.q_blocks)

@@ -637,6 +637,14 @@ class OursAsyncTritonArgmax(_OursAsyncBuiltWith):
     patches = {("sampling", "TRITON_ARGMAX"): True}
 
 
+class OursAsyncGraphSlots(_OursAsyncBuiltWith):
+    """``ours_async`` with a decode graph's inputs as until session 24: the slot mapping made in the graph before the
+    first layer (``attention.DECODE_SLOTS_IN_KERNEL`` off: seven small kernels) and the kept rows gathered before the
+    LM head (``model_runner.GRAPH_KEEP_ALL`` off: two kernels)."""
+
+    patches = {("attention", "DECODE_SLOTS_IN_KERNEL"): False, ("model_runner", "GRAPH_KEEP_ALL"): False}
+
+
 class OursAsyncTwoPassMass(_OursAsyncBuiltWith):
     """``ours_async`` with the full draw's mass kernel in its two-pass form (``triton_sampling.ONE_PASS_MASS`` off,
     the default until session 24): each chunk read once for its largest logit and again for its weights. The graphs
@@ -983,6 +991,7 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_decode_heads2": OursAsyncDecodeHeads2,
     "ours_async_triton_argmax": OursAsyncTritonArgmax,
     "ours_async_two_pass_mass": OursAsyncTwoPassMass,
+    "ours_async_graph_slots": OursAsyncGraphSlots,
     "ours_async_admit_each": OursAsyncAdmitEach,
     "ours_async_admit_auto": OursAsyncAdmitAuto,
     "ours_async_admit_16": OursAsyncAdmit16,
