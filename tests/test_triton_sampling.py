@@ -79,7 +79,8 @@ def test_fused_bucket_of_ties_draws_members_outside_the_candidates(sp):
 def test_triton_argmax_equals_torch_argmax_with_ties_infinities_and_nans(dtype, V):
     """``argmax_into`` (greedy steps' tokens, written as int32 into a buffer, from logits with a row stride) gives
     torch.argmax's index on every row: the first of tied maxima wherever they fall (one chunk, chunks apart), rows of
-    -inf only, +inf, and NaN (torch's largest: the first NaN wins, even over +inf, in any chunk)."""
+    -inf only, +inf, NaN (torch's largest: the first NaN wins, even over +inf, in any chunk), negative maxima, and
+    -0.0 tied with 0.0."""
     g = torch.Generator().manual_seed(5)
     x = torch.randint(-50, 50, (12, V + 7), generator=g).float()
     x[0, 3] = x[0, 5000 % V] = x[0, V - 1] = 99  # ties: the first
@@ -93,6 +94,11 @@ def test_triton_argmax_equals_torch_argmax_with_ties_infinities_and_nans(dtype, 
     x[7, V - 1] = float("nan")  # a NaN in the last chunk beats every number before it
     x[8, :] = float("-inf")
     x[8, V - 1] = -1e30  # the only finite value, in the last chunk
+    x[9, :] = -3.0
+    x[9, [V - 1, 7]] = 0.0
+    x[9, 2] = -0.0  # -0.0 and 0.0 tie (torch compares them equal): the first
+    x[10, :] = -5.0
+    x[10, [V // 2, V - 4]] = -1.0  # negative maxima: the first
     x = x.to(dtype).to(DEVICE)[:, :V]  # a row stride longer than the row
     out = torch.full((16,), -1, dtype=torch.int32, device=DEVICE)
     got = triton_sampling.argmax_into(x, out)

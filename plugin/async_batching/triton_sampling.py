@@ -13,9 +13,11 @@ launches).
   program per row over the whole row (the kernel this replaced) left the GPU mostly idle: 0.25 ms of a W7 step.
 - ``_argmax_chunk_kernel`` + ``_argmax_merge_kernel``: greedy rows, ``torch.argmax``'s answer (the first of tied
   maxima; a NaN counts as the largest, the first NaN wins) written as int32 into the step's token buffer: one program
-  per (row, chunk of 4,096 ids), then one per row over its chunks. Off by default (``sampling.TRITON_ARGMAX``): its
-  first form, one program per row over the whole row, took 43 us of a W1 decode forward on the H200 (512 rows of
-  49,152 bf16 logits) against torch's 37 us, and this form 47 us against 39 (session 21).
+  per (row, chunk of 4,096 ids), then one per row over its chunks. Each value and its index are packed into one
+  int64 (an order-preserving key of the float above the index's complement), so a chunk's and a row's answers are
+  one integer max each. Off by default (``sampling.TRITON_ARGMAX``): its first form, one program per row over the
+  whole row, took 43 us of a W1 decode forward on the H200 (512 rows of 49,152 bf16 logits) against torch's 37 us,
+  and a chunked form with two index-tracking reductions a chunk 47 us against 39 (session 21).
 """
 
 from __future__ import annotations
@@ -306,57 +308,49 @@ def draw_full(x: torch.Tensor, rows, temperature, min_p, lo, hi) -> torch.Tensor
 
 
 @triton.jit(do_not_specialize=["V", "C", "stride_x"], do_not_specialize_on_alignment=["x_ptr"])
-def _argmax_chunk_kernel(x_ptr, stride_x, val_ptr, idx_ptr, V, C, CHUNK: tl.constexpr):
-    """Chunk ``c`` of row ``r``: its largest value (NaN if it holds one) and that value's first index."""
+def _argmax_chunk_kernel(x_ptr, stride_x, key_ptr, V, C, CHUNK: tl.constexpr):
+    """Chunk ``c`` of row ``r``: the largest of its packed keys (``_argmax_keys``), one integer max."""
     r = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     v = c * CHUNK + tl.arange(0, CHUNK)
     ok = v < V
     x = tl.load(x_ptr + r * stride_x + v, mask=ok, other=float("-inf")).to(tl.float32)
-    nan = ((x != x) & ok).to(tl.int32)
-    clean = tl.where(nan > 0, float("-inf"), x)
-    # the first NaN, else the first index of the largest (a chunk of -inf only: its first index, a valid one)
-    has_nan = tl.max(nan, 0) > 0
-    first = c * CHUNK + tl.where(has_nan, tl.argmax(nan, 0, tie_break_left=True),
-                                 tl.argmax(clean, 0, tie_break_left=True))
-    tl.store(val_ptr + r * C + c + tl.arange(0, 1), tl.where(has_nan, float("nan"), tl.max(clean, 0)))
-    tl.store(idx_ptr + r * C + c + tl.arange(0, 1), first)
+    x = tl.where(x == 0.0, 0.0, x)  # -0.0 as +0.0: torch counts them equal (the first wins)
+    bits = x.to(tl.int32, bitcast=True)
+    # order-preserving unsigned key of a float: negatives' bits all flipped, positives' sign bit set; NaN the largest
+    key = (bits ^ ((bits >> 31) | -2147483648)).to(tl.uint32, bitcast=True).to(tl.int64)
+    key = tl.where(x != x, tl.zeros_like(key) + 4294967295, key)
+    # key in the high bits, the index's complement in the low 31: the largest value, then the first index, wins
+    packed = tl.where(ok, (key << 31) | (2147483647 - v).to(tl.int64), -1)
+    tl.store(key_ptr + r * C + c + tl.arange(0, 1), tl.max(packed, 0) + tl.zeros([1], dtype=tl.int64))
 
 
 # The token buffer's rows of a window's later draws start at any offset: no alignment specialisation (a second
 # compiled variant in the middle of a run).
 @triton.jit(do_not_specialize=["C"], do_not_specialize_on_alignment=["out_ptr"])
-def _argmax_merge_kernel(val_ptr, idx_ptr, out_ptr, C, CP: tl.constexpr):
-    """Row ``r``'s argmax from its chunks' (in vocab order): the first chunk holding a NaN, else the smallest first
-    index among the chunks holding the row's largest value."""
+def _argmax_merge_kernel(key_ptr, out_ptr, C, CP: tl.constexpr):
+    """Row ``r``'s argmax: the largest of its chunks' packed keys, unpacked to its index."""
     r = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, CP)
-    ok = c < C
-    val = tl.load(val_ptr + r * C + c, mask=ok, other=float("-inf"))
-    idx = tl.load(idx_ptr + r * C + c, mask=ok, other=2147483647)
-    nan = (val != val) & ok
-    has_nan = tl.max(nan.to(tl.int32), 0) > 0
-    top = tl.max(tl.where(nan, float("-inf"), val), 0)
-    hit = tl.where(has_nan, nan, ok & (val == top))
-    tl.store(out_ptr + r + tl.arange(0, 1), tl.min(tl.where(hit, idx, 2147483647), 0))
+    best = tl.max(tl.load(key_ptr + r * C + c, mask=c < C, other=-1), 0)
+    tl.store(out_ptr + r + tl.arange(0, 1), (2147483647 - (best & 2147483647)).to(tl.int32) + tl.zeros([1], tl.int32))
 
 
-# 4,096 ids a program over 4 warps: 96 registers a thread for sm_90, 5 programs an SM, so 40 KB of a row's logits in
-# flight an SM (8 warps: 59 registers, 4 programs, 32 KB; compiled without a GPU, kernel_preflight's way).
+# Ids a program of the chunk kernel reads (ARGMAX_WARPS warps).
 _ARGMAX_CHUNK = 4096
+ARGMAX_WARPS = 4
 
 
 def argmax_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out[:R] = x.argmax(-1)`` as int32 for logits ``x`` ``[R, V]`` (a row stride of any size, unit column stride):
     one program per (row, chunk of ``_ARGMAX_CHUNK`` ids), then one per row over its chunks; returns ``out[:R]``."""
     R, V = x.shape
-    assert x.stride(1) == 1 and out.dtype == torch.int32 and out.numel() >= R
+    assert x.stride(1) == 1 and out.dtype == torch.int32 and out.numel() >= R and V < 2**31
     if R:
         C = triton.cdiv(V, _ARGMAX_CHUNK)
-        val = torch.empty((R, C), dtype=torch.float32, device=x.device)
-        idx = torch.empty((R, C), dtype=torch.int32, device=x.device)
-        _argmax_chunk_kernel[(R, C)](x, x.stride(0), val, idx, V, C, CHUNK=_ARGMAX_CHUNK, num_warps=4)
-        _argmax_merge_kernel[(R,)](val, idx, out, C, CP=max(16, triton.next_power_of_2(C)), num_warps=1)
+        keys = torch.empty((R, C), dtype=torch.int64, device=x.device)
+        _argmax_chunk_kernel[(R, C)](x, x.stride(0), keys, V, C, CHUNK=_ARGMAX_CHUNK, num_warps=ARGMAX_WARPS)
+        _argmax_merge_kernel[(R,)](keys, out, C, CP=max(16, triton.next_power_of_2(C)), num_warps=1)
     return out[:R]
 
 

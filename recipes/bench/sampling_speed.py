@@ -195,6 +195,47 @@ def draw_full_forms(batches, V: int, reps: int = 50) -> None:
         print(f"| {B} | {V} | " + " | ".join(cells) + " |")
 
 
+def argmax_forms(shapes, reps: int = 50) -> None:
+    """Greedy tokens from bf16 logits: torch's argmax with its int32 cast and copy into the token buffer, against
+    ``triton_sampling.argmax_into`` (packed keys) at a few chunk sizes and warp counts, each timed as CUDA-graph replays:
+    us a draw, the logits' read rate, and whether the tokens equal torch's."""
+    from async_batching import triton_sampling as ts
+
+    def graph_us(fn):
+        fn()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        for _ in range(3):
+            g.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            g.replay()
+        end.record()
+        torch.cuda.synchronize()
+        return 1e3 * start.elapsed_time(end) / reps
+
+    forms = [(4096, 4), (4096, 8), (8192, 8), (2048, 4)]
+    chunk0, warps0 = ts._ARGMAX_CHUNK, ts.ARGMAX_WARPS
+    print("\n| rows | V | torch argmax + cast + copy us | " + " | ".join(f"packed, {c} ids, {w} warps us" for c, w in forms)
+          + " | same tokens |")
+    print("|---|---|---|" + "---|" * len(forms) + "---|")
+    for B, V in shapes:
+        x = (torch.randn(B, V, device="cuda") * 2.5).to(torch.bfloat16)
+        out = torch.empty(B, dtype=torch.int32, device="cuda")
+        want = x.argmax(-1)
+        cells, same = [f"{graph_us(lambda: out.copy_(x.argmax(-1).to(torch.int32))):.1f}"], True
+        for chunk, warps in forms:
+            ts._ARGMAX_CHUNK, ts.ARGMAX_WARPS = chunk, warps
+            us = graph_us(lambda: ts.argmax_into(x, out))
+            same &= out.long().tolist() == want.tolist()
+            cells.append(f"{us:.1f} ({B * V * 2 / (us * 1e-6) / 1e12:.2f} TB/s)")
+        ts._ARGMAX_CHUNK, ts.ARGMAX_WARPS = chunk0, warps0
+        print(f"| {B} | {V} | " + " | ".join(cells) + f" | {same} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON file to write")
@@ -207,9 +248,14 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--draw-full-forms", action="store_true",
                     help="only time the full draw's two mass-kernel forms (CUDA graphs, --batches, the last vocab)")
+    ap.add_argument("--argmax-forms", action="store_true",
+                    help="only time greedy tokens: torch's argmax against the packed-key Triton argmax's forms")
     args = ap.parse_args()
     if args.draw_full_forms:
         draw_full_forms(args.batches, args.vocabs[-1])
+        return
+    if args.argmax_forms:
+        argmax_forms([(512, 49152), (256, 128256), (64, 128256), (32, 128256)])
         return
     device = torch.device(args.device)
     rng = np.random.default_rng(0)
