@@ -373,7 +373,10 @@ def sampling_inputs(plan: SamplingPlan, seg: Callable[[str], torch.Tensor], sub:
 # writes the int32 tokens where the step keeps them, instead of torch's argmax, a cast and a copy. Off: on the H200
 # (session 20) its first kernel, one program per row, took 43 us of a W1 decode forward against torch's 37 us (the
 # tokens of the whole W1 run identical); the chunked kernel that replaced it took 47 us against 39 (session 21,
-# steady profiled forward; W1 152,376 against 154,081 out tok/s, medians of 2). Variant ``ours_async_triton_argmax``.
+# steady profiled forward; W1 152,376 against 154,081 out tok/s, medians of 2). Session 24's packed-key form (one
+# integer max a chunk) times as torch does at 512 rows (38.4 against 38.4 us, 49,152 bf16 logits) and 2x-3x faster at
+# 32-64 rows of 128,256 (9.7 against 30.5 us), in CUDA graphs on the H200; end to end equal (W1 157,112 against
+# 157,740, W2 54,734 against 54,904 out tok/s, medians of 3). Variant ``ours_async_triton_argmax``.
 # Read when an engine is built (its executor passes ``out`` or not).
 TRITON_ARGMAX = False
 

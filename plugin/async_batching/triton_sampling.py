@@ -11,9 +11,11 @@ launches).
   chunk's largest logit and mass in one pass over it (with min-p: a pass for the row's largest logit, then one for the
   kept mass), then one program per row picks the chunk and the token inside it (a second pass over one chunk). One
   program per row over the whole row (the kernel this replaced) left the GPU mostly idle: 0.25 ms of a W7 step.
+  Without min-p each chunk is loaded once (``ONE_PASS_MASS``): 45.4 against 68.3 us at 256 rows of 151,936 bf16
+  logits on the H200 (session 24), the same tokens; W7 end to end equal (25,038 against 25,059 out tok/s).
 - ``_argmax_chunk_kernel`` + ``_argmax_merge_kernel``: greedy rows, ``torch.argmax``'s answer (the first of tied
   maxima; a NaN counts as the largest, the first NaN wins) written as int32 into the step's token buffer: one program
-  per (row, chunk of 4,096 ids), then one per row over its chunks. Each value and its index are packed into one
+  per (row, chunk of 2,048 ids), then one per row over its chunks. Each value and its index are packed into one
   int64 (an order-preserving key of the float above the index's complement), so a chunk's and a row's answers are
   one integer max each. Off by default (``sampling.TRITON_ARGMAX``): its first form, one program per row over the
   whole row, took 43 us of a W1 decode forward on the H200 (512 rows of 49,152 bf16 logits) against torch's 37 us,
@@ -166,7 +168,9 @@ _CHUNK = 2 * _TILE  # vocab ids per program of the full draw's first pass
 # Rows without min-p: each mass program loads its chunk once (a tile of the whole chunk: its largest logit, then its
 # weights from registers) instead of one pass for the largest logit and a second for the weights. The draw kernel
 # recomputes the chosen chunk's weights with the same expression, so the tokens drawn are the same up to the float64
-# sum's rounding at a chunk's edge (which the draw already tolerates). False: the two-pass form.
+# sum's rounding at a chunk's edge (which the draw already tolerates). False: the two-pass form (variant
+# ``ours_async_two_pass_mass``). On the H200 (session 24, the draw alone in CUDA graphs, 151,936 ids): 1.17-1.50x at
+# 32-256 rows (68.3 -> 45.4 us at 256), the same tokens; chunks of 8,192 ids were no faster.
 ONE_PASS_MASS = True
 
 
@@ -336,8 +340,10 @@ def _argmax_merge_kernel(key_ptr, out_ptr, C, CP: tl.constexpr):
     tl.store(out_ptr + r + tl.arange(0, 1), (2147483647 - (best & 2147483647)).to(tl.int32) + tl.zeros([1], tl.int32))
 
 
-# Ids a program of the chunk kernel reads (ARGMAX_WARPS warps).
-_ARGMAX_CHUNK = 4096
+# Ids a program of the chunk kernel reads, over ARGMAX_WARPS warps: on the H200 (session 24, CUDA graphs) 2,048 ids
+# over 4 warps was the fastest or tied of 2,048-8,192 ids over 4-8 warps at 32-512 rows (38.4 us at 512 x 49,152
+# bf16, where 8,192 over 8 warps took 50.0).
+_ARGMAX_CHUNK = 2048
 ARGMAX_WARPS = 4
 
 
