@@ -589,6 +589,21 @@ def test_size_oblivious_tracing_compiles_one_graph_per_module_that_serves_every_
     assert graphs == {False: 6, True: 3}, graphs  # layer, norm, rotary: twice each by default, once size-obliviously
 
 
+def _generate_checking_metadata(b, model, monkeypatch, check, prompts, new_tokens):
+    """Greedy ``generate`` through engine ``b`` with ``check(buf, lay, meta)`` run on every forward's attention
+    metadata as the runner makes it; the tokens must equal ``generate``'s."""
+    real = b.runner._metadata
+
+    def checked(buf, lay, *a, **k):
+        meta = real(buf, lay, *a, **k)
+        check(buf, lay, meta)
+        return meta
+
+    monkeypatch.setattr(b.runner, "_metadata", checked)
+    out = b.generate(prompts, SamplingParams(max_new_tokens=new_tokens))
+    assert [r.token_ids for r in out] == [reference(model, p, new_tokens, eos=2) for p in prompts]
+
+
 @pytest.mark.parametrize("window", [1, 3], ids=["one-forward-a-step", "decode-windows"])
 def test_decode_steps_carry_a_longest_first_order_and_the_register_cap_into_attention(model, monkeypatch, window):
     """``attention.DECODE_LONGEST_FIRST``, ``DECODE_MAXNREG``, ``DECODE_WARPS`` with ``DECODE_WARPS_MAXNREG``, and
@@ -609,10 +624,8 @@ def test_decode_steps_carry_a_longest_first_order_and_the_register_cap_into_atte
     b.runner.decode_warps_maxnreg, b.runner.decode_heads = 80, 3
     monkeypatch.setattr(attention, "DECODE_LONGEST_FIRST", False)  # read once: changing it now changes nothing
     seen = {"decode": 0, "prefill": 0, "windowed": 0}
-    real = b.runner._metadata
 
-    def checked(buf, lay, *a, **k):
-        meta = real(buf, lay, *a, **k)
+    def check(buf, lay, meta):
         if lay.max_query_len == 1:
             lens, order = meta.seq_lens.tolist(), meta.order.tolist()
             assert sorted(order) == list(range(len(lens))) and meta.maxnreg == 96 and meta.decode_warps == 2
@@ -625,12 +638,8 @@ def test_decode_steps_carry_a_longest_first_order_and_the_register_cap_into_atte
             assert meta.order is None and meta.maxnreg == meta.decode_warps == meta.heads_per_program == 0
             assert meta.decode_warps_maxnreg == 0
             seen["prefill"] += 1
-        return meta
 
-    monkeypatch.setattr(b.runner, "_metadata", checked)
-    prompts = mixed_prompts(8, lo=3, hi=50, seed=4)
-    out = b.generate(prompts, SamplingParams(max_new_tokens=6))
-    assert [r.token_ids for r in out] == [reference(model, p, 6, eos=2) for p in prompts]
+    _generate_checking_metadata(b, model, monkeypatch, check, mixed_prompts(8, lo=3, hi=50, seed=4), 6)
     assert seen["decode"] > 0 and seen["prefill"] > 0 and (seen["windowed"] > 0) == (window > 1), seen
 
 
@@ -644,10 +653,8 @@ def test_decode_steps_staged_without_slots_make_them_only_where_needed_and_equal
     assert b.runner.slots_in_kernel is False  # CPU: the torch path has no fused write
     b.runner.slots_in_kernel = True  # as the Triton backend reads it
     seen = {"lazy": 0, "eager": 0}
-    real = b.runner._metadata
 
-    def checked(buf, lay, *a, **k):
-        meta = real(buf, lay, *a, **k)
+    def check(buf, lay, meta):
         if lay.max_query_len == 1:
             assert meta.slot_mapping is None and meta.slot_fn is not None
             seg = lambda n: b.runner._seg(buf, lay, n).long()  # noqa: E731
@@ -659,12 +666,8 @@ def test_decode_steps_staged_without_slots_make_them_only_where_needed_and_equal
         else:
             assert meta.slot_mapping is not None and meta.slot_mapping.dtype == torch.int64
             seen["eager"] += 1
-        return meta
 
-    monkeypatch.setattr(b.runner, "_metadata", checked)
-    prompts = mixed_prompts(6, lo=3, hi=40, seed=5)
-    out = b.generate(prompts, SamplingParams(max_new_tokens=8))
-    assert [r.token_ids for r in out] == [reference(model, p, 8, eos=2) for p in prompts]
+    _generate_checking_metadata(b, model, monkeypatch, check, mixed_prompts(6, lo=3, hi=40, seed=5), 8)
     assert seen["lazy"] > 0 and seen["eager"] > 0, seen
 
 

@@ -154,22 +154,28 @@ def measure(fn, reps: int, device, sleep_cycles: int) -> tuple[float, float]:
     return statistics.median(gpu), statistics.median(host)
 
 
+def _graph_us(fn, reps: int) -> float:
+    """Microseconds of ``fn``'s kernels: called once (Triton compiles), captured in a CUDA graph, replayed ``reps``
+    times after 3 untimed replays (``bench.roofline.time_ms``)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench.roofline import time_ms
+
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return 1e3 * time_ms(g.replay, reps, warmup=3)
+
+
 def draw_full_forms(batches, V: int, reps: int = 50) -> None:
     """The full draw (rows without top-k) with the mass kernel's forms: ``triton_sampling.ONE_PASS_MASS`` off and on,
     and on with chunks of 8,192 ids (``_CHUNK``), timed as CUDA-graph replays of the draw alone: us a draw, the
     logits' read rate and whether each form drew the two-pass form's tokens."""
     from async_batching import triton_sampling as ts
-
-    def time_ms(fn, iters, warmup):
-        for _ in range(warmup):
-            fn()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / iters
 
     forms = {"two-pass, 4096": (False, 4096), "one-pass, 4096": (True, 4096), "one-pass, 8192": (True, 8192)}
     chunk0, one0 = ts._CHUNK, ts.ONE_PASS_MASS
@@ -183,12 +189,8 @@ def draw_full_forms(batches, V: int, reps: int = 50) -> None:
         cells, first = [], None
         for one_pass, chunk in forms.values():
             ts.ONE_PASS_MASS, ts._CHUNK = one_pass, chunk
-            out = ts.draw_full(x, None, temp, None, lo, hi)  # compiles
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                out = ts.draw_full(x, None, temp, None, lo, hi)
-            us = 1e3 * time_ms(g.replay, reps, warmup=3)
+            out = torch.empty(B, dtype=torch.int64, device="cuda")
+            us = _graph_us(lambda: out.copy_(ts.draw_full(x, None, temp, None, lo, hi)), reps)
             first = out.clone() if first is None else first
             cells.append(f"{us:.1f} ({B * V * 2 / (us * 1e-6) / 1e12:.2f}, {bool(torch.equal(out, first))})")
         ts._CHUNK, ts.ONE_PASS_MASS = chunk0, one0
@@ -202,20 +204,7 @@ def argmax_forms(shapes, reps: int = 50) -> None:
     from async_batching import triton_sampling as ts
 
     def graph_us(fn):
-        fn()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        for _ in range(3):
-            g.replay()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            g.replay()
-        end.record()
-        torch.cuda.synchronize()
-        return 1e3 * start.elapsed_time(end) / reps
+        return _graph_us(fn, reps)
 
     forms = [(4096, 4), (4096, 8), (8192, 8), (2048, 4)]
     chunk0, warps0 = ts._ARGMAX_CHUNK, ts.ARGMAX_WARPS
