@@ -86,7 +86,7 @@ DECODE_MAXNREG = 96
 # block-table row at position ``seq_lens - 1`` (``paged_attention``'s ``new_kv`` with slots None), and the slot mapping
 # is made only where something else needs it (``AttentionMetadata.slots()``: the unfused write). A decode graph made
 # it with seven small kernels before the first layer (an int64 cast of the rows, the table lookup and its cast, the
-# block and offset arithmetic: about 19 us of W1's 512-row forward on the H200, session 24's probe). Off: variant
+# block and offset arithmetic: about 21 us of kernels in W1's 512-row forward on the H200, session 24's probe). Off: variant
 # ``ours_async_graph_slots``. Read when an engine is built.
 DECODE_SLOTS_IN_KERNEL = True
 # Warps of a decode program of the Triton kernel at 16-bit head dims up to 64, with 64-key tiles
