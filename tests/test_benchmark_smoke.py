@@ -219,6 +219,27 @@ def test_step_probe_splits_a_compiled_prefill_steps_host_time_by_layer_of_the_st
         (w, 0) for w, _, _ in sections["256 budget, uncompiled"]["host_profile"]["layers"])
 
 
+def test_a_variant_of_settings_read_at_every_call_keeps_them_while_it_runs_and_scores(monkeypatch):
+    """``_OursAsyncRunWith``: a setting read at each draw (``ours_async_two_pass_mass``'s flag) must hold while the
+    engine runs and scores, not only while it is built (``_OursAsyncBuiltWith``), and be restored after each call."""
+    import async_batching.gc_freeze as gc_freeze
+
+    monkeypatch.syspath_prepend(str(ROOT / "recipes"))
+    from bench import variants
+
+    class Probe(variants._OursAsyncRunWith):
+        patches = {("gc_freeze", "FREEZE"): not gc_freeze.FREEZE}
+
+    seen = []
+    monkeypatch.setattr(variants.Ours, "run", lambda self, p, n: seen.append(("run", gc_freeze.FREEZE)) or "ran")
+    monkeypatch.setattr(variants.Ours, "score", lambda self, c, t: seen.append(("score", gc_freeze.FREEZE)) or "scored")
+    before = gc_freeze.FREEZE
+    probe = object.__new__(Probe)  # no engine: only the calls' settings matter here
+    assert probe.run([[1]], 1) == "ran" and probe.score([[1]], [[2]]) == "scored"
+    assert seen == [("run", not before), ("score", not before)] and gc_freeze.FREEZE is before
+    assert issubclass(variants.VARIANTS["ours_async_two_pass_mass"], variants._OursAsyncRunWith)
+
+
 def test_step_probe_refuses_a_variant_that_is_not_module_settings_and_names_those_that_are(tmp_path):
     """step_probe.py --variant takes the benchmark's variants of module settings (``_OursAsyncBuiltWith``); any other
     name stops it before a model is built, with the names it takes."""
@@ -228,6 +249,25 @@ def test_step_probe_refuses_a_variant_that_is_not_module_settings_and_names_thos
                             "--variant", bad], env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode != 0 and f"--variant {bad!r}: not a variant of module settings" in r.stderr
         assert "ours_async_decode_2warps" in r.stderr and "'static'" not in r.stderr.split("one of")[1]
+
+
+def test_step_probe_sequence_lists_the_middle_replays_first_and_last_kernels_with_the_idle_before_each():
+    """``--sequence HEAD,TAIL``: of ``reps`` replays' kernels (in any recorded order), the middle replay's, sorted by
+    start: its first HEAD and last TAIL rows with each kernel's us and the idle us since the previous one ended."""
+    sys.path[:0] = [str(ROOT / "recipes")]
+    try:
+        from bench.profiling import Trace
+        from bench.step_probe import _sequence
+    finally:
+        del sys.path[0]
+    t = Trace(run=(0, 10_000))
+    for r in (2, 0, 1):  # three replays of kernels k0..k3, recorded out of order
+        for k in range(4):
+            start = r * 1000 + k * 100 + (50 if k == 3 else 0)  # k3 starts 50 ns late
+            t.kernels.append((start, start + 40 + r))
+            t.names.append(f"k{k}")
+    rows = _sequence(t, 3, 2, 1).splitlines()[2:]
+    assert rows == ["| 0 | `k0` | 0.04 |  |", "| 1 | `k1` | 0.04 | 0.06 |", "| ... | | | |", "| 3 | `k3` | 0.04 | 0.11 |"]
 
 
 def test_step_probe_rates_are_the_steps_product_and_attention_flops_over_their_gpu_time():

@@ -548,7 +548,7 @@ class ModelRunner:
         qsl = self._seg(buf, lay, "query_start_loc")[lo:None if hi is None else hi + 1]
         seq_lens = seg("seq_lens")
         decode = lay.max_query_len == 1
-        lazy = decode and self.slots_in_kernel and "qb_seq" not in lay.offsets
+        lazy = decode and self.slots_in_kernel  # (a prefill graph's flat launch is never a decode step)
         return AttentionMetadata(
             slot_mapping=None if lazy else slots(),
             slot_fn=slots if lazy else None,

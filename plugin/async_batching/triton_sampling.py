@@ -12,7 +12,8 @@ launches).
   kept mass), then one program per row picks the chunk and the token inside it (a second pass over one chunk). One
   program per row over the whole row (the kernel this replaced) left the GPU mostly idle: 0.25 ms of a W7 step.
   Without min-p each chunk is loaded once (``ONE_PASS_MASS``): 45.4 against 68.3 us at 256 rows of 151,936 bf16
-  logits on the H200 (session 24), the same tokens; W7 end to end equal (25,038 against 25,059 out tok/s).
+  logits on the H200 (session 24), the same tokens; not yet timed end to end (session 24's W7 run of the two-pass
+  variant drew with the one-pass default: the variant set the flag only while the engine was built).
 - ``_argmax_chunk_kernel`` + ``_argmax_merge_kernel``: greedy rows, ``torch.argmax``'s answer (the first of tied
   maxima; a NaN counts as the largest, the first NaN wins) written as int32 into the step's token buffer: one program
   per (row, chunk of 2,048 ids), then one per row over its chunks. Each value and its index are packed into one
@@ -313,7 +314,7 @@ def draw_full(x: torch.Tensor, rows, temperature, min_p, lo, hi) -> torch.Tensor
 
 @triton.jit(do_not_specialize=["V", "C", "stride_x"], do_not_specialize_on_alignment=["x_ptr"])
 def _argmax_chunk_kernel(x_ptr, stride_x, key_ptr, V, C, CHUNK: tl.constexpr):
-    """Chunk ``c`` of row ``r``: the largest of its packed keys (``_argmax_keys``), one integer max."""
+    """Chunk ``c`` of row ``r``: the largest of its values' packed keys (below), one integer max."""
     r = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     v = c * CHUNK + tl.arange(0, CHUNK)

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 import types
 from dataclasses import dataclass
@@ -22,8 +24,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from async_batching.request import SamplingParams
-from async_batching.sampling import SamplingState, sample, sampling_inputs, stage_sampling, stream_seed
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # recipes/, for bench.*
+
+from async_batching.request import SamplingParams  # noqa: E402
+from async_batching.sampling import SamplingState, sample, sampling_inputs, stage_sampling, stream_seed  # noqa: E402
+from bench.roofline import time_ms  # noqa: E402
 
 CONFIGS = {
     "greedy": SamplingParams(temperature=0.0),
@@ -157,12 +162,6 @@ def measure(fn, reps: int, device, sleep_cycles: int) -> tuple[float, float]:
 def _graph_us(fn, reps: int) -> float:
     """Microseconds of ``fn``'s kernels: called once (Triton compiles), captured in a CUDA graph, replayed ``reps``
     times after 3 untimed replays (``bench.roofline.time_ms``)."""
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from bench.roofline import time_ms
-
     fn()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
@@ -203,9 +202,6 @@ def argmax_forms(shapes, reps: int = 50) -> None:
     us a draw, the logits' read rate, and whether the tokens equal torch's."""
     from async_batching import triton_sampling as ts
 
-    def graph_us(fn):
-        return _graph_us(fn, reps)
-
     forms = [(4096, 4), (4096, 8), (8192, 8), (2048, 4)]
     chunk0, warps0 = ts._ARGMAX_CHUNK, ts.ARGMAX_WARPS
     print("\n| rows | V | torch argmax + cast + copy us | " + " | ".join(f"packed, {c} ids, {w} warps us" for c, w in forms)
@@ -215,10 +211,10 @@ def argmax_forms(shapes, reps: int = 50) -> None:
         x = (torch.randn(B, V, device="cuda") * 2.5).to(torch.bfloat16)
         out = torch.empty(B, dtype=torch.int32, device="cuda")
         want = x.argmax(-1)
-        cells, same = [f"{graph_us(lambda: out.copy_(x.argmax(-1).to(torch.int32))):.1f}"], True
+        cells, same = [f"{_graph_us(lambda: out.copy_(x.argmax(-1).to(torch.int32)), reps):.1f}"], True
         for chunk, warps in forms:
             ts._ARGMAX_CHUNK, ts.ARGMAX_WARPS = chunk, warps
-            us = graph_us(lambda: ts.argmax_into(x, out))
+            us = _graph_us(lambda: ts.argmax_into(x, out), reps)
             same &= out.long().tolist() == want.tolist()
             cells.append(f"{us:.1f} ({B * V * 2 / (us * 1e-6) / 1e12:.2f} TB/s)")
         ts._ARGMAX_CHUNK, ts.ARGMAX_WARPS = chunk0, warps0

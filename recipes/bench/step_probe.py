@@ -191,7 +191,7 @@ def mid_decode(b, prompts: list[list[int]], forwards: int = 2, new_tokens: int =
     return ids
 
 
-def decode(b, prompts: list[list[int]], top: int, out: dict, reps: int = 50) -> None:
+def decode(b, prompts: list[list[int]], top: int, out: dict, reps: int = 50, sequence: tuple = ()) -> None:
     """Replay the decode graph that the latest decode step of ``prompts`` used, while they are still running (see
     ``mid_decode``): its inputs hold their block tables and contexts (their prompts' lengths plus a few tokens).
     Replaying after they finished read freed rows of the block table, so the K/V reads came from one cached block
@@ -229,9 +229,9 @@ def decode(b, prompts: list[list[int]], top: int, out: dict, reps: int = 50) -> 
           f"{rec['gap_us_per_kernel']:.2f} us between kernels on average\n")
     print("GPU ms by family: " + ", ".join(f"{k} {v:.3f}" for k, v in list(rec["by_family"].items())[:12]) + "\n")
     print(_table(rec["by_name"], reps, f"top {top}, per replay"))
-    if SEQUENCE:
+    if sequence:  # (head, tail): one replay's first and last kernels in order
         print("\nOne replay's kernels in order (its first and last ones):\n")
-        print(_sequence(tr, reps, *SEQUENCE))
+        print(_sequence(tr, reps, *sequence))
 
 
 def _sequence(trace, reps: int, head: int, tail: int) -> str:
@@ -253,9 +253,6 @@ def _sequence(trace, reps: int, head: int, tail: int) -> str:
             lines.append("| ... | | | |")
         prev_end = e
     return "\n".join(lines)
-
-
-SEQUENCE: tuple[int, int] = ()  # (head, tail) from --sequence: print one replay's kernels in order
 
 
 def runner_batch(b) -> int:
@@ -283,9 +280,6 @@ def main() -> None:
                     "kernels in launch order, with their times and the idle time between them")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    global SEQUENCE
-    if args.sequence:
-        SEQUENCE = tuple(int(x) for x in args.sequence.split(","))
     import contextlib
 
     import async_batching.compiled_layers as compiled_layers
@@ -336,7 +330,8 @@ def main() -> None:
             runner._compiled_prefill, runner.prefill_compile_min_tokens = compiled, threshold
     sizes = [int(x) for x in args.decode_sizes.split(",")] if args.decode_sizes else [wl.requests]
     for n in sizes:  # the decode step's fixed cost and its share of attention, by batch size
-        decode(b, wl.prompts()[:min(n, runner_batch(b))], args.top, out)
+        decode(b, wl.prompts()[:min(n, runner_batch(b))], args.top, out,
+               sequence=tuple(int(x) for x in args.sequence.split(",")) if args.sequence else ())
     b.close()
     if args.out:
         with open(args.out, "w") as f:

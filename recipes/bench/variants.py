@@ -532,6 +532,20 @@ class _OursAsyncBuiltWith(Ours):
             super().__init__(model, job)
 
 
+class _OursAsyncRunWith(_OursAsyncBuiltWith):
+    """``_OursAsyncBuiltWith`` for module settings read at every call instead of when the engine is built (a kernel
+    form chosen at each draw, outside the captured graphs): ``patches`` stay in place while the engine runs and
+    scores too, not only while it is built."""
+
+    def run(self, prompts, new_tokens):
+        with self.settings():
+            return super().run(prompts, new_tokens)
+
+    def score(self, contexts, continuations):
+        with self.settings():
+            return super().score(contexts, continuations)
+
+
 class OursAsyncGc(_OursAsyncBuiltWith):
     """``ours_async`` without the garbage-collector freeze after start-up (``gc_freeze.FREEZE`` off while this engine
     is built), to show what the freeze gives alone."""
@@ -645,10 +659,11 @@ class OursAsyncGraphSlots(_OursAsyncBuiltWith):
     patches = {("attention", "DECODE_SLOTS_IN_KERNEL"): False, ("model_runner", "GRAPH_KEEP_ALL"): False}
 
 
-class OursAsyncTwoPassMass(_OursAsyncBuiltWith):
+class OursAsyncTwoPassMass(_OursAsyncRunWith):
     """``ours_async`` with the full draw's mass kernel in its two-pass form (``triton_sampling.ONE_PASS_MASS`` off,
-    the default until session 24): each chunk read once for its largest logit and again for its weights. The graphs
-    captured at start-up keep the form; draws outside them after start-up take the default."""
+    the default until session 24): each chunk read once for its largest logit and again for its weights. The draws
+    run outside the decode graphs and read the flag at every draw, so it stays off while this engine runs (until
+    session 24's fix it was off only while the engine was built: its W7 run drew with the one-pass default)."""
 
     patches = {("triton_sampling", "ONE_PASS_MASS"): False}
 
