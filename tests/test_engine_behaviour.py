@@ -606,8 +606,8 @@ def _generate_checking_metadata(b, model, monkeypatch, check, prompts, new_token
 
 @pytest.mark.parametrize("window", [1, 3], ids=["one-forward-a-step", "decode-windows"])
 def test_decode_steps_carry_a_longest_first_order_and_the_register_cap_into_attention(model, monkeypatch, window):
-    """``attention.DECODE_LONGEST_FIRST``, ``DECODE_MAXNREG``, ``DECODE_WARPS`` with ``DECODE_WARPS_MAXNREG``, and
-    ``DECODE_HEADS_PER_PROGRAM``, read when the engine is built: each decode forward's attention metadata holds its
+    """``attention.DECODE_LONGEST_FIRST``, ``DECODE_MAXNREG``, ``DECODE_WARPS`` with ``DECODE_WARPS_MAXNREG``,
+    ``DECODE_HEADS_PER_PROGRAM`` and ``DECODE_PAIRS``, read when the engine is built: each decode forward's attention metadata holds its
     sequences longest context first (a permutation, context lengths non-increasing along it; staged by the host once a
     step, so in decode windows it must still hold for the window's later forwards, whose context lengths the device
     advanced), the caps, the warps and the kv-head groups; prefill steps hold none of them. (The CPU's torch path
@@ -619,9 +619,9 @@ def test_decode_steps_carry_a_longest_first_order_and_the_register_cap_into_atte
     monkeypatch.setattr(attention, "DECODE_MAXNREG", 96)
     b = ContinuousBatcher(model, max_batch_tokens=64, num_blocks=60, max_num_seqs=8, decode_window=window)
     assert not b.runner.longest_first and b.runner.decode_maxnreg == b.runner.decode_warps == 0  # CPU: torch path
-    assert b.runner.decode_heads == b.runner.decode_warps_maxnreg == 0
+    assert b.runner.decode_heads == b.runner.decode_warps_maxnreg == 0 and not b.runner.decode_pairs
     b.runner.longest_first, b.runner.decode_maxnreg, b.runner.decode_warps = True, 96, 2  # as the Triton backend reads
-    b.runner.decode_warps_maxnreg, b.runner.decode_heads = 80, 3
+    b.runner.decode_warps_maxnreg, b.runner.decode_heads, b.runner.decode_pairs = 80, 3, True
     monkeypatch.setattr(attention, "DECODE_LONGEST_FIRST", False)  # read once: changing it now changes nothing
     seen = {"decode": 0, "prefill": 0, "windowed": 0}
 
@@ -629,14 +629,14 @@ def test_decode_steps_carry_a_longest_first_order_and_the_register_cap_into_atte
         if lay.max_query_len == 1:
             lens, order = meta.seq_lens.tolist(), meta.order.tolist()
             assert sorted(order) == list(range(len(lens))) and meta.maxnreg == 96 and meta.decode_warps == 2
-            assert meta.decode_warps_maxnreg == 80 and meta.heads_per_program == 3
+            assert meta.decode_warps_maxnreg == 80 and meta.heads_per_program == 3 and meta.pairs
             assert all(lens[i] >= lens[j] for i, j in zip(order, order[1:])), (lens, order)
             assert "order" in lay.offsets  # staged by prepare, not sorted on the device
             seen["decode"] += 1
             seen["windowed"] += lay.window > 1
         else:
             assert meta.order is None and meta.maxnreg == meta.decode_warps == meta.heads_per_program == 0
-            assert meta.decode_warps_maxnreg == 0
+            assert meta.decode_warps_maxnreg == 0 and not meta.pairs
             seen["prefill"] += 1
 
     _generate_checking_metadata(b, model, monkeypatch, check, mixed_prompts(8, lo=3, hi=50, seed=4), 6)

@@ -119,6 +119,24 @@ def test_fp32_decode_programs_over_kv_head_groups_match_generate_in_graphs(arch,
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "gpt_oss"])
+@pytest.mark.parametrize("fused_write", [False, True])
+def test_fp32_decode_programs_over_pairs_of_sequences_match_generate_in_graphs(arch, fused_write, monkeypatch):
+    """``attention.DECODE_PAIRS`` (the default: one decode program per pair of sequences and kv head at head dims up
+    to 64, where a launch does not split), in decode graphs (padded rows, the longest-first order), with and without
+    the fused write, on models with soft-capping and windows (gemma2) and sinks (gpt_oss): greedy tokens equal
+    generate's, and the pairs kernel ran."""
+    import async_batching.attention as attention
+    import async_batching.triton_paged_attention as tpa
+
+    monkeypatch.setattr(attention, "DECODE_PAIRS", True)
+    monkeypatch.setattr(attention, "FUSED_DECODE_WRITE", fused_write)
+    monkeypatch.setattr(tpa, "SPLIT_PROGRAMS_PER_SM", 0)  # the test's 4 sequences would split their KV range
+    launched = record_launches(monkeypatch, tpa, "_paged_decode_pairs_kernel")
+    b = _fp32_matches_generate(arch, True)
+    assert b.runner.decode_pairs and launched
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "gpt_oss"])
 def test_fp32_size_oblivious_compile_matches_generate_in_graphs(arch, monkeypatch):
     """``compiled_layers.SIZE_OBLIVIOUS``: one compiled graph per module serves every size, captured in the decode
     graphs from one row up; greedy tokens equal generate's and compiled decode and prefill stayed on."""

@@ -802,6 +802,65 @@ def test_decode_programs_over_kv_head_groups_equal_a_program_per_head(backend, w
     torch.testing.assert_close(split.float(), ref.float(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("window,softcap,with_sinks,fused,head_dim,kv_heads,rows",
+                         [(0, 0.0, False, False, 32, 3, 6), (0, 0.0, False, True, 64, 3, 7),
+                          (20, 0.0, False, True, 32, 2, 6), (0, 30.0, True, False, 64, 2, 7),
+                          (0, 0.0, True, True, 16, 4, 1)],
+                         ids=["even", "odd-fused-write", "window-fused-write", "softcap-sinks-odd", "one-row"])
+def test_decode_programs_over_pairs_of_sequences_equal_a_program_per_sequence(backend, window, softcap, with_sinks,
+                                                                              fused, head_dim, kv_heads, rows,
+                                                                              monkeypatch):
+    """``pairs`` (attention.DECODE_PAIRS): a decode program per pair of sequences (the launch order's i-th and
+    (B-1-i)-th; an odd count's middle one alone) and kv head walks both sequences' key tiles in one loop. Output (and,
+    with ``new_kv``, both caches, the paired launch reading its slots from the block table) equal the launch of a
+    program per (sequence, kv head), given the slots, with every tile through the masked loop (``one_loop``) bit for
+    bit, under a window, soft-capping, sinks, a longest-first order and a padded row (no query); the launch's grid is
+    (ceil(B / 2), kv heads), and within the backend's tolerance of the reference. With splits asked for, the launch
+    keeps its split programs."""
+    dtype, tol = backend
+    lens = [1, 9, 16, 70, 150, 33, 64][:rows]
+    specs = [(n, 1) for n in lens] + [(0, 0)]  # the last row padded, as in a decode graph
+    args, _ = make_batch(specs, dtype=dtype, group=3, num_kv_heads=kv_heads, head_dim=head_dim,
+                         seed=head_dim + window + kv_heads + rows)
+    T, B = rows, rows + 1
+    g = torch.Generator().manual_seed(12)
+    k = torch.randn(T, kv_heads, head_dim, generator=g).to(DEVICE, dtype)
+    v = torch.randn(T, kv_heads, head_dim, generator=g).to(DEVICE, dtype)
+    last = (args["seq_lens"][:T] - 1).long()
+    slots = args["block_tables"][:T].long().gather(1, (last // 16)[:, None])[:, 0] * 16 + last % 16
+    sinks = sink_logits(3 * kv_heads, seed=5).to(DEVICE) if with_sinks else None
+    from async_batching.attention import decode_order
+
+    order = decode_order(args["seq_lens"])
+    launched = record_launches(monkeypatch, tpa, "_paged_decode_pairs_kernel")
+    runs = []
+    for tuning, pairs in ((dict(one_loop=True), False), ({}, True)):
+        monkeypatch.setattr(tpa, "TUNING", tuning)
+        kc, vc = args["k_cache"].clone(), args["v_cache"].clone()
+        out = torch.full(args["q"].shape, float("nan"), dtype=dtype, device=DEVICE)
+        tpa.paged_attention(args["q"], kc, vc, args["block_tables"], args["seq_lens"], args["query_start_loc"], 1,
+                            0.2, sliding_window=window, softcap=softcap, out=out, num_kv_splits=1, sinks=sinks,
+                            new_kv=(k, v, None if pairs else slots) if fused else None, order=order, pairs=pairs)
+        runs.append((out, kc, vc))
+    assert launched == [((B + 1) // 2, kv_heads)]
+    (want, want_k, want_v), (got, got_k, got_v) = runs
+    assert not got.isnan().any(), "some output rows were not written"
+    for a, b in ((got, want), (got_k, want_k), (got_v, want_v)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, equal_nan=True)
+    ref = paged_attention_reference(args["q"], got_k, got_v, args["block_tables"], args["seq_lens"],
+                                    args["query_start_loc"], 1, 0.2, sliding_window=window, softcap=softcap,
+                                    sinks=sinks)
+    torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
+    monkeypatch.setattr(tpa, "TUNING", {})  # splits asked for: the split launch, with its merge, still the reference
+    kc, vc = args["k_cache"].clone(), args["v_cache"].clone()
+    split = tpa.paged_attention(args["q"], kc, vc, args["block_tables"], args["seq_lens"], args["query_start_loc"], 1,
+                                0.2, sliding_window=window, softcap=softcap, num_kv_splits=2, sinks=sinks,
+                                new_kv=(k, v, slots) if fused else None, pairs=True)
+    assert len(launched) == 1
+    torch.testing.assert_close(split.float(), ref.float(), atol=tol, rtol=tol)
+
+
 def test_cases_pass_in_a_fresh_interpreter_process():
     """Only when triton was imported before TRITON_INTERPRET=1 took effect: rerun this file where it is set first."""
     if not DELEGATED:

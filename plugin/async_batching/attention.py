@@ -36,6 +36,7 @@ class AttentionMetadata:
     decode_warps: int = 0  # warps of the Triton kernel's decode programs at head dims <= 64 (DECODE_WARPS), 0: its 4
     decode_warps_maxnreg: int = 0  # those small programs' register cap (DECODE_WARPS_MAXNREG), 0: none
     heads_per_program: int = 0  # decode launches: Triton programs over groups of kv heads (DECODE_HEADS_PER_PROGRAM)
+    pairs: bool = False  # decode launches at head dims <= 64: Triton programs over pairs of sequences (DECODE_PAIRS)
     # (seq [N], blk [N], block_q): a flat launch's query blocks (``q_block_table``; prefill graph steps), else None
     q_blocks: Optional[tuple] = None
     slot_fn: Optional[Callable[[], torch.Tensor]] = None  # makes ``slot_mapping`` where it is None (``slots()``)
@@ -115,6 +116,16 @@ DECODE_WARPS_MAXNREG = 96
 # kv heads (512 programs, fewer than the 660 the GPU holds at once), W1 150,121 against 154,081 out tok/s (medians
 # of 2). Variants ``ours_async_decode_heads2`` / ``_decode_all_heads``. Read when an engine is built.
 DECODE_HEADS_PER_PROGRAM = 0
+# Decode launches of the Triton kernel at head dims up to 64 that do not split their KV range run one program per pair
+# of sequences and kv head (``paged_attention(pairs=)``, ``_paged_decode_pairs_kernel``): 2 warps over 64-key tiles,
+# capped at 128 registers, each program taking the i-th and the (B-1-i)-th sequence of the longest-first order, so
+# programs carry about equal work. Small programs keep more K/V in flight an SM, but a launch of them is about one
+# wave whose programs are handed out once: alone (one sequence a program), the SMs that drew long contexts end it. On
+# the H200 (session 25, attention_tuning.py with the engine's launch as the base): W1's decode shape 1.09x, W2's
+# 1.12x, E1's 1.06x, W1's at one context 1.09-1.13x. Values as the per-sequence launch through its masked loop, bit
+# for bit (the interpreter's tests). Off: the 4-warp launch of a program per (sequence, kv head). Read when an engine
+# is built.
+DECODE_PAIRS = True
 
 
 def decode_order(seq_lens: torch.Tensor) -> torch.Tensor:
@@ -270,7 +281,7 @@ def triton_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: 
                            split_counters=meta.split_counters, new_kv=new_kv, order=meta.order,
                            maxnreg=meta.maxnreg, q_blocks=meta.q_blocks, decode_warps=meta.decode_warps,
                            decode_warps_maxnreg=meta.decode_warps_maxnreg,
-                           heads_per_program=meta.heads_per_program)
+                           heads_per_program=meta.heads_per_program, pairs=meta.pairs)
 
 
 def torch_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int, softcap: float,

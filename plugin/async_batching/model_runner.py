@@ -152,6 +152,7 @@ class ModelRunner:
         self.decode_warps = attention.DECODE_WARPS if self.backend == "triton" else 0
         self.decode_warps_maxnreg = attention.DECODE_WARPS_MAXNREG if self.decode_warps else 0
         self.decode_heads = attention.DECODE_HEADS_PER_PROGRAM if self.backend == "triton" else 0
+        self.decode_pairs = self.backend == "triton" and attention.DECODE_PAIRS
         # decode steps' slot mapping left to the fused write, made only where something else needs it
         self.slots_in_kernel = self.ctx.fused_write and attention.DECODE_SLOTS_IN_KERNEL
         # The attention kernel's KV-split merge counters: this runner's launches are ordered on one stream and each
@@ -562,6 +563,7 @@ class ModelRunner:
             decode_warps=self.decode_warps if decode else 0,
             decode_warps_maxnreg=self.decode_warps_maxnreg if decode else 0,
             heads_per_program=self.decode_heads if decode else 0,
+            pairs=self.decode_pairs and decode,
             q_blocks=(seg("qb_seq"), seg("qb_blk"), self._flat_block_q) if "qb_seq" in lay.offsets else None,
         )
 

@@ -163,6 +163,8 @@ def _paged_attention_kernel(
     ONE_LOOP: tl.constexpr = False,
     HEAVY_FIRST: tl.constexpr = False,
     FLAT: tl.constexpr = False,
+    SNAKE: tl.constexpr = 0,
+    SPLIT_KEYS: tl.constexpr = 0,
 ):
     """Attention of BLOCK_Q queries x G heads (one kv head) of one sequence over one KV split.
 
@@ -198,6 +200,23 @@ def _paged_attention_kernel(
         split = tl.program_id(0) % num_splits
         num_q_blocks = tl.num_programs(2)
         num_kv_heads = tl.num_programs(0) // num_splits
+    elif SNAKE > 0:
+        # Decode grids only (one query block). The GPU hands out a launch's programs to its SMs about round-robin in
+        # linear order (program_id(0) fastest), so a launch that fits in one wave gives SM j programs j, j + W, ...:
+        # under the longest-first order each SM's share would fall off with j. Every second full row of W programs
+        # runs reversed (a boustrophedon), so each SM gets a long and a short program in turn.
+        nb = tl.num_programs(0)
+        lin = tl.program_id(0) + nb * tl.program_id(2)
+        row = lin // SNAKE
+        col = lin % SNAKE
+        flip = (row % 2 == 1) & (row < (nb * tl.num_programs(2)) // SNAKE)
+        lin = row * SNAKE + tl.where(flip, SNAKE - 1 - col, col)
+        seq = lin % nb
+        q_block = tl.program_id(1)
+        kv_head = (lin // nb) // num_splits
+        split = (lin // nb) % num_splits
+        num_q_blocks = tl.num_programs(1)
+        num_kv_heads = tl.num_programs(2) // num_splits
     else:
         seq = tl.program_id(0)
         q_block = tl.program_id(1)
@@ -243,7 +262,15 @@ def _paged_attention_kernel(
     else:
         kv_begin = seq_len * 0
     # Splits are TILE_N-aligned chunks of [kv_begin, kv_end); trailing splits may be empty. One split: the whole range.
-    chunk = tl.cdiv(tl.cdiv(kv_end - kv_begin, num_splits), TILE_N) * TILE_N
+    # SPLIT_KEYS: a sequence's range is split only as far as it has SPLIT_KEYS keys a split (at most num_splits
+    # splits); the programs of splits it does not use end here, and its used splits merge among themselves.
+    if SPLIT_KEYS > 0:
+        n_used = tl.minimum(tl.maximum(tl.cdiv(kv_end - kv_begin, SPLIT_KEYS), 1), num_splits)
+        if split >= n_used:
+            return
+    else:
+        n_used = num_splits
+    chunk = tl.cdiv(tl.cdiv(kv_end - kv_begin, n_used), TILE_N) * TILE_N
     lo = kv_begin + split * chunk
     hi = tl.minimum(lo + chunk, kv_end)
     if WRITE_NEW:
@@ -289,7 +316,7 @@ def _paged_attention_kernel(
                                      stride_vb, stride_vs, stride_vh, stride_vd,
                                      BLOCK_SIZE, TILE_N, True, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION)
 
-    if num_splits == 1:
+    if n_used == 1:
         # Every valid row saw at least its own key, so l_i > 0 there; the guard only keeps padded rows finite.
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         tl.store(
@@ -310,13 +337,13 @@ def _paged_attention_kernel(
         # puts the counter back to 0, so the next launch (the next layer, the next replay) starts from zero.
         tl.debug_barrier()
         lock = counters_ptr + (seq * num_q_blocks + q_block) * num_kv_heads + kv_head
-        if tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+        if tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu") == n_used - 1:
             tl.atomic_xchg(lock, 0, sem="relaxed", scope="gpu")
             m_run = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
             l_run = tl.zeros([BLOCK_M], dtype=tl.float32)
             acc_run = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
             first = (token * num_heads + head) * num_splits
-            for s in range(0, num_splits):
+            for s in range(0, n_used):
                 m_s = tl.load(part_m_ptr + first + s, mask=row_valid, other=-1.0e30, cache_modifier=".cg")
                 l_s = tl.load(part_l_ptr + first + s, mask=row_valid, other=0.0, cache_modifier=".cg")
                 acc_s = tl.load(part_acc_ptr + (first + s)[:, None] * HEAD_DIM + offs_d[None, :],
@@ -434,6 +461,130 @@ def _paged_decode_heads_kernel(
                  mask=row_valid[:, None] & d_valid[None, :] & (t == n_tiles - 1))
 
 
+# Decode launches of one program per pair of sequences and kv head (``paged_attention(pairs=True)``,
+# attention.DECODE_PAIRS; the sweep's ``pairs``). Small programs (1 warp over 32-key tiles) read W1's decode K/V
+# 1.13-1.23x faster than the 4-warp launch at one context each, but only 1.02x on its mixed contexts (64..768 keys):
+# 13 of them fit an SM, so the launch is about one wave whose programs are handed out once, and the SMs that drew the
+# long contexts end it (no ordering of the grid helped, nor splitting long ranges, whose merges cost more; session 25).
+# Program i takes the launch's i-th and (B-1-i)-th sequences (under the longest-first order: a long one and a short
+# one), so programs carry about equal work; with 2 warps over 64-key tiles (PAIRS_*) that ran W1's mixed contexts
+# 1.09x faster than the 4-warp launch and W2's 1.12x.
+@triton.jit(do_not_specialize=["stride_nkt", "stride_nkh", "stride_nvt", "stride_nvh"],
+            do_not_specialize_on_alignment=["seq_lens_ptr", "query_start_loc_ptr", "sinks_ptr", "order_ptr",
+                                            "new_k_ptr", "new_v_ptr", "slot_ptr"])
+def _paged_decode_pairs_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr,
+    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, sinks_ptr, order_ptr,
+    new_k_ptr, new_v_ptr, slot_ptr,
+    stride_nkt, stride_nkh, stride_nvt, stride_nvh,
+    qk_scale, softcap, sliding_window,
+    stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_ot, stride_oh, stride_od,
+    stride_bt,
+    num_seqs,
+    G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    TILE_N: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    USE_SINKS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    USE_ORDER: tl.constexpr = False,
+    WRITE_NEW: tl.constexpr = False,
+    SLOT_FROM_TABLE: tl.constexpr = False,
+):
+    """Decode attention (one query a sequence) of two sequences for kv head ``program_id(1)``: grid (ceil(B / 2),
+    kv heads). Program i takes the launch's sequences i and B-1-i (``order[i]`` and ``order[B-1-i]`` with USE_ORDER;
+    the middle one alone when B is odd) and walks the first one's key tiles, then the second's, in one loop: the
+    running softmax state starts afresh at a sequence's first tile and its rows are stored after its last, every tile
+    through ``_attend_tile``'s masked path, as ``_paged_decode_heads_kernel`` does for a sequence's kv heads.
+    WRITE_NEW: both sequences' new K and V of this kv head are stored first, then a block barrier."""
+    i = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    j = num_seqs - 1 - i
+    if USE_ORDER:
+        seq_a = tl.load(order_ptr + i)
+        seq_b = tl.load(order_ptr + j)
+    else:
+        seq_a = i
+        seq_b = j
+    start_a = tl.load(query_start_loc_ptr + seq_a)
+    start_b = tl.load(query_start_loc_ptr + seq_b)
+    len_a = tl.load(seq_lens_ptr + seq_a)
+    len_b = tl.load(seq_lens_ptr + seq_b)
+    # a padded row (no query) has no tiles; the middle sequence of an odd count is program i's alone
+    has_a = tl.load(query_start_loc_ptr + seq_a + 1) > start_a
+    has_b = (tl.load(query_start_loc_ptr + seq_b + 1) > start_b) & (j > i)
+    if USE_WINDOW:
+        begin_a = tl.maximum(len_a - sliding_window, 0)
+        begin_b = tl.maximum(len_b - sliding_window, 0)
+    else:
+        begin_a = len_a * 0
+        begin_b = len_b * 0
+    n_a = tl.where(has_a, tl.cdiv(len_a - begin_a, TILE_N), 0)
+    n_b = tl.where(has_b, tl.cdiv(len_b - begin_b, TILE_N), 0)
+    rows = tl.arange(0, BLOCK_M)
+    row_valid = rows < G
+    head = kv_head * G + rows % G
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_valid = offs_d < HEAD_DIM
+    if WRITE_NEW:
+        if has_a:
+            t_a = start_a.to(tl.int64)
+            slot_a = _new_slot(slot_ptr, block_tables_ptr, stride_bt, seq_a, t_a, len_a, BLOCK_SIZE, SLOT_FROM_TABLE)
+            _store_new_kv(k_ptr, v_ptr, new_k_ptr, new_v_ptr, t_a, slot_a, kv_head, offs_d, d_valid,
+                          stride_nkt, stride_nkh, stride_nvt, stride_nvh,
+                          stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
+                          BLOCK_SIZE)
+        if has_b:
+            t_b = start_b.to(tl.int64)
+            slot_b = _new_slot(slot_ptr, block_tables_ptr, stride_bt, seq_b, t_b, len_b, BLOCK_SIZE, SLOT_FROM_TABLE)
+            _store_new_kv(k_ptr, v_ptr, new_k_ptr, new_v_ptr, t_b, slot_b, kv_head, offs_d, d_valid,
+                          stride_nkt, stride_nkh, stride_nvt, stride_nvh,
+                          stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
+                          BLOCK_SIZE)
+        tl.debug_barrier()
+
+    if USE_SINKS:  # as _paged_attention_kernel's first split: the sink as a key already seen
+        m0 = tl.load(sinks_ptr + head, mask=row_valid, other=-1.0e30).to(tl.float32) * 1.4426950408889634
+        l0 = tl.where(row_valid, 1.0, 0.0)
+    else:
+        m0 = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        l0 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = m0
+    l_i = l0
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    for it in range(0, n_a + n_b):
+        second = it >= n_a
+        t = tl.where(second, it - n_a, it)
+        n = tl.where(second, n_b, n_a)
+        seq = tl.where(second, seq_b, seq_a)
+        seq_len = tl.where(second, len_b, len_a)
+        token = tl.where(second, start_b, start_a).to(tl.int64)
+        kv_begin = tl.where(second, begin_b, begin_a)
+        m_i = tl.where(t == 0, m0, m_i)
+        l_i = tl.where(t == 0, l0, l_i)
+        acc = tl.where(t == 0, 0.0, acc)
+        q = tl.load(q_ptr + token * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                    mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+        q_pos = tl.zeros([BLOCK_M], dtype=tl.int32) + (seq_len - 1)
+        bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+        m_i, l_i, acc = _attend_tile(q, k_ptr, v_ptr, bt_row, kv_begin + t * TILE_N, seq_len, q_pos, row_valid,
+                                     offs_d, d_valid, kv_head, m_i, l_i, acc, qk_scale, softcap, sliding_window,
+                                     stride_kb, stride_ks, stride_kh, stride_kd,
+                                     stride_vb, stride_vs, stride_vh, stride_vd,
+                                     BLOCK_SIZE, TILE_N, True, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION)
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + token * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
+                 out.to(out_ptr.dtype.element_ty),
+                 mask=row_valid[:, None] & d_valid[None, :] & (t == n - 1))
+
+
 # Launch-configuration overrides (``tile_n``, ``num_warps``, ``num_stages``, ``target_m``, ``num_kv_splits``, the
 # grid orders ``heads_first``, ``longest_first`` and ``heavy_first``, ``one_loop``, and ``maxnreg``: a register cap
 # per thread, which ptxas meets here without spilling and which doubles the programs an SM holds for W7's prefill
@@ -465,6 +616,14 @@ def _unused_partials(device: torch.device) -> torch.Tensor:
 def _unused_counters(device: torch.device) -> torch.Tensor:
     return torch.zeros(1, dtype=torch.int32, device=device)
 
+
+# The pairs launch (``paged_attention(pairs=True)``, attention.DECODE_PAIRS): 2 warps over 64-key tiles, 2 pipeline
+# stages, capped at 128 registers (sm_90: no spills; kernel_preflight.py). Chosen on the H200 (session 25) over 1 warp
+# and 32-key tiles (0.84-0.86x of the 4-warp launch on W1's decode shape when paired: half as many programs), 4 warps
+# (0.73-0.95x), 32- and 128-key tiles (0.74-0.97x), 3 stages (1.06x against 1.09x) and caps of 96 or none (1.05-1.08x).
+PAIRS_TILE_N = 64
+PAIRS_WARPS = 2
+PAIRS_MAXNREG = 128
 
 # Automatic splits: until the launch has SPLIT_PROGRAMS_PER_SM programs per streaming multiprocessor, at most
 # MAX_AUTO_SPLITS. On an H200 (attention_tuning.py, docs/results/attention_tuning_h200.md, session 8), W3's decode (32
@@ -543,6 +702,7 @@ def paged_attention(
     decode_warps: int = 0,
     decode_warps_maxnreg: int = 0,
     heads_per_program: int = 0,
+    pairs: bool = False,
 ) -> torch.Tensor:
     """Causal attention of the packed queries ``q`` [T, num_heads, head_dim] over the paged KV cache.
 
@@ -568,6 +728,10 @@ def paged_attention(
     ``heads_per_program``: 2 or more: a decode launch that would not split its KV range gets one program per
     sequence and group of that many kv heads (all of them where that does not divide the kv heads;
     ``_paged_decode_heads_kernel``) instead of one per (sequence, kv head); the same values.
+    ``pairs``: a decode launch at head dims up to 64 that would not split its KV range gets one program per pair of
+    sequences (the i-th and the (B-1-i)-th of the launch's order) and kv head (``_paged_decode_pairs_kernel``; 2
+    warps over 64-key tiles, capped at 128 registers: ``PAIRS_*``) instead of one per (sequence, kv head); the same
+    values as that launch through its masked loop (``one_loop``). ``heads_per_program`` takes precedence.
     ``q_blocks``: ``(seq, blk, block_q)``, int32 vectors of one length N and the query tile their table was made for
     (``flat_block_q``; checked): a flat launch of N query-block slots, slot i being query block ``blk[i]`` of sequence
     ``seq[i]``, -1 for an empty slot (``attention.q_block_table`` makes them). Its grid depends on N alone, so a CUDA
@@ -685,6 +849,9 @@ def paged_attention(
     heads = heads if num_kv_heads % max(heads, 1) == 0 else num_kv_heads
     grouped = heads > 1 and max_query_len == 1 and q_blocks is None and num_splits == 1
     heads_first = bool(TUNING.get("heads_first")) if TUNING else False
+    snake = int(TUNING.get("snake", 0)) if TUNING else 0
+    split_keys = int(TUNING.get("split_keys", 0)) if TUNING else 0
+    snake = snake if max_query_len == 1 and q_blocks is None and not heads_first else 0
     if order is None and TUNING:  # the sweep's longest-first order, computed once outside timing, or here
         order = TUNING.get("order")
     if order is None and TUNING and TUNING.get("longest_first"):
@@ -705,6 +872,22 @@ def paged_attention(
                  # fp32 models want fp32 accuracy (TF32 would miss the reference by ~1e-3); 16-bit inputs ignore this.
                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                  USE_ORDER=order is not None, WRITE_NEW=new_kv is not None, SLOT_FROM_TABLE=slot_from_table)
+    pairs = bool(TUNING.get("pairs", pairs)) if TUNING else pairs
+    if (pairs and max_query_len == 1 and q_blocks is None and num_splits == 1 and not grouped
+            and (head_dim_pad <= 64 or TUNING)):
+        p_launch = dict(num_warps=PAIRS_WARPS, num_stages=2, maxnreg=PAIRS_MAXNREG)
+        p_tile = PAIRS_TILE_N
+        if TUNING:  # the sweep's own tile, warps, stages and cap
+            p_tile = TUNING.get("tile_n", p_tile)
+            p_launch.update({k: TUNING[k] for k in ("num_warps", "num_stages", "maxnreg") if k in TUNING})
+        if not p_launch["maxnreg"]:
+            del p_launch["maxnreg"]
+        _paged_decode_pairs_kernel[((B + 1) // 2, num_kv_heads)](
+            q, k_cache, v_cache, out, *tensors, *strides, B,
+            G=G, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size, BLOCK_M=block_m, TILE_N=p_tile,
+            **flags, **p_launch,
+        )
+        return out
     if grouped:
         _paged_decode_heads_kernel[(B, num_kv_heads // heads)](
             q, k_cache, v_cache, out, *tensors, *strides, heads,
@@ -734,6 +917,8 @@ def paged_attention(
         BLOCK_M=block_m,
         TILE_N=tile_n,
         HEADS_FIRST=heads_first,
+        SNAKE=snake,
+        SPLIT_KEYS=split_keys if num_splits > 1 else 0,
         ONE_LOOP=bool(TUNING.get("one_loop")) if TUNING else False,
         HEAVY_FIRST=bool(TUNING.get("heavy_first")) and q_blocks is None if TUNING else False,
         FLAT=q_blocks is not None,
@@ -800,7 +985,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     )
 
 
-KERNELS = (_paged_attention_kernel, _paged_decode_heads_kernel, _write_kv_kernel)
+KERNELS = (_paged_attention_kernel, _paged_decode_heads_kernel, _paged_decode_pairs_kernel, _write_kv_kernel)
 
 
 def compiled_variants() -> int:

@@ -45,7 +45,10 @@ SHAPES = {  # name: (query lengths, context lengths, heads, kv heads, head_dim)
     # W1's decode shape at one context length each (TUNING_SHAPES="W1 decode at"): a launch's time against its K/V
     # bytes, for the fixed cost a program pays whatever its context (session 20)
     **{f"W1 decode at ctx {c}: 512 seqs, 9/3 heads, dim 64": ([1] * 512, [c] * 512, 9, 3, 64)
-       for c in (128, 256, 512, 1024, 2048)},
+       for c in (128, 256, 512, 1000, 1024, 2048)},
+    # W1's mixed contexts rounded up to whole 32-key tiles: no sequence's last tile masked (session 25)
+    "W1 decode in whole tiles: 512 seqs, ctx 64..768 rounded to 32s, 9/3 heads, dim 64": (
+        [1] * 512, [-(-random.Random(25 + i).randint(64, 768) // 32) * 32 for i in range(512)], 9, 3, 64),
     "W2 prefill: 16 x 512": ([512] * 16, [512] * 16, 32, 8, 64),
     "W4 prefill: 2 chunks of 4096, ctx 4096 and 6144": ([4096, 4096], [4096, 6144], 32, 8, 64),
     "W7 prefill: 8 x 1024, dim 128": ([1024] * 8, [1024] * 8, 16, 8, 128),
@@ -91,6 +94,13 @@ DECODE_CONFIGS += WARPS2
 HEADS = [dict(one_loop=True), dict(heads_per_program=2), dict(heads_per_program=4), dict(heads_per_program=64),
          dict(heads_per_program=64, num_stages=3), dict(heads_per_program=64, tile_n=64, num_warps=2, maxnreg=0)]
 DECODE_CONFIGS += HEADS[1:]
+# Decode: 1-warp programs over 32-key tiles (session 25: the shortest fixed cost a launch pays, 5 us against the
+# default's 12, and the best marginal rate on W1's shape at one context each, but on mixed contexts the longest
+# programs are the launch's tail), with each sequence's key range split in 2 or 4 (merged by the last split), capped
+# at 64 registers (20 programs an SM) or not (146: 13); 2-warp programs over 64-key tiles split the same way.
+WARPS1 = [dict(tile_n=32, num_warps=1, num_stages=2, maxnreg=cap, num_kv_splits=n) for cap in (0, 64) for n in (1, 2, 4)]
+WARPS1 += [dict(tile_n=64, num_warps=2, num_stages=2, maxnreg=0, num_kv_splits=n) for n in (2, 4)]
+WARPS1 += [dict(tile_n=32, num_warps=1, num_stages=3, maxnreg=0, num_kv_splits=2)]
 # TUNING_ENGINE_BASE=1: every decode launch, the "default" row too, as the engine launches it: head-major blocks of 16
 # slots, longest context first, DECODE_MAXNREG, DECODE_WARPS and DECODE_WARPS_MAXNREG passed as the engine passes
 # them (the kernel applies them at head dims up to 64; a row's own keys override these), and with FUSED_DECODE_WRITE
@@ -115,6 +125,45 @@ if os.environ.get("TUNING_ONE_LOOP_ONLY") == "1":  # the default launch against 
     DECODE_CONFIGS, PREFILL_CONFIGS = list(ONE_LOOP), []
 if os.environ.get("TUNING_WARPS2_ONLY") == "1":  # the default launch against 2-warp decode programs alone
     DECODE_CONFIGS, PREFILL_CONFIGS = list(WARPS2), []
+# Decode: programs handed to the SMs in a boustrophedon of rows of ``snake`` programs (the kernel's SNAKE: every second
+# full row reversed), so a launch of one wave (1-warp programs: 13 an SM, W1's 1,536 programs at once) gives each SM
+# long and short contexts in turn under the longest-first order; 132 is the H200's SM count.
+SNAKES = [dict(snake=132), dict(tile_n=32, num_warps=1, num_stages=2, maxnreg=0)]
+SNAKES += [dict(tile_n=32, num_warps=1, num_stages=2, maxnreg=0, snake=w) for w in (66, 132, 264)]
+SNAKES += [dict(tile_n=32, num_warps=1, num_stages=3, maxnreg=0, snake=132),
+           dict(tile_n=64, num_warps=2, num_stages=2, maxnreg=0, snake=132),
+           dict(tile_n=64, num_warps=1, num_stages=2, maxnreg=0, snake=132)]
+# Decode: a sequence's key range split only where it is long (``split_keys`` keys a split at least, at most
+# ``num_kv_splits`` splits; unused splits' programs end at once): 1-warp programs' launch ends on its longest
+# sequences (session 25: 1.13-1.23x on W1's shape at one context each, 1.02x on its mixed contexts).
+W1 = dict(tile_n=32, num_warps=1, num_stages=2, maxnreg=0)
+SPLITK = [dict(W1), *(dict(W1, num_kv_splits=n, split_keys=k) for n, k in ((2, 256), (2, 384), (4, 192), (4, 256),
+                                                                          (8, 128)))]
+SPLITK += [dict(num_kv_splits=2, split_keys=512), dict(num_kv_splits=4, split_keys=384),
+           dict(tile_n=64, num_warps=2, num_stages=2, maxnreg=0, num_kv_splits=2, split_keys=256)]
+# Decode, 1-warp programs: one loop over every tile (the masked last tile's own pipeline start gone), and the grid in
+# sequence order rather than longest first.
+LOOPS = [dict(W1), dict(W1, one_loop=True), dict(W1, one_loop=True, num_stages=3), dict(W1, longest_first=False),
+         dict(longest_first=False), dict(one_loop=True)]
+# Decode: a program per pair of sequences (the i-th and the (B-1)-th-i under the longest-first order) and kv head, so
+# 1-warp programs of one wave carry about equal work.
+PAIRS = [dict(W1), dict(W1, pairs=True), dict(W1, pairs=True, num_stages=3), dict(pairs=True),
+         dict(tile_n=64, num_warps=2, num_stages=2, maxnreg=0, pairs=True), dict(W1, pairs=True, tile_n=64)]
+P2 = dict(tile_n=64, num_warps=2, num_stages=2, maxnreg=0, pairs=True)  # the best pairs launch of the first sweep
+PAIRS2 = [dict(P2), dict(P2, num_stages=3), dict(P2, maxnreg=128), dict(P2, maxnreg=96), dict(P2, tile_n=32),
+          dict(P2, tile_n=128), dict(P2, num_warps=4), dict(P2, num_warps=4, tile_n=128, maxnreg=96)]
+if os.environ.get("TUNING_PAIRS2_ONLY") == "1":
+    DECODE_CONFIGS, PREFILL_CONFIGS = list(PAIRS2), []
+if os.environ.get("TUNING_PAIRS_ONLY") == "1":
+    DECODE_CONFIGS, PREFILL_CONFIGS = list(PAIRS), []
+if os.environ.get("TUNING_LOOPS_ONLY") == "1":
+    DECODE_CONFIGS, PREFILL_CONFIGS = list(LOOPS), []
+if os.environ.get("TUNING_SPLITK_ONLY") == "1":
+    DECODE_CONFIGS, PREFILL_CONFIGS = list(SPLITK), []
+if os.environ.get("TUNING_SNAKE_ONLY") == "1":
+    DECODE_CONFIGS, PREFILL_CONFIGS = list(SNAKES), []
+if os.environ.get("TUNING_WARPS1_ONLY") == "1":  # the default launch against split 1- and 2-warp programs alone
+    DECODE_CONFIGS, PREFILL_CONFIGS = list(WARPS1), []
 if os.environ.get("TUNING_HEADS_ONLY") == "1":  # the default launch against decode programs over kv-head groups alone
     DECODE_CONFIGS, PREFILL_CONFIGS = list(HEADS), []
 if os.environ.get("TUNING_SHAPES"):  # a substring per shape to keep, comma-separated (e.g. "decode")
@@ -133,13 +182,24 @@ def _label(cfg) -> str:
         rest = {k: v for k, v in cfg.items() if k != "heads_per_program"}
         return (f"{'all' if n >= 64 else n} kv heads a program"
                 + (", " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in rest.items()) if rest else ""))
-    if cfg.get("one_loop"):
-        rest = {k: v for k, v in cfg.items() if k != "one_loop"}
+    if cfg.get("pairs"):
+        rest = {k: v for k, v in cfg.items() if k != "pairs"}
+        return "pairs" + (", " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in rest.items()) if rest else "")
+    if cfg.get("one_loop") or cfg.get("longest_first") is False:
+        rest = {k: v for k, v in cfg.items() if k not in ("one_loop", "longest_first")}
+        if not cfg.get("one_loop"):
+            return "sequence order" + (", " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in rest.items()) if rest else "")
         return "one loop" + (", " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in rest.items()) if rest else "")
     if "num_kv_splits" in cfg:
-        return f"{cfg['num_kv_splits']} KV splits, tile {cfg['tile_n']}"
+        extra = "".join(f", {cfg[k]} {k.replace('num_', '')}" for k in ("num_warps", "num_stages") if k in cfg)
+        cap = f", {cfg['maxnreg']} registers" if cfg.get("maxnreg") else ""
+        cap += f", >= {cfg['split_keys']} keys a split" if cfg.get("split_keys") else ""
+        return f"{cfg['num_kv_splits']} KV splits, tile {cfg.get('tile_n', 'default')}" + extra + cap
     rows = f"{cfg['target_m']} rows, " if "target_m" in cfg else ""
     cap = f", {cfg['maxnreg']} registers" if cfg.get("maxnreg") else ""
+    cap += f", snake {cfg['snake']}" if cfg.get("snake") else ""
+    if "tile_n" not in cfg:
+        return cap.lstrip(", ") or str(cfg)
     return rows + f"tile {cfg['tile_n']}, {cfg['num_warps']} warps, {cfg['num_stages']} stages" + cap
 
 
@@ -282,7 +342,7 @@ def main():
                                            f"{work / ref_ms / 1e9:,.0f} TFLOP/s.")
         print(f"\n## {name}\n\nDefault launched one call at a time from Python: {host_ms:.4f} ms a call.{ref}\n\n"
               f"| config | GPU ms (graph) | {unit} | vs default | max abs diff |\n|---|---|---|---|---|")
-        best = sorted(rows[1:], key=lambda r: r[0])[:6]
+        best = sorted(rows[1:], key=lambda r: r[0])[:6 if len(rows) > 13 else None]  # a short sweep: every row
         splits = [r for r in rows[1:] if r[1] and ("num_kv_splits" in r[1] or r[1] in GRID_ORDERS) and r not in best]
         for ms, cfg, rate, diff in [default] + best + splits:
             label = "default" if cfg is None else _label(cfg)

@@ -102,9 +102,11 @@ class _Caught:
 def caught_launches():
     """The launch wrappers' kernels caught, and the device queries answered as an H200 would."""
     saved = {n: getattr(tpa, n) for n in ("_paged_attention_kernel", "_paged_decode_heads_kernel",
-                                          "_write_kv_kernel", "_sm_count", "_smem_per_block", "_split_target")}
+                                          "_paged_decode_pairs_kernel", "_write_kv_kernel", "_sm_count", "_smem_per_block", "_split_target")}
     attention, write = _Caught(saved["_paged_attention_kernel"]), _Caught(saved["_write_kv_kernel"])
     heads = _Caught(saved["_paged_decode_heads_kernel"])
+    heads.pairs = pairs = _Caught(saved["_paged_decode_pairs_kernel"])  # the pairs kernel's launches ride along
+    tpa._paged_decode_pairs_kernel = pairs
     tpa._paged_attention_kernel, tpa._write_kv_kernel = attention, write
     tpa._paged_decode_heads_kernel = heads
     tpa._sm_count = lambda _index: H200_SMS
@@ -157,7 +159,7 @@ def _flat(step, slots_extra=512):
 
 
 def _attend(step, fused_write=False, sinks=False, window=0, softcap=0.0, longest_first=False, maxnreg=0,
-            decode_warps=0, decode_warps_maxnreg=0):
+            decode_warps=0, decode_warps_maxnreg=0, pairs=False):
     q, k, v, kc, vc, meta = step
     tpa.write_kv(k, v, kc, vc, meta.slot_mapping) if not fused_write else None
     tpa.paged_attention(q, kc, vc, meta.block_tables, meta.seq_lens, meta.query_start_loc, meta.max_query_len, 0.125,
@@ -168,7 +170,7 @@ def _attend(step, fused_write=False, sinks=False, window=0, softcap=0.0, longest
                         if fused_write else None,
                         order=decode_order(meta.seq_lens) if longest_first else None, maxnreg=maxnreg,
                         decode_warps=decode_warps, decode_warps_maxnreg=decode_warps_maxnreg,
-                        q_blocks=meta.q_blocks)
+                        q_blocks=meta.q_blocks, pairs=pairs)
 
 
 def cases():
@@ -199,6 +201,24 @@ def cases():
         name = f"capped at {cap}" if cap else "uncapped"
         yield f"W1 decode, 2 warps {name}", {**two_warps, "maxnreg": cap}, lambda: _attend(
             _step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True, longest_first=True)
+    for splits in (1, 4):  # 1-warp programs over 32-key tiles, KV ranges split (session 25's sweep)
+        for cap in (0, 64):
+            yield (f"W1 decode, 1 warp, 32-key tiles, {splits} splits" + (f", capped at {cap}" if cap else ""),
+                   {"tile_n": 32, "num_warps": 1, "maxnreg": cap, "num_kv_splits": splits}, lambda: _attend(
+                       _step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True, longest_first=True))
+    yield "W1 decode, pairs of sequences, 1 warp", {"tile_n": 32, "num_warps": 1, "maxnreg": 0, "pairs": True}, \
+        lambda: _attend(_step(*dec(512, 400), **w1, dtype=bf16, layout="head"), fused_write=True, longest_first=True)
+    for what, kw in (("W1", w1), ("W2", dict(heads=32, kv_heads=8, head_dim=64))):  # attention.DECODE_PAIRS
+        yield f"{what} decode, pairs of sequences as the engine launches them", {}, lambda kw=kw: _attend(
+            _step(*dec(512, 400), **kw, dtype=bf16, layout="head"), fused_write=True, longest_first=True, maxnreg=96,
+            pairs=True)
+    yield "fp32 decode, pairs of sequences", {}, lambda: _attend(
+        _step(*dec(64, 100), **w1, dtype=f32, layout="head"), fused_write=True, longest_first=True, pairs=True)
+    yield "gpt-oss-like decode, pairs: sinks and window", {}, lambda: _attend(
+        _step(*dec(256, 900), heads=64, kv_heads=8, head_dim=64, dtype=bf16, layout="head"), sinks=True, window=128,
+        fused_write=True, longest_first=True, pairs=True)
+    yield "W7 decode, 1 warp, 32-key tiles, 4 splits", {"tile_n": 32, "num_warps": 1, "num_kv_splits": 4}, lambda: _attend(
+        _step(*dec(256, 1100), **w7, dtype=bf16, layout="head"), fused_write=True, longest_first=True)
     yield "W7 decode as the engine launches it", {}, lambda: _attend(
         _step(*dec(256, 1100), **w7, dtype=bf16, layout="head"), fused_write=True, longest_first=True)
     yield "W1 decode, all kv heads a program, as the engine", {"heads_per_program": 64}, lambda: _attend(
@@ -252,6 +272,7 @@ def main() -> int:
                 call()
             launches = ([(attention.real, c) for c in attention.calls]
                         + [(heads.real, c) for c in heads.calls]
+                        + [(heads.pairs.real, c) for c in heads.pairs.calls]
                         + [(write.real, c) for c in write.calls])
         finally:
             tpa.TUNING = saved_tuning

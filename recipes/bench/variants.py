@@ -659,6 +659,13 @@ class OursAsyncGraphSlots(_OursAsyncBuiltWith):
     patches = {("attention", "DECODE_SLOTS_IN_KERNEL"): False, ("model_runner", "GRAPH_KEEP_ALL"): False}
 
 
+class OursAsyncDecodeUnpaired(_OursAsyncBuiltWith):
+    """``ours_async`` with decode launches of a program per (sequence, kv head) at every head dim, 4 warps over
+    128-key tiles (``attention.DECODE_PAIRS`` off: the default until session 25)."""
+
+    patches = {("attention", "DECODE_PAIRS"): False}
+
+
 class OursAsyncTwoPassMass(_OursAsyncRunWith):
     """``ours_async`` with the full draw's mass kernel in its two-pass form (``triton_sampling.ONE_PASS_MASS`` off,
     the default until session 24): each chunk read once for its largest logit and again for its weights. The draws
@@ -1007,6 +1014,7 @@ VARIANTS: dict[str, type[Variant]] = {
     "ours_async_triton_argmax": OursAsyncTritonArgmax,
     "ours_async_two_pass_mass": OursAsyncTwoPassMass,
     "ours_async_graph_slots": OursAsyncGraphSlots,
+    "ours_async_decode_unpaired": OursAsyncDecodeUnpaired,
     "ours_async_admit_each": OursAsyncAdmitEach,
     "ours_async_admit_auto": OursAsyncAdmitAuto,
     "ours_async_admit_16": OursAsyncAdmit16,
