@@ -814,8 +814,9 @@ def test_decode_programs_over_pairs_of_sequences_equal_a_program_per_sequence(ba
     """``pairs`` (attention.DECODE_PAIRS): a decode program per pair of sequences (the launch order's i-th and
     (B-1-i)-th; an odd count's middle one alone) and kv head walks both sequences' key tiles in one loop. Output (and,
     with ``new_kv``, both caches, the paired launch reading its slots from the block table) equal the launch of a
-    program per (sequence, kv head), given the slots, with every tile through the masked loop (``one_loop``) bit for
-    bit, under a window, soft-capping, sinks, a longest-first order and a padded row (no query); the launch's grid is
+    program per (sequence, kv head), given the slots, with every tile through the masked loop (``one_loop``) and the
+    pairs launch's key tile and warps, bit for bit, under a window, soft-capping, sinks, a longest-first order and a
+    padded row (no query); the launch's grid is
     (ceil(B / 2), kv heads), and within the backend's tolerance of the reference. With splits asked for, the launch
     keeps its split programs."""
     dtype, tol = backend
@@ -835,7 +836,9 @@ def test_decode_programs_over_pairs_of_sequences_equal_a_program_per_sequence(ba
     order = decode_order(args["seq_lens"])
     launched = record_launches(monkeypatch, tpa, "_paged_decode_pairs_kernel")
     runs = []
-    for tuning, pairs in ((dict(one_loop=True), False), ({}, True)):
+    # the per-sequence launch with the pairs launch's own key tile (the order of a row's sums) and warps
+    same_tiles = dict(one_loop=True, tile_n=tpa.PAIRS_TILE_N, num_warps=tpa.PAIRS_WARPS)
+    for tuning, pairs in ((same_tiles, False), ({}, True)):
         monkeypatch.setattr(tpa, "TUNING", tuning)
         kc, vc = args["k_cache"].clone(), args["v_cache"].clone()
         out = torch.full(args["q"].shape, float("nan"), dtype=dtype, device=DEVICE)
