@@ -784,6 +784,16 @@ def test_decode_programs_over_kv_head_groups_equal_a_program_per_head(backend, w
         runs.append((out, kc, vc))
     group = per_program if kv_heads % per_program == 0 else kv_heads
     assert launched == [(T, kv_heads // group)]
+    ref = _assert_equal_runs_and_reference(runs, args, window, softcap, sinks, tol)
+    # splits asked for: the split launch (a program per (sequence, head, split)), with its merge, still the reference
+    monkeypatch.setattr(tpa, "TUNING", dict(heads_per_program=per_program))
+    _assert_split_launch_gives(ref, tol, args, window, softcap, sinks, (k, v, slots) if fused else None)
+    assert len(launched) == 1
+
+
+def _assert_equal_runs_and_reference(runs, args, window, softcap, sinks, tol):
+    """Two decode launches' ``(out, k_cache, v_cache)``: equal bit for bit, every row written, the second within
+    ``tol`` of the reference over its caches (returned)."""
     (want, want_k, want_v), (got, got_k, got_v) = runs
     assert not got.isnan().any(), "some output rows were not written"
     for a, b in ((got, want), (got_k, want_k), (got_v, want_v)):
@@ -792,13 +802,15 @@ def test_decode_programs_over_kv_head_groups_equal_a_program_per_head(backend, w
                                     args["query_start_loc"], 1, 0.2, sliding_window=window, softcap=softcap,
                                     sinks=sinks)
     torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
-    # splits asked for: the split launch (a program per (sequence, head, split)), with its merge, still the reference
-    monkeypatch.setattr(tpa, "TUNING", dict(heads_per_program=per_program))
+    return ref
+
+
+def _assert_split_launch_gives(ref, tol, args, window, softcap, sinks, new_kv, **launch):
+    """A decode launch of ``args`` asked for 2 KV splits (on copies of the caches) is ``ref`` within ``tol``."""
     kc, vc = args["k_cache"].clone(), args["v_cache"].clone()
     split = tpa.paged_attention(args["q"], kc, vc, args["block_tables"], args["seq_lens"], args["query_start_loc"], 1,
                                 0.2, sliding_window=window, softcap=softcap, num_kv_splits=2, sinks=sinks,
-                                new_kv=(k, v, slots) if fused else None)
-    assert len(launched) == 1
+                                new_kv=new_kv, **launch)
     torch.testing.assert_close(split.float(), ref.float(), atol=tol, rtol=tol)
 
 
@@ -819,6 +831,8 @@ def test_decode_programs_over_pairs_of_sequences_equal_a_program_per_sequence(ba
     padded row (no query); the launch's grid is
     (ceil(B / 2), kv heads), and within the backend's tolerance of the reference. With splits asked for, the launch
     keeps its split programs."""
+    from async_batching.attention import decode_order
+
     dtype, tol = backend
     lens = [1, 9, 16, 70, 150, 33, 64][:rows]
     specs = [(n, 1) for n in lens] + [(0, 0)]  # the last row padded, as in a decode graph
@@ -831,8 +845,6 @@ def test_decode_programs_over_pairs_of_sequences_equal_a_program_per_sequence(ba
     last = (args["seq_lens"][:T] - 1).long()
     slots = args["block_tables"][:T].long().gather(1, (last // 16)[:, None])[:, 0] * 16 + last % 16
     sinks = sink_logits(3 * kv_heads, seed=5).to(DEVICE) if with_sinks else None
-    from async_batching.attention import decode_order
-
     order = decode_order(args["seq_lens"])
     launched = record_launches(monkeypatch, tpa, "_paged_decode_pairs_kernel")
     runs = []
@@ -847,21 +859,10 @@ def test_decode_programs_over_pairs_of_sequences_equal_a_program_per_sequence(ba
                             new_kv=(k, v, None if pairs else slots) if fused else None, order=order, pairs=pairs)
         runs.append((out, kc, vc))
     assert launched == [((B + 1) // 2, kv_heads)]
-    (want, want_k, want_v), (got, got_k, got_v) = runs
-    assert not got.isnan().any(), "some output rows were not written"
-    for a, b in ((got, want), (got_k, want_k), (got_v, want_v)):
-        torch.testing.assert_close(a, b, atol=0, rtol=0, equal_nan=True)
-    ref = paged_attention_reference(args["q"], got_k, got_v, args["block_tables"], args["seq_lens"],
-                                    args["query_start_loc"], 1, 0.2, sliding_window=window, softcap=softcap,
-                                    sinks=sinks)
-    torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
+    ref = _assert_equal_runs_and_reference(runs, args, window, softcap, sinks, tol)
     monkeypatch.setattr(tpa, "TUNING", {})  # splits asked for: the split launch, with its merge, still the reference
-    kc, vc = args["k_cache"].clone(), args["v_cache"].clone()
-    split = tpa.paged_attention(args["q"], kc, vc, args["block_tables"], args["seq_lens"], args["query_start_loc"], 1,
-                                0.2, sliding_window=window, softcap=softcap, num_kv_splits=2, sinks=sinks,
-                                new_kv=(k, v, slots) if fused else None, pairs=True)
+    _assert_split_launch_gives(ref, tol, args, window, softcap, sinks, (k, v, slots) if fused else None, pairs=True)
     assert len(launched) == 1
-    torch.testing.assert_close(split.float(), ref.float(), atol=tol, rtol=tol)
 
 
 def test_cases_pass_in_a_fresh_interpreter_process():

@@ -111,6 +111,19 @@ def _new_slot(slot_ptr, block_tables_ptr, stride_bt, seq, token, seq_len, BLOCK_
 
 
 @triton.jit
+def _start_state(sinks_ptr, head, row_valid, BLOCK_M: tl.constexpr, USE_SINKS: tl.constexpr):
+    """A decode loop's softmax state (running max, sum) at a sequence's first tile; USE_SINKS: as
+    ``_paged_attention_kernel``'s first split, the sink as a key already seen."""
+    if USE_SINKS:
+        m0 = tl.load(sinks_ptr + head, mask=row_valid, other=-1.0e30).to(tl.float32) * 1.4426950408889634
+        l0 = tl.where(row_valid, 1.0, 0.0)
+    else:
+        m0 = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        l0 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    return m0, l0
+
+
+@triton.jit
 def _store_new_kv(k_ptr, v_ptr, new_k_ptr, new_v_ptr, token, slot, kv_head, offs_d, d_valid,
                   stride_nkt, stride_nkh, stride_nvt, stride_nvh,
                   stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
@@ -163,8 +176,6 @@ def _paged_attention_kernel(
     ONE_LOOP: tl.constexpr = False,
     HEAVY_FIRST: tl.constexpr = False,
     FLAT: tl.constexpr = False,
-    SNAKE: tl.constexpr = 0,
-    SPLIT_KEYS: tl.constexpr = 0,
 ):
     """Attention of BLOCK_Q queries x G heads (one kv head) of one sequence over one KV split.
 
@@ -200,23 +211,6 @@ def _paged_attention_kernel(
         split = tl.program_id(0) % num_splits
         num_q_blocks = tl.num_programs(2)
         num_kv_heads = tl.num_programs(0) // num_splits
-    elif SNAKE > 0:
-        # Decode grids only (one query block). The GPU hands out a launch's programs to its SMs about round-robin in
-        # linear order (program_id(0) fastest), so a launch that fits in one wave gives SM j programs j, j + W, ...:
-        # under the longest-first order each SM's share would fall off with j. Every second full row of W programs
-        # runs reversed (a boustrophedon), so each SM gets a long and a short program in turn.
-        nb = tl.num_programs(0)
-        lin = tl.program_id(0) + nb * tl.program_id(2)
-        row = lin // SNAKE
-        col = lin % SNAKE
-        flip = (row % 2 == 1) & (row < (nb * tl.num_programs(2)) // SNAKE)
-        lin = row * SNAKE + tl.where(flip, SNAKE - 1 - col, col)
-        seq = lin % nb
-        q_block = tl.program_id(1)
-        kv_head = (lin // nb) // num_splits
-        split = (lin // nb) % num_splits
-        num_q_blocks = tl.num_programs(1)
-        num_kv_heads = tl.num_programs(2) // num_splits
     else:
         seq = tl.program_id(0)
         q_block = tl.program_id(1)
@@ -262,15 +256,7 @@ def _paged_attention_kernel(
     else:
         kv_begin = seq_len * 0
     # Splits are TILE_N-aligned chunks of [kv_begin, kv_end); trailing splits may be empty. One split: the whole range.
-    # SPLIT_KEYS: a sequence's range is split only as far as it has SPLIT_KEYS keys a split (at most num_splits
-    # splits); the programs of splits it does not use end here, and its used splits merge among themselves.
-    if SPLIT_KEYS > 0:
-        n_used = tl.minimum(tl.maximum(tl.cdiv(kv_end - kv_begin, SPLIT_KEYS), 1), num_splits)
-        if split >= n_used:
-            return
-    else:
-        n_used = num_splits
-    chunk = tl.cdiv(tl.cdiv(kv_end - kv_begin, n_used), TILE_N) * TILE_N
+    chunk = tl.cdiv(tl.cdiv(kv_end - kv_begin, num_splits), TILE_N) * TILE_N
     lo = kv_begin + split * chunk
     hi = tl.minimum(lo + chunk, kv_end)
     if WRITE_NEW:
@@ -316,7 +302,7 @@ def _paged_attention_kernel(
                                      stride_vb, stride_vs, stride_vh, stride_vd,
                                      BLOCK_SIZE, TILE_N, True, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION)
 
-    if n_used == 1:
+    if num_splits == 1:
         # Every valid row saw at least its own key, so l_i > 0 there; the guard only keeps padded rows finite.
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         tl.store(
@@ -337,13 +323,13 @@ def _paged_attention_kernel(
         # puts the counter back to 0, so the next launch (the next layer, the next replay) starts from zero.
         tl.debug_barrier()
         lock = counters_ptr + (seq * num_q_blocks + q_block) * num_kv_heads + kv_head
-        if tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu") == n_used - 1:
+        if tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
             tl.atomic_xchg(lock, 0, sem="relaxed", scope="gpu")
             m_run = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
             l_run = tl.zeros([BLOCK_M], dtype=tl.float32)
             acc_run = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
             first = (token * num_heads + head) * num_splits
-            for s in range(0, n_used):
+            for s in range(0, num_splits):
                 m_s = tl.load(part_m_ptr + first + s, mask=row_valid, other=-1.0e30, cache_modifier=".cg")
                 l_s = tl.load(part_l_ptr + first + s, mask=row_valid, other=0.0, cache_modifier=".cg")
                 acc_s = tl.load(part_acc_ptr + (first + s)[:, None] * HEAD_DIM + offs_d[None, :],
@@ -439,12 +425,7 @@ def _paged_decode_heads_kernel(
         kv_head = head0 + it // n_tiles
         t = it - (kv_head - head0) * n_tiles
         head = kv_head * G + rows % G
-        if USE_SINKS:  # as _paged_attention_kernel's first split: the sink as a key already seen
-            m0 = tl.load(sinks_ptr + head, mask=row_valid, other=-1.0e30).to(tl.float32) * 1.4426950408889634
-            l0 = tl.where(row_valid, 1.0, 0.0)
-        else:
-            m0 = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-            l0 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        m0, l0 = _start_state(sinks_ptr, head, row_valid, BLOCK_M, USE_SINKS)
         m_i = tl.where(t == 0, m0, m_i)
         l_i = tl.where(t == 0, l0, l_i)
         acc = tl.where(t == 0, 0.0, acc)
@@ -534,28 +515,22 @@ def _paged_decode_pairs_kernel(
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_valid = offs_d < HEAD_DIM
     if WRITE_NEW:
-        if has_a:
-            t_a = start_a.to(tl.int64)
-            slot_a = _new_slot(slot_ptr, block_tables_ptr, stride_bt, seq_a, t_a, len_a, BLOCK_SIZE, SLOT_FROM_TABLE)
-            _store_new_kv(k_ptr, v_ptr, new_k_ptr, new_v_ptr, t_a, slot_a, kv_head, offs_d, d_valid,
-                          stride_nkt, stride_nkh, stride_nvt, stride_nvh,
-                          stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
-                          BLOCK_SIZE)
-        if has_b:
-            t_b = start_b.to(tl.int64)
-            slot_b = _new_slot(slot_ptr, block_tables_ptr, stride_bt, seq_b, t_b, len_b, BLOCK_SIZE, SLOT_FROM_TABLE)
-            _store_new_kv(k_ptr, v_ptr, new_k_ptr, new_v_ptr, t_b, slot_b, kv_head, offs_d, d_valid,
-                          stride_nkt, stride_nkh, stride_nvt, stride_nvh,
-                          stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
-                          BLOCK_SIZE)
+        for second_w in tl.static_range(2):  # the pair's first sequence, then its second
+            if second_w == 0:
+                seq_w, start_w, len_w, has_w = seq_a, start_a, len_a, has_a
+            else:
+                seq_w, start_w, len_w, has_w = seq_b, start_b, len_b, has_b
+            if has_w:
+                t_w = start_w.to(tl.int64)
+                slot_w = _new_slot(slot_ptr, block_tables_ptr, stride_bt, seq_w, t_w, len_w, BLOCK_SIZE,
+                                   SLOT_FROM_TABLE)
+                _store_new_kv(k_ptr, v_ptr, new_k_ptr, new_v_ptr, t_w, slot_w, kv_head, offs_d, d_valid,
+                              stride_nkt, stride_nkh, stride_nvt, stride_nvh,
+                              stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
+                              BLOCK_SIZE)
         tl.debug_barrier()
 
-    if USE_SINKS:  # as _paged_attention_kernel's first split: the sink as a key already seen
-        m0 = tl.load(sinks_ptr + head, mask=row_valid, other=-1.0e30).to(tl.float32) * 1.4426950408889634
-        l0 = tl.where(row_valid, 1.0, 0.0)
-    else:
-        m0 = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-        l0 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m0, l0 = _start_state(sinks_ptr, head, row_valid, BLOCK_M, USE_SINKS)
     m_i = m0
     l_i = l0
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
@@ -849,9 +824,6 @@ def paged_attention(
     heads = heads if num_kv_heads % max(heads, 1) == 0 else num_kv_heads
     grouped = heads > 1 and max_query_len == 1 and q_blocks is None and num_splits == 1
     heads_first = bool(TUNING.get("heads_first")) if TUNING else False
-    snake = int(TUNING.get("snake", 0)) if TUNING else 0
-    split_keys = int(TUNING.get("split_keys", 0)) if TUNING else 0
-    snake = snake if max_query_len == 1 and q_blocks is None and not heads_first else 0
     if order is None and TUNING:  # the sweep's longest-first order, computed once outside timing, or here
         order = TUNING.get("order")
     if order is None and TUNING and TUNING.get("longest_first"):
@@ -917,8 +889,6 @@ def paged_attention(
         BLOCK_M=block_m,
         TILE_N=tile_n,
         HEADS_FIRST=heads_first,
-        SNAKE=snake,
-        SPLIT_KEYS=split_keys if num_splits > 1 else 0,
         ONE_LOOP=bool(TUNING.get("one_loop")) if TUNING else False,
         HEAVY_FIRST=bool(TUNING.get("heavy_first")) and q_blocks is None if TUNING else False,
         FLAT=q_blocks is not None,

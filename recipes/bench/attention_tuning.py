@@ -105,7 +105,9 @@ WARPS1 += [dict(tile_n=32, num_warps=1, num_stages=3, maxnreg=0, num_kv_splits=2
 # slots, longest context first, DECODE_MAXNREG, DECODE_WARPS and DECODE_WARPS_MAXNREG passed as the engine passes
 # them (the kernel applies them at head dims up to 64; a row's own keys override these), and with FUSED_DECODE_WRITE
 # the step's K/V written by the launch (since session 19: until then the sweep timed a launch that writes nothing,
-# unlike the engine's). Without it, the rows start from the kernel's plain launch on a token-major cache.
+# unlike the engine's). Without it, the rows start from the kernel's plain launch on a token-major cache. The base is a
+# program per (sequence, kv head): since session 25 the engine's decode launches at head dims up to 64 take pairs of
+# sequences (attention.DECODE_PAIRS), the ``pairs`` rows (TUNING_PAIRS_ONLY, TUNING_PAIRS2_ONLY).
 ENGINE_BASE = os.environ.get("TUNING_ENGINE_BASE") == "1"
 # Decode: the cache's block size and layout under the default launch, e.g. TUNING_CACHE_LAYOUTS=16,64,head16,head64:
 # N is the engine's [block, slot, kv head, dim] with N slots a block; headN stores each block head-major ([block, kv
@@ -125,24 +127,10 @@ if os.environ.get("TUNING_ONE_LOOP_ONLY") == "1":  # the default launch against 
     DECODE_CONFIGS, PREFILL_CONFIGS = list(ONE_LOOP), []
 if os.environ.get("TUNING_WARPS2_ONLY") == "1":  # the default launch against 2-warp decode programs alone
     DECODE_CONFIGS, PREFILL_CONFIGS = list(WARPS2), []
-# Decode: programs handed to the SMs in a boustrophedon of rows of ``snake`` programs (the kernel's SNAKE: every second
-# full row reversed), so a launch of one wave (1-warp programs: 13 an SM, W1's 1,536 programs at once) gives each SM
-# long and short contexts in turn under the longest-first order; 132 is the H200's SM count.
-SNAKES = [dict(snake=132), dict(tile_n=32, num_warps=1, num_stages=2, maxnreg=0)]
-SNAKES += [dict(tile_n=32, num_warps=1, num_stages=2, maxnreg=0, snake=w) for w in (66, 132, 264)]
-SNAKES += [dict(tile_n=32, num_warps=1, num_stages=3, maxnreg=0, snake=132),
-           dict(tile_n=64, num_warps=2, num_stages=2, maxnreg=0, snake=132),
-           dict(tile_n=64, num_warps=1, num_stages=2, maxnreg=0, snake=132)]
-# Decode: a sequence's key range split only where it is long (``split_keys`` keys a split at least, at most
-# ``num_kv_splits`` splits; unused splits' programs end at once): 1-warp programs' launch ends on its longest
-# sequences (session 25: 1.13-1.23x on W1's shape at one context each, 1.02x on its mixed contexts).
-W1 = dict(tile_n=32, num_warps=1, num_stages=2, maxnreg=0)
-SPLITK = [dict(W1), *(dict(W1, num_kv_splits=n, split_keys=k) for n, k in ((2, 256), (2, 384), (4, 192), (4, 256),
-                                                                          (8, 128)))]
-SPLITK += [dict(num_kv_splits=2, split_keys=512), dict(num_kv_splits=4, split_keys=384),
-           dict(tile_n=64, num_warps=2, num_stages=2, maxnreg=0, num_kv_splits=2, split_keys=256)]
+W1 = dict(tile_n=32, num_warps=1, num_stages=2, maxnreg=0)  # 1-warp programs over 32-key tiles, uncapped
 # Decode, 1-warp programs: one loop over every tile (the masked last tile's own pipeline start gone), and the grid in
-# sequence order rather than longest first.
+# sequence order rather than longest first. (Session 25 also timed, and dropped from the kernel, a boustrophedon order
+# of the programs over the SMs and splits of long key ranges only: no gain; attention_tuning_h200.md.)
 LOOPS = [dict(W1), dict(W1, one_loop=True), dict(W1, one_loop=True, num_stages=3), dict(W1, longest_first=False),
          dict(longest_first=False), dict(one_loop=True)]
 # Decode: a program per pair of sequences (the i-th and the (B-1)-th-i under the longest-first order) and kv head, so
@@ -158,10 +146,6 @@ if os.environ.get("TUNING_PAIRS_ONLY") == "1":
     DECODE_CONFIGS, PREFILL_CONFIGS = list(PAIRS), []
 if os.environ.get("TUNING_LOOPS_ONLY") == "1":
     DECODE_CONFIGS, PREFILL_CONFIGS = list(LOOPS), []
-if os.environ.get("TUNING_SPLITK_ONLY") == "1":
-    DECODE_CONFIGS, PREFILL_CONFIGS = list(SPLITK), []
-if os.environ.get("TUNING_SNAKE_ONLY") == "1":
-    DECODE_CONFIGS, PREFILL_CONFIGS = list(SNAKES), []
 if os.environ.get("TUNING_WARPS1_ONLY") == "1":  # the default launch against split 1- and 2-warp programs alone
     DECODE_CONFIGS, PREFILL_CONFIGS = list(WARPS1), []
 if os.environ.get("TUNING_HEADS_ONLY") == "1":  # the default launch against decode programs over kv-head groups alone
@@ -193,11 +177,9 @@ def _label(cfg) -> str:
     if "num_kv_splits" in cfg:
         extra = "".join(f", {cfg[k]} {k.replace('num_', '')}" for k in ("num_warps", "num_stages") if k in cfg)
         cap = f", {cfg['maxnreg']} registers" if cfg.get("maxnreg") else ""
-        cap += f", >= {cfg['split_keys']} keys a split" if cfg.get("split_keys") else ""
         return f"{cfg['num_kv_splits']} KV splits, tile {cfg.get('tile_n', 'default')}" + extra + cap
     rows = f"{cfg['target_m']} rows, " if "target_m" in cfg else ""
     cap = f", {cfg['maxnreg']} registers" if cfg.get("maxnreg") else ""
-    cap += f", snake {cfg['snake']}" if cfg.get("snake") else ""
     if "tile_n" not in cfg:
         return cap.lstrip(", ") or str(cfg)
     return rows + f"tile {cfg['tile_n']}, {cfg['num_warps']} warps, {cfg['num_stages']} stages" + cap
