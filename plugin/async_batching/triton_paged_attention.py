@@ -449,8 +449,9 @@ def _paged_decode_heads_kernel(
 # long contexts end it (no ordering of the grid helped, nor splitting long ranges, whose merges cost more; session 25).
 # Program i takes the launch's i-th and (B-1-i)-th sequences (under the longest-first order: a long one and a short
 # one), so programs carry about equal work; with 2 warps over 64-key tiles (PAIRS_*) that ran W1's mixed contexts
-# 1.09x faster than the 4-warp launch and W2's 1.12x.
-@triton.jit(do_not_specialize=["stride_nkt", "stride_nkh", "stride_nvt", "stride_nvh"],
+# 1.09x faster than the 4-warp launch and W2's 1.12x. ``num_seqs`` is left unspecialised: an eager decode step of any
+# row count runs the variant compiled at start-up.
+@triton.jit(do_not_specialize=["stride_nkt", "stride_nkh", "stride_nvt", "stride_nvh", "num_seqs"],
             do_not_specialize_on_alignment=["seq_lens_ptr", "query_start_loc_ptr", "sinks_ptr", "order_ptr",
                                             "new_k_ptr", "new_v_ptr", "slot_ptr"])
 def _paged_decode_pairs_kernel(
