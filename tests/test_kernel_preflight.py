@@ -73,3 +73,14 @@ def test_no_launch_spills_registers_and_the_register_cap_holds_on_w7_prefill(pre
     capped, default = rows[("W7 prefill, maxnreg=128", "_paged_attention_kernel")], rows[("W7 prefill, 31 x 500",
                                                                                           "_paged_attention_kernel")]
     assert capped["regs"] <= 128 and capped["programs_per_sm"] >= default["programs_per_sm"]
+
+
+def test_pairs_decode_launch_holds_eight_programs_an_sm_without_spills(preflight):
+    """``attention.DECODE_PAIRS``'s launch (2 warps over 64-key tiles, capped at ``PAIRS_MAXNREG``), as the engine
+    makes it for W1's and W2's decode shapes: the pairs kernel, its K/V loads pipelined, no spills under the cap, and
+    8 programs an SM (what the H200 sweep measured, session 25)."""
+    _, result = preflight
+    rows = [r for r in result["launches"] if r["launch"].endswith("pairs of sequences as the engine launches them")]
+    assert len(rows) == 2 and all(r["kernel"] == "_paged_decode_pairs_kernel" for r in rows), rows
+    for r in rows:
+        assert r["spill_bytes"] == 0 and r["programs_per_sm"] >= 8 and r["async_copies"] > 0, r
