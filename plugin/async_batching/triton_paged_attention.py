@@ -124,6 +124,33 @@ def _start_state(sinks_ptr, head, row_valid, BLOCK_M: tl.constexpr, USE_SINKS: t
 
 
 @triton.jit
+def _decode_loop_tile(q_ptr, k_ptr, v_ptr, out_ptr, bt_row, token, head, kv_head, t, n, kv_begin, q_pos, seq_len,
+                      m0, l0, m_i, l_i, acc, row_valid, offs_d, d_valid, qk_scale, softcap, sliding_window,
+                      stride_qt, stride_qh, stride_qd, stride_ot, stride_oh, stride_od,
+                      stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
+                      BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, USE_WINDOW: tl.constexpr,
+                      USE_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Key tile ``t`` of ``n`` of one (decode row ``token``, kv head) in a loop that walks several of them in turn
+    (``_paged_decode_heads_kernel``'s heads, ``_paged_decode_pairs_kernel``'s sequences): the softmax state restarted
+    at the first tile (to ``m0``, ``l0``), the tile attended through ``_attend_tile``'s masked path, the rows stored
+    after the last tile. Returns the running state."""
+    m_i = tl.where(t == 0, m0, m_i)
+    l_i = tl.where(t == 0, l0, l_i)
+    acc = tl.where(t == 0, 0.0, acc)
+    q = tl.load(q_ptr + token * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+    m_i, l_i, acc = _attend_tile(q, k_ptr, v_ptr, bt_row, kv_begin + t * TILE_N, seq_len, q_pos, row_valid,
+                                 offs_d, d_valid, kv_head, m_i, l_i, acc, qk_scale, softcap, sliding_window,
+                                 stride_kb, stride_ks, stride_kh, stride_kd,
+                                 stride_vb, stride_vs, stride_vh, stride_vd,
+                                 BLOCK_SIZE, TILE_N, True, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION)
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + token * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
+             out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :] & (t == n - 1))
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _store_new_kv(k_ptr, v_ptr, new_k_ptr, new_v_ptr, token, slot, kv_head, offs_d, d_valid,
                   stride_nkt, stride_nkh, stride_nvt, stride_nvh,
                   stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
@@ -426,20 +453,13 @@ def _paged_decode_heads_kernel(
         t = it - (kv_head - head0) * n_tiles
         head = kv_head * G + rows % G
         m0, l0 = _start_state(sinks_ptr, head, row_valid, BLOCK_M, USE_SINKS)
-        m_i = tl.where(t == 0, m0, m_i)
-        l_i = tl.where(t == 0, l0, l_i)
-        acc = tl.where(t == 0, 0.0, acc)
-        q = tl.load(q_ptr + token * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                    mask=row_valid[:, None] & d_valid[None, :], other=0.0)
-        m_i, l_i, acc = _attend_tile(q, k_ptr, v_ptr, bt_row, kv_begin + t * TILE_N, seq_len, q_pos, row_valid,
-                                     offs_d, d_valid, kv_head, m_i, l_i, acc, qk_scale, softcap, sliding_window,
-                                     stride_kb, stride_ks, stride_kh, stride_kd,
-                                     stride_vb, stride_vs, stride_vh, stride_vd,
-                                     BLOCK_SIZE, TILE_N, True, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION)
-        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-        tl.store(out_ptr + token * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
-                 out.to(out_ptr.dtype.element_ty),
-                 mask=row_valid[:, None] & d_valid[None, :] & (t == n_tiles - 1))
+        m_i, l_i, acc = _decode_loop_tile(q_ptr, k_ptr, v_ptr, out_ptr, bt_row, token, head, kv_head, t, n_tiles,
+                                          kv_begin, q_pos, seq_len, m0, l0, m_i, l_i, acc, row_valid, offs_d, d_valid,
+                                          qk_scale, softcap, sliding_window,
+                                          stride_qt, stride_qh, stride_qd, stride_ot, stride_oh, stride_od,
+                                          stride_kb, stride_ks, stride_kh, stride_kd,
+                                          stride_vb, stride_vs, stride_vh, stride_vd,
+                                          BLOCK_SIZE, TILE_N, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION)
 
 
 # Decode launches of one program per pair of sequences and kv head (``paged_attention(pairs=True)``,
@@ -543,22 +563,15 @@ def _paged_decode_pairs_kernel(
         seq_len = tl.where(second, len_b, len_a)
         token = tl.where(second, start_b, start_a).to(tl.int64)
         kv_begin = tl.where(second, begin_b, begin_a)
-        m_i = tl.where(t == 0, m0, m_i)
-        l_i = tl.where(t == 0, l0, l_i)
-        acc = tl.where(t == 0, 0.0, acc)
-        q = tl.load(q_ptr + token * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                    mask=row_valid[:, None] & d_valid[None, :], other=0.0)
         q_pos = tl.zeros([BLOCK_M], dtype=tl.int32) + (seq_len - 1)
         bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-        m_i, l_i, acc = _attend_tile(q, k_ptr, v_ptr, bt_row, kv_begin + t * TILE_N, seq_len, q_pos, row_valid,
-                                     offs_d, d_valid, kv_head, m_i, l_i, acc, qk_scale, softcap, sliding_window,
-                                     stride_kb, stride_ks, stride_kh, stride_kd,
-                                     stride_vb, stride_vs, stride_vh, stride_vd,
-                                     BLOCK_SIZE, TILE_N, True, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION)
-        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-        tl.store(out_ptr + token * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
-                 out.to(out_ptr.dtype.element_ty),
-                 mask=row_valid[:, None] & d_valid[None, :] & (t == n - 1))
+        m_i, l_i, acc = _decode_loop_tile(q_ptr, k_ptr, v_ptr, out_ptr, bt_row, token, head, kv_head, t, n,
+                                          kv_begin, q_pos, seq_len, m0, l0, m_i, l_i, acc, row_valid, offs_d, d_valid,
+                                          qk_scale, softcap, sliding_window,
+                                          stride_qt, stride_qh, stride_qd, stride_ot, stride_oh, stride_od,
+                                          stride_kb, stride_ks, stride_kh, stride_kd,
+                                          stride_vb, stride_vs, stride_vh, stride_vd,
+                                          BLOCK_SIZE, TILE_N, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION)
 
 
 # Launch-configuration overrides (``tile_n``, ``num_warps``, ``num_stages``, ``target_m``, ``num_kv_splits``, the
