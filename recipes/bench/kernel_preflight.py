@@ -100,20 +100,18 @@ class _Caught:
 
 @contextlib.contextmanager
 def caught_launches():
-    """The launch wrappers' kernels caught, and the device queries answered as an H200 would."""
-    saved = {n: getattr(tpa, n) for n in ("_paged_attention_kernel", "_paged_decode_heads_kernel",
-                                          "_paged_decode_pairs_kernel", "_write_kv_kernel", "_sm_count", "_smem_per_block", "_split_target")}
-    attention, write = _Caught(saved["_paged_attention_kernel"]), _Caught(saved["_write_kv_kernel"])
-    heads = _Caught(saved["_paged_decode_heads_kernel"])
-    heads.pairs = pairs = _Caught(saved["_paged_decode_pairs_kernel"])  # the pairs kernel's launches ride along
-    tpa._paged_decode_pairs_kernel = pairs
-    tpa._paged_attention_kernel, tpa._write_kv_kernel = attention, write
-    tpa._paged_decode_heads_kernel = heads
+    """Every kernel of the module (``tpa.KERNELS``) caught, a ``_Caught`` each in that order (the list it yields), and
+    the device queries answered as an H200 would."""
+    names = [kernel.__name__ for kernel in tpa.KERNELS]
+    saved = {n: getattr(tpa, n) for n in names + ["_sm_count", "_smem_per_block", "_split_target"]}
+    caught = [_Caught(saved[n]) for n in names]
+    for name, catcher in zip(names, caught):
+        setattr(tpa, name, catcher)
     tpa._sm_count = lambda _index: H200_SMS
     tpa._smem_per_block = lambda _device: H200_SMEM_PER_BLOCK
     tpa._split_target = lambda _device: tpa.SPLIT_PROGRAMS_PER_SM * H200_SMS
     try:
-        yield attention, write, heads
+        yield caught
     finally:
         for name, value in saved.items():
             setattr(tpa, name, value)
@@ -268,12 +266,9 @@ def main() -> int:
         saved_tuning = tpa.TUNING
         tpa.TUNING = dict(tuning)
         try:
-            with caught_launches() as (attention, write, heads):
+            with caught_launches() as caught:
                 call()
-            launches = ([(attention.real, c) for c in attention.calls]
-                        + [(heads.real, c) for c in heads.calls]
-                        + [(heads.pairs.real, c) for c in heads.pairs.calls]
-                        + [(write.real, c) for c in write.calls])
+            launches = [(catcher.real, c) for catcher in caught for c in catcher.calls]
         finally:
             tpa.TUNING = saved_tuning
         for fn, (_grid, largs, lkw) in launches:
